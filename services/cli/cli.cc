@@ -1,0 +1,267 @@
+#include "services/cli/cli.h"
+
+#include <charconv>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "common/logging.h"
+#include "worker/engine.h"
+#include "worker/generator.h"
+
+namespace prehoc {
+namespace {
+
+constexpr char kDefaultModel[] = "models/prehoc-code-ar";
+constexpr char kDefaultPrompt[] = "import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"";
+
+constexpr char kUsage[] =
+    R"(prehoc: long-context LLM serving with pre-hoc sparse attention.
+
+Usage: prehoc <command> [flags]
+
+Commands:
+  generate   Generate text from a prompt with the embedded engine (CPU).
+  help       Show this message.
+
+Run `prehoc <command> --help` for the command's flags.
+)";
+
+constexpr char kGenerateUsage[] =
+    R"(Usage: prehoc generate [flags]
+
+Generates a continuation of a prompt and prints it, then tokens/s and the sparsity report.
+
+Flags:
+  --model DIR          Hugging Face model directory (config.json + *.safetensors).
+                       Default: models/prehoc-code-ar
+  --prompt TEXT        Prompt text (needs the model's prehoc_tokenizer.json).
+                       Default: a short Python snippet.
+  --prompt-ids IDS     Prompt as comma-separated token ids instead of text.
+  --max-tokens N       Tokens to generate (default 128).
+  --temperature T      0 = greedy (default 0).
+  --top-k K            Keep the K most likely tokens (default 0 = off).
+  --top-p P            Nucleus sampling mass in (0, 1] (default 1 = off).
+  --seed S             Sampling seed (default 0).
+  --no-stop-at-eos     Keep generating after the end-of-text token.
+  --threads N          CPU threads (default 0 = all cores).
+  --kv-cache-mb MB     KV cache size in MiB (default 1024).
+  --print-ids          Also print the generated token ids.
+  --log-level L        debug, info, warning or error (default warning).
+  --help               Show this message.
+)";
+
+struct GenerateFlags {
+  std::string model = kDefaultModel;
+  std::optional<std::string> prompt;
+  std::optional<std::string> prompt_ids;
+  int max_tokens = 128;
+  SamplingOptions sampling;
+  bool stop_at_eos = true;
+  int threads = 0;
+  int64_t kv_cache_mb = 1024;
+  bool print_ids = false;
+  std::string log_level = "warning";
+};
+
+template <typename T>
+bool ParseNumber(const std::string& s, T* out) {
+  if constexpr (std::is_floating_point_v<T>) {
+    try {
+      size_t pos = 0;
+      double v = std::stod(s, &pos);
+      if (pos != s.size()) return false;
+      *out = static_cast<T>(v);
+      return true;
+    } catch (...) {
+      return false;
+    }
+  } else {
+    auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
+    return ec == std::errc() && p == s.data() + s.size();
+  }
+}
+
+// Returns an error message, or empty on success. Sets *help when --help was given.
+std::string ParseGenerateFlags(const std::vector<std::string>& args, GenerateFlags* f, bool* help) {
+  for (size_t i = 2; i < args.size(); ++i) {
+    std::string name = args[i];
+    std::string value;
+    bool has_inline = false;
+    if (auto eq = name.find('='); name.rfind("--", 0) == 0 && eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      has_inline = true;
+    }
+    auto need_value = [&](std::string* v) -> bool {
+      if (has_inline) {
+        *v = value;
+        return true;
+      }
+      if (i + 1 >= args.size()) return false;
+      *v = args[++i];
+      return true;
+    };
+    auto bad = [&](const std::string& v) { return absl::StrCat("invalid value '", v, "' for ", name); };
+    std::string v;
+    if (name == "--help" || name == "-h") {
+      *help = true;
+    } else if (name == "--no-stop-at-eos") {
+      f->stop_at_eos = false;
+    } else if (name == "--print-ids") {
+      f->print_ids = true;
+    } else if (name == "--model" || name == "--prompt" || name == "--prompt-ids" ||
+               name == "--max-tokens" || name == "--temperature" || name == "--top-k" ||
+               name == "--top-p" || name == "--seed" || name == "--threads" ||
+               name == "--kv-cache-mb" || name == "--log-level") {
+      if (!need_value(&v)) return absl::StrCat(name, " needs a value");
+      if (name == "--model") {
+        f->model = v;
+      } else if (name == "--prompt") {
+        f->prompt = v;
+      } else if (name == "--prompt-ids") {
+        f->prompt_ids = v;
+      } else if (name == "--max-tokens") {
+        if (!ParseNumber(v, &f->max_tokens)) return bad(v);
+      } else if (name == "--temperature") {
+        if (!ParseNumber(v, &f->sampling.temperature)) return bad(v);
+      } else if (name == "--top-k") {
+        if (!ParseNumber(v, &f->sampling.top_k)) return bad(v);
+      } else if (name == "--top-p") {
+        if (!ParseNumber(v, &f->sampling.top_p)) return bad(v);
+      } else if (name == "--seed") {
+        if (!ParseNumber(v, &f->sampling.seed)) return bad(v);
+      } else if (name == "--threads") {
+        if (!ParseNumber(v, &f->threads) || f->threads < 0) return bad(v);
+      } else if (name == "--kv-cache-mb") {
+        if (!ParseNumber(v, &f->kv_cache_mb) || f->kv_cache_mb <= 0) return bad(v);
+      } else if (name == "--log-level") {
+        f->log_level = v;
+      }
+    } else {
+      return absl::StrCat("unknown flag '", args[i], "'");
+    }
+  }
+  if (f->prompt && f->prompt_ids) return "--prompt and --prompt-ids are mutually exclusive";
+  if (f->max_tokens < 1) return absl::StrCat("--max-tokens must be >= 1, got ", f->max_tokens);
+  return "";
+}
+
+int RunGenerate(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  GenerateFlags f;
+  bool help = false;
+  if (std::string e = ParseGenerateFlags(args, &f, &help); !e.empty()) {
+    err << "prehoc generate: " << e << "\n\n" << kGenerateUsage;
+    return 2;
+  }
+  if (help) {
+    out << kGenerateUsage;
+    return 0;
+  }
+  LogLevel level;
+  if (!ParseLogLevel(f.log_level, &level)) {
+    err << "prehoc generate: invalid --log-level '" << f.log_level << "'\n";
+    return 2;
+  }
+  SetMinLogLevel(level);
+  if (absl::Status s = f.sampling.Validate(); !s.ok()) {
+    err << "prehoc generate: " << s.message() << "\n";
+    return 2;
+  }
+  if (!std::filesystem::is_directory(f.model)) {
+    err << "prehoc generate: model directory '" << f.model << "' does not exist\n";
+    return 1;
+  }
+
+  EngineOptions options;
+  options.model_dir = f.model;
+  options.num_threads = f.threads;
+  options.kv_cache_bytes = f.kv_cache_mb << 20;
+  auto engine_or = Engine::Create(options);
+  if (!engine_or.ok()) {
+    err << "prehoc generate: cannot load model '" << f.model << "': " << engine_or.status() << "\n";
+    return 1;
+  }
+  Engine& engine = **engine_or;
+
+  GenerateRequest req;
+  req.max_tokens = f.max_tokens;
+  req.sampling = f.sampling;
+  req.stop_at_eos = f.stop_at_eos;
+  if (f.prompt_ids) {
+    for (absl::string_view piece : absl::StrSplit(*f.prompt_ids, ',', absl::SkipWhitespace())) {
+      int32_t id;
+      std::string p(absl::StripAsciiWhitespace(piece));
+      if (!ParseNumber(p, &id)) {
+        err << "prehoc generate: --prompt-ids: '" << p << "' is not an integer\n";
+        return 2;
+      }
+      req.prompt.push_back(id);
+    }
+  } else {
+    if (engine.tokenizer() == nullptr) {
+      err << "prehoc generate: model '" << f.model
+          << "' has no prehoc_tokenizer.json; pass the prompt as --prompt-ids\n";
+      return 2;
+    }
+    req.prompt = engine.tokenizer()->Encode(f.prompt.value_or(kDefaultPrompt), /*add_bos=*/true);
+  }
+
+  const Tokenizer* tok = engine.tokenizer();
+  if (tok != nullptr && !f.prompt_ids) out << f.prompt.value_or(kDefaultPrompt);
+  GenerateStats stats;
+  auto results = GenerateBatch(
+      engine, {req},
+      [&](int, int32_t id) {
+        if (tok != nullptr) {
+          out << tok->Decode(std::span<const int32_t>(&id, 1));
+          out.flush();
+        }
+      },
+      &stats);
+  if (!results.ok()) {
+    err << "\nprehoc generate: " << results.status() << "\n";
+    return 1;
+  }
+  const GenerateResult& r = (*results)[0];
+  out << "\n";
+  if (f.print_ids || tok == nullptr) {
+    out << "ids:";
+    for (int32_t id : r.tokens) out << ' ' << id;
+    out << "\n";
+  }
+  out << absl::StrFormat(
+      "--- %d tokens (%s) from a %d-token prompt | prefill %.1f ms | decode %.1f tokens/s | "
+      "%d threads\n",
+      static_cast<int>(r.tokens.size()), r.finish_reason, r.prompt_tokens, stats.prefill_s * 1e3,
+      stats.decode_tokens_per_s(), engine.num_threads());
+  out << absl::StrFormat(
+      "--- sparsity: policy=%s kept_fraction=%.3f delta_mean=%.4f delta_max=%.4f refreshes=%d "
+      "shares=%d\n",
+      r.sparsity.policy, r.sparsity.mean_kept_fraction, r.sparsity.mean_delta,
+      r.sparsity.max_delta, r.sparsity.refreshes, r.sparsity.shares);
+  return 0;
+}
+
+}  // namespace
+
+int RunCli(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  if (args.size() < 2) {
+    err << kUsage;
+    return 2;
+  }
+  const std::string& cmd = args[1];
+  if (cmd == "help" || cmd == "--help" || cmd == "-h") {
+    out << kUsage;
+    return 0;
+  }
+  if (cmd == "generate") return RunGenerate(args, out, err);
+  err << "prehoc: unknown command '" << cmd << "'\n\n" << kUsage;
+  return 2;
+}
+
+}  // namespace prehoc

@@ -1,0 +1,101 @@
+#include "services/cli/cli.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace prehoc {
+namespace {
+
+using ::testing::HasSubstr;
+namespace fs = std::filesystem;
+
+struct CliRun {
+  int code;
+  std::string out, err;
+};
+
+CliRun Cli(std::vector<std::string> args) {
+  args.insert(args.begin(), "prehoc");
+  std::ostringstream out, err;
+  int code = RunCli(args, out, err);
+  return {code, out.str(), err.str()};
+}
+
+std::string Fixture(const std::string& name) {
+  return (fs::path(PREHOC_SOURCE_DIR) / "tests" / "fixtures" / "hf" / name).string();
+}
+
+TEST(CliTest, HelpAndUsageErrors) {
+  CliRun r = Cli({"--help"});
+  EXPECT_EQ(r.code, 0);
+  EXPECT_THAT(r.out, HasSubstr("generate"));
+  r = Cli({"generate", "--help"});
+  EXPECT_EQ(r.code, 0);
+  EXPECT_THAT(r.out, HasSubstr("--max-tokens"));
+  r = Cli({});
+  EXPECT_EQ(r.code, 2);
+  r = Cli({"frobnicate"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("unknown command 'frobnicate'"));
+  r = Cli({"generate", "--bogus"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("unknown flag '--bogus'"));
+  r = Cli({"generate", "--max-tokens", "abc"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("invalid value 'abc' for --max-tokens"));
+  r = Cli({"generate", "--max-tokens"});
+  EXPECT_THAT(r.err, HasSubstr("--max-tokens needs a value"));
+  r = Cli({"generate", "--top-p", "1.5", "--model", Fixture("llama_gqa_f32")});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("top_p must be in (0, 1]"));
+}
+
+TEST(CliTest, MissingOrCorruptModelIsAClearError) {
+  CliRun r = Cli({"generate", "--model", "/no/such/dir"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("model directory '/no/such/dir' does not exist"));
+  fs::path dir = fs::path(::testing::TempDir()) / "cli_corrupt";
+  fs::create_directories(dir);
+  fs::copy_file(fs::path(Fixture("llama_gqa_f32")) / "config.json", dir / "config.json",
+                fs::copy_options::overwrite_existing);
+  {
+    std::ofstream f(dir / "model.safetensors", std::ios::binary);
+    f << "garbage";
+  }
+  r = Cli({"generate", "--model", dir.string()});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("cannot load model"));
+  EXPECT_THAT(r.err, HasSubstr("model.safetensors"));
+}
+
+TEST(CliTest, GeneratesFromTextAndIdsDeterministically) {
+  CliRun a = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--prompt", "hello", "--max-tokens",
+               "6", "--no-stop-at-eos", "--print-ids", "--threads", "1"});
+  ASSERT_EQ(a.code, 0) << a.err;
+  EXPECT_THAT(a.out, HasSubstr("--- 6 tokens (length) from a 6-token prompt"));
+  EXPECT_THAT(a.out, HasSubstr("decode"));
+  EXPECT_THAT(a.out, HasSubstr("tokens/s"));
+  EXPECT_THAT(a.out, HasSubstr("--- sparsity: policy=dense kept_fraction=1.000"));
+  // The same prompt as ids (BOS + "hello") gives the same ids.
+  CliRun b = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--prompt-ids",
+               "256,104,101,108,108,111", "--max-tokens", "6", "--no-stop-at-eos", "--print-ids"});
+  ASSERT_EQ(b.code, 0) << b.err;
+  auto ids_line = [](const std::string& s) {
+    auto p = s.find("ids:");
+    return s.substr(p, s.find('\n', p) - p);
+  };
+  EXPECT_EQ(ids_line(a.out), ids_line(b.out));
+  CliRun c = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--prompt-ids", "1,x"});
+  EXPECT_EQ(c.code, 2);
+  EXPECT_THAT(c.err, HasSubstr("'x' is not an integer"));
+  CliRun d = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--prompt-ids", "1,999"});
+  EXPECT_EQ(d.code, 1);
+  EXPECT_THAT(d.err, HasSubstr("prompt token 1 = 999"));
+}
+
+}  // namespace
+}  // namespace prehoc

@@ -1,0 +1,273 @@
+#include "worker/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <unordered_set>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "worker/backends/cpu/cpu_ops.h"
+#include "worker/rope.h"
+
+namespace prehoc {
+
+int64_t KvPageBytes(const ModelConfig& config, int page_size) {
+  return int64_t{2} * config.num_hidden_layers * config.num_key_value_heads * page_size *
+         config.head_dim * static_cast<int64_t>(sizeof(float));
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  if (options.page_size <= 0 || options.page_size > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("page_size must be in [1, 1024], got ", options.page_size));
+  }
+  if (options.num_threads < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_threads must be >= 0, got ", options.num_threads));
+  }
+  std::shared_ptr<const ModelWeights> weights = options.weights;
+  if (weights == nullptr) {
+    if (options.model_dir.empty()) {
+      return absl::InvalidArgumentError("model_dir is empty and no weights were given");
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> loaded, ModelWeights::Load(options.model_dir));
+    weights = std::move(loaded);
+  }
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (!options.model_dir.empty()) {
+    ASSIGN_OR_RETURN(tokenizer,
+                     Tokenizer::LoadFromModelDir(options.model_dir, weights->config.vocab_size));
+  }
+  const int64_t page_bytes = KvPageBytes(weights->config, options.page_size);
+  const int64_t num_pages = options.kv_cache_bytes / page_bytes;
+  if (num_pages < 1 || num_pages > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv_cache_bytes=", options.kv_cache_bytes, " gives ", num_pages, " pages of ", page_bytes,
+        " bytes; need between 1 and 2^30 pages"));
+  }
+  if (options.max_context < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_context must be >= 0, got ", options.max_context));
+  }
+  auto engine = std::unique_ptr<Engine>(new Engine(std::move(weights), std::move(tokenizer),
+                                                   options, static_cast<int32_t>(num_pages)));
+  LOG(INFO) << "engine ready: model=" << engine->config().model_type
+            << " layers=" << engine->config().num_hidden_layers
+            << " params=" << engine->weights().num_parameters()
+            << " kv_pages=" << num_pages << " page_size=" << options.page_size
+            << " kv_bytes=" << engine->kv_cache().bytes() << " threads=" << engine->num_threads();
+  return engine;
+}
+
+Engine::Engine(std::shared_ptr<const ModelWeights> weights, std::unique_ptr<Tokenizer> tokenizer,
+               const EngineOptions& options, int32_t num_pages)
+    : weights_(std::move(weights)),
+      tokenizer_(std::move(tokenizer)),
+      pool_(options.num_threads),
+      max_context_(options.max_context > 0 ? options.max_context
+                                           : weights_->config.max_position_embeddings),
+      allocator_(num_pages),
+      cache_(KvCacheShape{weights_->config.num_hidden_layers, weights_->config.num_key_value_heads,
+                          weights_->config.head_dim, options.page_size, num_pages}),
+      inv_freq_(RopeInvFrequencies(weights_->config)) {}
+
+Engine::SeqId Engine::CreateSequence() {
+  const SeqId id = next_seq_++;
+  seqs_.emplace(id, Sequence{});
+  return id;
+}
+
+absl::Status Engine::FreeSequence(SeqId seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  RETURN_IF_ERROR(allocator_.Free(it->second.page_table));
+  seqs_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> Engine::SequenceLength(SeqId seq) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  return it->second.length;
+}
+
+absl::StatusOr<std::vector<int32_t>> Engine::PageTable(SeqId seq) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  return it->second.page_table;
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const StepItem> items,
+                                                             bool causal) {
+  const ModelConfig& c = config();
+  const int page_size = cache_.shape().page_size;
+  // ---- Validate everything before touching state.
+  std::unordered_set<SeqId> seen;
+  int64_t pages_needed = 0;
+  int64_t total_tokens = 0;
+  for (size_t b = 0; b < items.size(); ++b) {
+    const StepItem& it = items[b];
+    auto s = seqs_.find(it.seq);
+    if (s == seqs_.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": unknown sequence ", it.seq));
+    }
+    if (!seen.insert(it.seq).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch item ", b, ": sequence ", it.seq, " appears twice in one step"));
+    }
+    if (it.tokens.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": no tokens"));
+    }
+    for (size_t i = 0; i < it.tokens.size(); ++i) {
+      if (it.tokens[i] < 0 || it.tokens[i] >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": token id ",
+                                                       it.tokens[i], " at position ", i,
+                                                       " is outside [0, ", c.vocab_size, ")"));
+      }
+    }
+    const int64_t new_len = s->second.length + static_cast<int64_t>(it.tokens.size());
+    if (new_len > max_context_) {
+      return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": sequence length ",
+                                                     new_len, " exceeds max_context ",
+                                                     max_context_));
+    }
+    pages_needed += PagesFor(new_len, page_size) - static_cast<int64_t>(s->second.page_table.size());
+    total_tokens += static_cast<int64_t>(it.tokens.size());
+  }
+  // ---- Allocate pages (all or nothing).
+  ASSIGN_OR_RETURN(std::vector<int32_t> fresh, allocator_.Allocate(static_cast<int32_t>(pages_needed)));
+  size_t next_fresh = 0;
+  for (const StepItem& it : items) {
+    Sequence& s = seqs_[it.seq];
+    const int32_t want = PagesFor(s.length + static_cast<int64_t>(it.tokens.size()), page_size);
+    while (static_cast<int32_t>(s.page_table.size()) < want) s.page_table.push_back(fresh[next_fresh++]);
+  }
+
+  // ---- Row bookkeeping.
+  const int64_t N = total_tokens;
+  const int D = c.hidden_size, H = c.num_attention_heads, KVH = c.num_key_value_heads;
+  const int hd = c.head_dim, F = c.intermediate_size, V = c.vocab_size;
+  const int group = H / KVH;
+  std::vector<int> row_item(N), row_pos(N);
+  std::vector<int> start_len(items.size());
+  {
+    int64_t r = 0;
+    for (size_t b = 0; b < items.size(); ++b) {
+      start_len[b] = seqs_[items[b].seq].length;
+      for (size_t i = 0; i < items[b].tokens.size(); ++i, ++r) {
+        row_item[r] = static_cast<int>(b);
+        row_pos[r] = start_len[b] + static_cast<int>(i);
+      }
+    }
+  }
+  std::vector<float> x(N * D), h(N * D), q(N * H * hd), k(N * KVH * hd), v(N * KVH * hd),
+      attn(N * H * hd), o(N * D), gate(N * F), up(N * F);
+  {
+    int64_t r = 0;
+    for (const StepItem& it : items) {
+      for (int32_t t : it.tokens) {
+        std::copy_n(weights_->embed.data() + static_cast<int64_t>(t) * D, D, x.data() + r * D);
+        ++r;
+      }
+    }
+  }
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
+    const LayerWeights& L = weights_->layers[layer];
+    cpu::RmsNorm(x.data(), N, D, L.attn_norm.data(), eps, h.data());
+    cpu::MatMulNT(h.data(), N, D, L.wq.data(), H * hd, L.bq.empty() ? nullptr : L.bq.data(),
+                  q.data(), &pool_);
+    cpu::MatMulNT(h.data(), N, D, L.wk.data(), KVH * hd, L.bk.empty() ? nullptr : L.bk.data(),
+                  k.data(), &pool_);
+    cpu::MatMulNT(h.data(), N, D, L.wv.data(), KVH * hd, L.bv.empty() ? nullptr : L.bv.data(),
+                  v.data(), &pool_);
+    for (int64_t r = 0; r < N; ++r) {
+      ApplyRope(q.data() + r * H * hd, H, hd, row_pos[r], inv_freq_);
+      ApplyRope(k.data() + r * KVH * hd, KVH, hd, row_pos[r], inv_freq_);
+      const Sequence& s = seqs_[items[row_item[r]].seq];
+      const int32_t page = s.page_table[row_pos[r] / page_size];
+      const int slot = row_pos[r] % page_size;
+      for (int kh = 0; kh < KVH; ++kh) {
+        std::copy_n(k.data() + (r * KVH + kh) * hd, hd, cache_.K(layer, page, kh) + slot * hd);
+        std::copy_n(v.data() + (r * KVH + kh) * hd, hd, cache_.V(layer, page, kh) + slot * hd);
+      }
+    }
+    // Key/value pointers per (item, kv head) over the item's whole new length.
+    std::vector<std::vector<const float*>> kptr(items.size() * KVH), vptr(items.size() * KVH);
+    for (size_t b = 0; b < items.size(); ++b) {
+      const Sequence& s = seqs_[items[b].seq];
+      const int len = start_len[b] + static_cast<int>(items[b].tokens.size());
+      for (int kh = 0; kh < KVH; ++kh) {
+        auto& kp = kptr[b * KVH + kh];
+        auto& vp = vptr[b * KVH + kh];
+        kp.resize(len);
+        vp.resize(len);
+        for (int t = 0; t < len; ++t) {
+          const int32_t page = s.page_table[t / page_size];
+          kp[t] = cache_.K(layer, page, kh) + (t % page_size) * hd;
+          vp[t] = cache_.V(layer, page, kh) + (t % page_size) * hd;
+        }
+      }
+    }
+    pool_.ParallelFor(N * H, 4, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t r = job / H;
+        const int head = static_cast<int>(job % H);
+        const int b = row_item[r];
+        const int kh = head / group;
+        const auto& kp = kptr[b * KVH + kh];
+        const int64_t n_keys =
+            causal ? row_pos[r] + 1 : static_cast<int64_t>(kp.size());
+        scores.resize(n_keys);
+        cpu::AttendOne(q.data() + (r * H + head) * hd, kp.data(), vptr[b * KVH + kh].data(),
+                       n_keys, hd, scale, scores.data(), attn.data() + (r * H + head) * hd);
+      }
+    });
+    cpu::MatMulNT(attn.data(), N, H * hd, L.wo.data(), D, L.bo.empty() ? nullptr : L.bo.data(),
+                  o.data(), &pool_);
+    cpu::AddInPlace(x.data(), o.data(), N * D);
+    cpu::RmsNorm(x.data(), N, D, L.mlp_norm.data(), eps, h.data());
+    cpu::MatMulNT(h.data(), N, D, L.w_gate.data(), F, nullptr, gate.data(), &pool_);
+    cpu::MatMulNT(h.data(), N, D, L.w_up.data(), F, nullptr, up.data(), &pool_);
+    cpu::SiluMul(gate.data(), up.data(), N * F, gate.data());
+    cpu::MatMulNT(gate.data(), N, F, L.w_down.data(), D, nullptr, o.data(), &pool_);
+    cpu::AddInPlace(x.data(), o.data(), N * D);
+  }
+
+  for (size_t b = 0; b < items.size(); ++b) {
+    seqs_[items[b].seq].length = start_len[b] + static_cast<int>(items[b].tokens.size());
+  }
+
+  // ---- Final norm + LM head on the rows whose logits were asked for.
+  std::vector<std::vector<float>> logits(items.size());
+  int64_t r0 = 0;
+  for (size_t b = 0; b < items.size(); ++b) {
+    const int64_t n = static_cast<int64_t>(items[b].tokens.size());
+    const int64_t first = items[b].all_logits ? r0 : r0 + n - 1;
+    const int64_t rows = r0 + n - first;
+    std::vector<float> normed(rows * D);
+    cpu::RmsNorm(x.data() + first * D, rows, D, weights_->final_norm.data(), eps, normed.data());
+    logits[b].resize(rows * V);
+    cpu::MatMulNT(normed.data(), rows, D, weights_->lm_head_data(), V, nullptr, logits[b].data(),
+                  &pool_);
+    r0 += n;
+  }
+  return logits;
+}
+
+absl::StatusOr<std::vector<float>> Engine::ForwardFull(std::span<const int32_t> tokens,
+                                                       bool causal) {
+  const SeqId seq = CreateSequence();
+  StepItem item{seq, tokens, /*all_logits=*/true};
+  auto result = Step(std::span<const StepItem>(&item, 1), causal);
+  absl::Status freed = FreeSequence(seq);
+  if (!result.ok()) return result.status();
+  RETURN_IF_ERROR(freed);
+  return std::move((*result)[0]);
+}
+
+}  // namespace prehoc

@@ -1,0 +1,188 @@
+#include "worker/engine.h"
+
+#include <filesystem>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "worker/generator.h"
+#include "worker/sampler.h"
+
+namespace prehoc {
+namespace {
+
+using ::testing::HasSubstr;
+namespace fs = std::filesystem;
+
+std::string FixtureDir(const std::string& name) {
+  return (fs::path(PREHOC_SOURCE_DIR) / "tests" / "fixtures" / "hf" / name).string();
+}
+
+std::unique_ptr<Engine> Make(int64_t kv_bytes = 16 << 20, int max_context = 0) {
+  EngineOptions o;
+  o.model_dir = FixtureDir("llama_gqa_f32");
+  o.num_threads = 2;
+  o.kv_cache_bytes = kv_bytes;
+  o.max_context = max_context;
+  auto e = Engine::Create(o);
+  EXPECT_TRUE(e.ok()) << e.status();
+  return std::move(*e);
+}
+
+float MaxDiff(std::span<const float> a, std::span<const float> b) {
+  float m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+  return m;
+}
+
+TEST(EngineTest, ChunkedPrefillEqualsOneShot) {
+  auto e = Make();
+  std::vector<int32_t> ids = {256, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140,
+                              150, 160, 170, 180};  // 19 tokens: crosses a page boundary
+  auto full = e->ForwardFull(ids, true);
+  ASSERT_TRUE(full.ok());
+  const Engine::SeqId s = e->CreateSequence();
+  std::span<const int32_t> all(ids);
+  std::vector<float> last;
+  for (auto [b, n] : {std::pair{0, 5}, {5, 12}, {17, 2}}) {
+    Engine::StepItem it{s, all.subspan(b, n), true};
+    auto out = e->Step(std::span<const Engine::StepItem>(&it, 1));
+    ASSERT_TRUE(out.ok()) << out.status();
+    ASSERT_EQ((*out)[0].size(), static_cast<size_t>(n) * 260);
+    EXPECT_LT(MaxDiff((*out)[0], std::span<const float>(*full).subspan(b * 260, n * 260)), 1e-4f);
+  }
+  EXPECT_EQ(*e->SequenceLength(s), 19);
+  EXPECT_EQ(e->PageTable(s)->size(), 2u);
+  EXPECT_EQ(e->pages().num_used(), 2);
+  ASSERT_TRUE(e->FreeSequence(s).ok());
+  EXPECT_EQ(e->pages().num_used(), 0);
+  EXPECT_EQ(e->FreeSequence(s).code(), absl::StatusCode::kNotFound);
+}
+
+TEST(EngineTest, BidirectionalModeSeesLaterTokensCausalDoesNot) {
+  auto e = Make();
+  std::vector<int32_t> a = {256, 1, 2, 3, 4}, b = {256, 1, 2, 3, 99};
+  auto ca = e->ForwardFull(a, true), cb = e->ForwardFull(b, true);
+  auto ba = e->ForwardFull(a, false), bb = e->ForwardFull(b, false);
+  ASSERT_TRUE(ca.ok() && cb.ok() && ba.ok() && bb.ok());
+  auto row0 = [](const std::vector<float>& v) { return std::span<const float>(v).first(260); };
+  EXPECT_EQ(MaxDiff(row0(*ca), row0(*cb)), 0.0f);  // causal: position 0 cannot see position 4
+  EXPECT_GT(MaxDiff(row0(*ba), row0(*bb)), 1e-3f);  // bidirectional: it can
+  // A single token has nothing to hide: both modes agree exactly.
+  auto c1 = e->ForwardFull(std::vector<int32_t>{42}, true), b1 = e->ForwardFull(std::vector<int32_t>{42}, false);
+  ASSERT_TRUE(c1.ok() && b1.ok());
+  EXPECT_EQ(*c1, *b1);
+  EXPECT_EQ(e->pages().num_used(), 0);
+}
+
+TEST(EngineTest, BadBatchesAreRejectedAndChangeNothing) {
+  auto e = Make(16 << 20, /*max_context=*/32);
+  const Engine::SeqId s = e->CreateSequence();
+  std::vector<int32_t> ok = {1, 2, 3};
+  std::vector<int32_t> bad = {1, 260, 3};
+  std::vector<int32_t> empty;
+  std::vector<int32_t> too_long(33, 5);
+  auto expect_invalid = [&](std::vector<Engine::StepItem> items, const std::string& what) {
+    auto r = e->Step(items);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << what;
+    EXPECT_THAT(r.status().message(), HasSubstr(what));
+    EXPECT_EQ(*e->SequenceLength(s), 0);
+    EXPECT_EQ(e->pages().num_used(), 0);
+  };
+  expect_invalid({{s, bad, false}}, "token id 260 at position 1");
+  expect_invalid({{s, empty, false}}, "no tokens");
+  expect_invalid({{s, too_long, false}}, "exceeds max_context 32");
+  expect_invalid({{s, ok, false}, {s, ok, false}}, "appears twice");
+  expect_invalid({{s, ok, false}, {12345, ok, false}}, "unknown sequence 12345");
+}
+
+TEST(EngineTest, KvExhaustionIsResourceExhaustedAndAllOrNothing) {
+  // Room for exactly 3 pages (48 tokens).
+  const int64_t page = KvPageBytes(Make()->config(), 16);
+  auto e = Make(3 * page);
+  EXPECT_EQ(e->pages().num_pages(), 3);
+  const Engine::SeqId a = e->CreateSequence(), b = e->CreateSequence();
+  std::vector<int32_t> t40(40, 7), t20(20, 9);
+  auto r1 = e->Step(std::vector<Engine::StepItem>{{a, t40, false}});
+  ASSERT_TRUE(r1.ok());
+  EXPECT_EQ(e->pages().num_used(), 3);
+  auto r2 = e->Step(std::vector<Engine::StepItem>{{b, t20, false}});
+  EXPECT_EQ(r2.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(*e->SequenceLength(b), 0);
+  ASSERT_TRUE(e->FreeSequence(a).ok());
+  EXPECT_TRUE(e->Step(std::vector<Engine::StepItem>{{b, t20, false}}).ok());
+}
+
+TEST(EngineTest, CreateRejectsBadOptionsAndModels) {
+  EngineOptions o;
+  EXPECT_THAT(Engine::Create(o).status().message(), HasSubstr("model_dir is empty"));
+  o.model_dir = FixtureDir("llama_gqa_f32");
+  o.page_size = 0;
+  EXPECT_THAT(Engine::Create(o).status().message(), HasSubstr("page_size"));
+  o.page_size = 16;
+  o.kv_cache_bytes = 10;
+  EXPECT_THAT(Engine::Create(o).status().message(), HasSubstr("kv_cache_bytes"));
+  o.kv_cache_bytes = 1 << 20;
+  o.model_dir = "/nonexistent/model";
+  EXPECT_EQ(Engine::Create(o).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(EngineTest, RandomWeightsRunWithTheSameShapes) {
+  auto real = Make();
+  EngineOptions o;
+  o.weights = ModelWeights::Random(real->config(), 1);
+  o.num_threads = 1;
+  o.kv_cache_bytes = 4 << 20;
+  auto e = Engine::Create(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ((*e)->weights().num_parameters(), real->weights().num_parameters());
+  auto logits = (*e)->ForwardFull(std::vector<int32_t>{1, 2, 3}, true);
+  ASSERT_TRUE(logits.ok());
+  for (float v : *logits) ASSERT_TRUE(std::isfinite(v));
+  EXPECT_EQ((*e)->tokenizer(), nullptr);
+}
+
+TEST(GeneratorTest, ValidatesRequestsByIndexAndField) {
+  auto e = Make(16 << 20, 64);
+  auto run = [&](GenerateRequest r) { return GenerateBatch(*e, {GenerateRequest{{1}, 1}, r}).status(); };
+  EXPECT_THAT(run(GenerateRequest{{}, 4}).message(), HasSubstr("request 1: prompt is empty"));
+  EXPECT_THAT(run(GenerateRequest{{1, -3}, 4}).message(), HasSubstr("prompt token 1 = -3"));
+  EXPECT_THAT(run(GenerateRequest{{1}, 0}).message(), HasSubstr("max_tokens must be >= 1"));
+  EXPECT_THAT(run(GenerateRequest{{1, 2}, 63}).message(), HasSubstr("exceeds the maximum context of 64"));
+  GenerateRequest r{{1}, 2};
+  r.sampling.top_p = 2;
+  EXPECT_THAT(run(r).message(), HasSubstr("top_p"));
+  EXPECT_EQ(e->num_sequences(), 0);
+}
+
+TEST(GeneratorTest, RunsToMaxTokensAndReportsStats) {
+  auto e = Make();
+  GenerateRequest r{{256, 3, 1, 4, 1, 5}, 12};
+  r.stop_at_eos = false;
+  GenerateStats stats;
+  int callbacks = 0;
+  auto res = GenerateBatch(*e, {r}, [&](int i, int32_t) { EXPECT_EQ(i, 0); ++callbacks; }, &stats);
+  ASSERT_TRUE(res.ok());
+  EXPECT_EQ((*res)[0].tokens.size(), 12u);
+  EXPECT_EQ((*res)[0].finish_reason, "length");
+  EXPECT_EQ(callbacks, 12);
+  EXPECT_EQ(stats.generated_tokens, 12);
+  EXPECT_EQ(stats.decode_steps, 11);
+  EXPECT_EQ(stats.prompt_tokens, 6);
+  EXPECT_EQ((*res)[0].sparsity.policy, "dense");
+  EXPECT_EQ((*res)[0].sparsity.mean_kept_fraction, 1.0);
+}
+
+TEST(GeneratorTest, SeededSamplingIsReproducible) {
+  auto e = Make();
+  GenerateRequest r{{256, 9, 8, 7}, 10};
+  r.stop_at_eos = false;
+  r.sampling.temperature = 0.8f;
+  r.sampling.top_p = 0.9f;
+  r.sampling.seed = 1234;
+  auto a = GenerateBatch(*e, {r}), b = GenerateBatch(*e, {r});
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ((*a)[0].tokens, (*b)[0].tokens);
+}
+
+}  // namespace
+}  // namespace prehoc

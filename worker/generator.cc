@@ -1,0 +1,122 @@
+#include "worker/generator.h"
+
+#include <chrono>
+#include <span>
+
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+
+namespace prehoc {
+namespace {
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+double GenerateStats::decode_tokens_per_s() const {
+  const int64_t decoded = generated_tokens - (generated_tokens > 0 ? 1 : 0);
+  return decode_s > 0 ? static_cast<double>(decoded) / decode_s : 0.0;
+}
+
+absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
+                                                          const std::vector<GenerateRequest>& requests,
+                                                          const TokenCallback& on_token,
+                                                          GenerateStats* stats) {
+  const ModelConfig& c = engine.config();
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const GenerateRequest& r = requests[i];
+    if (r.prompt.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("request ", i, ": prompt is empty"));
+    }
+    for (size_t j = 0; j < r.prompt.size(); ++j) {
+      if (r.prompt[j] < 0 || r.prompt[j] >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("request ", i, ": prompt token ", j, " = ",
+                                                       r.prompt[j], " is outside [0, ",
+                                                       c.vocab_size, ")"));
+      }
+    }
+    if (r.max_tokens < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("request ", i, ": max_tokens must be >= 1, got ", r.max_tokens));
+    }
+    if (static_cast<int64_t>(r.prompt.size()) + r.max_tokens > engine.max_context()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "request ", i, ": prompt (", r.prompt.size(), " tokens) + max_tokens (", r.max_tokens,
+          ") exceeds the maximum context of ", engine.max_context(), " tokens"));
+    }
+    absl::Status s = r.sampling.Validate();
+    if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat("request ", i, ": ", s.message()));
+  }
+  auto is_eos = [&](int32_t t) {
+    for (int e : c.eos_token_ids) {
+      if (t == e) return true;
+    }
+    return false;
+  };
+
+  const size_t n = requests.size();
+  std::vector<Engine::SeqId> seqs(n);
+  for (size_t i = 0; i < n; ++i) seqs[i] = engine.CreateSequence();
+  absl::Cleanup free_all = [&] {
+    for (Engine::SeqId s : seqs) engine.FreeSequence(s).IgnoreError();
+  };
+  std::vector<Sampler> samplers;
+  samplers.reserve(n);
+  for (const GenerateRequest& r : requests) samplers.emplace_back(r.sampling);
+  std::vector<GenerateResult> results(n);
+  std::vector<bool> done(n, false);
+  std::vector<int32_t> last(n);
+  GenerateStats local;
+
+  auto accept = [&](size_t i, int32_t token) {
+    results[i].tokens.push_back(token);
+    if (on_token) on_token(static_cast<int>(i), token);
+    if (requests[i].stop_at_eos && is_eos(token)) {
+      done[i] = true;
+      results[i].finish_reason = "eos";
+    } else if (static_cast<int>(results[i].tokens.size()) >= requests[i].max_tokens) {
+      done[i] = true;
+      results[i].finish_reason = "length";
+    }
+    last[i] = token;
+  };
+
+  // Prefill: all prompts in one step.
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    std::vector<Engine::StepItem> items(n);
+    for (size_t i = 0; i < n; ++i) {
+      items[i] = {seqs[i], std::span<const int32_t>(requests[i].prompt), false};
+      results[i].prompt_tokens = static_cast<int>(requests[i].prompt.size());
+      local.prompt_tokens += results[i].prompt_tokens;
+    }
+    ASSIGN_OR_RETURN(std::vector<std::vector<float>> logits, engine.Step(items));
+    local.prefill_s = SecondsSince(t0);
+    for (size_t i = 0; i < n; ++i) {
+      results[i].time_to_first_token_s = local.prefill_s;
+      accept(i, samplers[i].Sample(logits[i]));
+    }
+  }
+  // Decode.
+  const auto t1 = std::chrono::steady_clock::now();
+  while (true) {
+    std::vector<Engine::StepItem> items;
+    std::vector<size_t> which;
+    for (size_t i = 0; i < n; ++i) {
+      if (done[i]) continue;
+      items.push_back({seqs[i], std::span<const int32_t>(&last[i], 1), false});
+      which.push_back(i);
+    }
+    if (items.empty()) break;
+    ASSIGN_OR_RETURN(std::vector<std::vector<float>> logits, engine.Step(items));
+    ++local.decode_steps;
+    for (size_t j = 0; j < which.size(); ++j) accept(which[j], samplers[which[j]].Sample(logits[j]));
+  }
+  local.decode_s = SecondsSince(t1);
+  for (const GenerateResult& r : results) local.generated_tokens += static_cast<int64_t>(r.tokens.size());
+  if (stats != nullptr) *stats = local;
+  return results;
+}
+
+}  // namespace prehoc

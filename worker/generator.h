@@ -1,0 +1,67 @@
+// Runs generation requests to completion on an Engine: prefill every prompt, then decode all
+// active sequences together one token per step until each hits max_tokens or end-of-text.
+// Used by the CLI and by embedded mode; the services' continuous batcher builds on Engine::Step.
+#ifndef PREHOC_WORKER_GENERATOR_H_
+#define PREHOC_WORKER_GENERATOR_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "worker/engine.h"
+#include "worker/sampler.h"
+
+namespace prehoc {
+
+// What sparse attention did for one request. Dense attention keeps everything.
+struct SparsityReport {
+  std::string policy = "dense";
+  double mean_kept_fraction = 1.0;  // mean over decode steps × layers × kv heads
+  double mean_delta = 0.0;          // mean dropped mass at refreshes
+  double max_delta = 0.0;
+  int64_t refreshes = 0;
+  int64_t shares = 0;
+};
+
+struct GenerateRequest {
+  std::vector<int32_t> prompt;  // token ids, non-empty
+  int max_tokens = 16;          // >= 1
+  SamplingOptions sampling;
+  bool stop_at_eos = true;      // stop after the model's end-of-text token (it is included)
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;  // generated ids
+  std::string finish_reason;    // "length" or "eos"
+  int prompt_tokens = 0;
+  double time_to_first_token_s = 0;
+  SparsityReport sparsity;
+};
+
+struct GenerateStats {
+  double prefill_s = 0;
+  double decode_s = 0;
+  int64_t prompt_tokens = 0;
+  int64_t generated_tokens = 0;
+  int64_t decode_steps = 0;
+  // Generated tokens per second of decode time (excludes the first token, made by prefill).
+  double decode_tokens_per_s() const;
+};
+
+// Called for each generated token: (request index, token id).
+using TokenCallback = std::function<void(int, int32_t)>;
+
+// Validates every request first (INVALID_ARGUMENT naming the request index and the field: empty
+// prompt, token out of vocabulary, max_tokens < 1, prompt + max_tokens over the engine's
+// max_context, bad sampling options), then runs them as one batch. Sequences are always freed,
+// also on error. RESOURCE_EXHAUSTED when the KV cache cannot hold the batch.
+absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
+                                                          const std::vector<GenerateRequest>& requests,
+                                                          const TokenCallback& on_token = nullptr,
+                                                          GenerateStats* stats = nullptr);
+
+}  // namespace prehoc
+
+#endif  // PREHOC_WORKER_GENERATOR_H_

@@ -1,0 +1,83 @@
+#include "worker/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace prehoc {
+
+absl::Status SamplingOptions::Validate() const {
+  if (!std::isfinite(temperature) || temperature < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be finite and >= 0, got ", temperature));
+  }
+  if (top_k < 0) return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", top_k));
+  if (!(top_p > 0.0f && top_p <= 1.0f)) {
+    return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", top_p));
+  }
+  return absl::OkStatus();
+}
+
+int32_t ArgMax(std::span<const float> values) {
+  int32_t best = 0;
+  for (size_t i = 1; i < values.size(); ++i) {
+    if (values[i] > values[best]) best = static_cast<int32_t>(i);
+  }
+  return best;
+}
+
+Sampler::Sampler(const SamplingOptions& options) : options_(options), rng_(options.seed) {}
+
+double Sampler::NextUniform() { return static_cast<double>(rng_() >> 11) * 0x1.0p-53; }
+
+int32_t Sampler::Sample(std::span<const float> logits) {
+  if (options_.temperature == 0.0f) return ArgMax(logits);
+  const int32_t n = static_cast<int32_t>(logits.size());
+  std::vector<int32_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  // Sort by logit descending, lower id first on ties: a total order, so results are portable.
+  auto by_logit = [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
+  int32_t keep = n;
+  if (options_.top_k > 0 && options_.top_k < n) {
+    keep = options_.top_k;
+    std::partial_sort(order.begin(), order.begin() + keep, order.end(), by_logit);
+  } else {
+    std::sort(order.begin(), order.end(), by_logit);
+  }
+  const double inv_t = 1.0 / options_.temperature;
+  const double max_l = logits[order[0]];
+  std::vector<double> p(keep);
+  double sum = 0;
+  for (int32_t i = 0; i < keep; ++i) {
+    p[i] = std::exp((logits[order[i]] - max_l) * inv_t);
+    sum += p[i];
+  }
+  if (options_.top_p < 1.0f) {
+    double acc = 0;
+    int32_t cut = keep;
+    for (int32_t i = 0; i < keep; ++i) {
+      acc += p[i] / sum;
+      if (acc >= options_.top_p) {
+        cut = i + 1;
+        break;
+      }
+    }
+    keep = cut;
+    sum = 0;
+    for (int32_t i = 0; i < keep; ++i) sum += p[i];
+  }
+  const double u = NextUniform() * sum;
+  double acc = 0;
+  for (int32_t i = 0; i < keep; ++i) {
+    acc += p[i];
+    if (u < acc) return order[i];
+  }
+  return order[keep - 1];
+}
+
+}  // namespace prehoc

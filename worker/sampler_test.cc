@@ -1,0 +1,98 @@
+#include "worker/sampler.h"
+
+#include <map>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace prehoc {
+namespace {
+
+TEST(SamplerTest, GreedyPicksArgmaxLowestIdOnTies) {
+  Sampler s(SamplingOptions{});
+  std::vector<float> l = {0.1f, 2.0f, -1.0f, 2.0f};
+  EXPECT_EQ(s.Sample(l), 1);
+}
+
+TEST(SamplerTest, SameSeedSameTokensDifferentSeedDiffers) {
+  std::vector<float> l(50);
+  for (int i = 0; i < 50; ++i) l[i] = 0.1f * (i % 7);
+  SamplingOptions o;
+  o.temperature = 1.0f;
+  o.seed = 42;
+  Sampler a(o), b(o);
+  std::vector<int32_t> ta, tb, tc;
+  for (int i = 0; i < 64; ++i) {
+    ta.push_back(a.Sample(l));
+    tb.push_back(b.Sample(l));
+  }
+  EXPECT_EQ(ta, tb);
+  o.seed = 43;
+  Sampler c(o);
+  for (int i = 0; i < 64; ++i) tc.push_back(c.Sample(l));
+  EXPECT_NE(ta, tc);
+}
+
+TEST(SamplerTest, TopKOneIsGreedy) {
+  SamplingOptions o;
+  o.temperature = 5.0f;
+  o.top_k = 1;
+  Sampler s(o);
+  std::vector<float> l = {0.0f, 0.5f, 0.4f};
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(s.Sample(l), 1);
+}
+
+TEST(SamplerTest, TopKRestrictsSupport) {
+  SamplingOptions o;
+  o.temperature = 1.0f;
+  o.top_k = 2;
+  o.seed = 7;
+  Sampler s(o);
+  std::vector<float> l = {1.0f, 3.0f, 2.9f, 0.0f};
+  for (int i = 0; i < 200; ++i) {
+    int32_t t = s.Sample(l);
+    EXPECT_TRUE(t == 1 || t == 2) << t;
+  }
+}
+
+TEST(SamplerTest, TopPKeepsSmallestPrefixReachingMass) {
+  // probabilities ~ {0.6, 0.3, 0.1} at T=1.
+  std::vector<float> l = {std::log(0.6f), std::log(0.3f), std::log(0.1f)};
+  SamplingOptions o;
+  o.temperature = 1.0f;
+  o.top_p = 0.85f;
+  o.seed = 3;
+  Sampler s(o);
+  std::map<int32_t, int> counts;
+  for (int i = 0; i < 3000; ++i) counts[s.Sample(l)]++;
+  EXPECT_EQ(counts.count(2), 0u);
+  // Renormalised {2/3, 1/3}.
+  EXPECT_NEAR(counts[0] / 3000.0, 2.0 / 3.0, 0.04);
+}
+
+TEST(SamplerTest, TemperatureSamplingFollowsDistribution) {
+  std::vector<float> l = {0.0f, std::log(3.0f)};  // p = {0.25, 0.75}
+  SamplingOptions o;
+  o.temperature = 1.0f;
+  o.seed = 11;
+  Sampler s(o);
+  int ones = 0;
+  for (int i = 0; i < 4000; ++i) ones += s.Sample(l) == 1;
+  EXPECT_NEAR(ones / 4000.0, 0.75, 0.03);
+}
+
+TEST(SamplingOptionsTest, ValidateNamesTheField) {
+  SamplingOptions o;
+  EXPECT_TRUE(o.Validate().ok());
+  o.temperature = -1;
+  EXPECT_NE(o.Validate().message().find("temperature"), std::string::npos);
+  o = SamplingOptions{};
+  o.top_p = 0;
+  EXPECT_NE(o.Validate().message().find("top_p"), std::string::npos);
+  o = SamplingOptions{};
+  o.top_k = -2;
+  EXPECT_NE(o.Validate().message().find("top_k"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace prehoc
