@@ -35,12 +35,12 @@ def hf_config(cfg: Cfg):
     return c
 
 
-def load_hf_causal(path: str, dtype=torch.float32, device="cpu"):
+def load_hf_causal(path: str, dtype=torch.float32, device="cpu", **overrides):
     from transformers import LlamaForCausalLM
     try:
-        m = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        m = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager", **overrides)
     except TypeError:
-        m = LlamaForCausalLM.from_pretrained(path, torch_dtype=dtype, attn_implementation="eager")
+        m = LlamaForCausalLM.from_pretrained(path, torch_dtype=dtype, attn_implementation="eager", **overrides)
     return m.to(device).eval()
 
 
@@ -78,10 +78,11 @@ def export(model: LlamaLM, out_dir: str, kind: str, extra_card: dict | None = No
 @torch.no_grad()
 def check_against_hf(model: LlamaLM, out_dir: str) -> dict:
     """transformers' LlamaForCausalLM (fp32, loaded from out_dir) vs our forward in fp32
-    with the same bf16-rounded weights, causal attention, on a held-in random batch."""
+    with the same bf16-rounded weights, on a random byte batch, with our causal and our
+    bidirectional attention.  For the AR model HF must match our causal forward.  For the
+    DLM directory (config ``is_causal: false``) we record which one HF reproduces."""
     hf = load_hf_causal(out_dir, torch.float32, "cuda")
-    ref = LlamaLM(Cfg(**{**model.cfg.__dict__, "causal": True})).cuda().eval()
-    ref.load_state_dict({k: v.float() for k, v in load_safetensors_dir(out_dir).items()})
+    sd = {k: v.float() for k, v in load_safetensors_dir(out_dir).items()}
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (2, 300), generator=g)
     ids[:, 0] = BOS
@@ -89,13 +90,30 @@ def check_against_hf(model: LlamaLM, out_dir: str) -> dict:
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     a = hf(input_ids=ids).logits.float()
-    b = ref(ids).float()
+    res = {}
+    for name, causal in (("causal", True), ("bidirectional", False)):
+        ref = LlamaLM(Cfg(**{**model.cfg.__dict__, "causal": causal})).cuda().eval()
+        ref.load_state_dict(sd)
+        b = ref(ids).float()
+        res[f"hf_vs_ours_{name}_fp32_max_abs_diff"] = (a - b).abs().max().item()
+        res[f"hf_vs_ours_{name}_fp32_rel_l2"] = ((a - b).norm() / a.norm()).item()
     torch.backends.cuda.matmul.allow_tf32 = prev
-    diff = (a - b).abs().max().item()
-    rel = ((a - b).norm() / a.norm()).item()
-    res = {"hf_vs_ours_fp32_max_abs_diff": diff, "hf_vs_ours_fp32_rel_l2": rel}
+    res["hf_matches"] = [n for n in ("causal", "bidirectional") if res[f"hf_vs_ours_{n}_fp32_rel_l2"] < 1e-4]
     print("  hf check:", res, flush=True)
-    assert rel < 1e-4, res
+    if model.cfg.causal:
+        assert "causal" in res["hf_matches"], res
+    else:  # also load with is_causal forced on: must equal our causal forward (names, layout)
+        try:
+            hf2 = load_hf_causal(out_dir, torch.float32, "cuda", is_causal=True)
+            ref = LlamaLM(Cfg(**{**model.cfg.__dict__, "causal": True})).cuda().eval()
+            ref.load_state_dict(sd)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            a2, b2 = hf2(input_ids=ids).logits.float(), ref(ids).float()
+            torch.backends.cuda.matmul.allow_tf32 = prev
+            res["hf_is_causal_override_vs_ours_causal_rel_l2"] = ((a2 - b2).norm() / a2.norm()).item()
+        except Exception as e:  # noqa: BLE001
+            res["hf_is_causal_override_error"] = repr(e)
+        print("  hf check (dlm):", res, flush=True)
     return res
 
 

@@ -98,10 +98,19 @@ def dlm_fixtures(model_dir, data_dir, out_dir):
         tensors[f"p{i}.full"] = m(torch.tensor([ids]))[0].float().contiguous()
         prompts.append({"input_ids": ids, "mask_positions": masked, "full": f"p{i}.full",
                         "argmax_at_masks": [int(tensors[f"p{i}.full"][j].argmax()) for j in masked]})
+    hf_note = None
+    try:  # does transformers (config is_causal=false) reproduce the bidirectional forward?
+        from export import load_hf_causal
+        hf = load_hf_causal(model_dir, torch.float32, "cpu")
+        hf_note = {f"p{i}.full": (hf(input_ids=torch.tensor([p["input_ids"]])).logits[0].float()
+                                  - tensors[f"p{i}.full"]).abs().max().item() for i, p in enumerate(prompts)}
+    except Exception as e:  # noqa: BLE001
+        hf_note = repr(e)
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "expected.safetensors"))
     meta = {
         "model": "models/prehoc-code-dlm",
+        "transformers_LlamaForCausalLM_same_dir_max_abs_diff": hf_note,
         "producer": "tools/train/model.py LlamaLM(causal=False) float32 on CPU (bf16 weights upcast)",
         "dtype": "float32",
         "tokenizer": "byte: ids 0..255 bytes, 256 BOS, 259 MASK",
