@@ -12,24 +12,16 @@
 #include "absl/status/statusor.h"
 #include "worker/engine.h"
 #include "worker/sampler.h"
+#include "worker/sparsity.h"
 
 namespace prehoc {
-
-// What sparse attention did for one request. Dense attention keeps everything.
-struct SparsityReport {
-  std::string policy = "dense";
-  double mean_kept_fraction = 1.0;  // mean over decode steps × layers × kv heads
-  double mean_delta = 0.0;          // mean dropped mass at refreshes
-  double max_delta = 0.0;
-  int64_t refreshes = 0;
-  int64_t shares = 0;
-};
 
 struct GenerateRequest {
   std::vector<int32_t> prompt;  // token ids, non-empty
   int max_tokens = 16;          // >= 1
   SamplingOptions sampling;
   bool stop_at_eos = true;      // stop after the model's end-of-text token (it is included)
+  SparsityOptions sparsity;     // only "dense" until the selection issue lands
 };
 
 struct GenerateResult {
