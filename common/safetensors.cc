@@ -389,7 +389,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(
       RETURN_IF_ERROR(
           ParseTensorEntry(path, name, entry, buffer_size, &view, &begin));
       view.data = base + buffer_offset + begin;
-      file->index_.emplace(name, std::to_string(file->tensors_.size()));
+      file->index_.emplace(name, file->tensors_.size());
       file->tensors_.push_back(std::move(view));
     }
   } catch (const Json::exception& e) {
@@ -408,10 +408,7 @@ SafetensorsFile::~SafetensorsFile() {
 const TensorView* SafetensorsFile::Find(std::string_view name) const {
   auto it = index_.find(name);
   if (it == index_.end()) return nullptr;
-  size_t pos = 0;
-  const std::string& s = it->second;
-  std::from_chars(s.data(), s.data() + s.size(), pos);
-  return pos < tensors_.size() ? &tensors_[pos] : nullptr;
+  return &tensors_[it->second];
 }
 
 absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(

@@ -62,7 +62,7 @@ class SafetensorsFile {
   void* map_ = nullptr;
   size_t map_size_ = 0;
   std::vector<TensorView> tensors_;
-  std::map<std::string, std::string, std::less<>> index_;  // name -> position in tensors_
+  std::map<std::string, size_t, std::less<>> index_;  // name -> position in tensors_
   std::map<std::string, std::string> metadata_;
 };
 

@@ -172,6 +172,8 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
       }
     }
   }
+  std::vector<std::vector<int32_t>> lists;                      // selection scratch
+  std::vector<std::vector<std::vector<int32_t>>> item_lists(items.size());  // kept for Observe
   const float eps = static_cast<float>(c.rms_norm_eps);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
@@ -212,6 +214,34 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
         }
       }
     }
+    // Decode items with a selector attend to the selected tokens only.
+    std::vector<char> selected(items.size(), 0);
+    std::vector<std::vector<std::vector<float>>> observed(items.size());
+    for (size_t b = 0; b < items.size(); ++b) {
+      SequenceSelector* sel = items[b].selector;
+      if (sel == nullptr || sel->is_dense() || items[b].tokens.size() != 1) continue;
+      const Sequence& s = seqs_[items[b].seq];
+      const int len = start_len[b] + 1;
+      const int64_t r = std::find(row_item.begin(), row_item.end(), static_cast<int>(b)) - row_item.begin();
+      KvView view(&cache_, s.page_table, layer, len);
+      sel->SelectAndMeasure(layer, q.data() + r * H * hd, view, &lists);
+      for (int kh = 0; kh < KVH; ++kh) {
+        auto& kp = kptr[b * KVH + kh];
+        auto& vp = vptr[b * KVH + kh];
+        const auto& idx = lists[kh];
+        kp.resize(idx.size());
+        vp.resize(idx.size());
+        for (size_t j = 0; j < idx.size(); ++j) {
+          kp[j] = view.key(kh, idx[j]);
+          vp[j] = view.value(kh, idx[j]);
+        }
+      }
+      selected[b] = 1;
+      if (sel->wants_observe()) {
+        item_lists[b] = lists;
+        observed[b].resize(H);
+      }
+    }
     pool_.ParallelFor(N * H, 4, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       for (int64_t job = begin; job < end; ++job) {
@@ -221,12 +251,18 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
         const int kh = head / group;
         const auto& kp = kptr[b * KVH + kh];
         const int64_t n_keys =
-            causal ? row_pos[r] + 1 : static_cast<int64_t>(kp.size());
+            (causal && !selected[b]) ? row_pos[r] + 1 : static_cast<int64_t>(kp.size());
         scores.resize(n_keys);
         cpu::AttendOne(q.data() + (r * H + head) * hd, kp.data(), vptr[b * KVH + kh].data(),
                        n_keys, hd, scale, scores.data(), attn.data() + (r * H + head) * hd);
+        if (!observed[b].empty()) observed[b][head] = scores;
       }
     });
+    for (size_t b = 0; b < items.size(); ++b) {
+      for (int head = 0; head < static_cast<int>(observed[b].size()); ++head) {
+        items[b].selector->Observe(layer, head, item_lists[b][head / group], observed[b][head]);
+      }
+    }
     cpu::MatMulNT(attn.data(), N, H * hd, L.wo.data(), D, L.bo.empty() ? nullptr : L.bo.data(),
                   o.data(), &pool_);
     cpu::AddInPlace(x.data(), o.data(), N * D);
@@ -257,6 +293,27 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
     r0 += n;
   }
   return logits;
+}
+
+absl::StatusOr<Engine::SeqId> Engine::ForkSequence(SeqId seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  const Sequence& src = it->second;
+  ASSIGN_OR_RETURN(std::vector<int32_t> pages,
+                   allocator_.Allocate(static_cast<int32_t>(src.page_table.size())));
+  const KvCacheShape& sh = cache_.shape();
+  const size_t block = static_cast<size_t>(sh.page_size) * sh.head_dim;
+  for (int l = 0; l < sh.num_layers; ++l) {
+    for (size_t p = 0; p < pages.size(); ++p) {
+      for (int kh = 0; kh < sh.num_kv_heads; ++kh) {
+        std::copy_n(cache_.K(l, src.page_table[p], kh), block, cache_.K(l, pages[p], kh));
+        std::copy_n(cache_.V(l, src.page_table[p], kh), block, cache_.V(l, pages[p], kh));
+      }
+    }
+  }
+  const SeqId id = next_seq_++;
+  seqs_.emplace(id, Sequence{src.length, std::move(pages)});
+  return id;
 }
 
 absl::StatusOr<std::vector<float>> Engine::ForwardFull(std::span<const int32_t> tokens,

@@ -18,6 +18,7 @@
 #include "common/thread_pool.h"
 #include "worker/kv_cache.h"
 #include "worker/model_weights.h"
+#include "worker/selection/selector.h"
 #include "worker/tokenizer.h"
 
 namespace prehoc {
@@ -68,6 +69,9 @@ class Engine {
     SeqId seq = 0;
     std::span<const int32_t> tokens;  // appended to the sequence (>= 1 token)
     bool all_logits = false;          // logits for every new token instead of only the last
+    // Decode-time KV selection for this sequence (not owned); null = dense. Applied to
+    // single-token items (decode steps); prefill chunks attend densely.
+    SequenceSelector* selector = nullptr;
   };
   // Runs one forward over the batch: appends every item's tokens to its sequence (their K/V go to
   // the cache) and returns per item the logits of its last new token ([vocab]) or, with
@@ -78,6 +82,10 @@ class Engine {
   // max_context; RESOURCE_EXHAUSTED when the KV cache has too few free pages.
   absl::StatusOr<std::vector<std::vector<float>>> Step(std::span<const StepItem> items,
                                                        bool causal = true);
+
+  // Starts a new sequence holding a copy of `seq`'s tokens and K/V (fresh pages), e.g. to try
+  // several policies after one prefill. NOT_FOUND / RESOURCE_EXHAUSTED.
+  absl::StatusOr<SeqId> ForkSequence(SeqId seq);
 
   // Convenience: runs `tokens` through a temporary sequence and returns logits for every
   // position ([n, vocab]); causal = false is the diffusion-LM full-sequence forward.

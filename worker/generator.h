@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "worker/engine.h"
 #include "worker/sampler.h"
+#include "worker/selection/selector.h"
 #include "worker/sparsity.h"
 
 namespace prehoc {
@@ -21,7 +22,7 @@ struct GenerateRequest {
   int max_tokens = 16;          // >= 1
   SamplingOptions sampling;
   bool stop_at_eos = true;      // stop after the model's end-of-text token (it is included)
-  SparsityOptions sparsity;     // only "dense" until the selection issue lands
+  SparsityOptions sparsity;     // decode-time KV selection policy (see worker/sparsity.h)
 };
 
 struct GenerateResult {
@@ -30,6 +31,7 @@ struct GenerateResult {
   int prompt_tokens = 0;
   double time_to_first_token_s = 0;
   SparsityReport sparsity;
+  SelectionTelemetry telemetry;  // the selector's full telemetry (per-layer counts, δ samples)
 };
 
 struct GenerateStats {
@@ -47,7 +49,9 @@ using TokenCallback = std::function<void(int, int32_t)>;
 
 // Validates every request first (INVALID_ARGUMENT naming the request index and the field: empty
 // prompt, token out of vocabulary, max_tokens < 1, prompt + max_tokens over the engine's
-// max_context, bad sampling options), then runs them as one batch. Sequences are always freed,
+// max_context, bad sampling or sparsity options), then runs them as one batch. Each request's
+// sparsity options become a SelectionPlan and a selector for its decode steps; with
+// target_delta > 0 a DeltaController adjusts the plan from the refresh δ after every step. Sequences are always freed,
 // also on error. RESOURCE_EXHAUSTED when the KV cache cannot hold the batch.
 absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
                                                           const std::vector<GenerateRequest>& requests,

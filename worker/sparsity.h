@@ -22,8 +22,10 @@ struct SparsityOptions {
   // Target dropped attention mass δ* in (0, 1); 0 = use `budget` / the preset default.
   double target_delta = 0.0;
   // Tokens kept per (layer, kv head) including sink and local window; 0 = preset default.
-  // A value in (0, 1) is read as a fraction of the context (e.g. 0.125 = 1/8).
+  // A value in (0, 1] is read as a fraction of the context (e.g. 0.125 = 1/8), > 1 as tokens.
   double budget = 0.0;
+  // Preset overrides, "key=value,key=value" (see cachemgr/selection_plan.h for the keys).
+  std::string overrides;
 };
 
 struct SparsityReport {

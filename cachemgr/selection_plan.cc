@@ -1,0 +1,184 @@
+#include "cachemgr/selection_plan.h"
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/strings/ascii.h"
+
+namespace prehoc {
+
+absl::StatusOr<SelectionPolicy> ParseSelectionPolicy(const std::string& name) {
+  if (name == "dense" || name.empty()) return SelectionPolicy::kDense;
+  if (name == "prhs" || name == "prhs-budget-matched") return SelectionPolicy::kPrhs;
+  if (name == "oracle") return SelectionPolicy::kOracle;
+  if (name == "streaming") return SelectionPolicy::kStreaming;
+  if (name == "h2o") return SelectionPolicy::kH2O;
+  if (name == "quest") return SelectionPolicy::kQuest;
+  if (name == "hshare") return SelectionPolicy::kHShare;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "sparsity.policy '", name,
+      "' is unknown; valid: dense, prhs, prhs-budget-matched, oracle, streaming, h2o, quest, hshare"));
+}
+
+const char* SelectionPolicyName(SelectionPolicy policy) {
+  switch (policy) {
+    case SelectionPolicy::kDense: return "dense";
+    case SelectionPolicy::kPrhs: return "prhs";
+    case SelectionPolicy::kOracle: return "oracle";
+    case SelectionPolicy::kStreaming: return "streaming";
+    case SelectionPolicy::kH2O: return "h2o";
+    case SelectionPolicy::kQuest: return "quest";
+    case SelectionPolicy::kHShare: return "hshare";
+  }
+  return "?";
+}
+
+int64_t SelectionPlan::Budget(int64_t t) const {
+  if (budget_fraction > 0) return std::llround(budget_fraction * static_cast<double>(t));
+  return budget_tokens;
+}
+
+int64_t SelectionPlan::TopK(int layer, int64_t t) const {
+  const LayerSelectionPlan& l = layers[layer];
+  double k = static_cast<double>(std::max<int64_t>(0, Budget(t) - l.sink - l.local));
+  if (budget_matched && policy == SelectionPolicy::kPrhs) {
+    // Real kept ≈ k + 2r·(m_fraction·k): solve for k.
+    k = k / (1.0 + 2.0 * l.dilate_r * l.dilate_m_fraction);
+  }
+  return static_cast<int64_t>(std::floor(k * l.k_scale));
+}
+
+absl::StatusOr<std::map<std::string, double>> ParseOverrides(const std::string& text) {
+  std::map<std::string, double> out;
+  for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    std::vector<std::string> kv = absl::StrSplit(item, absl::MaxSplits('=', 1));
+    if (kv.size() != 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sparsity override '", item, "' is not of the form key=value"));
+    }
+    std::string key(absl::StripAsciiWhitespace(kv[0]));
+    std::string value(absl::StripAsciiWhitespace(kv[1]));
+    double v;
+    auto [p, ec] = std::from_chars(value.data(), value.data() + value.size(), v);
+    if (ec != std::errc() || p != value.data() + value.size() || !std::isfinite(v)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sparsity override '", key, "': '", value, "' is not a number"));
+    }
+    out[key] = v;
+  }
+  return out;
+}
+
+absl::StatusOr<SelectionPlan> MakeSelectionPlan(const ModelConfig& model,
+                                                const SparsityOptions& options,
+                                                const std::map<std::string, double>& overrides) {
+  SelectionPlan plan;
+  auto policy = ParseSelectionPolicy(options.policy);
+  if (!policy.ok()) return policy.status();
+  plan.policy = *policy;
+  plan.policy_name = options.policy.empty() ? "dense" : options.policy;
+  plan.budget_matched = options.policy == "prhs-budget-matched";
+  if (!(options.target_delta >= 0 && options.target_delta < 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sparsity.target_delta must be in [0, 1), got ", options.target_delta));
+  }
+  plan.target_delta = options.target_delta;
+  if (!(options.budget >= 0) || !std::isfinite(options.budget)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sparsity.budget must be >= 0, got ", options.budget));
+  }
+  if (options.budget == 0) {
+    plan.budget_fraction = 0.125;
+  } else if (options.budget <= 1) {
+    plan.budget_fraction = options.budget;
+  } else {
+    plan.budget_tokens = static_cast<int64_t>(options.budget);
+  }
+
+  static const std::set<std::string> kKeys = {
+      "sink", "local", "tau", "max_reuse", "dilate_r", "dilate_m_fraction", "psaw_start",
+      "psaw_phi", "psaw_alpha", "etf_start", "etf_psi", "etf_gamma", "refresh_interval",
+      "approx_channels", "budget_tokens", "budget_fraction"};
+  for (const auto& [k, v] : overrides) {
+    if (!kKeys.count(k)) {
+      return absl::InvalidArgumentError(absl::StrCat("sparsity override key '", k,
+                                                     "' is unknown; valid: ",
+                                                     absl::StrJoin(kKeys, ", ")));
+    }
+  }
+  auto get = [&](const std::string& key, double def) {
+    auto it = overrides.find(key);
+    return it == overrides.end() ? def : it->second;
+  };
+  if (overrides.count("budget_tokens")) {
+    plan.budget_tokens = static_cast<int64_t>(get("budget_tokens", 0));
+    plan.budget_fraction = 0;
+  }
+  if (overrides.count("budget_fraction")) plan.budget_fraction = get("budget_fraction", 0);
+  if (plan.budget_fraction < 0 || plan.budget_fraction > 1 || plan.budget_tokens < 0) {
+    return absl::InvalidArgumentError("sparsity budget_fraction must be in [0, 1] and budget_tokens >= 0");
+  }
+
+  const int N = model.num_hidden_layers;
+  const SelectionPolicy p = plan.policy;
+  int sink = 8, local = 32;
+  if (p == SelectionPolicy::kH2O) sink = 0;
+  if (p == SelectionPolicy::kOracle || p == SelectionPolicy::kQuest) {
+    sink = 0;
+    local = 0;
+  }
+  sink = static_cast<int>(get("sink", sink));
+  local = static_cast<int>(get("local", local));
+  if (sink < 0 || local < 0) return absl::InvalidArgumentError("sparsity sink and local must be >= 0");
+  const double tau = get("tau", 0.8);
+  if (!(tau >= -1 && tau <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("sparsity override tau must be in [-1, 1], got ", tau));
+  }
+  const int psaw_start = static_cast<int>(get("psaw_start", N / 2));
+  const double phi = get("psaw_phi", 0.9), alpha = get("psaw_alpha", 1.0);
+  const int etf_start = static_cast<int>(get("etf_start", N));  // off by default
+  const double psi = get("etf_psi", 0.9), gamma = get("etf_gamma", 1.0);
+  if (!(phi > 0 && phi <= 1) || !(psi > 0 && psi <= 1)) {
+    return absl::InvalidArgumentError("sparsity psaw_phi and etf_psi must be in (0, 1]");
+  }
+
+  plan.layers.resize(N);
+  for (int l = 0; l < N; ++l) {
+    LayerSelectionPlan& lp = plan.layers[l];
+    lp.sink = sink;
+    lp.local = local;
+    lp.tau = tau;
+    lp.max_reuse = static_cast<int>(get("max_reuse", 64));
+    lp.dilate_r = static_cast<int>(get("dilate_r", 1));
+    lp.dilate_m_fraction = get("dilate_m_fraction", 1.0 / 3.0);
+    if (p == SelectionPolicy::kPrhs && l >= psaw_start && N > psaw_start) {
+      lp.psaw_drop_fraction =
+          1.0 - std::pow(phi, alpha * static_cast<double>(l - psaw_start) / (N - psaw_start));
+    }
+    if (p == SelectionPolicy::kPrhs && l >= etf_start && N > etf_start) {
+      lp.etf_freeze_fraction =
+          1.0 - std::pow(psi, gamma * static_cast<double>(l - etf_start) / (N - etf_start));
+      lp.etf_alias_layer = etf_start;
+    }
+    if (p == SelectionPolicy::kHShare) {
+      lp.refresh_interval = static_cast<int>(get("refresh_interval", 2));
+      lp.approx_channels = static_cast<int>(get("approx_channels", 16));
+    }
+    if (lp.max_reuse < 0 || lp.dilate_r < 0 || lp.refresh_interval < 1 || lp.approx_channels < 0 ||
+        lp.dilate_m_fraction < 0 || lp.dilate_m_fraction > 1) {
+      return absl::InvalidArgumentError(
+          "sparsity overrides: max_reuse, dilate_r, approx_channels must be >= 0, "
+          "refresh_interval >= 1, dilate_m_fraction in [0, 1]");
+    }
+  }
+  plan.version = 1;
+  return plan;
+}
+
+}  // namespace prehoc

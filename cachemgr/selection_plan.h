@@ -1,0 +1,97 @@
+// SelectionPlan: the query-independent part of sparse-attention selection for one sequence,
+// computed by the cache manager from the model shape and the request's policy, and consumed by
+// the worker, which adds the query-dependent part (CIS gate, exact top-k refresh) on the device
+// that holds K. Plain data: no gRPC types (services map it to cachemgr.proto).
+//
+// Budget convention: per (layer, kv head) a policy keeps
+//   sink tokens [0, sink) ∪ selected tokens ∪ local window [t − local, t)
+// and the budget B(t) = budget_tokens, or round(budget_fraction · t) when budget_fraction > 0,
+// counts all three. Top-k size k(t) = max(0, B(t) − sink − local) · k_scale.
+#ifndef PREHOC_CACHEMGR_SELECTION_PLAN_H_
+#define PREHOC_CACHEMGR_SELECTION_PLAN_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/model_config.h"
+#include "worker/sparsity.h"
+
+namespace prehoc {
+
+enum class SelectionPolicy { kDense, kPrhs, kOracle, kStreaming, kH2O, kQuest, kHShare };
+
+// Parses a policy name ("dense", "prhs", "prhs-budget-matched" → kPrhs, "oracle", "streaming",
+// "h2o", "quest", "hshare"). INVALID_ARGUMENT naming the value and the valid names otherwise.
+absl::StatusOr<SelectionPolicy> ParseSelectionPolicy(const std::string& name);
+const char* SelectionPolicyName(SelectionPolicy policy);
+
+struct LayerSelectionPlan {
+  int sink = 8;      // always-kept leading tokens (attention sinks)
+  int local = 32;    // always-kept recent window, includes the current token
+  // Multiplier on k(t) set by the δ-controller (1 = preset).
+  double k_scale = 1.0;
+  // CIS (PrHS time axis): reuse the anchor's index set while cos(q, q_anchor) > tau and the
+  // set has been reused fewer than max_reuse times; else refresh with exact top-k.
+  double tau = 0.8;
+  int max_reuse = 64;
+  // Dilation: the best dilate_m_fraction·k of the top-k indices are widened by ±dilate_r.
+  double dilate_m_fraction = 1.0 / 3.0;
+  int dilate_r = 1;
+  // PSAW (depth axis): candidates start at lo(t) = max(sink, floor(psaw_drop_fraction · t)),
+  // psaw_drop_fraction = 1 − φ^{α(ℓ−ℓ_s)/(N−ℓ_s)} for ℓ ≥ ℓ_s, else 0.
+  double psaw_drop_fraction = 0.0;
+  // ETF (layer axis, prefill): the first floor(etf_freeze_fraction · T) prompt tokens are frozen
+  // from this layer on and read K/V of layer etf_alias_layer. 0 / −1 = not frozen.
+  double etf_freeze_fraction = 0.0;
+  int etf_alias_layer = -1;
+  // HShare-style baseline: refresh the heavy set every `refresh_interval` steps using
+  // approximate scores on `approx_channels` channels.
+  int refresh_interval = 1;
+  int approx_channels = 0;
+};
+
+struct SelectionPlan {
+  uint64_t version = 0;   // bumped on every change (controller, length milestones)
+  SelectionPolicy policy = SelectionPolicy::kDense;
+  std::string policy_name = "dense";
+  int64_t budget_tokens = 0;     // absolute budget B (used when budget_fraction == 0)
+  double budget_fraction = 0.0;  // B(t) = round(budget_fraction · t)
+  bool budget_matched = false;   // k chosen so that the real kept count with dilation ≈ B
+  double target_delta = 0.0;     // δ* for the controller (0 = no control)
+  std::vector<LayerSelectionPlan> layers;
+
+  // Budget B(t) in tokens for context length t (at least sink + local of layer 0 is not
+  // enforced here; callers clamp to t).
+  int64_t Budget(int64_t t) const;
+  // Top-k size for `layer` at length t (see the file comment); for budget_matched PrHS the
+  // dilation's growth (up to 2r·m extra tokens) is taken out of k.
+  int64_t TopK(int layer, int64_t t) const;
+};
+
+// Parameters of the presets, every one overridable by name through `overrides`
+// ("sink", "local", "tau", "max_reuse", "dilate_r", "dilate_m_fraction", "psaw_start",
+// "psaw_phi", "psaw_alpha", "etf_start", "etf_psi", "etf_gamma", "refresh_interval",
+// "approx_channels", "budget_tokens", "budget_fraction").
+// Defaults (chosen and measured in docs/quality.md):
+//   prhs: sink 8, local 32, τ 0.8, max_reuse 64, m = k/3, r = 1, PSAW from layer N/2 with
+//         φ = 0.9, α = 1 (the last layer skips the first 10 % of candidates), ETF off.
+//   streaming: sink 8, local = B − 8.  h2o: local 32, heavy = B − 32 (no sinks).
+//   quest: page granularity 16, top ⌈B/16⌉ pages incl. the current page.
+//   hshare: sink 8, local 32, heavy refreshed every 2 steps on 16 calibrated channels.
+//   oracle: exact top-B every step, no forced sink/local.
+// Budget: SparsityOptions.budget in (0, 1] is a fraction of the context, > 1 an absolute token
+// count; 0 = 1/8.
+// Errors: INVALID_ARGUMENT naming the bad policy, override key or value.
+absl::StatusOr<SelectionPlan> MakeSelectionPlan(const ModelConfig& model,
+                                                const SparsityOptions& options,
+                                                const std::map<std::string, double>& overrides = {});
+
+// Parses "key=value,key=value" into an overrides map; INVALID_ARGUMENT naming the bad item.
+absl::StatusOr<std::map<std::string, double>> ParseOverrides(const std::string& text);
+
+}  // namespace prehoc
+
+#endif  // PREHOC_CACHEMGR_SELECTION_PLAN_H_

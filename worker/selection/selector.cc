@@ -1,0 +1,518 @@
+#include "worker/selection/selector.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+
+namespace prehoc {
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+void GroupProbabilities(const float* q, const KvView& kv, int kv_head, int group, int head_dim,
+                        std::vector<float>* probs) {
+  const int t = kv.length();
+  probs->assign(t, 0.0f);
+  std::vector<float> s(t);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  for (int g = 0; g < group; ++g) {
+    const float* qh = q + static_cast<size_t>(kv_head * group + g) * head_dim;
+    float mx = -INFINITY;
+    for (int j = 0; j < t; ++j) {
+      const float* k = kv.key(kv_head, j);
+      float d = 0;
+      for (int c = 0; c < head_dim; ++c) d += qh[c] * k[c];
+      s[j] = d * scale;
+      mx = std::max(mx, s[j]);
+    }
+    double sum = 0;
+    for (int j = 0; j < t; ++j) {
+      s[j] = std::exp(s[j] - mx);
+      sum += s[j];
+    }
+    const float inv = static_cast<float>(1.0 / (sum * group));
+    for (int j = 0; j < t; ++j) (*probs)[j] += s[j] * inv;
+  }
+}
+
+double DroppedMass(std::span<const float> probs, std::span<const int32_t> indices) {
+  double kept = 0;
+  for (int32_t i : indices) kept += probs[i];
+  return std::clamp(1.0 - kept, 0.0, 1.0);
+}
+
+std::vector<int32_t> TopKIndices(std::span<const float> scores, int64_t lo, int64_t hi, int64_t k) {
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, static_cast<int64_t>(scores.size()));
+  if (hi <= lo || k <= 0) return {};
+  std::vector<int32_t> idx(hi - lo);
+  std::iota(idx.begin(), idx.end(), static_cast<int32_t>(lo));
+  k = std::min<int64_t>(k, hi - lo);
+  auto better = [&](int32_t a, int32_t b) {
+    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+  };
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), better);
+  idx.resize(k);
+  return idx;
+}
+
+std::vector<int32_t> MergeIndexSet(int64_t sink, std::span<const int32_t> middle, int64_t local,
+                                   int64_t t) {
+  std::vector<int32_t> out;
+  sink = std::clamp<int64_t>(sink, 0, t);
+  const int64_t local_start = std::clamp<int64_t>(t - local, 0, t);
+  out.reserve(sink + middle.size() + (t - local_start));
+  for (int64_t i = 0; i < sink; ++i) out.push_back(static_cast<int32_t>(i));
+  for (int32_t i : middle) {
+    if (i >= sink && i < local_start) out.push_back(i);
+  }
+  for (int64_t i = std::max(local_start, sink); i < t; ++i) out.push_back(static_cast<int32_t>(i));
+  std::sort(out.begin() + sink, out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+namespace {
+std::vector<int32_t> AllTokens(int64_t t) {
+  std::vector<int32_t> v(t);
+  std::iota(v.begin(), v.end(), 0);
+  return v;
+}
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Base.
+
+SequenceSelector::SequenceSelector(const ModelConfig& model, const SelectionPlan& plan)
+    : model_(model), plan_(plan) {
+  telemetry_.refreshes_per_layer.assign(model.num_hidden_layers, 0);
+}
+
+void SequenceSelector::Account(int64_t kept, int64_t t) {
+  ++telemetry_.selections;
+  telemetry_.kept_tokens_sum += kept;
+  telemetry_.kept_fraction_sum += t > 0 ? static_cast<double>(kept) / t : 1.0;
+}
+
+void SequenceSelector::SelectAndMeasure(int layer, const float* q, const KvView& kv,
+                                        std::vector<std::vector<int32_t>>* out) {
+  Select(layer, q, kv, out);
+  if (!measure_step_delta_) return;
+  const int group = model_.num_attention_heads / model_.num_key_value_heads;
+  for (int kh = 0; kh < model_.num_key_value_heads; ++kh) {
+    GroupProbabilities(q, kv, kh, group, model_.head_dim, &measure_probs_);
+    telemetry_.step_delta.push_back(static_cast<float>(DroppedMass(measure_probs_, (*out)[kh])));
+  }
+}
+
+SparsityReport SequenceSelector::Report() const {
+  SparsityReport r;
+  r.policy = plan_.policy_name;
+  r.mean_kept_fraction =
+      telemetry_.selections > 0 ? telemetry_.kept_fraction_sum / telemetry_.selections : 1.0;
+  r.refreshes = telemetry_.refreshes;
+  r.shares = telemetry_.shares;
+  const std::vector<float>& d =
+      telemetry_.refresh_delta.empty() ? telemetry_.step_delta : telemetry_.refresh_delta;
+  if (!d.empty()) {
+    double sum = 0, mx = 0;
+    for (float x : d) {
+      sum += x;
+      mx = std::max<double>(mx, x);
+    }
+    r.mean_delta = sum / d.size();
+    r.max_delta = mx;
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policies.
+
+namespace {
+
+class DenseSelector : public SequenceSelector {
+ public:
+  DenseSelector(const ModelConfig& m, const SelectionPlan& p) : SequenceSelector(m, p) {}
+  bool is_dense() const override { return true; }
+  void Select(int layer, const float* q, const KvView& kv,
+              std::vector<std::vector<int32_t>>* out) override {
+    out->assign(model_.num_key_value_heads, AllTokens(kv.length()));
+    for (int kh = 0; kh < model_.num_key_value_heads; ++kh) Account(kv.length(), kv.length());
+  }
+};
+
+// Exact top-B by group-mean attention probability, every step.
+class OracleSelector : public SequenceSelector {
+ public:
+  OracleSelector(const ModelConfig& m, const SelectionPlan& p) : SequenceSelector(m, p) {}
+  void Select(int layer, const float* q, const KvView& kv,
+              std::vector<std::vector<int32_t>>* out) override {
+    const int t = kv.length(), group = model_.num_attention_heads / model_.num_key_value_heads;
+    out->resize(model_.num_key_value_heads);
+    const int64_t budget = std::min<int64_t>(plan_.Budget(t), t);
+    for (int kh = 0; kh < model_.num_key_value_heads; ++kh) {
+      auto& s = (*out)[kh];
+      if (budget >= t) {
+        s = AllTokens(t);
+      } else {
+        GroupProbabilities(q, kv, kh, group, model_.head_dim, &probs_);
+        s = TopKIndices(probs_, 0, t, budget);
+        std::sort(s.begin(), s.end());
+        ++telemetry_.refreshes;
+        ++telemetry_.refreshes_per_layer[layer];
+      }
+      Account(static_cast<int64_t>(s.size()), t);
+    }
+  }
+
+ private:
+  std::vector<float> probs_;
+};
+
+// StreamingLLM: sinks + the most recent B − sink tokens.
+class StreamingSelector : public SequenceSelector {
+ public:
+  StreamingSelector(const ModelConfig& m, const SelectionPlan& p) : SequenceSelector(m, p) {}
+  void Select(int layer, const float* q, const KvView& kv,
+              std::vector<std::vector<int32_t>>* out) override {
+    const int t = kv.length();
+    const LayerSelectionPlan& lp = plan_.layers[layer];
+    const int64_t budget = std::max<int64_t>(plan_.Budget(t), lp.sink + 1);
+    std::vector<int32_t> s = MergeIndexSet(lp.sink, {}, budget - lp.sink, t);
+    out->assign(model_.num_key_value_heads, s);
+    for (int kh = 0; kh < model_.num_key_value_heads; ++kh) Account(static_cast<int64_t>(s.size()), t);
+  }
+};
+
+// H2O: heavy hitters by attention accumulated over decode steps (initialised from the first
+// decode query's full attention, standing in for the prefill column sums) + recent window.
+// Tokens that fall out are evicted for good.
+class H2OSelector : public SequenceSelector {
+ public:
+  H2OSelector(const ModelConfig& m, const SelectionPlan& p)
+      : SequenceSelector(m, p), state_(m.num_hidden_layers * m.num_key_value_heads) {}
+  bool wants_observe() const override { return true; }
+  void Select(int layer, const float* q, const KvView& kv,
+              std::vector<std::vector<int32_t>>* out) override {
+    const int t = kv.length(), group = model_.num_attention_heads / model_.num_key_value_heads;
+    const LayerSelectionPlan& lp = plan_.layers[layer];
+    out->resize(model_.num_key_value_heads);
+    const int64_t budget = std::min<int64_t>(std::max<int64_t>(plan_.Budget(t), 1), t);
+    const int64_t recent = std::min<int64_t>(lp.local, budget);
+    const int64_t heavy = budget - recent;
+    for (int kh = 0; kh < model_.num_key_value_heads; ++kh) {
+      State& st = state_[layer * model_.num_key_value_heads + kh];
+      if (st.acc.empty()) {
+        GroupProbabilities(q, kv, kh, group, model_.head_dim, &st.acc);
+        st.evicted.assign(t, false);
+      }
+      st.acc.resize(t, 0.0f);
+      st.evicted.resize(t, false);
+      std::vector<float> masked(st.acc);
+      for (int j = 0; j < t; ++j) {
+        if (st.evicted[j]) masked[j] = -INFINITY;
+      }
+      const int64_t hi = t - recent;
+      std::vector<int32_t> top = TopKIndices(masked, 0, hi, heavy);
+      std::vector<bool> keep(t, false);
+      for (int32_t i : top) keep[i] = !st.evicted[i];
+      for (int64_t j = 0; j < hi; ++j) {
+        if (!keep[j]) st.evicted[j] = true;
+      }
+      std::vector<int32_t> mid;
+      for (int32_t i : top) {
+        if (keep[i]) mid.push_back(i);
+      }
+      (*out)[kh] = MergeIndexSet(0, mid, recent, t);
+      Account(static_cast<int64_t>((*out)[kh].size()), t);
+    }
+  }
+  void Observe(int layer, int head, std::span<const int32_t> indices,
+               std::span<const float> probs) override {
+    const int group = model_.num_attention_heads / model_.num_key_value_heads;
+    State& st = state_[layer * model_.num_key_value_heads + head / group];
+    for (size_t i = 0; i < indices.size(); ++i) st.acc[indices[i]] += probs[i] / group;
+  }
+
+ private:
+  struct State {
+    std::vector<float> acc;
+    std::vector<bool> evicted;
+  };
+  std::vector<State> state_;
+};
+
+// Quest: per logical page, element-wise min and max of the keys; page score for query q is
+// Σ_d max(q_d·min_d, q_d·max_d) (summed over the group's heads); attend to the top ⌈B/page⌉
+// pages, always including the current (last) page.
+class QuestSelector : public SequenceSelector {
+ public:
+  QuestSelector(const ModelConfig& m, const SelectionPlan& p)
+      : SequenceSelector(m, p), state_(m.num_hidden_layers * m.num_key_value_heads) {}
+  void Select(int layer, const float* q, const KvView& kv,
+              std::vector<std::vector<int32_t>>* out) override {
+    const int t = kv.length(), hd = model_.head_dim, ps = kv.page_size();
+    const int group = model_.num_attention_heads / model_.num_key_value_heads;
+    const int num_pages = (t + ps - 1) / ps;
+    const int64_t want_pages = std::max<int64_t>(1, (plan_.Budget(t) + ps - 1) / ps);
+    out->resize(model_.num_key_value_heads);
+    for (int kh = 0; kh < model_.num_key_value_heads; ++kh) {
+      State& st = state_[layer * model_.num_key_value_heads + kh];
+      // Fold keys not yet seen into their page's bounds (a page's bounds are final once full).
+      st.mins.resize(static_cast<size_t>(num_pages) * hd, INFINITY);
+      st.maxs.resize(static_cast<size_t>(num_pages) * hd, -INFINITY);
+      for (int j = st.seen; j < t; ++j) {
+        const float* k = kv.key(kh, j);
+        float* mn = st.mins.data() + static_cast<size_t>(j / ps) * hd;
+        float* mx = st.maxs.data() + static_cast<size_t>(j / ps) * hd;
+        for (int d = 0; d < hd; ++d) {
+          mn[d] = std::min(mn[d], k[d]);
+          mx[d] = std::max(mx[d], k[d]);
+        }
+      }
+      st.seen = t;
+      std::vector<int32_t>& s = (*out)[kh];
+      if (want_pages >= num_pages) {
+        s = AllTokens(t);
+      } else {
+        std::vector<float> score(num_pages, 0.0f);
+        for (int p = 0; p < num_pages; ++p) {
+          const float* mn = st.mins.data() + static_cast<size_t>(p) * hd;
+          const float* mx = st.maxs.data() + static_cast<size_t>(p) * hd;
+          for (int g = 0; g < group; ++g) {
+            const float* qh = q + static_cast<size_t>(kh * group + g) * hd;
+            for (int d = 0; d < hd; ++d) score[p] += std::max(qh[d] * mn[d], qh[d] * mx[d]);
+          }
+        }
+        score[num_pages - 1] = INFINITY;  // the current page is always attended
+        std::vector<int32_t> pages = TopKIndices(score, 0, num_pages, want_pages);
+        std::sort(pages.begin(), pages.end());
+        s.clear();
+        for (int32_t p : pages) {
+          for (int j = p * ps; j < std::min(t, (p + 1) * ps); ++j) s.push_back(j);
+        }
+        ++telemetry_.refreshes;
+        ++telemetry_.refreshes_per_layer[layer];
+      }
+      Account(static_cast<int64_t>(s.size()), t);
+    }
+  }
+
+ private:
+  struct State {
+    int seen = 0;
+    std::vector<float> mins, maxs;
+  };
+  std::vector<State> state_;
+};
+
+// PrHS: CIS (clustered indices sharing over time) with PSAW candidate windows.
+class PrhsSelector : public SequenceSelector {
+ public:
+  PrhsSelector(const ModelConfig& m, const SelectionPlan& p)
+      : SequenceSelector(m, p), state_(m.num_hidden_layers * m.num_key_value_heads) {}
+  void Select(int layer, const float* q, const KvView& kv,
+              std::vector<std::vector<int32_t>>* out) override {
+    const int t = kv.length(), hd = model_.head_dim;
+    const int group = model_.num_attention_heads / model_.num_key_value_heads;
+    const LayerSelectionPlan& lp = plan_.layers[layer];
+    const int64_t k = plan_.TopK(layer, t);
+    out->resize(model_.num_key_value_heads);
+    for (int kh = 0; kh < model_.num_key_value_heads; ++kh) {
+      std::vector<int32_t>& s = (*out)[kh];
+      if (plan_.Budget(t) >= t) {  // budget covers the whole context: attend densely
+        s = AllTokens(t);
+        Account(t, t);
+        continue;
+      }
+      State& st = state_[layer * model_.num_key_value_heads + kh];
+      const float* qg = q + static_cast<size_t>(kh * group) * hd;  // the group's heads, contiguous
+      const int qlen = group * hd;
+      bool share = st.valid && st.reuse < lp.max_reuse;
+      if (share) {
+        double dot = 0, nq = 0, na = 0;
+        for (int i = 0; i < qlen; ++i) {
+          dot += static_cast<double>(qg[i]) * st.anchor[i];
+          nq += static_cast<double>(qg[i]) * qg[i];
+          na += static_cast<double>(st.anchor[i]) * st.anchor[i];
+        }
+        const double cos = (nq > 0 && na > 0) ? dot / std::sqrt(nq * na) : -1.0;
+        share = cos > lp.tau;
+      }
+      if (share) {
+        ++st.reuse;
+        ++telemetry_.shares;
+      } else {
+        Refresh(layer, kh, q, kv, group, lp, k, &st);
+      }
+      s = MergeIndexSet(lp.sink, st.set, lp.local, t);
+      Account(static_cast<int64_t>(s.size()), t);
+    }
+  }
+
+ private:
+  struct State {
+    bool valid = false;
+    int reuse = 0;
+    std::vector<float> anchor;
+    std::vector<int32_t> set;  // sorted, unique; excludes nothing (merge clamps)
+  };
+
+  void Refresh(int layer, int kh, const float* q, const KvView& kv, int group,
+               const LayerSelectionPlan& lp, int64_t k, State* st) {
+    const int t = kv.length();
+    const float* qg = q + static_cast<size_t>(kh * group) * model_.head_dim;
+    const int qlen = group * model_.head_dim;
+    GroupProbabilities(q, kv, kh, group, model_.head_dim, &probs_);
+    if (st->valid) {
+      // Exact δ of the set that was in use until now, on this step's exact scores.
+      const std::vector<int32_t> prev = MergeIndexSet(lp.sink, st->set, lp.local, t);
+      telemetry_.refresh_delta.push_back(static_cast<float>(DroppedMass(probs_, prev)));
+      telemetry_.refresh_delta_layer.push_back(static_cast<int16_t>(layer));
+    }
+    const int64_t lo = std::max<int64_t>(lp.sink, static_cast<int64_t>(lp.psaw_drop_fraction * t));
+    const int64_t hi = t - lp.local;
+    std::vector<int32_t> top = TopKIndices(probs_, lo, hi, k);
+    const int64_t m = static_cast<int64_t>(lp.dilate_m_fraction * static_cast<double>(top.size()));
+    std::vector<int32_t> set(top);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int d = 1; d <= lp.dilate_r; ++d) {
+        if (top[i] - d >= lo) set.push_back(top[i] - d);
+        if (top[i] + d < hi) set.push_back(top[i] + d);
+      }
+    }
+    std::sort(set.begin(), set.end());
+    set.erase(std::unique(set.begin(), set.end()), set.end());
+    st->set = std::move(set);
+    st->anchor.assign(qg, qg + qlen);
+    st->reuse = 0;
+    st->valid = true;
+    ++telemetry_.refreshes;
+    ++telemetry_.refreshes_per_layer[layer];
+  }
+
+  std::vector<State> state_;
+  std::vector<float> probs_;
+};
+
+// HShare-style baseline: sink + heavy + local, the heavy set chosen every refresh_interval steps
+// from approximate scores on `approx_channels` channels calibrated at the first decode step
+// (largest mean |K|); at calibration a greedy overlap map lets a (layer, kv head) whose exact
+// top-k overlaps an earlier one's by ≥ 50 % reuse that one's heavy set (cross-head and
+// cross-layer sharing).
+class HShareSelector : public SequenceSelector {
+ public:
+  HShareSelector(const ModelConfig& m, const SelectionPlan& p)
+      : SequenceSelector(m, p), state_(m.num_hidden_layers * m.num_key_value_heads) {}
+  void Select(int layer, const float* q, const KvView& kv,
+              std::vector<std::vector<int32_t>>* out) override {
+    const int t = kv.length(), hd = model_.head_dim, KVH = model_.num_key_value_heads;
+    const int group = model_.num_attention_heads / KVH;
+    const LayerSelectionPlan& lp = plan_.layers[layer];
+    const int64_t k = plan_.TopK(layer, t);
+    out->resize(KVH);
+    for (int kh = 0; kh < KVH; ++kh) {
+      std::vector<int32_t>& s = (*out)[kh];
+      if (plan_.Budget(t) >= t) {
+        s = AllTokens(t);
+        Account(t, t);
+        continue;
+      }
+      const int id = layer * KVH + kh;
+      State& st = state_[id];
+      if (!st.calibrated) Calibrate(layer, kh, q, kv, group, lp, k, &st);
+      if (st.source >= 0) {
+        st.heavy = state_[st.source].heavy;  // shared from the representative
+        ++telemetry_.shares;
+      } else if (st.steps % lp.refresh_interval == 0) {
+        std::vector<float> approx(t, 0.0f);
+        for (int j = 0; j < t; ++j) {
+          const float* key = kv.key(kh, j);
+          float a = 0;
+          for (int g = 0; g < group; ++g) {
+            const float* qh = q + static_cast<size_t>(kh * group + g) * hd;
+            for (int c : st.channels) a += qh[c] * key[c];
+          }
+          approx[j] = a;
+        }
+        st.heavy = TopKIndices(approx, lp.sink, t - lp.local, k);
+        ++telemetry_.refreshes;
+        ++telemetry_.refreshes_per_layer[layer];
+      } else {
+        ++telemetry_.shares;
+      }
+      ++st.steps;
+      s = MergeIndexSet(lp.sink, st.heavy, lp.local, t);
+      Account(static_cast<int64_t>(s.size()), t);
+    }
+  }
+
+ private:
+  struct State {
+    bool calibrated = false;
+    int source = -1;  // representative (layer*KVH + kh) whose heavy set this one reuses
+    int64_t steps = 0;
+    std::vector<int> channels;
+    std::vector<int32_t> exact;  // exact top-k at calibration (for the overlap map)
+    std::vector<int32_t> heavy;
+  };
+
+  void Calibrate(int layer, int kh, const float* q, const KvView& kv, int group,
+                 const LayerSelectionPlan& lp, int64_t k, State* st) {
+    const int t = kv.length(), hd = model_.head_dim, KVH = model_.num_key_value_heads;
+    std::vector<float> mean_abs(hd, 0.0f);
+    for (int j = 0; j < t; ++j) {
+      const float* key = kv.key(kh, j);
+      for (int c = 0; c < hd; ++c) mean_abs[c] += std::abs(key[c]);
+    }
+    const int r = std::clamp(lp.approx_channels, 1, hd);
+    std::vector<int32_t> ch = TopKIndices(mean_abs, 0, hd, r);
+    st->channels.assign(ch.begin(), ch.end());
+    GroupProbabilities(q, kv, kh, group, hd, &probs_);
+    st->exact = TopKIndices(probs_, lp.sink, t - lp.local, k);
+    std::sort(st->exact.begin(), st->exact.end());
+    // Greedy overlap map: reuse the first calibrated representative with ≥ 50 % overlap.
+    const int id = layer * KVH + kh;
+    for (int other = 0; other < id && !st->exact.empty(); ++other) {
+      const State& o = state_[other];
+      if (!o.calibrated || o.source >= 0 || o.exact.empty()) continue;
+      std::vector<int32_t> common;
+      std::set_intersection(st->exact.begin(), st->exact.end(), o.exact.begin(), o.exact.end(),
+                            std::back_inserter(common));
+      if (common.size() * 2 >= st->exact.size()) {
+        st->source = other;
+        break;
+      }
+    }
+    st->calibrated = true;
+  }
+
+  std::vector<State> state_;
+  std::vector<float> probs_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<SequenceSelector>> CreateSelector(const ModelConfig& model,
+                                                                 const SelectionPlan& plan) {
+  if (static_cast<int>(plan.layers.size()) != model.num_hidden_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("selection plan has ", plan.layers.size(),
+                                                   " layers, model has ",
+                                                   model.num_hidden_layers));
+  }
+  switch (plan.policy) {
+    case SelectionPolicy::kDense: return std::unique_ptr<SequenceSelector>(new DenseSelector(model, plan));
+    case SelectionPolicy::kOracle: return std::unique_ptr<SequenceSelector>(new OracleSelector(model, plan));
+    case SelectionPolicy::kStreaming: return std::unique_ptr<SequenceSelector>(new StreamingSelector(model, plan));
+    case SelectionPolicy::kH2O: return std::unique_ptr<SequenceSelector>(new H2OSelector(model, plan));
+    case SelectionPolicy::kQuest: return std::unique_ptr<SequenceSelector>(new QuestSelector(model, plan));
+    case SelectionPolicy::kPrhs: return std::unique_ptr<SequenceSelector>(new PrhsSelector(model, plan));
+    case SelectionPolicy::kHShare: return std::unique_ptr<SequenceSelector>(new HShareSelector(model, plan));
+  }
+  return absl::InternalError("unhandled selection policy");
+}
+
+}  // namespace prehoc
