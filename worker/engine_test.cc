@@ -161,7 +161,7 @@ TEST(GeneratorTest, RunsToMaxTokensAndReportsStats) {
   GenerateStats stats;
   int callbacks = 0;
   auto res = GenerateBatch(*e, {r}, [&](int i, int32_t) { EXPECT_EQ(i, 0); ++callbacks; }, &stats);
-  ASSERT_TRUE(res.ok());
+  ASSERT_TRUE(res.ok()) << res.status();
   EXPECT_EQ((*res)[0].tokens.size(), 12u);
   EXPECT_EQ((*res)[0].finish_reason, "length");
   EXPECT_EQ(callbacks, 12);
@@ -180,8 +180,65 @@ TEST(GeneratorTest, SeededSamplingIsReproducible) {
   r.sampling.top_p = 0.9f;
   r.sampling.seed = 1234;
   auto a = GenerateBatch(*e, {r}), b = GenerateBatch(*e, {r});
-  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
   EXPECT_EQ((*a)[0].tokens, (*b)[0].tokens);
+}
+
+}  // namespace
+}  // namespace prehoc
+
+namespace prehoc {
+namespace {
+
+TEST(GeneratorSparsityTest, SparsePolicyRunsAndReports) {
+  auto e = Make(16 << 20, 1024);
+  GenerateRequest r{std::vector<int32_t>(200, 0), 8};
+  for (int i = 0; i < 200; ++i) r.prompt[i] = (i * 37) % 256;
+  r.stop_at_eos = false;
+  r.sparsity = SparsityOptions{.policy = "prhs", .budget = 0.25, .overrides = "tau=1"};
+  auto res = GenerateBatch(*e, {r});
+  ASSERT_TRUE(res.ok()) << res.status();
+  const GenerateResult& g = (*res)[0];
+  EXPECT_EQ(g.sparsity.policy, "prhs");
+  EXPECT_LT(g.sparsity.mean_kept_fraction, 0.5);
+  const int units = e->config().num_hidden_layers * e->config().num_key_value_heads;
+  EXPECT_EQ(g.sparsity.refreshes, 7 * units);  // τ = 1: every decode step refreshes
+  EXPECT_EQ(g.telemetry.refresh_delta.size(), static_cast<size_t>(6 * units));
+  EXPECT_GE(g.sparsity.max_delta, g.sparsity.mean_delta);
+}
+
+TEST(GeneratorSparsityTest, DeltaTargetEngagesTheController) {
+  auto e = Make(16 << 20, 1024);
+  GenerateRequest r{std::vector<int32_t>(300, 0), 12};
+  for (int i = 0; i < 300; ++i) r.prompt[i] = (i * 91 + 7) % 256;
+  r.stop_at_eos = false;
+  // A tiny budget and a strict target: violations must raise the budget as decoding goes on.
+  r.sparsity = SparsityOptions{.policy = "prhs", .target_delta = 0.001, .budget = 0.15,
+                               .overrides = "tau=1"};
+  auto res = GenerateBatch(*e, {r});
+  ASSERT_TRUE(res.ok()) << res.status();
+  const auto& t = (*res)[0].telemetry;
+  ASSERT_GT(t.refresh_delta.size(), 4u);
+  // Kept tokens per selection grow once the controller reacts.
+  const int units = e->config().num_hidden_layers * e->config().num_key_value_heads;
+  EXPECT_GT(t.kept_tokens_sum, 0);
+  GenerateRequest fixed = r;
+  fixed.sparsity.target_delta = 0;
+  auto base = GenerateBatch(*e, {fixed});
+  ASSERT_TRUE(base.ok());
+  EXPECT_GT(t.kept_tokens_sum, (*base)[0].telemetry.kept_tokens_sum) << units;
+}
+
+TEST(GeneratorSparsityTest, BadSparsityOptionsAreInvalidArgument) {
+  auto e = Make();
+  GenerateRequest r{{1, 2, 3}, 2};
+  r.sparsity.policy = "magic";
+  auto s = GenerateBatch(*e, {r}).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("request 0: sparsity.policy 'magic'"));
+  r.sparsity = SparsityOptions{.policy = "prhs", .overrides = "tau=high"};
+  EXPECT_THAT(GenerateBatch(*e, {r}).status().message(), HasSubstr("'high' is not a number"));
+  EXPECT_EQ(e->num_sequences(), 0);
 }
 
 }  // namespace

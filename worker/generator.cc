@@ -5,10 +5,8 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
-#include "cachemgr/delta_controller.h"
-#include "cachemgr/selection_plan.h"
 #include "common/status.h"
-#include "worker/selection/selector.h"
+#include "worker/selection/session.h"
 
 namespace prehoc {
 namespace {
@@ -51,28 +49,17 @@ absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
     absl::Status s = r.sampling.Validate();
     if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat("request ", i, ": ", s.message()));
   }
-  // Selection plans (what the cache manager computes in split mode) and per-sequence selectors.
+  // Selection plan + selector (+ δ-controller) per request: what the cache manager and worker
+  // do in split mode.
   const size_t n = requests.size();
-  std::vector<SelectionPlan> plans(n);
-  std::vector<std::unique_ptr<SequenceSelector>> selectors(n);
-  std::vector<std::unique_ptr<DeltaController>> controllers(n);
-  std::vector<size_t> delta_seen(n, 0);
+  std::vector<std::unique_ptr<SelectionSession>> sessions(n);
   for (size_t i = 0; i < n; ++i) {
-    auto overrides = ParseOverrides(requests[i].sparsity.overrides);
-    if (!overrides.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("request ", i, ": ", overrides.status().message()));
+    auto session = SelectionSession::Create(c, requests[i].sparsity);
+    if (!session.ok()) {
+      return absl::Status(session.status().code(),
+                          absl::StrCat("request ", i, ": ", session.status().message()));
     }
-    auto plan = MakeSelectionPlan(c, requests[i].sparsity, *overrides);
-    if (!plan.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("request ", i, ": ", plan.status().message()));
-    }
-    plans[i] = std::move(*plan);
-    ASSIGN_OR_RETURN(selectors[i], CreateSelector(c, plans[i]));
-    if (plans[i].target_delta > 0) {
-      DeltaControllerOptions o;
-      o.target_delta = plans[i].target_delta;
-      controllers[i] = std::make_unique<DeltaController>(c.num_hidden_layers, o);
-    }
+    sessions[i] = std::move(*session);
   }
   auto is_eos = [&](int32_t t) {
     for (int e : c.eos_token_ids) {
@@ -130,34 +117,20 @@ absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
     std::vector<size_t> which;
     for (size_t i = 0; i < n; ++i) {
       if (done[i]) continue;
-      items.push_back({seqs[i], std::span<const int32_t>(&last[i], 1), false, selectors[i].get()});
+      items.push_back({seqs[i], std::span<const int32_t>(&last[i], 1), false, sessions[i]->selector()});
       which.push_back(i);
     }
     if (items.empty()) break;
     ASSIGN_OR_RETURN(std::vector<std::vector<float>> logits, engine.Step(items));
     ++local.decode_steps;
-    // Close the δ loop: feed new refresh measurements to the controller, re-plan on change.
-    for (size_t i : which) {
-      if (controllers[i] == nullptr) continue;
-      const SelectionTelemetry& t = selectors[i]->telemetry();
-      const size_t end = t.refresh_delta.size();
-      if (end == delta_seen[i]) continue;
-      const bool changed = controllers[i]->Observe(
-          std::span<const int16_t>(t.refresh_delta_layer).subspan(delta_seen[i]),
-          std::span<const float>(t.refresh_delta).subspan(delta_seen[i]));
-      delta_seen[i] = end;
-      if (changed) {
-        controllers[i]->Apply(&plans[i]);
-        selectors[i]->UpdatePlan(plans[i]);
-      }
-    }
     for (size_t j = 0; j < which.size(); ++j) accept(which[j], samplers[which[j]].Sample(logits[j]));
+    for (size_t i : which) sessions[i]->AfterStep();  // closes the δ loop
   }
   local.decode_s = SecondsSince(t1);
   for (size_t i = 0; i < n; ++i) {
     local.generated_tokens += static_cast<int64_t>(results[i].tokens.size());
-    results[i].sparsity = selectors[i]->Report();
-    results[i].telemetry = selectors[i]->telemetry();
+    results[i].sparsity = sessions[i]->selector()->Report();
+    results[i].telemetry = sessions[i]->selector()->telemetry();
   }
   if (stats != nullptr) *stats = local;
   return results;

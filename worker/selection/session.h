@@ -1,0 +1,43 @@
+// One sequence's selection machinery in embedded mode: the plan (what the cache manager would
+// send), the selector that executes it on the worker, and — when a target δ* is set — the
+// δ-controller that turns refresh telemetry into plan updates. In split mode the same pieces
+// live on either side of the telemetry/plan streams.
+#ifndef PREHOC_WORKER_SELECTION_SESSION_H_
+#define PREHOC_WORKER_SELECTION_SESSION_H_
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "cachemgr/delta_controller.h"
+#include "cachemgr/selection_plan.h"
+#include "common/model_config.h"
+#include "worker/selection/selector.h"
+#include "worker/sparsity.h"
+
+namespace prehoc {
+
+class SelectionSession {
+ public:
+  // INVALID_ARGUMENT naming the bad sparsity field or override.
+  static absl::StatusOr<std::unique_ptr<SelectionSession>> Create(const ModelConfig& model,
+                                                                  const SparsityOptions& options);
+
+  SequenceSelector* selector() { return selector_.get(); }
+  const SelectionPlan& plan() const { return plan_; }
+  const DeltaController* controller() const { return controller_.get(); }
+
+  // Call after every decode step: feeds the refresh δ measured since the last call to the
+  // controller and, when it changed the budget, hands the selector the new plan version.
+  void AfterStep();
+
+ private:
+  SelectionSession() = default;
+  SelectionPlan plan_;
+  std::unique_ptr<SequenceSelector> selector_;
+  std::unique_ptr<DeltaController> controller_;
+  size_t delta_seen_ = 0;
+};
+
+}  // namespace prehoc
+
+#endif  // PREHOC_WORKER_SELECTION_SESSION_H_
