@@ -1,0 +1,155 @@
+// Continuous batching over an Engine: requests join and leave the running batch at every engine
+// step; prompt prefill is split into chunks that share steps with the decode tokens of running
+// requests; cancellation and deadlines are checked before every step; admission control reserves
+// each request's worst-case KV pages (prompt + max_tokens) so a step never runs out of pages.
+//
+// Threading: one step thread (started by Create) is the only thread that touches the Engine.
+// Generate / Cancel / Load / LiveSequences may be called from any thread; they take `mu_`
+// briefly. Event callbacks run on the step thread, outside `mu_` (see scheduler_types.h).
+//
+// Step loop, each iteration:
+//   1. reap: end cancelled requests and requests past their deadline (their pages are freed);
+//   2. admit: move waiting requests (FIFO) into the running set while fewer than max_running run
+//      and their reservation fits in the free pages;
+//   3. build one batch: one decode token per running request that finished prefill, then prompt
+//      chunks (<= prefill_chunk tokens each) in arrival order while the batch has fewer than
+//      max_step_tokens tokens;
+//   4. Engine::Step without the lock; sample, emit events, end finished requests.
+#ifndef PREHOC_WORKER_SCHEDULER_H_
+#define PREHOC_WORKER_SCHEDULER_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "worker/engine.h"
+#include "worker/scheduler_metrics.h"
+#include "worker/scheduler_types.h"
+
+namespace prehoc {
+
+struct SchedulerOptions {
+  // Name reported by ListModels; requests naming another model are INVALID_ARGUMENT.
+  std::string model_name = "default";
+  // Reported as InferenceEvent::served_by and used as the prefix of assigned request ids.
+  std::string worker_id = "worker";
+  // Most requests in the running batch at once (>= 1).
+  int max_running = 32;
+  // Most requests waiting for admission; beyond it Generate is RESOURCE_EXHAUSTED (>= 0).
+  int max_queue = 256;
+  // Most tokens in one engine step, decode tokens plus prefill chunks (>= max_running).
+  int max_step_tokens = 512;
+  // Most prompt tokens of one request in one step (>= 1).
+  int prefill_chunk = 256;
+  // Largest max_tokens accepted; 0 = the engine's max_context.
+  int max_tokens_limit = 0;
+  // Sparsity policies this worker can run; others are INVALID_ARGUMENT. "" in a request means
+  // `default_policy`.
+  std::vector<std::string> sparsity_policies = {"dense"};
+  std::string default_policy = "dense";
+  // Clock for deadlines and latency metrics; null = absl::Now.
+  std::function<absl::Time()> clock;
+  // Test hook run on the step thread before each engine step (after the batch is built).
+  std::function<void()> before_step;
+  // Artificial delay added to every step (simulates a slower device in tests and benchmarks).
+  absl::Duration step_delay = absl::ZeroDuration();
+  // Metrics to update; may be null. Must outlive the scheduler.
+  SchedulerMetrics* metrics = nullptr;
+};
+
+// A sequence the scheduler holds (for the cache manager's registry after a restart).
+struct LiveSequenceInfo {
+  std::string request_id;
+  int length = 0;
+  int kv_pages = 0;
+};
+
+class Scheduler : public InferenceBackend {
+ public:
+  // Takes the engine and starts the step thread. INVALID_ARGUMENT naming the option for bad
+  // options.
+  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(std::unique_ptr<Engine> engine,
+                                                           const SchedulerOptions& options);
+  // Ends every request with UNAVAILABLE ("shutting down"), delivers the terminal events and
+  // joins the step thread.
+  ~Scheduler() override;
+
+  // InferenceBackend. Generate validates synchronously (see InferenceBackend) and queues the
+  // request; RESOURCE_EXHAUSTED when the queue holds max_queue requests or the request's
+  // prompt + max_tokens needs more pages than the whole cache; UNAVAILABLE while draining.
+  absl::StatusOr<std::string> Generate(InferenceRequest request, InferenceCallback callback) override;
+  absl::Status Cancel(std::string_view request_id,
+                      absl::Status status = absl::CancelledError("cancelled")) override;
+  std::vector<ModelDescription> ListModels() const override;
+  bool Ready() const override;
+
+  // Stops admitting new requests (Generate -> UNAVAILABLE, Ready() -> false); running and
+  // queued requests continue.
+  void StartDrain();
+  // Blocks until no request is queued or running, or until `deadline`; returns true when idle.
+  bool WaitIdle(absl::Time deadline);
+  // Ends every request with `status`.
+  void CancelAll(const absl::Status& status);
+
+  LoadReport Load() const;
+  std::vector<LiveSequenceInfo> LiveSequences() const;
+
+  // Read-only model metadata (config, tokenizer, page counts). The engine's mutable state is the
+  // step thread's; callers use only const members that are safe concurrently (config(),
+  // tokenizer(), max_context(), pages()).
+  const Engine& engine() const { return *engine_; }
+  const SchedulerOptions& options() const { return options_; }
+  int max_tokens_limit() const { return max_tokens_limit_; }
+
+ private:
+  struct Request;
+  using Delivery = std::pair<Request*, InferenceEvent>;
+
+  Scheduler(std::unique_ptr<Engine> engine, const SchedulerOptions& options);
+  absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
+  // Resolves and validates `request` into prompt ids; errors name the field.
+  absl::Status Validate(const InferenceRequest& request, std::vector<int32_t>* prompt,
+                        std::string* policy) const;
+  void StepLoop();
+  // Ends `r` with `status` (or successfully when ok, with `reason`): frees its sequence, queues
+  // the terminal event (carrying `event`'s tokens), moves ownership to `graveyard`.
+  void FinishLocked(Request* r, absl::Status status, InferenceEvent event,
+                    std::vector<Delivery>* out, std::vector<std::unique_ptr<Request>>* graveyard)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void UpdateGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const SchedulerOptions options_;
+  std::unique_ptr<Engine> engine_;  // touched only by the step thread (except const metadata)
+  const int max_tokens_limit_;
+  const int32_t total_pages_;
+
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::unique_ptr<Request>> requests_ ABSL_GUARDED_BY(mu_);
+  std::deque<Request*> waiting_ ABSL_GUARDED_BY(mu_);
+  std::vector<Request*> running_ ABSL_GUARDED_BY(mu_);  // admitted, in arrival order
+  int32_t reserved_pages_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  double throughput_ewma_ ABSL_GUARDED_BY(mu_) = 0;
+  std::thread thread_;
+};
+
+// Splits `*pending` (bytes of generated text) into the longest prefix made of complete UTF-8
+// characters, which is returned and removed; an incomplete trailing character stays pending.
+// Invalid bytes are passed through (never held back more than 3 bytes).
+std::string TakeCompleteUtf8(std::string* pending);
+
+}  // namespace prehoc
+
+#endif  // PREHOC_WORKER_SCHEDULER_H_
