@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
 #include "worker/kv_cache.h"
+#include "worker/selection/session.h"
 
 namespace prehoc {
 
@@ -22,6 +23,7 @@ struct Scheduler::Request {
   absl::Time deadline;
   Sampler sampler;
   SchedulerMetrics::PerPolicy* metrics = nullptr;
+  std::unique_ptr<SelectionSession> session;  // plan + selector + delta-controller
 
   Engine::SeqId seq = 0;  // 0 = not admitted yet
   int32_t reserved_pages = 0;
@@ -128,7 +130,8 @@ Scheduler::~Scheduler() {
 }
 
 absl::Status Scheduler::Validate(const InferenceRequest& request, std::vector<int32_t>* prompt,
-                                 std::string* policy) const {
+                                 std::string* policy,
+                                 std::unique_ptr<SelectionSession>* session) const {
   const ModelConfig& c = engine_->config();
   if (!request.model.empty() && request.model != options_.model_name) {
     return absl::InvalidArgumentError(absl::StrCat("model: unknown model '", request.model,
@@ -200,6 +203,15 @@ absl::Status Scheduler::Validate(const InferenceRequest& request, std::vector<in
     return absl::InvalidArgumentError(
         absl::StrCat("sparsity.budget: must be >= 0, got ", request.sparsity.budget));
   }
+  SparsityOptions sparsity = request.sparsity;
+  sparsity.policy = *policy;
+  auto created = SelectionSession::Create(c, sparsity);
+  if (!created.ok()) {
+    std::string msg(created.status().message());
+    if (msg.rfind("sparsity", 0) != 0) msg = absl::StrCat("sparsity: ", msg);
+    return absl::Status(created.status().code(), msg);
+  }
+  *session = std::move(*created);
   if (request.request_id.size() > 128) {
     return absl::InvalidArgumentError(absl::StrCat("request_id: ", request.request_id.size(),
                                                    " bytes exceeds the limit of 128"));
@@ -216,12 +228,13 @@ absl::StatusOr<std::string> Scheduler::Generate(InferenceRequest request,
                                                 InferenceCallback callback) {
   std::vector<int32_t> prompt;
   std::string policy;
+  std::unique_ptr<SelectionSession> session;
   auto count_rejected = [&](RequestOutcome o) {
     if (options_.metrics != nullptr) {
       options_.metrics->ForPolicy(policy)->requests[static_cast<int>(o)]->Increment();
     }
   };
-  if (absl::Status s = Validate(request, &prompt, &policy); !s.ok()) {
+  if (absl::Status s = Validate(request, &prompt, &policy, &session); !s.ok()) {
     count_rejected(RequestOutcome::kInvalidArgument);
     return s;
   }
@@ -242,6 +255,7 @@ absl::StatusOr<std::string> Scheduler::Generate(InferenceRequest request,
   r->stop_at_eos = request.stop_at_eos;
   r->sparsity = request.sparsity;
   r->sparsity.policy = policy;
+  r->session = std::move(session);
   r->deadline = request.deadline;
   r->reserved_pages = pages;
   r->arrival = Now();
@@ -387,8 +401,9 @@ void Scheduler::FinishLocked(Request* r, absl::Status status, InferenceEvent eve
     event.prompt_tokens = static_cast<int>(r->prompt.size());
     event.completion_tokens = r->completion;
     event.time_to_first_token_s = absl::ToDoubleSeconds(r->first_token_time - r->arrival);
+    event.sparsity = r->session->selector()->Report();
     event.sparsity.policy = r->sparsity.policy;
-    event.sparsity.mean_kept_fraction = 1.0;  // dense: every entry is attended
+    event.sparsity_target_delta = r->sparsity.target_delta;
   } else {
     event.status = status;
     switch (status.code()) {
@@ -465,7 +480,8 @@ void Scheduler::StepLoop() {
       int budget = options_.max_step_tokens;
       for (Request* r : running_) {
         if (r->prefilled == static_cast<int>(r->prompt.size())) {
-          items.push_back({r->seq, std::span<const int32_t>(&r->last_token, 1), false});
+          items.push_back({r->seq, std::span<const int32_t>(&r->last_token, 1), false,
+                           r->session->selector()});
           item_req.push_back(r);
           item_samples.push_back(true);
           --budget;
@@ -519,7 +535,11 @@ void Scheduler::StepLoop() {
             continue;
           }
           const bool was_prefill = r->prefilled < static_cast<int>(r->prompt.size());
-          if (was_prefill) r->prefilled = static_cast<int>(r->prompt.size());
+          if (was_prefill) {
+            r->prefilled = static_cast<int>(r->prompt.size());
+          } else {
+            r->session->AfterStep();  // closes the delta loop (new plan version on change)
+          }
           const int32_t token = r->sampler.Sample((*logits)[i]);
           ++generated;
           ++r->completion;

@@ -38,6 +38,8 @@
 
 namespace prehoc {
 
+class SelectionSession;
+
 struct SchedulerOptions {
   // Name reported by ListModels; requests naming another model are INVALID_ARGUMENT.
   std::string model_name = "default";
@@ -55,7 +57,7 @@ struct SchedulerOptions {
   int max_tokens_limit = 0;
   // Sparsity policies this worker can run; others are INVALID_ARGUMENT. "" in a request means
   // `default_policy`.
-  std::vector<std::string> sparsity_policies = {"dense"};
+  std::vector<std::string> sparsity_policies = KnownSparsityPolicies();
   std::string default_policy = "dense";
   // Clock for deadlines and latency metrics; null = absl::Now.
   std::function<absl::Time()> clock;
@@ -119,7 +121,7 @@ class Scheduler : public InferenceBackend {
   absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
   // Resolves and validates `request` into prompt ids; errors name the field.
   absl::Status Validate(const InferenceRequest& request, std::vector<int32_t>* prompt,
-                        std::string* policy) const;
+                        std::string* policy, std::unique_ptr<SelectionSession>* session) const;
   void StepLoop();
   // Ends `r` with `status` (or successfully when ok, with `reason`): frees its sequence, queues
   // the terminal event (carrying `event`'s tokens), moves ownership to `graveyard`.

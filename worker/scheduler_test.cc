@@ -208,8 +208,12 @@ TEST(SchedulerTest, BadRequestsNameTheField) {
   temp.sampling.temperature = -1;
   expect_invalid(temp, "sampling.temperature");
   InferenceRequest policy = Ids({256}, 4);
-  policy.sparsity.policy = "prhs";
+  policy.sparsity.policy = "no-such-policy";
   expect_invalid(policy, "sparsity.policy");
+  InferenceRequest override = Ids({256}, 4);
+  override.sparsity.policy = "prhs";
+  override.sparsity.overrides = "no_such_key=1";
+  expect_invalid(override, "sparsity");
   InferenceRequest delta = Ids({256}, 4);
   delta.sparsity.target_delta = 1.5;
   expect_invalid(delta, "sparsity.target_delta");
@@ -222,6 +226,55 @@ TEST(SchedulerTest, BadRequestsNameTheField) {
   ASSERT_TRUE(s.Generate(Ids({256, 1, 2}, 3), ok.Callback()).ok());
   ok.WaitDone();
   EXPECT_TRUE(ok.final_event().finished);
+}
+
+TEST(SchedulerTest, RestrictedPolicyListIsEnforced) {
+  SchedulerOptions o;
+  o.sparsity_policies = {"dense"};
+  auto sched = Scheduler::Create(MakeEngine(), o);
+  ASSERT_TRUE(sched.ok());
+  InferenceRequest r = Ids({256}, 4);
+  r.sparsity.policy = "prhs";
+  auto got = (*sched)->Generate(r, [](InferenceEvent) { ADD_FAILURE(); });
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr("sparsity.policy: 'prhs'"));
+}
+
+TEST(SchedulerTest, SparsePoliciesMatchGenerateBatchAndReport) {
+  SchedulerOptions o;
+  o.prefill_chunk = 64;
+  auto sched = Scheduler::Create(MakeEngine(), o);
+  ASSERT_TRUE(sched.ok());
+  std::vector<GenerateRequest> reference;
+  for (const char* policy : {"prhs", "streaming", "oracle", "dense"}) {
+    GenerateRequest g;
+    g.prompt = Prompt(150, 3);
+    g.max_tokens = 40;
+    g.stop_at_eos = false;
+    g.sparsity.policy = policy;
+    g.sparsity.budget = 48;
+    reference.push_back(g);
+  }
+  std::vector<Stream> streams(reference.size());
+  for (size_t i = 0; i < reference.size(); ++i) {
+    InferenceRequest r = Ids(reference[i].prompt, reference[i].max_tokens);
+    r.sparsity = reference[i].sparsity;
+    ASSERT_TRUE((*sched)->Generate(r, streams[i].Callback()).ok());
+  }
+  for (auto& s : streams) s.WaitDone();
+  auto engine = MakeEngine();
+  auto expected = GenerateBatch(*engine, reference);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  for (size_t i = 0; i < reference.size(); ++i) {
+    const InferenceEvent f = streams[i].final_event();
+    EXPECT_EQ(streams[i].tokens(), (*expected)[i].tokens) << reference[i].sparsity.policy;
+    EXPECT_EQ(f.sparsity.policy, reference[i].sparsity.policy);
+    EXPECT_DOUBLE_EQ(f.sparsity.mean_kept_fraction, (*expected)[i].sparsity.mean_kept_fraction);
+    EXPECT_EQ(f.sparsity.refreshes, (*expected)[i].sparsity.refreshes);
+    if (reference[i].sparsity.policy != "dense") {
+      EXPECT_LT(f.sparsity.mean_kept_fraction, 1.0) << reference[i].sparsity.policy;
+    }
+  }
 }
 
 TEST(SchedulerTest, AdmissionControlReportsTheLimit) {

@@ -55,6 +55,7 @@ struct InferenceEvent {
   int completion_tokens = 0;
   double time_to_first_token_s = 0;
   SparsityReport sparsity;
+  double sparsity_target_delta = 0;  // the request's delta target (0 = budget-driven)
   // The sequence's state after this event (the "extend" information the cache manager mirrors).
   int sequence_length = 0;
   int kv_pages = 0;
