@@ -12,6 +12,7 @@
 #include "common/logging.h"
 #include "worker/engine.h"
 #include "worker/generator.h"
+#include "services/cli/eval.h"
 
 namespace prehoc {
 namespace {
@@ -26,6 +27,7 @@ Usage: prehoc <command> [flags]
 
 Commands:
   generate   Generate text from a prompt with the embedded engine (CPU).
+  eval       Quality of sparse-attention policies vs dense on held-out data.
   help       Show this message.
 
 Run `prehoc <command> --help` for the command's flags.
@@ -50,6 +52,13 @@ Flags:
   --no-stop-at-eos     Keep generating after the end-of-text token.
   --threads N          CPU threads (default 0 = all cores).
   --kv-cache-mb MB     KV cache size in MiB (default 1024).
+  --policy P           Sparse attention for decode: dense (default), prhs,
+                       prhs-budget-matched, oracle, streaming, h2o, quest, hshare.
+  --budget B           Kept tokens per (layer, kv head): a fraction in (0, 1] of the
+                       context or a token count > 1 (default 1/8 for sparse policies).
+  --target-delta D     Target dropped attention mass δ* in (0, 1): the δ-controller then
+                       adjusts the budget (default 0 = fixed budget).
+  --sparsity-overrides KV  Preset overrides, e.g. tau=0.9,sink=4 (see docs/quality.md).
   --print-ids          Also print the generated token ids.
   --log-level L        debug, info, warning or error (default warning).
   --help               Show this message.
@@ -66,6 +75,7 @@ struct GenerateFlags {
   int64_t kv_cache_mb = 1024;
   bool print_ids = false;
   std::string log_level = "warning";
+  SparsityOptions sparsity;
 };
 
 template <typename T>
@@ -117,7 +127,9 @@ std::string ParseGenerateFlags(const std::vector<std::string>& args, GenerateFla
     } else if (name == "--model" || name == "--prompt" || name == "--prompt-ids" ||
                name == "--max-tokens" || name == "--temperature" || name == "--top-k" ||
                name == "--top-p" || name == "--seed" || name == "--threads" ||
-               name == "--kv-cache-mb" || name == "--log-level") {
+               name == "--kv-cache-mb" || name == "--log-level" || name == "--policy" ||
+               name == "--budget" || name == "--target-delta" ||
+               name == "--sparsity-overrides") {
       if (!need_value(&v)) return absl::StrCat(name, " needs a value");
       if (name == "--model") {
         f->model = v;
@@ -141,6 +153,14 @@ std::string ParseGenerateFlags(const std::vector<std::string>& args, GenerateFla
         if (!ParseNumber(v, &f->kv_cache_mb) || f->kv_cache_mb <= 0) return bad(v);
       } else if (name == "--log-level") {
         f->log_level = v;
+      } else if (name == "--policy") {
+        f->sparsity.policy = v;
+      } else if (name == "--budget") {
+        if (!ParseNumber(v, &f->sparsity.budget) || f->sparsity.budget < 0) return bad(v);
+      } else if (name == "--target-delta") {
+        if (!ParseNumber(v, &f->sparsity.target_delta)) return bad(v);
+      } else if (name == "--sparsity-overrides") {
+        f->sparsity.overrides = v;
       }
     } else {
       return absl::StrCat("unknown flag '", args[i], "'");
@@ -192,6 +212,7 @@ int RunGenerate(const std::vector<std::string>& args, std::ostream& out, std::os
   req.max_tokens = f.max_tokens;
   req.sampling = f.sampling;
   req.stop_at_eos = f.stop_at_eos;
+  req.sparsity = f.sparsity;
   if (f.prompt_ids) {
     for (absl::string_view piece : absl::StrSplit(*f.prompt_ids, ',', absl::SkipWhitespace())) {
       int32_t id;
@@ -260,6 +281,7 @@ int RunCli(const std::vector<std::string>& args, std::ostream& out, std::ostream
     return 0;
   }
   if (cmd == "generate") return RunGenerate(args, out, err);
+  if (cmd == "eval") return RunEval(args, out, err);
   err << "prehoc: unknown command '" << cmd << "'\n\n" << kUsage;
   return 2;
 }

@@ -97,5 +97,29 @@ TEST(CliTest, GeneratesFromTextAndIdsDeterministically) {
   EXPECT_THAT(d.err, HasSubstr("prompt token 1 = 999"));
 }
 
+TEST(CliTest, SparsePolicyFlagsReachTheReport) {
+  CliRun a = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--prompt", std::string(100, 'x'),
+                  "--max-tokens", "4", "--no-stop-at-eos", "--policy", "streaming", "--budget", "40"});
+  ASSERT_EQ(a.code, 0) << a.err;
+  EXPECT_THAT(a.out, HasSubstr("policy=streaming"));
+  EXPECT_THAT(a.out, ::testing::Not(HasSubstr("kept_fraction=1.000")));
+  CliRun b = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--policy", "magic"});
+  EXPECT_EQ(b.code, 1);
+  EXPECT_THAT(b.err, HasSubstr("sparsity.policy 'magic' is unknown"));
+  CliRun c = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--budget", "-1"});
+  EXPECT_EQ(c.code, 2);
+}
+
+TEST(CliTest, EvalRejectsBadFlags) {
+  CliRun a = Cli({"eval", "--budgets", "2"});
+  EXPECT_EQ(a.code, 2);
+  EXPECT_THAT(a.err, HasSubstr("not a fraction"));
+  CliRun b = Cli({"eval", "--bogus", "1"});
+  EXPECT_EQ(b.code, 2);
+  CliRun c = Cli({"eval", "--help"});
+  EXPECT_EQ(c.code, 0);
+  EXPECT_THAT(c.out, HasSubstr("--policies"));
+}
+
 }  // namespace
 }  // namespace prehoc

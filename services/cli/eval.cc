@@ -1,0 +1,442 @@
+#include "services/cli/eval.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "common/logging.h"
+#include "nlohmann/json.hpp"
+#include "worker/engine.h"
+#include "worker/sampler.h"
+#include "worker/selection/session.h"
+
+namespace prehoc {
+namespace {
+
+constexpr char kUsage[] = R"(Usage: prehoc eval [flags]
+
+Quality of sparse-attention policies against dense attention on held-out data
+(bits per byte, top-1 agreement, exact dropped mass δ, retrieval accuracy, refresh rate,
+real kept fraction). Every (policy, budget) pair runs on the same inputs in one batch.
+
+Flags:
+  --model DIR            model directory (default models/prehoc-code-ar)
+  --data DIR             eval sets (default tests/data)
+  --policies LIST        comma list (default prhs,prhs-budget-matched,oracle,quest,h2o,streaming,hshare)
+  --budgets LIST         kept fractions (default 0.25,0.125,0.0625)
+  --targets LIST         δ* values for PrHS with the δ-controller on (default 0.05; '' = none)
+  --ppl-rows N           rows of ppl_2k.jsonl to use (default 4)
+  --ppl-tokens N         teacher-forced tokens per row (default 256)
+  --retrieval LIST       sets, e.g. 2k,4k,8k (default 2k,4k)
+  --retrieval-rows N     rows per set (default 16)
+  --overrides KV         preset overrides for every policy, e.g. tau=0.9,psaw_phi=0.95
+  --threads N            CPU threads (default 0 = all)
+  --json FILE            write all results as JSON
+  --help
+)";
+
+struct Config {
+  std::string name;  // e.g. "prhs@0.125" or "prhs@δ*=0.05"
+  SparsityOptions sparsity;
+  double fraction = 1.0;  // nominal budget
+};
+
+struct Accum {
+  double ce_nats = 0;
+  int64_t predictions = 0;
+  int64_t agree = 0;
+  std::map<std::string, std::pair<int, int>> retrieval;  // set -> (hits, total)
+  std::vector<float> step_delta;
+  std::vector<float> refresh_delta;
+  double target_delta = 0;
+  int64_t selections = 0, refreshes = 0, shares = 0, kept_tokens = 0;
+  double kept_fraction_sum = 0;
+  double seconds = 0;
+};
+
+std::vector<std::string> SplitList(const std::string& s) {
+  std::vector<std::string> out;
+  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipWhitespace())) out.emplace_back(p);
+  return out;
+}
+
+absl::StatusOr<std::vector<nlohmann::json>> ReadJsonl(const std::string& path, int max_rows) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  std::vector<nlohmann::json> rows;
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line) && static_cast<int>(rows.size()) < max_rows) {
+    ++n;
+    if (line.empty()) continue;
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": bad JSON"));
+    rows.push_back(std::move(j));
+  }
+  return rows;
+}
+
+double Quantile(std::vector<float> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(q * (v.size() - 1) + 0.5))];
+}
+
+double LogSoftmaxAt(std::span<const float> logits, int target) {
+  float mx = *std::max_element(logits.begin(), logits.end());
+  double sum = 0;
+  for (float l : logits) sum += std::exp(static_cast<double>(l - mx));
+  return static_cast<double>(logits[target] - mx) - std::log(sum);
+}
+
+class Harness {
+ public:
+  Harness(Engine* engine, std::vector<Config> configs)
+      : engine_(engine), configs_(std::move(configs)), acc_(configs_.size() + 1) {}
+
+  // Index 0 is dense; 1.. are configs_.
+  const std::vector<Accum>& accums() const { return acc_; }
+
+  // Prefills `prefix` once, forks it per configuration, and teacher-forces `forced` tokens.
+  // Then greedily generates `generate` tokens per configuration. Returns per configuration the
+  // generated tokens; accumulates CE / agreement on the forced steps when `score` is set.
+  absl::StatusOr<std::vector<std::vector<int32_t>>> Run(std::span<const int32_t> prefix,
+                                                        std::span<const int32_t> forced,
+                                                        int generate, bool score) {
+    const size_t n = configs_.size() + 1;
+    const Engine::SeqId base = engine_->CreateSequence();
+    {
+      Engine::StepItem item{base, prefix, false};
+      auto r = engine_->Step(std::span<const Engine::StepItem>(&item, 1));
+      if (!r.ok()) {
+        engine_->FreeSequence(base).IgnoreError();
+        return r.status();
+      }
+    }
+    std::vector<Engine::SeqId> seqs(n);
+    std::vector<std::unique_ptr<SelectionSession>> sessions(n);
+    absl::Status status;
+    for (size_t i = 0; i < n && status.ok(); ++i) {
+      auto f = engine_->ForkSequence(base);
+      if (!f.ok()) {
+        status = f.status();
+        break;
+      }
+      seqs[i] = *f;
+      auto s = SelectionSession::Create(engine_->config(),
+                                        i == 0 ? SparsityOptions{} : configs_[i - 1].sparsity);
+      if (!s.ok()) {
+        status = s.status();
+        break;
+      }
+      sessions[i] = std::move(*s);
+      sessions[i]->selector()->set_measure_step_delta(i > 0);
+    }
+    engine_->FreeSequence(base).IgnoreError();
+    std::vector<std::vector<int32_t>> generated(n);
+    std::vector<int32_t> input(n);
+    const int total_steps = static_cast<int>(forced.size()) + generate;
+    for (int step = 0; status.ok() && step < total_steps; ++step) {
+      const bool teacher = step < static_cast<int>(forced.size());
+      std::vector<Engine::StepItem> items(n);
+      for (size_t i = 0; i < n; ++i) {
+        input[i] = teacher ? forced[step] : generated[i].back();
+        items[i] = {seqs[i], std::span<const int32_t>(&input[i], 1), false,
+                    i == 0 ? nullptr : sessions[i]->selector()};
+      }
+      auto t0 = std::chrono::steady_clock::now();
+      auto logits = engine_->Step(items);
+      if (!logits.ok()) {
+        status = logits.status();
+        break;
+      }
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const int dense_top = ArgMax((*logits)[0]);
+      for (size_t i = 0; i < n; ++i) {
+        sessions[i]->AfterStep();
+        acc_[i].seconds += dt / n;
+        const int top = ArgMax((*logits)[i]);
+        if (score && step + 1 < static_cast<int>(forced.size())) {
+          acc_[i].ce_nats -= LogSoftmaxAt((*logits)[i], forced[step + 1]);
+          acc_[i].predictions++;
+          acc_[i].agree += top == dense_top;
+        }
+        if (step + 1 >= static_cast<int>(forced.size())) generated[i].push_back(top);
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (sessions[i] != nullptr) {
+        const SelectionTelemetry& t = sessions[i]->selector()->telemetry();
+        Accum& a = acc_[i];
+        a.step_delta.insert(a.step_delta.end(), t.step_delta.begin(), t.step_delta.end());
+        a.refresh_delta.insert(a.refresh_delta.end(), t.refresh_delta.begin(), t.refresh_delta.end());
+        a.selections += t.selections;
+        a.refreshes += t.refreshes;
+        a.shares += t.shares;
+        a.kept_tokens += t.kept_tokens_sum;
+        a.kept_fraction_sum += t.kept_fraction_sum;
+        a.target_delta = sessions[i]->plan().target_delta;
+      }
+      if (seqs[i] != 0) engine_->FreeSequence(seqs[i]).IgnoreError();
+    }
+    if (!status.ok()) return status;
+    // The last generated token is an extra prediction past the request; trim to `generate`.
+    for (auto& g : generated) {
+      if (static_cast<int>(g.size()) > generate) g.resize(generate);
+    }
+    return generated;
+  }
+
+  void AddRetrieval(const std::string& set, const std::vector<std::vector<int32_t>>& outs,
+                    const std::vector<int32_t>& answer) {
+    for (size_t i = 0; i < outs.size(); ++i) {
+      auto& [hits, total] = acc_[i].retrieval[set];
+      hits += outs[i] == answer;
+      ++total;
+    }
+  }
+
+ private:
+  Engine* engine_;
+  std::vector<Config> configs_;
+  std::vector<Accum> acc_;
+};
+
+}  // namespace
+
+int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  std::string model = "models/prehoc-code-ar", data = "tests/data", json_path, overrides;
+  std::string policies = "prhs,prhs-budget-matched,oracle,quest,h2o,streaming,hshare";
+  std::string budgets = "0.25,0.125,0.0625", targets = "0.05", retrieval = "2k,4k";
+  int ppl_rows = 4, ppl_tokens = 256, retrieval_rows = 16, threads = 0;
+  for (size_t i = 2; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--help" || a == "-h") {
+      out << kUsage;
+      return 0;
+    }
+    if (i + 1 >= args.size()) {
+      err << "prehoc eval: " << (a.rfind("--", 0) == 0 ? a + " needs a value" : "unknown argument '" + a + "'")
+          << "\n\n" << kUsage;
+      return 2;
+    }
+    const std::string& v = args[++i];
+    auto as_int = [&](int* dst) {
+      try {
+        size_t pos;
+        *dst = std::stoi(v, &pos);
+        return pos == v.size() && *dst >= 0;
+      } catch (...) {
+        return false;
+      }
+    };
+    bool ok = true;
+    if (a == "--model") model = v;
+    else if (a == "--data") data = v;
+    else if (a == "--policies") policies = v;
+    else if (a == "--budgets") budgets = v;
+    else if (a == "--targets") targets = v;
+    else if (a == "--retrieval") retrieval = v;
+    else if (a == "--overrides") overrides = v;
+    else if (a == "--json") json_path = v;
+    else if (a == "--ppl-rows") ok = as_int(&ppl_rows);
+    else if (a == "--ppl-tokens") ok = as_int(&ppl_tokens);
+    else if (a == "--retrieval-rows") ok = as_int(&retrieval_rows);
+    else if (a == "--threads") ok = as_int(&threads);
+    else {
+      err << "prehoc eval: unknown flag '" << a << "'\n\n" << kUsage;
+      return 2;
+    }
+    if (!ok) {
+      err << "prehoc eval: invalid value '" << v << "' for " << a << "\n";
+      return 2;
+    }
+  }
+
+  std::vector<Config> configs;
+  for (const std::string& p : SplitList(policies)) {
+    if (p == "dense") continue;  // always run as the reference
+    for (const std::string& b : SplitList(budgets)) {
+      double f;
+      if (!absl::SimpleAtod(b, &f) || !(f > 0 && f <= 1)) {
+        err << "prehoc eval: --budgets: '" << b << "' is not a fraction in (0, 1]\n";
+        return 2;
+      }
+      configs.push_back({absl::StrCat(p, "@", b), SparsityOptions{p, 0.0, f, overrides}, f});
+    }
+  }
+  for (const std::string& t : SplitList(targets)) {
+    double d;
+    if (!absl::SimpleAtod(t, &d) || !(d > 0 && d < 1)) {
+      err << "prehoc eval: --targets: '" << t << "' is not a δ in (0, 1)\n";
+      return 2;
+    }
+    // Start from 1/16 and let the controller find the budget.
+    configs.push_back({absl::StrCat("prhs@delta*=", t), SparsityOptions{"prhs", d, 0.0625, overrides}, 0.0625});
+  }
+  SetMinLogLevel(LogLevel::kWarning);
+  EngineOptions eo;
+  eo.model_dir = model;
+  eo.num_threads = threads;
+  eo.kv_cache_bytes = int64_t{4} << 30;
+  auto engine_or = Engine::Create(eo);
+  if (!engine_or.ok()) {
+    err << "prehoc eval: cannot load model '" << model << "': " << engine_or.status() << "\n";
+    return 1;
+  }
+  Engine& engine = **engine_or;
+  // Validate every configuration before spending time.
+  for (const Config& c : configs) {
+    auto s = SelectionSession::Create(engine.config(), c.sparsity);
+    if (!s.ok()) {
+      err << "prehoc eval: " << c.name << ": " << s.status().message() << "\n";
+      return 2;
+    }
+  }
+  Harness h(&engine, configs);
+  const int BOS = engine.tokenizer() ? engine.tokenizer()->bos_id() : 256;
+  auto to_ids = [&](const std::string& text) {
+    std::vector<int32_t> ids = {BOS};
+    for (unsigned char ch : text) ids.push_back(ch);
+    return ids;
+  };
+  const auto start = std::chrono::steady_clock::now();
+
+  if (ppl_rows > 0) {
+    auto rows = ReadJsonl((std::filesystem::path(data) / "ppl_2k.jsonl").string(), ppl_rows);
+    if (!rows.ok()) {
+      err << "prehoc eval: " << rows.status() << "\n";
+      return 1;
+    }
+    for (size_t r = 0; r < rows->size(); ++r) {
+      std::vector<int32_t> ids = to_ids((*rows)[r]["text"].get<std::string>());
+      if (static_cast<int>(ids.size()) <= ppl_tokens + 1) continue;
+      const size_t split = ids.size() - ppl_tokens;
+      auto res = h.Run(std::span<const int32_t>(ids).first(split),
+                       std::span<const int32_t>(ids).subspan(split), 0, /*score=*/true);
+      if (!res.ok()) {
+        err << "prehoc eval: ppl row " << r << ": " << res.status() << "\n";
+        return 1;
+      }
+      err << absl::StrFormat("[eval] ppl row %d/%d done (%.0f s)\n", r + 1, rows->size(),
+                             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+  }
+  for (const std::string& set : SplitList(retrieval)) {
+    auto rows = ReadJsonl((std::filesystem::path(data) / ("retrieval_" + set + ".jsonl")).string(),
+                          retrieval_rows);
+    if (!rows.ok()) {
+      err << "prehoc eval: " << rows.status() << "\n";
+      return 1;
+    }
+    for (size_t r = 0; r < rows->size(); ++r) {
+      const std::string prompt = (*rows)[r]["prompt"].get<std::string>();
+      const std::string answer = (*rows)[r]["answer"].get<std::string>();
+      std::vector<int32_t> ids = to_ids(prompt);
+      // The query line (after the last newline) is decoded with selection, not prefilled.
+      const size_t nl = prompt.rfind('\n');
+      const size_t tail = nl == std::string::npos ? 1 : prompt.size() - nl - 1;
+      const size_t split = ids.size() - std::max<size_t>(tail, 1);
+      std::vector<int32_t> want(answer.begin(), answer.end());
+      auto res = h.Run(std::span<const int32_t>(ids).first(split),
+                       std::span<const int32_t>(ids).subspan(split),
+                       static_cast<int>(want.size()), /*score=*/false);
+      if (!res.ok()) {
+        err << "prehoc eval: retrieval_" << set << " row " << r << ": " << res.status() << "\n";
+        return 1;
+      }
+      h.AddRetrieval(set, *res, want);
+      err << absl::StrFormat("[eval] retrieval %s row %d/%d done (%.0f s)\n", set, r + 1, rows->size(),
+                             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+  }
+
+  // ---- Report.
+  const auto& acc = h.accums();
+  const double dense_bpb =
+      acc[0].predictions ? acc[0].ce_nats / acc[0].predictions / std::log(2.0) : 0;
+  nlohmann::json j;
+  j["model"] = model;
+  j["data"] = data;
+  j["ppl_rows"] = ppl_rows;
+  j["ppl_tokens"] = ppl_tokens;
+  j["retrieval_rows"] = retrieval_rows;
+  j["overrides"] = overrides;
+  j["threads"] = engine.num_threads();
+  j["wall_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::vector<std::string> sets = SplitList(retrieval);
+  std::string header = "| config | kept (real) | kept tokens | bpb | Δbpb % | top-1 agree | δ mean | δ p95 | δ max | refresh rate |";
+  std::string rule = "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |";
+  for (const auto& s : sets) {
+    header += " retr " + s + " |";
+    rule += " --- |";
+  }
+  out << header << "\n" << rule << "\n";
+  for (size_t i = 0; i < acc.size(); ++i) {
+    const Accum& a = acc[i];
+    nlohmann::json c;
+    const std::string name = i == 0 ? "dense" : configs[i - 1].name;
+    c["config"] = name;
+    c["policy"] = i == 0 ? "dense" : configs[i - 1].sparsity.policy;
+    c["nominal_fraction"] = i == 0 ? 1.0 : configs[i - 1].fraction;
+    c["target_delta"] = a.target_delta;
+    const double kept = a.selections ? a.kept_fraction_sum / a.selections : 1.0;
+    const double kept_tokens = a.selections ? static_cast<double>(a.kept_tokens) / a.selections : 0;
+    const double bpb = a.predictions ? a.ce_nats / a.predictions / std::log(2.0) : 0;
+    c["real_kept_fraction"] = kept;
+    c["mean_kept_tokens"] = kept_tokens;
+    c["bits_per_byte"] = bpb;
+    c["bpb_rel_change_pct"] = dense_bpb > 0 ? (bpb / dense_bpb - 1) * 100 : 0;
+    c["top1_agreement"] = a.predictions ? static_cast<double>(a.agree) / a.predictions : 1.0;
+    double dmean = 0;
+    for (float d : a.step_delta) dmean += d;
+    dmean = a.step_delta.empty() ? 0 : dmean / a.step_delta.size();
+    c["delta_mean"] = dmean;
+    c["delta_p95"] = Quantile(a.step_delta, 0.95);
+    c["delta_max"] = a.step_delta.empty() ? 0 : *std::max_element(a.step_delta.begin(), a.step_delta.end());
+    c["refresh_rate"] = a.selections ? static_cast<double>(a.refreshes) / a.selections : 0;
+    c["refreshes"] = a.refreshes;
+    c["shares"] = a.shares;
+    c["selections"] = a.selections;
+    c["refresh_delta_samples"] = a.refresh_delta.size();
+    if (a.target_delta > 0 && !a.refresh_delta.empty()) {
+      int64_t ok = 0;
+      for (float d : a.refresh_delta) ok += d <= a.target_delta;
+      c["refresh_delta_within_target"] = static_cast<double>(ok) / a.refresh_delta.size();
+    }
+    std::string row = absl::StrFormat("| %s | %.4f | %.1f | %.4f | %+.2f | %.4f | %.4f | %.4f | %.4f | %.4f |",
+                                      name, kept, kept_tokens, bpb,
+                                      c["bpb_rel_change_pct"].get<double>(),
+                                      c["top1_agreement"].get<double>(), dmean,
+                                      c["delta_p95"].get<double>(), c["delta_max"].get<double>(),
+                                      c["refresh_rate"].get<double>());
+    for (const auto& s : sets) {
+      auto it = a.retrieval.find(s);
+      const int hits = it == a.retrieval.end() ? 0 : it->second.first;
+      const int total = it == a.retrieval.end() ? 0 : it->second.second;
+      c["retrieval"][s] = {{"hits", hits}, {"total", total},
+                           {"accuracy", total ? static_cast<double>(hits) / total : 0.0}};
+      row += absl::StrFormat(" %d/%d |", hits, total);
+    }
+    out << row << "\n";
+    j["configs"].push_back(c);
+  }
+  if (!json_path.empty()) {
+    std::ofstream f(json_path);
+    f << j.dump(2) << "\n";
+    if (!f) {
+      err << "prehoc eval: cannot write " << json_path << "\n";
+      return 1;
+    }
+  }
+  return 0;
+}
+
+}  // namespace prehoc
