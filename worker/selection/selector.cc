@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "worker/backends/cpu/cpu_ops.h"
 
 namespace prehoc {
 
@@ -21,10 +22,7 @@ void GroupProbabilities(const float* q, const KvView& kv, int kv_head, int group
     const float* qh = q + static_cast<size_t>(kv_head * group + g) * head_dim;
     float mx = -INFINITY;
     for (int j = 0; j < t; ++j) {
-      const float* k = kv.key(kv_head, j);
-      float d = 0;
-      for (int c = 0; c < head_dim; ++c) d += qh[c] * k[c];
-      s[j] = d * scale;
+      s[j] = cpu::Dot(qh, kv.key(kv_head, j), head_dim) * scale;
       mx = std::max(mx, s[j]);
     }
     double sum = 0;

@@ -120,6 +120,21 @@ __attribute__((target_clones("arch=haswell", "default"))) void MatMulTile(
 
 }  // namespace
 
+__attribute__((target_clones("arch=haswell", "default"))) float Dot(const float* a, const float* b,
+                                                                     int64_t n) {
+  const int64_t n8 = n & ~int64_t{7};
+  v8sf acc0 = {}, acc1 = {};
+  int64_t i = 0;
+  for (; i + 16 <= n8; i += 16) {
+    acc0 += Load8(a + i) * Load8(b + i);
+    acc1 += Load8(a + i + 8) * Load8(b + i + 8);
+  }
+  for (; i < n8; i += 8) acc0 += Load8(a + i) * Load8(b + i);
+  float s = HSum(acc0 + acc1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 void MatMulNT(const float* x, int64_t n, int64_t k, const float* w, int64_t m, const float* bias,
               float* y, ThreadPool* pool) {
   auto run = [&](int64_t cb, int64_t ce) {
@@ -170,10 +185,7 @@ void AttendOne(const float* q, const float* const* keys, const float* const* val
                int64_t num_keys, int head_dim, float scale, float* scores, float* out) {
   float max_s = -INFINITY;
   for (int64_t j = 0; j < num_keys; ++j) {
-    const float* kj = keys[j];
-    float s = 0.0f;
-    for (int d = 0; d < head_dim; ++d) s += q[d] * kj[d];
-    s *= scale;
+    const float s = Dot(q, keys[j], head_dim) * scale;
     scores[j] = s;
     max_s = std::max(max_s, s);
   }

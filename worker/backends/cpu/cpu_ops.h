@@ -20,6 +20,9 @@ void RmsNorm(const float* x, int64_t n, int64_t d, const float* weight, float ep
 // out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). out may alias gate or up.
 void SiluMul(const float* gate, const float* up, int64_t n, float* out);
 
+// Σ a[i]·b[i] over n elements (8-wide vector accumulation; AVX2 when the CPU has it).
+float Dot(const float* a, const float* b, int64_t n);
+
 // x[i] += y[i].
 void AddInPlace(float* x, const float* y, int64_t n);
 

@@ -123,3 +123,19 @@ TEST(AttendOneTest, LargeScoresDoNotOverflow) {
 
 }  // namespace
 }  // namespace prehoc::cpu
+
+namespace prehoc::cpu {
+namespace {
+TEST(DotTest, MatchesDoubleReferenceForAllTailLengths) {
+  for (int n : {0, 1, 7, 8, 9, 15, 16, 17, 64, 100, 128}) {
+    std::vector<float> a = Random(n, 10 + n), b = Random(n, 20 + n);
+    double ref = 0, mag = 0;
+    for (int i = 0; i < n; ++i) {
+      ref += double(a[i]) * b[i];
+      mag += std::abs(double(a[i]) * b[i]);
+    }
+    EXPECT_NEAR(Dot(a.data(), b.data(), n), ref, 1e-6 * (n + 1) * (mag + 1)) << n;
+  }
+}
+}  // namespace
+}  // namespace prehoc::cpu
