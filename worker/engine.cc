@@ -177,16 +177,44 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
   const float eps = static_cast<float>(c.rms_norm_eps);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
+  // ETF: rows [0, frozen[layer]) are frozen at `layer` (single whole-prompt prefill only).
+  std::vector<int64_t> frozen(c.num_hidden_layers, 0);
+  if (causal && items.size() == 1 && start_len[0] == 0 && N > 1 &&
+      items[0].prefill_plan != nullptr) {
+    const SelectionPlan& plan = *items[0].prefill_plan;
+    Sequence& s = seqs_[items[0].seq];
+    int64_t prev = 0;
+    for (int l = 0; l < c.num_hidden_layers && l < static_cast<int>(plan.layers.size()); ++l) {
+      const double f = plan.layers[l].etf_freeze_fraction;
+      int64_t e = static_cast<int64_t>(f * static_cast<double>(N)) / page_size * page_size;
+      e = std::min<int64_t>(e, (N - 1) / page_size * page_size);  // the last token always runs
+      frozen[l] = std::max(prev, e);
+      prev = frozen[l];
+    }
+    if (prev > 0) {
+      s.alias.assign(c.num_hidden_layers, std::vector<int16_t>(s.page_table.size(), -1));
+      for (int l = 1; l < c.num_hidden_layers; ++l) {
+        for (int64_t p = 0; p < frozen[l] / page_size; ++p) {
+          const int16_t src = s.alias[l - 1][p];
+          s.alias[l][p] = src >= 0 ? src : static_cast<int16_t>(l - 1);
+        }
+      }
+    }
+  }
+
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     const LayerWeights& L = weights_->layers[layer];
-    cpu::RmsNorm(x.data(), N, D, L.attn_norm.data(), eps, h.data());
-    cpu::MatMulNT(h.data(), N, D, L.wq.data(), H * hd, L.bq.empty() ? nullptr : L.bq.data(),
-                  q.data(), &pool_);
-    cpu::MatMulNT(h.data(), N, D, L.wk.data(), KVH * hd, L.bk.empty() ? nullptr : L.bk.data(),
-                  k.data(), &pool_);
-    cpu::MatMulNT(h.data(), N, D, L.wv.data(), KVH * hd, L.bv.empty() ? nullptr : L.bv.data(),
-                  v.data(), &pool_);
-    for (int64_t r = 0; r < N; ++r) {
+    // Rows [r0, N) are computed at this layer (r0 > 0 only under ETF).
+    const int64_t r0 = frozen[layer];
+    const int64_t NR = N - r0;
+    cpu::RmsNorm(x.data() + r0 * D, NR, D, L.attn_norm.data(), eps, h.data() + r0 * D);
+    cpu::MatMulNT(h.data() + r0 * D, NR, D, L.wq.data(), H * hd,
+                  L.bq.empty() ? nullptr : L.bq.data(), q.data() + r0 * H * hd, &pool_);
+    cpu::MatMulNT(h.data() + r0 * D, NR, D, L.wk.data(), KVH * hd,
+                  L.bk.empty() ? nullptr : L.bk.data(), k.data() + r0 * KVH * hd, &pool_);
+    cpu::MatMulNT(h.data() + r0 * D, NR, D, L.wv.data(), KVH * hd,
+                  L.bv.empty() ? nullptr : L.bv.data(), v.data() + r0 * KVH * hd, &pool_);
+    for (int64_t r = r0; r < N; ++r) {
       ApplyRope(q.data() + r * H * hd, H, hd, row_pos[r], inv_freq_);
       ApplyRope(k.data() + r * KVH * hd, KVH, hd, row_pos[r], inv_freq_);
       const Sequence& s = seqs_[items[row_item[r]].seq];
@@ -207,10 +235,10 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
         auto& vp = vptr[b * KVH + kh];
         kp.resize(len);
         vp.resize(len);
+        KvView view(&cache_, s.page_table, layer, len, s.Alias(layer));
         for (int t = 0; t < len; ++t) {
-          const int32_t page = s.page_table[t / page_size];
-          kp[t] = cache_.K(layer, page, kh) + (t % page_size) * hd;
-          vp[t] = cache_.V(layer, page, kh) + (t % page_size) * hd;
+          kp[t] = view.key(kh, t);
+          vp[t] = view.value(kh, t);
         }
       }
     }
@@ -223,7 +251,7 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
       const Sequence& s = seqs_[items[b].seq];
       const int len = start_len[b] + 1;
       const int64_t r = std::find(row_item.begin(), row_item.end(), static_cast<int>(b)) - row_item.begin();
-      KvView view(&cache_, s.page_table, layer, len);
+      KvView view(&cache_, s.page_table, layer, len, s.Alias(layer));
       sel->SelectAndMeasure(layer, q.data() + r * H * hd, view, &lists);
       for (int kh = 0; kh < KVH; ++kh) {
         auto& kp = kptr[b * KVH + kh];
@@ -242,19 +270,45 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
         observed[b].resize(H);
       }
     }
-    pool_.ParallelFor(N * H, 4, [&](int64_t begin, int64_t end) {
+    // PSAW band for prefill rows: per item, the layer's drop fraction and sink (0 = no band).
+    std::vector<double> band(items.size(), 0.0);
+    std::vector<int> band_sink(items.size(), 0);
+    for (size_t b = 0; b < items.size(); ++b) {
+      const SelectionPlan* plan = items[b].prefill_plan;
+      if (plan != nullptr && causal && items[b].tokens.size() > 1 &&
+          layer < static_cast<int>(plan->layers.size())) {
+        band[b] = plan->layers[layer].psaw_drop_fraction;
+        band_sink[b] = plan->layers[layer].sink;
+      }
+    }
+    pool_.ParallelFor(NR * H, 4, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
+      std::vector<const float*> bk, bv;
       for (int64_t job = begin; job < end; ++job) {
-        const int64_t r = job / H;
+        const int64_t r = r0 + job / H;
         const int head = static_cast<int>(job % H);
         const int b = row_item[r];
         const int kh = head / group;
         const auto& kp = kptr[b * KVH + kh];
-        const int64_t n_keys =
+        const auto& vp = vptr[b * KVH + kh];
+        const float* const* keys = kp.data();
+        const float* const* values = vp.data();
+        int64_t n_keys =
             (causal && !selected[b]) ? row_pos[r] + 1 : static_cast<int64_t>(kp.size());
+        const int64_t lo = static_cast<int64_t>(band[b] * static_cast<double>(row_pos[r] + 1));
+        if (band[b] > 0 && lo > band_sink[b]) {
+          // Trapezoid band: sinks + [lo, p]; the skipped keys are never read.
+          bk.assign(kp.begin(), kp.begin() + band_sink[b]);
+          bv.assign(vp.begin(), vp.begin() + band_sink[b]);
+          bk.insert(bk.end(), kp.begin() + lo, kp.begin() + n_keys);
+          bv.insert(bv.end(), vp.begin() + lo, vp.begin() + n_keys);
+          keys = bk.data();
+          values = bv.data();
+          n_keys = static_cast<int64_t>(bk.size());
+        }
         scores.resize(n_keys);
-        cpu::AttendOne(q.data() + (r * H + head) * hd, kp.data(), vptr[b * KVH + kh].data(),
-                       n_keys, hd, scale, scores.data(), attn.data() + (r * H + head) * hd);
+        cpu::AttendOne(q.data() + (r * H + head) * hd, keys, values, n_keys, hd, scale,
+                       scores.data(), attn.data() + (r * H + head) * hd);
         if (!observed[b].empty()) observed[b][head] = scores;
       }
     });
@@ -263,15 +317,18 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
         items[b].selector->Observe(layer, head, item_lists[b][head / group], observed[b][head]);
       }
     }
-    cpu::MatMulNT(attn.data(), N, H * hd, L.wo.data(), D, L.bo.empty() ? nullptr : L.bo.data(),
-                  o.data(), &pool_);
-    cpu::AddInPlace(x.data(), o.data(), N * D);
-    cpu::RmsNorm(x.data(), N, D, L.mlp_norm.data(), eps, h.data());
-    cpu::MatMulNT(h.data(), N, D, L.w_gate.data(), F, nullptr, gate.data(), &pool_);
-    cpu::MatMulNT(h.data(), N, D, L.w_up.data(), F, nullptr, up.data(), &pool_);
-    cpu::SiluMul(gate.data(), up.data(), N * F, gate.data());
-    cpu::MatMulNT(gate.data(), N, F, L.w_down.data(), D, nullptr, o.data(), &pool_);
-    cpu::AddInPlace(x.data(), o.data(), N * D);
+    float* xr = x.data() + r0 * D;
+    float* hr = h.data() + r0 * D;
+    float* orow = o.data() + r0 * D;
+    cpu::MatMulNT(attn.data() + r0 * H * hd, NR, H * hd, L.wo.data(), D,
+                  L.bo.empty() ? nullptr : L.bo.data(), orow, &pool_);
+    cpu::AddInPlace(xr, orow, NR * D);
+    cpu::RmsNorm(xr, NR, D, L.mlp_norm.data(), eps, hr);
+    cpu::MatMulNT(hr, NR, D, L.w_gate.data(), F, nullptr, gate.data(), &pool_);
+    cpu::MatMulNT(hr, NR, D, L.w_up.data(), F, nullptr, up.data(), &pool_);
+    cpu::SiluMul(gate.data(), up.data(), NR * F, gate.data());
+    cpu::MatMulNT(gate.data(), NR, F, L.w_down.data(), D, nullptr, orow, &pool_);
+    cpu::AddInPlace(xr, orow, NR * D);
   }
 
   for (size_t b = 0; b < items.size(); ++b) {
@@ -295,6 +352,16 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
   return logits;
 }
 
+absl::StatusOr<int64_t> Engine::AliasedPages(SeqId seq) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  int64_t n = 0;
+  for (const auto& layer : it->second.alias) {
+    for (int16_t a : layer) n += a >= 0;
+  }
+  return n;
+}
+
 absl::StatusOr<Engine::SeqId> Engine::ForkSequence(SeqId seq) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
@@ -312,7 +379,7 @@ absl::StatusOr<Engine::SeqId> Engine::ForkSequence(SeqId seq) {
     }
   }
   const SeqId id = next_seq_++;
-  seqs_.emplace(id, Sequence{src.length, std::move(pages)});
+  seqs_.emplace(id, Sequence{src.length, std::move(pages), src.alias});
   return id;
 }
 

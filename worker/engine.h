@@ -63,6 +63,8 @@ class Engine {
   absl::StatusOr<int> SequenceLength(SeqId seq) const;
   // The sequence's page table (for tests and selection). NOT_FOUND for an unknown id.
   absl::StatusOr<std::vector<int32_t>> PageTable(SeqId seq) const;
+  // Number of (layer, page) slots that alias another layer's K/V (ETF), for tests and reports.
+  absl::StatusOr<int64_t> AliasedPages(SeqId seq) const;
   int num_sequences() const { return static_cast<int>(seqs_.size()); }
 
   struct StepItem {
@@ -72,6 +74,13 @@ class Engine {
     // Decode-time KV selection for this sequence (not owned); null = dense. Applied to
     // single-token items (decode steps); prefill chunks attend densely.
     SequenceSelector* selector = nullptr;
+    // Prefill-time selection (not owned; null = dense prefill). For multi-token items:
+    // PSAW's band (row at position p of layer ℓ attends to [0, sink) ∪ [P_ℓ(p+1), p]); and, when
+    // this item is the batch's only item and prefills a whole prompt from position 0, ETF:
+    // layer ℓ freezes the first E_ℓ(T) tokens (rounded down to whole pages) — their rows skip
+    // QKV, attention and MLP there and deeper, and their K/V pages alias the last layer that
+    // computed them (a per-layer alias table beside the page table).
+    const SelectionPlan* prefill_plan = nullptr;
   };
   // Runs one forward over the batch: appends every item's tokens to its sequence (their K/V go to
   // the cache) and returns per item the logits of its last new token ([vocab]) or, with
@@ -95,6 +104,11 @@ class Engine {
   struct Sequence {
     int length = 0;
     std::vector<int32_t> page_table;
+    // ETF aliases: alias[layer][page] = layer whose K/V the page uses (−1 = own). Empty = none.
+    std::vector<std::vector<int16_t>> alias;
+    std::span<const int16_t> Alias(int layer) const {
+      return alias.empty() ? std::span<const int16_t>() : std::span<const int16_t>(alias[layer]);
+    }
   };
   Engine(std::shared_ptr<const ModelWeights> weights, std::unique_ptr<Tokenizer> tokenizer,
          const EngineOptions& options, int32_t num_pages);

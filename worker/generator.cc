@@ -99,7 +99,8 @@ absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
   {
     std::vector<Engine::StepItem> items(n);
     for (size_t i = 0; i < n; ++i) {
-      items[i] = {seqs[i], std::span<const int32_t>(requests[i].prompt), false};
+      items[i] = {seqs[i], std::span<const int32_t>(requests[i].prompt), false, nullptr,
+                  &sessions[i]->plan()};
       results[i].prompt_tokens = static_cast<int>(requests[i].prompt.size());
       local.prompt_tokens += results[i].prompt_tokens;
     }

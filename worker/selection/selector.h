@@ -22,26 +22,34 @@
 
 namespace prehoc {
 
-// Read access to one sequence's cached K/V at one layer.
+// Read access to one sequence's cached K/V at one layer. `alias` (optional, one entry per page)
+// redirects a page to another layer's pool: ETF's cross-layer KV sharing (−1 = this layer).
 class KvView {
  public:
-  KvView(const KvCache* cache, std::span<const int32_t> page_table, int layer, int length)
-      : cache_(cache), pages_(page_table), layer_(layer), length_(length),
+  KvView(const KvCache* cache, std::span<const int32_t> page_table, int layer, int length,
+         std::span<const int16_t> alias = {})
+      : cache_(cache), pages_(page_table), alias_(alias), layer_(layer), length_(length),
         page_size_(cache->shape().page_size) {}
   int length() const { return length_; }
   int page_size() const { return page_size_; }
   const float* key(int kv_head, int t) const {
-    return cache_->K(layer_, pages_[t / page_size_], kv_head) +
+    const int p = t / page_size_;
+    return cache_->K(LayerOf(p), pages_[p], kv_head) +
            static_cast<size_t>(t % page_size_) * cache_->shape().head_dim;
   }
   const float* value(int kv_head, int t) const {
-    return cache_->V(layer_, pages_[t / page_size_], kv_head) +
+    const int p = t / page_size_;
+    return cache_->V(LayerOf(p), pages_[p], kv_head) +
            static_cast<size_t>(t % page_size_) * cache_->shape().head_dim;
   }
 
  private:
+  int LayerOf(int page) const {
+    return (static_cast<size_t>(page) < alias_.size() && alias_[page] >= 0) ? alias_[page] : layer_;
+  }
   const KvCache* cache_;
   std::span<const int32_t> pages_;
+  std::span<const int16_t> alias_;
   int layer_;
   int length_;
   int page_size_;

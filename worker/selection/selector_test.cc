@@ -191,3 +191,63 @@ TEST_F(SelectorEngineTest, BadPlanIsRejected) {
 
 }  // namespace
 }  // namespace prehoc
+
+namespace prehoc {
+namespace {
+
+class PrefillPlanTest : public SelectorEngineTest {
+ protected:
+  // Prefills prompt_ with `plan` on a fresh sequence; returns the last logits and the seq.
+  std::pair<std::vector<float>, Engine::SeqId> Prefill(const SelectionPlan* plan) {
+    const Engine::SeqId s = engine_->CreateSequence();
+    Engine::StepItem item{s, prompt_, false, nullptr, plan};
+    auto r = engine_->Step(std::span<const Engine::StepItem>(&item, 1));
+    EXPECT_TRUE(r.ok()) << r.status();
+    return {(*r)[0], s};
+  }
+  SelectionPlan Plan(std::map<std::string, double> ov) {
+    auto p = MakeSelectionPlan(engine_->config(), SparsityOptions{.policy = "prhs"}, ov);
+    EXPECT_TRUE(p.ok()) << p.status();
+    return *p;
+  }
+};
+
+TEST_F(PrefillPlanTest, NeutralPlanEqualsDensePrefill) {
+  auto [dense, s0] = Prefill(nullptr);
+  SelectionPlan neutral = Plan({{"psaw_phi", 1.0}});  // no band, ETF off by default
+  auto [same, s1] = Prefill(&neutral);
+  EXPECT_LT(MaxDiff(dense, same), 1e-6f);
+  EXPECT_EQ(*engine_->AliasedPages(s1), 0);
+}
+
+TEST_F(PrefillPlanTest, PsawBandChangesPrefillButStaysFinite) {
+  auto [dense, s0] = Prefill(nullptr);
+  SelectionPlan band = Plan({{"psaw_start", 0}, {"psaw_phi", 0.2}});
+  auto [banded, s1] = Prefill(&band);
+  EXPECT_GT(MaxDiff(dense, banded), 1e-4f);
+  for (float v : banded) ASSERT_TRUE(std::isfinite(v));
+}
+
+TEST_F(PrefillPlanTest, EtfFreezesWholePagesAndAliasesThem) {
+  auto [dense, s0] = Prefill(nullptr);
+  // Layer 1 of 2 freezes 1 − 0.2^{1/2} ≈ 55 % of 300 tokens → 160 tokens = 10 whole pages.
+  SelectionPlan etf = Plan({{"etf_start", 0}, {"etf_psi", 0.2}, {"psaw_phi", 1.0}});
+  auto [frozen, s1] = Prefill(&etf);
+  EXPECT_EQ(*engine_->AliasedPages(s1), 10);
+  EXPECT_GT(MaxDiff(dense, frozen), 1e-4f);
+  for (float v : frozen) ASSERT_TRUE(std::isfinite(v));
+  // Decoding after ETF reads the aliased pages (and a fork keeps the aliases).
+  auto fork = engine_->ForkSequence(s1);
+  ASSERT_TRUE(fork.ok());
+  EXPECT_EQ(*engine_->AliasedPages(*fork), 10);
+  int32_t tok = 5;
+  Engine::StepItem a{s1, std::span<const int32_t>(&tok, 1), false};
+  Engine::StepItem b{*fork, std::span<const int32_t>(&tok, 1), false};
+  auto ra = engine_->Step(std::span<const Engine::StepItem>(&a, 1));
+  auto rb = engine_->Step(std::span<const Engine::StepItem>(&b, 1));
+  ASSERT_TRUE(ra.ok() && rb.ok());
+  EXPECT_EQ((*ra)[0], (*rb)[0]);
+}
+
+}  // namespace
+}  // namespace prehoc
