@@ -37,6 +37,8 @@ Flags:
   --retrieval LIST       sets, e.g. 2k,4k,8k (default 2k,4k)
   --retrieval-rows N     rows per set (default 16)
   --overrides KV         preset overrides for every policy, e.g. tau=0.9,psaw_phi=0.95
+  --sparse-prefill KV    also run every PrHS config with a sparse prefill (PSAW band, and ETF
+                         when KV enables it, e.g. etf_start=4); KV are extra overrides ('-' = none)
   --threads N            CPU threads (default 0 = all)
   --json FILE            write all results as JSON
   --help
@@ -46,6 +48,7 @@ struct Config {
   std::string name;  // e.g. "prhs@0.125" or "prhs@δ*=0.05"
   SparsityOptions sparsity;
   double fraction = 1.0;  // nominal budget
+  bool sparse_prefill = false;  // prefill its own copy with the plan (PSAW band, ETF)
 };
 
 struct Accum {
@@ -124,12 +127,6 @@ class Harness {
     std::vector<std::unique_ptr<SelectionSession>> sessions(n);
     absl::Status status;
     for (size_t i = 0; i < n && status.ok(); ++i) {
-      auto f = engine_->ForkSequence(base);
-      if (!f.ok()) {
-        status = f.status();
-        break;
-      }
-      seqs[i] = *f;
       auto s = SelectionSession::Create(engine_->config(),
                                         i == 0 ? SparsityOptions{} : configs_[i - 1].sparsity);
       if (!s.ok()) {
@@ -138,6 +135,19 @@ class Harness {
       }
       sessions[i] = std::move(*s);
       sessions[i]->selector()->set_measure_step_delta(i > 0);
+      if (i > 0 && configs_[i - 1].sparse_prefill) {
+        seqs[i] = engine_->CreateSequence();
+        Engine::StepItem item{seqs[i], prefix, false, nullptr, &sessions[i]->plan()};
+        auto r = engine_->Step(std::span<const Engine::StepItem>(&item, 1));
+        if (!r.ok()) status = r.status();
+        continue;
+      }
+      auto f = engine_->ForkSequence(base);
+      if (!f.ok()) {
+        status = f.status();
+        break;
+      }
+      seqs[i] = *f;
     }
     engine_->FreeSequence(base).IgnoreError();
     std::vector<std::vector<int32_t>> generated(n);
@@ -215,6 +225,7 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   std::string model = "models/prehoc-code-ar", data = "tests/data", json_path, overrides;
   std::string policies = "prhs,prhs-budget-matched,oracle,quest,h2o,streaming,hshare";
   std::string budgets = "0.25,0.125,0.0625", targets = "0.05", retrieval = "2k,4k";
+  std::string sparse_prefill;
   int ppl_rows = 4, ppl_tokens = 256, retrieval_rows = 16, threads = 0;
   for (size_t i = 2; i < args.size(); ++i) {
     const std::string& a = args[i];
@@ -245,6 +256,7 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
     else if (a == "--targets") targets = v;
     else if (a == "--retrieval") retrieval = v;
     else if (a == "--overrides") overrides = v;
+    else if (a == "--sparse-prefill") sparse_prefill = v;
     else if (a == "--json") json_path = v;
     else if (a == "--ppl-rows") ok = as_int(&ppl_rows);
     else if (a == "--ppl-tokens") ok = as_int(&ppl_tokens);
@@ -270,6 +282,11 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
         return 2;
       }
       configs.push_back({absl::StrCat(p, "@", b), SparsityOptions{p, 0.0, f, overrides}, f});
+      if (!sparse_prefill.empty() && p.rfind("prhs", 0) == 0) {
+        std::string ov = overrides;
+        if (sparse_prefill != "-") ov = ov.empty() ? sparse_prefill : ov + "," + sparse_prefill;
+        configs.push_back({absl::StrCat(p, "+prefill@", b), SparsityOptions{p, 0.0, f, ov}, f, true});
+      }
     }
   }
   for (const std::string& t : SplitList(targets)) {
