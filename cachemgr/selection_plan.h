@@ -51,6 +51,9 @@ struct LayerSelectionPlan {
   // approximate scores on `approx_channels` channels.
   int refresh_interval = 1;
   int approx_channels = 0;
+  // GQA: a kv head's token score is the mean (default) or the max over its query heads of the
+  // softmax probability; the CIS gate compares the concatenated group query with the anchor.
+  bool gqa_max = false;
 };
 
 struct SelectionPlan {
@@ -74,7 +77,7 @@ struct SelectionPlan {
 // Parameters of the presets, every one overridable by name through `overrides`
 // ("sink", "local", "tau", "max_reuse", "dilate_r", "dilate_m_fraction", "psaw_start",
 // "psaw_phi", "psaw_alpha", "etf_start", "etf_psi", "etf_gamma", "refresh_interval",
-// "approx_channels", "budget_tokens", "budget_fraction").
+// "approx_channels", "budget_tokens", "budget_fraction", "gqa_max" (0/1)).
 // Defaults (chosen and measured in docs/quality.md):
 //   prhs: sink 8, local 32, τ 0.8, max_reuse 64, m = k/3, r = 1, PSAW from layer N/2 with
 //         φ = 0.9, α = 1 (the last layer skips the first 10 % of candidates), ETF off.

@@ -13,7 +13,7 @@ namespace prehoc {
 // Helpers.
 
 void GroupProbabilities(const float* q, const KvView& kv, int kv_head, int group, int head_dim,
-                        std::vector<float>* probs) {
+                        std::vector<float>* probs, bool use_max) {
   const int t = kv.length();
   probs->assign(t, 0.0f);
   std::vector<float> s(t);
@@ -30,8 +30,13 @@ void GroupProbabilities(const float* q, const KvView& kv, int kv_head, int group
       s[j] = std::exp(s[j] - mx);
       sum += s[j];
     }
-    const float inv = static_cast<float>(1.0 / (sum * group));
-    for (int j = 0; j < t; ++j) (*probs)[j] += s[j] * inv;
+    if (use_max) {
+      const float inv = static_cast<float>(1.0 / sum);
+      for (int j = 0; j < t; ++j) (*probs)[j] = std::max((*probs)[j], s[j] * inv);
+    } else {
+      const float inv = static_cast<float>(1.0 / (sum * group));
+      for (int j = 0; j < t; ++j) (*probs)[j] += s[j] * inv;
+    }
   }
 }
 
@@ -365,6 +370,8 @@ class PrhsSelector : public SequenceSelector {
     const float* qg = q + static_cast<size_t>(kh * group) * model_.head_dim;
     const int qlen = group * model_.head_dim;
     GroupProbabilities(q, kv, kh, group, model_.head_dim, &probs_);
+    if (lp.gqa_max) GroupProbabilities(q, kv, kh, group, model_.head_dim, &rank_, true);
+    const std::vector<float>& rank = lp.gqa_max ? rank_ : probs_;
     if (st->valid) {
       // Exact δ of the set that was in use until now, on this step's exact scores.
       const std::vector<int32_t> prev = MergeIndexSet(lp.sink, st->set, lp.local, t);
@@ -373,7 +380,7 @@ class PrhsSelector : public SequenceSelector {
     }
     const int64_t lo = std::max<int64_t>(lp.sink, static_cast<int64_t>(lp.psaw_drop_fraction * t));
     const int64_t hi = t - lp.local;
-    std::vector<int32_t> top = TopKIndices(probs_, lo, hi, k);
+    std::vector<int32_t> top = TopKIndices(rank, lo, hi, k);
     const int64_t m = static_cast<int64_t>(lp.dilate_m_fraction * static_cast<double>(top.size()));
     std::vector<int32_t> set(top);
     for (int64_t i = 0; i < m; ++i) {
@@ -394,6 +401,7 @@ class PrhsSelector : public SequenceSelector {
 
   std::vector<State> state_;
   std::vector<float> probs_;
+  std::vector<float> rank_;
 };
 
 // HShare-style baseline: sink + heavy + local, the heavy set chosen every refresh_interval steps

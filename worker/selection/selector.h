@@ -122,10 +122,11 @@ absl::StatusOr<std::unique_ptr<SequenceSelector>> CreateSelector(const ModelConf
 
 // ---- Helpers shared by policies and tests (exposed for testing).
 
-// Per-kv-head probabilities over all t keys, averaged over the group's query heads:
-// p[j] = mean_{h in group} softmax_j(scale · q_h · K_j). `probs` is resized to t.
+// Per-kv-head probabilities over all t keys, reduced over the group's query heads:
+// p[j] = mean_{h in group} softmax_j(scale · q_h · K_j)  (or max_h with use_max).
+// `probs` is resized to t. The mean is what the group's average dropped mass δ measures.
 void GroupProbabilities(const float* q, const KvView& kv, int kv_head, int group, int head_dim,
-                        std::vector<float>* probs);
+                        std::vector<float>* probs, bool use_max = false);
 
 // Dropped mass of a sorted index list under `probs`: 1 − Σ_{i∈S} probs[i], clamped to [0, 1].
 double DroppedMass(std::span<const float> probs, std::span<const int32_t> indices);
