@@ -1,0 +1,113 @@
+// Keep-mask -> CSR index-list compaction (the sparse decode kernel's input). Contract in
+// paged_decode.h (BuildIndexListsFromMask).
+//   mask    [num_rows][stride] uint8, read as 16-byte vectors (stride % 16 == 0)
+//   counts  [num_rows] int32       (CountKernel output)
+//   indptr  [num_rows + 1] int32   (CompactKernel output)
+//   indices [indptr[num_rows]] int32, ascending within a row
+// One CTA of kThreads per row in both kernels. CompactKernel finds its row's offset by summing
+// counts[0, row) itself (num_rows is at most a few thousand), so no separate scan launch is needed.
+#ifndef PREHOC_WORKER_KERNELS_INDEX_LISTS_CUH_
+#define PREHOC_WORKER_KERNELS_INDEX_LISTS_CUH_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace prehoc::kernels::index_lists {
+
+constexpr int kThreads = 256;
+
+// Number of non-zero bytes in a 32-bit word.
+__device__ __forceinline__ int NonZeroBytes(uint32_t x) {
+  x |= x >> 4;
+  x |= x >> 2;
+  x |= x >> 1;
+  return __popc(x & 0x01010101u);
+}
+__device__ __forceinline__ int NonZeroBytes(uint4 v) {
+  return NonZeroBytes(v.x) + NonZeroBytes(v.y) + NonZeroBytes(v.z) + NonZeroBytes(v.w);
+}
+
+// Block-wide sum; every thread gets the total. `scratch` holds kThreads / 32 ints.
+__device__ __forceinline__ int BlockSum(int v, int* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  int total = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
+  return total;
+}
+
+// Block-wide exclusive scan; returns the thread's exclusive prefix and sets *total.
+__device__ __forceinline__ int BlockExclusiveScan(int v, int* scratch, int* total) {
+  const int lane = threadIdx.x % 32;
+  int inc = v;
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const int n = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += n;
+  }
+  __syncthreads();
+  if (lane == 31) scratch[threadIdx.x / 32] = inc;
+  __syncthreads();
+  int warp_base = 0, sum = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    const int s = scratch[w];
+    if (w < static_cast<int>(threadIdx.x / 32)) warp_base += s;
+    sum += s;
+  }
+  *total = sum;
+  return warp_base + inc - v;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    CountKernel(const uint8_t* __restrict__ mask, int stride, int32_t* __restrict__ counts) {
+  __shared__ int scratch[kThreads / 32];
+  const uint4* row = reinterpret_cast<const uint4*>(mask + static_cast<size_t>(blockIdx.x) * stride);
+  const int n16 = stride / 16;
+  int c = 0;
+  for (int i = threadIdx.x; i < n16; i += kThreads) c += NonZeroBytes(__ldg(row + i));
+  c = BlockSum(c, scratch);
+  if (threadIdx.x == 0) counts[blockIdx.x] = c;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    CompactKernel(const uint8_t* __restrict__ mask, int stride, const int32_t* __restrict__ counts,
+                  int32_t* __restrict__ indptr, int32_t* __restrict__ indices) {
+  __shared__ int scratch[kThreads / 32];
+  const int r = blockIdx.x;
+  int base = 0;
+  for (int i = threadIdx.x; i < r; i += kThreads) base += counts[i];
+  base = BlockSum(base, scratch);
+  if (threadIdx.x == 0) {
+    if (r == 0) indptr[0] = 0;
+    indptr[r + 1] = base + counts[r];
+  }
+  const uint4* row = reinterpret_cast<const uint4*>(mask + static_cast<size_t>(r) * stride);
+  const int n16 = stride / 16;
+  int running = base;
+  for (int start = 0; start < n16; start += kThreads) {
+    const int i = start + threadIdx.x;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (i < n16) v = __ldg(row + i);
+    int total;
+    int pos = running + BlockExclusiveScan(NonZeroBytes(v), scratch, &total);
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if ((words[w] >> (8 * k)) & 0xffu) indices[pos++] = i * 16 + w * 4 + k;
+      }
+    }
+    running += total;
+  }
+}
+
+}  // namespace prehoc::kernels::index_lists
+
+#endif  // PREHOC_WORKER_KERNELS_INDEX_LISTS_CUH_

@@ -1,0 +1,495 @@
+// Paged decode attention kernels (split-KV "flash decoding" + reduction) for dense and sparse
+// (CSR index list) KV selection. Contract, tensor shapes and layouts: paged_decode.h.
+//
+// Partition: one CTA per (KV split, kv head × 16-query-head group, sequence); grid
+//   (num_splits, num_kv_heads * q_groups, batch). A CTA streams its split of the attended list in
+//   tiles of kTile = 64 tokens through a kStages-deep cp.async pipeline into shared memory
+//   (K and V tiles [64][head_dim], 16-byte chunks XOR-swizzled by row so ldmatrix is
+//   conflict-free). Each of the 4 warps owns 16 tokens of a tile and runs, on tensor cores
+//   (mma.sync m16n8k16, fp32 accumulators):
+//     S[16 q-heads × 16 tokens] = Q[16 × D] · K^T          (Q fragments live in registers)
+//     online softmax per q-head row (exp2, running max m and sum l)
+//     O[16 × D] += P[16 × 16] · V[16 × D]                   (P reused from S's accumulators)
+//   so every KV byte is read from DRAM once for the whole GQA group (rows ≥ group size are zero
+//   padding; the tensor cores have spare throughput for them). The 4 warps' states are merged in
+//   shared memory; with one split the CTA writes out/lse directly, otherwise it writes a
+//   normalised partial (o, lse2) to the workspace and MergeSplitsKernel combines the splits:
+//     LSE = log2 Σ_s 2^{lse_s},   out = Σ_s 2^{lse_s - LSE} · o_s.
+//
+// Workspace (several splits only), f32:
+//   ws_o   [batch * num_q_heads][num_splits][head_dim]
+//   ws_lse [batch * num_q_heads][num_splits]        (log2 units; -inf for an empty split)
+#ifndef PREHOC_WORKER_KERNELS_PAGED_DECODE_CUH_
+#define PREHOC_WORKER_KERNELS_PAGED_DECODE_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "worker/kernels/paged_decode.h"
+
+namespace prehoc::kernels::decode {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kWarpTokens = 16;
+constexpr int kTile = kWarps * kWarpTokens;  // tokens per pipeline stage
+constexpr int kPageSize = 16;
+constexpr int kQRows = 16;  // query heads per CTA (the MMA's M)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D>
+constexpr int Stages() {
+  return D == 128 ? 3 : 4;
+}
+// Pipeline (K and V tiles) + per-stage validity flags.
+template <int D>
+constexpr int PipelineBytes() {
+  return Stages<D>() * 2 * kTile * D * 2;
+}
+template <int D>
+constexpr int SmemBytes() {
+  return PipelineBytes<D>() + Stages<D>() * kTile;
+}
+// Epilogue scratch reuses the pipeline: per warp o[16][D + 8] and m, l [16].
+template <int D>
+constexpr int EpilogueStride() {
+  return D + 8;
+}
+static_assert(kWarps * kQRows * (EpilogueStride<128>() + 2) * 4 <= PipelineBytes<128>());
+static_assert(kWarps * kQRows * (EpilogueStride<64>() + 2) * 4 <= PipelineBytes<64>());
+
+// ---- element type traits ---------------------------------------------------------------------
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  // d += a · b for m16n8k16, A row-major, B column-major, f32 accumulators.
+  static __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ __half FromFloat(float f) { return __float2half_rn(f); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ __nv_bfloat16 FromFloat(float f) {
+    return __float2bfloat16_rn(f);
+  }
+};
+
+// ---- PTX helpers -------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte async copy global -> shared (L2 only); writes zeros when !pred (src not read).
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(pred ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                           uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t& r0, uint32_t& r1,
+                                                uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+// Element offset of 8-element chunk `chunk` of tile row `row` (XOR swizzle within 8 chunks).
+template <int D>
+__device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
+  return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// ---- attended-list addressing ------------------------------------------------------------------
+struct RowView {
+  const int32_t* pages;  // the sequence's page table (logical page -> physical page)
+  const int32_t* list;   // sparse: this (sequence, kv head)'s CSR entries
+  int seq_len;
+  int num_pages;  // ceil(seq_len / page_size)
+};
+
+// Logical token position of attended element j (j < list length), or -1 when it is masked
+// (index out of range).
+template <KvSelection S>
+__device__ __forceinline__ int Position(const RowView& r, int j) {
+  if constexpr (S == KvSelection::kDense) {
+    return j;
+  } else if constexpr (S == KvSelection::kToken) {
+    const int t = __ldg(r.list + j);
+    return static_cast<unsigned>(t) < static_cast<unsigned>(r.seq_len) ? t : -1;
+  } else {
+    const int page = __ldg(r.list + (j / kPageSize));
+    if (static_cast<unsigned>(page) >= static_cast<unsigned>(r.num_pages)) return -1;
+    const int t = page * kPageSize + (j % kPageSize);
+    return t < r.seq_len ? t : -1;
+  }
+}
+
+// ---- attention kernel --------------------------------------------------------------------------
+template <typename T, int D, KvSelection S>
+__global__ void __launch_bounds__(kThreads)
+    PagedDecodeKernel(const PagedDecodeParams p, int q_groups, int split_tokens, int num_splits,
+                      float scale_log2, float* __restrict__ ws_o, float* __restrict__ ws_lse) {
+  constexpr int kStages = Stages<D>();
+  constexpr int kChunksPerRow = D / 8;
+  constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static_assert(kTile % kRowsPerPass == 0);
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* k_s = reinterpret_cast<T*>(smem);               // [kStages][kTile][D], swizzled
+  T* v_s = k_s + kStages * kTile * D;                // [kStages][kTile][D], swizzled
+  uint8_t* valid_s = smem + PipelineBytes<D>();      // [kStages][kTile]
+
+  const int split = blockIdx.x;
+  const int hkv = blockIdx.y / q_groups;
+  const int g0 = (blockIdx.y % q_groups) * kQRows;
+  const int b = blockIdx.z;
+  const int num_kv_heads = p.num_kv_heads;
+  const int group = p.num_q_heads / num_kv_heads;
+  const int rows = min(kQRows, group - g0);  // valid query rows of this CTA
+  const int hq0 = hkv * group + g0;
+  const size_t out_row0 = static_cast<size_t>(b) * p.num_q_heads + hq0;
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int gid = lane / 4;  // MMA row group
+  const int tid4 = lane % 4;
+
+  RowView view;
+  view.seq_len = max(p.d_seq_lens[b], 0);
+  view.num_pages = (view.seq_len + kPageSize - 1) / kPageSize;
+  view.pages = p.d_page_indices + p.d_page_indptr[b];
+  view.list = nullptr;
+  int list_len;
+  if constexpr (S == KvSelection::kDense) {
+    list_len = view.seq_len;
+  } else {
+    const int r = b * num_kv_heads + hkv;
+    const int beg = p.d_index_indptr[r];
+    const int end = p.d_index_indptr[r + 1];
+    view.list = p.d_index_indices + beg;
+    list_len = max(end - beg, 0) * (S == KvSelection::kPage ? kPageSize : 1);
+  }
+  const int chunk_begin = split * split_tokens;
+  const int chunk_end =
+      split == num_splits - 1 ? list_len : min(list_len, chunk_begin + split_tokens);
+  const bool single = num_splits == 1;
+  if (!single && chunk_begin >= chunk_end) {
+    // Empty split: mark it so the reduction skips it.
+    if (threadIdx.x < rows) {
+      ws_lse[(out_row0 + threadIdx.x) * num_splits + split] = -INFINITY;
+    }
+    return;
+  }
+  const int num_tiles = chunk_end > chunk_begin ? (chunk_end - chunk_begin + kTile - 1) / kTile : 0;
+
+  const T* __restrict__ k_pool = static_cast<const T*>(p.d_k_pool);
+  const T* __restrict__ v_pool = static_cast<const T*>(p.d_v_pool);
+  const int load_col = threadIdx.x % kChunksPerRow;
+  const int load_row0 = threadIdx.x / kChunksPerRow;
+
+  // Issues the cp.async copies of tile `tile` into stage `stage` (every thread, no barrier).
+  auto load_tile = [&](int tile, int stage) {
+    const int base = chunk_begin + tile * kTile;
+#pragma unroll
+    for (int i = 0; i < kTile / kRowsPerPass; ++i) {
+      const int r = load_row0 + i * kRowsPerPass;
+      const int j = base + r;
+      const int t = j < chunk_end ? Position<S>(view, j) : -1;
+      const bool ok = t >= 0;
+      const T* k_src = k_pool;
+      const T* v_src = v_pool;
+      if (ok) {
+        // element offset of K[page][hkv][slot][load_col*8] in [num_pages][Hkv][16][D]
+        const size_t off =
+            ((static_cast<size_t>(__ldg(view.pages + t / kPageSize)) * num_kv_heads + hkv) *
+                 kPageSize +
+             t % kPageSize) *
+                D +
+            load_col * 8;
+        k_src += off;
+        v_src += off;
+      }
+      const int s_off = stage * kTile * D + SwizzledOffset<D>(r, load_col);
+      CpAsync16(SmemAddr(k_s + s_off), k_src, ok);
+      CpAsync16(SmemAddr(v_s + s_off), v_src, ok);
+      if (load_col == 0) valid_s[stage * kTile + r] = ok ? 1 : 0;
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(s, s);
+    CpAsyncCommit();
+  }
+
+  // Q as MMA A fragments: rows = query heads g0 + {gid, gid + 8}, cols = dims.
+  uint32_t qa[D / 16][4];
+  {
+    const T* q = static_cast<const T*>(p.d_q) + out_row0 * D;
+    const bool lo_ok = gid < rows;
+    const bool hi_ok = gid + 8 < rows;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int c = kk * 16 + tid4 * 2;
+      qa[kk][0] = lo_ok ? *reinterpret_cast<const uint32_t*>(q + gid * D + c) : 0u;
+      qa[kk][1] = hi_ok ? *reinterpret_cast<const uint32_t*>(q + (gid + 8) * D + c) : 0u;
+      qa[kk][2] = lo_ok ? *reinterpret_cast<const uint32_t*>(q + gid * D + c + 8) : 0u;
+      qa[kk][3] = hi_ok ? *reinterpret_cast<const uint32_t*>(q + (gid + 8) * D + c + 8) : 0u;
+    }
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};  // log2 units, rows gid and gid + 8
+  float l_run[2] = {0.f, 0.f};              // this thread's partial sums (quad-reduced at the end)
+
+  const int mi = lane / 8;  // ldmatrix: which 8x8 matrix this lane addresses
+  const int ri = lane % 8;  // ... and which row of it
+  const int n0 = warp * kWarpTokens;
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();
+    {
+      const int next = tile + kStages - 1;
+      if (next < num_tiles) load_tile(next, next % kStages);
+      CpAsyncCommit();
+    }
+    const int stage = tile % kStages;
+    const T* k_tile = k_s + stage * kTile * D;
+    const T* v_tile = v_s + stage * kTile * D;
+    const uint8_t* valid = valid_s + stage * kTile + n0;
+
+    // S = Q · K^T over this warp's 16 tokens (two n8 tiles).
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      const int row = n0 + ri + ((mi >> 1) << 3);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t b0, b1, b2, b3;
+        LdMatrixX4(SmemAddr(k_tile + SwizzledOffset<D>(row, 2 * kk + (mi & 1))), b0, b1, b2, b3);
+        Elem<T>::Mma(s[0], qa[kk], b0, b1);
+        Elem<T>::Mma(s[1], qa[kk], b2, b3);
+      }
+    }
+    // Scale to log2 units and mask; s[nt][e]: row gid + 8*(e/2), token nt*8 + tid4*2 + e%2.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = valid[nt * 8 + tid4 * 2 + (e & 1)] != 0;
+        s[nt][e] = ok ? s[nt][e] * scale_log2 : -INFINITY;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
+      }
+    }
+    float m_use[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+      const float m_new = fmaxf(m_run[h], tile_max[h]);
+      m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep exp2 finite
+      const float alpha = exp2f(m_run[h] - m_use[h]);
+      m_run[h] = m_new;
+      l_run[h] *= alpha;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        o[i][2 * h] *= alpha;
+        o[i][2 * h + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - m_use[e / 2]);
+        l_run[e / 2] += s[nt][e];
+      }
+    }
+    // P as the A fragment of P · V (k = the warp's 16 tokens).
+    const uint32_t pa[4] = {Elem<T>::Pack(s[0][0], s[0][1]), Elem<T>::Pack(s[0][2], s[0][3]),
+                            Elem<T>::Pack(s[1][0], s[1][1]), Elem<T>::Pack(s[1][2], s[1][3])};
+    {
+      const int row = n0 + ri + ((mi & 1) << 3);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b0, b1, b2, b3;
+        LdMatrixX4Trans(SmemAddr(v_tile + SwizzledOffset<D>(row, 2 * dp + (mi >> 1))), b0, b1, b2,
+                        b3);
+        Elem<T>::Mma(o[2 * dp], pa, b0, b1);
+        Elem<T>::Mma(o[2 * dp + 1], pa, b2, b3);
+      }
+    }
+  }
+  CpAsyncWait<0>();
+  __syncthreads();  // pipeline smem is reused below
+
+  // ---- merge the 4 warps' (m, l, o) in shared memory --------------------------------------------
+  constexpr int kStride = EpilogueStride<D>();
+  float* o_s = reinterpret_cast<float*>(smem);  // [kWarps][16][kStride]
+  float* m_s = o_s + kWarps * kQRows * kStride;  // [kWarps][16]
+  float* l_s = m_s + kWarps * kQRows;            // [kWarps][16]
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    const int col = i * 8 + tid4 * 2;
+    *reinterpret_cast<float2*>(o_s + (warp * kQRows + gid) * kStride + col) =
+        make_float2(o[i][0], o[i][1]);
+    *reinterpret_cast<float2*>(o_s + (warp * kQRows + gid + 8) * kStride + col) =
+        make_float2(o[i][2], o[i][3]);
+  }
+  if (tid4 == 0) {
+    m_s[warp * kQRows + gid] = m_run[0];
+    m_s[warp * kQRows + gid + 8] = m_run[1];
+    l_s[warp * kQRows + gid] = l_run[0];
+    l_s[warp * kQRows + gid + 8] = l_run[1];
+  }
+  __syncthreads();
+
+  T* out = static_cast<T*>(p.d_out);
+  for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+    const int row = idx / D;
+    const int d = idx % D;
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m_max = fmaxf(m_max, m_s[w * kQRows + row]);
+    float l_sum = 0.f, acc = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = exp2f(m_s[w * kQRows + row] - m_max);
+        l_sum += l_s[w * kQRows + row] * f;
+        acc += o_s[(w * kQRows + row) * kStride + d] * f;
+      }
+    }
+    const float val = l_sum > 0.f ? acc / l_sum : 0.f;
+    const float lse2 = l_sum > 0.f ? m_max + log2f(l_sum) : -INFINITY;
+    if (single) {
+      out[(out_row0 + row) * D + d] = Elem<T>::FromFloat(val);
+      if (d == 0 && p.d_lse != nullptr) p.d_lse[out_row0 + row] = lse2 * kLn2;
+    } else {
+      const size_t w = (out_row0 + row) * num_splits + split;
+      ws_o[w * D + d] = val;
+      if (d == 0) ws_lse[w] = lse2;
+    }
+  }
+}
+
+// ---- split reduction ---------------------------------------------------------------------------
+// One CTA of D threads per (sequence, query head) row.
+template <typename T, int D>
+__global__ void __launch_bounds__(D)
+    MergeSplitsKernel(const float* __restrict__ ws_o, const float* __restrict__ ws_lse,
+                      int num_splits, T* __restrict__ out, float* __restrict__ lse) {
+  const size_t row = blockIdx.x;
+  const int d = threadIdx.x;
+  const float* lse_row = ws_lse + row * num_splits;
+  float m_max = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) m_max = fmaxf(m_max, lse_row[s]);
+  float sum = 0.f, acc = 0.f;
+  if (m_max != -INFINITY) {
+    for (int s = 0; s < num_splits; ++s) {
+      const float ls = lse_row[s];
+      if (ls == -INFINITY) continue;  // empty split: its o was never written
+      const float w = exp2f(ls - m_max);
+      sum += w;
+      acc += w * ws_o[(row * num_splits + s) * D + d];
+    }
+  }
+  out[row * D + d] = Elem<T>::FromFloat(sum > 0.f ? acc / sum : 0.f);
+  if (d == 0 && lse != nullptr) lse[row] = sum > 0.f ? (m_max + log2f(sum)) * kLn2 : -INFINITY;
+}
+
+// ---- host-side per-variant entry points (instantiated in paged_decode_{f16,bf16}.cu) -----------
+template <typename T, int D, KvSelection S>
+cudaError_t CtasPerSm(int* ctas) {
+  auto kernel = PagedDecodeKernel<T, D, S>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes<D>());
+  if (err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kThreads, SmemBytes<D>());
+}
+
+template <typename T, int D, KvSelection S>
+cudaError_t Launch(const PagedDecodeParams& p, const PagedDecodePlan& plan, float scale,
+                   cudaStream_t stream) {
+  auto kernel = PagedDecodeKernel<T, D, S>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes<D>());
+  if (err != cudaSuccess) return err;
+  float* ws_o = static_cast<float*>(p.d_workspace);
+  float* ws_lse = nullptr;
+  if (plan.num_splits > 1) {
+    ws_lse = ws_o + static_cast<size_t>(p.batch) * p.num_q_heads * plan.num_splits * D;
+  }
+  const dim3 grid(plan.num_splits, p.num_kv_heads * plan.q_groups, p.batch);
+  kernel<<<grid, kThreads, SmemBytes<D>(), stream>>>(p, plan.q_groups, plan.split_tokens,
+                                                     plan.num_splits, scale * kLog2e, ws_o,
+                                                     ws_lse);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || plan.num_splits == 1) return err;
+  MergeSplitsKernel<T, D><<<p.batch * p.num_q_heads, D, 0, stream>>>(
+      ws_o, ws_lse, plan.num_splits, static_cast<T*>(p.d_out), p.d_lse);
+  return cudaGetLastError();
+}
+
+}  // namespace prehoc::kernels::decode
+
+// Explicit instantiation of every (head_dim, selection) variant for element type T.
+#define PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, D, S)                                             \
+  template cudaError_t prehoc::kernels::decode::CtasPerSm<T, D, S>(int*);                       \
+  template cudaError_t prehoc::kernels::decode::Launch<T, D, S>(                                \
+      const prehoc::kernels::PagedDecodeParams&, const prehoc::kernels::PagedDecodePlan&, float, \
+      cudaStream_t);
+#define PREHOC_INSTANTIATE_PAGED_DECODE(T)                                                        \
+  PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 64, prehoc::kernels::KvSelection::kDense)                \
+  PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 64, prehoc::kernels::KvSelection::kToken)                \
+  PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 64, prehoc::kernels::KvSelection::kPage)                 \
+  PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kDense)               \
+  PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kToken)               \
+  PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kPage)
+
+#endif  // PREHOC_WORKER_KERNELS_PAGED_DECODE_CUH_

@@ -1,0 +1,496 @@
+// GPU tests of paged decode attention (dense, token-sparse, page-sparse) and of the keep-mask ->
+// CSR builder, against the float64 CPU reference. Skipped when no CUDA device is present.
+//
+// Tolerance (per element, |out - ref| <= atol + rtol * |ref|, plus a relative-norm bound):
+//   fp16: atol 5e-4, rtol 1e-3;  bf16: atol 4e-3, rtol 8e-3.
+// Derivation: out is rounded to T (half an ulp: 2^-12 fp16, 2^-9 bf16, relative) and p is rounded
+// to T before the p·v product (error <= half an ulp × Σ p|v| <= half an ulp, since |v| <= 1);
+// fp32 accumulation adds ~1e-6. The bounds are ~2x those worst cases. lse: 2e-4 + 1e-5·|ref|.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "worker/kernels/attention_reference.h"
+#include "worker/kernels/paged_decode.h"
+
+namespace prehoc::kernels {
+namespace {
+
+bool HaveDevice() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define SKIP_WITHOUT_DEVICE() \
+  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
+
+#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(expr)
+
+// Owning device buffer.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes) { Resize(bytes); }
+  ~DeviceBuffer() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void Resize(size_t bytes) {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = nullptr;
+    bytes_ = bytes;
+    if (bytes > 0 && cudaMalloc(&ptr_, bytes) != cudaSuccess) ptr_ = nullptr;
+  }
+  template <typename T>
+  void Upload(const std::vector<T>& v) {
+    Resize(std::max<size_t>(v.size() * sizeof(T), 16));
+    if (!v.empty()) cudaMemcpy(ptr_, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
+  }
+  template <typename T>
+  std::vector<T> Download(size_t n) const {
+    std::vector<T> v(n);
+    if (n > 0) cudaMemcpy(v.data(), ptr_, n * sizeof(T), cudaMemcpyDeviceToHost);
+    return v;
+  }
+  void Poison() {
+    if (ptr_ != nullptr) cudaMemset(ptr_, 0xff, bytes_);  // NaN in fp16, bf16 and f32
+  }
+  template <typename T = void>
+  T* get() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+const char* DTypeName(AttnDType t) { return t == AttnDType::kFloat16 ? "f16" : "bf16"; }
+
+// A batch of sequences in a paged pool with randomly placed pages. Unused pages and the slots past
+// each sequence's end hold NaN, so a kernel reading anything it should not produces NaN.
+struct PagedBatch {
+  AttnDType dtype;
+  int num_q_heads, num_kv_heads, head_dim;
+  std::vector<int32_t> seq_lens, page_indptr, page_indices;
+  std::vector<uint16_t> q, k_pool, v_pool;
+  int num_pages = 0;
+
+  PagedBatch(AttnDType dt, int hq, int hkv, int d, const std::vector<int>& lens, uint32_t seed)
+      : dtype(dt), num_q_heads(hq), num_kv_heads(hkv), head_dim(d) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<double> kv_dist(-1.0, 1.0), q_dist(-2.0, 2.0);
+    seq_lens.assign(lens.begin(), lens.end());
+    int total = 0;
+    page_indptr.push_back(0);
+    for (int len : lens) {
+      total += (len + 15) / 16;
+      page_indptr.push_back(total);
+    }
+    num_pages = total + 5;  // a few never-referenced (NaN) pages
+    std::vector<int32_t> perm(num_pages);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    page_indices.assign(perm.begin(), perm.begin() + total);
+    const uint16_t nan_bits = dt == AttnDType::kFloat16 ? 0x7e00 : 0x7fc0;
+    const size_t page_elems = static_cast<size_t>(hkv) * 16 * d;
+    k_pool.assign(page_elems * num_pages, nan_bits);
+    v_pool.assign(page_elems * num_pages, nan_bits);
+    for (size_t b = 0; b < lens.size(); ++b) {
+      for (int t = 0; t < lens[b]; ++t) {
+        const int page = page_indices[page_indptr[b] + t / 16];
+        for (int h = 0; h < hkv; ++h) {
+          const size_t off = ((static_cast<size_t>(page) * hkv + h) * 16 + t % 16) * d;
+          for (int i = 0; i < d; ++i) {
+            k_pool[off + i] = DoubleToHalfBits(kv_dist(rng), dt);
+            v_pool[off + i] = DoubleToHalfBits(kv_dist(rng), dt);
+          }
+        }
+      }
+    }
+    q.resize(lens.size() * hq * d);
+    for (auto& x : q) x = DoubleToHalfBits(q_dist(rng), dt);
+  }
+  int batch() const { return static_cast<int>(seq_lens.size()); }
+};
+
+enum class Mode {
+  kDense,
+  kTokenAll,       // every token, ascending (must equal dense bitwise)
+  kTokenRandom,    // ~30 % of tokens, ascending
+  kTokenShuffled,  // ~30 % of tokens, random order, plus out-of-range entries (ignored)
+  kTokenEmpty,
+  kPageAll,
+  kPageRandom,  // ~50 % of pages, random order
+  kPageEmpty,
+};
+
+const char* ModeName(Mode m) {
+  switch (m) {
+    case Mode::kDense: return "dense";
+    case Mode::kTokenAll: return "token_all";
+    case Mode::kTokenRandom: return "token_random";
+    case Mode::kTokenShuffled: return "token_shuffled";
+    case Mode::kTokenEmpty: return "token_empty";
+    case Mode::kPageAll: return "page_all";
+    case Mode::kPageRandom: return "page_random";
+    case Mode::kPageEmpty: return "page_empty";
+  }
+  return "?";
+}
+
+struct Selection {
+  KvSelection kind = KvSelection::kDense;
+  std::vector<int32_t> indptr, indices;
+  int max_kv_len = 0;
+};
+
+Selection MakeSelection(const PagedBatch& pb, Mode mode, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::bernoulli_distribution keep_token(0.3), keep_page(0.5);
+  Selection sel;
+  if (mode == Mode::kDense) {
+    sel.max_kv_len = *std::max_element(pb.seq_lens.begin(), pb.seq_lens.end());
+    return sel;
+  }
+  const bool page = mode == Mode::kPageAll || mode == Mode::kPageRandom || mode == Mode::kPageEmpty;
+  sel.kind = page ? KvSelection::kPage : KvSelection::kToken;
+  sel.indptr.push_back(0);
+  for (int b = 0; b < pb.batch(); ++b) {
+    const int len = pb.seq_lens[b];
+    const int items = page ? (len + 15) / 16 : len;
+    for (int h = 0; h < pb.num_kv_heads; ++h) {
+      std::vector<int32_t> row;
+      for (int i = 0; i < items; ++i) {
+        bool keep = false;
+        switch (mode) {
+          case Mode::kTokenAll:
+          case Mode::kPageAll: keep = true; break;
+          case Mode::kTokenRandom:
+          case Mode::kTokenShuffled: keep = keep_token(rng); break;
+          case Mode::kPageRandom: keep = keep_page(rng); break;
+          default: break;
+        }
+        if (keep) row.push_back(i);
+      }
+      if (mode == Mode::kTokenShuffled) {
+        row.push_back(len);       // out of range: ignored
+        row.push_back(-1);        // out of range: ignored
+        row.push_back(len + 100);
+        std::shuffle(row.begin(), row.end(), rng);
+      }
+      if (mode == Mode::kPageRandom) std::shuffle(row.begin(), row.end(), rng);
+      sel.indices.insert(sel.indices.end(), row.begin(), row.end());
+      sel.indptr.push_back(static_cast<int32_t>(sel.indices.size()));
+      sel.max_kv_len = std::max<int>(sel.max_kv_len, static_cast<int>(row.size()) * (page ? 16 : 1));
+    }
+  }
+  if (mode == Mode::kPageAll) {
+    // Also a valid bound (attended tokens never exceed the sequence); the same bound as dense gives
+    // the same split plan, hence bitwise-identical results.
+    sel.max_kv_len = *std::max_element(pb.seq_lens.begin(), pb.seq_lens.end());
+  }
+  return sel;
+}
+
+struct DeviceBatch {
+  DeviceBuffer q, k, v, indptr, indices, lens, sel_indptr, sel_indices, out, lse, ws;
+  explicit DeviceBatch(const PagedBatch& pb) {
+    q.Upload(pb.q);
+    k.Upload(pb.k_pool);
+    v.Upload(pb.v_pool);
+    indptr.Upload(pb.page_indptr);
+    indices.Upload(pb.page_indices);
+    lens.Upload(pb.seq_lens);
+    out.Resize(pb.q.size() * 2);
+    lse.Resize(std::max<size_t>(pb.seq_lens.size() * pb.num_q_heads * 4, 16));
+  }
+};
+
+struct RunResult {
+  std::vector<uint16_t> out;
+  std::vector<float> lse;
+  PagedDecodePlan plan;
+};
+
+// Runs the kernel with poisoned outputs and workspace; fails the test on any CUDA error.
+void RunKernel(const PagedBatch& pb, DeviceBatch& dev, const Selection& sel, int force_splits,
+               RunResult* res) {
+  PagedDecodeParams p;
+  p.dtype = pb.dtype;
+  p.selection = sel.kind;
+  p.batch = pb.batch();
+  p.num_q_heads = pb.num_q_heads;
+  p.num_kv_heads = pb.num_kv_heads;
+  p.head_dim = pb.head_dim;
+  p.d_q = dev.q.get();
+  p.d_out = dev.out.get();
+  p.d_lse = dev.lse.get<float>();
+  p.d_k_pool = dev.k.get();
+  p.d_v_pool = dev.v.get();
+  p.d_page_indptr = dev.indptr.get<int32_t>();
+  p.d_page_indices = dev.indices.get<int32_t>();
+  p.d_seq_lens = dev.lens.get<int32_t>();
+  if (sel.kind != KvSelection::kDense) {
+    dev.sel_indptr.Upload(sel.indptr);
+    dev.sel_indices.Upload(sel.indices);
+    p.d_index_indptr = dev.sel_indptr.get<int32_t>();
+    p.d_index_indices = dev.sel_indices.get<int32_t>();
+  }
+  p.max_kv_len = sel.max_kv_len;
+  p.force_num_splits = force_splits;
+  ASSERT_EQ(PagedDecodeCheck(p), nullptr) << PagedDecodeCheck(p);
+  CUDA_OK(PagedDecodePlanFor(p, &res->plan));
+  const size_t ws = PagedDecodeWorkspaceBytes(p);
+  ASSERT_NE(ws, SIZE_MAX);
+  dev.ws.Resize(std::max<size_t>(ws, 16));
+  dev.ws.Poison();
+  p.d_workspace = dev.ws.get();
+  p.workspace_bytes = ws;
+  dev.out.Poison();
+  dev.lse.Poison();
+  CUDA_OK(PagedDecodeAttention(p, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  res->out = dev.out.Download<uint16_t>(pb.q.size());
+  res->lse = dev.lse.Download<float>(pb.seq_lens.size() * pb.num_q_heads);
+}
+
+void ExpectClose(const PagedBatch& pb, const Selection& sel, const RunResult& got,
+                 const std::string& what) {
+  HostDecodeArgs a;
+  a.dtype = pb.dtype;
+  a.selection = sel.kind;
+  a.batch = pb.batch();
+  a.num_q_heads = pb.num_q_heads;
+  a.num_kv_heads = pb.num_kv_heads;
+  a.head_dim = pb.head_dim;
+  a.q = pb.q.data();
+  a.k_pool = pb.k_pool.data();
+  a.v_pool = pb.v_pool.data();
+  a.page_indptr = pb.page_indptr.data();
+  a.page_indices = pb.page_indices.data();
+  a.seq_lens = pb.seq_lens.data();
+  a.index_indptr = sel.indptr.data();
+  a.index_indices = sel.indices.data();
+  std::vector<double> ref, ref_lse;
+  ReferencePagedDecode(a, &ref, &ref_lse);
+
+  const bool f16 = pb.dtype == AttnDType::kFloat16;
+  const double atol = f16 ? 5e-4 : 4e-3;
+  const double rtol = f16 ? 1e-3 : 8e-3;
+  double err2 = 0, ref2 = 0;
+  int bad = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double v = HalfBitsToDouble(got.out[i], pb.dtype);
+    if (!std::isfinite(v) || std::fabs(v - ref[i]) > atol + rtol * std::fabs(ref[i])) {
+      if (++bad <= 5) {
+        ADD_FAILURE() << what << ": out[" << i << "] (row " << i / pb.head_dim << ", dim "
+                      << i % pb.head_dim << ") = " << v << ", reference " << ref[i];
+      }
+    }
+    err2 += (v - ref[i]) * (v - ref[i]);
+    ref2 += ref[i] * ref[i];
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << ref.size() << " elements out of tolerance";
+  if (ref2 > 0) {
+    EXPECT_LT(std::sqrt(err2 / ref2), f16 ? 2e-3 : 1.5e-2) << what << ": relative norm error";
+  }
+  for (size_t i = 0; i < ref_lse.size(); ++i) {
+    const double v = got.lse[i];
+    if (std::isinf(ref_lse[i])) {
+      EXPECT_TRUE(std::isinf(v) && v < 0) << what << ": lse[" << i << "] = " << v << ", want -inf";
+    } else {
+      EXPECT_NEAR(v, ref_lse[i], 2e-4 + 1e-5 * std::fabs(ref_lse[i])) << what << ": lse[" << i << "]";
+    }
+  }
+}
+
+// ---- parameterised correctness sweep -------------------------------------------------------------
+
+using SweepParam = std::tuple<AttnDType, int /*head_dim*/, int /*group*/, int /*lens set*/>;
+
+const std::vector<std::vector<int>>& LensSets() {
+  static const auto* sets = new std::vector<std::vector<int>>{
+      {1}, {15}, {17}, {1000}, {4097}, {17, 1, 4097, 0, 1000, 15, 64, 65}};
+  return *sets;
+}
+
+class PagedDecodeSweep : public ::testing::TestWithParam<SweepParam> {};
+
+TEST_P(PagedDecodeSweep, MatchesReferenceForEverySelection) {
+  SKIP_WITHOUT_DEVICE();
+  const auto [dtype, head_dim, group, lens_idx] = GetParam();
+  const int num_kv_heads = 2;
+  const PagedBatch pb(dtype, num_kv_heads * group, num_kv_heads, head_dim, LensSets()[lens_idx],
+                      1234u + 17u * lens_idx + 3u * group + head_dim);
+  DeviceBatch dev(pb);
+  const Mode modes[] = {Mode::kDense,      Mode::kTokenAll,       Mode::kTokenRandom,
+                        Mode::kTokenShuffled, Mode::kTokenEmpty,  Mode::kPageAll,
+                        Mode::kPageRandom, Mode::kPageEmpty};
+  for (int split : {0, 1, 5}) {
+    RunResult dense;
+    for (Mode mode : modes) {
+      const Selection sel = MakeSelection(pb, mode, 99u + static_cast<uint32_t>(mode));
+      RunResult got;
+      RunKernel(pb, dev, sel, split, &got);
+      if (HasFatalFailure()) return;
+      const std::string what = std::string(ModeName(mode)) + " splits=" +
+                               std::to_string(got.plan.num_splits) + " (forced " +
+                               std::to_string(split) + ")";
+      ExpectClose(pb, sel, got, what);
+      if (mode == Mode::kDense) dense = got;
+      if (mode == Mode::kTokenAll || mode == Mode::kPageAll) {
+        // Same tiles in the same order as dense: bitwise-identical output and lse.
+        EXPECT_EQ(got.out, dense.out) << what << " differs bitwise from dense";
+        EXPECT_EQ(0, std::memcmp(got.lse.data(), dense.lse.data(), got.lse.size() * 4))
+            << what << " lse differs bitwise from dense";
+      }
+    }
+  }
+}
+
+std::string SweepName(const ::testing::TestParamInfo<SweepParam>& info) {
+  return std::string(DTypeName(std::get<0>(info.param))) + "_d" +
+         std::to_string(std::get<1>(info.param)) + "_g" + std::to_string(std::get<2>(info.param)) +
+         "_lens" + std::to_string(std::get<3>(info.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, PagedDecodeSweep,
+    ::testing::Combine(::testing::Values(AttnDType::kFloat16, AttnDType::kBFloat16),
+                       ::testing::Values(64, 128), ::testing::Values(1, 4, 8),
+                       ::testing::Range(0, 6)),
+    SweepName);
+
+// Group sizes that are not a power of two and above 16 (several 16-head query groups per kv head).
+TEST(PagedDecode, OddAndLargeGroups) {
+  SKIP_WITHOUT_DEVICE();
+  for (AttnDType dtype : {AttnDType::kFloat16, AttnDType::kBFloat16}) {
+    for (auto [hq, hkv] : {std::pair{28, 4}, std::pair{32, 1}, std::pair{40, 2}}) {
+      const PagedBatch pb(dtype, hq, hkv, 128, {333, 2048, 5}, 7u + hq);
+      DeviceBatch dev(pb);
+      for (Mode mode : {Mode::kDense, Mode::kTokenRandom, Mode::kPageRandom}) {
+        const Selection sel = MakeSelection(pb, mode, 5u);
+        RunResult got;
+        RunKernel(pb, dev, sel, 0, &got);
+        if (HasFatalFailure()) return;
+        ExpectClose(pb, sel, got,
+                    std::string(DTypeName(dtype)) + " hq=" + std::to_string(hq) + " hkv=" +
+                        std::to_string(hkv) + " " + ModeName(mode));
+      }
+    }
+  }
+}
+
+// Heuristic plan at a large shape: many splits, many CTAs; still matches the reference.
+TEST(PagedDecode, LongContextHeuristicPlan) {
+  SKIP_WITHOUT_DEVICE();
+  const PagedBatch pb(AttnDType::kBFloat16, 32, 8, 128, {32768, 3}, 42u);
+  DeviceBatch dev(pb);
+  for (Mode mode : {Mode::kDense, Mode::kTokenRandom}) {
+    const Selection sel = MakeSelection(pb, mode, 8u);
+    RunResult got;
+    RunKernel(pb, dev, sel, 0, &got);
+    if (HasFatalFailure()) return;
+    EXPECT_GT(got.plan.num_splits, 1);
+    ExpectClose(pb, sel, got, std::string("long ") + ModeName(mode));
+  }
+}
+
+// max_kv_len smaller than the real list: the last split absorbs the rest, results stay exact.
+TEST(PagedDecode, UnderestimatedMaxLenIsStillCorrect) {
+  SKIP_WITHOUT_DEVICE();
+  const PagedBatch pb(AttnDType::kFloat16, 8, 2, 128, {3000}, 3u);
+  DeviceBatch dev(pb);
+  Selection sel = MakeSelection(pb, Mode::kDense, 1u);
+  sel.max_kv_len = 100;
+  RunResult got;
+  RunKernel(pb, dev, sel, 4, &got);
+  if (HasFatalFailure()) return;
+  ExpectClose(pb, sel, got, "underestimated max_kv_len");
+}
+
+// ---- argument checks (no device needed) -----------------------------------------------------------
+
+TEST(PagedDecodeCheck, RejectsUnsupportedConfigs) {
+  PagedDecodeParams p;
+  p.batch = 0;
+  p.num_q_heads = 32;
+  p.num_kv_heads = 8;
+  EXPECT_EQ(PagedDecodeCheck(p), nullptr);
+  p.head_dim = 96;
+  EXPECT_STREQ(PagedDecodeCheck(p), "head_dim must be 64 or 128");
+  p.head_dim = 128;
+  p.page_size = 32;
+  EXPECT_STREQ(PagedDecodeCheck(p), "page_size must be 16");
+  p.page_size = 16;
+  p.num_q_heads = 30;
+  EXPECT_STREQ(PagedDecodeCheck(p), "num_q_heads must be a positive multiple of num_kv_heads");
+  p.num_q_heads = 32;
+  p.batch = 1;
+  EXPECT_STREQ(PagedDecodeCheck(p), "d_q is null");
+  p.batch = 0;
+  p.selection = KvSelection::kToken;
+  EXPECT_EQ(PagedDecodeCheck(p), nullptr);  // empty batch: pointers not needed
+  PagedDecodePlan plan;
+  p.head_dim = 80;
+  EXPECT_EQ(PagedDecodePlanFor(p, &plan), cudaErrorInvalidValue);
+  EXPECT_EQ(PagedDecodeAttention(p, nullptr), cudaErrorInvalidValue);
+}
+
+// ---- keep-mask -> CSR ----------------------------------------------------------------------------
+
+class IndexListsTest : public ::testing::TestWithParam<std::tuple<int, int, double>> {};
+
+TEST_P(IndexListsTest, CompactsExactly) {
+  SKIP_WITHOUT_DEVICE();
+  const auto [rows, stride, density] = GetParam();
+  std::mt19937 rng(rows * 31 + stride);
+  std::bernoulli_distribution keep(density);
+  std::uniform_int_distribution<int> byte(1, 255);
+  std::vector<uint8_t> mask(static_cast<size_t>(rows) * stride, 0);
+  std::vector<int32_t> want_indptr{0}, want_indices;
+  for (int r = 0; r < rows; ++r) {
+    for (int i = 0; i < stride; ++i) {
+      if (keep(rng)) {
+        mask[static_cast<size_t>(r) * stride + i] = static_cast<uint8_t>(byte(rng));
+        want_indices.push_back(i);
+      }
+    }
+    want_indptr.push_back(static_cast<int32_t>(want_indices.size()));
+  }
+  DeviceBuffer d_mask, d_counts(rows * 4 + 16), d_indptr((rows + 1) * 4),
+      d_indices(std::max<size_t>(mask.size() * 4, 16));
+  d_mask.Upload(mask);
+  d_indptr.Poison();
+  d_indices.Poison();
+  CUDA_OK(BuildIndexListsFromMask(d_mask.get<uint8_t>(), rows, stride, d_counts.get<int32_t>(),
+                                  d_indptr.get<int32_t>(), d_indices.get<int32_t>(), nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(d_indptr.Download<int32_t>(rows + 1), want_indptr);
+  EXPECT_EQ(d_indices.Download<int32_t>(want_indices.size()), want_indices);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, IndexListsTest,
+                         ::testing::Combine(::testing::Values(1, 3, 300),
+                                            ::testing::Values(16, 4112, 16384 + 16),
+                                            ::testing::Values(0.0, 0.01, 0.5, 1.0)));
+
+TEST(IndexLists, RejectsBadStride) {
+  EXPECT_EQ(BuildIndexListsFromMask(nullptr, 2, 15, nullptr, nullptr, nullptr, nullptr),
+            cudaErrorInvalidValue);
+}
+
+}  // namespace
+}  // namespace prehoc::kernels
