@@ -38,32 +38,63 @@ struct Scheduler::Request {
   explicit Request(const SamplingOptions& s) : sampler(s) {}
 };
 
-std::string TakeCompleteUtf8(std::string* pending) {
+std::string TakeCompleteUtf8(std::string* pending, bool flush) {
+  static constexpr char kReplacement[] = "\xEF\xBF\xBD";  // U+FFFD
   const std::string& s = *pending;
-  size_t n = s.size();
-  // Find the start of the last character (at most 3 continuation bytes back).
-  size_t i = n;
-  int back = 0;
-  while (i > 0 && back < 4 && (static_cast<unsigned char>(s[i - 1]) & 0xC0) == 0x80) {
-    --i;
-    ++back;
-  }
-  size_t cut = n;
-  if (i > 0) {
-    const unsigned char lead = static_cast<unsigned char>(s[i - 1]);
-    int need = 1;
-    if ((lead & 0xE0) == 0xC0) {
-      need = 2;
-    } else if ((lead & 0xF0) == 0xE0) {
-      need = 3;
-    } else if ((lead & 0xF8) == 0xF0) {
-      need = 4;
+  const size_t n = s.size();
+  std::string out;
+  out.reserve(n);
+  size_t i = 0;
+  while (i < n) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    int len;
+    unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+    if (c < 0x80) {
+      out.push_back(static_cast<char>(c));
+      ++i;
+      continue;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      if (c == 0xE0) lo = 0xA0;  // no overlongs
+      if (c == 0xED) hi = 0x9F;  // no surrogates
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    } else {
+      out += kReplacement;
+      ++i;
+      continue;
     }
-    const size_t have = n - (i - 1);
-    if (need > 1 && have < static_cast<size_t>(need)) cut = i - 1;  // incomplete: hold it back
+    int have = 1;
+    bool bad = false;
+    while (have < len && i + have < n) {
+      const unsigned char cc = static_cast<unsigned char>(s[i + have]);
+      const bool ok = have == 1 ? (cc >= lo && cc <= hi) : (cc & 0xC0) == 0x80;
+      if (!ok) {
+        bad = true;
+        break;
+      }
+      ++have;
+    }
+    if (bad) {
+      out += kReplacement;
+      i += have;  // resynchronise at the offending byte
+      continue;
+    }
+    if (have < len) {  // incomplete at the end
+      if (flush) {
+        out += kReplacement;
+        i = n;
+      }
+      break;
+    }
+    out.append(s, i, len);
+    i += len;
   }
-  std::string out = s.substr(0, cut);
-  pending->erase(0, cut);
+  pending->erase(0, i);
   return out;
 }
 
@@ -111,6 +142,7 @@ Scheduler::Scheduler(std::unique_ptr<Engine> engine, const SchedulerOptions& opt
       total_pages_(engine_->pages().num_pages()) {
   {
     absl::MutexLock l(&mu_);
+    worker_id_ = options_.worker_id;
     UpdateGaugesLocked();
   }
   if (options_.metrics != nullptr) options_.metrics->kv_pages_total->Set(total_pages_);
@@ -277,7 +309,7 @@ absl::StatusOr<std::string> Scheduler::Generate(InferenceRequest request,
   }
   if (request.request_id.empty()) {
     do {
-      r->id = absl::StrCat(options_.worker_id, "-", next_id_++);
+      r->id = absl::StrCat(worker_id_, "-", next_id_++);
     } while (requests_.contains(r->id));
   } else {
     if (requests_.contains(request.request_id)) {
@@ -302,6 +334,11 @@ absl::Status Scheduler::Cancel(std::string_view request_id, absl::Status status)
   }
   if (it->second->cancel_status.ok()) it->second->cancel_status = std::move(status);
   return absl::OkStatus();
+}
+
+void Scheduler::SetWorkerId(const std::string& worker_id) {
+  absl::MutexLock l(&mu_);
+  worker_id_ = worker_id;
 }
 
 void Scheduler::CancelAll(const absl::Status& status) {
@@ -391,13 +428,13 @@ void Scheduler::FinishLocked(Request* r, absl::Status status, InferenceEvent eve
   event.request_id = r->id;
   if (!r->sent_first) {
     event.first = true;
-    event.served_by = options_.worker_id;
+    event.served_by = worker_id_;
     r->sent_first = true;
   }
   RequestOutcome outcome = RequestOutcome::kOk;
   if (status.ok()) {
     event.finished = true;
-    event.text += r->pending_text;  // flush a trailing partial character as is
+    event.text += TakeCompleteUtf8(&r->pending_text, /*flush=*/true);
     event.prompt_tokens = static_cast<int>(r->prompt.size());
     event.completion_tokens = r->completion;
     event.time_to_first_token_s = absl::ToDoubleSeconds(r->first_token_time - r->arrival);
@@ -575,7 +612,7 @@ void Scheduler::StepLoop() {
             ev.request_id = r->id;
             if (!r->sent_first) {
               ev.first = true;
-              ev.served_by = options_.worker_id;
+              ev.served_by = worker_id_;
               r->sent_first = true;
             }
             out.emplace_back(r, std::move(ev));

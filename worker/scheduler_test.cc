@@ -173,7 +173,8 @@ TEST(SchedulerTest, TextPromptsStreamDecodedText) {
   s.WaitDone();
   EXPECT_EQ(s.final_event().prompt_tokens, 10);  // BOS + 9 bytes
   auto tokens = s.tokens();
-  EXPECT_EQ(s.text(), (*sched)->engine().tokenizer()->Decode(tokens));
+  std::string decoded = (*sched)->engine().tokenizer()->Decode(tokens);
+  EXPECT_EQ(s.text(), TakeCompleteUtf8(&decoded, /*flush=*/true));
 }
 
 TEST(SchedulerTest, BadRequestsNameTheField) {
@@ -473,7 +474,7 @@ TEST(SchedulerTest, MetricsCountTokensOutcomesAndLatencies) {
   EXPECT_EQ(Value(reg, "prehoc_ready", {{"model", "tiny"}}), 1);
 }
 
-TEST(SchedulerTest, TakeCompleteUtf8HoldsBackPartialCharacters) {
+TEST(SchedulerTest, TakeCompleteUtf8HoldsBackPartialCharactersAndReplacesInvalidBytes) {
   std::string p = "ab\xC3";  // 'a', 'b', first byte of 'é'
   EXPECT_EQ(TakeCompleteUtf8(&p), "ab");
   EXPECT_EQ(p, "\xC3");
@@ -484,8 +485,16 @@ TEST(SchedulerTest, TakeCompleteUtf8HoldsBackPartialCharacters) {
   EXPECT_EQ(TakeCompleteUtf8(&p), "");
   p += "\xAC!";
   EXPECT_EQ(TakeCompleteUtf8(&p), "\xE2\x82\xAC!");
-  p = "\x80\x80";  // stray continuation bytes pass through
-  EXPECT_EQ(TakeCompleteUtf8(&p), "\x80\x80");
+  const std::string kBad = "\xEF\xBF\xBD";
+  p = "\x80x";  // stray continuation byte
+  EXPECT_EQ(TakeCompleteUtf8(&p), kBad + "x");
+  p = "\xC3(";  // lead byte followed by a non-continuation
+  EXPECT_EQ(TakeCompleteUtf8(&p), kBad + "(");
+  p = "\xED\xA0\x80";  // a UTF-16 surrogate: invalid in UTF-8
+  EXPECT_EQ(TakeCompleteUtf8(&p), kBad + kBad + kBad);
+  p = "\xF0\x9F";  // incomplete, flushed at the end of the stream
+  EXPECT_EQ(TakeCompleteUtf8(&p, /*flush=*/true), kBad);
+  EXPECT_EQ(p, "");
 }
 
 }  // namespace

@@ -1,0 +1,79 @@
+#include "services/common/server_util.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+
+#include "absl/strings/str_cat.h"
+
+namespace prehoc {
+
+std::string WithPort(const std::string& address, int port) {
+  const size_t colon = address.rfind(':');
+  const std::string host = colon == std::string::npos ? address : address.substr(0, colon);
+  return absl::StrCat(host, ":", port);
+}
+
+absl::StatusOr<GrpcServer> StartGrpcServer(const std::string& address,
+                                           const std::vector<grpc::Service*>& services,
+                                           int max_receive_message_bytes) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  GrpcServer out;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &out.port);
+  builder.SetMaxReceiveMessageSize(max_receive_message_bytes);
+  for (grpc::Service* s : services) builder.RegisterService(s);
+  out.server = builder.BuildAndStart();
+  if (out.server == nullptr || out.port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
+  }
+  grpc::HealthCheckServiceInterface* health = out.server->GetHealthCheckService();
+  health->SetServingStatus("", true);
+  health->SetServingStatus("liveness", true);
+  SetReadiness(out.server.get(), false);
+  return out;
+}
+
+void SetReadiness(grpc::Server* server, bool ready) {
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  if (health == nullptr) return;
+  health->SetServingStatus("readiness", ready);
+  health->SetServingStatus("prehoc.v1.Inference", ready);
+}
+
+absl::StatusOr<MetricsEndpoint> StartMetricsEndpoint(
+    const std::string& address, const std::shared_ptr<prometheus::Registry>& registry) {
+  MetricsEndpoint out;
+  try {
+    out.exposer = std::make_unique<prometheus::Exposer>(address);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve metrics on ", address, ": ", e.what()));
+  }
+  out.exposer->RegisterCollectable(registry);
+  std::vector<int> ports = out.exposer->GetListeningPorts();
+  out.port = ports.empty() ? 0 : ports[0];
+  return out;
+}
+
+void BlockTerminationSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
+int WaitForTerminationSignal() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  int sig = 0;
+  while (sigwait(&set, &sig) != 0) {
+  }
+  return sig;
+}
+
+}  // namespace prehoc

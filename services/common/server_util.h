@@ -1,0 +1,57 @@
+// Shared plumbing of the prehoc servers: a gRPC server with gRPC's health service and server
+// reflection, the Prometheus exposer, and SIGTERM/SIGINT handling.
+//
+// Health service names (grpc.health.v1):
+//   ""  and "liveness"                    SERVING while the process runs (liveness probe)
+//   "readiness" and "prehoc.v1.Inference" SERVING when ready to serve (readiness probe)
+#ifndef PREHOC_SERVICES_COMMON_SERVER_UTIL_H_
+#define PREHOC_SERVICES_COMMON_SERVER_UTIL_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "prometheus/exposer.h"
+#include "prometheus/registry.h"
+
+namespace prehoc {
+
+struct GrpcServer {
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;  // the bound port (resolved when the address asked for port 0)
+};
+
+// Builds and starts a server on `address` ("host:port", port 0 = any free port) with
+// `services` (not owned; must outlive the server), health checking (all names NOT_SERVING for
+// readiness until SetReadiness(true)) and reflection. UNAVAILABLE when the address cannot be
+// bound.
+absl::StatusOr<GrpcServer> StartGrpcServer(const std::string& address,
+                                           const std::vector<grpc::Service*>& services,
+                                           int max_receive_message_bytes);
+
+// Sets the readiness health names (liveness stays SERVING). Thread-safe.
+void SetReadiness(grpc::Server* server, bool ready);
+
+struct MetricsEndpoint {
+  std::unique_ptr<prometheus::Exposer> exposer;
+  int port = 0;
+};
+// Serves `registry` at http://address/metrics. UNAVAILABLE when the address cannot be bound.
+absl::StatusOr<MetricsEndpoint> StartMetricsEndpoint(
+    const std::string& address, const std::shared_ptr<prometheus::Registry>& registry);
+
+// Blocks SIGTERM and SIGINT in the calling thread; call first thing in main() so every thread
+// started afterwards inherits the mask and WaitForTerminationSignal() receives them.
+void BlockTerminationSignals();
+// Waits for SIGTERM or SIGINT (blocked by BlockTerminationSignals) and returns its number.
+int WaitForTerminationSignal();
+
+// "host:port" with the port replaced by `port` (for addresses given with port 0).
+std::string WithPort(const std::string& address, int port);
+
+}  // namespace prehoc
+
+#endif  // PREHOC_SERVICES_COMMON_SERVER_UTIL_H_

@@ -1,0 +1,31 @@
+// Helpers for service tests (linked only into tests): raw HTTP GET for /metrics, the server
+// reflection service listing through a generic stub (Debian ships no reflection client), and
+// health checks.
+#ifndef PREHOC_SERVICES_COMMON_TEST_UTIL_H_
+#define PREHOC_SERVICES_COMMON_TEST_UTIL_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace prehoc::testing {
+
+// GET http://127.0.0.1:port/path; returns the body. UNAVAILABLE on connection errors.
+absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
+
+// Service names listed by grpc.reflection.v1alpha.ServerReflection.
+absl::StatusOr<std::vector<std::string>> ListServicesByReflection(
+    const std::shared_ptr<grpc::Channel>& channel);
+
+// grpc.health.v1.Health/Check of `service`.
+absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> CheckHealth(
+    const std::shared_ptr<grpc::Channel>& channel, const std::string& service);
+
+}  // namespace prehoc::testing
+
+#endif  // PREHOC_SERVICES_COMMON_TEST_UTIL_H_

@@ -1,0 +1,178 @@
+#include "services/worker/worker_server.h"
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+#include "common/logging.h"
+#include "services/common/proto_convert.h"
+
+namespace prehoc {
+
+absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerOptions options) {
+  auto s = std::unique_ptr<WorkerServer>(new WorkerServer());
+  s->registry_ = options.registry ? options.registry : std::make_shared<prometheus::Registry>();
+  s->model_name_ = options.model_name;
+  if (s->model_name_.empty()) {
+    s->model_name_ =
+        std::filesystem::path(options.engine.model_dir).lexically_normal().filename().string();
+    if (s->model_name_.empty()) {
+      s->model_name_ = std::filesystem::path(options.engine.model_dir)
+                           .lexically_normal()
+                           .parent_path()
+                           .filename()
+                           .string();
+    }
+    if (s->model_name_.empty()) s->model_name_ = "default";
+  }
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(options.engine);
+  if (!engine.ok()) return engine.status();
+
+  s->metrics_struct_ = std::make_unique<SchedulerMetrics>(*s->registry_, s->model_name_);
+  SchedulerOptions so = options.scheduler;
+  so.model_name = s->model_name_;
+  so.metrics = s->metrics_struct_.get();
+  // The worker id defaults to the advertised address, known only once the port is bound; the
+  // scheduler gets it (SetWorkerId) before readiness goes true.
+  so.worker_id = options.worker_id.empty() ? "worker" : options.worker_id;
+  absl::StatusOr<std::unique_ptr<Scheduler>> sched = Scheduler::Create(std::move(*engine), so);
+  if (!sched.ok()) return sched.status();
+  s->scheduler_ = std::move(*sched);
+  s->inference_service_ = std::make_unique<InferenceService>(
+      s->scheduler_.get(), InferenceServiceOptions{options.max_request_bytes});
+  s->worker_service_ = std::make_unique<WorkerService>(s->scheduler_.get());
+  absl::StatusOr<GrpcServer> server = StartGrpcServer(
+      options.listen_address, {s->inference_service_.get(), s->worker_service_.get()},
+      TransportMessageLimit(options.max_request_bytes));
+  if (!server.ok()) return server.status();
+  s->grpc_ = std::move(*server);
+  s->advertise_ = options.advertise_address.empty()
+                      ? WithPort(options.listen_address, s->grpc_.port)
+                      : options.advertise_address;
+  s->worker_id_ = options.worker_id.empty() ? s->advertise_ : options.worker_id;
+  s->scheduler_->SetWorkerId(s->worker_id_);
+  if (!options.metrics_address.empty()) {
+    absl::StatusOr<MetricsEndpoint> m = StartMetricsEndpoint(options.metrics_address, s->registry_);
+    if (!m.ok()) return m.status();
+    s->metrics_ = std::move(*m);
+  }
+  SetReadiness(s->grpc_.server.get(), true);
+  LOG(INFO) << "worker serving model=" << s->model_name_ << " id=" << s->worker_id_
+            << " grpc=" << s->advertise_ << " metrics_port=" << s->metrics_.port
+            << " kv_pages=" << s->scheduler_->Load().kv_pages_total;
+  if (!options.cachemgr_address.empty()) {
+    s->cachemgr_address_ = options.cachemgr_address;
+    s->register_retry_ = options.register_retry;
+    s->cachemgr_ = v1::CacheManager::NewStub(
+        grpc::CreateChannel(options.cachemgr_address, grpc::InsecureChannelCredentials()));
+    s->agent_ = std::thread([p = s.get()] { p->AgentLoop(); });
+  }
+  return s;
+}
+
+WorkerServer::~WorkerServer() { Shutdown(absl::Now()); }
+
+bool WorkerServer::registered() const {
+  absl::MutexLock l(&mu_);
+  return registered_;
+}
+
+void WorkerServer::Shutdown(absl::Time drain_deadline) {
+  {
+    absl::MutexLock l(&mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  LOG(INFO) << "worker " << worker_id_ << " draining";
+  SetReadiness(grpc_.server.get(), false);
+  scheduler_->StartDrain();
+  if (!scheduler_->WaitIdle(drain_deadline)) {
+    LOG(WARNING) << "drain deadline passed with requests in flight; ending them";
+    scheduler_->CancelAll(absl::UnavailableError("worker shutting down"));
+    scheduler_->WaitIdle(absl::InfiniteFuture());
+  }
+  {
+    absl::MutexLock l(&mu_);
+    stop_ = true;
+  }
+  if (agent_.joinable()) agent_.join();
+  grpc_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  grpc_.server->Wait();
+  LOG(INFO) << "worker " << worker_id_ << " stopped";
+}
+
+void WorkerServer::AgentLoop() {
+  int64_t epoch = 0;
+  absl::Duration interval = register_retry_;
+  bool warned = false;
+  while (true) {
+    {
+      absl::MutexLock l(&mu_);
+      if (stop_) break;
+    }
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    bool registered;
+    {
+      absl::MutexLock l(&mu_);
+      registered = registered_;
+    }
+    grpc::Status status;
+    if (!registered) {
+      v1::RegisterWorkerRequest req;
+      req.set_worker_id(worker_id_);
+      req.set_address(advertise_);
+      for (const ModelDescription& m : scheduler_->ListModels()) *req.add_models() = ToProto(m);
+      req.set_page_size(scheduler_->engine().kv_cache().shape().page_size);
+      *req.mutable_load() = ToProto(scheduler_->Load());
+      req.set_ready(scheduler_->Ready());
+      for (const LiveSequenceInfo& q : scheduler_->LiveSequences()) {
+        v1::LiveSequence* ls = req.add_live_sequences();
+        ls->set_sequence_id(q.request_id);
+        ls->set_length(q.length);
+        ls->set_kv_pages(q.kv_pages);
+      }
+      v1::RegisterWorkerResponse resp;
+      status = cachemgr_->RegisterWorker(&ctx, req, &resp);
+      if (status.ok()) {
+        epoch = resp.epoch();
+        interval = resp.heartbeat_interval_ms() > 0 ? absl::Milliseconds(resp.heartbeat_interval_ms())
+                                                    : register_retry_;
+        absl::MutexLock l(&mu_);
+        registered_ = true;
+        LOG(INFO) << "registered with cache manager " << cachemgr_address_ << " epoch=" << epoch
+                  << " heartbeat_interval=" << absl::FormatDuration(interval);
+      }
+    } else {
+      v1::HeartbeatRequest req;
+      req.set_worker_id(worker_id_);
+      req.set_epoch(epoch);
+      *req.mutable_load() = ToProto(scheduler_->Load());
+      req.set_ready(scheduler_->Ready());
+      v1::HeartbeatResponse resp;
+      status = cachemgr_->Heartbeat(&ctx, req, &resp);
+      if (status.error_code() == grpc::StatusCode::NOT_FOUND) {
+        LOG(WARNING) << "cache manager does not know this worker (" << status.error_message()
+                     << "); registering again";
+        absl::MutexLock l(&mu_);
+        registered_ = false;
+        continue;  // re-register at once
+      }
+    }
+    if (!status.ok()) {
+      if (!warned) {
+        LOG(WARNING) << "cache manager " << cachemgr_address_ << ": " << status.error_message()
+                     << " (retrying)";
+      }
+      warned = true;
+    } else {
+      warned = false;
+    }
+    const absl::Duration wait = status.ok() ? interval : std::min(interval, register_retry_);
+    absl::MutexLock l(&mu_);
+    auto stopping = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_; };
+    mu_.AwaitWithTimeout(absl::Condition(&stopping), wait);
+  }
+}
+
+}  // namespace prehoc

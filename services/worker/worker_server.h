@@ -1,0 +1,102 @@
+// The prehoc-worker server, as a class so tests run it in-process: loads the model into an
+// Engine, runs the continuous-batching Scheduler, and serves prehoc.v1.Inference (direct use),
+// prehoc.v1.Worker (for the cache manager), grpc.health.v1 and reflection on one port and
+// Prometheus /metrics on another. With a cache-manager address it registers and heartbeats
+// (re-registering with its live sequences whenever the cache manager forgets it).
+//
+// Threads: gRPC's callback threads (adapters only), the scheduler's step thread (the engine),
+// and one agent thread for registration and heartbeats.
+#ifndef PREHOC_SERVICES_WORKER_WORKER_SERVER_H_
+#define PREHOC_SERVICES_WORKER_WORKER_SERVER_H_
+
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "prehoc/v1/cachemgr.grpc.pb.h"
+#include "prometheus/registry.h"
+#include "services/common/inference_service.h"
+#include "services/common/server_util.h"
+#include "services/worker/worker_service.h"
+#include "worker/engine.h"
+#include "worker/scheduler.h"
+
+namespace prehoc {
+
+struct WorkerServerOptions {
+  EngineOptions engine;
+  // model_name, worker_id and metrics are filled in by Create.
+  SchedulerOptions scheduler;
+  // Name served by ListModels; "" = the model directory's base name.
+  std::string model_name;
+  // gRPC address; port 0 picks a free port (see port()).
+  std::string listen_address = "127.0.0.1:0";
+  // Prometheus address ("host:port"); "" = no metrics endpoint.
+  std::string metrics_address;
+  // Cache manager to register with; "" = standalone.
+  std::string cachemgr_address;
+  // Address the cache manager dials; "" = listen host with the bound port.
+  std::string advertise_address;
+  // Registry id; "" = the advertise address.
+  std::string worker_id;
+  int64_t max_request_bytes = int64_t{4} << 20;
+  // Retry interval for registration while the cache manager is unreachable.
+  absl::Duration register_retry = absl::Milliseconds(500);
+  // Metrics registry; null = a private one.
+  std::shared_ptr<prometheus::Registry> registry;
+};
+
+class WorkerServer {
+ public:
+  // Loads the model and starts serving. Errors: the engine's (bad model dir), INVALID_ARGUMENT
+  // for bad scheduler options, UNAVAILABLE when an address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<WorkerServer>> Create(WorkerServerOptions options);
+  // Shutdown(absl::Now()) if not done.
+  ~WorkerServer();
+
+  int port() const { return grpc_.port; }
+  int metrics_port() const { return metrics_.port; }
+  const std::string& worker_id() const { return worker_id_; }
+  const std::string& address() const { return advertise_; }
+  Scheduler& scheduler() { return *scheduler_; }
+  prometheus::Registry& registry() { return *registry_; }
+  // True once registered with the cache manager (always false when standalone).
+  bool registered() const;
+
+  // Graceful drain: readiness goes false (health and heartbeats), new requests get
+  // UNAVAILABLE, in-flight requests may finish until `drain_deadline`; the rest end UNAVAILABLE;
+  // then the gRPC server stops. Idempotent.
+  void Shutdown(absl::Time drain_deadline);
+
+ private:
+  WorkerServer() = default;
+  void AgentLoop();
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<SchedulerMetrics> metrics_struct_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<InferenceService> inference_service_;
+  std::unique_ptr<WorkerService> worker_service_;
+  GrpcServer grpc_;
+  MetricsEndpoint metrics_;
+  std::string worker_id_;
+  std::string advertise_;
+  std::string model_name_;
+  std::string cachemgr_address_;
+  absl::Duration register_retry_;
+  std::unique_ptr<v1::CacheManager::Stub> cachemgr_;
+  std::thread agent_;
+
+  mutable absl::Mutex mu_;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+  bool registered_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace prehoc
+
+#endif  // PREHOC_SERVICES_WORKER_WORKER_SERVER_H_
