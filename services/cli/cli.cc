@@ -3,6 +3,8 @@
 #include <charconv>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <map>
 #include <optional>
 
@@ -43,6 +45,7 @@ Flags:
                        Default: models/prehoc-code-ar
   --prompt TEXT        Prompt text (needs the model's prehoc_tokenizer.json).
                        Default: a short Python snippet.
+  --prompt-file FILE   Prompt text read from a file (e.g. a long source file).
   --prompt-ids IDS     Prompt as comma-separated token ids instead of text.
   --max-tokens N       Tokens to generate (default 128).
   --temperature T      0 = greedy (default 0).
@@ -128,13 +131,20 @@ std::string ParseGenerateFlags(const std::vector<std::string>& args, GenerateFla
                name == "--max-tokens" || name == "--temperature" || name == "--top-k" ||
                name == "--top-p" || name == "--seed" || name == "--threads" ||
                name == "--kv-cache-mb" || name == "--log-level" || name == "--policy" ||
-               name == "--budget" || name == "--target-delta" ||
+               name == "--budget" || name == "--target-delta" || name == "--prompt-file" ||
                name == "--sparsity-overrides") {
       if (!need_value(&v)) return absl::StrCat(name, " needs a value");
       if (name == "--model") {
         f->model = v;
       } else if (name == "--prompt") {
         f->prompt = v;
+      } else if (name == "--prompt-file") {
+        std::ifstream in(v, std::ios::binary);
+        if (!in) return absl::StrCat("--prompt-file: cannot read '", v, "'");
+        std::stringstream buf;
+        buf << in.rdbuf();
+        if (f->prompt) return "--prompt and --prompt-file are mutually exclusive";
+        f->prompt = buf.str();
       } else if (name == "--prompt-ids") {
         f->prompt_ids = v;
       } else if (name == "--max-tokens") {
@@ -233,7 +243,16 @@ int RunGenerate(const std::vector<std::string>& args, std::ostream& out, std::os
   }
 
   const Tokenizer* tok = engine.tokenizer();
-  if (tok != nullptr && !f.prompt_ids) out << f.prompt.value_or(kDefaultPrompt);
+  if (tok != nullptr && !f.prompt_ids) {
+    const std::string shown = f.prompt.value_or(kDefaultPrompt);
+    constexpr size_t kShow = 400;  // a long prompt is summarised: only its end is echoed
+    if (shown.size() > kShow) {
+      out << "[... " << shown.size() - kShow << " bytes of prompt not shown ...]\n"
+          << shown.substr(shown.size() - kShow);
+    } else {
+      out << shown;
+    }
+  }
   GenerateStats stats;
   auto results = GenerateBatch(
       engine, {req},

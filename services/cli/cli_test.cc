@@ -121,5 +121,21 @@ TEST(CliTest, EvalRejectsBadFlags) {
   EXPECT_THAT(c.out, HasSubstr("--policies"));
 }
 
+TEST(CliTest, PromptFileIsReadAndLongPromptsAreSummarised) {
+  fs::path file = fs::path(::testing::TempDir()) / "prompt.txt";
+  {
+    std::ofstream f(file);
+    f << std::string(150, 'a') << "TAIL";
+  }
+  CliRun a = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--prompt-file", file.string(),
+                  "--max-tokens", "2", "--no-stop-at-eos"});
+  ASSERT_EQ(a.code, 0) << a.err;
+  EXPECT_THAT(a.out, HasSubstr("from a 155-token prompt"));
+  EXPECT_THAT(a.out, HasSubstr("aTAIL"));
+  CliRun b = Cli({"generate", "--prompt-file", "/no/such/file"});
+  EXPECT_EQ(b.code, 2);
+  EXPECT_THAT(b.err, HasSubstr("cannot read '/no/such/file'"));
+}
+
 }  // namespace
 }  // namespace prehoc
