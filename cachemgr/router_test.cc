@@ -1,0 +1,317 @@
+#include "cachemgr/router.h"
+
+#include <atomic>
+#include <map>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "prometheus/registry.h"
+
+namespace prehoc {
+namespace {
+
+using ::testing::HasSubstr;
+
+// A worker link whose streams the test drives by hand. Free ends a stream CANCELLED (as the
+// real worker does).
+class FakeLink : public WorkerLink {
+ public:
+  absl::Status Start(const std::string& seq, const InferenceRequest& request,
+                     InferenceCallback callback) override {
+    absl::MutexLock l(&mu_);
+    started_.push_back(seq);
+    requests_[seq] = request;
+    callbacks_[seq] = std::move(callback);
+    return absl::OkStatus();
+  }
+  void Free(const std::string& seq) override {
+    InferenceCallback cb;
+    {
+      absl::MutexLock l(&mu_);
+      freed_.push_back(seq);
+      auto it = callbacks_.find(seq);
+      if (it == callbacks_.end()) return;
+      cb = std::move(it->second);
+      callbacks_.erase(it);
+    }
+    InferenceEvent ev;
+    ev.status = absl::CancelledError("freed");
+    cb(ev);
+  }
+  bool Healthy() const override { return healthy_; }
+
+  // Sends a non-terminal token event (or the terminal one when `finish`).
+  void Emit(const std::string& seq, int32_t token, bool finish = false) {
+    InferenceCallback cb;
+    {
+      absl::MutexLock l(&mu_);
+      auto it = callbacks_.find(seq);
+      ASSERT_NE(it, callbacks_.end()) << seq;
+      cb = it->second;
+      if (finish) callbacks_.erase(it);
+    }
+    InferenceEvent ev;
+    ev.request_id = seq;
+    ev.tokens = {token};
+    ev.sequence_length = 10;
+    ev.kv_pages = 1;
+    if (finish) {
+      ev.finished = true;
+      ev.finish_reason = "length";
+    }
+    cb(ev);
+  }
+  std::vector<std::string> started() {
+    absl::MutexLock l(&mu_);
+    return started_;
+  }
+  std::vector<std::string> freed() {
+    absl::MutexLock l(&mu_);
+    return freed_;
+  }
+  std::atomic<bool> healthy_{true};
+
+ private:
+  absl::Mutex mu_;
+  std::vector<std::string> started_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> freed_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, InferenceRequest> requests_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, InferenceCallback> callbacks_ ABSL_GUARDED_BY(mu_);
+};
+
+// Events of one client stream.
+struct Client {
+  absl::Mutex mu;
+  std::vector<InferenceEvent> events ABSL_GUARDED_BY(mu);
+  InferenceCallback Callback() {
+    return [this](InferenceEvent ev) {
+      absl::MutexLock l(&mu);
+      events.push_back(std::move(ev));
+    };
+  }
+  std::vector<InferenceEvent> Events() {
+    absl::MutexLock l(&mu);
+    return events;
+  }
+};
+
+class RouterTest : public ::testing::Test {
+ protected:
+  RouterTest()
+      : workers_({absl::Seconds(1), 2, [this] { return absl::FromUnixMicros(now_us_.load()); },
+                  nullptr}),
+        metrics_(registry_),
+        router_(std::make_unique<Router>(&workers_, &sequences_,
+                                         RouterOptions{"cm", &metrics_})) {}
+
+  std::shared_ptr<FakeLink> AddWorker(const std::string& id, int max_running = 4,
+                                      int max_queue = 4, int pages = 1000,
+                                      std::vector<std::string> live = {}) {
+    auto link = std::make_shared<FakeLink>();
+    WorkerRegistration r;
+    r.worker_id = id;
+    r.address = id + ":1";
+    r.models = {ModelDescription{"tiny", "LlamaForCausalLM", 260, 256}};
+    r.page_size = 16;
+    r.load.kv_pages_total = pages;
+    r.load.max_running = max_running;
+    r.load.max_queue = max_queue;
+    r.ready = true;
+    r.link = link;
+    r.live_sequences = std::move(live);
+    auto epoch = router_->RegisterWorker(r);
+    EXPECT_TRUE(epoch.ok()) << epoch.status();
+    epochs_[id] = *epoch;
+    return link;
+  }
+  InferenceRequest Req(int max_tokens = 8) {
+    InferenceRequest r;
+    r.token_ids = {256, 1, 2};
+    r.max_tokens = max_tokens;
+    return r;
+  }
+  void Advance(absl::Duration d) { now_us_ += absl::ToInt64Microseconds(d); }
+
+  std::atomic<int64_t> now_us_{1'000'000'000};
+  WorkerRegistry workers_;
+  SequenceRegistry sequences_;
+  prometheus::Registry registry_;
+  RouterMetrics metrics_;
+  std::unique_ptr<Router> router_;
+  std::map<std::string, int64_t> epochs_;
+};
+
+TEST_F(RouterTest, NoWorkerIsUnavailableAndUnknownModelIsInvalid) {
+  EXPECT_FALSE(router_->Ready());
+  Client c;
+  EXPECT_EQ(router_->Generate(Req(), c.Callback()).status().code(),
+            absl::StatusCode::kUnavailable);
+  AddWorker("w1");
+  EXPECT_TRUE(router_->Ready());
+  InferenceRequest r = Req();
+  r.model = "gpt-9";
+  auto got = router_->Generate(r, c.Callback());
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr("model"));
+  ASSERT_EQ(router_->ListModels().size(), 1u);
+  EXPECT_EQ(router_->ListModels()[0].name, "tiny");
+}
+
+TEST_F(RouterTest, PlacementSpreadsStreamsAndRelaysEventsWithTheClientsRequestId) {
+  auto a = AddWorker("a");
+  auto b = AddWorker("b");
+  std::vector<Client> clients(6);
+  for (int i = 0; i < 6; ++i) {
+    InferenceRequest r = Req();
+    if (i == 0) r.request_id = "mine";
+    ASSERT_TRUE(router_->Generate(r, clients[i].Callback()).ok());
+  }
+  EXPECT_EQ(a->started().size(), 3u);
+  EXPECT_EQ(b->started().size(), 3u);
+  EXPECT_EQ(sequences_.Totals().sequences, 6);
+  const std::string seq = a->started()[0];
+  a->Emit(seq, 42);
+  EXPECT_EQ(sequences_.Get(seq)->kv_pages, 1);
+  a->Emit(seq, 43, /*finish=*/true);
+  auto events = clients[0].Events();
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0].request_id, "mine");
+  EXPECT_EQ(events[0].tokens, std::vector<int32_t>{42});
+  EXPECT_TRUE(events[1].finished);
+  EXPECT_FALSE(sequences_.Get(seq).has_value());
+  EXPECT_EQ(router_->ActiveStreams(), 5);
+  router_.reset();  // ends the open streams while their clients are alive
+}
+
+TEST_F(RouterTest, FullWorkersAreResourceExhaustedWithTheLimits) {
+  AddWorker("a", /*max_running=*/1, /*max_queue=*/1);
+  Client c1, c2, c3;
+  ASSERT_TRUE(router_->Generate(Req(), c1.Callback()).ok());
+  ASSERT_TRUE(router_->Generate(Req(), c2.Callback()).ok());
+  auto got = router_->Generate(Req(), c3.Callback());
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr("max_running=1"));
+  // Pages: a request that needs more pages than the worker has unreserved.
+  AddWorker("b", 8, 8, /*pages=*/4);
+  auto big = router_->Generate(Req(/*max_tokens=*/200), c3.Callback());
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(big.status().message()), HasSubstr("KV pages"));
+  router_.reset();
+}
+
+TEST_F(RouterTest, DeadWorkerStreamsEndUnavailableAndItsPagesAreReleased) {
+  auto a = AddWorker("a");
+  auto b = AddWorker("b");
+  std::vector<Client> clients(4);
+  for (auto& c : clients) ASSERT_TRUE(router_->Generate(Req(), c.Callback()).ok());
+  for (const auto& s : a->started()) a->Emit(s, 1);
+  for (const auto& s : b->started()) b->Emit(s, 1);
+  EXPECT_EQ(sequences_.Usage("a").kv_pages, 2);
+
+  // b keeps heartbeating, a goes silent: after two intervals only a is declared dead.
+  Advance(absl::Milliseconds(1500));
+  ASSERT_TRUE(router_->Heartbeat("b", epochs_["b"], LoadReport{1000, 0, 0, 0, 0, 4, 4}, true).ok());
+  EXPECT_TRUE(router_->Tick().empty());
+  Advance(absl::Milliseconds(1000));
+  EXPECT_EQ(router_->Tick(), std::vector<std::string>{"a"});
+  int unavailable = 0;
+  for (auto& c : clients) {
+    auto ev = c.Events();
+    if (!ev.empty() && ev.back().status.code() == absl::StatusCode::kUnavailable) {
+      ++unavailable;
+      EXPECT_THAT(std::string(ev.back().status.message()), HasSubstr("worker a"));
+    }
+  }
+  EXPECT_EQ(unavailable, 2);
+  EXPECT_EQ(sequences_.Usage("a").sequences, 0);
+  EXPECT_EQ(sequences_.Totals().sequences, 2);
+  EXPECT_EQ(a->freed().size(), 2u);  // best-effort free sent to the (maybe partitioned) worker
+  // A late heartbeat from a is refused: it must register again.
+  EXPECT_EQ(router_->Heartbeat("a", epochs_["a"], {}, true).code(), absl::StatusCode::kNotFound);
+  // The other streams finish normally.
+  for (const auto& s : b->started()) b->Emit(s, 2, /*finish=*/true);
+  EXPECT_EQ(sequences_.Totals().sequences, 0);
+  EXPECT_EQ(sequences_.Totals().kv_pages, 0);
+  EXPECT_EQ(router_->ActiveStreams(), 0);
+}
+
+TEST_F(RouterTest, CancelEndsTheClientStreamWithTheGivenStatusAndFreesTheSequence) {
+  auto a = AddWorker("a");
+  Client c;
+  InferenceRequest r = Req();
+  r.request_id = "x";
+  ASSERT_TRUE(router_->Generate(r, c.Callback()).ok());
+  EXPECT_EQ(router_->Generate(r, c.Callback()).status().code(), absl::StatusCode::kAlreadyExists);
+  ASSERT_TRUE(router_->Cancel("x", absl::DeadlineExceededError("late")).ok());
+  auto ev = c.Events();
+  ASSERT_EQ(ev.size(), 1u);
+  EXPECT_EQ(ev[0].status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(a->freed(), a->started());
+  EXPECT_EQ(router_->Cancel("x").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(sequences_.Totals().sequences, 0);
+}
+
+TEST_F(RouterTest, OrphanSequencesOfAPreviousInstanceAreFreedAtRegistration) {
+  auto a = AddWorker("a", 4, 4, 1000, {"old-1", "old-2"});
+  EXPECT_EQ(a->freed(), (std::vector<std::string>{"old-1", "old-2"}));
+  // Stale epochs and unknown workers are NOT_FOUND.
+  EXPECT_EQ(router_->Heartbeat("a", epochs_["a"] + 1, {}, true).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(router_->Heartbeat("zzz", 1, {}, true).code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(RouterTest, UnhealthyOrNotReadyWorkersAreSkipped) {
+  auto a = AddWorker("a");
+  auto b = AddWorker("b");
+  a->healthy_ = false;
+  ASSERT_TRUE(router_->Heartbeat("b", epochs_["b"], LoadReport{1000, 0, 0, 0, 0, 4, 4}, false).ok());
+  Client c;
+  EXPECT_EQ(router_->Generate(Req(), c.Callback()).status().code(),
+            absl::StatusCode::kUnavailable);
+  a->healthy_ = true;
+  ASSERT_TRUE(router_->Generate(Req(), c.Callback()).ok());
+  EXPECT_EQ(a->started().size(), 1u);
+  router_.reset();
+}
+
+TEST_F(RouterTest, DestructionEndsStreamsUnavailable) {
+  auto a = AddWorker("a");
+  Client c;
+  ASSERT_TRUE(router_->Generate(Req(), c.Callback()).ok());
+  router_.reset();
+  auto ev = c.Events();
+  ASSERT_EQ(ev.size(), 1u);
+  EXPECT_EQ(ev[0].status.code(), absl::StatusCode::kUnavailable);
+}
+
+TEST_F(RouterTest, MetricsCountOutcomesAndWorkers) {
+  auto a = AddWorker("a");
+  Client c1, c2;
+  ASSERT_TRUE(router_->Generate(Req(), c1.Callback()).ok());
+  ASSERT_TRUE(router_->Generate(Req(), c2.Callback()).ok());
+  a->Emit(a->started()[0], 5, true);
+  router_->Tick();
+  auto value = [&](const std::string& name, const std::string& outcome) {
+    for (const auto& fam : registry_.Collect()) {
+      if (fam.name != name) continue;
+      for (const auto& m : fam.metric) {
+        bool match = outcome.empty();
+        for (const auto& lp : m.label) match |= lp.name == "outcome" && lp.value == outcome;
+        if (!match) continue;
+        if (fam.type == prometheus::MetricType::Counter) return m.counter.value;
+        if (fam.type == prometheus::MetricType::Gauge) return m.gauge.value;
+        return static_cast<double>(m.histogram.sample_count);
+      }
+    }
+    return -1.0;
+  };
+  EXPECT_EQ(value("prehoc_cachemgr_requests_total", "ok"), 1);
+  EXPECT_EQ(value("prehoc_cachemgr_time_to_first_token_seconds", ""), 1);
+  EXPECT_EQ(value("prehoc_cachemgr_workers_ready", ""), 1);
+  EXPECT_EQ(value("prehoc_cachemgr_sequences", ""), 1);
+  EXPECT_EQ(value("prehoc_cachemgr_kv_pages_total", ""), 1000);
+  router_.reset();
+}
+
+}  // namespace
+}  // namespace prehoc
