@@ -91,6 +91,7 @@ std::vector<int32_t> AllTokens(int64_t t) {
 SequenceSelector::SequenceSelector(const ModelConfig& model, const SelectionPlan& plan)
     : model_(model), plan_(plan) {
   telemetry_.refreshes_per_layer.assign(model.num_hidden_layers, 0);
+  telemetry_.shares_per_layer.assign(model.num_hidden_layers, 0);
 }
 
 void SequenceSelector::Account(int64_t kept, int64_t t) {
@@ -348,6 +349,7 @@ class PrhsSelector : public SequenceSelector {
       if (share) {
         ++st.reuse;
         ++telemetry_.shares;
+        ++telemetry_.shares_per_layer[layer];
       } else {
         Refresh(layer, kh, q, kv, group, lp, k, &st);
       }
@@ -433,6 +435,7 @@ class HShareSelector : public SequenceSelector {
       if (st.source >= 0) {
         st.heavy = state_[st.source].heavy;  // shared from the representative
         ++telemetry_.shares;
+        ++telemetry_.shares_per_layer[layer];
       } else if (st.steps % lp.refresh_interval == 0) {
         std::vector<float> approx(t, 0.0f);
         for (int j = 0; j < t; ++j) {
@@ -449,6 +452,7 @@ class HShareSelector : public SequenceSelector {
         ++telemetry_.refreshes_per_layer[layer];
       } else {
         ++telemetry_.shares;
+        ++telemetry_.shares_per_layer[layer];
       }
       ++st.steps;
       s = MergeIndexSet(lp.sink, st.heavy, lp.local, t);

@@ -63,6 +63,7 @@ struct SelectionTelemetry {
   double kept_fraction_sum = 0;  // Σ |S| / t over selections
   int64_t kept_tokens_sum = 0;   // Σ |S|
   std::vector<int64_t> refreshes_per_layer;
+  std::vector<int64_t> shares_per_layer;
   // Exact dropped mass of the index set in use until each refresh (mean over the group's query
   // heads), with the layer it was measured at: the telemetry the δ-controller consumes.
   std::vector<float> refresh_delta;

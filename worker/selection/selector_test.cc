@@ -139,6 +139,10 @@ TEST_F(SelectorEngineTest, CisGateSharesOrRefreshesAsTauSays) {
   const int units = engine_->config().num_hidden_layers * engine_->config().num_key_value_heads;
   EXPECT_EQ(always->telemetry().refreshes, units);
   EXPECT_EQ(always->telemetry().shares, 4 * units);
+  for (int l = 0; l < engine_->config().num_hidden_layers; ++l) {
+    EXPECT_EQ(always->telemetry().refreshes_per_layer[l], engine_->config().num_key_value_heads);
+    EXPECT_EQ(always->telemetry().shares_per_layer[l], 4 * engine_->config().num_key_value_heads);
+  }
   // τ = 1: cos > 1 never holds, so every step refreshes and measures δ of the previous set.
   auto never = Make("prhs", 0.25, {{"tau", 1}});
   Decode(never.get(), 5);
