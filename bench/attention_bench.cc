@@ -250,10 +250,17 @@ class Bench {
     wsp.d_q = d_q;
     wsp.d_out = d_out;
     wsp.d_page_indices = d_pages;
+    wsp.d_index_indptr = d_indptr;  // planning checks for non-null only
+    wsp.d_index_indices = d_indptr;
     size_t ws_bytes = 0;
     for (KvSelection sel : {KvSelection::kDense, KvSelection::kToken, KvSelection::kPage}) {
       wsp.selection = sel;
-      ws_bytes = std::max(ws_bytes, kernels::PagedDecodeWorkspaceBytes(wsp));
+      const size_t b = kernels::PagedDecodeWorkspaceBytes(wsp);
+      if (b == SIZE_MAX) {
+        std::fprintf(stderr, "workspace query failed: %s\n", kernels::PagedDecodeCheck(wsp));
+        std::exit(1);
+      }
+      ws_bytes = std::max(ws_bytes, b);
     }
     void* d_ws = DeviceAlloc(ws_bytes);
     base.d_workspace = d_ws;

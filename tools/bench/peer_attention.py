@@ -137,15 +137,38 @@ def main():
                     kf = k.view(-1, D)
                     vf = v.view(-1, D)
 
-                    def sparse(i):
-                        idx = flat[i % sets]
-                        ks = kf.index_select(0, idx).view(b, hkv, n, D)
-                        vs = vf.index_select(0, idx).view(b, hkv, n, D)
-                        return F.scaled_dot_product_attention(q[i % sets].view(b, hkv, G, D), ks, vs)
+                    def make(gather, form):
+                        def sparse(i):
+                            idx = flat[i % sets]
+                            if gather == "index_select":
+                                ks = kf.index_select(0, idx).view(b, hkv, n, D)
+                                vs = vf.index_select(0, idx).view(b, hkv, n, D)
+                            else:
+                                ks = kf[idx].view(b, hkv, n, D)
+                                vs = vf[idx].view(b, hkv, n, D)
+                            if form == "grouped":
+                                return F.scaled_dot_product_attention(
+                                    q[i % sets].view(b, hkv, G, D), ks, vs)
+                            return F.scaled_dot_product_attention(q[i % sets], ks, vs,
+                                                                  enable_gqa=True)
+                        return sparse
 
-                    with sdpa_kernel(FUSED):
-                        us = time_us(sparse, args.reps)
-                    record("gather_sdpa", b, hkv, ctx, keep, us, b * hkv * n * D * 4)
+                    best = None
+                    for gather in ("index_select", "indexing"):
+                        for form in ("grouped", "gqa"):
+                            try:
+                                with sdpa_kernel(FUSED):
+                                    us = time_us(make(gather, form), args.reps)
+                            except Exception as e:
+                                print(f"gather {gather} / sdpa {form}: failed ({str(e)[:200]})",
+                                      file=sys.stderr)
+                                continue
+                            record(f"gather_sdpa_{gather}_{form}", b, hkv, ctx, keep, us,
+                                   b * hkv * n * D * 4)
+                            best = us if best is None else min(best, us)
+                    if best is not None:
+                        record("gather_sdpa", b, hkv, ctx, keep, best, b * hkv * n * D * 4,
+                               "best form")
                     del flat
                 del k, v, q
                 torch.cuda.empty_cache()

@@ -70,6 +70,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint4* row = reinterpret_cast<const uint4*>(mask + static_cast<size_t>(blockIdx.x) * stride);
   const int n16 = stride / 16;
   int c = 0;
+#pragma unroll 8
   for (int i = threadIdx.x; i < n16; i += kThreads) c += NonZeroBytes(__ldg(row + i));
   c = BlockSum(c, scratch);
   if (threadIdx.x == 0) counts[blockIdx.x] = c;
@@ -89,22 +90,43 @@ __global__ void __launch_bounds__(kThreads)
   }
   const uint4* row = reinterpret_cast<const uint4*>(mask + static_cast<size_t>(r) * stride);
   const int n16 = stride / 16;
+  // Each step covers kThreads * kVecs vectors; thread t owns vectors [(step_base + t) * kVecs, +kVecs)
+  // (contiguous, so its output indices are ascending and follow those of threads < t). The next
+  // step's vectors are loaded before this step's scan.
+  constexpr int kVecs = 4;
+  auto load = [&](int step_base, uint4 (&v)[kVecs]) {
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const int i = (step_base + static_cast<int>(threadIdx.x)) * kVecs + k;
+      v[k] = i < n16 ? __ldg(row + i) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
   int running = base;
-  for (int start = 0; start < n16; start += kThreads) {
-    const int i = start + threadIdx.x;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (i < n16) v = __ldg(row + i);
+  uint4 cur[kVecs], next[kVecs];
+  load(0, cur);
+  for (int step_base = 0; step_base * kVecs < n16; step_base += kThreads) {
+    load(step_base + kThreads, next);
+    int c = 0;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) c += NonZeroBytes(cur[k]);
     int total;
-    int pos = running + BlockExclusiveScan(NonZeroBytes(v), scratch, &total);
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+    int pos = running + BlockExclusiveScan(c, scratch, &total);
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
+    for (int k = 0; k < kVecs; ++k) {
+      const int i0 = ((step_base + static_cast<int>(threadIdx.x)) * kVecs + k) * 16;
+      const uint32_t words[4] = {cur[k].x, cur[k].y, cur[k].z, cur[k].w};
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        if ((words[w] >> (8 * k)) & 0xffu) indices[pos++] = i * 16 + w * 4 + k;
+      for (int w = 0; w < 4; ++w) {
+        if (words[w] == 0u) continue;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          if ((words[w] >> (8 * b)) & 0xffu) indices[pos++] = i0 + w * 4 + b;
+        }
       }
     }
     running += total;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) cur[k] = next[k];
   }
 }
 

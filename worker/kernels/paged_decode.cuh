@@ -15,6 +15,8 @@
 //   shared memory; with one split the CTA writes out/lse directly, otherwise it writes a
 //   normalised partial (o, lse2) to the workspace and MergeSplitsKernel combines the splits:
 //     LSE = log2 Σ_s 2^{lse_s},   out = Σ_s 2^{lse_s - LSE} · o_s.
+//   The reduction is launched with programmatic dependent launch (griddepcontrol) so its launch
+//   latency overlaps the attention grid's tail.
 //
 // Workspace (several splits only), f32:
 //   ws_o   [batch * num_q_heads][num_splits][head_dim]
@@ -144,21 +146,35 @@ struct RowView {
   int num_pages;  // ceil(seq_len / page_size)
 };
 
-// Logical token position of attended element j (j < list length), or -1 when it is masked
-// (index out of range).
+// Address generation is split in two steps so both loads can be issued one pipeline iteration
+// before their results are needed (software-pipelined; the kernel never waits on them in the
+// steady state):
+//   LoadEntry: the CSR entry behind attended element j (kToken: a token, kPage: a page; dense:
+//              j itself; -1 past the split's end).
+//   Translate: entry -> physical row id page*16 + slot via the page table, or -1 when masked
+//              (out of range). REQUIRES: pool pages < 2^27.
 template <KvSelection S>
-__device__ __forceinline__ int Position(const RowView& r, int j) {
+__device__ __forceinline__ int LoadEntry(const RowView& r, int j, int end) {
   if constexpr (S == KvSelection::kDense) {
-    return j;
+    return j < end ? j : -1;
   } else if constexpr (S == KvSelection::kToken) {
-    const int t = __ldg(r.list + j);
-    return static_cast<unsigned>(t) < static_cast<unsigned>(r.seq_len) ? t : -1;
+    return j < end ? __ldg(r.list + j) : -1;
   } else {
-    const int page = __ldg(r.list + (j / kPageSize));
-    if (static_cast<unsigned>(page) >= static_cast<unsigned>(r.num_pages)) return -1;
-    const int t = page * kPageSize + (j % kPageSize);
-    return t < r.seq_len ? t : -1;
+    return j < end ? __ldg(r.list + j / kPageSize) : -1;
   }
+}
+
+template <KvSelection S>
+__device__ __forceinline__ int Translate(const RowView& r, int j, int entry) {
+  int t;  // logical token position
+  if constexpr (S == KvSelection::kPage) {
+    if (static_cast<unsigned>(entry) >= static_cast<unsigned>(r.num_pages)) return -1;
+    t = entry * kPageSize + j % kPageSize;
+  } else {
+    t = entry;
+  }
+  if (static_cast<unsigned>(t) >= static_cast<unsigned>(r.seq_len)) return -1;
+  return __ldg(r.pages + t / kPageSize) * kPageSize + t % kPageSize;
 }
 
 // ---- attention kernel --------------------------------------------------------------------------
@@ -224,40 +240,57 @@ __global__ void __launch_bounds__(kThreads)
   const int load_col = threadIdx.x % kChunksPerRow;
   const int load_row0 = threadIdx.x / kChunksPerRow;
 
-  // Issues the cp.async copies of tile `tile` into stage `stage` (every thread, no barrier).
-  auto load_tile = [&](int tile, int stage) {
-    const int base = chunk_begin + tile * kTile;
+  // Per-thread rows of a tile: load_row0 + i * kRowsPerPass, i < kRowsPerThread.
+  constexpr int kRowsPerThread = kTile / kRowsPerPass;
+  auto load_entries = [&](int tile, int (&entry)[kRowsPerThread]) {
+    const int base = chunk_begin + tile * kTile + load_row0;
 #pragma unroll
-    for (int i = 0; i < kTile / kRowsPerPass; ++i) {
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      entry[i] = LoadEntry<S>(view, base + i * kRowsPerPass, chunk_end);
+    }
+  };
+  auto translate = [&](int tile, const int (&entry)[kRowsPerThread], int (&phys)[kRowsPerThread]) {
+    const int base = chunk_begin + tile * kTile + load_row0;
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      phys[i] = Translate<S>(view, base + i * kRowsPerPass, entry[i]);
+    }
+  };
+  // Issues the cp.async copies of a tile (physical rows `phys`) into `stage`; no barrier.
+  auto issue = [&](int stage, const int (&phys)[kRowsPerThread]) {
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
       const int r = load_row0 + i * kRowsPerPass;
-      const int j = base + r;
-      const int t = j < chunk_end ? Position<S>(view, j) : -1;
-      const bool ok = t >= 0;
-      const T* k_src = k_pool;
-      const T* v_src = v_pool;
-      if (ok) {
-        // element offset of K[page][hkv][slot][load_col*8] in [num_pages][Hkv][16][D]
-        const size_t off =
-            ((static_cast<size_t>(__ldg(view.pages + t / kPageSize)) * num_kv_heads + hkv) *
-                 kPageSize +
-             t % kPageSize) *
-                D +
-            load_col * 8;
-        k_src += off;
-        v_src += off;
-      }
+      const bool ok = phys[i] >= 0;
+      // element offset of K[page][hkv][slot][load_col*8] in [num_pages][Hkv][16][D]
+      const size_t off =
+          ok ? ((static_cast<size_t>(phys[i] / kPageSize) * num_kv_heads + hkv) * kPageSize +
+                phys[i] % kPageSize) *
+                       D +
+                   load_col * 8
+             : 0;
       const int s_off = stage * kTile * D + SwizzledOffset<D>(r, load_col);
-      CpAsync16(SmemAddr(k_s + s_off), k_src, ok);
-      CpAsync16(SmemAddr(v_s + s_off), v_src, ok);
+      CpAsync16(SmemAddr(k_s + s_off), k_pool + off, ok);
+      CpAsync16(SmemAddr(v_s + s_off), v_pool + off, ok);
       if (load_col == 0) valid_s[stage * kTile + r] = ok ? 1 : 0;
     }
   };
 
+  int entry[kRowsPerThread];
+  int phys[kRowsPerThread];
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles) load_tile(s, s);
+    if (s < num_tiles) {
+      load_entries(s, entry);
+      translate(s, entry, phys);
+      issue(s, phys);
+    }
     CpAsyncCommit();
   }
+  // Steady state: entries two tiles ahead of the copies, physical rows one tile ahead.
+  load_entries(kStages - 1, entry);
+  translate(kStages - 1, entry, phys);
+  load_entries(kStages, entry);
 
   // Q as MMA A fragments: rows = query heads g0 + {gid, gid + 8}, cols = dims.
   uint32_t qa[D / 16][4];
@@ -290,8 +323,10 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     {
       const int next = tile + kStages - 1;
-      if (next < num_tiles) load_tile(next, next % kStages);
+      if (next < num_tiles) issue(next % kStages, phys);
       CpAsyncCommit();
+      translate(next + 1, entry, phys);    // results used by the next iteration's issue
+      load_entries(next + 2, entry);       // results used by the next iteration's translate
     }
     const int stage = tile % kStages;
     const T* k_tile = k_s + stage * kTile * D;
@@ -361,6 +396,9 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   CpAsyncWait<0>();
+  // Lets the reduction kernel (launched with programmatic stream serialization) start its launch
+  // now; it still waits (griddepcontrol.wait) until this grid has finished and flushed.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   __syncthreads();  // pipeline smem is reused below
 
   // ---- merge the 4 warps' (m, l, o) in shared memory --------------------------------------------
@@ -424,6 +462,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(D)
     MergeSplitsKernel(const float* __restrict__ ws_o, const float* __restrict__ ws_lse,
                       int num_splits, T* __restrict__ out, float* __restrict__ lse) {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the attention grid's partials
   const size_t row = blockIdx.x;
   const int d = threadIdx.x;
   const float* lse_row = ws_lse + row * num_splits;
@@ -471,9 +510,20 @@ cudaError_t Launch(const PagedDecodeParams& p, const PagedDecodePlan& plan, floa
                                                      ws_lse);
   err = cudaGetLastError();
   if (err != cudaSuccess || plan.num_splits == 1) return err;
-  MergeSplitsKernel<T, D><<<p.batch * p.num_q_heads, D, 0, stream>>>(
-      ws_o, ws_lse, plan.num_splits, static_cast<T*>(p.d_out), p.d_lse);
-  return cudaGetLastError();
+  // Programmatic dependent launch: the reduction's launch overlaps the attention grid's tail.
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.batch * p.num_q_heads);
+  cfg.blockDim = dim3(D);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, MergeSplitsKernel<T, D>, static_cast<const float*>(ws_o),
+                            static_cast<const float*>(ws_lse), plan.num_splits,
+                            static_cast<T*>(p.d_out), p.d_lse);
 }
 
 }  // namespace prehoc::kernels::decode
