@@ -29,7 +29,8 @@ real kept fraction). Every (policy, budget) pair runs on the same inputs in one 
 Flags:
   --model DIR            model directory (default models/prehoc-code-ar)
   --data DIR             eval sets (default tests/data)
-  --policies LIST        comma list (default prhs,prhs-budget-matched,oracle,quest,h2o,streaming,hshare)
+  --policies LIST        comma list (default prhs,prhs-budget-matched,oracle,quest,h2o,streaming,hshare);
+                         policy[k=v;k=v] adds overrides for that entry, e.g. prhs[tau=0.5]
   --budgets LIST         kept fractions (default 0.25,0.125,0.0625)
   --targets LIST         δ* values for PrHS with the δ-controller on (default 0.05; '' = none)
   --ppl-rows N           rows of ppl_2k.jsonl to use (default 4)
@@ -273,19 +274,28 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   }
 
   std::vector<Config> configs;
-  for (const std::string& p : SplitList(policies)) {
-    if (p == "dense") continue;  // always run as the reference
+  for (const std::string& spec : SplitList(policies)) {
+    if (spec == "dense") continue;  // always run as the reference
+    // "policy[key=value;key=value]" adds per-policy overrides (e.g. prhs[tau=0.5]).
+    std::string p = spec, own;
+    if (auto lb = spec.find('['); lb != std::string::npos && spec.back() == ']') {
+      p = spec.substr(0, lb);
+      own = spec.substr(lb + 1, spec.size() - lb - 2);
+      std::replace(own.begin(), own.end(), ';', ',');
+    }
+    std::string policy_overrides = overrides;
+    if (!own.empty()) policy_overrides = overrides.empty() ? own : overrides + "," + own;
     for (const std::string& b : SplitList(budgets)) {
       double f;
       if (!absl::SimpleAtod(b, &f) || !(f > 0 && f <= 1)) {
         err << "prehoc eval: --budgets: '" << b << "' is not a fraction in (0, 1]\n";
         return 2;
       }
-      configs.push_back({absl::StrCat(p, "@", b), SparsityOptions{p, 0.0, f, overrides}, f});
+      configs.push_back({absl::StrCat(spec, "@", b), SparsityOptions{p, 0.0, f, policy_overrides}, f});
       if (!sparse_prefill.empty() && p.rfind("prhs", 0) == 0) {
-        std::string ov = overrides;
+        std::string ov = policy_overrides;
         if (sparse_prefill != "-") ov = ov.empty() ? sparse_prefill : ov + "," + sparse_prefill;
-        configs.push_back({absl::StrCat(p, "+prefill@", b), SparsityOptions{p, 0.0, f, ov}, f, true});
+        configs.push_back({absl::StrCat(spec, "+prefill@", b), SparsityOptions{p, 0.0, f, ov}, f, true});
       }
     }
   }
