@@ -130,7 +130,9 @@ absl::StatusOr<std::string> Router::Generate(InferenceRequest request,
   stream->arrival = workers_->Now();
   {
     absl::MutexLock l(&mu_);
-    if (shutting_down_) return absl::UnavailableError("cache manager shutting down");
+    if (shutting_down_ || draining_) {
+      return absl::UnavailableError("cache manager is draining and accepts no new requests");
+    }
     if (!request.request_id.empty() && streams_.contains(request.request_id)) {
       return absl::AlreadyExistsError(
           absl::StrCat("request_id: '", request.request_id, "' is already running"));
@@ -150,8 +152,10 @@ absl::StatusOr<std::string> Router::Generate(InferenceRequest request,
     double best_score = 0;
     int32_t best_free = 0;
     int ready = 0;
-    std::string full_reason;
-    for (const WorkerSnapshot& w : all) {
+    std::vector<std::string> full_reasons;
+    // Visit workers starting at a rotating offset so that ties alternate (round robin).
+    for (size_t k = 0; k < all.size(); ++k) {
+      const WorkerSnapshot& w = all[(k + static_cast<size_t>(next_id_)) % all.size()];
       if (!w.ready || !w.link->Healthy() || !Serves(w, request.model)) continue;
       ++ready;
       const SequenceUsage u = sequences_->Usage(w.worker_id);
@@ -162,13 +166,14 @@ absl::StatusOr<std::string> Router::Generate(InferenceRequest request,
                                std::max(1, w.page_size));
       const int32_t free_pages = w.load.kv_pages_total - u.reserved_pages;
       if (u.sequences >= capacity) {
-        full_reason = absl::StrCat("max_running=", w.load.max_running,
-                                   " + max_queue=", w.load.max_queue, " sequences");
+        full_reasons.push_back(absl::StrCat(w.worker_id, ": max_running=", w.load.max_running,
+                                            " + max_queue=", w.load.max_queue, " sequences"));
         continue;
       }
       if (w.load.kv_pages_total > 0 && need > free_pages) {
-        full_reason = absl::StrCat("needs ", need, " KV pages, ", free_pages, " of ",
-                                   w.load.kv_pages_total, " unreserved");
+        full_reasons.push_back(absl::StrCat(w.worker_id, ": needs ", need, " KV pages, ",
+                                            free_pages, " of ", w.load.kv_pages_total,
+                                            " unreserved"));
         continue;
       }
       const double score = static_cast<double>(u.sequences) / max_running;
@@ -187,7 +192,8 @@ absl::StatusOr<std::string> Router::Generate(InferenceRequest request,
                 : absl::StrCat("no ready worker for model '", request.model, "'"));
       }
       return absl::ResourceExhaustedError(
-          absl::StrCat("all ", ready, " ready workers are full (", full_reason, ")"));
+          absl::StrCat("all ", ready, " ready workers are full (",
+                       absl::StrJoin(full_reasons, "; "), ")"));
     }
     stream->worker_id = best->worker_id;
     stream->link = best->link;
@@ -321,7 +327,7 @@ std::vector<ModelDescription> Router::ListModels() const {
 bool Router::Ready() const {
   {
     absl::MutexLock l(&mu_);
-    if (shutting_down_) return false;
+    if (shutting_down_ || draining_) return false;
   }
   for (const WorkerSnapshot& w : workers_->Snapshot()) {
     if (w.ready && w.link->Healthy()) return true;
@@ -379,6 +385,17 @@ std::vector<std::string> Router::Tick() {
   }
   UpdateGauges();
   return ids;
+}
+
+void Router::StartDrain() {
+  absl::MutexLock l(&mu_);
+  draining_ = true;
+}
+
+bool Router::WaitIdle(absl::Time deadline) {
+  absl::MutexLock l(&mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return streams_.empty(); };
+  return mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
 }
 
 int Router::ActiveStreams() const {

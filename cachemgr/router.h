@@ -6,7 +6,7 @@
 // Placement: among ready workers with a healthy link that serve the model, skip the full ones
 // (this cache manager's sequences there >= max_running + max_queue, or too few unreserved KV
 // pages for prompt + max_tokens), then pick the lowest sequences / max_running, ties to the most
-// free pages. Counts come from the SequenceRegistry (exact, immediate) rather than from the
+// free pages, then round robin. Counts come from the SequenceRegistry (exact, immediate) rather than from the
 // heartbeat load (stale by up to one interval).
 //
 // Threading: Generate/Cancel/RegisterWorker/Heartbeat/Tick from any thread. Link callbacks
@@ -89,6 +89,11 @@ class Router : public InferenceBackend {
 
   int ActiveStreams() const;
 
+  // Drain: new requests get UNAVAILABLE and Ready() is false; running streams continue.
+  void StartDrain();
+  // Blocks until no stream is active or until `deadline`; true when idle.
+  bool WaitIdle(absl::Time deadline);
+
  private:
   struct Stream;
   void OnLinkEvent(const std::shared_ptr<Stream>& s, InferenceEvent ev);
@@ -108,6 +113,7 @@ class Router : public InferenceBackend {
   int link_outstanding_ ABSL_GUARDED_BY(mu_) = 0;  // link streams without their terminal yet
   int64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace prehoc

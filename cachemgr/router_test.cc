@@ -1,6 +1,7 @@
 #include "cachemgr/router.h"
 
 #include <atomic>
+#include <deque>
 #include <map>
 
 #include "gmock/gmock.h"
@@ -130,6 +131,7 @@ class RouterTest : public ::testing::Test {
     r.max_tokens = max_tokens;
     return r;
   }
+  Client& NewClient() { return clients_.emplace_back(); }
   void Advance(absl::Duration d) { now_us_ += absl::ToInt64Microseconds(d); }
 
   std::atomic<int64_t> now_us_{1'000'000'000};
@@ -137,13 +139,14 @@ class RouterTest : public ::testing::Test {
   SequenceRegistry sequences_;
   prometheus::Registry registry_;
   RouterMetrics metrics_;
+  std::deque<Client> clients_;  // destroyed after router_, which may still call them
   std::unique_ptr<Router> router_;
   std::map<std::string, int64_t> epochs_;
 };
 
 TEST_F(RouterTest, NoWorkerIsUnavailableAndUnknownModelIsInvalid) {
   EXPECT_FALSE(router_->Ready());
-  Client c;
+  Client& c = NewClient();
   EXPECT_EQ(router_->Generate(Req(), c.Callback()).status().code(),
             absl::StatusCode::kUnavailable);
   AddWorker("w1");
@@ -160,32 +163,38 @@ TEST_F(RouterTest, NoWorkerIsUnavailableAndUnknownModelIsInvalid) {
 TEST_F(RouterTest, PlacementSpreadsStreamsAndRelaysEventsWithTheClientsRequestId) {
   auto a = AddWorker("a");
   auto b = AddWorker("b");
-  std::vector<Client> clients(6);
+  std::vector<Client*> clients;
   for (int i = 0; i < 6; ++i) {
     InferenceRequest r = Req();
     if (i == 0) r.request_id = "mine";
-    ASSERT_TRUE(router_->Generate(r, clients[i].Callback()).ok());
+    clients.push_back(&NewClient());
+    ASSERT_TRUE(router_->Generate(r, clients[i]->Callback()).ok());
   }
   EXPECT_EQ(a->started().size(), 3u);
   EXPECT_EQ(b->started().size(), 3u);
   EXPECT_EQ(sequences_.Totals().sequences, 6);
-  const std::string seq = a->started()[0];
-  a->Emit(seq, 42);
+  std::string seq;
+  for (const SequenceRecord& r : sequences_.List()) {
+    if (r.request_id == "mine") seq = r.sequence_id;
+  }
+  auto link = sequences_.Get(seq)->worker_id == "a" ? a : b;
+  link->Emit(seq, 42);
   EXPECT_EQ(sequences_.Get(seq)->kv_pages, 1);
-  a->Emit(seq, 43, /*finish=*/true);
-  auto events = clients[0].Events();
+  link->Emit(seq, 43, /*finish=*/true);
+  auto events = clients[0]->Events();
   ASSERT_EQ(events.size(), 2u);
   EXPECT_EQ(events[0].request_id, "mine");
   EXPECT_EQ(events[0].tokens, std::vector<int32_t>{42});
   EXPECT_TRUE(events[1].finished);
   EXPECT_FALSE(sequences_.Get(seq).has_value());
   EXPECT_EQ(router_->ActiveStreams(), 5);
-  router_.reset();  // ends the open streams while their clients are alive
 }
 
 TEST_F(RouterTest, FullWorkersAreResourceExhaustedWithTheLimits) {
   AddWorker("a", /*max_running=*/1, /*max_queue=*/1);
-  Client c1, c2, c3;
+  Client& c1 = NewClient();
+  Client& c2 = NewClient();
+  Client& c3 = NewClient();
   ASSERT_TRUE(router_->Generate(Req(), c1.Callback()).ok());
   ASSERT_TRUE(router_->Generate(Req(), c2.Callback()).ok());
   auto got = router_->Generate(Req(), c3.Callback());
@@ -196,14 +205,16 @@ TEST_F(RouterTest, FullWorkersAreResourceExhaustedWithTheLimits) {
   auto big = router_->Generate(Req(/*max_tokens=*/200), c3.Callback());
   EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(big.status().message()), HasSubstr("KV pages"));
-  router_.reset();
 }
 
 TEST_F(RouterTest, DeadWorkerStreamsEndUnavailableAndItsPagesAreReleased) {
   auto a = AddWorker("a");
   auto b = AddWorker("b");
-  std::vector<Client> clients(4);
-  for (auto& c : clients) ASSERT_TRUE(router_->Generate(Req(), c.Callback()).ok());
+  std::vector<Client*> clients;
+  for (int i = 0; i < 4; ++i) {
+    clients.push_back(&NewClient());
+    ASSERT_TRUE(router_->Generate(Req(), clients.back()->Callback()).ok());
+  }
   for (const auto& s : a->started()) a->Emit(s, 1);
   for (const auto& s : b->started()) b->Emit(s, 1);
   EXPECT_EQ(sequences_.Usage("a").kv_pages, 2);
@@ -215,8 +226,8 @@ TEST_F(RouterTest, DeadWorkerStreamsEndUnavailableAndItsPagesAreReleased) {
   Advance(absl::Milliseconds(1000));
   EXPECT_EQ(router_->Tick(), std::vector<std::string>{"a"});
   int unavailable = 0;
-  for (auto& c : clients) {
-    auto ev = c.Events();
+  for (Client* c : clients) {
+    auto ev = c->Events();
     if (!ev.empty() && ev.back().status.code() == absl::StatusCode::kUnavailable) {
       ++unavailable;
       EXPECT_THAT(std::string(ev.back().status.message()), HasSubstr("worker a"));
@@ -237,7 +248,7 @@ TEST_F(RouterTest, DeadWorkerStreamsEndUnavailableAndItsPagesAreReleased) {
 
 TEST_F(RouterTest, CancelEndsTheClientStreamWithTheGivenStatusAndFreesTheSequence) {
   auto a = AddWorker("a");
-  Client c;
+  Client& c = NewClient();
   InferenceRequest r = Req();
   r.request_id = "x";
   ASSERT_TRUE(router_->Generate(r, c.Callback()).ok());
@@ -265,18 +276,17 @@ TEST_F(RouterTest, UnhealthyOrNotReadyWorkersAreSkipped) {
   auto b = AddWorker("b");
   a->healthy_ = false;
   ASSERT_TRUE(router_->Heartbeat("b", epochs_["b"], LoadReport{1000, 0, 0, 0, 0, 4, 4}, false).ok());
-  Client c;
+  Client& c = NewClient();
   EXPECT_EQ(router_->Generate(Req(), c.Callback()).status().code(),
             absl::StatusCode::kUnavailable);
   a->healthy_ = true;
   ASSERT_TRUE(router_->Generate(Req(), c.Callback()).ok());
   EXPECT_EQ(a->started().size(), 1u);
-  router_.reset();
 }
 
 TEST_F(RouterTest, DestructionEndsStreamsUnavailable) {
   auto a = AddWorker("a");
-  Client c;
+  Client& c = NewClient();
   ASSERT_TRUE(router_->Generate(Req(), c.Callback()).ok());
   router_.reset();
   auto ev = c.Events();
@@ -286,7 +296,8 @@ TEST_F(RouterTest, DestructionEndsStreamsUnavailable) {
 
 TEST_F(RouterTest, MetricsCountOutcomesAndWorkers) {
   auto a = AddWorker("a");
-  Client c1, c2;
+  Client& c1 = NewClient();
+  Client& c2 = NewClient();
   ASSERT_TRUE(router_->Generate(Req(), c1.Callback()).ok());
   ASSERT_TRUE(router_->Generate(Req(), c2.Callback()).ok());
   a->Emit(a->started()[0], 5, true);
@@ -310,7 +321,6 @@ TEST_F(RouterTest, MetricsCountOutcomesAndWorkers) {
   EXPECT_EQ(value("prehoc_cachemgr_workers_ready", ""), 1);
   EXPECT_EQ(value("prehoc_cachemgr_sequences", ""), 1);
   EXPECT_EQ(value("prehoc_cachemgr_kv_pages_total", ""), 1000);
-  router_.reset();
 }
 
 }  // namespace

@@ -106,6 +106,16 @@ std::optional<WorkerSnapshot> WorkerRegistry::Get(const std::string& worker_id) 
   return it->second;
 }
 
+bool WorkerRegistry::AwaitReady(int n, absl::Time deadline) const {
+  absl::MutexLock l(&mu_);
+  auto enough = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    int ready = 0;
+    for (const auto& [id, w] : workers_) ready += w.ready ? 1 : 0;
+    return ready >= n;
+  };
+  return mu_.AwaitWithDeadline(absl::Condition(&enough), deadline);
+}
+
 int WorkerRegistry::NumReady() const {
   absl::MutexLock l(&mu_);
   int n = 0;

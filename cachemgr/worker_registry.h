@@ -104,6 +104,9 @@ class WorkerRegistry {
   std::vector<WorkerSnapshot> Snapshot() const;
   std::optional<WorkerSnapshot> Get(const std::string& worker_id) const;
   int NumReady() const;
+  // Blocks until at least `n` workers are registered and ready, or until `deadline`; true when
+  // they are (for tests and startup scripts).
+  bool AwaitReady(int n, absl::Time deadline) const;
   absl::Duration heartbeat_interval() const { return options_.heartbeat_interval; }
   absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
 

@@ -1,0 +1,215 @@
+// The cache manager and two workers in-process on 127.0.0.1:0 (the gRPC links are real).
+#include "services/cachemgr/cachemgr_server.h"
+
+#include <filesystem>
+#include <set>
+#include <thread>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "prehoc/v1/inference.grpc.pb.h"
+#include "services/common/test_util.h"
+#include "services/worker/worker_server.h"
+#include "worker/generator.h"
+
+namespace prehoc {
+namespace {
+
+using ::testing::HasSubstr;
+using grpc::health::v1::HealthCheckResponse;
+namespace fs = std::filesystem;
+
+std::string Fixture() {
+  return (fs::path(PREHOC_SOURCE_DIR) / "tests/fixtures/hf/llama_gqa_f32").string();
+}
+
+class CacheManagerServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    CacheManagerServerOptions co;
+    co.heartbeat_interval = absl::Milliseconds(500);
+    auto cm = CacheManagerServer::Create(co);
+    ASSERT_TRUE(cm.ok()) << cm.status();
+    cm_ = std::move(*cm);
+    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", cm_->port()),
+                                   grpc::InsecureChannelCredentials());
+    stub_ = v1::Inference::NewStub(channel_);
+  }
+  void TearDown() override {
+    workers_.clear();
+    cm_.reset();
+  }
+  WorkerServer* AddWorker(absl::Duration step_delay = absl::ZeroDuration()) {
+    WorkerServerOptions o;
+    o.engine.model_dir = Fixture();
+    o.engine.num_threads = 1;
+    o.engine.kv_cache_bytes = 16 << 20;
+    o.model_name = "tiny";
+    o.cachemgr_address = absl::StrCat("127.0.0.1:", cm_->port());
+    o.scheduler.step_delay = step_delay;
+    auto w = WorkerServer::Create(o);
+    EXPECT_TRUE(w.ok()) << w.status();
+    workers_.push_back(std::move(*w));
+    return workers_.back().get();
+  }
+
+  std::unique_ptr<CacheManagerServer> cm_;
+  std::vector<std::unique_ptr<WorkerServer>> workers_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Inference::Stub> stub_;
+};
+
+struct StreamResult {
+  grpc::Status status;
+  std::vector<v1::GenerateResponse> messages;
+  std::vector<int32_t> tokens() const {
+    std::vector<int32_t> t;
+    for (const auto& m : messages) t.insert(t.end(), m.token_ids().begin(), m.token_ids().end());
+    return t;
+  }
+};
+
+StreamResult RunStream(v1::Inference::Stub* stub, const v1::GenerateRequest& req) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  StreamResult r;
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse m;
+  while (reader->Read(&m)) r.messages.push_back(m);
+  r.status = reader->Finish();
+  return r;
+}
+
+v1::GenerateRequest IdsRequest(const std::vector<int32_t>& ids, int max_tokens) {
+  v1::GenerateRequest r;
+  r.mutable_token_ids()->mutable_ids()->Add(ids.begin(), ids.end());
+  r.set_max_tokens(max_tokens);
+  return r;
+}
+
+TEST_F(CacheManagerServerTest, ReadinessFollowsWorkersAndStreamsEqualEmbeddedOutput) {
+  EXPECT_EQ(*testing::CheckHealth(channel_, "liveness"), HealthCheckResponse::SERVING);
+  EXPECT_EQ(*testing::CheckHealth(channel_, "readiness"), HealthCheckResponse::NOT_SERVING);
+  StreamResult none = RunStream(stub_.get(), IdsRequest({256, 1}, 2));
+  EXPECT_EQ(none.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+
+  AddWorker();
+  AddWorker();
+  ASSERT_TRUE(cm_->workers().AwaitReady(2, absl::Now() + absl::Seconds(30)));
+  auto services = testing::ListServicesByReflection(channel_);
+  ASSERT_TRUE(services.ok());
+  EXPECT_THAT(*services, ::testing::Contains("prehoc.v1.CacheManager"));
+
+  std::vector<GenerateRequest> reference;
+  for (int i = 0; i < 16; ++i) {
+    GenerateRequest g;
+    g.prompt = {256};
+    for (int j = 0; j < 4 + 5 * (i % 7); ++j) g.prompt.push_back((j * 13 + i * 29) % 256);
+    g.max_tokens = 5 + 3 * (i % 5);
+    g.stop_at_eos = false;
+    reference.push_back(g);
+  }
+  std::vector<StreamResult> results(reference.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < reference.size(); ++i) {
+    threads.emplace_back([&, i] {
+      results[i] = RunStream(stub_.get(), IdsRequest(reference[i].prompt, reference[i].max_tokens));
+    });
+  }
+  for (auto& t : threads) t.join();
+  EngineOptions eo;
+  eo.model_dir = Fixture();
+  eo.num_threads = 1;
+  auto engine = Engine::Create(eo);
+  ASSERT_TRUE(engine.ok());
+  auto expected = GenerateBatch(**engine, reference);
+  ASSERT_TRUE(expected.ok());
+  std::set<std::string> served_by;
+  for (size_t i = 0; i < reference.size(); ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
+    EXPECT_EQ(results[i].tokens(), (*expected)[i].tokens) << "stream " << i;
+    served_by.insert(results[i].messages.front().served_by());
+    EXPECT_TRUE(results[i].messages.back().finished());
+    EXPECT_EQ(results[i].messages.back().usage().completion_tokens(), reference[i].max_tokens);
+  }
+  EXPECT_EQ(served_by.size(), 2u) << *served_by.begin();  // placement used both workers
+  EXPECT_EQ(cm_->sequences().Totals().sequences, 0);
+  {
+    // Readiness turns SERVING (the health service streams the change).
+    auto health = grpc::health::v1::Health::NewStub(channel_);
+    grpc::ClientContext wctx;
+    wctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    grpc::health::v1::HealthCheckRequest wreq;
+    wreq.set_service("readiness");
+    auto watch = health->Watch(&wctx, wreq);
+    grpc::health::v1::HealthCheckResponse h;
+    while (watch->Read(&h) && h.status() != HealthCheckResponse::SERVING) {
+    }
+    EXPECT_EQ(h.status(), HealthCheckResponse::SERVING);
+    wctx.TryCancel();
+  }
+
+  // Cluster view over the internal API.
+  auto cstub = v1::CacheManager::NewStub(channel_);
+  grpc::ClientContext ctx;
+  v1::ClusterState state;
+  ASSERT_TRUE(cstub->GetClusterState(&ctx, v1::GetClusterStateRequest(), &state).ok());
+  EXPECT_EQ(state.workers_size(), 2);
+  EXPECT_EQ(state.kv_pages(), 0);
+}
+
+TEST_F(CacheManagerServerTest, WorkerValidationErrorsAndCancelPassThrough) {
+  AddWorker();
+  ASSERT_TRUE(cm_->workers().AwaitReady(1, absl::Now() + absl::Seconds(30)));
+  StreamResult bad = RunStream(stub_.get(), IdsRequest({256, 300}, 4));
+  EXPECT_EQ(bad.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad.status.error_message(), HasSubstr("token_ids[1]"));
+  StreamResult zero = RunStream(stub_.get(), IdsRequest({256}, 0));
+  EXPECT_EQ(zero.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(zero.status.error_message(), HasSubstr("max_tokens"));
+  v1::GenerateRequest model = IdsRequest({256}, 2);
+  model.set_model("other");
+  StreamResult m = RunStream(stub_.get(), model);
+  EXPECT_EQ(m.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(m.status.error_message(), HasSubstr("model"));
+
+  // Cancel by request id through the cache manager.
+  v1::GenerateRequest req = IdsRequest({256, 5}, 200);
+  req.set_request_id("via-cm");
+  grpc::ClientContext ctx;
+  auto reader = stub_->Generate(&ctx, req);
+  v1::GenerateResponse first;
+  ASSERT_TRUE(reader->Read(&first));
+  EXPECT_EQ(first.request_id(), "via-cm");
+  grpc::ClientContext cctx;
+  v1::CancelRequest creq;
+  creq.set_request_id("via-cm");
+  v1::CancelResponse cresp;
+  ASSERT_TRUE(stub_->Cancel(&cctx, creq, &cresp).ok());
+  while (reader->Read(&first)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  ASSERT_TRUE(cm_->router().WaitIdle(absl::Now() + absl::Seconds(30)));
+  ASSERT_TRUE(workers_[0]->scheduler().WaitIdle(absl::Now() + absl::Seconds(30)));
+  EXPECT_EQ(workers_[0]->scheduler().Load().kv_pages_used, 0);
+  EXPECT_EQ(cm_->sequences().Totals().sequences, 0);
+}
+
+TEST_F(CacheManagerServerTest, WorkerGoingAwayMidStreamEndsItsStreamsUnavailable) {
+  WorkerServer* w = AddWorker(absl::Milliseconds(2));
+  ASSERT_TRUE(cm_->workers().AwaitReady(1, absl::Now() + absl::Seconds(30)));
+  grpc::ClientContext ctx;
+  auto reader = stub_->Generate(&ctx, IdsRequest({256, 9}, 200));
+  v1::GenerateResponse m;
+  ASSERT_TRUE(reader->Read(&m));
+  w->Shutdown(absl::Now());  // no drain time: in-flight requests end UNAVAILABLE
+  while (reader->Read(&m)) {
+  }
+  grpc::Status s = reader->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  ASSERT_TRUE(cm_->router().WaitIdle(absl::Now() + absl::Seconds(30)));
+  EXPECT_EQ(cm_->sequences().Totals().kv_pages, 0);
+}
+
+}  // namespace
+}  // namespace prehoc

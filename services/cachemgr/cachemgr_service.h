@@ -1,0 +1,37 @@
+// prehoc.v1.CacheManager (cachemgr.proto) over the Router and registries: worker registration,
+// heartbeats and the cluster view. Thin adapter.
+#ifndef PREHOC_SERVICES_CACHEMGR_CACHEMGR_SERVICE_H_
+#define PREHOC_SERVICES_CACHEMGR_CACHEMGR_SERVICE_H_
+
+#include "cachemgr/router.h"
+#include "cachemgr/sequence_registry.h"
+#include "cachemgr/worker_registry.h"
+#include "prehoc/v1/cachemgr.grpc.pb.h"
+
+namespace prehoc {
+
+class CacheManagerService final : public v1::CacheManager::CallbackService {
+ public:
+  // Not owned; must outlive the server.
+  CacheManagerService(Router* router, WorkerRegistry* workers, SequenceRegistry* sequences)
+      : router_(router), workers_(workers), sequences_(sequences) {}
+
+  grpc::ServerUnaryReactor* RegisterWorker(grpc::CallbackServerContext* ctx,
+                                           const v1::RegisterWorkerRequest* request,
+                                           v1::RegisterWorkerResponse* response) override;
+  grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* ctx,
+                                      const v1::HeartbeatRequest* request,
+                                      v1::HeartbeatResponse* response) override;
+  grpc::ServerUnaryReactor* GetClusterState(grpc::CallbackServerContext* ctx,
+                                            const v1::GetClusterStateRequest* request,
+                                            v1::ClusterState* response) override;
+
+ private:
+  Router* const router_;
+  WorkerRegistry* const workers_;
+  SequenceRegistry* const sequences_;
+};
+
+}  // namespace prehoc
+
+#endif  // PREHOC_SERVICES_CACHEMGR_CACHEMGR_SERVICE_H_
