@@ -307,7 +307,8 @@ class Bench {
     for (int keep : o_.keeps) {
       const int k_tok = (ctx + keep - 1) / keep;
       const int k_pages = (pages_per_seq + keep - 1) / keep;
-      const size_t cap = static_cast<size_t>(rows) * std::max(k_tok, k_pages);
+      const size_t cap =
+          static_cast<size_t>(rows) * (std::max(k_tok, k_pages) + k_tok / 4 + 256);
       int32_t* d_csr = DeviceAlloc<int32_t>(cap * 4 * sets);
       for (int s = 0; s < sets; ++s) {
         CHECK_CUDA(MakeStratifiedMask(d_mask + static_cast<size_t>(s) * rows * stride, rows,
@@ -350,6 +351,9 @@ class Bench {
       }
       record("sparse_token+build", keep, us, kv_tok,
              kv_tok + 2.0 * rows * stride + idx_tok + q_out_bytes / 2, set_csr(pt, 0));
+      // token: construction only
+      us = TimeUs([&](int i) { build(i % sets, false); }, o_.reps, stream_);
+      record("build_token", keep, us, 0, 2.0 * rows * stride + idx_tok, set_csr(pt, 0));
       // token: attention only (lists built above for every set)
       for (int s = 0; s < sets; ++s) build(s, false);
       us = TimeUs(
@@ -358,6 +362,27 @@ class Bench {
           },
           o_.reps, stream_);
       record("sparse_token", keep, us, kv_tok, kv_tok + idx_tok + q_out_bytes / 2, set_csr(pt, 0));
+      // token, independent random selection per head (Bernoulli 1/keep; no cross-head locality)
+      {
+        for (int s = 0; s < sets; ++s) {
+          CHECK_CUDA(MakeBernoulliMask(d_mask + static_cast<size_t>(s) * rows * stride, rows,
+                                       stride, ctx, keep, 3000 + s * 31 + keep, stream_));
+        }
+        PagedDecodeParams pr = pt;
+        pr.max_kv_len = k_tok + k_tok / 4 + 256;  // > 8 sigma above the mean count
+        // capacity: cap >= rows * k_tok; the Bernoulli rows may hold more, so bound by the mask
+        if (static_cast<size_t>(rows) * pr.max_kv_len <= cap) {
+          us = TimeUs(
+              [&](int i) {
+                const int s = i % sets;
+                build(s, false);
+                CHECK_CUDA(kernels::PagedDecodeAttention(set_csr(pr, s), stream_));
+              },
+              o_.reps, stream_);
+          record("sparse_token_rand+build", keep, us, kv_tok,
+                 kv_tok + 2.0 * rows * stride + idx_tok + q_out_bytes / 2, set_csr(pr, 0));
+        }
+      }
       // page: construction + attention
       const double kv_page = static_cast<double>(rows) * k_pages * 16 * D * 4;
       PagedDecodeParams pp = base;
@@ -372,6 +397,15 @@ class Bench {
           o_.reps, stream_);
       record("sparse_page+build", keep, us, kv_page,
              kv_page + 2.0 * rows * page_stride + rows * k_pages * 4.0 + q_out_bytes / 2,
+             set_csr(pp, 0));
+      // page: attention only
+      for (int s = 0; s < sets; ++s) build(s, true);
+      us = TimeUs(
+          [&](int i) {
+            CHECK_CUDA(kernels::PagedDecodeAttention(set_csr(pp, i % sets), stream_));
+          },
+          o_.reps, stream_);
+      record("sparse_page", keep, us, kv_page, kv_page + rows * k_pages * 4.0 + q_out_bytes / 2,
              set_csr(pp, 0));
       CHECK_CUDA(cudaFree(d_csr));
     }

@@ -48,6 +48,16 @@ __global__ void MaskKernel(uint8_t* mask, int rows, int stride, int len, int str
   }
 }
 
+__global__ void BernoulliKernel(uint8_t* mask, int rows, int stride, int len, int keep,
+                                uint64_t seed) {
+  const int64_t total = static_cast<int64_t>(rows) * stride;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int item = static_cast<int>(i % stride);
+    mask[i] = item < len && Mix(seed * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(i)) % keep == 0;
+  }
+}
+
 __global__ void SpinKernel(uint64_t ns) {
   uint64_t start;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
@@ -69,6 +79,12 @@ cudaError_t MakeStratifiedMask(uint8_t* d_mask, int rows, int stride, int len, i
   if (err != cudaSuccess || len <= 0) return err;
   const int strata = (len + stratum - 1) / stratum;
   MaskKernel<<<2048, 256, 0, stream>>>(d_mask, rows, stride, len, stratum, strata, seed);
+  return cudaGetLastError();
+}
+
+cudaError_t MakeBernoulliMask(uint8_t* d_mask, int rows, int stride, int len, int keep,
+                              uint64_t seed, cudaStream_t stream) {
+  BernoulliKernel<<<4096, 256, 0, stream>>>(d_mask, rows, stride, len, keep, seed);
   return cudaGetLastError();
 }
 

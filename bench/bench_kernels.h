@@ -20,6 +20,11 @@ cudaError_t FillUniform16(uint16_t* d_data, size_t n, uint64_t seed, bool bf16,
 cudaError_t MakeStratifiedMask(uint8_t* d_mask, int rows, int stride, int len, int stratum,
                                uint64_t seed, cudaStream_t stream);
 
+// Independent random keep-mask: item i < len of row r is kept with probability 1/keep (a hash of
+// (seed, r, i)); items in [len, stride) are 0. Rows (heads) select independently.
+cudaError_t MakeBernoulliMask(uint8_t* d_mask, int rows, int stride, int len, int keep,
+                              uint64_t seed, cudaStream_t stream);
+
 // Busy-waits about `ns` nanoseconds on the GPU.
 cudaError_t Spin(uint64_t ns, cudaStream_t stream);
 

@@ -61,15 +61,17 @@ def main():
               f"{pct:.0f}% | {verdict} |")
     print()
     print("| batch | Hkv | ctx | keep | SDPA dense µs | gather+SDPA µs | ours token+build µs | "
-          "ours token µs | ours page+build µs | SDPA dense / ours | gather / ours | "
-          "ours GB/s (sel. KV) | % copy | target |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "ours token µs | build µs | ours page+build µs | ours page µs | SDPA dense / ours | "
+          "gather / ours | ours GB/s (sel. KV) | % copy | target |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for s in shapes:
         t = p.get(("sdpa_dense",) + s + (1,))
         for k in keeps:
             tb = o.get(("sparse_token+build",) + s + (k,))
             ta = o.get(("sparse_token",) + s + (k,))
             pb = o.get(("sparse_page+build",) + s + (k,))
+            pa = o.get(("sparse_page",) + s + (k,))
+            bt = o.get(("build_token",) + s + (k,))
             g = p.get(("gather_sdpa",) + s + (k,))
             if tb is None:
                 continue
@@ -88,13 +90,15 @@ def main():
                                     sdpa_dense_us=t and t["us"], gather_sdpa_us=g and g["us"],
                                     ours_token_build_us=tb["us"], ours_token_us=ta and ta["us"],
                                     ours_page_build_us=pb and pb["us"],
+                                    ours_page_us=pa and pa["us"], build_token_us=bt and bt["us"],
                                     speedup_vs_sdpa_dense=speed, speedup_vs_gather=vs_g,
                                     ours_token_bw_gbs=ta and ta["bw_kv_gbs"], pct_copy=pct,
                                     target=verdict))
             nan = float("nan")
             print(f"| {s[0]} | {s[1]} | {s[2] // 1024}K | 1/{k} | {t['us'] if t else nan:.1f} | "
                   f"{g['us'] if g else nan:.1f} | {tb['us']:.1f} | {ta['us'] if ta else nan:.1f} | "
-                  f"{pb['us'] if pb else nan:.1f} | {speed if speed else nan:.1f}x | "
+                  f"{bt['us'] if bt else nan:.1f} | {pb['us'] if pb else nan:.1f} | "
+                  f"{pa['us'] if pa else nan:.1f} | {speed if speed else nan:.1f}x | "
                   f"{vs_g if vs_g else nan:.1f}x | {ta['bw_kv_gbs'] if ta else nan:.0f} | "
                   f"{pct if pct else nan:.0f}% | {verdict} |")
     if a.out:
