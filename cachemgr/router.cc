@@ -100,9 +100,9 @@ Router::~Router() {
     for (auto& [id, s] : streams_) all.push_back(s);
   }
   for (const auto& s : all) {
-    FailStream(s, absl::UnavailableError("cache manager shutting down"));
     Retire(s);
     sequences_->Remove(s->sequence_id);
+    FailStream(s, absl::UnavailableError("cache manager shutting down"));
     s->link->Free(s->sequence_id);
   }
   absl::MutexLock l(&mu_);
@@ -235,7 +235,13 @@ absl::StatusOr<std::string> Router::Generate(InferenceRequest request,
 
 void Router::OnLinkEvent(const std::shared_ptr<Stream>& s, InferenceEvent ev) {
   const bool terminal = ev.terminal();
-  if (!terminal) sequences_->Update(s->sequence_id, ev.sequence_length, ev.kv_pages);
+  if (!terminal) {
+    sequences_->Update(s->sequence_id, ev.sequence_length, ev.kv_pages);
+  } else {
+    // Accounting first, so a client that saw its stream end sees the pages released.
+    Retire(s);
+    sequences_->Remove(s->sequence_id);
+  }
   {
     absl::MutexLock l(&s->mu);
     if (!s->done) {
@@ -258,8 +264,6 @@ void Router::OnLinkEvent(const std::shared_ptr<Stream>& s, InferenceEvent ev) {
     }
   }
   if (terminal) {
-    Retire(s);
-    sequences_->Remove(s->sequence_id);
     UpdateGauges();
     absl::MutexLock l(&mu_);
     --link_outstanding_;
@@ -302,9 +306,9 @@ absl::Status Router::Cancel(std::string_view request_id, absl::Status status) {
     }
     s = it->second;
   }
-  FailStream(s, status);
   Retire(s);
   sequences_->Remove(s->sequence_id);
+  FailStream(s, status);
   s->link->Free(s->sequence_id);
   UpdateGauges();
   return absl::OkStatus();
@@ -378,8 +382,8 @@ std::vector<std::string> Router::Tick() {
     const absl::Status status = absl::UnavailableError(
         absl::StrCat("worker ", w.worker_id, " stopped heartbeating; retry the request"));
     for (const auto& s : victims) {
-      FailStream(s, status);
       Retire(s);
+      FailStream(s, status);
       w.link->Free(s->sequence_id);
     }
   }

@@ -63,8 +63,12 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
   if (!options.cachemgr_address.empty()) {
     s->cachemgr_address_ = options.cachemgr_address;
     s->register_retry_ = options.register_retry;
-    s->cachemgr_ = v1::CacheManager::NewStub(
-        grpc::CreateChannel(options.cachemgr_address, grpc::InsecureChannelCredentials()));
+    grpc::ChannelArguments args;
+    // Find a restarted cache manager within about a second.
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+    s->cachemgr_ = v1::CacheManager::NewStub(grpc::CreateCustomChannel(
+        options.cachemgr_address, grpc::InsecureChannelCredentials(), args));
     s->agent_ = std::thread([p = s.get()] { p->AgentLoop(); });
   }
   return s;
