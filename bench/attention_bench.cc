@@ -265,6 +265,21 @@ class Bench {
     void* d_ws = DeviceAlloc(ws_bytes);
     base.d_workspace = d_ws;
     base.workspace_bytes = ws_bytes;
+    // A different max_kv_len can plan more splits: grow the workspace (outside timed regions).
+    auto ensure_ws = [&](PagedDecodeParams* p) {
+      const size_t need = kernels::PagedDecodeWorkspaceBytes(*p);
+      if (need == SIZE_MAX) {
+        std::fprintf(stderr, "workspace query failed: %s\n", kernels::PagedDecodeCheck(*p));
+        std::exit(1);
+      }
+      if (need > ws_bytes) {
+        CHECK_CUDA(cudaFree(d_ws));
+        d_ws = DeviceAlloc(need);
+        ws_bytes = need;
+      }
+      base.d_workspace = p->d_workspace = d_ws;
+      base.workspace_bytes = p->workspace_bytes = ws_bytes;
+    };
 
     auto record = [&](const std::string& op, int keep, double us, double kv, double read,
                       const PagedDecodeParams& p) {
@@ -336,6 +351,8 @@ class Bench {
       PagedDecodeParams pt = base;
       pt.selection = KvSelection::kToken;
       pt.max_kv_len = k_tok;
+      pt.d_index_indptr = pt.d_index_indices = d_csr_indptr;  // for the workspace query
+      ensure_ws(&pt);
       // token: construction + attention
       CHECK_CUDA(cudaMemsetAsync(d_out, 0xff, q_elems * 2 * sets, stream_));
       double us = TimeUs(
@@ -370,6 +387,8 @@ class Bench {
         }
         PagedDecodeParams pr = pt;
         pr.max_kv_len = k_tok + k_tok / 4 + 256;  // > 8 sigma above the mean count
+        pr.d_index_indptr = pr.d_index_indices = d_csr_indptr;  // for the workspace query
+        ensure_ws(&pr);
         // capacity: cap >= rows * k_tok; the Bernoulli rows may hold more, so bound by the mask
         if (static_cast<size_t>(rows) * pr.max_kv_len <= cap) {
           us = TimeUs(
@@ -388,6 +407,8 @@ class Bench {
       PagedDecodeParams pp = base;
       pp.selection = KvSelection::kPage;
       pp.max_kv_len = k_pages * 16;
+      pp.d_index_indptr = pp.d_index_indices = d_csr_indptr;  // for the workspace query
+      ensure_ws(&pp);
       us = TimeUs(
           [&](int i) {
             const int s = i % sets;

@@ -51,7 +51,7 @@ def main():
             if ratio > 1.10:
                 miss.append(f"time {ratio:.2f}x SDPA (> 1.10x)")
             if pct < 85:
-                miss.append(f"{pct:.0f}% of copy (< 85%)")
+                miss.append(f"{pct:.1f}% of copy (< 85%)")
             verdict = "met" if not miss else "MISSED: " + ", ".join(miss)
         rows_dense.append(dict(batch=s[0], kv_heads=s[1], ctx=s[2], sdpa_us=t and t["us"],
                                ours_us=d["us"], ours_over_sdpa=ratio, ours_bw_gbs=d["bw_kv_gbs"],
@@ -84,7 +84,7 @@ def main():
                 if speed < 10:
                     miss.append(f"{speed:.1f}x (< 10x)")
                 if pct < 70:
-                    miss.append(f"{pct:.0f}% of copy (< 70%)")
+                    miss.append(f"{pct:.1f}% of copy (< 70%)")
                 verdict = "met" if not miss else "MISSED: " + ", ".join(miss)
             rows_sparse.append(dict(batch=s[0], kv_heads=s[1], ctx=s[2], keep=k,
                                     sdpa_dense_us=t and t["us"], gather_sdpa_us=g and g["us"],

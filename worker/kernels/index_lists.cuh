@@ -90,49 +90,30 @@ __global__ void __launch_bounds__(kThreads)
   }
   const uint4* row = reinterpret_cast<const uint4*>(mask + static_cast<size_t>(r) * stride);
   const int n16 = stride / 16;
-  // A step covers kStepVecs 16-byte vectors. Warp w, load k, lane l reads vector
-  //   step + (w * kVecs + k) * 32 + l
-  // so each load instruction is one contiguous 512 B, and the order (w, k, l) is the vector order:
-  // a warp scan per k, a running sum over k and one block scan over the warps give every vector's
-  // output offset. The next step's vectors are loaded before this step's scan.
+  // Each step covers kThreads * kVecs vectors; thread t owns vectors [(step_base + t) * kVecs, +kVecs)
+  // (contiguous, so its output indices are ascending and follow those of threads < t). The next
+  // step's vectors are loaded before this step's scan.
   constexpr int kVecs = 4;
-  constexpr int kStepVecs = kThreads * kVecs;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  auto vec_index = [&](int step, int k) { return step + (warp * kVecs + k) * 32 + lane; };
-  auto load = [&](int step, uint4 (&v)[kVecs]) {
+  auto load = [&](int step_base, uint4 (&v)[kVecs]) {
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
-      const int i = vec_index(step, k);
+      const int i = (step_base + static_cast<int>(threadIdx.x)) * kVecs + k;
       v[k] = i < n16 ? __ldg(row + i) : make_uint4(0u, 0u, 0u, 0u);
     }
   };
   int running = base;
   uint4 cur[kVecs], next[kVecs];
   load(0, cur);
-  for (int step = 0; step < n16; step += kStepVecs) {
-    load(step + kStepVecs, next);
-    int excl[kVecs];  // exclusive offset of this lane's vector k within the warp's 4 * 32 vectors
-    int warp_total = 0;
+  for (int step_base = 0; step_base * kVecs < n16; step_base += kThreads) {
+    load(step_base + kThreads, next);
+    int c = 0;
 #pragma unroll
-    for (int k = 0; k < kVecs; ++k) {
-      const int c = NonZeroBytes(cur[k]);
-      int inc = c;
-#pragma unroll
-      for (int o = 1; o < 32; o *= 2) {
-        const int n = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += n;
-      }
-      excl[k] = warp_total + inc - c;
-      warp_total += __shfl_sync(0xffffffffu, inc, 31);
-    }
+    for (int k = 0; k < kVecs; ++k) c += NonZeroBytes(cur[k]);
     int total;
-    const int warp_base = BlockExclusiveScan(lane == 0 ? warp_total : 0, scratch, &total);
-    const int warp_off = __shfl_sync(0xffffffffu, warp_base, 0);
+    int pos = running + BlockExclusiveScan(c, scratch, &total);
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
-      int pos = running + warp_off + excl[k];
-      const int i0 = vec_index(step, k) * 16;
+      const int i0 = ((step_base + static_cast<int>(threadIdx.x)) * kVecs + k) * 16;
       const uint32_t words[4] = {cur[k].x, cur[k].y, cur[k].z, cur[k].w};
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
