@@ -1,0 +1,41 @@
+// spa-auto: measures how much each layer's response rows drift between consecutive denoising
+// steps, so that the cache manager can fit SPA's per-layer budget curve ρ(ℓ) to the model
+// (cachemgr/dlm_schedule.h, FitRhoCurve) instead of using hand-set constants.
+//
+// Drift of layer ℓ = mean over calibration prompts, steps t >= 1 and response rows i of
+//   1 − cos(p_ℓ,i(t), p_ℓ,i(t−1)),   p = the layer's singular proxy of RMSNorm_attn(h),
+// measured during exact (vanilla: full forward every step) low-confidence decoding. It is the
+// quantity SPA ranks rows by, averaged: a layer whose rows move more gets more of the budget.
+// Layer 0 (always recomputed) reports 0.
+#ifndef PREHOC_WORKER_DLM_CALIBRATION_H_
+#define PREHOC_WORKER_DLM_CALIBRATION_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "worker/dlm/dlm_model.h"
+
+namespace prehoc::dlm {
+
+struct CalibrationOptions {
+  int gen_length = 32;
+  int block_length = 32;
+  int steps = 32;
+};
+
+// Per-layer drift (size num_hidden_layers). Prompts are token ids (BOS included if wanted); when
+// `prompts` is empty, DefaultCalibrationPrompts(model) is used. Errors: those of Diffuse;
+// FAILED_PRECONDITION for a model without proxies.
+absl::StatusOr<std::vector<double>> MeasureDriftProfile(
+    const DlmModel& model, const std::vector<std::vector<int32_t>>& prompts,
+    const CalibrationOptions& options = {});
+
+// Four short built-in source-code snippets, byte-encoded with BOS when the model has a byte
+// tokenizer; otherwise four deterministic pseudo-random id sequences of 48 tokens in
+// [0, min(vocab, 256)) avoiding the mask id.
+std::vector<std::vector<int32_t>> DefaultCalibrationPrompts(const DlmModel& model);
+
+}  // namespace prehoc::dlm
+
+#endif  // PREHOC_WORKER_DLM_CALIBRATION_H_
