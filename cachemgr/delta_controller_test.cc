@@ -8,88 +8,90 @@
 namespace prehoc {
 namespace {
 
-TEST(DeltaControllerTest, ViolationRaisesBudgetImmediately) {
-  DeltaController c(2, DeltaControllerOptions{.target_delta = 0.1});
-  std::vector<int16_t> layers = {1};
-  std::vector<float> d = {0.2f};
-  EXPECT_TRUE(c.Observe(layers, d));
-  EXPECT_DOUBLE_EQ(c.k_scale(1), 1.5);
-  EXPECT_DOUBLE_EQ(c.k_scale(0), 1.0);
+bool Feed(DeltaController& c, int16_t layer, int16_t head, float delta) {
+  std::vector<int16_t> l = {layer}, h = {head};
+  std::vector<float> d = {delta};
+  return c.Observe(l, h, d);
+}
+
+TEST(DeltaControllerTest, ViolationRaisesThatHeadsBudgetImmediately) {
+  DeltaController c(2, 2, DeltaControllerOptions{.target_delta = 0.1});
+  const uint64_t v0 = c.version();
+  EXPECT_TRUE(Feed(c, 1, 0, 0.2f));
+  EXPECT_DOUBLE_EQ(c.k_scale(1, 0), 1.5);
+  EXPECT_DOUBLE_EQ(c.k_scale(1, 1), 1.0);
+  EXPECT_DOUBLE_EQ(c.k_scale(0, 0), 1.0);
   EXPECT_EQ(c.violations(), 1);
+  EXPECT_GT(c.version(), v0);
+  EXPECT_FALSE(Feed(c, 7, 0, 0.9f));  // out of range: ignored
+  EXPECT_EQ(c.observations(), 1);
 }
 
 TEST(DeltaControllerTest, SustainedSlackLowersBudgetSlowly) {
-  DeltaControllerOptions o{.target_delta = 0.1, .window = 4};
-  DeltaController c(1, o);
-  std::vector<int16_t> l(1, 0);
-  std::vector<float> low(1, 0.01f), mid(1, 0.08f);
-  for (int i = 0; i < 3; ++i) EXPECT_FALSE(c.Observe(l, low));
-  EXPECT_FALSE(c.Observe(l, mid));  // dead band resets the run
-  for (int i = 0; i < 3; ++i) EXPECT_FALSE(c.Observe(l, low));
-  EXPECT_TRUE(c.Observe(l, low));
-  EXPECT_DOUBLE_EQ(c.k_scale(0), 0.95);
+  DeltaController c(1, 1, DeltaControllerOptions{.target_delta = 0.1, .window = 4});
+  for (int i = 0; i < 3; ++i) EXPECT_FALSE(Feed(c, 0, 0, 0.01f));
+  EXPECT_FALSE(Feed(c, 0, 0, 0.08f));  // dead band resets the run
+  for (int i = 0; i < 3; ++i) EXPECT_FALSE(Feed(c, 0, 0, 0.01f));
+  EXPECT_TRUE(Feed(c, 0, 0, 0.01f));
+  EXPECT_DOUBLE_EQ(c.k_scale(0, 0), 0.95);
 }
 
-TEST(DeltaControllerTest, ApplyWritesScalesAndBumpsVersionOnlyOnChange) {
-  SelectionPlan plan;
-  plan.layers.resize(2);
-  plan.version = 3;
-  DeltaController c(2, DeltaControllerOptions{.target_delta = 0.1});
-  c.Apply(&plan);
-  EXPECT_EQ(plan.version, 3u);
-  std::vector<int16_t> l = {0};
-  std::vector<float> d = {0.5f};
-  c.Observe(l, d);
-  c.Apply(&plan);
-  EXPECT_EQ(plan.version, 4u);
-  EXPECT_DOUBLE_EQ(plan.layers[0].k_scale, 1.5);
-  c.Apply(&plan);
-  EXPECT_EQ(plan.version, 4u);
+TEST(DeltaControllerTest, ApplyWritesHeadScalesAndBumpsVersionOnlyOnChange) {
+  ModelConfig m;
+  m.num_hidden_layers = 2;
+  m.num_attention_heads = 4;
+  m.num_key_value_heads = 2;
+  auto plan = MakeSelectionPlan(m, SparsityOptions{.policy = "prhs", .budget = 0.25});
+  ASSERT_TRUE(plan.ok());
+  DeltaController c(2, 2, DeltaControllerOptions{.target_delta = 0.1});
+  c.Apply(&*plan);
+  const uint64_t v = plan->version;
+  c.Apply(&*plan);
+  EXPECT_EQ(plan->version, v);
+  Feed(c, 0, 1, 0.5f);
+  c.Apply(&*plan);
+  EXPECT_EQ(plan->version, v + 1);
+  EXPECT_EQ(plan->TopK(0, 1000, 1), static_cast<int64_t>(std::floor((250 - 40) * 1.5)));
+  EXPECT_EQ(plan->TopK(0, 1000, 0), 250 - 40);
 }
 
-TEST(DeltaControllerTest, AtMaxScaleRaisesTauInsteadOnce) {
-  DeltaControllerOptions o{.target_delta = 0.1, .max_scale = 1.5};
-  DeltaController c(1, o);
+TEST(DeltaControllerTest, AtMaxScaleRaisesTauOncePerViolationNotPerApply) {
+  DeltaController c(1, 1, DeltaControllerOptions{.target_delta = 0.1, .max_scale = 1.5});
   SelectionPlan plan;
   plan.layers.resize(1);
   plan.layers[0].tau = 0.8;
-  std::vector<int16_t> l = {0};
-  std::vector<float> d = {0.5f};
-  c.Observe(l, d);  // scale 1 → 1.5 (max)
-  c.Observe(l, d);  // τ + 0.05
+  Feed(c, 0, 0, 0.5f);  // scale 1 → 1.5 (max)
+  Feed(c, 0, 0, 0.5f);  // τ + 0.05
   c.Apply(&plan);
-  c.Apply(&plan);  // idempotent: τ is base + increments, not accumulated per Apply
+  c.Apply(&plan);
   EXPECT_NEAR(plan.layers[0].tau, 0.85, 1e-12);
 }
 
-// Closed loop against a synthetic plant whose dropped mass falls with the budget:
-// δ = base · exp(−k_scale · κ) · lognormal noise. The controller must keep ≥ 99 % of the
-// measurements at or below δ* and settle near the smallest scale that achieves it.
-TEST(DeltaControllerTest, ClosedLoopMeetsTargetOnSyntheticPlant) {
+// Closed loop against a synthetic plant whose dropped mass falls with the budget and differs per
+// head: δ = base_u · exp(−2 · k_scale_u) · lognormal noise. The controller must keep ≥ 99 % of
+// post-warm-up measurements at or below δ* and settle each unit near the smallest scale that
+// achieves it (so concentrated heads are not charged for diffuse ones).
+TEST(DeltaControllerTest, ClosedLoopMeetsTargetPerHeadOnSyntheticPlant) {
   const double target = 0.05;
-  DeltaController c(4, DeltaControllerOptions{.target_delta = target});
+  DeltaController c(2, 2, DeltaControllerOptions{.target_delta = target});
   std::mt19937_64 rng(5);
   std::normal_distribution<double> noise(0.0, 0.25);
+  auto base = [](int u) { return 0.1 + 0.3 * u; };
   int64_t ok = 0, n = 0;
-  for (int step = 0; step < 20000; ++step) {
-    const int16_t layer = static_cast<int16_t>(step % 4);
-    const double base = 0.4 + 0.1 * layer;  // deeper layers need more budget
-    const double delta = base * std::exp(-2.0 * c.k_scale(layer)) * std::exp(noise(rng));
-    std::vector<int16_t> l = {layer};
-    std::vector<float> d = {static_cast<float>(delta)};
-    c.Observe(l, d);
-    if (step >= 2000) {  // after warm-up
+  for (int step = 0; step < 40000; ++step) {
+    const int u = step % 4;
+    const double delta = base(u) * std::exp(-2.0 * c.k_scale(u / 2, u % 2)) * std::exp(noise(rng));
+    Feed(c, static_cast<int16_t>(u / 2), static_cast<int16_t>(u % 2), static_cast<float>(delta));
+    if (step >= 4000) {
       ++n;
       ok += delta <= target;
     }
   }
   EXPECT_GE(static_cast<double>(ok) / n, 0.99);
-  for (int l = 0; l < 4; ++l) {
-    // Scale at which the *median* plant output equals the target: the controller may sit above
-    // it (noise margin) but not wildly so.
-    const double needed = std::log((0.4 + 0.1 * l) / target) / 2.0;
-    EXPECT_GT(c.k_scale(l), needed) << l;
-    EXPECT_LT(c.k_scale(l), needed * 2.0) << l;
+  for (int u = 0; u < 4; ++u) {
+    const double needed = std::log(base(u) / target) / 2.0;
+    EXPECT_GT(c.k_scale(u / 2, u % 2), needed) << u;
+    EXPECT_LT(c.k_scale(u / 2, u % 2), needed * 2.0 + 0.3) << u;
   }
 }
 

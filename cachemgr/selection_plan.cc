@@ -44,14 +44,18 @@ int64_t SelectionPlan::Budget(int64_t t) const {
   return budget_tokens;
 }
 
-int64_t SelectionPlan::TopK(int layer, int64_t t) const {
+int64_t SelectionPlan::TopK(int layer, int64_t t, int kv_head) const {
   const LayerSelectionPlan& l = layers[layer];
   double k = static_cast<double>(std::max<int64_t>(0, Budget(t) - l.sink - l.local));
   if (budget_matched && policy == SelectionPolicy::kPrhs) {
     // Real kept ≈ k + 2r·(m_fraction·k): solve for k.
     k = k / (1.0 + 2.0 * l.dilate_r * l.dilate_m_fraction);
   }
-  return static_cast<int64_t>(std::floor(k * l.k_scale));
+  double scale = l.k_scale;
+  if (kv_head >= 0 && static_cast<size_t>(kv_head) < l.head_k_scale.size()) {
+    scale *= l.head_k_scale[kv_head];
+  }
+  return static_cast<int64_t>(std::floor(k * scale));
 }
 
 absl::StatusOr<std::map<std::string, double>> ParseOverrides(const std::string& text) {

@@ -31,8 +31,11 @@ const char* SelectionPolicyName(SelectionPolicy policy);
 struct LayerSelectionPlan {
   int sink = 8;      // always-kept leading tokens (attention sinks)
   int local = 32;    // always-kept recent window, includes the current token
-  // Multiplier on k(t) set by the δ-controller (1 = preset).
+  // Multipliers on k(t): k_scale for the layer (1 = preset) times head_k_scale[kv_head] set by
+  // the δ-controller per kv head (empty = 1 for every head).
   double k_scale = 1.0;
+  std::vector<double> head_k_scale;
+  double base_tau = -2.0;  // τ before controller increments (−2 = not captured; controller-owned)
   // CIS (PrHS time axis): reuse the anchor's index set while cos(q, q_anchor) > tau and the
   // set has been reused fewer than max_reuse times; else refresh with exact top-k.
   double tau = 0.8;
@@ -69,9 +72,9 @@ struct SelectionPlan {
   // Budget B(t) in tokens for context length t (at least sink + local of layer 0 is not
   // enforced here; callers clamp to t).
   int64_t Budget(int64_t t) const;
-  // Top-k size for `layer` at length t (see the file comment); for budget_matched PrHS the
-  // dilation's growth (up to 2r·m extra tokens) is taken out of k.
-  int64_t TopK(int layer, int64_t t) const;
+  // Top-k size for (`layer`, `kv_head`) at length t (see the file comment); for budget_matched
+  // PrHS the dilation's growth (up to 2r·m extra tokens) is taken out of k.
+  int64_t TopK(int layer, int64_t t, int kv_head = -1) const;
 };
 
 // Parameters of the presets, every one overridable by name through `overrides`

@@ -14,6 +14,7 @@
 #include "common/logging.h"
 #include "worker/engine.h"
 #include "worker/generator.h"
+#include "services/cli/diffuse.h"
 #include "services/cli/eval.h"
 
 namespace prehoc {
@@ -30,6 +31,7 @@ Usage: prehoc <command> [flags]
 Commands:
   generate   Generate text from a prompt with the embedded engine (CPU).
   eval       Quality of sparse-attention policies vs dense on held-out data.
+  diffuse    Diffusion-LM decoding with a cache policy (none/prefix/dual/dllm/spa/spa-auto).
   help       Show this message.
 
 Run `prehoc <command> --help` for the command's flags.
@@ -301,6 +303,7 @@ int RunCli(const std::vector<std::string>& args, std::ostream& out, std::ostream
   }
   if (cmd == "generate") return RunGenerate(args, out, err);
   if (cmd == "eval") return RunEval(args, out, err);
+  if (cmd == "diffuse") return RunDiffuse(args, out, err);
   err << "prehoc: unknown command '" << cmd << "'\n\n" << kUsage;
   return 2;
 }

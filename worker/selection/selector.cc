@@ -323,9 +323,9 @@ class PrhsSelector : public SequenceSelector {
     const int t = kv.length(), hd = model_.head_dim;
     const int group = model_.num_attention_heads / model_.num_key_value_heads;
     const LayerSelectionPlan& lp = plan_.layers[layer];
-    const int64_t k = plan_.TopK(layer, t);
     out->resize(model_.num_key_value_heads);
     for (int kh = 0; kh < model_.num_key_value_heads; ++kh) {
+      const int64_t k = plan_.TopK(layer, t, kh);
       std::vector<int32_t>& s = (*out)[kh];
       if (plan_.Budget(t) >= t) {  // budget covers the whole context: attend densely
         s = AllTokens(t);
@@ -379,6 +379,7 @@ class PrhsSelector : public SequenceSelector {
       const std::vector<int32_t> prev = MergeIndexSet(lp.sink, st->set, lp.local, t);
       telemetry_.refresh_delta.push_back(static_cast<float>(DroppedMass(probs_, prev)));
       telemetry_.refresh_delta_layer.push_back(static_cast<int16_t>(layer));
+      telemetry_.refresh_delta_head.push_back(static_cast<int16_t>(kh));
     }
     const int64_t lo = std::max<int64_t>(lp.sink, static_cast<int64_t>(lp.psaw_drop_fraction * t));
     const int64_t hi = t - lp.local;
@@ -420,9 +421,9 @@ class HShareSelector : public SequenceSelector {
     const int t = kv.length(), hd = model_.head_dim, KVH = model_.num_key_value_heads;
     const int group = model_.num_attention_heads / KVH;
     const LayerSelectionPlan& lp = plan_.layers[layer];
-    const int64_t k = plan_.TopK(layer, t);
     out->resize(KVH);
     for (int kh = 0; kh < KVH; ++kh) {
+      const int64_t k = plan_.TopK(layer, t, kh);
       std::vector<int32_t>& s = (*out)[kh];
       if (plan_.Budget(t) >= t) {
         s = AllTokens(t);

@@ -68,6 +68,7 @@ struct SelectionTelemetry {
   // heads), with the layer it was measured at: the telemetry the δ-controller consumes.
   std::vector<float> refresh_delta;
   std::vector<int16_t> refresh_delta_layer;
+  std::vector<int16_t> refresh_delta_head;  // kv head of each refresh_delta sample
   // Exact dropped mass of every selection, when measured (eval mode; costs a dense pass).
   std::vector<float> step_delta;
 };

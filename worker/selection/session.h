@@ -18,13 +18,16 @@ namespace prehoc {
 
 class SelectionSession {
  public:
-  // INVALID_ARGUMENT naming the bad sparsity field or override.
-  static absl::StatusOr<std::unique_ptr<SelectionSession>> Create(const ModelConfig& model,
-                                                                  const SparsityOptions& options);
+  // INVALID_ARGUMENT naming the bad sparsity field or override. With target_delta > 0 the
+  // session uses `shared_controller` (not owned; e.g. one per (model, policy, δ*) kept by the
+  // cache manager, so budgets learned on earlier requests carry over) or, when null, its own.
+  static absl::StatusOr<std::unique_ptr<SelectionSession>> Create(
+      const ModelConfig& model, const SparsityOptions& options,
+      DeltaController* shared_controller = nullptr);
 
   SequenceSelector* selector() { return selector_.get(); }
   const SelectionPlan& plan() const { return plan_; }
-  const DeltaController* controller() const { return controller_.get(); }
+  const DeltaController* controller() const { return controller_; }
 
   // Call after every decode step: feeds the refresh δ measured since the last call to the
   // controller and, when it changed the budget, hands the selector the new plan version.
@@ -34,7 +37,9 @@ class SelectionSession {
   SelectionSession() = default;
   SelectionPlan plan_;
   std::unique_ptr<SequenceSelector> selector_;
-  std::unique_ptr<DeltaController> controller_;
+  std::unique_ptr<DeltaController> own_controller_;
+  DeltaController* controller_ = nullptr;
+  uint64_t applied_version_ = 0;
   size_t delta_seen_ = 0;
 };
 
