@@ -38,6 +38,7 @@ Flags:
   --ppl-tokens N         teacher-forced tokens per row (default 256)
   --retrieval LIST       sets, e.g. 2k,4k,8k (default 2k,4k)
   --retrieval-rows N     rows per set (default 16)
+  --retrieval-skip N     skip the first N rows of each set (default 0)
   --overrides KV         preset overrides for every policy, e.g. tau=0.9,psaw_phi=0.95
   --sparse-prefill KV    also run every PrHS config with a sparse prefill (PSAW band, and ETF
                          when KV enables it, e.g. etf_start=4); KV are extra overrides ('-' = none)
@@ -241,7 +242,7 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   std::string policies = "prhs,prhs-budget-matched,oracle,quest,h2o,streaming,hshare";
   std::string budgets = "0.25,0.125,0.0625", targets = "0.05", retrieval = "2k,4k";
   std::string sparse_prefill;
-  int ppl_rows = 4, ppl_tokens = 256, retrieval_rows = 16, threads = 0;
+  int ppl_rows = 4, ppl_tokens = 256, retrieval_rows = 16, retrieval_skip = 0, threads = 0;
   for (size_t i = 2; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a == "--help" || a == "-h") {
@@ -276,6 +277,7 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
     else if (a == "--ppl-rows") ok = as_int(&ppl_rows);
     else if (a == "--ppl-tokens") ok = as_int(&ppl_tokens);
     else if (a == "--retrieval-rows") ok = as_int(&retrieval_rows);
+    else if (a == "--retrieval-skip") ok = as_int(&retrieval_skip);
     else if (a == "--threads") ok = as_int(&threads);
     else {
       err << "prehoc eval: unknown flag '" << a << "'\n\n" << kUsage;
@@ -372,7 +374,8 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   }
   for (const std::string& set : SplitList(retrieval)) {
     auto rows = ReadJsonl((std::filesystem::path(data) / ("retrieval_" + set + ".jsonl")).string(),
-                          retrieval_rows);
+                          retrieval_skip + retrieval_rows);
+    if (rows.ok()) rows->erase(rows->begin(), rows->begin() + std::min<size_t>(retrieval_skip, rows->size()));
     if (!rows.ok()) {
       err << "prehoc eval: " << rows.status() << "\n";
       return 1;
@@ -394,6 +397,11 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
         return 1;
       }
       h.AddRetrieval(set, *res, want);
+      std::string hits;
+      for (const auto& o : *res) hits += o == want ? '1' : '0';
+      err << "[eval] retrieval " << set << " row " << r << " depth "
+          << (*rows)[r].value("depth", -1.0) << " hits (dense first, then configs in order): "
+          << hits << "\n";
       err << absl::StrFormat("[eval] retrieval %s row %d/%d done (%.0f s)\n", set, r + 1, rows->size(),
                              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     }
