@@ -1,0 +1,511 @@
+// `prehoc diffuse --eval`: every DLM cache policy side by side on the same inputs (CPU, shipped
+// model): tokens/s, speedup vs vanilla, retrieval accuracy, token agreement with vanilla, bits per
+// byte of the generated text under the AR model, rows recomputed per layer, cost by phase.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "cachemgr/selection_plan.h"
+#include "common/logging.h"
+#include "nlohmann/json.hpp"
+#include "services/cli/diffuse.h"
+#include "worker/dlm/calibration.h"
+#include "worker/dlm/decoder.h"
+#include "worker/engine.h"
+
+namespace prehoc {
+namespace {
+
+constexpr char kUsage[] = R"(Usage: prehoc diffuse --eval [flags]
+
+Runs every DLM cache policy on the same prompts (CPU) and reports, per policy: tokens/s and
+speedup vs vanilla ("none"), retrieval accuracy on retrieval_2k.jsonl (input [BOS] + prompt +
+[MASK]*len(answer) + suffix, exact match of the decoded answer), token agreement with vanilla,
+bits per byte of the generated text under the AR model, rows recomputed per step and layer,
+and the time by phase (layer 0, K/V, row selection, selected rows, LM head).
+
+Flags:
+  --model DIR             DLM (default models/prehoc-code-dlm)
+  --ar-model DIR          AR model for bits per byte (default models/prehoc-code-ar; '' = skip)
+  --data DIR              held-out sets (default tests/data)
+  --policies LIST         comma list of POLICY[@key=value+key=value...]; keys are cache
+                          overrides plus 'tau' (parallel threshold). Default:
+                          none,prefix,dual,dllm,spa,spa@kv_all_rows=0,spa-auto
+  --retrieval-rows N      first N rows of retrieval_2k.jsonl (default 16; 0 = skip)
+  --retrieval-steps N     steps for the answer (default 0 = one token per step)
+  --gen-rows N            open generation after the first N rows of ppl_2k.jsonl (default 4)
+  --gen-prompt-bytes N    prompt = the row's first N bytes, cut at a line end (default 384)
+  --gen-length N          (default 64)   --block-length N (default 32)   --steps N (default 64)
+  --calibration-rows N    spa-auto calibration prompts: the LAST N rows of ppl_2k.jsonl
+                          (first 256 bytes each; disjoint from the generation prompts) (default 4)
+  --proxy-rank R          singular proxy rank (default 0 = model default)
+  --threads N             CPU threads (default 0 = all)
+  --json FILE             write everything as JSON
+  --log-level L           (default warning)
+)";
+
+struct Policy {
+  std::string label, cache;
+  std::map<std::string, double> overrides;
+  double tau = 0;
+};
+
+struct Acc {
+  // retrieval
+  int hits = 0, total = 0;
+  double r_seconds = 0;
+  int64_t r_tokens = 0, r_agree = 0, r_compared = 0;
+  // generation
+  double g_seconds = 0;
+  int64_t g_tokens = 0, g_agree = 0, g_compared = 0;
+  double ce_bits = 0;
+  int64_t ce_bytes = 0;
+  int g_steps = 0, g_runs = 0;
+  std::vector<double> rows_per_step;
+  dlm::ForwardStats fwd;
+  std::vector<std::string> samples;
+};
+
+absl::StatusOr<std::vector<nlohmann::json>> ReadJsonl(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  std::vector<nlohmann::json> rows;
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.empty()) continue;
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path, ":", n, ": bad JSON"));
+    rows.push_back(std::move(j));
+  }
+  return rows;
+}
+
+absl::StatusOr<std::vector<Policy>> ParsePolicies(const std::string& text) {
+  std::vector<Policy> out;
+  for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    Policy p;
+    p.label = std::string(item);
+    std::vector<std::string> parts = absl::StrSplit(item, '@');
+    p.cache = parts[0];
+    if (parts.size() > 2) return absl::InvalidArgumentError(absl::StrCat("--policies: bad item '", item, "'"));
+    if (parts.size() == 2) {
+      std::string kv = parts[1];
+      std::replace(kv.begin(), kv.end(), '+', ',');
+      auto ov = ParseOverrides(kv);
+      if (!ov.ok()) return absl::InvalidArgumentError(absl::StrCat("--policies: ", ov.status().message()));
+      for (const auto& [k, v] : *ov) {
+        if (k == "tau") {
+          p.tau = v;
+        } else {
+          p.overrides[k] = v;
+        }
+      }
+    }
+    out.push_back(std::move(p));
+  }
+  if (out.empty()) return absl::InvalidArgumentError("--policies: empty");
+  return out;
+}
+
+std::vector<int32_t> Bytes(const std::string& s) {
+  std::vector<int32_t> v;
+  for (unsigned char ch : s) v.push_back(ch);
+  return v;
+}
+
+std::string Printable(const std::string& s, size_t max_len = 60) {
+  std::string o;
+  for (char ch : s.substr(0, max_len)) {
+    if (ch == '\n') {
+      o += "\\n";
+    } else if (ch == '|') {
+      o += "\\|";
+    } else {
+      o += ch;
+    }
+  }
+  return o;
+}
+
+}  // namespace
+
+int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  std::string model_dir = "models/prehoc-code-dlm", ar_dir = "models/prehoc-code-ar";
+  std::string data = "tests/data", json_path, log_level = "warning";
+  std::string policies_text = "none,prefix,dual,dllm,spa,spa@kv_all_rows=0,spa-auto";
+  int retrieval_rows = 16, retrieval_steps = 0, gen_rows = 4, gen_prompt_bytes = 384;
+  int gen_length = 64, block_length = 32, steps = 64, calibration_rows = 4, proxy_rank = 0;
+  int threads = 0;
+  for (size_t i = 2; i < args.size(); ++i) {
+    std::string a = args[i], v;
+    if (a == "--eval") continue;
+    if (a == "--help" || a == "-h") {
+      out << kUsage;
+      return 0;
+    }
+    if (auto eq = a.find('='); a.rfind("--", 0) == 0 && eq != std::string::npos) {
+      v = a.substr(eq + 1);
+      a = a.substr(0, eq);
+    } else if (i + 1 < args.size()) {
+      v = args[++i];
+    } else {
+      err << "prehoc diffuse --eval: " << a << " needs a value\n\n" << kUsage;
+      return 2;
+    }
+    auto num = [&](int* dst) {
+      try {
+        size_t pos = 0;
+        *dst = std::stoi(v, &pos);
+        return pos == v.size() && *dst >= 0;
+      } catch (...) {
+        return false;
+      }
+    };
+    bool ok = true;
+    if (a == "--model") model_dir = v;
+    else if (a == "--ar-model") ar_dir = v;
+    else if (a == "--data") data = v;
+    else if (a == "--policies") policies_text = v;
+    else if (a == "--json") json_path = v;
+    else if (a == "--log-level") log_level = v;
+    else if (a == "--retrieval-rows") ok = num(&retrieval_rows);
+    else if (a == "--retrieval-steps") ok = num(&retrieval_steps);
+    else if (a == "--gen-rows") ok = num(&gen_rows);
+    else if (a == "--gen-prompt-bytes") ok = num(&gen_prompt_bytes);
+    else if (a == "--gen-length") ok = num(&gen_length);
+    else if (a == "--block-length") ok = num(&block_length);
+    else if (a == "--steps") ok = num(&steps);
+    else if (a == "--calibration-rows") ok = num(&calibration_rows);
+    else if (a == "--proxy-rank") ok = num(&proxy_rank);
+    else if (a == "--threads") ok = num(&threads);
+    else {
+      err << "prehoc diffuse --eval: unknown flag '" << a << "'\n\n" << kUsage;
+      return 2;
+    }
+    if (!ok) {
+      err << "prehoc diffuse --eval: invalid value '" << v << "' for " << a << "\n";
+      return 2;
+    }
+  }
+  LogLevel level;
+  if (!ParseLogLevel(log_level, &level)) {
+    err << "prehoc diffuse --eval: invalid --log-level '" << log_level << "'\n";
+    return 2;
+  }
+  SetMinLogLevel(level);
+  auto policies_or = ParsePolicies(policies_text);
+  if (!policies_or.ok()) {
+    err << "prehoc diffuse --eval: " << policies_or.status().message() << "\n";
+    return 2;
+  }
+  const std::vector<Policy> policies = *policies_or;
+  int vanilla = -1;
+  for (size_t p = 0; p < policies.size(); ++p) {
+    if (policies[p].cache == "none" && policies[p].overrides.empty() && policies[p].tau == 0) {
+      vanilla = static_cast<int>(p);
+      break;
+    }
+  }
+
+  dlm::DlmModelOptions mo;
+  mo.model_dir = model_dir;
+  mo.num_threads = threads;
+  mo.proxy_rank = proxy_rank;
+  auto model_or = dlm::DlmModel::Create(mo);
+  if (!model_or.ok()) {
+    err << "prehoc diffuse --eval: cannot load '" << model_dir << "': " << model_or.status() << "\n";
+    return 1;
+  }
+  const dlm::DlmModel& model = **model_or;
+  if (model.tokenizer() == nullptr) {
+    err << "prehoc diffuse --eval: the model has no byte tokenizer\n";
+    return 1;
+  }
+  const int bos = model.tokenizer()->bos_id(), eos = model.eos_id();
+  std::unique_ptr<Engine> ar;
+  if (!ar_dir.empty()) {
+    EngineOptions eo;
+    eo.model_dir = ar_dir;
+    eo.num_threads = threads;
+    eo.kv_cache_bytes = int64_t{128} << 20;
+    auto e = Engine::Create(eo);
+    if (!e.ok()) {
+      err << "prehoc diffuse --eval: cannot load AR model '" << ar_dir << "': " << e.status() << "\n";
+      return 1;
+    }
+    ar = std::move(*e);
+  }
+  auto ppl = ReadJsonl((std::filesystem::path(data) / "ppl_2k.jsonl").string());
+  auto retr = ReadJsonl((std::filesystem::path(data) / "retrieval_2k.jsonl").string());
+  if (!ppl.ok() || !retr.ok()) {
+    err << "prehoc diffuse --eval: " << (ppl.ok() ? retr.status() : ppl.status()) << "\n";
+    return 1;
+  }
+
+  // spa-auto: calibrate once at load on prompts disjoint from the evaluation prompts.
+  std::vector<double> drift;
+  double calib_seconds = 0;
+  bool need_drift = false;
+  for (const Policy& p : policies) need_drift |= p.cache == "spa-auto";
+  if (need_drift) {
+    std::vector<std::vector<int32_t>> calib;
+    const int n = static_cast<int>(ppl->size());
+    for (int r = std::max(0, n - calibration_rows); r < n; ++r) {
+      std::string text = (*ppl)[r]["text"].get<std::string>().substr(0, 256);
+      calib.push_back(model.tokenizer()->Encode(text, true));
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    auto d = dlm::MeasureDriftProfile(model, calib);
+    if (!d.ok()) {
+      err << "prehoc diffuse --eval: calibration: " << d.status() << "\n";
+      return 1;
+    }
+    drift = *d;
+    calib_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+
+  std::vector<Acc> acc(policies.size());
+  std::map<std::string, DlmSchedule> schedules;
+  auto run = [&](const Policy& p, dlm::DiffuseRequest req) -> absl::StatusOr<dlm::DiffuseResult> {
+    req.options.cache = p.cache;
+    req.options.cache_overrides = p.overrides;
+    req.options.parallel_threshold = p.tau;
+    auto r = dlm::Diffuse(model, req, std::span<const double>(drift));
+    if (r.ok()) schedules[p.label] = r->schedule;
+    return r;
+  };
+
+  // ---- Retrieval.
+  const int nr = std::min<int>(retrieval_rows, static_cast<int>(retr->size()));
+  for (int row = 0; row < nr; ++row) {
+    const nlohmann::json& j = (*retr)[row];
+    const std::string answer = j["answer"].get<std::string>();
+    dlm::DiffuseRequest req;
+    req.prompt = model.tokenizer()->Encode(j["prompt"].get<std::string>(), true);
+    req.suffix = Bytes(j["suffix"].get<std::string>());
+    req.options.gen_length = static_cast<int>(answer.size());
+    req.options.block_length = 0;
+    req.options.steps = retrieval_steps;
+    std::vector<int32_t> vanilla_out;
+    for (size_t p = 0; p < policies.size(); ++p) {
+      auto r = run(policies[p], req);
+      if (!r.ok()) {
+        err << "prehoc diffuse --eval: retrieval row " << row << " policy " << policies[p].label
+            << ": " << r.status() << "\n";
+        return 1;
+      }
+      Acc& a = acc[p];
+      a.total++;
+      a.hits += model.tokenizer()->Decode(r->response) == answer;
+      a.r_seconds += r->stats.seconds;
+      a.r_tokens += r->stats.decoded_tokens;
+      if (static_cast<int>(p) == vanilla) vanilla_out = r->response;
+      if (vanilla >= 0 && !vanilla_out.empty()) {
+        for (size_t i = 0; i < r->response.size(); ++i) a.r_agree += r->response[i] == vanilla_out[i];
+        a.r_compared += static_cast<int64_t>(r->response.size());
+      }
+    }
+    LOG(INFO) << "retrieval row " << row << " done";
+  }
+
+  // ---- Open generation after held-out code prompts.
+  const int ng = std::min<int>(gen_rows, static_cast<int>(ppl->size()));
+  for (int row = 0; row < ng; ++row) {
+    std::string text = (*ppl)[row]["text"].get<std::string>();
+    std::string prompt = text.substr(0, gen_prompt_bytes);
+    if (auto nl = prompt.rfind('\n'); nl != std::string::npos && nl > 0) prompt = prompt.substr(0, nl + 1);
+    dlm::DiffuseRequest req;
+    req.prompt = model.tokenizer()->Encode(prompt, true);
+    req.options.gen_length = gen_length;
+    req.options.block_length = block_length;
+    req.options.steps = steps;
+    std::vector<int32_t> vanilla_out;
+    for (size_t p = 0; p < policies.size(); ++p) {
+      auto r = run(policies[p], req);
+      if (!r.ok()) {
+        err << "prehoc diffuse --eval: generation row " << row << " policy " << policies[p].label
+            << ": " << r.status() << "\n";
+        return r.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+      }
+      Acc& a = acc[p];
+      a.g_seconds += r->stats.seconds;
+      a.g_tokens += r->stats.decoded_tokens;
+      a.g_steps += r->stats.steps;
+      a.g_runs++;
+      a.fwd.Add(r->stats.forward);
+      if (a.rows_per_step.empty()) a.rows_per_step.assign(r->stats.rows_per_step.size(), 0.0);
+      for (size_t l = 0; l < a.rows_per_step.size(); ++l) a.rows_per_step[l] += r->stats.rows_per_step[l];
+      if (static_cast<int>(p) == vanilla) vanilla_out = r->response;
+      if (vanilla >= 0 && !vanilla_out.empty()) {
+        for (size_t i = 0; i < r->response.size(); ++i) a.g_agree += r->response[i] == vanilla_out[i];
+        a.g_compared += static_cast<int64_t>(r->response.size());
+      }
+      if (row == 0) a.samples.push_back(model.tokenizer()->Decode(r->output));
+      if (ar != nullptr && !r->output.empty()) {
+        std::vector<int32_t> seq = {bos};
+        for (unsigned char ch : prompt) seq.push_back(ch);
+        const size_t first = seq.size();
+        seq.insert(seq.end(), r->output.begin(), r->output.end());
+        auto logits = ar->ForwardFull(seq, /*causal=*/true);
+        if (!logits.ok()) {
+          err << "prehoc diffuse --eval: AR scoring: " << logits.status() << "\n";
+          return 1;
+        }
+        const int V = ar->config().vocab_size;
+        for (size_t t = first; t < seq.size(); ++t) {
+          const float* lg = logits->data() + (t - 1) * V;
+          float mx = lg[0];
+          for (int v = 1; v < V; ++v) mx = std::max(mx, lg[v]);
+          double sum = 0;
+          for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(lg[v] - mx));
+          a.ce_bits += (std::log(sum) - (lg[seq[t]] - mx)) / std::log(2.0);
+          a.ce_bytes++;
+        }
+      }
+    }
+    LOG(INFO) << "generation row " << row << " done";
+  }
+  (void)eos;
+
+  // ---- Report.
+  const Acc* base = vanilla >= 0 ? &acc[vanilla] : nullptr;
+  out << absl::StrFormat(
+      "# prehoc diffuse --eval | model %s | %d threads | retrieval_2k rows %d (gen = answer, "
+      "%s) | generation: %d ppl_2k prompts (<= %d bytes), gen %d, block %d, steps %d\n\n",
+      model_dir, model.num_threads(), nr,
+      retrieval_steps == 0 ? "one token per step" : absl::StrCat(retrieval_steps, " steps"), ng,
+      gen_prompt_bytes, gen_length, block_length, steps);
+  out << "| policy | retrieval acc | retr. tok/s | retr. speedup | retr. agree | gen tok/s | gen "
+         "speedup | gen agree | bpb (AR) | steps/run | mean rows recomputed / step / layer |\n"
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+  nlohmann::json jp = nlohmann::json::array();
+  for (size_t p = 0; p < policies.size(); ++p) {
+    const Acc& a = acc[p];
+    const double rtps = a.r_seconds > 0 ? a.r_tokens / a.r_seconds : 0;
+    const double gtps = a.g_seconds > 0 ? a.g_tokens / a.g_seconds : 0;
+    const double rsp = base != nullptr && a.r_seconds > 0 ? base->r_seconds / a.r_seconds : 0;
+    const double gsp = base != nullptr && a.g_seconds > 0 ? base->g_seconds / a.g_seconds : 0;
+    const double racc = a.total > 0 ? 100.0 * a.hits / a.total : 0;
+    const double ragr = a.r_compared > 0 ? 100.0 * a.r_agree / a.r_compared : 0;
+    const double gagr = a.g_compared > 0 ? 100.0 * a.g_agree / a.g_compared : 0;
+    const double bpb = a.ce_bytes > 0 ? a.ce_bits / a.ce_bytes : 0;
+    std::vector<double> rps = a.rows_per_step;
+    for (double& x : rps) x /= std::max(a.g_runs, 1);
+    double mean_rows = 0;
+    for (double x : rps) mean_rows += x / std::max<size_t>(rps.size(), 1);
+    out << absl::StrFormat("| %s | %.1f %% (%d/%d) | %.2f | %.2fx | %.1f %% | %.2f | %.2fx | %.1f %% | %.3f | %.1f | %.1f |\n",
+                           policies[p].label, racc, a.hits, a.total, rtps, rsp, ragr, gtps, gsp,
+                           gagr, bpb, a.g_runs > 0 ? static_cast<double>(a.g_steps) / a.g_runs : 0,
+                           mean_rows);
+    nlohmann::json j;
+    j["policy"] = policies[p].label;
+    j["cache"] = policies[p].cache;
+    j["overrides"] = policies[p].overrides;
+    j["parallel_threshold"] = policies[p].tau;
+    j["retrieval"] = {{"rows", a.total},       {"hits", a.hits},       {"accuracy", racc / 100},
+                      {"seconds", a.r_seconds}, {"tokens", a.r_tokens}, {"tokens_per_second", rtps},
+                      {"speedup_vs_vanilla", rsp}, {"agreement_with_vanilla", ragr / 100}};
+    j["generation"] = {{"runs", a.g_runs},
+                       {"seconds", a.g_seconds},
+                       {"tokens", a.g_tokens},
+                       {"tokens_per_second", gtps},
+                       {"speedup_vs_vanilla", gsp},
+                       {"agreement_with_vanilla", gagr / 100},
+                       {"bits_per_byte_ar", bpb},
+                       {"scored_bytes", a.ce_bytes},
+                       {"steps", a.g_steps},
+                       {"rows_per_step_by_layer", rps},
+                       {"seconds_by_phase",
+                        {{"layer0", a.fwd.seconds_layer0},
+                         {"kv", a.fwd.seconds_kv},
+                         {"select", a.fwd.seconds_select},
+                         {"rows", a.fwd.seconds_rows},
+                         {"lm_head", a.fwd.seconds_lm}}},
+                       {"sample", a.samples.empty() ? "" : a.samples[0]}};
+    if (auto it = schedules.find(policies[p].label); it != schedules.end()) {
+      const DlmSchedule& s = it->second;
+      j["schedule"] = {{"rho", s.rho},         {"r_full", s.r_full},
+                       {"r_gen", s.r_gen},     {"kv_all_rows", s.kv_all_rows},
+                       {"prompt_refresh", s.prompt_refresh}, {"gen_refresh", s.gen_refresh},
+                       {"dllm_ratio", s.dllm_ratio}, {"block_refresh", s.block_refresh},
+                       {"mean_update_ratio", s.MeanUpdateRatio()}};
+      if (s.policy == DlmCachePolicy::kSpaAuto) {
+        j["schedule"]["drift"] = s.drift;
+        j["schedule"]["fit"] = {{"peak_pos", s.rho_curve.peak_pos}, {"start", s.rho_curve.start},
+                                {"peak", s.rho_curve.peak},         {"end", s.rho_curve.end},
+                                {"floor", s.rho_curve.floor},       {"scale", s.rho_curve.scale},
+                                {"rmse", s.fit_rmse}};
+      }
+    }
+    jp.push_back(j);
+  }
+  out << "\nTime by phase in the generation runs (s): layer 0 | K/V | select | rows | LM head\n";
+  for (size_t p = 0; p < policies.size(); ++p) {
+    const dlm::ForwardStats& f = acc[p].fwd;
+    out << absl::StrFormat("  %-22s %7.2f | %7.2f | %7.2f | %7.2f | %7.2f\n", policies[p].label,
+                           f.seconds_layer0, f.seconds_kv, f.seconds_select, f.seconds_rows,
+                           f.seconds_lm);
+  }
+  out << "\nRows recomputed per step by layer (generation):\n";
+  for (size_t p = 0; p < policies.size(); ++p) {
+    std::vector<std::string> parts;
+    for (double x : acc[p].rows_per_step) {
+      parts.push_back(absl::StrFormat("%.1f", x / std::max(acc[p].g_runs, 1)));
+    }
+    out << absl::StrFormat("  %-22s %s\n", policies[p].label, absl::StrJoin(parts, " "));
+  }
+  for (const auto& [label, s] : schedules) {
+    if (s.policy == DlmCachePolicy::kSpa || s.policy == DlmCachePolicy::kSpaAuto) {
+      std::vector<std::string> parts;
+      for (double x : s.rho) parts.push_back(absl::StrFormat("%.3f", x));
+      out << absl::StrFormat("rho(%s): %s (mean over layers >= 1: %.3f)\n", label,
+                             absl::StrJoin(parts, " "), s.MeanUpdateRatio());
+    }
+  }
+  if (!drift.empty()) {
+    std::vector<std::string> parts;
+    for (double x : drift) parts.push_back(absl::StrFormat("%.4f", x));
+    out << absl::StrFormat("spa-auto drift profile: %s (calibration %.2f s)\n",
+                           absl::StrJoin(parts, " "), calib_seconds);
+  }
+  out << "\nSamples (first generation prompt):\n";
+  for (size_t p = 0; p < policies.size(); ++p) {
+    out << absl::StrFormat("  %-22s %s\n", policies[p].label,
+                           acc[p].samples.empty() ? "" : Printable(acc[p].samples[0], 80));
+  }
+  if (!json_path.empty()) {
+    nlohmann::json j;
+    j["command"] = absl::StrJoin(args, " ");
+    j["model"] = model_dir;
+    j["ar_model"] = ar_dir;
+    j["threads"] = model.num_threads();
+    j["proxy_rank"] = model.proxy_rank();
+    j["proxy_build_seconds"] = model.proxy_build_seconds();
+    j["retrieval"] = {{"set", "retrieval_2k.jsonl"}, {"rows", nr},
+                      {"steps", retrieval_steps == 0 ? "gen_length (one token per step)" : std::to_string(retrieval_steps)}};
+    j["generation"] = {{"set", "ppl_2k.jsonl"}, {"rows", ng}, {"prompt_bytes", gen_prompt_bytes},
+                       {"gen_length", gen_length}, {"block_length", block_length}, {"steps", steps}};
+    j["spa_auto"] = {{"drift", drift}, {"calibration_seconds", calib_seconds},
+                     {"calibration_rows", calibration_rows}};
+    j["policies"] = jp;
+    std::ofstream fo(json_path);
+    fo << j.dump(2) << "\n";
+    if (!fo) {
+      err << "prehoc diffuse --eval: cannot write " << json_path << "\n";
+      return 1;
+    }
+  }
+  return 0;
+}
+
+}  // namespace prehoc

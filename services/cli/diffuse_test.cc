@@ -1,0 +1,61 @@
+#include "services/cli/diffuse.h"
+
+#include <filesystem>
+#include <sstream>
+
+#include "gtest/gtest.h"
+#include "services/cli/cli.h"
+
+namespace prehoc {
+namespace {
+
+std::string Model() {
+  return (std::filesystem::path(PREHOC_SOURCE_DIR) / "models" / "prehoc-code-dlm").string();
+}
+
+int Cli(std::vector<std::string> args, std::string* out, std::string* err) {
+  args.insert(args.begin(), {"prehoc", "diffuse"});
+  std::ostringstream o, e;
+  const int rc = RunCli(args, o, e);
+  *out = o.str();
+  *err = e.str();
+  return rc;
+}
+
+TEST(DiffuseCliTest, HelpAndUsageErrors) {
+  std::string out, err;
+  EXPECT_EQ(Cli({"--help"}, &out, &err), 0);
+  EXPECT_NE(out.find("--cache"), std::string::npos);
+  EXPECT_NE(out.find("--parallel-threshold"), std::string::npos);
+  EXPECT_EQ(Cli({"--eval", "--help"}, &out, &err), 0);
+  EXPECT_NE(out.find("--retrieval-rows"), std::string::npos);
+  EXPECT_EQ(Cli({"--bogus"}, &out, &err), 2);
+  EXPECT_NE(err.find("unknown flag"), std::string::npos);
+  // Request errors are reported before the model is loaded, naming the field.
+  EXPECT_EQ(Cli({"--gen-length", "0"}, &out, &err), 2);
+  EXPECT_NE(err.find("gen_length"), std::string::npos) << err;
+  EXPECT_EQ(Cli({"--gen-length", "64", "--block-length", "24"}, &out, &err), 2);
+  EXPECT_NE(err.find("block_length"), std::string::npos) << err;
+  EXPECT_EQ(Cli({"--cache", "fast"}, &out, &err), 2);
+  EXPECT_NE(err.find("cache"), std::string::npos) << err;
+  EXPECT_EQ(Cli({"--cache", "spa", "--cache-overrides", "r_full"}, &out, &err), 2);
+  EXPECT_EQ(Cli({"--model", "/nonexistent/dir"}, &out, &err), 1);
+}
+
+TEST(DiffuseCliTest, DecodesWithSpa) {
+  std::string out, err;
+  ASSERT_EQ(Cli({"--model", Model(), "--prompt", "def f(x):\n    return ", "--gen-length", "8",
+                 "--block-length", "4", "--steps", "8", "--cache", "spa", "--threads", "2",
+                 "--print-ids"},
+                &out, &err),
+            0)
+      << err;
+  EXPECT_NE(out.find("--- 8 tokens (length) in 8 steps (1 full"), std::string::npos) << out;
+  EXPECT_NE(out.find("tokens/s | cache=spa"), std::string::npos) << out;
+  EXPECT_NE(out.find("rows recomputed per step by layer"), std::string::npos) << out;
+  EXPECT_NE(out.find("--- schedule: rho 1.000"), std::string::npos) << out;
+  EXPECT_NE(out.find("ids:"), std::string::npos) << out;
+}
+
+}  // namespace
+}  // namespace prehoc
