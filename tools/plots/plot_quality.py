@@ -26,7 +26,12 @@ def main(src, dst):
     panels = [("bpb_rel_change_pct", "bits/byte vs dense (%)"), ("top1_agreement", "top-1 agreement with dense"),
               ("delta_mean", "mean exact dropped mass δ")]
     panels += [(f"retrieval:{s}", f"retrieval accuracy {s}") for s in sets]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    cols = 3
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[len(panels):]:
+        ax.axis("off")
     for ax, (key, title) in zip(axes, panels):
         for p in policies:
             pts = []

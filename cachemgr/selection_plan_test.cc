@@ -1,0 +1,94 @@
+#include "cachemgr/selection_plan.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace prehoc {
+namespace {
+
+using ::testing::HasSubstr;
+
+ModelConfig Model(int layers) {
+  ModelConfig c;
+  c.num_hidden_layers = layers;
+  c.num_attention_heads = 8;
+  c.num_key_value_heads = 2;
+  c.head_dim = 64;
+  return c;
+}
+
+TEST(SelectionPlanTest, PrhsDefaultsAndPsawSchedule) {
+  auto plan = MakeSelectionPlan(Model(8), SparsityOptions{.policy = "prhs"});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->policy, SelectionPolicy::kPrhs);
+  EXPECT_DOUBLE_EQ(plan->budget_fraction, 0.125);
+  ASSERT_EQ(plan->layers.size(), 8u);
+  for (int l = 0; l < 4; ++l) EXPECT_EQ(plan->layers[l].psaw_drop_fraction, 0.0) << l;
+  // ℓ ≥ ℓ_s = 4: 1 − 0.9^{(ℓ−4)/4}, increasing with depth.
+  EXPECT_DOUBLE_EQ(plan->layers[4].psaw_drop_fraction, 0.0);
+  EXPECT_NEAR(plan->layers[6].psaw_drop_fraction, 1 - std::pow(0.9, 0.5), 1e-12);
+  EXPECT_GT(plan->layers[7].psaw_drop_fraction, plan->layers[6].psaw_drop_fraction);
+  EXPECT_EQ(plan->layers[0].sink, 8);
+  EXPECT_EQ(plan->layers[0].local, 32);
+  EXPECT_DOUBLE_EQ(plan->layers[0].tau, 0.8);
+  EXPECT_EQ(plan->layers[7].etf_alias_layer, -1);  // ETF off by default
+}
+
+TEST(SelectionPlanTest, BudgetAndTopK) {
+  auto plan = MakeSelectionPlan(Model(2), SparsityOptions{.policy = "prhs", .budget = 0.0625});
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(plan->Budget(4096), 256);
+  EXPECT_EQ(plan->TopK(0, 4096), 256 - 8 - 32);
+  EXPECT_EQ(plan->TopK(0, 100), 0);  // budget below sink + local
+  auto matched = MakeSelectionPlan(Model(2), SparsityOptions{.policy = "prhs-budget-matched",
+                                                             .budget = 0.0625});
+  ASSERT_TRUE(matched.ok());
+  EXPECT_TRUE(matched->budget_matched);
+  // k + 2·r·(k/3) ≈ 216 → k = 216 / (5/3) = 129.6 → 129.
+  EXPECT_EQ(matched->TopK(0, 4096), 129);
+  auto absolute = MakeSelectionPlan(Model(2), SparsityOptions{.policy = "quest", .budget = 512});
+  ASSERT_TRUE(absolute.ok());
+  EXPECT_EQ(absolute->Budget(100000), 512);
+  EXPECT_EQ(absolute->layers[0].sink, 0);
+}
+
+TEST(SelectionPlanTest, OverridesApplyAndBadOnesAreNamed) {
+  auto ov = ParseOverrides("tau=0.9, sink=4,psaw_start=0");
+  ASSERT_TRUE(ov.ok()) << ov.status();
+  auto plan = MakeSelectionPlan(Model(4), SparsityOptions{.policy = "prhs"}, *ov);
+  ASSERT_TRUE(plan.ok());
+  EXPECT_DOUBLE_EQ(plan->layers[0].tau, 0.9);
+  EXPECT_EQ(plan->layers[0].sink, 4);
+  EXPECT_GT(plan->layers[1].psaw_drop_fraction, 0.0);
+  EXPECT_THAT(ParseOverrides("tau").status().message(), HasSubstr("key=value"));
+  EXPECT_THAT(ParseOverrides("tau=abc").status().message(), HasSubstr("'abc' is not a number"));
+  EXPECT_THAT(MakeSelectionPlan(Model(4), SparsityOptions{.policy = "prhs"}, {{"bogus", 1}})
+                  .status()
+                  .message(),
+              HasSubstr("key 'bogus' is unknown"));
+  EXPECT_THAT(MakeSelectionPlan(Model(4), SparsityOptions{.policy = "magic"}).status().message(),
+              HasSubstr("sparsity.policy 'magic' is unknown"));
+  EXPECT_THAT(MakeSelectionPlan(Model(4), SparsityOptions{.policy = "prhs", .target_delta = 1.5})
+                  .status()
+                  .message(),
+              HasSubstr("target_delta"));
+  EXPECT_THAT(MakeSelectionPlan(Model(4), SparsityOptions{.policy = "prhs"}, {{"tau", 3}})
+                  .status()
+                  .message(),
+              HasSubstr("tau"));
+}
+
+TEST(SelectionPlanTest, HShareAndEtfParameters) {
+  auto h = MakeSelectionPlan(Model(4), SparsityOptions{.policy = "hshare"});
+  ASSERT_TRUE(h.ok());
+  EXPECT_EQ(h->layers[2].refresh_interval, 2);
+  EXPECT_EQ(h->layers[2].approx_channels, 16);
+  auto e = MakeSelectionPlan(Model(8), SparsityOptions{.policy = "prhs"}, {{"etf_start", 2}});
+  ASSERT_TRUE(e.ok());
+  EXPECT_EQ(e->layers[1].etf_alias_layer, -1);
+  EXPECT_EQ(e->layers[5].etf_alias_layer, 2);
+  EXPECT_GT(e->layers[7].etf_freeze_fraction, e->layers[5].etf_freeze_fraction);
+}
+
+}  // namespace
+}  // namespace prehoc
