@@ -1,0 +1,153 @@
+// PrHS decode-time selection on the GPU (CIS gate, exact refresh scoring, top-k + dilation, and
+// the per-step CSR index lists that paged_decode.h's sparse kernel reads), for one layer and a
+// batch of sequences. Host-side API; kernels in selection_prhs.cuh. Includes only CUDA and std
+// headers. The CPU reference of the same algorithm is PrhsSelector (worker/selection/
+// selector.cc); selection_reference.h restates it for the tests. Algorithm: ALGORITHMS.md §2,
+// docs/selection.md, docs/kernels.md ("PrHS selection").
+//
+// ---------------------------------------------------------------------------------------------
+// Rows: r = b * num_kv_heads + h (sequence b, kv head h), G = num_q_heads / num_kv_heads, and the
+// group of kv head h is query heads h*G .. h*G+G-1 (Hugging Face repeat_kv), contiguous in q.
+//
+// Inputs (device pointers, T = fp16 or bf16, the same T for q and the K pool):
+//   q            [batch][num_q_heads][head_dim]                  T  (post-RoPE, this step)
+//   k_pool       [num_pages][num_kv_heads][page_size][head_dim]  T  (paged_decode.h's layout)
+//   page_indptr  [batch + 1], page_indices, seq_lens [batch]    int32 (paged_decode.h's contract;
+//                seq_lens[b] = t includes the current token)
+//   topk         [batch] int32: k(t) of the plan (>= 0), or -1 when the budget covers the whole
+//                sequence (PrhsSelector's "Budget(t) >= t"): the row attends densely, the gate
+//                is not evaluated and the CIS state is left untouched.
+//   cand_lo      [batch] int32 or null: PSAW's lower bound P_l(t) (null = 0). Candidates of a
+//                refresh are [lo, hi) with lo = max(sink, cand_lo[b]) and hi = t - local.
+// CIS state per row (persistent across steps; the caller zero-fills valid and reuse once):
+//   anchor_q     [rows][G * head_dim]  T      the group's concatenated query at the last refresh
+//   reuse        [rows] int32                 shares since the last refresh
+//   valid        [rows] int32 (0/1)           an anchor exists
+//   anchor_set   [rows][anchor_stride] int32  S_anchor: the dilated top-k, ascending, unique,
+//                                             within [lo, hi) of its refresh
+//   anchor_count [rows] int32                 |S_anchor| (<= anchor_stride)
+// Per-step outputs:
+//   refresh      [rows] int32: 0 = share (or dense row), 1 = refresh of a row with no anchor,
+//                2 = refresh of a row whose previous set's δ is measured this step
+//   cos          [rows] f32 (optional): cos(q group, anchor) when evaluated, else NaN
+//   delta        [rows] f32 (optional): at refresh == 2, the exact dropped mass of the previous
+//                index set [0, sink) ∪ S_anchor ∪ [t - local, t) on this step's scores
+//                (δ = 1 - Σ_{i∈S} p_i, p = group-mean softmax over all t keys); NaN otherwise
+//   index_indptr [rows + 1], index_indices [index_capacity] int32: CSR of logical token
+//                positions per row (paged_decode.h's kToken selection), ascending:
+//                [0, min(sink, t)) ∪ S_anchor ∪ [max(t - local, min(sink, t)), t), or [0, t) for a
+//                dense row. Entries of S_anchor outside the middle range (only when sink/local
+//                changed since the refresh) are written as -1, which the sparse kernel ignores.
+//
+// Step semantics per non-dense row (PrhsSelector::Select):
+//   gate:    share = valid && reuse < max_reuse && cos(q_g, anchor_q) > tau, with
+//            cos = dot / sqrt(|q|²|a|²) (-1 when a norm is 0); share → reuse += 1; else refresh:
+//            anchor_q = q_g, reuse = 0, valid = 1.
+//   refresh: scores s_gj = scale * q_g · K_j over all t keys, lse_g = log Σ_j exp(s_gj),
+//            p_j = (1/G) Σ_g exp(s_gj - lse_g); k' = min(k, hi - lo); T = the k' largest p_j over
+//            [lo, hi) (ties: lower position first); M = the best m = floor(m_fraction * k') of T;
+//            S_anchor = T ∪ {i ± d : i ∈ M, 1 <= d <= dilate_r} ∩ [lo, hi), sorted unique.
+//   lists:   the CSR above, for every row, every step (the local window moves with t).
+// Precision: scores and probabilities in fp32 (fp32 accumulation of T products), cos in fp32.
+// Ranking is exact on the computed fp32 probabilities (a total order by (p desc, position asc)).
+//
+// REQUIRES: head_dim 64 or 128, page_size 16, 1 <= G <= 8, batch * num_kv_heads <= 8192,
+//   seq_lens[b] <= max_seq_len, anchor_stride >= k + 2 * dilate_r * floor(m_fraction * k) for
+//   every k passed (entries past the stride are dropped), index_capacity >= the lists' total
+//   (entries past it are not written), 0 <= dilate_r <= 64, sink and local constant for a row
+//   between its refreshes and seq_lens non-decreasing (decode), or the caller clears valid.
+// ---------------------------------------------------------------------------------------------
+#ifndef PREHOC_WORKER_KERNELS_SELECTION_PRHS_H_
+#define PREHOC_WORKER_KERNELS_SELECTION_PRHS_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "worker/kernels/paged_decode.h"
+
+namespace prehoc::kernels {
+
+struct PrhsSelectParams {
+  AttnDType dtype = AttnDType::kBFloat16;
+  int batch = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;  // REQUIRES: divides num_q_heads, G <= 8
+  int head_dim = 128;    // 64 or 128
+  int page_size = 16;    // 16
+  int max_seq_len = 0;   // >= every seq_lens[b]; sizes the workspace
+
+  // Plan (per layer; PrhsSelector's LayerSelectionPlan).
+  int sink = 8;
+  int local = 32;
+  float tau = 0.8f;
+  int max_reuse = 64;
+  int dilate_r = 1;
+  double dilate_m_fraction = 1.0 / 3.0;
+  float scale = 0.0f;  // softmax scale; 0 = 1/sqrt(head_dim)
+
+  const void* d_q = nullptr;
+  const void* d_k_pool = nullptr;
+  const int32_t* d_page_indptr = nullptr;
+  const int32_t* d_page_indices = nullptr;
+  const int32_t* d_seq_lens = nullptr;
+  const int32_t* d_topk = nullptr;
+  const int32_t* d_cand_lo = nullptr;  // optional
+
+  void* d_anchor_q = nullptr;
+  int32_t* d_reuse = nullptr;
+  int32_t* d_valid = nullptr;
+  int32_t* d_anchor_set = nullptr;
+  int32_t* d_anchor_count = nullptr;
+  int anchor_stride = 0;
+
+  int32_t* d_refresh = nullptr;
+  float* d_cos = nullptr;    // optional
+  float* d_delta = nullptr;  // optional
+  int32_t* d_index_indptr = nullptr;
+  int32_t* d_index_indices = nullptr;
+  int64_t index_capacity = 0;
+
+  int num_sms = 0;  // 0 = query the current device
+  void* d_workspace = nullptr;  // REQUIRES: >= PrhsSelectWorkspaceBytes(*this), 256-aligned
+  size_t workspace_bytes = 0;
+};
+
+// nullptr when well-formed and supported, else a static message naming the field.
+const char* PrhsSelectCheck(const PrhsSelectParams& p);
+
+// Workspace bytes (SIZE_MAX when PrhsSelectCheck fails). Layout (each part 256-aligned, L =
+// max_seq_len rounded up to 64): logits f32 [rows][G][L], probabilities f32 [rows][L],
+// flags u8 [rows][L], lse f32 [rows][G].
+size_t PrhsSelectWorkspaceBytes(const PrhsSelectParams& p);
+
+// Views into the workspace after a step, for tests and telemetry: logits[(r*G + g)*L + j] = s_gj,
+// probs[r*L + j] = p_j for j in [lo, hi) of rows refreshed with 0 < k < hi - lo, lse[r*G + g]
+// (natural log) of refreshed rows. Null pointers when the parameters are malformed.
+struct PrhsWorkspaceView {
+  const float* logits = nullptr;
+  const float* probs = nullptr;
+  const float* lse = nullptr;
+  int64_t row_stride = 0;  // L
+};
+PrhsWorkspaceView PrhsSelectWorkspace(const PrhsSelectParams& p);
+
+// The four stages (each enqueued on `stream`; cudaErrorInvalidValue when PrhsSelectCheck fails,
+// else the launch error; asynchronous):
+// (a) gate: writes refresh/cos and updates reuse, valid, anchor_q.
+cudaError_t PrhsGate(const PrhsSelectParams& p, cudaStream_t stream);
+// (b) refresh scoring: logits of every key for rows with refresh != 0 (a persistent grid walks
+//     the flagged rows' 256-token chunks; other rows cost nothing).
+cudaError_t PrhsRefreshScores(const PrhsSelectParams& p, cudaStream_t stream);
+// (c1) refresh selection: lse, δ of the previous set, top-k + dilation → anchor_set/count (one
+//      CTA per row; rows not flagged exit at once).
+cudaError_t PrhsRefreshSelect(const PrhsSelectParams& p, cudaStream_t stream);
+// (c2) CSR index lists for every row (sink ∪ S_anchor ∪ local window, or all tokens).
+cudaError_t PrhsBuildIndexLists(const PrhsSelectParams& p, cudaStream_t stream);
+// (a) + (b) + (c1) + (c2): one PrHS selection step for the layer.
+cudaError_t PrhsSelectStep(const PrhsSelectParams& p, cudaStream_t stream);
+
+}  // namespace prehoc::kernels
+
+#endif  // PREHOC_WORKER_KERNELS_SELECTION_PRHS_H_

@@ -1,0 +1,439 @@
+// GPU tests of the PrHS selection kernels (selection_prhs.h) against the CPU reference
+// (selection_reference.h, PrhsSelector's semantics), over several decode steps per case so the
+// CIS state machine (gate → share or refresh, reuse limit, δ of the previous set, moving local
+// window) is exercised. Skipped when no CUDA device is present.
+//
+// What is compared, per step and row:
+//   gate      refresh flag exactly (cosines within 1e-4 of τ would be ambiguous; the inputs keep
+//             them near 1 or near 0), cos within 1e-5, reuse / valid / anchor bits exactly;
+//   scoring   lse (float64 reference) within 1e-4 + 1e-6·|lse|, probabilities within
+//             1e-4·p + 1e-7 (fp32 accumulation of exact 16-bit products);
+//   top-k     S_anchor exactly equal to the reference computed on the GPU's own fp32
+//             probabilities (ties broken by lower position, as TopKIndices does; one case has
+//             many exactly equal scores);
+//   δ         within 2e-5 of the float64 reference on the previous set;
+//   lists     CSR rows exactly equal to MergeIndexSet(sink, S_anchor, local, t) (all tokens for
+//             a dense row).
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "worker/kernels/attention_reference.h"
+#include "worker/kernels/selection_prhs.h"
+#include "worker/kernels/selection_reference.h"
+
+namespace prehoc::kernels {
+namespace {
+
+bool HaveDevice() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define SKIP_WITHOUT_DEVICE() \
+  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
+
+#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(expr)
+
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void Resize(size_t bytes) {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = nullptr;
+    bytes_ = std::max<size_t>(bytes, 256);
+    if (cudaMalloc(&ptr_, bytes_) != cudaSuccess) ptr_ = nullptr;
+  }
+  template <typename T>
+  void Upload(const std::vector<T>& v) {
+    if (bytes_ < v.size() * sizeof(T) || ptr_ == nullptr) Resize(v.size() * sizeof(T));
+    if (!v.empty()) cudaMemcpy(ptr_, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
+  }
+  template <typename T>
+  std::vector<T> Download(size_t n, size_t offset_elems = 0) const {
+    std::vector<T> v(n);
+    if (n > 0) {
+      cudaMemcpy(v.data(), static_cast<const T*>(ptr_) + offset_elems, n * sizeof(T),
+                 cudaMemcpyDeviceToHost);
+    }
+    return v;
+  }
+  void Poison() {
+    if (ptr_ != nullptr) cudaMemset(ptr_, 0xff, bytes_);
+  }
+  template <typename T = void>
+  T* get() const {
+    return static_cast<T*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+template <typename T>
+std::vector<T> DownloadPtr(const T* d, size_t n) {
+  std::vector<T> v(n);
+  if (n > 0) cudaMemcpy(v.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost);
+  return v;
+}
+
+// One test scenario: sequences (initial lengths; each step appends one token), per-sequence k
+// (-1 = dense) and PSAW lower bounds, plan constants, and how queries evolve.
+struct Case {
+  std::string name;
+  std::vector<int> lens;
+  std::vector<int> topk;
+  std::vector<int> cand_lo;  // empty = null
+  int steps = 4;
+  int max_reuse = 64;
+  int dup_period = 0;    // > 0: K_j = K_{j mod period} (many exactly equal scores)
+  int zero_q_seq = -1;   // this sequence's queries are all zero (every score ties)
+};
+
+const std::vector<Case>& Cases() {
+  static const auto* cases = new std::vector<Case>{
+      {"batch1_odd", {1001}, {97}, {}, 4},
+      {"mixed", {300, 17, 4099, 45, 1000}, {37, -1, 500, 5, 120}, {}, 4},
+      {"k_ge_candidates", {200, 333}, {1000, 293}, {}, 3},
+      {"empty_candidates", {40, 100}, {5, 5}, {0, 200}, 3},
+      {"ties", {500, 777}, {50, 101}, {}, 3, 64, 5, 1},
+      {"psaw_reuse1", {2000}, {150}, {600}, 5, 1},
+      {"long", {20000}, {2500}, {}, 2},
+  };
+  return *cases;
+}
+
+using Param = std::tuple<AttnDType, int /*head_dim*/, int /*group*/, int /*case*/>;
+
+class PrhsSelectSweep : public ::testing::TestWithParam<Param> {};
+
+TEST_P(PrhsSelectSweep, StepsMatchReference) {
+  SKIP_WITHOUT_DEVICE();
+  const auto [dtype, D, G, case_idx] = GetParam();
+  const Case& cs = Cases()[case_idx];
+  const int hkv = 2, hq = hkv * G, B = static_cast<int>(cs.lens.size()), rows = B * hkv;
+  const int sink = 8, local = 32, r_dil = 1;
+  const double m_frac = 1.0 / 3.0;
+  const float tau = 0.8f;
+  std::mt19937 rng(1000u + 7u * case_idx + 131u * G + D + static_cast<unsigned>(dtype));
+  std::uniform_real_distribution<double> unif(-1.0, 1.0);
+  std::normal_distribution<double> noise(0.0, 0.02);
+
+  // Paged K pool with room for every step; pages placed randomly; unused slots NaN.
+  std::vector<int> max_lens(B);
+  int max_len = 0;
+  for (int b = 0; b < B; ++b) {
+    max_lens[b] = cs.lens[b] + cs.steps;
+    max_len = std::max(max_len, max_lens[b]);
+  }
+  std::vector<int32_t> page_indptr{0};
+  for (int b = 0; b < B; ++b) page_indptr.push_back(page_indptr.back() + (max_lens[b] + 15) / 16);
+  const int num_pages = page_indptr.back() + 3;
+  std::vector<int32_t> perm(num_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> page_indices(perm.begin(), perm.begin() + page_indptr.back());
+  const uint16_t nan_bits = dtype == AttnDType::kFloat16 ? 0x7e00 : 0x7fc0;
+  std::vector<uint16_t> k_pool(static_cast<size_t>(num_pages) * hkv * 16 * D, nan_bits);
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < hkv; ++h) {
+      std::vector<uint16_t> base(static_cast<size_t>(std::max(cs.dup_period, 1)) * D);
+      for (auto& x : base) x = DoubleToHalfBits(unif(rng), dtype);
+      for (int j = 0; j < max_lens[b]; ++j) {
+        const int page = page_indices[page_indptr[b] + j / 16];
+        uint16_t* dst = k_pool.data() + ((static_cast<size_t>(page) * hkv + h) * 16 + j % 16) * D;
+        for (int d = 0; d < D; ++d) {
+          dst[d] = cs.dup_period > 0 ? base[static_cast<size_t>(j % cs.dup_period) * D + d]
+                                     : DoubleToHalfBits(unif(rng), dtype);
+        }
+      }
+    }
+  }
+
+  const int max_k = *std::max_element(cs.topk.begin(), cs.topk.end());
+  const int anchor_stride = std::max(1, max_k + 2 * r_dil * static_cast<int>(m_frac * max_k) + 1);
+  const int64_t capacity = static_cast<int64_t>(rows) * max_len;
+
+  DeviceBuffer d_q, d_k, d_indptr, d_pages, d_lens, d_topk, d_cand, d_anchor, d_reuse, d_valid,
+      d_aset, d_acount, d_refresh, d_cos, d_delta, d_csr_indptr, d_csr, d_ws;
+  d_k.Upload(k_pool);
+  d_indptr.Upload(page_indptr);
+  d_pages.Upload(page_indices);
+  d_topk.Upload(std::vector<int32_t>(cs.topk.begin(), cs.topk.end()));
+  if (!cs.cand_lo.empty()) d_cand.Upload(std::vector<int32_t>(cs.cand_lo.begin(), cs.cand_lo.end()));
+  d_anchor.Resize(static_cast<size_t>(rows) * G * D * 2);
+  d_anchor.Poison();  // never read before a refresh writes it
+  d_reuse.Upload(std::vector<int32_t>(rows, 0));
+  d_valid.Upload(std::vector<int32_t>(rows, 0));
+  d_aset.Resize(static_cast<size_t>(rows) * anchor_stride * 4);
+  d_aset.Poison();
+  d_acount.Upload(std::vector<int32_t>(rows, 0));
+  d_refresh.Resize(rows * 4);
+  d_cos.Resize(rows * 4);
+  d_delta.Resize(rows * 4);
+  d_csr_indptr.Resize((rows + 1) * 4);
+  d_csr.Resize(capacity * 4);
+
+  PrhsSelectParams p;
+  p.dtype = dtype;
+  p.batch = B;
+  p.num_q_heads = hq;
+  p.num_kv_heads = hkv;
+  p.head_dim = D;
+  p.max_seq_len = max_len;
+  p.sink = sink;
+  p.local = local;
+  p.tau = tau;
+  p.max_reuse = cs.max_reuse;
+  p.dilate_r = r_dil;
+  p.dilate_m_fraction = m_frac;
+  p.d_k_pool = d_k.get();
+  p.d_page_indptr = d_indptr.get<int32_t>();
+  p.d_page_indices = d_pages.get<int32_t>();
+  p.d_topk = d_topk.get<int32_t>();
+  p.d_cand_lo = cs.cand_lo.empty() ? nullptr : d_cand.get<int32_t>();
+  p.d_anchor_q = d_anchor.get();
+  p.d_reuse = d_reuse.get<int32_t>();
+  p.d_valid = d_valid.get<int32_t>();
+  p.d_anchor_set = d_aset.get<int32_t>();
+  p.d_anchor_count = d_acount.get<int32_t>();
+  p.anchor_stride = anchor_stride;
+  p.d_refresh = d_refresh.get<int32_t>();
+  p.d_cos = d_cos.get<float>();
+  p.d_delta = d_delta.get<float>();
+  p.d_index_indptr = d_csr_indptr.get<int32_t>();
+  p.d_index_indices = d_csr.get<int32_t>();
+  p.index_capacity = capacity;
+  // d_q / d_seq_lens are set per step; the checks only need non-null pointers.
+  p.d_q = d_k.get();
+  p.d_seq_lens = d_indptr.get<int32_t>();
+  ASSERT_EQ(PrhsSelectCheck(p), nullptr) << PrhsSelectCheck(p);
+  const size_t ws = PrhsSelectWorkspaceBytes(p);
+  ASSERT_NE(ws, SIZE_MAX);
+  d_ws.Resize(ws);
+  p.d_workspace = d_ws.get();
+  p.workspace_bytes = ws;
+  const PrhsWorkspaceView view = PrhsSelectWorkspace(p);
+  ASSERT_NE(view.probs, nullptr);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+
+  // Reference CIS state.
+  struct RowState {
+    bool valid = false;
+    int reuse = 0;
+    std::vector<uint16_t> anchor;
+    std::vector<int32_t> set;
+  };
+  std::vector<RowState> ref(rows);
+  std::vector<uint16_t> q(static_cast<size_t>(B) * hq * D);
+  int refreshes = 0, shares = 0, deltas = 0, ties_rows = 0;
+
+  for (int step = 0; step < cs.steps; ++step) {
+    SCOPED_TRACE(cs.name + " step " + std::to_string(step));
+    std::vector<int32_t> lens(B);
+    for (int b = 0; b < B; ++b) lens[b] = cs.lens[b] + step;
+    // Queries: per row, near its anchor (share) or fresh (refresh), alternating by a coin.
+    for (int b = 0; b < B; ++b) {
+      for (int h = 0; h < hkv; ++h) {
+        const int r = b * hkv + h;
+        uint16_t* qg = q.data() + (static_cast<size_t>(b) * hq + h * G) * D;
+        const bool near = ref[r].valid && (rng() % 3 != 0);
+        for (int i = 0; i < G * D; ++i) {
+          double v = near ? HalfBitsToDouble(ref[r].anchor[i], dtype) + noise(rng) : 2.0 * unif(rng);
+          if (b == cs.zero_q_seq) v = 0.0;
+          qg[i] = DoubleToHalfBits(v, dtype);
+        }
+      }
+    }
+    d_q.Upload(q);
+    d_lens.Upload(lens);
+    p.d_q = d_q.get();
+    p.d_seq_lens = d_lens.get<int32_t>();
+    d_refresh.Poison();
+    d_cos.Poison();
+    d_delta.Poison();
+    d_csr_indptr.Poison();
+    d_csr.Poison();
+    d_ws.Poison();
+    CUDA_OK(PrhsSelectStep(p, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+
+    const auto g_refresh = d_refresh.Download<int32_t>(rows);
+    const auto g_cos = d_cos.Download<float>(rows);
+    const auto g_delta = d_delta.Download<float>(rows);
+    const auto g_reuse = d_reuse.Download<int32_t>(rows);
+    const auto g_valid = d_valid.Download<int32_t>(rows);
+    const auto g_anchor = d_anchor.Download<uint16_t>(static_cast<size_t>(rows) * G * D);
+    const auto g_acount = d_acount.Download<int32_t>(rows);
+    const auto g_aset = d_aset.Download<int32_t>(static_cast<size_t>(rows) * anchor_stride);
+    const auto g_indptr = d_csr_indptr.Download<int32_t>(rows + 1);
+    const auto g_csr = d_csr.Download<int32_t>(capacity);
+    const auto g_lse = DownloadPtr(view.lse, static_cast<size_t>(rows) * G);
+
+    ASSERT_EQ(g_indptr[0], 0);
+    for (int b = 0; b < B; ++b) {
+      const int t = lens[b];
+      for (int h = 0; h < hkv; ++h) {
+        const int r = b * hkv + h;
+        SCOPED_TRACE("row " + std::to_string(r) + " (t " + std::to_string(t) + ")");
+        RowState& st = ref[r];
+        const uint16_t* qg = q.data() + (static_cast<size_t>(b) * hq + h * G) * D;
+        std::vector<int32_t> want_list;
+        if (cs.topk[b] < 0) {
+          EXPECT_EQ(g_refresh[r], 0);
+          EXPECT_TRUE(std::isnan(g_cos[r]));
+          want_list.resize(t);
+          std::iota(want_list.begin(), want_list.end(), 0);
+        } else {
+          const bool eval = st.valid && st.reuse < cs.max_reuse;
+          bool share = false;
+          if (eval) {
+            const double c = RefCosine(qg, st.anchor.data(), G * D, dtype);
+            EXPECT_NEAR(g_cos[r], c, 1e-5);
+            ASSERT_GT(std::fabs(c - tau), 1e-4) << "ambiguous test input";
+            share = c > tau;
+          } else {
+            EXPECT_TRUE(std::isnan(g_cos[r]));
+          }
+          ASSERT_EQ(g_refresh[r], share ? 0 : (st.valid ? 2 : 1));
+          if (share) {
+            ++shares;
+            ++st.reuse;
+          } else {
+            ++refreshes;
+            const std::vector<double> logits = RefGroupLogits(
+                qg, G, k_pool.data(), page_indices.data() + page_indptr[b], t, h, hkv, D, scale,
+                dtype);
+            std::vector<double> lse, probs;
+            RefGroupProbs(logits, G, t, &lse, &probs);
+            for (int g = 0; g < G; ++g) {
+              EXPECT_NEAR(g_lse[static_cast<size_t>(r) * G + g], lse[g], 1e-4 + 1e-6 * std::fabs(lse[g]))
+                  << "lse head " << g;
+            }
+            if (st.valid) {
+              ++deltas;
+              const std::vector<int32_t> prev = RefMergeIndexSet(sink, st.set, local, t);
+              EXPECT_NEAR(g_delta[r], RefDroppedMass(probs, prev), 2e-5) << "delta";
+            } else {
+              EXPECT_TRUE(std::isnan(g_delta[r]));
+            }
+            const int lo = std::max(sink, cs.cand_lo.empty() ? 0 : cs.cand_lo[b]);
+            const int hi = t - local, n = hi - lo, k = cs.topk[b];
+            std::vector<int32_t> want_set;
+            if (n > 0 && k > 0) {
+              if (k >= n) {
+                want_set.resize(n);
+                std::iota(want_set.begin(), want_set.end(), lo);
+              } else {
+                const std::vector<float> gp = DownloadPtr(view.probs + r * view.row_stride, hi);
+                int bad = 0;
+                for (int j = lo; j < hi; ++j) {
+                  if (!(std::fabs(gp[j] - probs[j]) <= 1e-4 * probs[j] + 1e-7) && ++bad <= 3) {
+                    ADD_FAILURE() << "p[" << j << "] = " << gp[j] << ", reference " << probs[j];
+                  }
+                }
+                EXPECT_EQ(bad, 0) << "probabilities out of tolerance";
+                // Equal probabilities at the top-k threshold: the tie rule decides.
+                const std::vector<int32_t> top = RefTopK(gp, lo, hi, k);
+                const float thr = gp[top.back()];
+                int eq = 0;
+                for (int j = lo; j < hi; ++j) eq += gp[j] == thr;
+                ties_rows += eq > 1;
+                want_set = RefCisSet(gp, lo, hi, k, m_frac, r_dil);
+              }
+            }
+            const std::vector<int32_t> got_set(
+                g_aset.begin() + static_cast<size_t>(r) * anchor_stride,
+                g_aset.begin() + static_cast<size_t>(r) * anchor_stride + g_acount[r]);
+            EXPECT_EQ(got_set, want_set) << "S_anchor";
+            st.set = want_set;
+            st.anchor.assign(qg, qg + G * D);
+            st.reuse = 0;
+            st.valid = true;
+          }
+          EXPECT_EQ(g_reuse[r], st.reuse);
+          EXPECT_EQ(g_valid[r], 1);
+          EXPECT_TRUE(std::equal(st.anchor.begin(), st.anchor.end(),
+                                 g_anchor.begin() + static_cast<size_t>(r) * G * D))
+              << "anchor_q";
+          want_list = RefMergeIndexSet(sink, st.set, local, t);
+        }
+        std::vector<int32_t> got_list;
+        for (int i = g_indptr[r]; i < g_indptr[r + 1]; ++i) {
+          if (g_csr[i] >= 0) got_list.push_back(g_csr[i]);
+        }
+        EXPECT_EQ(got_list, want_list) << "CSR row";
+      }
+    }
+  }
+  // The scenario must exercise both paths (a share needs a valid anchor first).
+  EXPECT_GT(refreshes, 0);
+  if (cs.steps >= 3 && cs.zero_q_seq < 0 && cs.topk[0] >= 0) {
+    EXPECT_GT(shares + deltas, 0);
+  }
+  if (cs.dup_period > 0) {
+    EXPECT_GT(ties_rows, 0) << "the ties case produced no ties";
+  }
+}
+
+std::string ParamName(const ::testing::TestParamInfo<Param>& info) {
+  const auto [dtype, D, G, c] = info.param;
+  return std::string(dtype == AttnDType::kFloat16 ? "f16" : "bf16") + "_d" + std::to_string(D) +
+         "_g" + std::to_string(G) + "_" + Cases()[c].name;
+}
+
+INSTANTIATE_TEST_SUITE_P(All, PrhsSelectSweep,
+                         ::testing::Combine(::testing::Values(AttnDType::kFloat16,
+                                                              AttnDType::kBFloat16),
+                                            ::testing::Values(64, 128), ::testing::Values(1, 4, 8),
+                                            ::testing::Range(0, 7)),
+                         ParamName);
+
+// Argument checks (run without a device too).
+TEST(PrhsSelectCheck, RejectsUnsupported) {
+  PrhsSelectParams p;
+  p.batch = 0;
+  p.num_q_heads = 32;
+  p.num_kv_heads = 32;
+  p.anchor_stride = 16;
+  EXPECT_EQ(PrhsSelectCheck(p), nullptr);
+  EXPECT_EQ(PrhsSelectWorkspaceBytes(p), 0u);
+  PrhsSelectParams bad = p;
+  bad.head_dim = 96;
+  EXPECT_STREQ(PrhsSelectCheck(bad), "head_dim must be 64 or 128");
+  bad = p;
+  bad.num_kv_heads = 2;  // group 16
+  EXPECT_STREQ(PrhsSelectCheck(bad), "num_q_heads / num_kv_heads must be <= 8");
+  bad = p;
+  bad.num_kv_heads = 5;
+  EXPECT_STREQ(PrhsSelectCheck(bad), "num_q_heads must be a positive multiple of num_kv_heads");
+  bad = p;
+  bad.batch = 300;  // 300 * 32 rows > 8192
+  EXPECT_STREQ(PrhsSelectCheck(bad), "batch * num_kv_heads must be <= 8192");
+  bad = p;
+  bad.batch = 1;
+  EXPECT_STREQ(PrhsSelectCheck(bad), "d_q is null");
+  EXPECT_EQ(PrhsSelectWorkspaceBytes(bad), SIZE_MAX);
+  EXPECT_EQ(PrhsGate(bad, nullptr), cudaErrorInvalidValue);
+  bad = p;
+  bad.dilate_m_fraction = 1.5;
+  EXPECT_STREQ(PrhsSelectCheck(bad), "dilate_m_fraction must be in [0, 1]");
+}
+
+}  // namespace
+}  // namespace prehoc::kernels
