@@ -1,0 +1,374 @@
+// End-to-end greedy decode on the GPU (worker/backends/cuda CudaModel) with random weights: the
+// real architecture and cost per token (LLaMA-2-7B shape by default), dense attention and
+// sparse attention over token index lists, against the roofline measured in the same run.
+//
+//   decode_bench [--layers=32] [--hidden=4096] [--heads=32] [--kv-heads=32] [--head-dim=128]
+//                [--ffn=11008] [--vocab=32000] [--batch=16] [--ctx=4096] [--steps=32]
+//                [--warmup=4] [--keep=8] [--modes=dense,random,streaming] [--json=PATH]
+//                [--gemm=autotune|default]
+//
+// Method: the model's sequences are grown to --ctx positions without computing them (their K/V
+// are uniform(-1, 1) bf16: the same bytes as real ones), then for each mode --warmup untimed and
+// --steps timed greedy decode steps run back to back (DecodeGreedyAsync: tokens stay on the GPU,
+// the host enqueues ahead). CUDA events between steps; ms/step is the median, tokens/s =
+// batch x steps / total time. Roofline per step = (weight bytes: every layer's matrices + the LM
+// head, bf16) + (KV bytes read: Σ over sequences of attended tokens x layers x 2 x Hkv x hd x 2 B)
+// divided by the device-to-device copy bandwidth measured first in the same process (2 GiB,
+// bytes read + written, median of 20). Activation traffic is not counted (≤ 0.1 % here).
+// Sparse modes: one CSR token list per (sequence, kv head), shared by every layer, over the
+// positions that exist when the mode starts (the tokens decoded during the mode are not added):
+//   random    — one random token out of every --keep (stratified, as attention_bench);
+//   streaming — the first 64 tokens (sinks) and the most recent ones, ceil(len / keep) in all.
+// The lists are built once before timing: the selection cost (scoring, top-k, list building) is
+// NOT included in the sparse numbers.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/bench_kernels.h"
+#include "worker/backends/cuda/cuda_model.h"
+#include "worker/kernels/paged_decode.h"
+
+namespace prehoc::bench {
+namespace {
+
+#define CHECK_CUDA(expr)                                                                      \
+  do {                                                                                        \
+    cudaError_t err_ = (expr);                                                                \
+    if (err_ != cudaSuccess) {                                                                \
+      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #expr,               \
+                   cudaGetErrorString(err_));                                                 \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+#define CHECK_OK(expr)                                                                  \
+  do {                                                                                  \
+    absl::Status st_ = (expr);                                                          \
+    if (!st_.ok()) {                                                                    \
+      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #expr,         \
+                   st_.ToString().c_str());                                             \
+      std::exit(1);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+struct Options {
+  int layers = 32, hidden = 4096, heads = 32, kv_heads = 32, head_dim = 128, ffn = 11008;
+  int vocab = 32000, batch = 16, ctx = 4096, steps = 32, warmup = 4, keep = 8;
+  std::vector<std::string> modes{"dense", "random", "streaming"};
+  std::string json;
+  bool gemm_autotune = true;
+};
+
+Options ParseArgs(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const size_t eq = a.find('=');
+    if (a.rfind("--", 0) != 0 || eq == std::string::npos) {
+      std::fprintf(stderr, "bad argument '%s' (use --name=value)\n", a.c_str());
+      std::exit(2);
+    }
+    const std::string k = a.substr(2, eq - 2), v = a.substr(eq + 1);
+    int* ints[] = {&o.layers, &o.hidden, &o.heads, &o.kv_heads, &o.head_dim, &o.ffn,
+                   &o.vocab, &o.batch, &o.ctx, &o.steps, &o.warmup, &o.keep};
+    const char* names[] = {"layers", "hidden", "heads", "kv-heads", "head-dim", "ffn",
+                           "vocab", "batch", "ctx", "steps", "warmup", "keep"};
+    bool found = false;
+    for (int j = 0; j < 12; ++j) {
+      if (k == names[j]) {
+        *ints[j] = std::atoi(v.c_str());
+        found = true;
+      }
+    }
+    if (k == "modes") {
+      o.modes.clear();
+      std::stringstream ss(v);
+      std::string m;
+      while (std::getline(ss, m, ',')) o.modes.push_back(m);
+      found = true;
+    } else if (k == "json") {
+      o.json = v;
+      found = true;
+    } else if (k == "gemm") {
+      o.gemm_autotune = v != "default";
+      found = true;
+    }
+    if (!found) {
+      std::fprintf(stderr, "unknown option --%s\n", k.c_str());
+      std::exit(2);
+    }
+  }
+  return o;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+double CopyBandwidthGBs() {
+  const size_t bytes = size_t{2} << 30;
+  void *a = nullptr, *b = nullptr;
+  CHECK_CUDA(cudaMalloc(&a, bytes));
+  CHECK_CUDA(cudaMalloc(&b, bytes));
+  CHECK_CUDA(cudaMemset(a, 1, bytes));
+  CHECK_CUDA(cudaMemset(b, 2, bytes));
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  std::vector<double> us;
+  for (int i = 0; i < 23; ++i) {
+    CHECK_CUDA(cudaEventRecord(e0));
+    CHECK_CUDA(cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice));
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    if (i >= 3) us.push_back(ms * 1e3);
+  }
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  CHECK_CUDA(cudaFree(a));
+  CHECK_CUDA(cudaFree(b));
+  return 2.0 * bytes / Median(us) / 1e3;
+}
+
+struct Record {
+  std::string mode;
+  int batch = 0, ctx_start = 0, ctx_end = 0, keep = 1, steps = 0, list_len = 0;
+  double ms_median = 0, ms_mean = 0, tokens_per_s = 0;
+  double weight_bytes = 0, kv_bytes = 0, roofline_ms = 0, roofline_fraction = 0;
+};
+
+int Main(int argc, char** argv) {
+  const Options o = ParseArgs(argc, argv);
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "decode_bench: no CUDA device\n");
+    return 1;
+  }
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  const double copy_gbs = CopyBandwidthGBs();
+  std::printf("device: %s (%d SMs); device-to-device copy: %.1f GB/s (read + write)\n", prop.name,
+              prop.multiProcessorCount, copy_gbs);
+
+  const int total_steps = static_cast<int>(o.modes.size()) * (o.warmup + o.steps);
+  const int max_len = o.ctx + total_steps + 16;
+  ModelConfig cfg;
+  cfg.architecture = "LlamaForCausalLM";
+  cfg.model_type = "llama";
+  cfg.vocab_size = o.vocab;
+  cfg.hidden_size = o.hidden;
+  cfg.intermediate_size = o.ffn;
+  cfg.num_hidden_layers = o.layers;
+  cfg.num_attention_heads = o.heads;
+  cfg.num_key_value_heads = o.kv_heads;
+  cfg.head_dim = o.head_dim;
+  cfg.max_position_embeddings = max_len;
+  cfg.rms_norm_eps = 1e-5;
+  const int page = 16;
+  const int64_t page_bytes = int64_t{2} * o.layers * o.kv_heads * page * o.head_dim * 2;
+  CudaModelOptions mo;
+  mo.random_config = cfg;
+  mo.random_seed = 7;
+  mo.page_size = page;
+  mo.gemm_autotune = o.gemm_autotune;
+  mo.kv_cache_bytes = static_cast<int64_t>(o.batch) * ((max_len + page - 1) / page) * page_bytes;
+  auto created = CudaModel::Create(mo);
+  if (!created.ok()) {
+    std::fprintf(stderr, "decode_bench: %s\n", created.status().ToString().c_str());
+    return 1;
+  }
+  CudaModel& model = **created;
+  std::printf("model: layers=%d hidden=%d heads=%d kv_heads=%d head_dim=%d ffn=%d vocab=%d; "
+              "weights streamed per step %.2f GB; KV %.1f KB/token; pool %.2f GB; gemm %s\n",
+              o.layers, o.hidden, o.heads, o.kv_heads, o.head_dim, o.ffn, o.vocab,
+              model.weight_bytes() / 1e9, model.kv_bytes_per_token() / 1e3,
+              static_cast<double>(model.num_pages()) * page_bytes / 1e9,
+              o.gemm_autotune ? "autotune" : "default");
+
+  std::vector<CudaModel::SeqId> seqs(o.batch);
+  for (auto& s : seqs) {
+    s = model.CreateSequence();
+    CHECK_OK(model.AppendUninitialized(s, o.ctx));
+  }
+  CHECK_OK(model.FillKvRandom(11));
+
+  int32_t *d_a = nullptr, *d_b = nullptr;
+  CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_a), o.batch * sizeof(int32_t)));
+  CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_b), o.batch * sizeof(int32_t)));
+  {
+    std::mt19937 rng(3);
+    std::vector<int32_t> t(o.batch);
+    for (int32_t& x : t) x = static_cast<int32_t>(rng() % o.vocab);
+    CHECK_CUDA(cudaMemcpy(d_a, t.data(), t.size() * 4, cudaMemcpyHostToDevice));
+  }
+
+  std::vector<Record> records;
+  const int rows = o.batch * o.kv_heads;
+  for (const std::string& mode : o.modes) {
+    const int len0 = *model.SequenceLength(seqs[0]);
+    // ---- Index lists (sparse modes), built before timing.
+    int32_t *d_indptr = nullptr, *d_indices = nullptr, *d_counts = nullptr;
+    uint8_t* d_mask = nullptr;
+    CudaKvSelection sel;
+    int list_len = 0;
+    if (mode != "dense") {
+      list_len = (len0 + o.keep - 1) / o.keep;
+      CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_indptr), (rows + 1) * sizeof(int32_t)));
+      CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_indices), static_cast<size_t>(rows) * list_len * sizeof(int32_t)));
+      if (mode == "random") {
+        const int stride = (len0 + 15) / 16 * 16;
+        CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_mask), static_cast<size_t>(rows) * stride));
+        CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_counts), rows * sizeof(int32_t)));
+        CHECK_CUDA(MakeStratifiedMask(d_mask, rows, stride, len0, o.keep, 5, nullptr));
+        CHECK_CUDA(kernels::BuildIndexListsFromMask(d_mask, rows, stride, d_counts, d_indptr,
+                                                    d_indices, nullptr));
+      } else if (mode == "streaming") {
+        const int sinks = std::min(64, list_len);
+        std::vector<int32_t> indptr{0}, indices;
+        for (int r = 0; r < rows; ++r) {
+          for (int t = 0; t < sinks; ++t) indices.push_back(t);
+          for (int t = len0 - (list_len - sinks); t < len0; ++t) indices.push_back(t);
+          indptr.push_back(static_cast<int32_t>(indices.size()));
+        }
+        CHECK_CUDA(cudaMemcpy(d_indptr, indptr.data(), indptr.size() * 4, cudaMemcpyHostToDevice));
+        CHECK_CUDA(cudaMemcpy(d_indices, indices.data(), indices.size() * 4,
+                              cudaMemcpyHostToDevice));
+      } else {
+        std::fprintf(stderr, "unknown mode '%s' (dense, random, streaming)\n", mode.c_str());
+        return 2;
+      }
+      CHECK_CUDA(cudaDeviceSynchronize());
+      sel.d_indptr = {d_indptr};
+      sel.d_indices = {d_indices};
+      sel.max_list_len = list_len;
+    }
+    const CudaKvSelection* selp = mode == "dense" ? nullptr : &sel;
+
+    // ---- Warm-up, then timed steps with an event after each.
+    for (int i = 0; i < o.warmup; ++i) {
+      CHECK_OK(model.DecodeGreedyAsync(seqs, d_a, d_b, selp));
+      std::swap(d_a, d_b);
+    }
+    CHECK_OK(model.Synchronize());
+    const int ctx_start = *model.SequenceLength(seqs[0]) + 1;  // length during the first step
+    std::vector<cudaEvent_t> ev(o.steps + 1);
+    for (auto& e : ev) CHECK_CUDA(cudaEventCreate(&e));
+    // Events go on the model's own stream so that they order with its work.
+    const cudaStream_t stream = static_cast<cudaStream_t>(model.cuda_stream());
+    CHECK_CUDA(cudaEventRecord(ev[0], stream));
+    for (int i = 0; i < o.steps; ++i) {
+      CHECK_OK(model.DecodeGreedyAsync(seqs, d_a, d_b, selp));
+      std::swap(d_a, d_b);
+      CHECK_CUDA(cudaEventRecord(ev[i + 1], stream));
+    }
+    CHECK_OK(model.Synchronize());
+    std::vector<double> ms(o.steps);
+    for (int i = 0; i < o.steps; ++i) {
+      float t = 0;
+      CHECK_CUDA(cudaEventElapsedTime(&t, ev[i], ev[i + 1]));
+      ms[i] = t;
+    }
+    float total_ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&total_ms, ev[0], ev[o.steps]));
+    for (auto& e : ev) CHECK_CUDA(cudaEventDestroy(e));
+    // Sanity: the last tokens are valid ids.
+    std::vector<int32_t> last(o.batch);
+    CHECK_CUDA(cudaMemcpy(last.data(), d_a, o.batch * 4, cudaMemcpyDeviceToHost));
+    for (int32_t t : last) {
+      if (t < 0 || t >= o.vocab) {
+        std::fprintf(stderr, "decode produced token %d outside [0, %d)\n", t, o.vocab);
+        return 1;
+      }
+    }
+
+    Record r;
+    r.mode = mode;
+    r.batch = o.batch;
+    r.ctx_start = ctx_start;
+    r.ctx_end = ctx_start + o.steps - 1;
+    r.keep = mode == "dense" ? 1 : o.keep;
+    r.steps = o.steps;
+    r.list_len = list_len;
+    r.ms_median = Median(ms);
+    r.ms_mean = total_ms / o.steps;
+    r.tokens_per_s = o.batch * o.steps / (total_ms / 1e3);
+    r.weight_bytes = static_cast<double>(model.weight_bytes());
+    const double mean_len = 0.5 * (r.ctx_start + r.ctx_end);
+    const double tokens_read = mode == "dense" ? mean_len : list_len;
+    r.kv_bytes = o.batch * tokens_read * static_cast<double>(model.kv_bytes_per_token());
+    r.roofline_ms = (r.weight_bytes + r.kv_bytes) / (copy_gbs * 1e9) * 1e3;
+    r.roofline_fraction = r.roofline_ms / r.ms_mean;
+    records.push_back(r);
+    for (void* p : {static_cast<void*>(d_indptr), static_cast<void*>(d_indices),
+                    static_cast<void*>(d_counts), static_cast<void*>(d_mask)}) {
+      if (p != nullptr) CHECK_CUDA(cudaFree(p));
+    }
+  }
+
+  std::printf("\n%-10s %5s %11s %5s %8s %9s %9s %10s %9s %9s %11s %8s\n", "mode", "batch",
+              "ctx", "keep", "list", "ms/step", "ms(mean)", "tokens/s", "GB/step", "roof ms",
+              "% roofline", "vs dense");
+  double dense_tps = 0;
+  for (const Record& r : records) {
+    if (r.mode == "dense") dense_tps = r.tokens_per_s;
+  }
+  for (const Record& r : records) {
+    char ctx[32];
+    std::snprintf(ctx, sizeof(ctx), "%d-%d", r.ctx_start, r.ctx_end);
+    std::printf("%-10s %5d %11s %5d %8d %9.3f %9.3f %10.1f %9.2f %9.3f %10.1f%% %7.2fx\n",
+                r.mode.c_str(), r.batch, ctx, r.keep, r.list_len, r.ms_median, r.ms_mean,
+                r.tokens_per_s, (r.weight_bytes + r.kv_bytes) / 1e9, r.roofline_ms,
+                100 * r.roofline_fraction, dense_tps > 0 ? r.tokens_per_s / dense_tps : 0.0);
+  }
+  if (!o.json.empty()) {
+    FILE* f = std::fopen(o.json.c_str(), "w");
+    if (f == nullptr) {
+      std::fprintf(stderr, "cannot write %s\n", o.json.c_str());
+      return 1;
+    }
+    std::fprintf(f,
+                 "{\"device\": \"%s\", \"copy_gbs\": %.1f, \"config\": {\"layers\": %d, "
+                 "\"hidden\": %d, \"heads\": %d, \"kv_heads\": %d, \"head_dim\": %d, \"ffn\": %d, "
+                 "\"vocab\": %d, \"dtype\": \"bf16\", \"page_size\": %d, \"gemm\": \"%s\"}, "
+                 "\"selection_cost_included\": false, \"records\": [\n",
+                 prop.name, copy_gbs, o.layers, o.hidden, o.heads, o.kv_heads, o.head_dim, o.ffn,
+                 o.vocab, page, o.gemm_autotune ? "autotune" : "default");
+    for (size_t i = 0; i < records.size(); ++i) {
+      const Record& r = records[i];
+      std::fprintf(f,
+                   "  {\"mode\": \"%s\", \"batch\": %d, \"ctx_start\": %d, \"ctx_end\": %d, "
+                   "\"keep\": %d, \"list_len\": %d, \"steps\": %d, \"ms_per_step_median\": %.4f, "
+                   "\"ms_per_step_mean\": %.4f, \"tokens_per_s\": %.1f, \"weight_bytes\": %.0f, "
+                   "\"kv_bytes_per_step\": %.0f, \"roofline_ms\": %.4f, "
+                   "\"roofline_fraction\": %.4f, \"vs_dense\": %.3f}%s\n",
+                   r.mode.c_str(), r.batch, r.ctx_start, r.ctx_end, r.keep, r.list_len, r.steps,
+                   r.ms_median, r.ms_mean, r.tokens_per_s, r.weight_bytes, r.kv_bytes,
+                   r.roofline_ms, r.roofline_fraction,
+                   dense_tps > 0 ? r.tokens_per_s / dense_tps : 0.0,
+                   i + 1 < records.size() ? "," : "");
+    }
+    std::fprintf(f, "]}\n");
+    std::fclose(f);
+  }
+  CHECK_CUDA(cudaFree(d_a));
+  CHECK_CUDA(cudaFree(d_b));
+  return 0;
+}
+
+}  // namespace
+}  // namespace prehoc::bench
+
+int main(int argc, char** argv) { return prehoc::bench::Main(argc, argv); }

@@ -1,0 +1,1075 @@
+#include "worker/backends/cuda/cuda_model.h"
+
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <tuple>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/dtype.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "worker/kernels/model_ops.h"
+#include "worker/kernels/paged_decode.h"
+#include "worker/kernels/prefill_attention.h"
+#include "worker/kv_cache.h"
+#include "worker/rope.h"
+
+namespace prehoc {
+namespace {
+
+absl::Status CudaStatus(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  if (err == cudaErrorMemoryAllocation) {
+    cudaGetLastError();  // not sticky: clear it
+    return absl::ResourceExhaustedError(absl::StrCat(what, ": out of device memory"));
+  }
+  return absl::InternalError(
+      absl::StrCat(what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+}
+#define CUDA_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(CudaStatus((expr), #expr))
+
+absl::Status CublasStatus(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": ", cublasGetStatusName(s), " (",
+                                          cublasGetStatusString(s), ")"));
+}
+#define CUBLAS_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(CublasStatus((expr), #expr))
+
+// Owning device allocation.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer() { Reset(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  // Frees the old allocation and allocates `bytes` (contents undefined).
+  absl::Status Allocate(size_t bytes, const char* what) {
+    Reset();
+    if (bytes == 0) return absl::OkStatus();
+    cudaError_t err = cudaMalloc(&ptr_, bytes);
+    if (err != cudaSuccess) {
+      ptr_ = nullptr;
+      cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      if (err == cudaErrorMemoryAllocation) {
+        return absl::ResourceExhaustedError(absl::StrCat("cudaMalloc of ", bytes, " bytes for ",
+                                                         what, " failed: ", free_b,
+                                                         " bytes free of ", total_b));
+      }
+      return CudaStatus(err, what);
+    }
+    bytes_ = bytes;
+    return absl::OkStatus();
+  }
+  void Reset() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Sub-allocations of one buffer, 256-byte aligned.
+struct ArenaLayout {
+  size_t bytes = 0;
+  size_t Add(size_t n) {
+    const size_t off = (bytes + 255) / 256 * 256;
+    bytes = off + n;
+    return off;
+  }
+};
+
+constexpr size_t kBf16 = 2;
+
+}  // namespace
+
+struct CudaModel::Impl {
+  ModelConfig config;
+  int page_size = 16;
+  int max_context = 0;
+  bool force_generic = false;
+  int device = 0;
+  int num_sms = 0;
+  std::string device_name;
+
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  DeviceBuffer cublas_workspace;
+  // GEMM autotuning (options.gemm_autotune): per (m, n, k) with n <= kMaxTunedRows, the fastest of
+  // cublasGemmEx's default and cublasLt's heuristic candidates, timed once on first use.
+  static constexpr int kMaxTunedRows = 64;
+  bool gemm_autotune = false;
+  cublasLtHandle_t lt = nullptr;
+  struct LtPlan {
+    bool use_gemm_ex = true;
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  std::map<std::tuple<int, int, int>, LtPlan> lt_plans;
+  DeviceBuffer tune_out;
+
+  // Weights.
+  struct Layer {
+    uint16_t* wqkv = nullptr;  // [(Hq + 2 Hkv) hd][D]
+    uint16_t* wo = nullptr;    // [D][Hq hd]
+    uint16_t* w_gu = nullptr;  // [2F][D]
+    uint16_t* w_down = nullptr;  // [D][F]
+    float* bqkv = nullptr;     // [(Hq + 2 Hkv) hd] or null
+    float* bo = nullptr;       // [D] or null
+    float* attn_norm = nullptr;
+    float* mlp_norm = nullptr;
+  };
+  DeviceBuffer matrices;  // bf16 arena
+  DeviceBuffer smalls;    // f32 arena
+  std::vector<Layer> layers;
+  uint16_t* embed = nullptr;
+  uint16_t* lm_head = nullptr;
+  float* final_norm = nullptr;
+  float* inv_freq = nullptr;
+  int64_t weight_bytes = 0;
+
+  // KV pools: [layer][k | v][num_pages][Hkv][page_size][hd] bf16.
+  DeviceBuffer kv;
+  size_t pool_elems = 0;
+  int32_t num_pages = 0;
+  std::unique_ptr<PageAllocator> allocator;
+
+  struct Sequence {
+    int length = 0;
+    std::vector<int32_t> page_table;
+  };
+  std::unordered_map<SeqId, Sequence> seqs;
+  SeqId next_seq = 1;
+
+  // Activations, sized for cap_rows rows and cap_logit_rows logits rows.
+  int cap_rows = 0, cap_logit_rows = 0;
+  DeviceBuffer x, h, qkv, q, attn, gu, act, normed, logits, greedy;
+  DeviceBuffer meta;
+  size_t meta_cap = 0;  // int32 elements
+  DeviceBuffer decode_ws;
+
+  // Pinned host staging for the per-step metadata; a ring so that the host can run ahead of the
+  // GPU by a few steps without overwriting a buffer a pending copy still reads.
+  struct Staging {
+    int32_t* host = nullptr;
+    size_t cap = 0;
+    cudaEvent_t done = nullptr;
+  };
+  std::array<Staging, 4> staging;
+  int next_staging = 0;
+
+  ~Impl() {
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    for (Staging& s : staging) {
+      if (s.host != nullptr) cudaFreeHost(s.host);
+      if (s.done != nullptr) cudaEventDestroy(s.done);
+    }
+    for (auto& [key, plan] : lt_plans) {
+      if (plan.a != nullptr) cublasLtMatrixLayoutDestroy(plan.a);
+      if (plan.b != nullptr) cublasLtMatrixLayoutDestroy(plan.b);
+      if (plan.c != nullptr) cublasLtMatrixLayoutDestroy(plan.c);
+      if (plan.desc != nullptr) cublasLtMatmulDescDestroy(plan.desc);
+    }
+    if (lt != nullptr) cublasLtDestroy(lt);
+    if (cublas != nullptr) cublasDestroy(cublas);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  int D() const { return config.hidden_size; }
+  int Hq() const { return config.num_attention_heads; }
+  int Hkv() const { return config.num_key_value_heads; }
+  int HD() const { return config.head_dim; }
+  int F() const { return config.intermediate_size; }
+  int V() const { return config.vocab_size; }
+  int QkvWidth() const { return (Hq() + 2 * Hkv()) * HD(); }
+  uint16_t* KPool(int l) const { return kv.as<uint16_t>() + (2 * static_cast<size_t>(l)) * pool_elems; }
+  uint16_t* VPool(int l) const {
+    return kv.as<uint16_t>() + (2 * static_cast<size_t>(l) + 1) * pool_elems;
+  }
+  bool FastDecodeKernel() const {
+    return !force_generic && (HD() == 64 || HD() == 128) && page_size == 16;
+  }
+
+  absl::Status Init(const CudaModelOptions& o, const ModelWeights* host_weights);
+  absl::Status AllocateWeights(bool has_qkv_bias, bool has_o_bias);
+  absl::Status UploadWeights(const ModelWeights& w);
+  absl::Status RandomWeights(uint64_t seed);
+
+  // y[n][m] (f32) = x[n][k] (bf16) · w[m][k]ᵀ (bf16) + beta · y.
+  absl::Status Gemm(const uint16_t* x, int n, int k, const uint16_t* w, int m, float* y,
+                    float beta) {
+    if (gemm_autotune && n <= kMaxTunedRows) {
+      auto it = lt_plans.find({m, n, k});
+      if (it == lt_plans.end()) {
+        ASSIGN_OR_RETURN(LtPlan plan, Tune(x, n, k, w, m));
+        it = lt_plans.emplace(std::make_tuple(m, n, k), plan).first;
+      }
+      if (!it->second.use_gemm_ex) return LtGemm(it->second, x, w, y, beta);
+    }
+    return GemmEx(x, n, k, w, m, y, beta);
+  }
+  absl::Status GemmEx(const uint16_t* x, int n, int k, const uint16_t* w, int m, float* y,
+                      float beta) {
+    const float alpha = 1.0f;
+    // Column-major: yᵀ [m x n] = op(W) [m x k] · xᵀ [k x n] with W seen as [k x m] (lda = k).
+    CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, w,
+                                        CUDA_R_16BF, k, x, CUDA_R_16BF, k, &beta, y, CUDA_R_32F,
+                                        m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return absl::OkStatus();
+  }
+  absl::Status LtGemm(const LtPlan& p, const uint16_t* x, const uint16_t* w, float* y,
+                      float beta) {
+    const float alpha = 1.0f;
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(lt, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y,
+                                          p.c, &p.algo, cublas_workspace.as<void>(),
+                                          cublas_workspace.bytes(), stream));
+    return absl::OkStatus();
+  }
+  // Times cublasGemmEx and up to 16 cublasLt heuristic candidates for this shape (into a scratch
+  // output, so the real y is untouched) and returns the fastest. Synchronises the stream.
+  absl::StatusOr<LtPlan> Tune(const uint16_t* x, int n, int k, const uint16_t* w, int m);
+
+  absl::Status EnsureCapacity(int rows, int logit_rows);
+  absl::Status EnsureBuffer(DeviceBuffer* buf, size_t bytes, const char* what) {
+    if (buf->bytes() >= bytes) return absl::OkStatus();
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    return buf->Allocate(bytes, what);
+  }
+  // Copies `meta` to the device (through the pinned ring) and returns the device pointer.
+  absl::StatusOr<int32_t*> UploadMeta(const std::vector<int32_t>& meta);
+
+  struct ItemDesc {
+    SeqId seq = 0;
+    int n = 0;                         // new tokens
+    std::span<const int32_t> tokens;   // host tokens (empty with device tokens)
+    bool all_logits = false;
+    int uninitialized = 0;             // > 0: benchmark growth without a forward
+  };
+  // The common path of Step, DecodeGreedyAsync and AppendUninitialized. Validates, allocates
+  // pages, runs the forward (unless the items are `uninitialized`), and commits the new lengths.
+  // With host_logits, copies the logits rows (and greedy tokens) back and synchronises.
+  absl::Status Run(const std::vector<ItemDesc>& items, bool causal, const int32_t* d_tokens,
+                   int32_t* d_next, const CudaKvSelection* selection,
+                   std::vector<std::vector<float>>* host_logits, std::vector<int32_t>* greedy);
+};
+
+CudaModel::CudaModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudaModel::~CudaModel() = default;
+
+absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Create(const CudaModelOptions& options) {
+  const int sources = (options.weights != nullptr) + !options.model_dir.empty() +
+                      options.random_config.has_value();
+  if (sources != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "exactly one of weights, model_dir and random_config must be set (got ", sources, ")"));
+  }
+  ModelConfig config;
+  if (options.weights != nullptr) {
+    config = options.weights->config;
+  } else if (!options.model_dir.empty()) {
+    ASSIGN_OR_RETURN(config, LoadModelConfig(options.model_dir));
+  } else {
+    config = *options.random_config;
+  }
+  RETURN_IF_ERROR(Supports(config, options.page_size));
+  if (options.max_context < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_context must be >= 0, got ", options.max_context));
+  }
+
+  // ---- Device.
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return absl::UnavailableError(absl::StrCat(
+        "CUDA backend unavailable: no CUDA device (cudaGetDeviceCount: ",
+        err == cudaSuccess ? "0 devices" : cudaGetErrorString(err), "); use the CPU engine"));
+  }
+  if (options.device < 0 || options.device >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device=", options.device, " but ", count, " CUDA devices are present"));
+  }
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
+  cudaDeviceProp prop;
+  CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, options.device));
+  if (prop.major < 8) {
+    return absl::UnavailableError(absl::StrCat("CUDA backend unavailable: ", prop.name, " is sm_",
+                                               prop.major, prop.minor,
+                                               "; bf16 kernels need sm_80 or newer"));
+  }
+  err = kernels::ModelOpsCheckDevice();
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return absl::UnavailableError(absl::StrCat(
+        "CUDA backend unavailable: the kernels were not built for ", prop.name, " (sm_",
+        prop.major, prop.minor, "): ", cudaGetErrorString(err)));
+  }
+
+  std::shared_ptr<const ModelWeights> host = options.weights;
+  if (host == nullptr && !options.model_dir.empty()) {
+    ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> loaded, ModelWeights::Load(options.model_dir));
+    host = std::move(loaded);
+    config = host->config;
+  }
+
+  auto impl = std::make_unique<Impl>();
+  impl->config = config;
+  impl->page_size = options.page_size;
+  impl->max_context =
+      options.max_context > 0 ? options.max_context : config.max_position_embeddings;
+  impl->force_generic = options.force_generic_attention;
+  impl->gemm_autotune = options.gemm_autotune;
+  impl->device = options.device;
+  impl->num_sms = prop.multiProcessorCount;
+  impl->device_name = absl::StrCat(prop.name, " (sm_", prop.major, prop.minor, ", ",
+                                   prop.multiProcessorCount, " SMs)");
+
+  // ---- KV pools.
+  const int64_t page_bytes = int64_t{2} * config.num_hidden_layers * config.num_key_value_heads *
+                             options.page_size * config.head_dim * static_cast<int64_t>(kBf16);
+  const int64_t num_pages = options.kv_cache_bytes / page_bytes;
+  if (num_pages < 1 || num_pages > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv_cache_bytes=", options.kv_cache_bytes, " gives ", num_pages, " pages of ", page_bytes,
+        " bytes; need between 1 and 2^30 pages"));
+  }
+  impl->num_pages = static_cast<int32_t>(num_pages);
+  impl->pool_elems = static_cast<size_t>(num_pages) * config.num_key_value_heads *
+                     options.page_size * config.head_dim;
+
+  RETURN_IF_ERROR(impl->Init(options, host.get()));
+  RETURN_IF_ERROR(impl->kv.Allocate(static_cast<size_t>(num_pages * page_bytes), "KV pools"));
+  impl->allocator = std::make_unique<PageAllocator>(impl->num_pages);
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(impl->stream));
+  LOG(INFO) << "cuda model ready on " << impl->device_name << ": layers="
+            << config.num_hidden_layers << " weight_bytes=" << impl->weight_bytes
+            << " kv_pages=" << num_pages << " page_size=" << options.page_size
+            << " kv_bytes=" << impl->kv.bytes()
+            << (impl->FastDecodeKernel() ? " decode=paged_decode" : " decode=generic");
+  return std::unique_ptr<CudaModel>(new CudaModel(std::move(impl)));
+}
+
+absl::Status CudaModel::Impl::Init(const CudaModelOptions& o, const ModelWeights* host_weights) {
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas));
+  CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas, stream));
+  // A workspace of our own (32 MiB, cuBLAS's recommendation for Hopper), allocated once.
+  RETURN_IF_ERROR(cublas_workspace.Allocate(size_t{32} << 20, "cuBLAS workspace"));
+  CUBLAS_RETURN_IF_ERROR(
+      cublasSetWorkspace(cublas, cublas_workspace.as<void>(), cublas_workspace.bytes()));
+  for (Staging& s : staging) {
+    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+  }
+  if (host_weights != nullptr) {
+    const ModelWeights& w = *host_weights;
+    bool qkv_bias = false, o_bias = false;
+    for (const LayerWeights& l : w.layers) {
+      qkv_bias |= !l.bq.empty() || !l.bk.empty() || !l.bv.empty();
+      o_bias |= !l.bo.empty();
+    }
+    RETURN_IF_ERROR(AllocateWeights(qkv_bias, o_bias));
+    RETURN_IF_ERROR(UploadWeights(w));
+  } else {
+    RETURN_IF_ERROR(AllocateWeights(config.qkv_bias, config.o_bias));
+    RETURN_IF_ERROR(RandomWeights(o.random_seed));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::Impl::AllocateWeights(bool has_qkv_bias, bool has_o_bias) {
+  const size_t d = D(), f = F(), v = V(), qkv_w = QkvWidth(), q_w = static_cast<size_t>(Hq()) * HD();
+  ArenaLayout mats, smalls_layout;
+  struct Offsets {
+    size_t wqkv, wo, w_gu, w_down, bqkv, bo, attn_norm, mlp_norm;
+  };
+  std::vector<Offsets> offs(config.num_hidden_layers);
+  for (Offsets& o : offs) {
+    o.wqkv = mats.Add(qkv_w * d * kBf16);
+    o.wo = mats.Add(d * q_w * kBf16);
+    o.w_gu = mats.Add(2 * f * d * kBf16);
+    o.w_down = mats.Add(d * f * kBf16);
+    o.bqkv = has_qkv_bias ? smalls_layout.Add(qkv_w * sizeof(float)) : SIZE_MAX;
+    o.bo = has_o_bias ? smalls_layout.Add(d * sizeof(float)) : SIZE_MAX;
+    o.attn_norm = smalls_layout.Add(d * sizeof(float));
+    o.mlp_norm = smalls_layout.Add(d * sizeof(float));
+  }
+  const size_t layer_bytes = mats.bytes;
+  const size_t embed_off = mats.Add(v * d * kBf16);
+  const size_t lm_off = config.tie_word_embeddings ? embed_off : mats.Add(v * d * kBf16);
+  const size_t final_norm_off = smalls_layout.Add(d * sizeof(float));
+  const size_t inv_freq_off = smalls_layout.Add(HD() / 2 * sizeof(float));
+  RETURN_IF_ERROR(matrices.Allocate(mats.bytes, "weights"));
+  RETURN_IF_ERROR(smalls.Allocate(smalls_layout.bytes, "norm weights and biases"));
+  auto mat = [&](size_t off) {
+    return reinterpret_cast<uint16_t*>(matrices.as<char>() + off);
+  };
+  auto f32 = [&](size_t off) {
+    return off == SIZE_MAX ? nullptr : reinterpret_cast<float*>(smalls.as<char>() + off);
+  };
+  layers.resize(config.num_hidden_layers);
+  for (int l = 0; l < config.num_hidden_layers; ++l) {
+    const Offsets& o = offs[l];
+    layers[l] = Layer{mat(o.wqkv), mat(o.wo), mat(o.w_gu), mat(o.w_down),
+                      f32(o.bqkv), f32(o.bo), f32(o.attn_norm), f32(o.mlp_norm)};
+  }
+  embed = mat(embed_off);
+  lm_head = mat(lm_off);
+  final_norm = f32(final_norm_off);
+  inv_freq = f32(inv_freq_off);
+  // Bytes a decode step streams: every layer's matrices and the LM head.
+  weight_bytes = static_cast<int64_t>(layer_bytes) + static_cast<int64_t>(v * d * kBf16);
+  const std::vector<float> freqs = RopeInvFrequencies(config);
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(inv_freq, freqs.data(), freqs.size() * sizeof(float),
+                                  cudaMemcpyHostToDevice));
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::Impl::UploadWeights(const ModelWeights& w) {
+  const size_t d = D(), f = F(), v = V(), q_w = static_cast<size_t>(Hq()) * HD(),
+               kv_w = static_cast<size_t>(Hkv()) * HD();
+  auto check = [](const std::vector<float>& t, size_t n, const std::string& name) {
+    if (t.size() != n) {
+      return absl::InvalidArgumentError(absl::StrCat("weight ", name, " has ", t.size(),
+                                                     " elements, expected ", n));
+    }
+    return absl::OkStatus();
+  };
+  std::vector<uint16_t> bf;
+  // Converts the concatenation of `parts` to bf16 and copies it to `dst`.
+  auto upload_bf16 = [&](uint16_t* dst, std::initializer_list<const std::vector<float>*> parts) {
+    bf.clear();
+    for (const std::vector<float>* p : parts) {
+      for (float x : *p) bf.push_back(FloatToBf16(x));
+    }
+    return CudaStatus(cudaMemcpy(dst, bf.data(), bf.size() * kBf16, cudaMemcpyHostToDevice),
+                      "weight upload");
+  };
+  auto upload_f32 = [&](float* dst, const std::vector<float>& src) {
+    return CudaStatus(
+        cudaMemcpy(dst, src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice),
+        "weight upload");
+  };
+  if (static_cast<int>(w.layers.size()) != config.num_hidden_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("weights have ", w.layers.size(),
+                                                   " layers, config says ",
+                                                   config.num_hidden_layers));
+  }
+  for (int i = 0; i < config.num_hidden_layers; ++i) {
+    const LayerWeights& l = w.layers[i];
+    const std::string p = absl::StrCat("layers.", i, ".");
+    RETURN_IF_ERROR(check(l.wq, q_w * d, p + "q_proj"));
+    RETURN_IF_ERROR(check(l.wk, kv_w * d, p + "k_proj"));
+    RETURN_IF_ERROR(check(l.wv, kv_w * d, p + "v_proj"));
+    RETURN_IF_ERROR(check(l.wo, d * q_w, p + "o_proj"));
+    RETURN_IF_ERROR(check(l.w_gate, f * d, p + "gate_proj"));
+    RETURN_IF_ERROR(check(l.w_up, f * d, p + "up_proj"));
+    RETURN_IF_ERROR(check(l.w_down, d * f, p + "down_proj"));
+    RETURN_IF_ERROR(check(l.attn_norm, d, p + "input_layernorm"));
+    RETURN_IF_ERROR(check(l.mlp_norm, d, p + "post_attention_layernorm"));
+    const Layer& g = layers[i];
+    RETURN_IF_ERROR(upload_bf16(g.wqkv, {&l.wq, &l.wk, &l.wv}));
+    RETURN_IF_ERROR(upload_bf16(g.wo, {&l.wo}));
+    RETURN_IF_ERROR(upload_bf16(g.w_gu, {&l.w_gate, &l.w_up}));
+    RETURN_IF_ERROR(upload_bf16(g.w_down, {&l.w_down}));
+    RETURN_IF_ERROR(upload_f32(g.attn_norm, l.attn_norm));
+    RETURN_IF_ERROR(upload_f32(g.mlp_norm, l.mlp_norm));
+    if (g.bqkv != nullptr) {
+      std::vector<float> b;
+      b.reserve(q_w + 2 * kv_w);
+      auto part = [&](const std::vector<float>& src, size_t n) {
+        if (src.empty()) {
+          b.insert(b.end(), n, 0.0f);
+        } else {
+          b.insert(b.end(), src.begin(), src.end());
+        }
+      };
+      if (!l.bq.empty()) RETURN_IF_ERROR(check(l.bq, q_w, p + "q_proj.bias"));
+      if (!l.bk.empty()) RETURN_IF_ERROR(check(l.bk, kv_w, p + "k_proj.bias"));
+      if (!l.bv.empty()) RETURN_IF_ERROR(check(l.bv, kv_w, p + "v_proj.bias"));
+      part(l.bq, q_w);
+      part(l.bk, kv_w);
+      part(l.bv, kv_w);
+      RETURN_IF_ERROR(upload_f32(g.bqkv, b));
+    }
+    if (g.bo != nullptr) {
+      const std::vector<float> zeros(d, 0.0f);
+      if (!l.bo.empty()) RETURN_IF_ERROR(check(l.bo, d, p + "o_proj.bias"));
+      RETURN_IF_ERROR(upload_f32(g.bo, l.bo.empty() ? zeros : l.bo));
+    }
+  }
+  RETURN_IF_ERROR(check(w.embed, v * d, "embed_tokens"));
+  RETURN_IF_ERROR(check(w.final_norm, d, "norm"));
+  RETURN_IF_ERROR(upload_bf16(embed, {&w.embed}));
+  if (lm_head != embed) {
+    const std::vector<float>& head = w.lm_head.empty() ? w.embed : w.lm_head;
+    RETURN_IF_ERROR(check(head, v * d, "lm_head"));
+    RETURN_IF_ERROR(upload_bf16(lm_head, {&head}));
+  }
+  RETURN_IF_ERROR(upload_f32(final_norm, w.final_norm));
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::Impl::RandomWeights(uint64_t seed) {
+  const size_t d = D(), f = F(), v = V(), qkv_w = QkvWidth(), q_w = static_cast<size_t>(Hq()) * HD();
+  // Uniform with the variance of normal(0, 0.02), as ModelWeights::Random.
+  const float amp = 0.02f * 1.7320508f;
+  uint64_t tensor = seed * 1000003ull;
+  auto fill = [&](uint16_t* p, size_t n) {
+    return CudaStatus(kernels::FillUniformBf16(p, n, amp, ++tensor, stream), "FillUniformBf16");
+  };
+  auto ones = [&](float* p, size_t n) {
+    return CudaStatus(kernels::FillF32(p, n, 1.0f, stream), "FillF32");
+  };
+  auto zeros = [&](float* p, size_t n) {
+    return p == nullptr ? absl::OkStatus()
+                        : CudaStatus(kernels::FillF32(p, n, 0.0f, stream), "FillF32");
+  };
+  for (const Layer& l : layers) {
+    RETURN_IF_ERROR(fill(l.wqkv, qkv_w * d));
+    RETURN_IF_ERROR(fill(l.wo, d * q_w));
+    RETURN_IF_ERROR(fill(l.w_gu, 2 * f * d));
+    RETURN_IF_ERROR(fill(l.w_down, d * f));
+    RETURN_IF_ERROR(zeros(l.bqkv, qkv_w));
+    RETURN_IF_ERROR(zeros(l.bo, d));
+    RETURN_IF_ERROR(ones(l.attn_norm, d));
+    RETURN_IF_ERROR(ones(l.mlp_norm, d));
+  }
+  RETURN_IF_ERROR(fill(embed, v * d));
+  if (lm_head != embed) RETURN_IF_ERROR(fill(lm_head, v * d));
+  RETURN_IF_ERROR(ones(final_norm, d));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CudaModel::Impl::LtPlan> CudaModel::Impl::Tune(const uint16_t* x, int n, int k,
+                                                               const uint16_t* w, int m) {
+  LtPlan plan;
+  if (lt == nullptr) CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&lt));
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA,
+                                                        &ta, sizeof(ta)));
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB,
+                                                        &tb, sizeof(tb)));
+  // A = W as a column-major [k x m] matrix (op T), B = x as [k x n], C = D = y as [m x n].
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_16BF, k, m, k));
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_16BF, k, n, k));
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_32F, m, n, m));
+  cublasLtMatmulPreference_t pref = nullptr;
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
+  const size_t ws = cublas_workspace.bytes();
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                       sizeof(ws));
+  cublasLtMatmulHeuristicResult_t results[16];
+  int count = 0;
+  const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(lt, plan.desc, plan.a, plan.b, plan.c,
+                                                           plan.c, pref, 16, results, &count);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (hs != CUBLAS_STATUS_SUCCESS) count = 0;
+
+  RETURN_IF_ERROR(EnsureBuffer(&tune_out, static_cast<size_t>(m) * n * sizeof(float), "tuning"));
+  float* out = tune_out.as<float>();
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&e0));
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&e1));
+  // Median-free: best of 3 timings of 4 back-to-back runs after one warm-up.
+  auto time_us = [&](auto&& run) -> absl::StatusOr<double> {
+    RETURN_IF_ERROR(run());
+    double best = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(e0, stream));
+      for (int i = 0; i < 4; ++i) RETURN_IF_ERROR(run());
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(e1, stream));
+      CUDA_RETURN_IF_ERROR(cudaEventSynchronize(e1));
+      float ms = 0;
+      CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, e0, e1));
+      best = std::min(best, ms * 1e3 / 4);
+    }
+    return best;
+  };
+  auto timed = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(const double ex_us,
+                     time_us([&] { return GemmEx(x, n, k, w, m, out, 0.0f); }));
+    double best_us = ex_us;
+    int best = -1;
+    for (int i = 0; i < count; ++i) {
+      if (results[i].state != CUBLAS_STATUS_SUCCESS || results[i].workspaceSize > ws) continue;
+      plan.algo = results[i].algo;
+      auto us = time_us([&] { return LtGemm(plan, x, w, out, 0.0f); });
+      if (!us.ok()) {  // a candidate that fails to run is skipped
+        cudaGetLastError();
+        continue;
+      }
+      if (*us < best_us) {
+        best_us = *us;
+        best = i;
+      }
+    }
+    plan.use_gemm_ex = best < 0;
+    if (best >= 0) plan.algo = results[best].algo;
+    const double bytes = 2.0 * m * k + 2.0 * n * k + 4.0 * m * n;
+    LOG(INFO) << "gemm autotune m=" << m << " n=" << n << " k=" << k << ": cublasGemmEx "
+              << ex_us << " us, " << count << " cublasLt candidates, chose "
+              << (best < 0 ? std::string("cublasGemmEx") : absl::StrCat("cublasLt #", best))
+              << " " << best_us << " us (" << bytes / best_us / 1e3 << " GB/s)";
+    return absl::OkStatus();
+  };
+  const absl::Status st = timed();
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  RETURN_IF_ERROR(st);
+  return plan;
+}
+
+absl::Status CudaModel::Impl::EnsureCapacity(int rows, int logit_rows) {
+  if (rows > cap_rows) {
+    const size_t n = std::max(16, std::max(rows, cap_rows * 2));
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    const size_t d = D(), qo = static_cast<size_t>(Hq()) * HD();
+    RETURN_IF_ERROR(x.Allocate(n * d * sizeof(float), "activations"));
+    RETURN_IF_ERROR(h.Allocate(n * d * kBf16, "activations"));
+    RETURN_IF_ERROR(qkv.Allocate(n * QkvWidth() * sizeof(float), "activations"));
+    RETURN_IF_ERROR(q.Allocate(n * qo * kBf16, "activations"));
+    RETURN_IF_ERROR(attn.Allocate(n * qo * kBf16, "activations"));
+    RETURN_IF_ERROR(gu.Allocate(n * 2 * F() * sizeof(float), "activations"));
+    RETURN_IF_ERROR(act.Allocate(n * F() * kBf16, "activations"));
+    cap_rows = static_cast<int>(n);
+  }
+  if (logit_rows > cap_logit_rows) {
+    const size_t n = std::max(16, std::max(logit_rows, cap_logit_rows * 2));
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    RETURN_IF_ERROR(normed.Allocate(n * D() * kBf16, "logits"));
+    RETURN_IF_ERROR(logits.Allocate(n * V() * sizeof(float), "logits"));
+    RETURN_IF_ERROR(greedy.Allocate(n * sizeof(int32_t), "logits"));
+    cap_logit_rows = static_cast<int>(n);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int32_t*> CudaModel::Impl::UploadMeta(const std::vector<int32_t>& m) {
+  if (m.size() > meta_cap) {
+    const size_t n = std::max(m.size(), meta_cap * 2);
+    RETURN_IF_ERROR(EnsureBuffer(&meta, n * sizeof(int32_t), "step metadata"));
+    meta_cap = n;
+  }
+  Staging& s = staging[next_staging];
+  next_staging = (next_staging + 1) % static_cast<int>(staging.size());
+  // The copy that last read this slot must be done before it is overwritten.
+  CUDA_RETURN_IF_ERROR(cudaEventSynchronize(s.done));
+  if (m.size() > s.cap) {
+    if (s.host != nullptr) CUDA_RETURN_IF_ERROR(cudaFreeHost(s.host));
+    s.host = nullptr;
+    const size_t n = std::max(m.size(), s.cap * 2);
+    CUDA_RETURN_IF_ERROR(cudaMallocHost(reinterpret_cast<void**>(&s.host), n * sizeof(int32_t)));
+    s.cap = n;
+  }
+  std::memcpy(s.host, m.data(), m.size() * sizeof(int32_t));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(meta.as<int32_t>(), s.host, m.size() * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, stream));
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(s.done, stream));
+  return meta.as<int32_t>();
+}
+
+absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causal,
+                                  const int32_t* d_tokens, int32_t* d_next,
+                                  const CudaKvSelection* selection,
+                                  std::vector<std::vector<float>>* host_logits,
+                                  std::vector<int32_t>* greedy_out) {
+  const ModelConfig& c = config;
+  // ---- Validate everything before touching state.
+  std::unordered_set<SeqId> seen;
+  int64_t pages_needed = 0, total = 0;
+  bool all_single = true, uninitialized = false;
+  for (size_t b = 0; b < items.size(); ++b) {
+    const ItemDesc& it = items[b];
+    auto s = seqs.find(it.seq);
+    if (s == seqs.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch item ", b, ": unknown sequence ", it.seq));
+    }
+    if (!seen.insert(it.seq).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch item ", b, ": sequence ", it.seq, " appears twice in one step"));
+    }
+    if (it.n < 1) return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": no tokens"));
+    for (size_t i = 0; i < it.tokens.size(); ++i) {
+      if (it.tokens[i] < 0 || it.tokens[i] >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": token id ",
+                                                       it.tokens[i], " at position ", i,
+                                                       " is outside [0, ", c.vocab_size, ")"));
+      }
+    }
+    const int64_t new_len = s->second.length + static_cast<int64_t>(it.n);
+    if (new_len > max_context) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "batch item ", b, ": sequence length ", new_len, " exceeds max_context ", max_context));
+    }
+    pages_needed += PagesFor(new_len, page_size) -
+                    static_cast<int64_t>(s->second.page_table.size());
+    total += it.n;
+    all_single &= it.n == 1;
+    uninitialized |= it.uninitialized > 0;
+  }
+  if (items.empty()) return absl::OkStatus();
+  if (total > (int64_t{1} << 24)) {
+    return absl::InvalidArgumentError(absl::StrCat("step has ", total, " tokens (max 2^24)"));
+  }
+  const bool fast_decode = all_single && FastDecodeKernel();
+  if (selection != nullptr) {
+    if (!fast_decode) {
+      return absl::InvalidArgumentError(
+          "selection: sparse decode needs single-token items, head_dim 64 or 128 and page_size "
+          "16 (and not force_generic_attention)");
+    }
+    const size_t n = selection->d_indptr.size();
+    if ((n != 1 && n != static_cast<size_t>(c.num_hidden_layers)) ||
+        selection->d_indices.size() != n || selection->max_list_len < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "selection: d_indptr/d_indices must have 1 or num_hidden_layers (",
+          c.num_hidden_layers, ") entries each, and max_list_len >= 0"));
+    }
+    for (size_t l = 0; l < n; ++l) {
+      if (selection->d_indptr[l] == nullptr || selection->d_indices[l] == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat("selection: layer ", l, " list is null"));
+      }
+    }
+  }
+
+  // ---- Pages (all or nothing; returned on any later failure).
+  ASSIGN_OR_RETURN(std::vector<int32_t> fresh,
+                   allocator->Allocate(static_cast<int32_t>(pages_needed)));
+  auto give_back = [&](absl::Status st) {
+    allocator->Free(fresh).IgnoreError();
+    return st;
+  };
+
+  // ---- Metadata: packed int32 [tokens N][pos N][slot N][row_seq N][logit_rows R]
+  //      [page_indptr B+1][seq_lens B][page_indices P].
+  const int B = static_cast<int>(items.size());
+  const int N = static_cast<int>(total);
+  std::vector<std::vector<int32_t>> tables(B);
+  std::vector<int32_t> tokens, pos, slot, row_seq, logit_rows, page_indptr{0}, seq_lens,
+      page_indices;
+  std::vector<int> logit_count(B);
+  int max_len = 0;
+  {
+    size_t next_fresh = 0;
+    for (int b = 0; b < B; ++b) {
+      const ItemDesc& it = items[b];
+      const Sequence& s = seqs[it.seq];
+      tables[b] = s.page_table;
+      const int new_len = s.length + it.n;
+      while (static_cast<int32_t>(tables[b].size()) < PagesFor(new_len, page_size)) {
+        tables[b].push_back(fresh[next_fresh++]);
+      }
+      for (int i = 0; i < it.n; ++i) {
+        const int p = s.length + i;
+        if (!it.tokens.empty()) tokens.push_back(it.tokens[i]);
+        pos.push_back(p);
+        slot.push_back(tables[b][p / page_size] * page_size + p % page_size);
+        row_seq.push_back(b);
+        if (it.all_logits || i == it.n - 1) logit_rows.push_back(static_cast<int32_t>(pos.size()) - 1);
+      }
+      logit_count[b] = it.all_logits ? it.n : 1;
+      page_indptr.push_back(page_indptr.back() + static_cast<int32_t>(tables[b].size()));
+      seq_lens.push_back(new_len);
+      page_indices.insert(page_indices.end(), tables[b].begin(), tables[b].end());
+      max_len = std::max(max_len, new_len);
+    }
+  }
+  auto commit = [&]() {
+    for (int b = 0; b < B; ++b) {
+      Sequence& s = seqs[items[b].seq];
+      s.length += items[b].n;
+      s.page_table = std::move(tables[b]);
+    }
+  };
+  if (uninitialized) {
+    commit();
+    return absl::OkStatus();
+  }
+  const int R = static_cast<int>(logit_rows.size());
+  std::vector<int32_t> m;
+  m.reserve(tokens.size() + 4 * N + R + 2 * B + 1 + page_indices.size());
+  auto append = [&](const std::vector<int32_t>& v) {
+    const size_t off = m.size();
+    m.insert(m.end(), v.begin(), v.end());
+    return off;
+  };
+  const size_t o_tokens = append(tokens), o_pos = append(pos), o_slot = append(slot),
+               o_row_seq = append(row_seq), o_logit_rows = append(logit_rows),
+               o_indptr = append(page_indptr), o_lens = append(seq_lens),
+               o_indices = append(page_indices);
+  if (d_tokens == nullptr && static_cast<int>(tokens.size()) != N) {
+    return give_back(absl::InternalError("host tokens missing"));
+  }
+
+  absl::Status st = EnsureCapacity(N, R);
+  if (!st.ok()) return give_back(st);
+
+  // Decode attention parameters (fixed for the step, per layer only the pools and lists change).
+  kernels::PagedDecodeParams dp;
+  if (fast_decode) {
+    dp.dtype = kernels::AttnDType::kBFloat16;
+    dp.selection = selection != nullptr ? kernels::KvSelection::kToken : kernels::KvSelection::kDense;
+    dp.batch = B;
+    dp.num_q_heads = Hq();
+    dp.num_kv_heads = Hkv();
+    dp.head_dim = HD();
+    dp.page_size = page_size;
+    dp.max_kv_len = selection != nullptr ? std::max(selection->max_list_len, 1) : max_len;
+    dp.num_sms = num_sms;
+    // Placeholders for the workspace query (it checks pointers for null only).
+    dp.d_q = q.as<void>();
+    dp.d_out = attn.as<void>();
+    dp.d_k_pool = KPool(0);
+    dp.d_v_pool = VPool(0);
+    dp.d_page_indptr = dp.d_page_indices = dp.d_seq_lens = reinterpret_cast<const int32_t*>(1);
+    if (selection != nullptr) {
+      dp.d_index_indptr = selection->d_indptr[0];
+      dp.d_index_indices = selection->d_indices[0];
+    }
+    const size_t ws = kernels::PagedDecodeWorkspaceBytes(dp);
+    if (ws == SIZE_MAX) {
+      return give_back(absl::InternalError(absl::StrCat(
+          "paged decode planning failed: ", kernels::PagedDecodeCheck(dp) ? kernels::PagedDecodeCheck(dp) : "device query")));
+    }
+    st = EnsureBuffer(&decode_ws, std::max<size_t>(ws, 16), "decode workspace");
+    if (!st.ok()) return give_back(st);
+    dp.d_workspace = decode_ws.as<void>();
+    dp.workspace_bytes = decode_ws.bytes();
+  }
+
+  auto uploaded = UploadMeta(m);
+  if (!uploaded.ok()) return give_back(uploaded.status());
+  const int32_t* dm = *uploaded;
+  const int32_t* d_pos = dm + o_pos;
+  const int32_t* d_slot = dm + o_slot;
+  const int32_t* d_row_seq = dm + o_row_seq;
+  const int32_t* d_logit_rows = dm + o_logit_rows;
+  const int32_t* d_indptr = dm + o_indptr;
+  const int32_t* d_lens = dm + o_lens;
+  const int32_t* d_indices = dm + o_indices;
+  const int32_t* d_tok = d_tokens != nullptr ? d_tokens : dm + o_tokens;
+
+  // ---- Forward.
+  const int Dm = D(), Fm = F(), Vm = V(), qo = Hq() * HD();
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  float* dx = x.as<float>();
+  uint16_t* dh = h.as<uint16_t>();
+  float* dqkv = qkv.as<float>();
+  uint16_t* dq = q.as<uint16_t>();
+  uint16_t* dattn = attn.as<uint16_t>();
+  float* dgu = gu.as<float>();
+  uint16_t* dact = act.as<uint16_t>();
+  auto forward = [&]() -> absl::Status {
+    CUDA_RETURN_IF_ERROR(kernels::EmbeddingGather(embed, d_tok, N, Dm, Vm, dx, stream));
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      const Layer& L = layers[l];
+      CUDA_RETURN_IF_ERROR(kernels::RmsNormToBf16(dx, nullptr, N, Dm, L.attn_norm, eps, dh, stream));
+      RETURN_IF_ERROR(Gemm(dh, N, Dm, L.wqkv, QkvWidth(), dqkv, 0.0f));
+      kernels::RopeAppendParams rp;
+      rp.rows = N;
+      rp.num_q_heads = Hq();
+      rp.num_kv_heads = Hkv();
+      rp.head_dim = HD();
+      rp.page_size = page_size;
+      rp.d_qkv = dqkv;
+      rp.d_bias = L.bqkv;
+      rp.d_pos = d_pos;
+      rp.d_slot = d_slot;
+      rp.d_inv_freq = inv_freq;
+      rp.d_q_out = dq;
+      rp.d_k_pool = KPool(l);
+      rp.d_v_pool = VPool(l);
+      CUDA_RETURN_IF_ERROR(kernels::RopeAppendKv(rp, stream));
+      if (fast_decode) {
+        dp.d_q = dq;
+        dp.d_out = dattn;
+        dp.d_k_pool = KPool(l);
+        dp.d_v_pool = VPool(l);
+        dp.d_page_indptr = d_indptr;
+        dp.d_page_indices = d_indices;
+        dp.d_seq_lens = d_lens;
+        if (selection != nullptr) {
+          const size_t sl = selection->d_indptr.size() == 1 ? 0 : l;
+          dp.d_index_indptr = selection->d_indptr[sl];
+          dp.d_index_indices = selection->d_indices[sl];
+        }
+        CUDA_RETURN_IF_ERROR(kernels::PagedDecodeAttention(dp, stream));
+      } else {
+        kernels::PrefillAttentionParams ap;
+        ap.rows = N;
+        ap.num_q_heads = Hq();
+        ap.num_kv_heads = Hkv();
+        ap.head_dim = HD();
+        ap.page_size = page_size;
+        ap.causal = causal;
+        ap.d_q = dq;
+        ap.d_out = dattn;
+        ap.d_k_pool = KPool(l);
+        ap.d_v_pool = VPool(l);
+        ap.d_page_indptr = d_indptr;
+        ap.d_page_indices = d_indices;
+        ap.d_seq_lens = d_lens;
+        ap.d_row_seq = d_row_seq;
+        ap.d_row_pos = d_pos;
+        CUDA_RETURN_IF_ERROR(kernels::PrefillAttention(ap, stream));
+      }
+      RETURN_IF_ERROR(Gemm(dattn, N, qo, L.wo, Dm, dx, 1.0f));  // x += attn · Woᵀ
+      if (L.bo != nullptr) {
+        CUDA_RETURN_IF_ERROR(kernels::AddResidual(dx, nullptr, L.bo, N, Dm, stream));
+      }
+      CUDA_RETURN_IF_ERROR(kernels::RmsNormToBf16(dx, nullptr, N, Dm, L.mlp_norm, eps, dh, stream));
+      RETURN_IF_ERROR(Gemm(dh, N, Dm, L.w_gu, 2 * Fm, dgu, 0.0f));
+      CUDA_RETURN_IF_ERROR(kernels::SiluMulToBf16(dgu, N, Fm, dact, stream));
+      RETURN_IF_ERROR(Gemm(dact, N, Fm, L.w_down, Dm, dx, 1.0f));  // x += act · W_downᵀ
+    }
+    CUDA_RETURN_IF_ERROR(kernels::RmsNormToBf16(dx, d_logit_rows, R, Dm, final_norm, eps,
+                                                normed.as<uint16_t>(), stream));
+    RETURN_IF_ERROR(Gemm(normed.as<uint16_t>(), R, Dm, lm_head, Vm, logits.as<float>(), 0.0f));
+    int32_t* d_greedy = d_next != nullptr ? d_next : greedy.as<int32_t>();
+    CUDA_RETURN_IF_ERROR(kernels::ArgMaxRows(logits.as<float>(), R, Vm, d_greedy, stream));
+    return absl::OkStatus();
+  };
+  st = forward();
+  if (!st.ok()) return give_back(st);
+
+  if (host_logits != nullptr || greedy_out != nullptr) {
+    std::vector<float> all;
+    if (host_logits != nullptr) {
+      all.resize(static_cast<size_t>(R) * Vm);
+      st = CudaStatus(cudaMemcpyAsync(all.data(), logits.as<float>(), all.size() * sizeof(float),
+                                      cudaMemcpyDeviceToHost, stream),
+                      "logits download");
+      if (!st.ok()) return give_back(st);
+    }
+    std::vector<int32_t> g(R);
+    st = CudaStatus(cudaMemcpyAsync(g.data(), d_next != nullptr ? d_next : greedy.as<int32_t>(),
+                                    R * sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
+                    "greedy download");
+    if (!st.ok()) return give_back(st);
+    st = CudaStatus(cudaStreamSynchronize(stream), "forward");
+    if (!st.ok()) return give_back(st);
+    if (host_logits != nullptr) {
+      host_logits->assign(B, {});
+      size_t row = 0;
+      for (int b = 0; b < B; ++b) {
+        (*host_logits)[b].assign(all.begin() + row * Vm, all.begin() + (row + logit_count[b]) * Vm);
+        row += logit_count[b];
+      }
+    }
+    if (greedy_out != nullptr) *greedy_out = std::move(g);
+  } else {
+    st = CudaStatus(cudaGetLastError(), "forward launch");
+    if (!st.ok()) return give_back(st);
+  }
+  commit();
+  return absl::OkStatus();
+}
+
+const ModelConfig& CudaModel::config() const { return impl_->config; }
+int CudaModel::max_context() const { return impl_->max_context; }
+int CudaModel::page_size() const { return impl_->page_size; }
+int32_t CudaModel::num_pages() const { return impl_->num_pages; }
+int32_t CudaModel::free_pages() const { return impl_->allocator->num_free(); }
+int64_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }
+int64_t CudaModel::kv_bytes_per_token() const {
+  const ModelConfig& c = impl_->config;
+  return int64_t{2} * c.num_hidden_layers * c.num_key_value_heads * c.head_dim *
+         static_cast<int64_t>(kBf16);
+}
+std::string CudaModel::device_name() const { return impl_->device_name; }
+void* CudaModel::cuda_stream() const { return impl_->stream; }
+
+CudaModel::SeqId CudaModel::CreateSequence() {
+  const SeqId id = impl_->next_seq++;
+  impl_->seqs.emplace(id, Impl::Sequence{});
+  return id;
+}
+
+absl::Status CudaModel::FreeSequence(SeqId seq) {
+  auto it = impl_->seqs.find(seq);
+  if (it == impl_->seqs.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  RETURN_IF_ERROR(impl_->allocator->Free(it->second.page_table));
+  impl_->seqs.erase(it);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> CudaModel::SequenceLength(SeqId seq) const {
+  auto it = impl_->seqs.find(seq);
+  if (it == impl_->seqs.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  return it->second.length;
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> CudaModel::Step(std::span<const StepItem> items,
+                                                                bool causal,
+                                                                std::vector<int32_t>* greedy,
+                                                                const CudaKvSelection* selection) {
+  std::vector<Impl::ItemDesc> desc(items.size());
+  for (size_t b = 0; b < items.size(); ++b) {
+    desc[b].seq = items[b].seq;
+    desc[b].n = static_cast<int>(items[b].tokens.size());
+    desc[b].tokens = items[b].tokens;
+    desc[b].all_logits = items[b].all_logits;
+  }
+  std::vector<std::vector<float>> logits;
+  RETURN_IF_ERROR(impl_->Run(desc, causal, nullptr, nullptr, selection, &logits, greedy));
+  return logits;
+}
+
+absl::Status CudaModel::DecodeGreedyAsync(std::span<const SeqId> seqs, const int32_t* d_tokens,
+                                          int32_t* d_next, const CudaKvSelection* selection) {
+  if (d_tokens == nullptr || d_next == nullptr) {
+    return absl::InvalidArgumentError("d_tokens and d_next must be device pointers");
+  }
+  std::vector<Impl::ItemDesc> desc(seqs.size());
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    desc[b].seq = seqs[b];
+    desc[b].n = 1;
+  }
+  return impl_->Run(desc, /*causal=*/true, d_tokens, d_next, selection, nullptr, nullptr);
+}
+
+absl::Status CudaModel::Synchronize() {
+  return CudaStatus(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize");
+}
+
+absl::Status CudaModel::AppendUninitialized(SeqId seq, int n) {
+  std::vector<Impl::ItemDesc> desc(1);
+  desc[0].seq = seq;
+  desc[0].n = n;
+  desc[0].uninitialized = n;
+  return impl_->Run(desc, true, nullptr, nullptr, nullptr, nullptr, nullptr);
+}
+
+absl::Status CudaModel::FillKvRandom(uint64_t seed) {
+  RETURN_IF_ERROR(CudaStatus(
+      kernels::FillUniformBf16(impl_->kv.as<uint16_t>(), impl_->kv.bytes() / kBf16, 1.0f, seed,
+                               impl_->stream),
+      "FillUniformBf16"));
+  return Synchronize();
+}
+
+}  // namespace prehoc

@@ -1,0 +1,171 @@
+// The CUDA backend: the whole Llama-family forward pass (prefill, decode, bidirectional) on one
+// GPU, with the same interface and results as the CPU engine (worker/engine.h) within a
+// documented bf16 tolerance (cuda_model_test.cc).
+//
+// Device state:
+//   weights   bf16, uploaded once: per layer wqkv [(Hq + 2 Hkv) hd][D] (q, k, v rows fused),
+//             wo [D][Hq hd], w_gate_up [2F][D] (gate rows, then up rows), w_down [D][F];
+//             embed [V][D]; lm_head [V][D] (the embedding when tied). Norm weights and biases
+//             stay f32.
+//   KV cache  bf16 paged pools, per layer K and V [num_pages][Hkv][page_size][hd]
+//             (worker/kernels/paged_decode.h's layout); one page id addresses the same slot in
+//             every layer, so a sequence has one page table (as the CPU cache).
+//   activations: residual stream f32, GEMM inputs bf16, GEMM outputs f32 (cuBLAS, bf16 x bf16
+//             -> f32 with f32 accumulation).
+// One forward per call, on the model's own CUDA stream:
+//   embed -> per layer [RMSNorm -> QKV GEMM -> RoPE + K/V append -> attention -> O GEMM
+//   accumulated into x (+ bias) -> RMSNorm -> gate/up GEMM -> SiLU * up -> down GEMM accumulated
+//   into x] -> final RMSNorm of the rows whose logits are wanted -> LM head GEMM -> argmax.
+// Attention: decode steps (one new token per sequence) use the split-KV paged decode kernel when
+// head_dim is 64 or 128 and page_size is 16 (dense, or token-sparse CSR lists); everything else
+// (prefill chunks, mixed batches, bidirectional rows, other head dims) uses the exact paged
+// prefill kernel (worker/kernels/prefill_attention.h).
+//
+// Without a GPU (or when built without CUDA) Create returns UNAVAILABLE with a message saying
+// why; callers fall back to the CPU engine.
+//
+// Not supported (refused or not offered): ETF / PSAW prefill plans and CPU-side selectors (the
+// sparse decode path takes device index lists instead); head_dim > 256; fp16 weights; more than
+// one GPU.
+//
+// Thread-safety: a CudaModel is driven by one thread at a time.
+#ifndef PREHOC_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_
+#define PREHOC_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/model_config.h"
+#include "worker/model_weights.h"
+
+namespace prehoc {
+
+struct CudaModelOptions {
+  // Exactly one source of weights:
+  //  - `weights`: host float32 weights (converted to bf16 and uploaded), e.g. shared with a CPU
+  //    Engine;
+  //  - `model_dir`: a Hugging Face directory (loaded with ModelWeights::Load, then uploaded);
+  //  - `random_config`: random bf16 weights generated on the device (uniform with the variance of
+  //    normal(0, 0.02), norm weights 1): the cost per token of the real model, for benchmarks.
+  std::shared_ptr<const ModelWeights> weights;
+  std::string model_dir;
+  std::optional<ModelConfig> random_config;
+  uint64_t random_seed = 1;
+
+  // Tokens per KV page. The fast decode kernel needs 16.
+  int page_size = 16;
+  // Device memory for the bf16 KV pools; the number of pages is derived from it. Default 1 GiB.
+  int64_t kv_cache_bytes = int64_t{1} << 30;
+  // Longest sequence accepted; 0 = the model's max_position_embeddings.
+  int max_context = 0;
+  // CUDA device ordinal.
+  int device = 0;
+  // Tests: use the generic paged attention kernel for decode steps too.
+  bool force_generic_attention = false;
+  // GEMMs with at most 64 rows (decode steps): on first use of each shape, time cublasGemmEx's
+  // default against cublasLt's heuristic candidates and keep the fastest (logged). Larger GEMMs
+  // (prefill) always use cublasGemmEx's default.
+  bool gemm_autotune = true;
+};
+
+// Per-layer token-sparse selection for a decode step, as device CSR lists over rows
+// b * num_kv_heads + h (b = the sequence's position in the step) of logical token positions
+// (worker/kernels/paged_decode.h, KvSelection::kToken). Not owned.
+struct CudaKvSelection {
+  // One entry per layer, or a single entry used by every layer.
+  std::vector<const int32_t*> d_indptr;
+  std::vector<const int32_t*> d_indices;
+  // Upper bound on any list's length (sizes the split-KV grid).
+  int max_list_len = 0;
+};
+
+class CudaModel {
+ public:
+  using SeqId = int64_t;
+
+  // OK when the backend can run `config` with `page_size`; otherwise INVALID_ARGUMENT naming the
+  // unsupported field (head_dim odd or > 256, bad head counts, page_size out of [1, 1024]).
+  // Needs no device.
+  static absl::Status Supports(const ModelConfig& config, int page_size);
+
+  // Uploads the weights and allocates the KV pools. Errors: UNAVAILABLE when there is no usable
+  // CUDA device or the binary was built without CUDA (message says which); INVALID_ARGUMENT for
+  // bad options or an unsupported config (Supports); RESOURCE_EXHAUSTED when device memory is
+  // too small (naming the bytes asked for and free); those of ModelWeights::Load; INTERNAL for a
+  // CUDA or cuBLAS failure.
+  static absl::StatusOr<std::unique_ptr<CudaModel>> Create(const CudaModelOptions& options);
+  ~CudaModel();
+  CudaModel(const CudaModel&) = delete;
+  CudaModel& operator=(const CudaModel&) = delete;
+
+  const ModelConfig& config() const;
+  int max_context() const;
+  int page_size() const;
+  int32_t num_pages() const;
+  int32_t free_pages() const;
+  // Bytes of the matrices one decode step streams (every layer's weights and the LM head).
+  int64_t weight_bytes() const;
+  // KV bytes per token over all layers (K and V, bf16).
+  int64_t kv_bytes_per_token() const;
+  // e.g. "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)".
+  std::string device_name() const;
+  // The cudaStream_t (as void*) all of the model's work is enqueued on, for events and interop
+  // (benchmarks time with events recorded on it). Owned by the model.
+  void* cuda_stream() const;
+
+  SeqId CreateSequence();
+  // Ends a sequence and returns its pages. NOT_FOUND for an unknown id.
+  absl::Status FreeSequence(SeqId seq);
+  // NOT_FOUND for an unknown id.
+  absl::StatusOr<int> SequenceLength(SeqId seq) const;
+
+  struct StepItem {
+    SeqId seq = 0;
+    std::span<const int32_t> tokens;  // appended to the sequence (>= 1 token)
+    bool all_logits = false;          // logits for every new token instead of only the last
+  };
+  // As Engine::Step: appends every item's tokens (their K/V go to the GPU cache) and returns per
+  // item the f32 logits of its last new token ([vocab]) or, with all_logits, of every new token
+  // ([n, vocab] row-major); causal = false attends to the whole sequence (diffusion LMs).
+  // `greedy` (optional) receives the device argmax of every returned logits row, in order.
+  // `selection` (optional) applies to steps whose items are all single tokens and that run on the
+  // fast decode kernel; INVALID_ARGUMENT otherwise. Synchronous. Errors leave every sequence
+  // unchanged: INVALID_ARGUMENT (empty item, token outside [0, vocab), unknown or repeated
+  // sequence, length above max_context), RESOURCE_EXHAUSTED (too few free pages); INTERNAL for a
+  // CUDA failure (the model is unusable afterwards).
+  absl::StatusOr<std::vector<std::vector<float>>> Step(
+      std::span<const StepItem> items, bool causal = true, std::vector<int32_t>* greedy = nullptr,
+      const CudaKvSelection* selection = nullptr);
+
+  // A greedy decode step with the tokens on the device: sequence seqs[b] appends token
+  // d_tokens[b]; d_next[b] receives the argmax of its logits. Asynchronous: returns once the work
+  // is enqueued (the host may prepare the next step while the GPU runs); the lengths advance
+  // immediately. Errors as Step (tokens are not range-checked on the host: an out-of-range token
+  // yields NaN logits and token 0).
+  absl::Status DecodeGreedyAsync(std::span<const SeqId> seqs, const int32_t* d_tokens,
+                                 int32_t* d_next, const CudaKvSelection* selection = nullptr);
+  // Waits for the model's stream. INTERNAL on a device fault.
+  absl::Status Synchronize();
+
+  // Benchmarks: grows `seq` by n positions without computing them (their K/V are whatever the
+  // pools hold; see FillKvRandom). INVALID_ARGUMENT / RESOURCE_EXHAUSTED / NOT_FOUND as Step.
+  absl::Status AppendUninitialized(SeqId seq, int n);
+  // Benchmarks: fills every K/V pool with uniform(-1, 1) bf16 values.
+  absl::Status FillKvRandom(uint64_t seed);
+
+  struct Impl;
+
+ private:
+  explicit CudaModel(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace prehoc
+
+#endif  // PREHOC_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_

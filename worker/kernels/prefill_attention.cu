@@ -1,0 +1,53 @@
+// Host side of prefill_attention.h: checks, the one switch from head_dim to the elements per lane,
+// and the explicit instantiations (kEpl = 1, 2, 4, 8).
+#include <cmath>
+#include <cstdint>
+
+#include "worker/kernels/prefill_attention.cuh"
+
+namespace prehoc::kernels {
+namespace prefill {
+template __global__ void PrefillAttentionKernel<1>(PrefillAttentionParams, float);
+template __global__ void PrefillAttentionKernel<2>(PrefillAttentionParams, float);
+template __global__ void PrefillAttentionKernel<4>(PrefillAttentionParams, float);
+template __global__ void PrefillAttentionKernel<8>(PrefillAttentionParams, float);
+}  // namespace prefill
+
+const char* PrefillAttentionCheck(const PrefillAttentionParams& p) {
+  if (p.rows < 0) return "rows must be >= 0";
+  if (p.num_q_heads <= 0 || p.num_q_heads > 65535) return "num_q_heads must be in [1, 65535]";
+  if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0) {
+    return "num_kv_heads must be positive and divide num_q_heads";
+  }
+  if (p.head_dim <= 0 || p.head_dim % 2 != 0 || p.head_dim > prefill::kMaxHeadDim) {
+    return "head_dim must be even and in [2, 256]";
+  }
+  if (p.page_size <= 0) return "page_size must be positive";
+  if (p.rows > 0 && (p.d_q == nullptr || p.d_out == nullptr || p.d_k_pool == nullptr ||
+                     p.d_v_pool == nullptr || p.d_page_indptr == nullptr ||
+                     p.d_page_indices == nullptr || p.d_seq_lens == nullptr ||
+                     p.d_row_seq == nullptr || p.d_row_pos == nullptr)) {
+    return "a required device pointer is null";
+  }
+  return nullptr;
+}
+
+cudaError_t PrefillAttention(const PrefillAttentionParams& p, cudaStream_t stream) {
+  if (PrefillAttentionCheck(p) != nullptr) return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;
+  const float scale = p.scale != 0.0f ? p.scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
+  const dim3 grid(p.rows, p.num_q_heads);
+  const int epl = (p.head_dim + 31) / 32;
+  if (epl <= 1) {
+    prefill::PrefillAttentionKernel<1><<<grid, prefill::kThreads, 0, stream>>>(p, scale);
+  } else if (epl <= 2) {
+    prefill::PrefillAttentionKernel<2><<<grid, prefill::kThreads, 0, stream>>>(p, scale);
+  } else if (epl <= 4) {
+    prefill::PrefillAttentionKernel<4><<<grid, prefill::kThreads, 0, stream>>>(p, scale);
+  } else {
+    prefill::PrefillAttentionKernel<8><<<grid, prefill::kThreads, 0, stream>>>(p, scale);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace prehoc::kernels

@@ -1,0 +1,62 @@
+// Paged attention for any number of new query rows per sequence (prefill chunks, decode rows,
+// bidirectional DLM steps), causal or not, for any even head_dim <= 256 and any page size. A
+// simple, exact kernel: the CUDA backend uses it for prefill and for decode when the fast decode
+// kernel (paged_decode.h: head_dim 64/128, page size 16) does not apply. Host API; kernel in
+// prefill_attention.cuh, instantiated in prefill_attention.cu. CUDA and std headers only.
+//
+// ---------------------------------------------------------------------------------------------
+// Tensors (device pointers, row-major; bf16 = bfloat16 bits in uint16_t):
+//   q        [rows][num_q_heads][head_dim]                          bf16
+//   out      [rows][num_q_heads][head_dim]                          bf16 (written)
+//   k_pool   [num_pages][num_kv_heads][page_size][head_dim]         bf16 (one layer's K)
+//   v_pool   [num_pages][num_kv_heads][page_size][head_dim]         bf16 (one layer's V)
+//   page_indptr [batch + 1], page_indices [page_indptr[batch]]  int32: sequence b's logical page
+//              p is physical page page_indices[page_indptr[b] + p] (as in paged_decode.h)
+//   seq_lens [batch]  int32 tokens in each sequence's KV (including this step's rows)
+//   row_seq  [rows]   int32 sequence b of each query row
+//   row_pos  [rows]   int32 logical position of each query row (its own K/V is already in the
+//                     pools at that position)
+// Row r (sequence b, position p) with query head hq attends, through kv head hq / (Hq / Hkv),
+//   causal:        tokens t in [0, p]
+//   bidirectional: tokens t in [0, seq_lens[b])
+//   out = Σ_t softmax_t(scale · q · K[t]) V[t]   (fp32 scores, softmax and accumulation; the
+//   output is rounded to bf16 once). An empty key set gives out = 0.
+// ---------------------------------------------------------------------------------------------
+#ifndef PREHOC_WORKER_KERNELS_PREFILL_ATTENTION_H_
+#define PREHOC_WORKER_KERNELS_PREFILL_ATTENTION_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace prehoc::kernels {
+
+struct PrefillAttentionParams {
+  int rows = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;  // REQUIRES: divides num_q_heads
+  int head_dim = 0;      // REQUIRES: even, <= 256
+  int page_size = 16;
+  bool causal = true;
+  float scale = 0.0f;  // 0 means 1 / sqrt(head_dim)
+  const uint16_t* d_q = nullptr;
+  uint16_t* d_out = nullptr;
+  const uint16_t* d_k_pool = nullptr;
+  const uint16_t* d_v_pool = nullptr;
+  const int32_t* d_page_indptr = nullptr;
+  const int32_t* d_page_indices = nullptr;
+  const int32_t* d_seq_lens = nullptr;
+  const int32_t* d_row_seq = nullptr;
+  const int32_t* d_row_pos = nullptr;
+};
+
+// nullptr when supported and well-formed, otherwise a static message naming the field.
+const char* PrefillAttentionCheck(const PrefillAttentionParams& p);
+
+// Enqueues the attention on `stream`: one 128-thread block per (row, query head).
+// cudaErrorInvalidValue when PrefillAttentionCheck fails, otherwise the launch error.
+cudaError_t PrefillAttention(const PrefillAttentionParams& p, cudaStream_t stream);
+
+}  // namespace prehoc::kernels
+
+#endif  // PREHOC_WORKER_KERNELS_PREFILL_ATTENTION_H_
