@@ -47,6 +47,10 @@ Flags:
   --calibration-rows N    spa-auto calibration prompts: the LAST N rows of ppl_2k.jsonl
                           (first 256 bytes each; disjoint from the generation prompts) (default 4)
   --proxy-rank R          singular proxy rank (default 0 = model default)
+  --fidelity              generation part: also run, at every step of every non-vanilla policy, an exact full
+                          forward on the same canvas and report step fidelity: top-1 agreement of
+                          the proposed tokens and the fraction of steps whose commits equal the
+                          exact decision (no divergence cascade; costs a vanilla forward per step)
   --threads N             CPU threads (default 0 = all)
   --json FILE             write everything as JSON
   --log-level L           (default warning)
@@ -72,6 +76,8 @@ struct Acc {
   std::vector<double> rows_per_step;
   dlm::ForwardStats fwd;
   std::vector<std::string> samples;
+  // --fidelity: per step, the exact (full-forward) decision on the same canvas.
+  int64_t fid_rows = 0, fid_top1 = 0, fid_steps = 0, fid_same_commit = 0;
 };
 
 absl::StatusOr<std::vector<nlohmann::json>> ReadJsonl(const std::string& path) {
@@ -146,9 +152,14 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
   int retrieval_rows = 16, retrieval_steps = 0, gen_rows = 4, gen_prompt_bytes = 384;
   int gen_length = 64, block_length = 32, steps = 64, calibration_rows = 4, proxy_rank = 0;
   int threads = 0;
+  bool fidelity = false;
   for (size_t i = 2; i < args.size(); ++i) {
     std::string a = args[i], v;
     if (a == "--eval") continue;
+    if (a == "--fidelity") {
+      fidelity = true;
+      continue;
+    }
     if (a == "--help" || a == "-h") {
       out << kUsage;
       return 0;
@@ -276,11 +287,80 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
 
   std::vector<Acc> acc(policies.size());
   std::map<std::string, DlmSchedule> schedules;
-  auto run = [&](const Policy& p, dlm::DiffuseRequest req) -> absl::StatusOr<dlm::DiffuseResult> {
+  auto run = [&](size_t pi, dlm::DiffuseRequest req, bool shadow) -> absl::StatusOr<dlm::DiffuseResult> {
+    const Policy& p = policies[pi];
     req.options.cache = p.cache;
     req.options.cache_overrides = p.overrides;
     req.options.parallel_threshold = p.tau;
-    auto r = dlm::Diffuse(model, req, std::span<const double>(drift));
+    dlm::DlmStepObserver observer = nullptr;
+    std::vector<int32_t> canvas;
+    const int P = static_cast<int>(req.prompt.size());
+    absl::Status shadow_status;
+    double shadow_seconds = 0;  // excluded from the policy's time
+    if (shadow && fidelity && static_cast<int>(pi) != vanilla) {
+      canvas = req.prompt;
+      canvas.insert(canvas.end(), req.options.gen_length, model.mask_id());
+      canvas.insert(canvas.end(), req.suffix.begin(), req.suffix.end());
+      observer = [&, P](const dlm::DlmStepInfo& s) {
+        const auto t0 = std::chrono::steady_clock::now();
+        struct Timer {
+          std::chrono::steady_clock::time_point t0;
+          double* acc;
+          ~Timer() { *acc += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); }
+        } timer{t0, &shadow_seconds};
+        const int N = static_cast<int>(canvas.size()), V = model.config().vocab_size;
+        dlm::DlmState st(model.config(), N, 0);
+        std::vector<int32_t> all(N), rows;
+        for (int i = 0; i < N; ++i) all[i] = i;
+        for (int32_t r : s.candidate_rows) rows.push_back(P + r);
+        dlm::ForwardSpec spec;
+        spec.live = all;
+        spec.logit_rows = rows;
+        std::vector<float> logits;
+        if (absl::Status st2 = model.Forward(&st, canvas, spec, &logits, nullptr); !st2.ok()) {
+          shadow_status = st2;
+          return;
+        }
+        std::vector<std::pair<double, int>> order;  // (-confidence, candidate index)
+        std::vector<int32_t> best(rows.size());
+        Acc& a = acc[pi];
+        for (size_t j = 0; j < rows.size(); ++j) {
+          const float* lg = logits.data() + j * V;
+          int b = 0;
+          for (int v = 1; v < V; ++v) b = lg[v] > lg[b] ? v : b;
+          double sum = 0;
+          for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(lg[v]) - lg[b]);
+          best[j] = b;
+          order.push_back({-1.0 / sum, static_cast<int>(j)});
+          a.fid_rows++;
+          a.fid_top1 += b == s.candidate_tokens[j];
+        }
+        std::stable_sort(order.begin(), order.end(),
+                         [](const auto& x, const auto& y) { return x.first < y.first; });
+        size_t take = s.committed_rows.size();
+        if (p.tau > 0) {
+          take = 1;
+          while (take < order.size() && -order[take].first >= p.tau) ++take;
+        }
+        std::vector<std::pair<int32_t, int32_t>> exact, got;
+        for (size_t k = 0; k < take && k < order.size(); ++k) {
+          exact.push_back({s.candidate_rows[order[k].second], best[order[k].second]});
+        }
+        for (size_t k = 0; k < s.committed_rows.size(); ++k) {
+          got.push_back({s.committed_rows[k], s.committed_tokens[k]});
+        }
+        std::sort(exact.begin(), exact.end());
+        std::sort(got.begin(), got.end());
+        a.fid_steps++;
+        a.fid_same_commit += exact == got;
+        for (size_t k = 0; k < s.committed_rows.size(); ++k) {
+          canvas[P + s.committed_rows[k]] = s.committed_tokens[k];
+        }
+      };
+    }
+    auto r = dlm::Diffuse(model, req, std::span<const double>(drift), observer);
+    if (r.ok() && !shadow_status.ok()) return shadow_status;
+    if (r.ok()) r->stats.seconds -= shadow_seconds;
     if (r.ok()) schedules[p.label] = r->schedule;
     return r;
   };
@@ -298,7 +378,7 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
     req.options.steps = retrieval_steps;
     std::vector<int32_t> vanilla_out;
     for (size_t p = 0; p < policies.size(); ++p) {
-      auto r = run(policies[p], req);
+      auto r = run(p, req, /*shadow=*/false);
       if (!r.ok()) {
         err << "prehoc diffuse --eval: retrieval row " << row << " policy " << policies[p].label
             << ": " << r.status() << "\n";
@@ -331,7 +411,7 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
     req.options.steps = steps;
     std::vector<int32_t> vanilla_out;
     for (size_t p = 0; p < policies.size(); ++p) {
-      auto r = run(policies[p], req);
+      auto r = run(p, req, /*shadow=*/true);
       if (!r.ok()) {
         err << "prehoc diffuse --eval: generation row " << row << " policy " << policies[p].label
             << ": " << r.status() << "\n";
@@ -386,8 +466,9 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
       retrieval_steps == 0 ? "one token per step" : absl::StrCat(retrieval_steps, " steps"), ng,
       gen_prompt_bytes, gen_length, block_length, steps);
   out << "| policy | retrieval acc | retr. tok/s | retr. speedup | retr. agree | gen tok/s | gen "
-         "speedup | gen agree | bpb (AR) | steps/run | mean rows recomputed / step / layer |\n"
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+         "speedup | gen agree | bpb (AR) | steps/run | mean rows recomputed / step / layer | "
+         "step top-1 vs exact | step commits = exact |\n"
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
   nlohmann::json jp = nlohmann::json::array();
   for (size_t p = 0; p < policies.size(); ++p) {
     const Acc& a = acc[p];
@@ -403,15 +484,25 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
     for (double& x : rps) x /= std::max(a.g_runs, 1);
     double mean_rows = 0;
     for (double x : rps) mean_rows += x / std::max<size_t>(rps.size(), 1);
-    out << absl::StrFormat("| %s | %.1f %% (%d/%d) | %.2f | %.2fx | %.1f %% | %.2f | %.2fx | %.1f %% | %.3f | %.1f | %.1f |\n",
+    const std::string fid_top1 =
+        a.fid_rows > 0 ? absl::StrFormat("%.1f %%", 100.0 * a.fid_top1 / a.fid_rows) : "-";
+    const std::string fid_commit =
+        a.fid_steps > 0 ? absl::StrFormat("%.1f %%", 100.0 * a.fid_same_commit / a.fid_steps) : "-";
+    out << absl::StrFormat("| %s | %.1f %% (%d/%d) | %.2f | %.2fx | %.1f %% | %.2f | %.2fx | %.1f %% | %.3f | %.1f | %.1f | %s | %s |\n",
                            policies[p].label, racc, a.hits, a.total, rtps, rsp, ragr, gtps, gsp,
                            gagr, bpb, a.g_runs > 0 ? static_cast<double>(a.g_steps) / a.g_runs : 0,
-                           mean_rows);
+                           mean_rows, fid_top1, fid_commit);
     nlohmann::json j;
     j["policy"] = policies[p].label;
     j["cache"] = policies[p].cache;
     j["overrides"] = policies[p].overrides;
     j["parallel_threshold"] = policies[p].tau;
+    if (a.fid_steps > 0) {
+      j["step_fidelity"] = {{"candidate_rows", a.fid_rows},
+                            {"top1_agreement", static_cast<double>(a.fid_top1) / a.fid_rows},
+                            {"steps", a.fid_steps},
+                            {"same_commit_fraction", static_cast<double>(a.fid_same_commit) / a.fid_steps}};
+    }
     j["retrieval"] = {{"rows", a.total},       {"hits", a.hits},       {"accuracy", racc / 100},
                       {"seconds", a.r_seconds}, {"tokens", a.r_tokens}, {"tokens_per_second", rtps},
                       {"speedup_vs_vanilla", rsp}, {"agreement_with_vanilla", ragr / 100}};

@@ -1,0 +1,54 @@
+// Prometheus metrics of the DLM decode loop (issue 7), per cache policy and, where per layer,
+// per layer (a bounded label set: the model's layer count). Children are bound up front; Record()
+// does no lookups beyond indexing and is thread-safe (prometheus-cpp counters are atomic).
+//
+//   prehoc_dlm_requests_total{model,policy}
+//   prehoc_dlm_steps_total{model,policy,kind}            kind = full | gen_refresh | partial
+//   prehoc_dlm_generated_tokens_total{model,policy}      response tokens committed
+//   prehoc_dlm_decode_seconds_total{model,policy}        wall time of the decode loops
+//   prehoc_dlm_tokens_recomputed_total{model,policy,layer}  rows recomputed (Q, attention, MLP)
+//   prehoc_dlm_kv_recomputed_total{model,policy,layer}      rows whose K/V were recomputed
+//   prehoc_dlm_recompute_fraction{model,policy}          histogram, per request: rows recomputed
+//                                                        per step and layer / canvas rows
+//   prehoc_dlm_tokens_per_second{model,policy}           histogram, per request
+#ifndef PREHOC_WORKER_DLM_DLM_METRICS_H_
+#define PREHOC_WORKER_DLM_DLM_METRICS_H_
+
+#include <string>
+#include <vector>
+
+#include "cachemgr/dlm_schedule.h"
+#include "prometheus/counter.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+#include "worker/dlm/decoder.h"
+
+namespace prehoc::dlm {
+
+struct DlmMetrics {
+  struct PerPolicy {
+    prometheus::Counter* requests = nullptr;
+    prometheus::Counter* full_steps = nullptr;
+    prometheus::Counter* gen_refresh_steps = nullptr;
+    prometheus::Counter* partial_steps = nullptr;
+    prometheus::Counter* tokens = nullptr;
+    prometheus::Counter* seconds = nullptr;
+    std::vector<prometheus::Counter*> rows_recomputed;  // per layer
+    std::vector<prometheus::Counter*> kv_recomputed;    // per layer
+    prometheus::Histogram* recompute_fraction = nullptr;
+    prometheus::Histogram* tokens_per_second = nullptr;
+  };
+
+  // Registers every family in `registry` (which must outlive this) with model=`model`, policy in
+  // none/prefix/dual/dllm/spa/spa-auto and layer in 0..num_layers−1.
+  DlmMetrics(prometheus::Registry& registry, const std::string& model, int num_layers);
+
+  // Adds one finished request.
+  void Record(const DiffuseResult& result);
+
+  std::vector<PerPolicy> per_policy;  // index = static_cast<int>(DlmCachePolicy)
+};
+
+}  // namespace prehoc::dlm
+
+#endif  // PREHOC_WORKER_DLM_DLM_METRICS_H_
