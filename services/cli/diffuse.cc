@@ -288,7 +288,7 @@ int RunDiffuse(const std::vector<std::string>& args, std::ostream& out, std::ost
   double calib_s = 0;
   if (f.opt.cache == "spa-auto") {
     const auto t0 = std::chrono::steady_clock::now();
-    auto d = dlm::MeasureDriftProfile(model, {});
+    auto d = dlm::MeasureDriftProfile(model, {});  // output drift (see calibration.h)
     if (!d.ok()) {
       err << "prehoc diffuse: spa-auto calibration failed: " << d.status() << "\n";
       return 1;

@@ -37,7 +37,8 @@ Flags:
   --ar-model DIR          AR model for bits per byte (default models/prehoc-code-ar; '' = skip)
   --data DIR              held-out sets (default tests/data)
   --policies LIST         comma list of POLICY[@key=value+key=value...]; keys are cache
-                          overrides plus 'tau' (parallel threshold). Default:
+                          overrides plus 'tau' (parallel threshold) and, for spa-auto,
+                          'drift_proxy=1' (fit the proxy drift, not the output drift). Default:
                           none,prefix,dual,dllm,spa,spa@kv_all_rows=0,spa-auto
   --retrieval-rows N      first N rows of retrieval_2k.jsonl (default 16; 0 = skip)
   --retrieval-steps N     steps for the answer (default 0 = one token per step)
@@ -60,6 +61,7 @@ struct Policy {
   std::string label, cache;
   std::map<std::string, double> overrides;
   double tau = 0;
+  bool drift_proxy = false;  // spa-auto: fit to the proxy drift instead of the output drift
 };
 
 struct Acc {
@@ -112,6 +114,8 @@ absl::StatusOr<std::vector<Policy>> ParsePolicies(const std::string& text) {
       for (const auto& [k, v] : *ov) {
         if (k == "tau") {
           p.tau = v;
+        } else if (k == "drift_proxy") {
+          p.drift_proxy = v != 0;
         } else {
           p.overrides[k] = v;
         }
@@ -264,7 +268,7 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
   }
 
   // spa-auto: calibrate once at load on prompts disjoint from the evaluation prompts.
-  std::vector<double> drift;
+  std::vector<double> drift, drift_proxy;
   double calib_seconds = 0;
   bool need_drift = false;
   for (const Policy& p : policies) need_drift |= p.cache == "spa-auto";
@@ -276,12 +280,13 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
       calib.push_back(model.tokenizer()->Encode(text, true));
     }
     const auto t0 = std::chrono::steady_clock::now();
-    auto d = dlm::MeasureDriftProfile(model, calib);
+    auto d = dlm::MeasureDrift(model, calib);
     if (!d.ok()) {
       err << "prehoc diffuse --eval: calibration: " << d.status() << "\n";
       return 1;
     }
-    drift = *d;
+    drift = d->output;
+    drift_proxy = d->proxy;
     calib_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
 
@@ -358,7 +363,8 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
         }
       };
     }
-    auto r = dlm::Diffuse(model, req, std::span<const double>(drift), observer);
+    auto r = dlm::Diffuse(model, req, std::span<const double>(p.drift_proxy ? drift_proxy : drift),
+                          observer);
     if (r.ok() && !shadow_status.ok()) return shadow_status;
     if (r.ok()) r->stats.seconds -= shadow_seconds;
     if (r.ok()) schedules[p.label] = r->schedule;
@@ -564,10 +570,12 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
     }
   }
   if (!drift.empty()) {
-    std::vector<std::string> parts;
+    std::vector<std::string> parts, pparts;
     for (double x : drift) parts.push_back(absl::StrFormat("%.4f", x));
-    out << absl::StrFormat("spa-auto drift profile: %s (calibration %.2f s)\n",
-                           absl::StrJoin(parts, " "), calib_seconds);
+    for (double x : drift_proxy) pparts.push_back(absl::StrFormat("%.4f", x));
+    out << absl::StrFormat(
+        "spa-auto drift profiles: output %s | proxy %s (calibration %.2f s)\n",
+        absl::StrJoin(parts, " "), absl::StrJoin(pparts, " "), calib_seconds);
   }
   out << "\nSamples (first generation prompt):\n";
   for (size_t p = 0; p < policies.size(); ++p) {
@@ -586,7 +594,8 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
                       {"steps", retrieval_steps == 0 ? "gen_length (one token per step)" : std::to_string(retrieval_steps)}};
     j["generation"] = {{"set", "ppl_2k.jsonl"}, {"rows", ng}, {"prompt_bytes", gen_prompt_bytes},
                        {"gen_length", gen_length}, {"block_length", block_length}, {"steps", steps}};
-    j["spa_auto"] = {{"drift", drift}, {"calibration_seconds", calib_seconds},
+    j["spa_auto"] = {{"output_drift", drift}, {"proxy_drift", drift_proxy},
+                     {"calibration_seconds", calib_seconds},
                      {"calibration_rows", calibration_rows}};
     j["policies"] = jp;
     std::ofstream fo(json_path);

@@ -39,6 +39,13 @@ std::vector<std::vector<int32_t>> DefaultCalibrationPrompts(const DlmModel& mode
 absl::StatusOr<std::vector<double>> MeasureDriftProfile(
     const DlmModel& model, const std::vector<std::vector<int32_t>>& prompts,
     const CalibrationOptions& options) {
+  ASSIGN_OR_RETURN(DriftProfile d, MeasureDrift(model, prompts, options));
+  return d.output;
+}
+
+absl::StatusOr<DriftProfile> MeasureDrift(const DlmModel& model,
+                                          const std::vector<std::vector<int32_t>>& prompts,
+                                          const CalibrationOptions& options) {
   if (model.proxy_rank() <= 0) {
     return absl::FailedPreconditionError("spa-auto calibration needs singular proxies (proxy_rank > 0)");
   }
@@ -50,8 +57,8 @@ absl::StatusOr<std::vector<double>> MeasureDriftProfile(
   ASSIGN_OR_RETURN(DlmSchedule schedule,
                    MakeDlmSchedule(model.config(), "spa", {{"r_full", 1}}));
   const int NL = model.config().num_hidden_layers;
-  std::vector<double> sum(NL, 0.0);
-  std::vector<int64_t> count(NL, 0);
+  std::vector<double> sum(NL, 0.0), osum(NL, 0.0);
+  std::vector<int64_t> count(NL, 0), ocount(NL, 0);
   for (const auto& prompt : use) {
     DiffuseRequest req;
     req.prompt = prompt;
@@ -63,11 +70,18 @@ absl::StatusOr<std::vector<double>> MeasureDriftProfile(
     for (int l = 0; l < NL; ++l) {
       sum[l] += r.stats.forward.drift_sum[l];
       count[l] += r.stats.forward.drift_count[l];
+      osum[l] += r.stats.forward.out_drift_sum[l];
+      ocount[l] += r.stats.forward.out_drift_count[l];
     }
   }
-  std::vector<double> drift(NL, 0.0);
-  for (int l = 1; l < NL; ++l) drift[l] = count[l] > 0 ? sum[l] / count[l] : 0.0;
-  return drift;
+  DriftProfile d;
+  d.proxy.assign(NL, 0.0);
+  d.output.assign(NL, 0.0);
+  for (int l = 1; l < NL; ++l) {
+    d.proxy[l] = count[l] > 0 ? sum[l] / count[l] : 0.0;
+    d.output[l] = ocount[l] > 0 ? osum[l] / ocount[l] : 0.0;
+  }
+  return d;
 }
 
 }  // namespace prehoc::dlm

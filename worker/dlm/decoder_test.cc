@@ -503,8 +503,15 @@ TEST(DlmDecoderTest, SpaAutoCalibratesAndDecodes) {
   co.gen_length = 8;
   co.block_length = 8;
   co.steps = 8;
+  auto both = MeasureDrift(*m, {Prompt(8, 1), Prompt(8, 2)}, co);
+  ASSERT_TRUE(both.ok()) << both.status();
+  for (int l = 1; l < 3; ++l) {
+    EXPECT_GT(both->proxy[l], 0.0) << l;
+    EXPECT_LT(both->proxy[l], 2.0) << l;
+  }
   auto drift = MeasureDriftProfile(*m, {Prompt(8, 1), Prompt(8, 2)}, co);
   ASSERT_TRUE(drift.ok()) << drift.status();
+  EXPECT_EQ(*drift, both->output);  // deterministic
   ASSERT_EQ(drift->size(), 3u);
   EXPECT_EQ((*drift)[0], 0.0);
   for (int l = 1; l < 3; ++l) {

@@ -62,6 +62,7 @@ DlmState::DlmState(const ModelConfig& c, int rows, int proxy_rank)
   delta_.assign(L, std::vector<float>(static_cast<size_t>(rows) * hidden_));
   proxy_.assign(L, std::vector<float>(static_cast<size_t>(rows) * proxy_rank_));
   proxy_valid_.assign(L, 0);
+  delta_valid_.assign(L, 0);
 }
 
 int64_t DlmState::bytes() const {
@@ -78,6 +79,8 @@ void ForwardStats::Resize(int layers) {
   live_rows.resize(layers, 0);
   drift_sum.resize(layers, 0.0);
   drift_count.resize(layers, 0);
+  out_drift_sum.resize(layers, 0.0);
+  out_drift_count.resize(layers, 0);
 }
 
 void ForwardStats::Add(const ForwardStats& o) {
@@ -88,6 +91,8 @@ void ForwardStats::Add(const ForwardStats& o) {
     live_rows[l] += o.live_rows[l];
     drift_sum[l] += o.drift_sum[l];
     drift_count[l] += o.drift_count[l];
+    out_drift_sum[l] += o.out_drift_sum[l];
+    out_drift_count[l] += o.out_drift_count[l];
   }
   lm_rows += o.lm_rows;
   forwards += o.forwards;
@@ -407,12 +412,26 @@ absl::Status DlmModel::Forward(DlmState* state, std::span<const int32_t> canvas,
       cpu::MatMulNT(h2.data(), nq, D, L.w_up.data(), F, nullptr, up.data(), pool_.get());
       cpu::SiluMul(gate.data(), up.data(), static_cast<int64_t>(nq) * F, gate.data());
       cpu::MatMulNT(gate.data(), nq, F, L.w_down.data(), D, nullptr, h2.data(), pool_.get());
+      const bool measure = spec.store_proxy && !sel_layer && state->delta_valid(layer);
       for (int j = 0; j < nq; ++j) {
-        float* delta = state->Delta(layer, live[qrows[j]]);
+        const int row = live[qrows[j]];
+        float* delta = state->Delta(layer, row);
         const float* a = o.data() + static_cast<size_t>(j) * D;
         const float* f = h2.data() + static_cast<size_t>(j) * D;
+        if (measure && row >= spec.proxy_begin && row < spec.proxy_end) {
+          const float* xr = x.data() + static_cast<size_t>(qrows[j]) * D;
+          double diff = 0, norm = 0;
+          for (int d = 0; d < D; ++d) {
+            const double nd = static_cast<double>(a[d]) + f[d];
+            diff += (nd - delta[d]) * (nd - delta[d]);
+            norm += (xr[d] + nd) * (xr[d] + nd);
+          }
+          st.out_drift_sum[layer] += std::sqrt(diff) / std::max(std::sqrt(norm), 1e-12);
+          st.out_drift_count[layer]++;
+        }
         for (int d = 0; d < D; ++d) delta[d] = a[d] + f[d];
       }
+      if (spec.store_proxy && !sel_layer) state->set_delta_valid(layer);
     }
     // ---- Residual for every live row (fresh δ for Q rows, cached δ for the others).
     for (int i = 0; i < n; ++i) {

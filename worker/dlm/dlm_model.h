@@ -78,12 +78,14 @@ class DlmState {
   }
   bool proxy_valid(int layer) const { return proxy_valid_[layer]; }
   void set_proxy_valid(int layer) { proxy_valid_[layer] = 1; }
+  bool delta_valid(int layer) const { return delta_valid_[layer]; }
+  void set_delta_valid(int layer) { delta_valid_[layer] = 1; }
   int64_t bytes() const;
 
  private:
   int rows_, hidden_, kv_width_, proxy_rank_;
   std::vector<std::vector<float>> k_, v_, delta_, proxy_;
-  std::vector<char> proxy_valid_;
+  std::vector<char> proxy_valid_, delta_valid_;
 };
 
 enum class RowSelect { kAll, kSpa, kDllm };
@@ -100,7 +102,9 @@ struct ForwardSpec {
   bool kv_all_rows = true;
   // kAll: compute and store the proxies of the live rows within [proxy_begin, proxy_end) at
   // layers >= 1 (so that later kSpa steps compare against them); when the state already holds
-  // proxies for a layer, the drift Σ(1 − cos(new, old)) is added to the stats.
+  // proxies for a layer, the drift Σ(1 − cos(new, old)) is added to the stats, and so is the
+  // output drift Σ ‖δ_new − δ_old‖ / ‖x + δ_new‖ of those rows (how much reusing the previous
+  // step's layer output would perturb the row).
   bool store_proxy = false;
   int proxy_begin = 0, proxy_end = 0;
   // Rows (a subset of `live`, any order) whose logits are returned, in this order.
@@ -118,9 +122,11 @@ struct ForwardStats {
   // row selection (proxy or V and cosine; layers >= 1), selected rows (Q, attention, o_proj, MLP,
   // residual; layers >= 1), final norm + LM head.
   double seconds_layer0 = 0, seconds_kv = 0, seconds_select = 0, seconds_rows = 0, seconds_lm = 0;
-  // Proxy drift measured by store_proxy steps, per layer.
+  // Drift measured by store_proxy steps, per layer: proxy (1 − cos) and output (relative δ change).
   std::vector<double> drift_sum;
   std::vector<int64_t> drift_count;
+  std::vector<double> out_drift_sum;
+  std::vector<int64_t> out_drift_count;
 
   void Resize(int layers);
   void Add(const ForwardStats& other);
