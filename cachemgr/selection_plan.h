@@ -82,8 +82,9 @@ struct SelectionPlan {
 // "psaw_phi", "psaw_alpha", "etf_start", "etf_psi", "etf_gamma", "refresh_interval",
 // "approx_channels", "budget_tokens", "budget_fraction", "gqa_max" (0/1)).
 // Defaults (chosen and measured in docs/quality.md):
-//   prhs: sink 8, local 32, τ 0.8, max_reuse 64, m = k/3, r = 1, PSAW from layer N/2 with
-//         φ = 0.9, α = 1 (the last layer skips the first 10 % of candidates), ETF off.
+//   prhs: sink 8, local 32, τ 0.8, max_reuse 64, m = k/3, r = 1; PSAW off (φ = 1; when
+//         enabled it starts at layer N/2, α = 1) and ETF off — both measured to cost retrieval
+//         on the shipped model (docs/quality.md), both available as overrides.
 //   streaming: sink 8, local = B − 8.  h2o: local 32, heavy = B − 32 (no sinks).
 //   quest: page granularity 16, top ⌈B/16⌉ pages incl. the current page.
 //   hshare: sink 8, local 32, heavy refreshed every 2 steps on 16 calibrated channels.

@@ -18,7 +18,10 @@ ModelConfig Model(int layers) {
 }
 
 TEST(SelectionPlanTest, PrhsDefaultsAndPsawSchedule) {
-  auto plan = MakeSelectionPlan(Model(8), SparsityOptions{.policy = "prhs"});
+  auto off = MakeSelectionPlan(Model(8), SparsityOptions{.policy = "prhs"});
+  ASSERT_TRUE(off.ok()) << off.status();
+  for (const auto& l : off->layers) EXPECT_EQ(l.psaw_drop_fraction, 0.0);  // PSAW off by default
+  auto plan = MakeSelectionPlan(Model(8), SparsityOptions{.policy = "prhs"}, {{"psaw_phi", 0.9}});
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_EQ(plan->policy, SelectionPolicy::kPrhs);
   EXPECT_DOUBLE_EQ(plan->budget_fraction, 0.125);
@@ -53,7 +56,7 @@ TEST(SelectionPlanTest, BudgetAndTopK) {
 }
 
 TEST(SelectionPlanTest, OverridesApplyAndBadOnesAreNamed) {
-  auto ov = ParseOverrides("tau=0.9, sink=4,psaw_start=0");
+  auto ov = ParseOverrides("tau=0.9, sink=4,psaw_start=0,psaw_phi=0.9");
   ASSERT_TRUE(ov.ok()) << ov.status();
   auto plan = MakeSelectionPlan(Model(4), SparsityOptions{.policy = "prhs"}, *ov);
   ASSERT_TRUE(plan.ok());
