@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/json_brief.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -19,51 +20,9 @@ namespace {
 
 // absl here is built with its own string_view (ABSL_OPTION_USE_STD_STRING_VIEW
 // is 0), so std::string_view must be converted before reaching absl::StrCat.
-absl::string_view Av(std::string_view s) { return {s.data(), s.size()}; }
 
 using Json = nlohmann::json;
 
-// Renders `value` for an error message, at most `depth` levels deep and a few
-// elements wide (nlohmann's dump() recurses without bound).
-void AppendBrief(const Json& value, int depth, std::string* out) {
-  constexpr size_t kMaxElements = 4;
-  if (value.is_array() || value.is_object()) {
-    const bool array = value.is_array();
-    out->append(array ? "[" : "{");
-    if (depth <= 0 && !value.empty()) {
-      out->append("...");
-    } else {
-      size_t i = 0;
-      for (auto it = value.begin(); it != value.end(); ++it, ++i) {
-        if (i == kMaxElements) {
-          out->append(", ...");
-          break;
-        }
-        if (i > 0) out->append(", ");
-        if (!array) {
-          out->append(Json(it.key()).dump(-1, ' ', false,
-                                          Json::error_handler_t::replace));
-          out->append(": ");
-        }
-        AppendBrief(*it, depth - 1, out);
-      }
-    }
-    out->append(array ? "]" : "}");
-    return;
-  }
-  out->append(value.dump(-1, ' ', false, Json::error_handler_t::replace));
-}
-
-std::string Brief(const Json& value) {
-  std::string s;
-  try {
-    AppendBrief(value, 2, &s);
-  } catch (const std::exception&) {
-    s = "<unprintable>";
-  }
-  if (s.size() > 80) s = absl::StrCat(s.substr(0, 77), "...");
-  return s;
-}
 
 absl::Status Invalid(std::string_view key, std::string_view what) {
   return absl::InvalidArgumentError(
@@ -117,7 +76,7 @@ class ObjectReader {
     if (v == nullptr) return std::optional<double>();
     if (!v->is_number()) {
       return Invalid(Name(key),
-                     absl::StrCat("must be a number, got ", Brief(*v)));
+                     absl::StrCat("must be a number, got ", BriefJson(*v)));
     }
     return std::optional<double>(v->get<double>());
   }
@@ -127,7 +86,7 @@ class ObjectReader {
     if (v == nullptr) return std::optional<bool>();
     if (!v->is_boolean()) {
       return Invalid(Name(key),
-                     absl::StrCat("must be true or false, got ", Brief(*v)));
+                     absl::StrCat("must be true or false, got ", BriefJson(*v)));
     }
     return std::optional<bool>(v->get<bool>());
   }
@@ -138,7 +97,7 @@ class ObjectReader {
     if (v == nullptr) return std::optional<std::string>();
     if (!v->is_string()) {
       return Invalid(Name(key),
-                     absl::StrCat("must be a string, got ", Brief(*v)));
+                     absl::StrCat("must be a string, got ", BriefJson(*v)));
     }
     return std::optional<std::string>(v->get<std::string>());
   }
@@ -154,9 +113,9 @@ class ObjectReader {
       int64_t i = v.get<int64_t>();
       if (i >= kMin && i <= kMax) return i;
     } else {
-      return Invalid(name, absl::StrCat("must be an integer, got ", Brief(v)));
+      return Invalid(name, absl::StrCat("must be an integer, got ", BriefJson(v)));
     }
-    return Invalid(name, absl::StrCat("is out of range: ", Brief(v)));
+    return Invalid(name, absl::StrCat("is out of range: ", BriefJson(v)));
   }
 
  private:
@@ -193,7 +152,7 @@ absl::Status ParseRope(const Json& rope, const std::string& prefix,
   const std::string obj_name = prefix.substr(0, prefix.size() - 1);
   if (!rope.is_object()) {
     return Invalid(
-        obj_name, absl::StrCat("must be an object or null, got ", Brief(rope)));
+        obj_name, absl::StrCat("must be an object or null, got ", BriefJson(rope)));
   }
   ObjectReader r(rope, prefix);
   if (read_theta) {
@@ -271,7 +230,7 @@ absl::Status ParseRope(const Json& rope, const std::string& prefix,
 absl::StatusOr<ModelConfig> Parse(const Json& root) {
   if (!root.is_object()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("config.json: must be a JSON object, got ", Brief(root)));
+        absl::StrCat("config.json: must be a JSON object, got ", BriefJson(root)));
   }
   ObjectReader r(root, "");
   ModelConfig c;
@@ -294,13 +253,13 @@ absl::StatusOr<ModelConfig> Parse(const Json& root) {
     if (!archs->is_array()) {
       return Invalid(
           "architectures",
-          absl::StrCat("must be a list of strings, got ", Brief(*archs)));
+          absl::StrCat("must be a list of strings, got ", BriefJson(*archs)));
     }
     for (const Json& a : *archs) {
       if (!a.is_string()) {
         return Invalid(
             "architectures",
-            absl::StrCat("must be a list of strings, got ", Brief(*archs)));
+            absl::StrCat("must be a list of strings, got ", BriefJson(*archs)));
       }
       const std::string& name = a.get_ref<const std::string&>();
       if (c.architecture.empty()) c.architecture = name;

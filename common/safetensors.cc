@@ -22,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/json_brief.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -44,54 +45,11 @@ constexpr std::string_view kMetadataKey = "__metadata__";
 
 // absl here is built with its own string_view (ABSL_OPTION_USE_STD_STRING_VIEW
 // is 0), so std::string_view must be converted before reaching absl::StrCat.
-absl::string_view Av(std::string_view s) { return {s.data(), s.size()}; }
 
 std::string ShapeString(std::span<const int64_t> shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-// Renders `value` for an error message, at most `depth` levels deep and a few
-// elements wide (nlohmann's dump() recurses without bound, and a hostile
-// header can nest arbitrarily deep).
-void AppendBrief(const Json& value, int depth, std::string* out) {
-  constexpr size_t kMaxElements = 4;
-  if (value.is_array() || value.is_object()) {
-    const bool array = value.is_array();
-    out->append(array ? "[" : "{");
-    if (depth <= 0 && !value.empty()) {
-      out->append("...");
-    } else {
-      size_t i = 0;
-      for (auto it = value.begin(); it != value.end(); ++it, ++i) {
-        if (i == kMaxElements) {
-          out->append(", ...");
-          break;
-        }
-        if (i > 0) out->append(", ");
-        if (!array) {
-          out->append(Json(it.key()).dump(-1, ' ', false,
-                                          Json::error_handler_t::replace));
-          out->append(": ");
-        }
-        AppendBrief(*it, depth - 1, out);
-      }
-    }
-    out->append(array ? "]" : "}");
-    return;
-  }
-  out->append(value.dump(-1, ' ', false, Json::error_handler_t::replace));
-}
-
-std::string Brief(const Json& value) {
-  std::string s;
-  try {
-    AppendBrief(value, 2, &s);
-  } catch (const std::exception&) {
-    s = "<unprintable>";
-  }
-  if (s.size() > 80) s = absl::StrCat(s.substr(0, 77), "...");
-  return s;
-}
 
 std::optional<DType> ParseDType(std::string_view name) {
   for (DType t :
@@ -140,7 +98,7 @@ absl::Status ParseTensorEntry(const std::string& path, const std::string& name,
   };
   if (!entry.is_object()) {
     return invalid(
-        absl::StrCat("header entry must be an object, got ", Brief(entry)));
+        absl::StrCat("header entry must be an object, got ", BriefJson(entry)));
   }
   for (const char* key : {"dtype", "shape", "data_offsets"}) {
     if (!entry.contains(key)) {
@@ -151,7 +109,7 @@ absl::Status ParseTensorEntry(const std::string& path, const std::string& name,
   const Json& dtype = entry["dtype"];
   if (!dtype.is_string()) {
     return invalid(
-        absl::StrCat("'dtype' must be a string, got ", Brief(dtype)));
+        absl::StrCat("'dtype' must be a string, got ", BriefJson(dtype)));
   }
   const std::string& dtype_name = dtype.get_ref<const std::string&>();
   std::optional<DType> parsed = ParseDType(dtype_name);
@@ -163,7 +121,7 @@ absl::Status ParseTensorEntry(const std::string& path, const std::string& name,
   const Json& shape = entry["shape"];
   if (!shape.is_array()) {
     return invalid(
-        absl::StrCat("'shape' must be an array, got ", Brief(shape)));
+        absl::StrCat("'shape' must be an array, got ", BriefJson(shape)));
   }
   std::vector<int64_t> dims;
   dims.reserve(shape.size());
@@ -173,7 +131,7 @@ absl::Status ParseTensorEntry(const std::string& path, const std::string& name,
         *dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
       return invalid(
           absl::StrCat("'shape' entries must be non-negative integers, got ",
-                       Brief(d), " in ", Brief(shape)));
+                       BriefJson(d), " in ", BriefJson(shape)));
     }
     dims.push_back(static_cast<int64_t>(*dim));
   }
@@ -192,28 +150,28 @@ absl::Status ParseTensorEntry(const std::string& path, const std::string& name,
   const Json& offsets = entry["data_offsets"];
   if (!offsets.is_array() || offsets.size() != 2) {
     return invalid(absl::StrCat(
-        "'data_offsets' must be an array [begin, end], got ", Brief(offsets)));
+        "'data_offsets' must be an array [begin, end], got ", BriefJson(offsets)));
   }
   std::optional<uint64_t> b = NonNegativeInteger(offsets[0]);
   std::optional<uint64_t> e = NonNegativeInteger(offsets[1]);
   if (!b.has_value() || !e.has_value()) {
     return invalid(absl::StrCat(
-        "'data_offsets' must be non-negative integers, got ", Brief(offsets)));
+        "'data_offsets' must be non-negative integers, got ", BriefJson(offsets)));
   }
   if (*b > *e) {
-    return invalid(absl::StrCat("'data_offsets' ", Brief(offsets),
+    return invalid(absl::StrCat("'data_offsets' ", BriefJson(offsets),
                                 " are reversed (begin > end)"));
   }
   if (*e > buffer_size) {
     return error(absl::StatusCode::kDataLoss,
-                 absl::StrCat("'data_offsets' ", Brief(offsets),
+                 absl::StrCat("'data_offsets' ", BriefJson(offsets),
                               " end past the byte buffer of ", buffer_size,
                               " bytes (truncated file?)"));
   }
   if (*e - *b != expected_bytes) {
     return invalid(absl::StrCat("dtype ", dtype_name, " shape ",
                                 ShapeString(dims), " needs ", expected_bytes,
-                                " bytes but 'data_offsets' ", Brief(offsets),
+                                " bytes but 'data_offsets' ", BriefJson(offsets),
                                 " span ", *e - *b));
   }
 
@@ -348,7 +306,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(
   }
   if (!header.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        prefix(), ": header must be a JSON object, got ", Brief(header)));
+        prefix(), ": header must be a JSON object, got ", BriefJson(header)));
   }
   if (order.size() != header.size()) {
     std::set<std::string_view> seen;
@@ -372,13 +330,13 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(
               absl::StrCat(prefix(),
                            ": '__metadata__' must be an object of "
                            "strings, got ",
-                           Brief(entry)));
+                           BriefJson(entry)));
         }
         for (const auto& [key, value] : entry.items()) {
           if (!value.is_string()) {
             return absl::InvalidArgumentError(
                 absl::StrCat(prefix(), ": '__metadata__' value for '", key,
-                             "' must be a string, got ", Brief(value)));
+                             "' must be a string, got ", BriefJson(value)));
           }
           file->metadata_[key] = value.get<std::string>();
         }
