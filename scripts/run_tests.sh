@@ -40,7 +40,7 @@ if [ "$sanitizers" = 1 ]; then
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     run_suite asan "$BUILD_ROOT-asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPREHOC_SANITIZE=address \
     -DPREHOC_ENABLE_CUDA=OFF
-  TSAN_OPTIONS=halt_on_error=1 \
+  TSAN_OPTIONS="halt_on_error=1 suppressions=$PWD/common/tsan/suppressions.txt" \
     run_suite tsan "$BUILD_ROOT-tsan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPREHOC_SANITIZE=thread \
     -DPREHOC_ENABLE_CUDA=OFF
 fi

@@ -374,7 +374,9 @@ void Scheduler::StartDrain() {
 
 bool Scheduler::WaitIdle(absl::Time deadline) {
   absl::MutexLock l(&mu_);
-  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return requests_.empty(); };
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return requests_.empty() && undelivered_terminals_ == 0;
+  };
   return mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
 }
 
@@ -461,6 +463,7 @@ void Scheduler::FinishLocked(Request* r, absl::Status status, InferenceEvent eve
     }
   }
   out->emplace_back(r, std::move(event));
+  ++undelivered_terminals_;
   auto it = requests_.find(r->id);
   graveyard->push_back(std::move(it->second));
   requests_.erase(it);
@@ -538,8 +541,7 @@ void Scheduler::StepLoop() {
       UpdateGaugesLocked();
     }
     // Deliver reaped requests' terminal events before running the step.
-    for (auto& [r, ev] : out) r->callback(std::move(ev));
-    out.clear();
+    Deliver(&out);
     graveyard.clear();
     if (items.empty()) continue;
 
@@ -632,7 +634,20 @@ void Scheduler::StepLoop() {
       last_step_end = step_end;
       UpdateGaugesLocked();
     }
-    for (auto& [r, ev] : out) r->callback(std::move(ev));
+    Deliver(&out);
+  }
+}
+
+void Scheduler::Deliver(std::vector<Delivery>* out) {
+  int terminals = 0;
+  for (auto& [r, ev] : *out) {
+    terminals += ev.terminal() ? 1 : 0;
+    r->callback(std::move(ev));
+  }
+  out->clear();
+  if (terminals > 0) {
+    absl::MutexLock l(&mu_);
+    undelivered_terminals_ -= terminals;
   }
 }
 

@@ -98,7 +98,8 @@ class Scheduler : public InferenceBackend {
   // Stops admitting new requests (Generate -> UNAVAILABLE, Ready() -> false); running and
   // queued requests continue.
   void StartDrain();
-  // Blocks until no request is queued or running, or until `deadline`; returns true when idle.
+  // Blocks until no request is queued or running and every terminal event has been delivered,
+  // or until `deadline`; returns true when idle.
   bool WaitIdle(absl::Time deadline);
   // Ends every request with `status`.
   void CancelAll(const absl::Status& status);
@@ -132,6 +133,8 @@ class Scheduler : public InferenceBackend {
                     std::vector<Delivery>* out, std::vector<std::unique_ptr<Request>>* graveyard)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void UpdateGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs the callbacks of `out` (without mu_), then accounts for the terminal ones.
+  void Deliver(std::vector<Delivery>* out) ABSL_LOCKS_EXCLUDED(mu_);
 
   const SchedulerOptions options_;
   std::unique_ptr<Engine> engine_;  // touched only by the step thread (except const metadata)
@@ -146,6 +149,8 @@ class Scheduler : public InferenceBackend {
   int64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   std::string worker_id_ ABSL_GUARDED_BY(mu_);
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  // Terminal events queued for delivery but not yet delivered (WaitIdle waits for them too).
+  int undelivered_terminals_ ABSL_GUARDED_BY(mu_) = 0;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   double throughput_ewma_ ABSL_GUARDED_BY(mu_) = 0;
   std::thread thread_;

@@ -72,6 +72,7 @@ void CacheManagerServer::Shutdown(absl::Time deadline) {
     if (shut_down_) return;
     shut_down_ = true;
   }
+  if (grpc_.server == nullptr) return;  // Create failed before serving
   LOG(INFO) << "cache manager draining";
   router_->StartDrain();
   SetReadiness(grpc_.server.get(), false);
@@ -83,7 +84,7 @@ void CacheManagerServer::Shutdown(absl::Time deadline) {
     absl::MutexLock l(&mu_);
     stop_ = true;
   }
-  ticker_.join();
+  if (ticker_.joinable()) ticker_.join();
   SetReadiness(grpc_.server.get(), false);
   // Cancels the streams still running (their reactors cancel them in the router), then waits.
   grpc_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(100));

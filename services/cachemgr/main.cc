@@ -13,7 +13,7 @@
 
 int main(int argc, char** argv) {
   using namespace prehoc;
-  BlockTerminationSignals();
+  InstallTerminationHandler();
   std::vector<std::string> args(argv, argv + argc);
   CacheManagerServerOptions o;
   o.listen_address = "0.0.0.0:50051";

@@ -16,6 +16,7 @@
 #include "worker/generator.h"
 #include "services/cli/diffuse.h"
 #include "services/cli/eval.h"
+#include "services/cli/serve.h"
 
 namespace prehoc {
 namespace {
@@ -32,6 +33,8 @@ Commands:
   generate   Generate text from a prompt with the embedded engine (CPU).
   eval       Quality of sparse-attention policies vs dense on held-out data.
   diffuse    Diffusion-LM decoding with a cache policy (none/prefix/dual/dllm/spa/spa-auto).
+  serve      Serve the gRPC API in embedded mode (worker + cache manager in one process).
+  loadgen    Closed-loop load against a server or an in-process backend (tokens/s, latency).
   help       Show this message.
 
 Run `prehoc <command> --help` for the command's flags.
@@ -304,6 +307,8 @@ int RunCli(const std::vector<std::string>& args, std::ostream& out, std::ostream
   if (cmd == "generate") return RunGenerate(args, out, err);
   if (cmd == "eval") return RunEval(args, out, err);
   if (cmd == "diffuse") return RunDiffuse(args, out, err);
+  if (cmd == "serve") return RunServe(args, out, err);
+  if (cmd == "loadgen") return RunLoadgen(args, out, err);
   err << "prehoc: unknown command '" << cmd << "'\n\n" << kUsage;
   return 2;
 }

@@ -3,6 +3,9 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include "absl/strings/str_cat.h"
 
@@ -57,7 +60,7 @@ absl::StatusOr<MetricsEndpoint> StartMetricsEndpoint(
   return out;
 }
 
-void BlockTerminationSignals() {
+void InstallTerminationHandler() {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);

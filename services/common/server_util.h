@@ -43,10 +43,12 @@ struct MetricsEndpoint {
 absl::StatusOr<MetricsEndpoint> StartMetricsEndpoint(
     const std::string& address, const std::shared_ptr<prometheus::Registry>& registry);
 
-// Blocks SIGTERM and SIGINT in the calling thread; call first thing in main() so every thread
-// started afterwards inherits the mask and WaitForTerminationSignal() receives them.
-void BlockTerminationSignals();
-// Waits for SIGTERM or SIGINT (blocked by BlockTerminationSignals) and returns its number.
+// Blocks SIGTERM and SIGINT in the calling thread, so that every thread started afterwards
+// inherits the mask and only WaitForTerminationSignal() receives them (sigwait: no async
+// handler, which also keeps sanitizers happy). Call first thing in main(), before any thread
+// exists. Processes started from this one must unblock the signals before exec.
+void InstallTerminationHandler();
+// Waits for SIGTERM or SIGINT (see InstallTerminationHandler) and returns its number.
 int WaitForTerminationSignal();
 
 // "host:port" with the port replaced by `port` (for addresses given with port 0).

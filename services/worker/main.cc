@@ -15,7 +15,7 @@
 
 int main(int argc, char** argv) {
   using namespace prehoc;
-  BlockTerminationSignals();
+  InstallTerminationHandler();
   std::vector<std::string> args(argv, argv + argc);
 
   WorkerServerOptions o;

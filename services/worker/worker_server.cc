@@ -87,6 +87,7 @@ void WorkerServer::Shutdown(absl::Time drain_deadline) {
     if (shut_down_) return;
     shut_down_ = true;
   }
+  if (grpc_.server == nullptr) return;  // Create failed before serving
   LOG(INFO) << "worker " << worker_id_ << " draining";
   SetReadiness(grpc_.server.get(), false);
   scheduler_->StartDrain();

@@ -8,6 +8,7 @@
 // Synchronisation is on lines the servers print (ChildProcess::WaitForLine), never on sleeps.
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <atomic>
 #include <filesystem>
@@ -275,6 +276,68 @@ TEST(SplitModeTest, CacheManagerRestartResumesService) {
     EXPECT_EQ(got[i].tokens, expected[i]);
   }
   EXPECT_EQ(State(bound).workers_size(), 2);
+}
+
+}  // namespace
+}  // namespace prehoc
+
+namespace prehoc {
+namespace {
+
+TEST(ProcessTest, WorkerSigtermDrainsInFlightStreamsAndExitsCleanly) {
+  auto w = ChildProcess::Start({Bin("prehoc-worker"), "--model=" + Fixture(),
+                                "--listen=127.0.0.1:0", "--metrics-listen=", "--threads=1",
+                                "--kv-cache-mb=16", "--debug-step-delay-ms=5",
+                                "--drain-timeout-s=60", "--log-level=info"});
+  ASSERT_TRUE(w.ok());
+  auto ready = (*w)->WaitForLine("prehoc-worker ready", kStartTimeout);
+  ASSERT_TRUE(ready.ok()) << ready.status();
+  const std::string address = Field(*ready, "grpc");
+  auto stub = v1::Inference::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  v1::GenerateRequest req;
+  req.mutable_token_ids()->add_ids(256);
+  req.mutable_token_ids()->add_ids(7);
+  req.set_max_tokens(60);
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse m;
+  ASSERT_TRUE(reader->Read(&m));
+  int tokens = m.token_ids_size();
+  (*w)->Signal(SIGTERM);
+  ASSERT_TRUE((*w)->WaitForLine("draining", kStartTimeout).ok());
+  bool finished = false;
+  while (reader->Read(&m)) {
+    tokens += m.token_ids_size();
+    finished |= m.finished();
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_TRUE(finished);
+  EXPECT_EQ(tokens, 60);
+  const int status = (*w)->Wait();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+}
+
+TEST(ProcessTest, ServeSubcommandServesTheSameApiAsTheCacheManager) {
+  auto s = ChildProcess::Start({Bin("prehoc"), "serve", "--model=" + Fixture(),
+                                "--model-name=tiny", "--listen=127.0.0.1:0",
+                                "--metrics-listen=", "--threads=1", "--kv-cache-mb=16",
+                                "--log-level=info"});
+  ASSERT_TRUE(s.ok());
+  auto ready = (*s)->WaitForLine("prehoc serve ready", kStartTimeout);
+  ASSERT_TRUE(ready.ok()) << ready.status();
+  const int port = std::stoi(Field(*ready, "grpc_port"));
+  const auto reqs = References(8, 10);
+  const auto expected = Embedded(reqs);
+  const auto got = RunConcurrently(port, reqs);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_TRUE(got[i].status.ok()) << got[i].status.error_message();
+    EXPECT_EQ(got[i].tokens, expected[i]);
+    EXPECT_EQ(got[i].served_by, "embedded");
+  }
+  (*s)->Signal(SIGTERM);
+  const int status = (*s)->Wait();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }
 
 }  // namespace

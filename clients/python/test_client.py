@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Tests prehoc_client.py against a live server (started by run_test.sh).
+
+Environment: PREHOC_TARGET (host:port), PREHOC_EXPECTED_IDS (greedy continuation of
+PREHOC_PROMPT_IDS from the embedded engine, comma-separated), PREHOC_PY_STUBS (stub dir)."""
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import grpc  # noqa: E402
+from prehoc_client import PrehocClient  # noqa: E402
+
+TARGET = os.environ["PREHOC_TARGET"]
+PROMPT = [int(x) for x in os.environ["PREHOC_PROMPT_IDS"].split(",")]
+EXPECTED = [int(x) for x in os.environ["PREHOC_EXPECTED_IDS"].split(",")]
+
+
+class ClientTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.client = PrehocClient(TARGET, timeout=60)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+
+    def test_list_models(self):
+        models = self.client.list_models()
+        self.assertEqual(len(models), 1)
+        self.assertEqual(models[0].name, "tiny")
+        self.assertEqual(models[0].vocab_size, 260)
+        self.assertIn("prhs", list(models[0].sparsity_policies))
+
+    def test_greedy_stream_equals_embedded_engine(self):
+        msgs = list(self.client.generate(token_ids=PROMPT, max_tokens=len(EXPECTED)))
+        ids = [t for m in msgs for t in m.token_ids]
+        self.assertEqual(ids, EXPECTED)
+        self.assertTrue(msgs[0].request_id)
+        self.assertEqual(msgs[0].served_by, "embedded")
+        last = msgs[-1]
+        self.assertTrue(last.finished)
+        self.assertEqual(last.finish_reason, "length")
+        self.assertEqual(last.usage.prompt_tokens, len(PROMPT))
+        self.assertEqual(last.usage.completion_tokens, len(EXPECTED))
+        self.assertEqual(last.sparsity.policy, "dense")
+
+    def test_text_prompt_and_sparse_policy(self):
+        ids, text, last = self.client.generate_all(text="def f(x):", max_tokens=20,
+                                                   policy="streaming", budget=8)
+        self.assertEqual(len(ids), 20)
+        self.assertIsInstance(text, str)
+        self.assertEqual(last.sparsity.policy, "streaming")
+        self.assertLess(last.sparsity.mean_kept_fraction, 1.0)
+
+    def test_bad_requests_name_the_field(self):
+        for kwargs, field in [(dict(token_ids=[256], max_tokens=0), "max_tokens"),
+                              (dict(token_ids=[256, 999], max_tokens=2), "token_ids[1]"),
+                              (dict(token_ids=[], max_tokens=2), "token_ids"),
+                              (dict(token_ids=[256], max_tokens=2, model="nope"), "model")]:
+            with self.assertRaises(grpc.RpcError) as cm:
+                list(self.client.generate(**kwargs))
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertIn(field, cm.exception.details())
+        # Still serving.
+        ids, _, _ = self.client.generate_all(token_ids=PROMPT, max_tokens=3)
+        self.assertEqual(ids, EXPECTED[:3])
+
+    def test_cancel_unknown_request_is_not_found(self):
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.client.cancel("no-such-request")
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

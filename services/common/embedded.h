@@ -1,0 +1,97 @@
+// Embedded mode: the worker core (Scheduler over an Engine) and the cache-manager core (Router
+// with its registries) in one process, joined by an in-process WorkerLink instead of gRPC.
+// EmbeddedCluster is the in-process backend (CLI, tests, loadgen); EmbeddedServer serves it as
+// prehoc.v1.Inference with health, reflection and metrics: `prehoc serve`.
+#ifndef PREHOC_SERVICES_COMMON_EMBEDDED_H_
+#define PREHOC_SERVICES_COMMON_EMBEDDED_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "cachemgr/router.h"
+#include "cachemgr/sequence_registry.h"
+#include "cachemgr/worker_registry.h"
+#include "prometheus/registry.h"
+#include "services/common/inference_service.h"
+#include "services/common/server_util.h"
+#include "worker/scheduler.h"
+
+namespace prehoc {
+
+// WorkerLink to a Scheduler in the same process.
+class LocalWorkerLink : public WorkerLink {
+ public:
+  // `scheduler` is not owned and must outlive the link's streams.
+  explicit LocalWorkerLink(Scheduler* scheduler) : scheduler_(scheduler) {}
+  absl::Status Start(const std::string& sequence_id, const InferenceRequest& request,
+                     InferenceCallback callback) override;
+  void Free(const std::string& sequence_id) override;
+
+ private:
+  Scheduler* const scheduler_;
+};
+
+struct EmbeddedOptions {
+  EngineOptions engine;
+  SchedulerOptions scheduler;  // model_name / worker_id / metrics filled in
+  std::string model_name;      // "" = the model directory's base name
+  // Metrics registry; null = a private one.
+  std::shared_ptr<prometheus::Registry> registry;
+};
+
+// Scheduler + Router in one process. Thread-safe (it is an InferenceBackend: the Router).
+class EmbeddedCluster {
+ public:
+  static absl::StatusOr<std::unique_ptr<EmbeddedCluster>> Create(EmbeddedOptions options);
+  // Ends every stream UNAVAILABLE (router first, then the scheduler).
+  ~EmbeddedCluster();
+
+  InferenceBackend& backend() { return *router_; }
+  Router& router() { return *router_; }
+  Scheduler& scheduler() { return *scheduler_; }
+  prometheus::Registry& registry() { return *registry_; }
+  const std::shared_ptr<prometheus::Registry>& shared_registry() { return registry_; }
+
+ private:
+  EmbeddedCluster() = default;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<SchedulerMetrics> scheduler_metrics_;
+  std::unique_ptr<RouterMetrics> router_metrics_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<WorkerRegistry> workers_;
+  std::unique_ptr<SequenceRegistry> sequences_;
+  std::unique_ptr<Router> router_;
+};
+
+struct EmbeddedServerOptions {
+  EmbeddedOptions cluster;
+  std::string listen_address = "127.0.0.1:0";
+  std::string metrics_address;  // "" = none
+  int64_t max_request_bytes = int64_t{4} << 20;
+};
+
+// `prehoc serve`: EmbeddedCluster behind prehoc.v1.Inference + health + reflection + metrics.
+class EmbeddedServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<EmbeddedServer>> Create(EmbeddedServerOptions options);
+  ~EmbeddedServer();
+  int port() const { return grpc_.port; }
+  int metrics_port() const { return metrics_.port; }
+  EmbeddedCluster& cluster() { return *cluster_; }
+  // Drain: readiness false, new requests UNAVAILABLE, active streams may finish until
+  // `deadline`, then the server stops. Idempotent.
+  void Shutdown(absl::Time deadline);
+
+ private:
+  EmbeddedServer() = default;
+  std::unique_ptr<EmbeddedCluster> cluster_;
+  std::unique_ptr<InferenceService> service_;
+  GrpcServer grpc_;
+  MetricsEndpoint metrics_;
+  bool shut_down_ = false;
+};
+
+}  // namespace prehoc
+
+#endif  // PREHOC_SERVICES_COMMON_EMBEDDED_H_

@@ -1,0 +1,120 @@
+#include "services/common/embedded.h"
+
+#include <filesystem>
+#include <thread>
+
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "prehoc/v1/inference.grpc.pb.h"
+#include "services/common/test_util.h"
+#include "worker/generator.h"
+
+namespace prehoc {
+namespace {
+
+using ::testing::HasSubstr;
+namespace fs = std::filesystem;
+
+EmbeddedOptions Options() {
+  EmbeddedOptions o;
+  o.engine.model_dir = (fs::path(PREHOC_SOURCE_DIR) / "tests/fixtures/hf/llama_gqa_f32").string();
+  o.engine.num_threads = 1;
+  o.engine.kv_cache_bytes = 16 << 20;
+  o.model_name = "tiny";
+  return o;
+}
+
+TEST(EmbeddedTest, RouterOverLocalLinkEqualsGenerateBatchAndValidatesSynchronously) {
+  auto cluster = EmbeddedCluster::Create(Options());
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  std::vector<GenerateRequest> reference;
+  for (int i = 0; i < 6; ++i) {
+    GenerateRequest g;
+    g.prompt = {256, i, i + 1, i + 2};
+    g.max_tokens = 4 + 2 * i;
+    g.stop_at_eos = false;
+    g.sparsity.policy = i % 2 ? "streaming" : "dense";
+    g.sparsity.budget = 8;
+    reference.push_back(g);
+  }
+  struct Out {
+    absl::Mutex mu;
+    std::vector<int32_t> tokens;
+    InferenceEvent last;
+    absl::Notification done;
+  };
+  std::vector<Out> outs(reference.size());
+  for (size_t i = 0; i < reference.size(); ++i) {
+    InferenceRequest r;
+    r.token_ids = reference[i].prompt;
+    r.max_tokens = reference[i].max_tokens;
+    r.sparsity = reference[i].sparsity;
+    Out* o = &outs[i];
+    auto id = (*cluster)->backend().Generate(r, [o](InferenceEvent ev) {
+      absl::MutexLock l(&o->mu);
+      o->tokens.insert(o->tokens.end(), ev.tokens.begin(), ev.tokens.end());
+      if (ev.terminal()) {
+        o->last = ev;
+        o->done.Notify();
+      }
+    });
+    ASSERT_TRUE(id.ok()) << id.status();
+  }
+  auto engine = Engine::Create(Options().engine);
+  ASSERT_TRUE(engine.ok());
+  auto expected = GenerateBatch(**engine, reference);
+  ASSERT_TRUE(expected.ok());
+  for (size_t i = 0; i < outs.size(); ++i) {
+    outs[i].done.WaitForNotification();
+    absl::MutexLock l(&outs[i].mu);
+    EXPECT_EQ(outs[i].tokens, (*expected)[i].tokens) << i;
+    EXPECT_TRUE(outs[i].last.finished);
+    EXPECT_EQ(outs[i].last.sparsity.policy, reference[i].sparsity.policy);
+  }
+  InferenceRequest bad;
+  bad.token_ids = {256, 999};
+  bad.max_tokens = 2;
+  auto got = (*cluster)->backend().Generate(bad, [](InferenceEvent) { ADD_FAILURE(); });
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr("token_ids[1]"));
+  EXPECT_EQ((*cluster)->router().ActiveStreams(), 0);
+}
+
+TEST(EmbeddedTest, ServerSpeaksTheSameApi) {
+  EmbeddedServerOptions o;
+  o.cluster = Options();
+  auto server = EmbeddedServer::Create(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->port()),
+                                     grpc::InsecureChannelCredentials());
+  EXPECT_EQ(*testing::CheckHealth(channel, "readiness"),
+            grpc::health::v1::HealthCheckResponse::SERVING);
+  auto stub = v1::Inference::NewStub(channel);
+  v1::GenerateRequest req;
+  req.set_text("abc");
+  req.set_max_tokens(5);
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse m;
+  int tokens = 0;
+  bool finished = false;
+  std::string served_by;
+  while (reader->Read(&m)) {
+    tokens += m.token_ids_size();
+    finished |= m.finished();
+    if (!m.served_by().empty()) served_by = m.served_by();
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(tokens, 5);
+  EXPECT_TRUE(finished);
+  EXPECT_EQ(served_by, "embedded");
+  grpc::ClientContext lctx;
+  v1::ListModelsResponse models;
+  ASSERT_TRUE(stub->ListModels(&lctx, v1::ListModelsRequest(), &models).ok());
+  ASSERT_EQ(models.models_size(), 1);
+  EXPECT_EQ(models.models(0).name(), "tiny");
+}
+
+}  // namespace
+}  // namespace prehoc
