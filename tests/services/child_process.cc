@@ -82,6 +82,15 @@ absl::StatusOr<std::string> ChildProcess::WaitForLine(const std::string& needle,
   }
 }
 
+const std::string& ChildProcess::DrainOutput(absl::Duration timeout) {
+  WaitForLine("\x01never-printed\x01", timeout).IgnoreError();
+  if (!buffer_.empty()) {
+    output_ += buffer_;
+    buffer_.clear();
+  }
+  return output_;
+}
+
 int ChildProcess::CountLines(const std::string& needle) const {
   int n = 0;
   for (const std::string& l : lines_) n += l.find(needle) != std::string::npos ? 1 : 0;

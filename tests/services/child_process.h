@@ -25,6 +25,9 @@ class ChildProcess {
   // far) or NOT_FOUND when the child closed its output first. Lines read are kept in output().
   absl::StatusOr<std::string> WaitForLine(const std::string& needle, absl::Duration timeout,
                                           int occurrence = 1);
+  // Reads whatever output is available now (waiting at most `timeout`) and returns all output
+  // read so far (for failure messages).
+  const std::string& DrainOutput(absl::Duration timeout = absl::Milliseconds(200));
   // Counts lines containing `needle` seen so far.
   int CountLines(const std::string& needle) const;
 

@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 
 #include <atomic>
+#include <iostream>
 #include <filesystem>
 #include <map>
 #include <thread>
@@ -44,6 +45,20 @@ struct Cluster {
   int cachemgr_port = 0;
   std::vector<std::unique_ptr<ChildProcess>> workers;
   std::vector<std::string> worker_ids;
+
+  Cluster() = default;
+  Cluster(Cluster&&) = default;
+  Cluster& operator=(Cluster&&) = default;
+  // Prints the servers' output when the test failed (sanitizer reports land there).
+  ~Cluster() {
+    if (!::testing::Test::HasFailure()) return;
+    if (cachemgr != nullptr) std::cerr << "--- cachemgr output:\n" << cachemgr->DrainOutput();
+    for (size_t i = 0; i < workers.size(); ++i) {
+      if (workers[i] != nullptr) {
+        std::cerr << "--- worker " << i << " output:\n" << workers[i]->DrainOutput();
+      }
+    }
+  }
 };
 
 std::unique_ptr<ChildProcess> StartCacheManager(int port, int* bound_port) {
