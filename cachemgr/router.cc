@@ -1,6 +1,7 @@
 #include "cachemgr/router.h"
 
 #include <algorithm>
+#include <map>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -56,6 +57,23 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry) {
   kv_pages_reserved = gauge("prehoc_cachemgr_kv_pages_reserved",
                             "KV pages reserved at placement (prompt + max_tokens).");
   kv_pages_total = gauge("prehoc_cachemgr_kv_pages_total", "KV pages of all registered workers.");
+  delta_observed = &BuildHistogram()
+                        .Name("prehoc_cachemgr_sparsity_delta_observed")
+                        .Help("Exact dropped attention mass at each refresh, from worker telemetry.")
+                        .Register(registry);
+  kept_fraction = &BuildHistogram()
+                       .Name("prehoc_cachemgr_sparsity_kept_fraction")
+                       .Help("Per finished sequence: mean kept fraction, from worker telemetry.")
+                       .Register(registry);
+  refreshes = &BuildCounter()
+                   .Name("prehoc_cachemgr_sparsity_refreshes_total")
+                   .Help("Exact top-k refreshes reported by workers.")
+                   .Register(registry);
+  telemetry_batches = &BuildCounter()
+                           .Name("prehoc_cachemgr_telemetry_batches_total")
+                           .Help("Telemetry batches received from workers.")
+                           .Register(registry)
+                           .Add({});
 }
 
 namespace {
@@ -400,6 +418,48 @@ bool Router::WaitIdle(absl::Time deadline) {
   absl::MutexLock l(&mu_);
   auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return streams_.empty(); };
   return mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+}
+
+namespace {
+const prometheus::Histogram::BucketBoundaries& DeltaBuckets() {
+  static const auto* const b = new prometheus::Histogram::BucketBoundaries{
+      0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5};
+  return *b;
+}
+const prometheus::Histogram::BucketBoundaries& FractionBuckets() {
+  static const auto* const b = new prometheus::Histogram::BucketBoundaries{
+      0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0};
+  return *b;
+}
+}  // namespace
+
+void Router::RecordTelemetry(const TelemetryReport& report) {
+  if (RouterMetrics* m = options_.metrics; m != nullptr) {
+    m->telemetry_batches->Increment();
+    std::map<std::string, std::string> policy_of;
+    for (const TelemetryReport::Sequence& s : report.sequences) {
+      policy_of[s.sequence_id] = s.policy;
+      m->kept_fraction->Add({{"policy", s.policy}}, FractionBuckets()).Observe(s.mean_kept_fraction);
+      m->refreshes->Add({{"policy", s.policy}}).Increment(static_cast<double>(s.refreshes));
+    }
+    // One child lookup per (batch, policy), not per sample.
+    std::map<std::string, prometheus::Histogram*> hist;
+    for (const TelemetryReport::Refresh& r : report.refreshes) {
+      auto p = policy_of.find(r.sequence_id);
+      const std::string& policy = p == policy_of.end() ? std::string("unknown") : p->second;
+      prometheus::Histogram*& h = hist[policy];
+      if (h == nullptr) h = &m->delta_observed->Add({{"policy", policy}}, DeltaBuckets());
+      h->Observe(r.delta);
+    }
+  }
+  absl::MutexLock l(&mu_);
+  ++telemetry_batches_;
+}
+
+bool Router::AwaitTelemetry(int64_t n, absl::Time deadline) {
+  absl::MutexLock l(&mu_);
+  auto enough = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return telemetry_batches_ >= n; };
+  return mu_.AwaitWithDeadline(absl::Condition(&enough), deadline);
 }
 
 int Router::ActiveStreams() const {

@@ -50,6 +50,30 @@ struct RouterMetrics {
   prometheus::Gauge* kv_pages_used = nullptr;
   prometheus::Gauge* kv_pages_reserved = nullptr;
   prometheus::Gauge* kv_pages_total = nullptr;
+  // From worker telemetry, per policy.
+  prometheus::Family<prometheus::Histogram>* delta_observed = nullptr;
+  prometheus::Family<prometheus::Histogram>* kept_fraction = nullptr;
+  prometheus::Family<prometheus::Counter>* refreshes = nullptr;
+  prometheus::Counter* telemetry_batches = nullptr;
+};
+
+// One telemetry batch from a worker, as plain data (see cachemgr.proto TelemetryBatch).
+struct TelemetryReport {
+  struct Sequence {
+    std::string sequence_id;
+    std::string policy;
+    double mean_kept_fraction = 1.0;
+    int64_t refreshes = 0;
+    int64_t shares = 0;
+  };
+  struct Refresh {
+    std::string sequence_id;
+    int layer = -1;
+    double delta = 0;
+  };
+  std::string worker_id;
+  std::vector<Sequence> sequences;
+  std::vector<Refresh> refreshes;
 };
 
 struct RouterOptions {
@@ -89,6 +113,12 @@ class Router : public InferenceBackend {
 
   int ActiveStreams() const;
 
+  // Records a worker's telemetry batch (metrics; the δ-controller's input once plans are
+  // computed here). Thread-safe.
+  void RecordTelemetry(const TelemetryReport& report);
+  // Blocks until at least `n` telemetry batches were recorded or until `deadline`.
+  bool AwaitTelemetry(int64_t n, absl::Time deadline);
+
   // Drain: new requests get UNAVAILABLE and Ready() is false; running streams continue.
   void StartDrain();
   // Blocks until no stream is active or until `deadline`; true when idle.
@@ -114,6 +144,7 @@ class Router : public InferenceBackend {
   int64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t telemetry_batches_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace prehoc

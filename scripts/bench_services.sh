@@ -5,8 +5,11 @@
 #   serve       `prehoc serve` (embedded mode behind gRPC: one process, one hop)
 #   split       prehoc-cachemgr -> prehoc-worker (two processes, two hops)
 # and prints one result line per (mode, streams) plus a markdown table.
+# Each (streams, mode) is measured REPEATS times, modes interleaved; the table shows the run with
+# the median tokens/s.
 # Environment: BIN (build/bin), MODEL (models/prehoc-code-ar), THREADS (engine threads, 0 = all),
-# STREAMS ("1 4 16"), PROMPT_LEN (128), MAX_TOKENS (128), REQS_PER_STREAM (4), MAX_RUNNING (32).
+# STREAMS ("1 4 16"), PROMPT_LEN (128), MAX_TOKENS (128), REQS_PER_STREAM (4), MAX_RUNNING (32),
+# REPEATS (3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-build/bin}
@@ -17,6 +20,7 @@ PROMPT_LEN=${PROMPT_LEN:-128}
 MAX_TOKENS=${MAX_TOKENS:-128}
 REQS_PER_STREAM=${REQS_PER_STREAM:-4}
 MAX_RUNNING=${MAX_RUNNING:-32}
+REPEATS=${REPEATS:-3}
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -62,23 +66,36 @@ for s in $STREAMS; do
   n=$((s * REQS_PER_STREAM))
   LG=(--streams "$s" --requests "$n" --warmup "$s" --prompt-len "$PROMPT_LEN" \
       --max-tokens "$MAX_TOKENS")
-  RESULTS+=("$("$BIN/prehoc" loadgen --label in-process --model "$MODEL" --threads "$THREADS" \
-                 --max-running "$MAX_RUNNING" "${LG[@]}")")
-  RESULTS+=("$("$BIN/prehoc" loadgen --label serve --target "127.0.0.1:$SERVE_PORT" "${LG[@]}")")
-  RESULTS+=("$("$BIN/prehoc" loadgen --label split --target "127.0.0.1:$CM_PORT" "${LG[@]}")")
-  printf '%s\n' "${RESULTS[@]: -3}"
+  for _ in $(seq 1 "$REPEATS"); do
+    RESULTS+=("$("$BIN/prehoc" loadgen --label in-process --model "$MODEL" --threads "$THREADS" \
+                   --max-running "$MAX_RUNNING" "${LG[@]}")")
+    RESULTS+=("$("$BIN/prehoc" loadgen --label serve --target "127.0.0.1:$SERVE_PORT" "${LG[@]}")")
+    RESULTS+=("$("$BIN/prehoc" loadgen --label split --target "127.0.0.1:$CM_PORT" "${LG[@]}")")
+    printf '%s\n' "${RESULTS[@]: -3}"
+  done
 done
 
 echo
-echo "| streams | mode | tokens/s | vs in-process | ITL p50 ms | ITL p99 ms | TTFT p50 ms |"
+echo "| streams | mode | tokens/s (median of $REPEATS) | vs in-process | ITL p50 ms | ITL p99 ms | TTFT p50 ms |"
 echo "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"
-base=""
-for r in "${RESULTS[@]}"; do
-  label=$(awk '{print $2}' <<<"$r")
-  get() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$r"; }
-  tps=$(get tokens_per_s)
-  [ "$label" = "in-process" ] && base=$tps
-  printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$(get streams)" "$label" "$tps" \
-    "$(awk -v a="$tps" -v b="$base" 'BEGIN{printf "%.3f", a/b}')" "$(get itl_p50_ms)" \
-    "$(get itl_p99_ms)" "$(get ttft_p50_ms)"
-done
+printf '%s\n' "${RESULTS[@]}" | awk '
+  function get(k,   i, a) { for (i = 1; i <= NF; ++i) { split($i, a, "="); if (a[1] == k) return a[2] } return "" }
+  { key = get("streams") " " $2; runs[key] = runs[key] "\n" get("tokens_per_s") " " get("itl_p50_ms") " " get("itl_p99_ms") " " get("ttft_p50_ms");
+    if (!(get("streams") in seen)) { seen[get("streams")] = 1; order[++n] = get("streams") } }
+  END {
+    split("in-process serve split", modes, " ")
+    for (i = 1; i <= n; ++i) {
+      base = 0
+      for (m = 1; m <= 3; ++m) {
+        key = order[i] " " modes[m]
+        cnt = split(substr(runs[key], 2), lines, "\n")
+        for (a = 1; a <= cnt; ++a) for (b = a + 1; b <= cnt; ++b) {
+          split(lines[a], x, " "); split(lines[b], y, " ")
+          if (y[1] + 0 < x[1] + 0) { t = lines[a]; lines[a] = lines[b]; lines[b] = t }
+        }
+        split(lines[int((cnt + 1) / 2)], med, " ")
+        if (m == 1) base = med[1]
+        printf "| %s | %s | %.1f | %.3f | %s | %s | %s |\n", order[i], modes[m], med[1], med[1] / base, med[2], med[3], med[4]
+      }
+    }
+  }'

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "cachemgr/delta_controller.h"
 #include "common/logging.h"
 #include "worker/kv_cache.h"
 #include "worker/selection/session.h"
@@ -161,9 +162,21 @@ Scheduler::~Scheduler() {
   thread_.join();
 }
 
+DeltaController* Scheduler::SharedController(const std::string& policy, double target_delta) {
+  const ModelConfig& c = engine_->config();
+  absl::MutexLock l(&controllers_mu_);
+  std::unique_ptr<DeltaController>& slot = controllers_[{policy, target_delta}];
+  if (slot == nullptr) {
+    DeltaControllerOptions o;
+    o.target_delta = target_delta;
+    slot = std::make_unique<DeltaController>(c.num_hidden_layers, c.num_key_value_heads, o);
+  }
+  return slot.get();
+}
+
 absl::Status Scheduler::Validate(const InferenceRequest& request, std::vector<int32_t>* prompt,
                                  std::string* policy,
-                                 std::unique_ptr<SelectionSession>* session) const {
+                                 std::unique_ptr<SelectionSession>* session) {
   const ModelConfig& c = engine_->config();
   if (!request.model.empty() && request.model != options_.model_name) {
     return absl::InvalidArgumentError(absl::StrCat("model: unknown model '", request.model,
@@ -237,7 +250,11 @@ absl::Status Scheduler::Validate(const InferenceRequest& request, std::vector<in
   }
   SparsityOptions sparsity = request.sparsity;
   sparsity.policy = *policy;
-  auto created = SelectionSession::Create(c, sparsity);
+  DeltaController* shared = nullptr;
+  if (options_.share_delta_controllers && sparsity.target_delta > 0 && *policy != "dense") {
+    shared = SharedController(*policy, sparsity.target_delta);
+  }
+  auto created = SelectionSession::Create(c, sparsity, shared);
   if (!created.ok()) {
     std::string msg(created.status().message());
     if (msg.rfind("sparsity", 0) != 0) msg = absl::StrCat("sparsity: ", msg);
@@ -334,6 +351,19 @@ absl::Status Scheduler::Cancel(std::string_view request_id, absl::Status status)
   }
   if (it->second->cancel_status.ok()) it->second->cancel_status = std::move(status);
   return absl::OkStatus();
+}
+
+std::vector<SequenceTelemetry> Scheduler::TakeTelemetry() {
+  absl::MutexLock l(&mu_);
+  std::vector<SequenceTelemetry> out(std::make_move_iterator(telemetry_.begin()),
+                                     std::make_move_iterator(telemetry_.end()));
+  telemetry_.clear();
+  return out;
+}
+
+int64_t Scheduler::telemetry_dropped() const {
+  absl::MutexLock l(&mu_);
+  return telemetry_dropped_;
 }
 
 void Scheduler::SetWorkerId(const std::string& worker_id) {
@@ -450,6 +480,29 @@ void Scheduler::FinishLocked(Request* r, absl::Status status, InferenceEvent eve
       case absl::StatusCode::kDeadlineExceeded: outcome = RequestOutcome::kDeadlineExceeded; break;
       case absl::StatusCode::kUnavailable: outcome = RequestOutcome::kUnavailable; break;
       default: outcome = RequestOutcome::kError; break;
+    }
+  }
+  if (r->seq != 0 && r->completion > 0 && options_.telemetry_capacity > 0) {
+    SequenceTelemetry t;
+    t.request_id = r->id;
+    t.policy = r->sparsity.policy;
+    t.target_delta = r->sparsity.target_delta;
+    t.length = r->prefilled + std::max(0, r->completion - 1);
+    t.kv_pages = static_cast<int>(PagesFor(t.length, engine_->kv_cache().shape().page_size));
+    const SequenceSelector* sel = r->session->selector();
+    t.report = sel->Report();
+    t.report.policy = r->sparsity.policy;
+    const SelectionTelemetry& st = sel->telemetry();
+    const size_t n = std::min(st.refresh_delta.size(),
+                              static_cast<size_t>(std::max(0, options_.telemetry_deltas_per_sequence)));
+    t.refresh_delta.assign(st.refresh_delta.begin(), st.refresh_delta.begin() + n);
+    t.refresh_layer.assign(st.refresh_delta_layer.begin(),
+                           st.refresh_delta_layer.begin() +
+                               std::min(n, st.refresh_delta_layer.size()));
+    telemetry_.push_back(std::move(t));
+    while (static_cast<int>(telemetry_.size()) > options_.telemetry_capacity) {
+      telemetry_.pop_front();
+      ++telemetry_dropped_;
     }
   }
   if (SchedulerMetrics::PerPolicy* m = r->metrics; m != nullptr) {

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -38,6 +39,7 @@
 
 namespace prehoc {
 
+class DeltaController;
 class SelectionSession;
 
 struct SchedulerOptions {
@@ -67,6 +69,27 @@ struct SchedulerOptions {
   absl::Duration step_delay = absl::ZeroDuration();
   // Metrics to update; may be null. Must outlive the scheduler.
   SchedulerMetrics* metrics = nullptr;
+  // Requests with a δ target share one δ-controller per (policy, δ*), so the budget learned by
+  // earlier requests carries over; false = one controller per request.
+  bool share_delta_controllers = true;
+  // Finished sequences kept for TakeTelemetry(); the oldest are dropped beyond it.
+  int telemetry_capacity = 1024;
+  // Refresh δ samples kept per sequence in its telemetry record.
+  int telemetry_deltas_per_sequence = 256;
+};
+
+// What one finished sequence did (worker -> cache manager telemetry).
+struct SequenceTelemetry {
+  std::string request_id;
+  std::string policy;
+  double target_delta = 0;
+  int length = 0;    // tokens in the KV cache at the end
+  int kv_pages = 0;
+  SparsityReport report;
+  // Exact dropped mass of the reused index set measured at refreshes, with the layer, in order
+  // (the first telemetry_deltas_per_sequence samples).
+  std::vector<float> refresh_delta;
+  std::vector<int16_t> refresh_layer;
 };
 
 // A sequence the scheduler holds (for the cache manager's registry after a restart).
@@ -107,6 +130,12 @@ class Scheduler : public InferenceBackend {
   LoadReport Load() const;
   std::vector<LiveSequenceInfo> LiveSequences() const;
 
+  // Removes and returns the telemetry of the sequences finished since the last call (oldest
+  // first; at most telemetry_capacity). Thread-safe.
+  std::vector<SequenceTelemetry> TakeTelemetry();
+  // Sequences whose telemetry was dropped because nobody took it in time.
+  int64_t telemetry_dropped() const;
+
   // Replaces SchedulerOptions::worker_id (for servers that learn their id after binding a port).
   void SetWorkerId(const std::string& worker_id);
 
@@ -125,7 +154,9 @@ class Scheduler : public InferenceBackend {
   absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
   // Resolves and validates `request` into prompt ids; errors name the field.
   absl::Status Validate(const InferenceRequest& request, std::vector<int32_t>* prompt,
-                        std::string* policy, std::unique_ptr<SelectionSession>* session) const;
+                        std::string* policy, std::unique_ptr<SelectionSession>* session);
+  // The shared δ-controller for (policy, target_delta), created on first use.
+  DeltaController* SharedController(const std::string& policy, double target_delta);
   void StepLoop();
   // Ends `r` with `status` (or successfully when ok, with `reason`): frees its sequence, queues
   // the terminal event (carrying `event`'s tokens), moves ownership to `graveyard`.
@@ -153,6 +184,12 @@ class Scheduler : public InferenceBackend {
   int undelivered_terminals_ ABSL_GUARDED_BY(mu_) = 0;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   double throughput_ewma_ ABSL_GUARDED_BY(mu_) = 0;
+  std::deque<SequenceTelemetry> telemetry_ ABSL_GUARDED_BY(mu_);
+  int64_t telemetry_dropped_ ABSL_GUARDED_BY(mu_) = 0;
+
+  absl::Mutex controllers_mu_;
+  std::map<std::pair<std::string, double>, std::unique_ptr<DeltaController>> controllers_
+      ABSL_GUARDED_BY(controllers_mu_);
   std::thread thread_;
 };
 

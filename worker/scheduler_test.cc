@@ -278,6 +278,38 @@ TEST(SchedulerTest, SparsePoliciesMatchGenerateBatchAndReport) {
   }
 }
 
+TEST(SchedulerTest, TelemetryRecordsFinishedSequencesAndDeltaControllersAreShared) {
+  SchedulerOptions o;
+  o.telemetry_capacity = 3;
+  auto sched = Scheduler::Create(MakeEngine(), o);
+  ASSERT_TRUE(sched.ok());
+  std::vector<Stream> streams(4);
+  for (int i = 0; i < 4; ++i) {
+    InferenceRequest r = Ids(Prompt(150, i), 30);
+    r.sparsity.policy = "prhs";
+    r.sparsity.budget = 48;
+    r.sparsity.target_delta = 0.05;
+    ASSERT_TRUE((*sched)->Generate(r, streams[i].Callback()).ok());
+  }
+  for (auto& s : streams) s.WaitDone();
+  ASSERT_TRUE((*sched)->WaitIdle(absl::InfiniteFuture()));
+  std::vector<SequenceTelemetry> t = (*sched)->TakeTelemetry();
+  ASSERT_EQ(t.size(), 3u);  // capacity 3: the oldest record was dropped
+  EXPECT_EQ((*sched)->telemetry_dropped(), 1);
+  int64_t refreshes = 0;
+  for (const SequenceTelemetry& s : t) {
+    EXPECT_EQ(s.policy, "prhs");
+    EXPECT_DOUBLE_EQ(s.target_delta, 0.05);
+    EXPECT_EQ(s.length, 150 + 29);
+    EXPECT_LT(s.report.mean_kept_fraction, 1.0);
+    EXPECT_EQ(s.refresh_delta.size(), s.refresh_layer.size());
+    EXPECT_LE(static_cast<int64_t>(s.refresh_delta.size()), s.report.refreshes);
+    refreshes += s.report.refreshes;
+  }
+  EXPECT_GT(refreshes, 0);
+  EXPECT_TRUE((*sched)->TakeTelemetry().empty());
+}
+
 TEST(SchedulerTest, AdmissionControlReportsTheLimit) {
   Gate gate(1);
   SchedulerOptions o;

@@ -211,5 +211,34 @@ TEST_F(CacheManagerServerTest, WorkerGoingAwayMidStreamEndsItsStreamsUnavailable
   EXPECT_EQ(cm_->sequences().Totals().kv_pages, 0);
 }
 
+TEST_F(CacheManagerServerTest, WorkerTelemetryReachesTheCacheManagerMetrics) {
+  AddWorker();
+  ASSERT_TRUE(cm_->workers().AwaitReady(1, absl::Now() + absl::Seconds(30)));
+  v1::GenerateRequest req;
+  for (int j = 0; j < 150; ++j) req.mutable_token_ids()->add_ids(j == 0 ? 256 : (j * 37) % 256);
+  req.set_max_tokens(40);
+  req.mutable_sparsity()->set_policy(v1::SparsityParams::PRHS);
+  req.mutable_sparsity()->set_budget(48);
+  StreamResult r = RunStream(stub_.get(), req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  const int64_t refreshes = r.messages.back().sparsity().refreshes();
+  // The worker sends telemetry after its next heartbeat.
+  ASSERT_TRUE(cm_->router().AwaitTelemetry(1, absl::Now() + absl::Seconds(30)));
+  double counted = -1, observed = -1;
+  for (const auto& fam : cm_->registry().Collect()) {
+    for (const auto& m : fam.metric) {
+      bool prhs = false;
+      for (const auto& l : m.label) prhs |= l.name == "policy" && l.value == "prhs";
+      if (!prhs) continue;
+      if (fam.name == "prehoc_cachemgr_sparsity_refreshes_total") counted = m.counter.value;
+      if (fam.name == "prehoc_cachemgr_sparsity_delta_observed") {
+        observed = static_cast<double>(m.histogram.sample_count);
+      }
+    }
+  }
+  EXPECT_EQ(counted, static_cast<double>(refreshes));
+  EXPECT_GT(observed, 0);
+}
+
 }  // namespace
 }  // namespace prehoc

@@ -39,6 +39,43 @@ grpc::ServerUnaryReactor* CacheManagerService::Heartbeat(grpc::CallbackServerCon
   return reactor;
 }
 
+namespace {
+
+// Reads telemetry batches until the worker half-closes, recording each in the router.
+class TelemetryReader final : public grpc::ServerReadReactor<v1::TelemetryBatch> {
+ public:
+  explicit TelemetryReader(Router* router) : router_(router) { StartRead(&batch_); }
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status::OK);
+      return;
+    }
+    TelemetryReport r;
+    r.worker_id = batch_.worker_id();
+    for (const v1::SequenceTelemetry& s : batch_.sequences()) {
+      r.sequences.push_back(
+          {s.sequence_id(), s.policy(), s.mean_kept_fraction(), s.refreshes(), s.shares()});
+    }
+    for (const v1::RefreshEvent& e : batch_.refreshes()) {
+      r.refreshes.push_back({e.sequence_id(), e.layer(), e.delta()});
+    }
+    router_->RecordTelemetry(r);
+    StartRead(&batch_);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  Router* const router_;
+  v1::TelemetryBatch batch_;
+};
+
+}  // namespace
+
+grpc::ServerReadReactor<v1::TelemetryBatch>* CacheManagerService::ReportTelemetry(
+    grpc::CallbackServerContext* ctx, v1::ReportTelemetryResponse* response) {
+  return new TelemetryReader(router_);
+}
+
 grpc::ServerUnaryReactor* CacheManagerService::GetClusterState(
     grpc::CallbackServerContext* ctx, const v1::GetClusterStateRequest* request,
     v1::ClusterState* response) {

@@ -22,6 +22,8 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* ctx,
                                       const v1::HeartbeatRequest* request,
                                       v1::HeartbeatResponse* response) override;
+  grpc::ServerReadReactor<v1::TelemetryBatch>* ReportTelemetry(
+      grpc::CallbackServerContext* ctx, v1::ReportTelemetryResponse* response) override;
   grpc::ServerUnaryReactor* GetClusterState(grpc::CallbackServerContext* ctx,
                                             const v1::GetClusterStateRequest* request,
                                             v1::ClusterState* response) override;

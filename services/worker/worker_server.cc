@@ -106,6 +106,43 @@ void WorkerServer::Shutdown(absl::Time drain_deadline) {
   LOG(INFO) << "worker " << worker_id_ << " stopped";
 }
 
+void WorkerServer::SendTelemetry(int64_t epoch) {
+  std::vector<SequenceTelemetry> seqs = scheduler_->TakeTelemetry();
+  if (seqs.empty()) return;
+  v1::TelemetryBatch batch;
+  batch.set_worker_id(worker_id_);
+  batch.set_epoch(epoch);
+  *batch.mutable_load() = ToProto(scheduler_->Load());
+  for (const SequenceTelemetry& t : seqs) {
+    v1::SequenceTelemetry* s = batch.add_sequences();
+    s->set_sequence_id(t.request_id);
+    s->set_policy(t.policy);
+    s->set_length(t.length);
+    s->set_kv_pages(t.kv_pages);
+    s->set_refreshes(t.report.refreshes);
+    s->set_shares(t.report.shares);
+    s->set_mean_kept_fraction(t.report.mean_kept_fraction);
+    for (size_t i = 0; i < t.refresh_delta.size(); ++i) {
+      v1::RefreshEvent* e = batch.add_refreshes();
+      e->set_sequence_id(t.request_id);
+      e->set_layer(i < t.refresh_layer.size() ? t.refresh_layer[i] : -1);
+      e->set_delta(t.refresh_delta[i]);
+    }
+  }
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  v1::ReportTelemetryResponse resp;
+  std::unique_ptr<grpc::ClientWriter<v1::TelemetryBatch>> writer =
+      cachemgr_->ReportTelemetry(&ctx, &resp);
+  writer->Write(batch);
+  writer->WritesDone();
+  grpc::Status s = writer->Finish();
+  if (!s.ok()) {
+    LOG(WARNING) << "telemetry for " << seqs.size() << " sequences not delivered: "
+                 << s.error_message();
+  }
+}
+
 void WorkerServer::AgentLoop() {
   int64_t epoch = 0;
   absl::Duration interval = register_retry_;
@@ -163,6 +200,7 @@ void WorkerServer::AgentLoop() {
         registered_ = false;
         continue;  // re-register at once
       }
+      if (status.ok()) SendTelemetry(epoch);
     }
     if (!status.ok()) {
       if (!warned) {

@@ -5,7 +5,9 @@
 // (re-registering with its live sequences whenever the cache manager forgets it).
 //
 // Threads: gRPC's callback threads (adapters only), the scheduler's step thread (the engine),
-// and one agent thread for registration and heartbeats.
+// and one agent thread for registration, heartbeats and telemetry (after each heartbeat, the
+// sequences finished since the last batch: policy, kept fraction, refreshes and the exact δ
+// measured at refreshes).
 #ifndef PREHOC_SERVICES_WORKER_WORKER_SERVER_H_
 #define PREHOC_SERVICES_WORKER_WORKER_SERVER_H_
 
@@ -75,6 +77,8 @@ class WorkerServer {
  private:
   WorkerServer() = default;
   void AgentLoop();
+  // Sends the scheduler's finished-sequence telemetry as one ReportTelemetry batch.
+  void SendTelemetry(int64_t epoch);
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<SchedulerMetrics> metrics_struct_;
