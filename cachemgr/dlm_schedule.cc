@@ -251,7 +251,11 @@ int DlmSchedule::UpdateRows(int layer, int gen_rows) const {
   } else if (policy == DlmCachePolicy::kSpa || policy == DlmCachePolicy::kSpaAuto) {
     ratio = layer < static_cast<int>(rho.size()) ? rho[layer] : 1.0;
   }
-  const int k = static_cast<int>(std::floor(gen_rows * ratio + 1e-9));
+  int k = static_cast<int>(std::floor(gen_rows * ratio + 1e-9));
+  if (policy == DlmCachePolicy::kDllm || policy == DlmCachePolicy::kSpa ||
+      policy == DlmCachePolicy::kSpaAuto) {
+    k = std::max(k, std::min(min_rows, gen_rows));
+  }
   return std::clamp(k, 0, gen_rows);
 }
 
@@ -281,14 +285,16 @@ absl::StatusOr<DlmSchedule> MakeDlmSchedule(const ModelConfig& model, const std:
       valid = {"block_refresh"};
       break;
     case DlmCachePolicy::kDllm:
-      valid = {"prompt_refresh", "gen_refresh", "dllm_ratio"};
+      valid = {"prompt_refresh", "gen_refresh", "dllm_ratio", "min_rows"};
       break;
     case DlmCachePolicy::kSpa:
     case DlmCachePolicy::kSpaAuto:
       valid = {"r_full",   "r_gen",     "rho_peak_pos", "rho_start", "rho_peak", "rho_end",
-               "rho_floor", "rho_scale", "rho_mean",     "rho",       "kv_all_rows"};
+               "rho_floor", "rho_scale", "rho_mean",     "rho",       "kv_all_rows",
+               "min_rows"};
       break;
   }
+  if (s.policy == DlmCachePolicy::kSpa || s.policy == DlmCachePolicy::kSpaAuto) s.min_rows = 2;
   auto field = [](const std::string& k) { return absl::StrCat("cache_overrides.", k); };
   auto interval = [&](const std::string& k, double v, int* out) -> absl::Status {
     if (!(v >= 0) || v != std::floor(v) || v > 1e9) {
@@ -310,6 +316,7 @@ absl::StatusOr<DlmSchedule> MakeDlmSchedule(const ModelConfig& model, const std:
     if (key == "gen_refresh") st = interval(key, v, &s.gen_refresh);
     if (key == "r_full") st = interval(key, v, &s.r_full);
     if (key == "r_gen") st = interval(key, v, &s.r_gen);
+    if (key == "min_rows") st = interval(key, v, &s.min_rows);
     if (!st.ok()) return st;
     if (key == "dllm_ratio") {
       if (!(v > 0 && v <= 1)) return Bad(field(key), absl::StrCat(v, " must be in (0, 1]"));

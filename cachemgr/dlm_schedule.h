@@ -117,6 +117,11 @@ struct DlmSchedule {
   // true: K,V recomputed for every response row in layers ≥ 1 (the reference code); false: only
   // for the selected rows (the other rows keep their cached K,V).
   bool kv_all_rows = true;
+  // dllm / spa: at least this many response rows are recomputed in every selective layer
+  // (floor(L·ρ) is 0 or 1 for short responses, e.g. the 6-token retrieval answers). Not in the
+  // papers. Defaults (measured in docs/dlm.md): 2 for spa / spa-auto, 0 (the paper's rule) for
+  // dllm. No effect once floor(L·ρ(ℓ)) >= min_rows (L >= 29 with the default curve).
+  int min_rows = 0;
   // spa-auto only: the measured drift the curve was fitted to, and the fit error.
   std::vector<double> drift;
   double fit_rmse = 0;
@@ -125,7 +130,7 @@ struct DlmSchedule {
   DlmStepKind StepKind(int step, int block_step) const;
   // Rows of the `gen_rows` response rows recomputed in `layer` at a partial step:
   // floor(gen_rows · ρ(layer)) for spa, floor(gen_rows · dllm_ratio) for dllm (every layer),
-  // gen_rows otherwise.
+  // raised to min(min_rows, gen_rows); gen_rows otherwise.
   int UpdateRows(int layer, int gen_rows) const;
   // Mean of rho over layers 1..N−1 (spa), dllm_ratio (dllm), 1 otherwise.
   double MeanUpdateRatio() const;
@@ -135,7 +140,7 @@ struct DlmSchedule {
 //   block_refresh (prefix/dual); prompt_refresh, gen_refresh, dllm_ratio (dllm);
 //   r_full, r_gen, rho_peak_pos, rho_start, rho_peak, rho_end, rho_floor, rho_scale,
 //   rho_mean (sets rho_scale so that the mean over layers ≥ 1 equals it), rho (one uniform ratio
-//   for every layer ≥ 1, replacing the curve), kv_all_rows (0/1) (spa, spa-auto).
+//   for every layer ≥ 1, replacing the curve), kv_all_rows (0/1), min_rows (spa, spa-auto).
 // spa-auto needs `drift` (one value per layer, from the worker's calibration); its curve is
 // FitRhoCurve(drift, rho_mean or the fixed curve's mean on this model, rho_floor).
 // Errors: INVALID_ARGUMENT naming `cache`, the override key (`cache_overrides.<key>`) or value,

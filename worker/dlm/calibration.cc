@@ -66,7 +66,7 @@ absl::StatusOr<DriftProfile> MeasureDrift(const DlmModel& model,
     req.options.block_length = options.block_length;
     req.options.steps = options.steps;
     req.options.cache = "spa";
-    ASSIGN_OR_RETURN(DiffuseResult r, Diffuse(model, req, schedule));
+    ASSIGN_OR_RETURN(DiffuseResult r, DiffuseWithSchedule(model, req, schedule));
     for (int l = 0; l < NL; ++l) {
       sum[l] += r.stats.forward.drift_sum[l];
       count[l] += r.stats.forward.drift_count[l];

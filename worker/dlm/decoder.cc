@@ -65,12 +65,13 @@ absl::StatusOr<DiffuseResult> Diffuse(const DlmModel& model, const DiffuseReques
   ASSIGN_OR_RETURN(DlmSchedule schedule,
                    MakeDlmSchedule(model.config(), request.options.cache,
                                    request.options.cache_overrides, drift));
-  return Diffuse(model, request, schedule, observer);
+  return DiffuseWithSchedule(model, request, schedule, observer);
 }
 
-absl::StatusOr<DiffuseResult> Diffuse(const DlmModel& model, const DiffuseRequest& request,
-                                      const DlmSchedule& schedule,
-                                      const DlmStepObserver& observer) {
+absl::StatusOr<DiffuseResult> DiffuseWithSchedule(const DlmModel& model,
+                                                  const DiffuseRequest& request,
+                                                  const DlmSchedule& schedule,
+                                                  const DlmStepObserver& observer) {
   const DiffuseOptions& opt = request.options;
   RETURN_IF_ERROR(opt.Validate());
   const ModelConfig& c = model.config();

@@ -110,9 +110,10 @@ using DlmStepObserver = std::function<void(const DlmStepInfo&)>;
 // and position), a canvas longer than max_position_embeddings (naming gen_length), a model
 // without an end-of-text id when stop_at_eos; FAILED_PRECONDITION for spa on a model without
 // proxies.
-absl::StatusOr<DiffuseResult> Diffuse(const DlmModel& model, const DiffuseRequest& request,
-                                      const DlmSchedule& schedule,
-                                      const DlmStepObserver& observer = nullptr);
+absl::StatusOr<DiffuseResult> DiffuseWithSchedule(const DlmModel& model,
+                                                  const DiffuseRequest& request,
+                                                  const DlmSchedule& schedule,
+                                                  const DlmStepObserver& observer = nullptr);
 
 // Same, building the schedule from request.options.cache / cache_overrides (spa-auto uses
 // `drift`, the model's measured drift profile: see calibration.h).

@@ -154,12 +154,12 @@ TEST(DlmDecoderTest, VanillaEqualsFullForwardReferenceOnShippedModel) {
   const std::vector<int32_t> prompt =
       m.tokenizer()->Encode("def load(path):\n    with open(path) as f:\n        return ", true);
   const std::vector<int32_t> suffix = m.tokenizer()->Encode("\n\n", false);
-  DiffuseRequest r = Request(prompt, 8, 4, 6);  // 2 blocks × 3 steps: 2, 1, 1 commits
+  DiffuseRequest r = Request(prompt, 8, 4, 4);  // 2 blocks × 2 steps of 2 commits
   r.suffix = suffix;
   DiffuseResult got = Decode(m, r);
-  EXPECT_EQ(got.response, ReferenceDecode(**engine, prompt, suffix, 8, 4, 6, 259));
-  EXPECT_EQ(got.stats.steps, 6);
-  EXPECT_EQ(got.stats.full_steps, 6);
+  EXPECT_EQ(got.response, ReferenceDecode(**engine, prompt, suffix, 8, 4, 4, 259));
+  EXPECT_EQ(got.stats.steps, 4);
+  EXPECT_EQ(got.stats.full_steps, 4);
   EXPECT_EQ(got.stats.decoded_tokens, 8);
   // The first step's logits match the engine's bidirectional forward.
   std::vector<int32_t> canvas = prompt;
@@ -290,7 +290,8 @@ TEST(DlmDecoderTest, RecomputeCountsFollowTheSchedule) {
     ASSERT_EQ(res.stats.partial_steps, steps - 1);
     EXPECT_EQ(res.stats.forward.q_rows[0], N + (steps - 1) * L);  // layer 0 always full
     for (int l = 1; l < 3; ++l) {
-      const int k = static_cast<int>(std::floor(L * res.schedule.rho[l] + 1e-9));
+      const int k = std::max(2, static_cast<int>(std::floor(L * res.schedule.rho[l] + 1e-9)));
+      EXPECT_EQ(k, res.schedule.UpdateRows(l, L));
       EXPECT_EQ(res.stats.forward.q_rows[l], N + (steps - 1) * k) << l;
       EXPECT_EQ(res.stats.forward.kv_rows[l], N + (steps - 1) * L) << l;
     }
