@@ -89,8 +89,8 @@ void EmbeddedServer::Shutdown(absl::Time deadline) {
   if (shut_down_) return;
   shut_down_ = true;
   if (grpc_.server == nullptr) return;  // Create failed before serving
-  SetReadiness(grpc_.server.get(), false);
   cluster_->router().StartDrain();
+  SetReadiness(grpc_.server.get(), false);
   cluster_->router().WaitIdle(deadline);
   grpc_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(100));
   grpc_.server->Wait();

@@ -89,8 +89,9 @@ void WorkerServer::Shutdown(absl::Time drain_deadline) {
   }
   if (grpc_.server == nullptr) return;  // Create failed before serving
   LOG(INFO) << "worker " << worker_id_ << " draining";
-  SetReadiness(grpc_.server.get(), false);
+  // Refuse first, then announce: a client that sees NOT_SERVING is already refused.
   scheduler_->StartDrain();
+  SetReadiness(grpc_.server.get(), false);
   if (!scheduler_->WaitIdle(drain_deadline)) {
     LOG(WARNING) << "drain deadline passed with requests in flight; ending them";
     scheduler_->CancelAll(absl::UnavailableError("worker shutting down"));
