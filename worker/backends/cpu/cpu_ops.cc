@@ -9,6 +9,14 @@ namespace {
 
 typedef float v8sf __attribute__((vector_size(32)));
 
+// AVX2 clones chosen at load time through an ifunc resolver. TSan's runtime is not initialised
+// when resolvers run, so every TSan binary would crash at load: plain code there.
+#if defined(__SANITIZE_THREAD__)
+#define PREHOC_AVX2_CLONES
+#else
+#define PREHOC_AVX2_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#endif
+
 inline v8sf Load8(const float* p) {
   v8sf v;
   std::memcpy(&v, p, sizeof(v));
@@ -24,7 +32,7 @@ constexpr int64_t kColTile = 64;
 
 // Computes y[r, c] for rows [r0, r1) and columns [c0, c1) of y = x · w^T.
 // A 4x2 register tile of 8-wide accumulators; AVX2 clone chosen at load time when available.
-__attribute__((target_clones("arch=haswell", "default"))) void MatMulTile(
+PREHOC_AVX2_CLONES void MatMulTile(
     const float* x, int64_t k, const float* w, int64_t m, int64_t r0, int64_t r1, int64_t c0,
     int64_t c1, float* y) {
   const int64_t k8 = k & ~int64_t{7};
@@ -120,7 +128,7 @@ __attribute__((target_clones("arch=haswell", "default"))) void MatMulTile(
 
 }  // namespace
 
-__attribute__((target_clones("arch=haswell", "default"))) float Dot(const float* a, const float* b,
+PREHOC_AVX2_CLONES float Dot(const float* a, const float* b,
                                                                      int64_t n) {
   const int64_t n8 = n & ~int64_t{7};
   v8sf acc0 = {}, acc1 = {};
