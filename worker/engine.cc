@@ -72,6 +72,10 @@ Engine::Engine(std::shared_ptr<const ModelWeights> weights, std::unique_ptr<Toke
                           weights_->config.head_dim, options.page_size, num_pages}),
       inv_freq_(RopeInvFrequencies(weights_->config)) {}
 
+std::string Engine::description() const {
+  return absl::StrCat("CPU, ", pool_.num_threads(), " threads");
+}
+
 Engine::SeqId Engine::CreateSequence() {
   const SeqId id = next_seq_++;
   seqs_.emplace(id, Sequence{});

@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "common/model_config.h"
 #include "common/thread_pool.h"
+#include "worker/backend.h"
 #include "worker/kv_cache.h"
 #include "worker/model_weights.h"
 #include "worker/selection/selector.h"
@@ -38,50 +39,51 @@ struct EngineOptions {
   int max_context = 0;
 };
 
-class Engine {
+class Engine : public ModelBackend {
  public:
-  using SeqId = int64_t;
+  using SeqId = ModelBackend::SeqId;
+  using StepItem = ModelBackend::StepItem;
 
   // Loads the model (or takes `options.weights`) and sizes the KV cache. Errors: those of
   // ModelWeights::Load and the tokenizer; INVALID_ARGUMENT for bad options (naming the option).
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
 
-  const ModelConfig& config() const { return weights_->config; }
-  const ModelWeights& weights() const { return *weights_; }
+  // ModelBackend metadata.
+  const char* kind() const override { return "cpu"; }
+  std::string description() const override;
+  const ModelConfig& config() const override { return weights_->config; }
   // Null when the model directory declares no tokenizer (prompts must then be token ids).
-  const Tokenizer* tokenizer() const { return tokenizer_.get(); }
-  int max_context() const { return max_context_; }
+  const Tokenizer* tokenizer() const override { return tokenizer_.get(); }
+  int max_context() const override { return max_context_; }
+  int page_size() const override { return cache_.shape().page_size; }
+  int32_t num_pages() const override { return allocator_.num_pages(); }
+  int32_t used_pages() const override { return allocator_.num_used(); }
+  // The CPU engine runs every policy and prefill plan: always OK.
+  absl::Status SupportsPlan(const SelectionPlan& plan) const override { return absl::OkStatus(); }
+
+  const ModelWeights& weights() const { return *weights_; }
   const PageAllocator& pages() const { return allocator_; }
   const KvCache& kv_cache() const { return cache_; }
   int num_threads() const { return pool_.num_threads(); }
 
   // Starts an empty sequence.
-  SeqId CreateSequence();
+  SeqId CreateSequence() override;
   // Ends a sequence and returns its pages. NOT_FOUND for an unknown id.
-  absl::Status FreeSequence(SeqId seq);
+  absl::Status FreeSequence(SeqId seq) override;
   // Current length in tokens; NOT_FOUND for an unknown id.
-  absl::StatusOr<int> SequenceLength(SeqId seq) const;
+  absl::StatusOr<int> SequenceLength(SeqId seq) const override;
   // The sequence's page table (for tests and selection). NOT_FOUND for an unknown id.
   absl::StatusOr<std::vector<int32_t>> PageTable(SeqId seq) const;
   // Number of (layer, page) slots that alias another layer's K/V (ETF), for tests and reports.
   absl::StatusOr<int64_t> AliasedPages(SeqId seq) const;
-  int num_sequences() const { return static_cast<int>(seqs_.size()); }
+  int num_sequences() const override { return static_cast<int>(seqs_.size()); }
 
-  struct StepItem {
-    SeqId seq = 0;
-    std::span<const int32_t> tokens;  // appended to the sequence (>= 1 token)
-    bool all_logits = false;          // logits for every new token instead of only the last
-    // Decode-time KV selection for this sequence (not owned); null = dense. Applied to
-    // single-token items (decode steps); prefill chunks attend densely.
-    SequenceSelector* selector = nullptr;
-    // Prefill-time selection (not owned; null = dense prefill). For multi-token items:
-    // PSAW's band (row at position p of layer ℓ attends to [0, sink) ∪ [P_ℓ(p+1), p]); and, when
-    // this item is the batch's only item and prefills a whole prompt from position 0, ETF:
-    // layer ℓ freezes the first E_ℓ(T) tokens (rounded down to whole pages) — their rows skip
-    // QKV, attention and MLP there and deeper, and their K/V pages alias the last layer that
-    // computed them (a per-layer alias table beside the page table).
-    const SelectionPlan* prefill_plan = nullptr;
-  };
+  // Items: see BackendStepItem (worker/backend.h). For multi-token items `prefill_plan` applies
+  // PSAW's band (row at position p of layer ℓ attends to [0, sink) ∪ [P_ℓ(p+1), p]); and, when
+  // the item is the batch's only item and prefills a whole prompt from position 0, ETF: layer ℓ
+  // freezes the first E_ℓ(T) tokens (rounded down to whole pages) — their rows skip QKV,
+  // attention and MLP there and deeper, and their K/V pages alias the last layer that computed
+  // them (a per-layer alias table beside the page table).
   // Runs one forward over the batch: appends every item's tokens to its sequence (their K/V go to
   // the cache) and returns per item the logits of its last new token ([vocab]) or, with
   // all_logits, of every new token ([n, vocab] row-major). With causal = false every new token
@@ -90,7 +92,7 @@ class Engine {
   // [0, vocab) (naming item and position), a duplicate or unknown sequence, or a length above
   // max_context; RESOURCE_EXHAUSTED when the KV cache has too few free pages.
   absl::StatusOr<std::vector<std::vector<float>>> Step(std::span<const StepItem> items,
-                                                       bool causal = true);
+                                                       bool causal = true) override;
 
   // Starts a new sequence holding a copy of `seq`'s tokens and K/V (fresh pages), e.g. to try
   // several policies after one prefill. NOT_FOUND / RESOURCE_EXHAUSTED.

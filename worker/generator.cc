@@ -20,7 +20,7 @@ double GenerateStats::decode_tokens_per_s() const {
   return decode_s > 0 ? static_cast<double>(decoded) / decode_s : 0.0;
 }
 
-absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
+absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(ModelBackend& engine,
                                                           const std::vector<GenerateRequest>& requests,
                                                           const TokenCallback& on_token,
                                                           GenerateStats* stats) {
@@ -60,6 +60,9 @@ absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
                           absl::StrCat("request ", i, ": ", session.status().message()));
     }
     sessions[i] = std::move(*session);
+    if (absl::Status s = engine.SupportsPlan(sessions[i]->plan()); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("request ", i, ": ", s.message()));
+    }
   }
   auto is_eos = [&](int32_t t) {
     for (int e : c.eos_token_ids) {
@@ -68,10 +71,10 @@ absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
     return false;
   };
 
-  std::vector<Engine::SeqId> seqs(n);
+  std::vector<ModelBackend::SeqId> seqs(n);
   for (size_t i = 0; i < n; ++i) seqs[i] = engine.CreateSequence();
   absl::Cleanup free_all = [&] {
-    for (Engine::SeqId s : seqs) engine.FreeSequence(s).IgnoreError();
+    for (ModelBackend::SeqId s : seqs) engine.FreeSequence(s).IgnoreError();
   };
   std::vector<Sampler> samplers;
   samplers.reserve(n);
@@ -97,7 +100,7 @@ absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
   // Prefill: all prompts in one step.
   const auto t0 = std::chrono::steady_clock::now();
   {
-    std::vector<Engine::StepItem> items(n);
+    std::vector<ModelBackend::StepItem> items(n);
     for (size_t i = 0; i < n; ++i) {
       items[i] = {seqs[i], std::span<const int32_t>(requests[i].prompt), false, nullptr,
                   &sessions[i]->plan()};
@@ -114,7 +117,7 @@ absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
   // Decode.
   const auto t1 = std::chrono::steady_clock::now();
   while (true) {
-    std::vector<Engine::StepItem> items;
+    std::vector<ModelBackend::StepItem> items;
     std::vector<size_t> which;
     for (size_t i = 0; i < n; ++i) {
       if (done[i]) continue;

@@ -1,6 +1,8 @@
-// Runs generation requests to completion on an Engine: prefill every prompt, then decode all
-// active sequences together one token per step until each hits max_tokens or end-of-text.
-// Used by the CLI and by embedded mode; the services' continuous batcher builds on Engine::Step.
+// Runs generation requests to completion on a ModelBackend (CPU Engine or CUDA): prefill every
+// prompt, then decode all active sequences together one token per step until each hits
+// max_tokens or end-of-text.
+// Used by the CLI, tests and the eval harness; the services' continuous batcher (Scheduler) builds
+// on ModelBackend::Step.
 #ifndef PREHOC_WORKER_GENERATOR_H_
 #define PREHOC_WORKER_GENERATOR_H_
 
@@ -10,7 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "worker/engine.h"
+#include "worker/backend.h"
 #include "worker/sampler.h"
 #include "worker/selection/selector.h"
 #include "worker/sparsity.h"
@@ -49,11 +51,12 @@ using TokenCallback = std::function<void(int, int32_t)>;
 
 // Validates every request first (INVALID_ARGUMENT naming the request index and the field: empty
 // prompt, token out of vocabulary, max_tokens < 1, prompt + max_tokens over the engine's
-// max_context, bad sampling or sparsity options), then runs them as one batch. Each request's
+// max_context, bad sampling or sparsity options, or a plan the backend refuses — its
+// SupportsPlan error), then runs them as one batch. Each request's
 // sparsity options become a SelectionPlan and a selector for its decode steps; with
 // target_delta > 0 a DeltaController adjusts the plan from the refresh δ after every step. Sequences are always freed,
 // also on error. RESOURCE_EXHAUSTED when the KV cache cannot hold the batch.
-absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(Engine& engine,
+absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(ModelBackend& engine,
                                                           const std::vector<GenerateRequest>& requests,
                                                           const TokenCallback& on_token = nullptr,
                                                           GenerateStats* stats = nullptr);

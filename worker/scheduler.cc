@@ -26,7 +26,7 @@ struct Scheduler::Request {
   SchedulerMetrics::PerPolicy* metrics = nullptr;
   std::unique_ptr<SelectionSession> session;  // plan + selector + delta-controller
 
-  Engine::SeqId seq = 0;  // 0 = not admitted yet
+  ModelBackend::SeqId seq = 0;  // 0 = not admitted yet
   int32_t reserved_pages = 0;
   int prefilled = 0;      // prompt tokens already in the KV cache
   int completion = 0;     // tokens generated
@@ -99,9 +99,9 @@ std::string TakeCompleteUtf8(std::string* pending, bool flush) {
   return out;
 }
 
-absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(std::unique_ptr<Engine> engine,
+absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(std::unique_ptr<ModelBackend> engine,
                                                              const SchedulerOptions& options) {
-  if (engine == nullptr) return absl::InvalidArgumentError("engine is null");
+  if (engine == nullptr) return absl::InvalidArgumentError("backend is null");
   if (options.max_running < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_running must be >= 1, got ", options.max_running));
@@ -129,18 +129,18 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(std::unique_ptr<Eng
                                                    "' is not in sparsity_policies"));
   }
   if (engine->num_sequences() != 0) {
-    return absl::InvalidArgumentError("engine already holds sequences");
+    return absl::InvalidArgumentError("backend already holds sequences");
   }
   return std::unique_ptr<Scheduler>(new Scheduler(std::move(engine), options));
 }
 
-Scheduler::Scheduler(std::unique_ptr<Engine> engine, const SchedulerOptions& options)
+Scheduler::Scheduler(std::unique_ptr<ModelBackend> engine, const SchedulerOptions& options)
     : options_(options),
       engine_(std::move(engine)),
       max_tokens_limit_(options.max_tokens_limit > 0
                             ? std::min(options.max_tokens_limit, engine_->max_context())
                             : engine_->max_context()),
-      total_pages_(engine_->pages().num_pages()) {
+      total_pages_(engine_->num_pages()) {
   {
     absl::MutexLock l(&mu_);
     worker_id_ = options_.worker_id;
@@ -261,6 +261,11 @@ absl::Status Scheduler::Validate(const InferenceRequest& request, std::vector<in
     return absl::Status(created.status().code(), msg);
   }
   *session = std::move(*created);
+  if (absl::Status s = engine_->SupportsPlan((*session)->plan()); !s.ok()) {
+    std::string msg(s.message());
+    if (msg.rfind("sparsity", 0) != 0) msg = absl::StrCat("sparsity: ", msg);
+    return absl::Status(s.code(), msg);
+  }
   if (request.request_id.size() > 128) {
     return absl::InvalidArgumentError(absl::StrCat("request_id: ", request.request_id.size(),
                                                    " bytes exceeds the limit of 128"));
@@ -289,7 +294,7 @@ absl::StatusOr<std::string> Scheduler::Generate(InferenceRequest request,
   }
   const int32_t pages =
       PagesFor(static_cast<int64_t>(prompt.size()) + request.max_tokens,
-               engine_->kv_cache().shape().page_size);
+               engine_->page_size());
   if (pages > total_pages_) {
     count_rejected(RequestOutcome::kResourceExhausted);
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -413,7 +418,7 @@ bool Scheduler::WaitIdle(absl::Time deadline) {
 LoadReport Scheduler::Load() const {
   LoadReport load;
   load.kv_pages_total = total_pages_;
-  load.kv_pages_used = engine_->pages().num_used();
+  load.kv_pages_used = engine_->used_pages();
   load.max_queue = options_.max_queue;
   load.max_running = options_.max_running;
   absl::MutexLock l(&mu_);
@@ -424,7 +429,7 @@ LoadReport Scheduler::Load() const {
 }
 
 std::vector<LiveSequenceInfo> Scheduler::LiveSequences() const {
-  const int page_size = engine_->kv_cache().shape().page_size;
+  const int page_size = engine_->page_size();
   absl::MutexLock l(&mu_);
   std::vector<LiveSequenceInfo> out;
   for (const Request* r : running_) {
@@ -440,7 +445,7 @@ void Scheduler::UpdateGaugesLocked() {
   m->queue_depth->Set(static_cast<double>(waiting_.size()));
   m->running->Set(static_cast<double>(running_.size()));
   m->kv_pages_reserved->Set(reserved_pages_);
-  const int32_t used = engine_->pages().num_used();
+  const int32_t used = engine_->used_pages();
   m->kv_pages_used->Set(used);
   m->kv_usage_ratio->Set(total_pages_ > 0 ? static_cast<double>(used) / total_pages_ : 0.0);
   m->ready->Set(draining_ ? 0.0 : 1.0);
@@ -488,7 +493,7 @@ void Scheduler::FinishLocked(Request* r, absl::Status status, InferenceEvent eve
     t.policy = r->sparsity.policy;
     t.target_delta = r->sparsity.target_delta;
     t.length = r->prefilled + std::max(0, r->completion - 1);
-    t.kv_pages = static_cast<int>(PagesFor(t.length, engine_->kv_cache().shape().page_size));
+    t.kv_pages = static_cast<int>(PagesFor(t.length, engine_->page_size()));
     const SequenceSelector* sel = r->session->selector();
     t.report = sel->Report();
     t.report.policy = r->sparsity.policy;
@@ -524,7 +529,7 @@ void Scheduler::FinishLocked(Request* r, absl::Status status, InferenceEvent eve
 
 void Scheduler::StepLoop() {
   const ModelConfig& c = engine_->config();
-  const int page_size = engine_->kv_cache().shape().page_size;
+  const int page_size = engine_->page_size();
   const Tokenizer* tok = engine_->tokenizer();
   auto is_eos = [&](int32_t t) {
     return std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), t) != c.eos_token_ids.end();
@@ -533,7 +538,7 @@ void Scheduler::StepLoop() {
   while (true) {
     std::vector<Delivery> out;
     std::vector<std::unique_ptr<Request>> graveyard;
-    std::vector<Engine::StepItem> items;
+    std::vector<ModelBackend::StepItem> items;
     std::vector<Request*> item_req;
     std::vector<bool> item_samples;  // the item's logits yield a token
     {

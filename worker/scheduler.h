@@ -1,9 +1,9 @@
-// Continuous batching over an Engine: requests join and leave the running batch at every engine
-// step; prompt prefill is split into chunks that share steps with the decode tokens of running
-// requests; cancellation and deadlines are checked before every step; admission control reserves
+// Continuous batching over a ModelBackend (the CPU Engine or the CUDA backend): requests join
+// and leave the running batch at every engine step; prompt prefill is split into chunks that
+// share steps with the decode tokens of running requests; cancellation and deadlines are checked before every step; admission control reserves
 // each request's worst-case KV pages (prompt + max_tokens) so a step never runs out of pages.
 //
-// Threading: one step thread (started by Create) is the only thread that touches the Engine.
+// Threading: one step thread (started by Create) is the only thread that touches the backend.
 // Generate / Cancel / Load / LiveSequences may be called from any thread; they take `mu_`
 // briefly. Event callbacks run on the step thread, outside `mu_` (see scheduler_types.h).
 //
@@ -14,7 +14,7 @@
 //   3. build one batch: one decode token per running request that finished prefill, then prompt
 //      chunks (<= prefill_chunk tokens each) in arrival order while the batch has fewer than
 //      max_step_tokens tokens;
-//   4. Engine::Step without the lock; sample, emit events, end finished requests.
+//   4. ModelBackend::Step without the lock; sample, emit events, end finished requests.
 #ifndef PREHOC_WORKER_SCHEDULER_H_
 #define PREHOC_WORKER_SCHEDULER_H_
 
@@ -33,7 +33,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "worker/engine.h"
+#include "worker/backend.h"
 #include "worker/scheduler_metrics.h"
 #include "worker/scheduler_types.h"
 
@@ -101,9 +101,10 @@ struct LiveSequenceInfo {
 
 class Scheduler : public InferenceBackend {
  public:
-  // Takes the engine and starts the step thread. INVALID_ARGUMENT naming the option for bad
-  // options.
-  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(std::unique_ptr<Engine> engine,
+  // Takes the model backend (CPU Engine or CUDA) and starts the step thread. INVALID_ARGUMENT
+  // naming the option for bad options. Requests whose sparsity plan the backend cannot run
+  // (ModelBackend::SupportsPlan) are refused in Generate with the backend's error.
+  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(std::unique_ptr<ModelBackend> engine,
                                                            const SchedulerOptions& options);
   // Ends every request with UNAVAILABLE ("shutting down"), delivers the terminal events and
   // joins the step thread.
@@ -139,10 +140,9 @@ class Scheduler : public InferenceBackend {
   // Replaces SchedulerOptions::worker_id (for servers that learn their id after binding a port).
   void SetWorkerId(const std::string& worker_id);
 
-  // Read-only model metadata (config, tokenizer, page counts). The engine's mutable state is the
-  // step thread's; callers use only const members that are safe concurrently (config(),
-  // tokenizer(), max_context(), pages()).
-  const Engine& engine() const { return *engine_; }
+  // Read-only model metadata (config, tokenizer, page counts). The backend's mutable state is
+  // the step thread's; callers use only the members ModelBackend marks thread-safe.
+  const ModelBackend& backend() const { return *engine_; }
   const SchedulerOptions& options() const { return options_; }
   int max_tokens_limit() const { return max_tokens_limit_; }
 
@@ -150,7 +150,7 @@ class Scheduler : public InferenceBackend {
   struct Request;
   using Delivery = std::pair<Request*, InferenceEvent>;
 
-  Scheduler(std::unique_ptr<Engine> engine, const SchedulerOptions& options);
+  Scheduler(std::unique_ptr<ModelBackend> engine, const SchedulerOptions& options);
   absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
   // Resolves and validates `request` into prompt ids; errors name the field.
   absl::Status Validate(const InferenceRequest& request, std::vector<int32_t>* prompt,
@@ -168,7 +168,7 @@ class Scheduler : public InferenceBackend {
   void Deliver(std::vector<Delivery>* out) ABSL_LOCKS_EXCLUDED(mu_);
 
   const SchedulerOptions options_;
-  std::unique_ptr<Engine> engine_;  // touched only by the step thread (except const metadata)
+  std::unique_ptr<ModelBackend> engine_;  // touched only by the step thread (except metadata)
   const int max_tokens_limit_;
   const int32_t total_pages_;
 

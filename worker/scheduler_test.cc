@@ -8,6 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "prometheus/registry.h"
+#include "worker/engine.h"
 #include "worker/generator.h"
 
 namespace prehoc {
@@ -173,7 +174,7 @@ TEST(SchedulerTest, TextPromptsStreamDecodedText) {
   s.WaitDone();
   EXPECT_EQ(s.final_event().prompt_tokens, 10);  // BOS + 9 bytes
   auto tokens = s.tokens();
-  std::string decoded = (*sched)->engine().tokenizer()->Decode(tokens);
+  std::string decoded = (*sched)->backend().tokenizer()->Decode(tokens);
   EXPECT_EQ(s.text(), TakeCompleteUtf8(&decoded, /*flush=*/true));
 }
 

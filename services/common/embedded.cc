@@ -45,7 +45,7 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
   r.worker_id = "embedded";
   r.address = "in-process";
   r.models = c->scheduler_->ListModels();
-  r.page_size = c->scheduler_->engine().kv_cache().shape().page_size;
+  r.page_size = c->scheduler_->backend().page_size();
   r.load = c->scheduler_->Load();
   r.ready = true;
   r.local = true;

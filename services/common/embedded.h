@@ -15,6 +15,7 @@
 #include "prometheus/registry.h"
 #include "services/common/inference_service.h"
 #include "services/common/server_util.h"
+#include "worker/engine.h"
 #include "worker/scheduler.h"
 
 namespace prehoc {

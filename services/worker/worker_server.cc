@@ -166,7 +166,7 @@ void WorkerServer::AgentLoop() {
       req.set_worker_id(worker_id_);
       req.set_address(advertise_);
       for (const ModelDescription& m : scheduler_->ListModels()) *req.add_models() = ToProto(m);
-      req.set_page_size(scheduler_->engine().kv_cache().shape().page_size);
+      req.set_page_size(scheduler_->backend().page_size());
       *req.mutable_load() = ToProto(scheduler_->Load());
       req.set_ready(scheduler_->Ready());
       for (const LiveSequenceInfo& q : scheduler_->LiveSequences()) {
