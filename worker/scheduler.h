@@ -78,18 +78,23 @@ struct SchedulerOptions {
   int telemetry_deltas_per_sequence = 256;
 };
 
-// What one finished sequence did (worker -> cache manager telemetry).
+// What one sequence did (worker -> cache manager telemetry): a finished sequence's totals, or
+// (in_progress) a running sequence's state with the refresh δ measured since its last record.
 struct SequenceTelemetry {
   std::string request_id;
   std::string policy;
   double target_delta = 0;
-  int length = 0;    // tokens in the KV cache at the end
+  bool in_progress = false;
+  int length = 0;    // tokens in the KV cache (at the end, or now)
   int kv_pages = 0;
-  SparsityReport report;
-  // Exact dropped mass of the reused index set measured at refreshes, with the layer, in order
-  // (the first telemetry_deltas_per_sequence samples).
+  SparsityReport report;  // totals so far
+  // Exact dropped mass of the index set in use until each refresh, with its layer and kv head,
+  // in order, measured since the sequence's previous record: at most
+  // telemetry_deltas_per_sequence per record (later samples are dropped and counted in
+  // telemetry_deltas_dropped()).
   std::vector<float> refresh_delta;
   std::vector<int16_t> refresh_layer;
+  std::vector<int16_t> refresh_head;
 };
 
 // A sequence the scheduler holds (for the cache manager's registry after a restart).
@@ -132,10 +137,24 @@ class Scheduler : public InferenceBackend {
   std::vector<LiveSequenceInfo> LiveSequences() const;
 
   // Removes and returns the telemetry of the sequences finished since the last call (oldest
-  // first; at most telemetry_capacity). Thread-safe.
+  // first; at most telemetry_capacity), followed by one in_progress record per running
+  // sequence that measured refresh δ since its previous record. Thread-safe.
   std::vector<SequenceTelemetry> TakeTelemetry();
   // Sequences whose telemetry was dropped because nobody took it in time.
   int64_t telemetry_dropped() const;
+  // Refresh δ samples dropped because a record already held telemetry_deltas_per_sequence.
+  int64_t telemetry_deltas_dropped() const;
+
+  // Offers a selection plan computed by the cache manager for running request `request_id`
+  // (produced at `produced`, for the plan-age metric). Never blocks on a step: the newest offer
+  // is swapped in at the request's next step boundary. Older or equal versions than the newest
+  // offered or applied are ignored (OK). NOT_FOUND for an unknown request; INVALID_ARGUMENT
+  // when the plan does not fit the request (another policy or layer count) or the backend
+  // cannot run it — the request keeps its plan. Thread-safe.
+  absl::Status OfferPlan(std::string_view request_id, SelectionPlan plan, absl::Time produced);
+  // Blocks until request `request_id` has been offered (or has applied) a cache-manager plan of
+  // version >= `version`, until it ends, or until `deadline`; true when it has (tests).
+  bool AwaitPlan(std::string_view request_id, uint64_t version, absl::Time deadline);
 
   // Replaces SchedulerOptions::worker_id (for servers that learn their id after binding a port).
   void SetWorkerId(const std::string& worker_id);
@@ -164,6 +183,21 @@ class Scheduler : public InferenceBackend {
                     std::vector<Delivery>* out, std::vector<std::unique_ptr<Request>>* graveyard)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void UpdateGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Step-boundary plan handling for decode request `r` (step thread): swaps in the newest
+  // offered plan; returns the age of the plan in use at `now`.
+  absl::Duration ApplyOfferedPlanLocked(Request* r, absl::Time now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After a decode step of `r` (step thread): counts a dense fallback when every selection of
+  // the step kept all `t` tokens (`before` = the selector's counters before the step), and
+  // moves the refresh δ measured since the last call into r's telemetry outbox.
+  void AfterDecodeStepLocked(Request* r, int64_t t, int64_t selections_before,
+                             int64_t kept_before) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Version of the plan `r` uses: the cache manager's once applied, else the local one's.
+  int64_t PlanVersionLocked(const Request& r) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The telemetry record of `r` (takes r's δ outbox). in_progress: called off the step thread,
+  // so the selector's report is left out (policy, plan and fallback counters only).
+  SequenceTelemetry TelemetryRecordLocked(Request* r, bool in_progress)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Runs the callbacks of `out` (without mu_), then accounts for the terminal ones.
   void Deliver(std::vector<Delivery>* out) ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -186,6 +220,7 @@ class Scheduler : public InferenceBackend {
   double throughput_ewma_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<SequenceTelemetry> telemetry_ ABSL_GUARDED_BY(mu_);
   int64_t telemetry_dropped_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t telemetry_deltas_dropped_ ABSL_GUARDED_BY(mu_) = 0;
 
   absl::Mutex controllers_mu_;
   std::map<std::pair<std::string, double>, std::unique_ptr<DeltaController>> controllers_

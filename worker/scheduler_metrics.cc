@@ -84,8 +84,14 @@ SchedulerMetrics::SchedulerMetrics(prometheus::Registry& registry, const std::st
                      .Register(registry);
   auto& fallbacks = BuildCounter()
                         .Name("prehoc_sparsity_dense_fallbacks_total")
-                        .Help("Requests that asked for a sparse policy and ran dense.")
+                        .Help("Decode steps of a sparse-policy request that attended every "
+                              "token of the context at every layer and kv head.")
                         .Register(registry);
+  auto& plans_applied =
+      BuildCounter()
+          .Name("prehoc_selection_plans_applied_total")
+          .Help("Selection plans from the cache manager swapped in at a step boundary.")
+          .Register(registry);
   auto& requests = BuildCounter()
                        .Name("prehoc_requests_total")
                        .Help("Requests by outcome (ok, cancelled, deadline_exceeded, "
@@ -107,6 +113,7 @@ SchedulerMetrics::SchedulerMetrics(prometheus::Registry& registry, const std::st
     p.refreshes = &refreshes.Add(l);
     p.shares = &shares.Add(l);
     p.dense_fallbacks = &fallbacks.Add(l);
+    p.plans_applied = &plans_applied.Add(l);
     for (int o = 0; o < kNumRequestOutcomes; ++o) {
       prometheus::Labels lo = l;
       lo["outcome"] = RequestOutcomeName(static_cast<RequestOutcome>(o));
@@ -128,7 +135,15 @@ SchedulerMetrics::SchedulerMetrics(prometheus::Registry& registry, const std::st
       gauge("prehoc_generation_throughput_tokens_per_second",
             "Generated tokens per second, exponentially smoothed over about 10 s.");
   plan_age_s = gauge("prehoc_selection_plan_age_seconds",
-                     "Age of the newest selection plan the worker holds (0 = none needed).");
+                     "At the last step: the largest age (now - time produced) of the selection "
+                     "plans in use by decoding requests (0 when none decodes).");
+  plan_stream_connected = gauge("prehoc_selection_plan_stream_connected",
+                                "1 while the cache manager's plan stream is open, else 0.");
+  plans_received = &BuildCounter()
+                        .Name("prehoc_selection_plans_received_total")
+                        .Help("Selection plans received on the cache manager's plan stream.")
+                        .Register(registry)
+                        .Add(m);
   ready = gauge("prehoc_ready", "1 when the server is ready to serve, else 0.");
   steps = &BuildCounter()
                .Name("prehoc_scheduler_steps_total")

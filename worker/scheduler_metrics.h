@@ -41,6 +41,7 @@ struct SchedulerMetrics {
     prometheus::Counter* refreshes = nullptr;
     prometheus::Counter* shares = nullptr;
     prometheus::Counter* dense_fallbacks = nullptr;
+    prometheus::Counter* plans_applied = nullptr;
     std::array<prometheus::Counter*, kNumRequestOutcomes> requests{};
   };
 
@@ -61,6 +62,9 @@ struct SchedulerMetrics {
   prometheus::Gauge* kv_usage_ratio = nullptr;
   prometheus::Gauge* throughput_tokens_per_s = nullptr;
   prometheus::Gauge* plan_age_s = nullptr;
+  // Plan stream (updated by the worker server).
+  prometheus::Gauge* plan_stream_connected = nullptr;
+  prometheus::Counter* plans_received = nullptr;
   prometheus::Gauge* ready = nullptr;
   prometheus::Counter* steps = nullptr;
   prometheus::Histogram* step_seconds = nullptr;

@@ -530,5 +530,150 @@ TEST(SchedulerTest, TakeCompleteUtf8HoldsBackPartialCharactersAndReplacesInvalid
   EXPECT_EQ(p, "");
 }
 
+// ---- Plans from the cache manager, dense fallbacks, running-sequence telemetry.
+
+TEST(SchedulerTest, OfferedPlansAreSwappedInAtAStepBoundaryAndCountDenseFallbacks) {
+  prometheus::Registry reg;
+  SchedulerMetrics metrics(reg, "tiny");
+  Gate gate(3);  // step 1 = prefill, step 2 = first decode; blocks before step 3 runs
+  SchedulerOptions o;
+  o.model_name = "tiny";
+  o.metrics = &metrics;
+  o.before_step = gate.Hook();
+  auto sched = Scheduler::Create(MakeEngine(), o);
+  ASSERT_TRUE(sched.ok());
+  InferenceRequest r = Ids(Prompt(150, 1), 10);
+  r.request_id = "seq-1";
+  r.sparsity.policy = "prhs";
+  r.sparsity.budget = 48;
+  Stream s;
+  ASSERT_TRUE((*sched)->Generate(r, s.Callback()).ok());
+  gate.WaitReached();
+
+  const ModelConfig& config = (*sched)->backend().config();
+  SparsityOptions wide = r.sparsity;
+  wide.budget = 400;  // ≥ every context this request reaches: the steps after the swap are dense
+  auto plan = MakeSelectionPlan(config, wide);
+  ASSERT_TRUE(plan.ok());
+  plan->version = 5;
+  const absl::Time produced = absl::Now() - absl::Seconds(100);
+  EXPECT_EQ((*sched)->OfferPlan("nope", *plan, produced).code(), absl::StatusCode::kNotFound);
+  SparsityOptions other = r.sparsity;
+  other.policy = "streaming";
+  auto streaming = MakeSelectionPlan(config, other);
+  ASSERT_TRUE(streaming.ok());
+  absl::Status wrong = (*sched)->OfferPlan("seq-1", *streaming, produced);
+  EXPECT_EQ(wrong.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(wrong.message(), HasSubstr("streaming"));
+  SelectionPlan short_plan = *plan;
+  short_plan.layers.pop_back();
+  EXPECT_EQ((*sched)->OfferPlan("seq-1", short_plan, produced).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE((*sched)->AwaitPlan("seq-1", 5, absl::Now()));
+  ASSERT_TRUE((*sched)->OfferPlan("seq-1", *plan, produced).ok());
+  SelectionPlan stale = *plan;
+  stale.version = 3;
+  stale.budget_tokens = 1;
+  ASSERT_TRUE((*sched)->OfferPlan("seq-1", stale, produced).ok());  // older: ignored
+  EXPECT_TRUE((*sched)->AwaitPlan("seq-1", 5, absl::Now() + absl::Seconds(10)));
+  gate.Open();
+  s.WaitDone();
+  const InferenceEvent f = s.final_event();
+  ASSERT_TRUE(f.finished) << f.status;
+  EXPECT_EQ(f.sparsity.plan_version, 5);
+  EXPECT_EQ(f.sparsity.plan_updates, 1);
+  // 9 decode steps: the batch of step 3 was built before the offer, so steps 2 and 3 ran the
+  // local 48-token plan (sparse at context 151, 152) and steps 4..10 the 400-token one (dense).
+  EXPECT_EQ(f.sparsity.dense_fallback_steps, 7);
+  EXPECT_LT(f.sparsity.mean_kept_fraction, 1.0);
+  EXPECT_GT(f.sparsity.mean_kept_fraction, 7.0 / 9.0);
+  const std::map<std::string, std::string> prhs{{"model", "tiny"}, {"policy", "prhs"}};
+  EXPECT_EQ(Value(reg, "prehoc_sparsity_dense_fallbacks_total", prhs), 7);
+  EXPECT_EQ(Value(reg, "prehoc_selection_plans_applied_total", prhs), 1);
+  // The last step ran the offered plan, produced 100 s before.
+  EXPECT_GE(Value(reg, "prehoc_selection_plan_age_seconds", {{"model", "tiny"}}), 100);
+}
+
+TEST(SchedulerTest, DenseFallbacksCountShortContextsNotDensePolicies) {
+  prometheus::Registry reg;
+  SchedulerMetrics metrics(reg, "tiny");
+  SchedulerOptions o;
+  o.model_name = "tiny";
+  o.metrics = &metrics;
+  auto sched = Scheduler::Create(MakeEngine(), o);
+  ASSERT_TRUE(sched.ok());
+  std::vector<Stream> streams(3);
+  // prhs with B = 48 over contexts 21..59: every step with t <= 48 attends everything.
+  InferenceRequest short_prhs = Ids(Prompt(20, 2), 40);
+  short_prhs.sparsity.policy = "prhs";
+  short_prhs.sparsity.budget = 48;
+  InferenceRequest long_prhs = Ids(Prompt(150, 2), 10);
+  long_prhs.sparsity = short_prhs.sparsity;
+  InferenceRequest dense = Ids(Prompt(20, 2), 10);
+  ASSERT_TRUE((*sched)->Generate(short_prhs, streams[0].Callback()).ok());
+  ASSERT_TRUE((*sched)->Generate(long_prhs, streams[1].Callback()).ok());
+  ASSERT_TRUE((*sched)->Generate(dense, streams[2].Callback()).ok());
+  for (auto& s : streams) s.WaitDone();
+  const int64_t short_steps = streams[0].final_event().sparsity.dense_fallback_steps;
+  EXPECT_GE(short_steps, 28);  // decode steps 1..28 have t = 21..48 <= B
+  EXPECT_LT(short_steps, 39);  // not all 39: at t = 59 sink + local + k(t) + dilation < t
+  EXPECT_EQ(streams[1].final_event().sparsity.dense_fallback_steps, 0);
+  EXPECT_EQ(streams[2].final_event().sparsity.dense_fallback_steps, 0);  // dense by request
+  EXPECT_EQ(Value(reg, "prehoc_sparsity_dense_fallbacks_total",
+                  {{"model", "tiny"}, {"policy", "prhs"}}),
+            static_cast<double>(short_steps));
+  EXPECT_EQ(Value(reg, "prehoc_sparsity_dense_fallbacks_total",
+                  {{"model", "tiny"}, {"policy", "dense"}}),
+            0);
+}
+
+TEST(SchedulerTest, TelemetryReportsRunningSequencesBoundedPerRecord) {
+  Gate gate(12);
+  SchedulerOptions o;
+  o.before_step = gate.Hook();
+  o.telemetry_deltas_per_sequence = 4;
+  auto sched = Scheduler::Create(MakeEngine(), o);
+  ASSERT_TRUE(sched.ok());
+  InferenceRequest r = Ids(Prompt(150, 4), 30);
+  r.request_id = "running";
+  r.sparsity.policy = "prhs";
+  r.sparsity.budget = 48;
+  r.sparsity.overrides = "tau=0.9999";  // refresh at almost every step
+  Stream s;
+  ASSERT_TRUE((*sched)->Generate(r, s.Callback()).ok());
+  gate.WaitReached();  // 10 decode steps ran, 2 layers x 2 kv heads each
+  std::vector<SequenceTelemetry> t = (*sched)->TakeTelemetry();
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_TRUE(t[0].in_progress);
+  EXPECT_EQ(t[0].request_id, "running");
+  EXPECT_EQ(t[0].policy, "prhs");
+  EXPECT_EQ(t[0].length, 150 + 10);
+  EXPECT_EQ(t[0].refresh_delta.size(), 4u);  // bounded
+  EXPECT_EQ(t[0].refresh_layer.size(), 4u);
+  EXPECT_EQ(t[0].refresh_head.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_GE(t[0].refresh_layer[i], 0);
+    EXPECT_LT(t[0].refresh_layer[i], 2);
+    EXPECT_GE(t[0].refresh_head[i], 0);
+    EXPECT_LT(t[0].refresh_head[i], 2);
+    EXPECT_GE(t[0].refresh_delta[i], 0.0f);
+    EXPECT_LE(t[0].refresh_delta[i], 1.0f);
+  }
+  const int64_t dropped = (*sched)->telemetry_deltas_dropped();
+  EXPECT_GT(dropped, 0);
+  EXPECT_TRUE((*sched)->TakeTelemetry().empty());  // nothing new while the step is held
+  gate.Open();
+  s.WaitDone();
+  ASSERT_TRUE((*sched)->WaitIdle(absl::InfiniteFuture()));
+  t = (*sched)->TakeTelemetry();
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_FALSE(t[0].in_progress);
+  EXPECT_LE(t[0].refresh_delta.size(), 4u);
+  EXPECT_GT(t[0].report.refreshes, 40);
+  EXPECT_EQ(static_cast<int64_t>(t[0].refresh_delta.size()) + 4 +
+                (*sched)->telemetry_deltas_dropped(),
+            static_cast<int64_t>(s.final_event().sparsity.refreshes) - 4);
+}
+
 }  // namespace
 }  // namespace prehoc

@@ -74,6 +74,9 @@ struct ModelDescription {
   bool bidirectional = false;
   int max_tokens_limit = 0;
   std::vector<std::string> sparsity_policies;
+  // Shape the cache manager's selection planner needs (0 = unknown).
+  int num_layers = 0;
+  int num_kv_heads = 0;
 };
 
 // Load of one worker, for placement and metrics.

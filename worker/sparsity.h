@@ -35,6 +35,11 @@ struct SparsityReport {
   double max_delta = 0.0;
   int64_t refreshes = 0;            // exact top-k recomputations (retrievals)
   int64_t shares = 0;               // (step, layer, head) uses of a reused index set
+  // Version of the plan in use at the end: the cache manager's once one was applied
+  // (plan_updates > 0), else the worker's local plan's.
+  int64_t plan_version = 0;
+  int plan_updates = 0;             // plans from the cache manager applied at step boundaries
+  int64_t dense_fallback_steps = 0; // decode steps of a sparse policy that attended every token
 };
 
 }  // namespace prehoc

@@ -1,5 +1,6 @@
 #include "worker/selection/session.h"
 
+#include "absl/strings/str_cat.h"
 #include "common/status.h"
 
 namespace prehoc {
@@ -44,6 +45,21 @@ void SelectionSession::AfterStep() {
     controller_->Apply(&plan_);
     selector_->UpdatePlan(plan_);
   }
+}
+
+absl::Status SelectionSession::AdoptPlan(SelectionPlan plan) {
+  if (plan.policy != plan_.policy || plan.budget_matched != plan_.budget_matched ||
+      plan.layers.size() != plan_.layers.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "plan: policy '", plan.policy_name, "' with ", plan.layers.size(),
+        " layers does not fit the sequence's policy '", plan_.policy_name, "' with ",
+        plan_.layers.size(), " layers"));
+  }
+  plan_ = std::move(plan);
+  selector_->UpdatePlan(plan_);
+  controller_ = nullptr;
+  external_plan_ = true;
+  return absl::OkStatus();
 }
 
 }  // namespace prehoc

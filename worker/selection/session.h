@@ -33,6 +33,14 @@ class SelectionSession {
   // controller and, when it changed the budget, hands the selector the new plan version.
   void AfterStep();
 
+  // Replaces the plan with one computed elsewhere (the cache manager's, in split mode) at a
+  // step boundary; the selector keeps its state (CIS anchors, ...). From then on the plan's
+  // owner runs the δ loop: this session no longer feeds or applies a local controller.
+  // INVALID_ARGUMENT when `plan` does not fit (another policy or layer count); the current plan
+  // stays. REQUIRES: not concurrently with a step of this session's selector.
+  absl::Status AdoptPlan(SelectionPlan plan);
+  bool external_plan() const { return external_plan_; }
+
  private:
   SelectionSession() = default;
   SelectionPlan plan_;
@@ -41,6 +49,7 @@ class SelectionSession {
   DeltaController* controller_ = nullptr;
   uint64_t applied_version_ = 0;
   size_t delta_seen_ = 0;
+  bool external_plan_ = false;
 };
 
 }  // namespace prehoc
