@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -58,250 +59,373 @@ absl::Status DiffuseOptions::Validate() const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<DiffuseResult> Diffuse(const DlmModel& model, const DiffuseRequest& request,
+absl::StatusOr<DiffuseResult> Diffuse(const DlmBackend& model, const DiffuseRequest& request,
                                       std::span<const double> drift,
-                                      const DlmStepObserver& observer) {
+                                      const DlmStepObserver& observer,
+                                      const DlmInterrupt& interrupt) {
   RETURN_IF_ERROR(request.options.Validate());
   ASSIGN_OR_RETURN(DlmSchedule schedule,
                    MakeDlmSchedule(model.config(), request.options.cache,
                                    request.options.cache_overrides, drift));
-  return DiffuseWithSchedule(model, request, schedule, observer);
+  return DiffuseWithSchedule(model, request, schedule, observer, interrupt);
 }
 
-absl::StatusOr<DiffuseResult> DiffuseWithSchedule(const DlmModel& model,
-                                                  const DiffuseRequest& request,
-                                                  const DlmSchedule& schedule,
-                                                  const DlmStepObserver& observer) {
-  const DiffuseOptions& opt = request.options;
-  RETURN_IF_ERROR(opt.Validate());
-  const ModelConfig& c = model.config();
-  const int V = c.vocab_size, NL = c.num_hidden_layers;
-  const int mask = model.mask_id();
-  const int P = static_cast<int>(request.prompt.size());
-  const int L = opt.gen_length;
-  const int S = static_cast<int>(request.suffix.size());
+DlmStepPlan PlanStep(const DlmSchedule& schedule, DlmStepKind kind, int P, int L, int S, int bs,
+                     int be) {
+  DlmStepPlan plan;
   const int N = P + L + S;
-  if (P == 0) return Bad("prompt", "empty (pass at least one token, e.g. BOS)");
-  for (const auto* part : {&request.prompt, &request.suffix}) {
-    const char* name = part == &request.prompt ? "prompt" : "suffix";
-    for (size_t i = 0; i < part->size(); ++i) {
-      const int32_t t = (*part)[i];
-      if (t < 0 || t >= V) {
-        return Bad(name, absl::StrCat("token ", t, " at position ", i, " is outside [0, ", V, ")"));
-      }
-      if (t == mask) {
-        return Bad(name, absl::StrCat("token at position ", i, " is the mask id ", mask,
-                                      " (masks belong in the response)"));
+  auto range = [&](int a, int b) {
+    plan.live.resize(b - a);
+    std::iota(plan.live.begin(), plan.live.end(), a);
+  };
+  switch (kind) {
+    case DlmStepKind::kFull:
+      range(0, N);
+      return plan;
+    case DlmStepKind::kGenRefresh:
+      range(P, P + L);
+      return plan;
+    case DlmStepKind::kPartial:
+      break;
+  }
+  switch (schedule.policy) {
+    case DlmCachePolicy::kPrefix:
+      range(bs, N);
+      break;
+    case DlmCachePolicy::kDual:
+      range(bs, be);
+      break;
+    case DlmCachePolicy::kDllm:
+      range(P, P + L);
+      plan.select = RowSelect::kDllm;
+      plan.first_selective_layer = 0;
+      break;
+    case DlmCachePolicy::kSpa:
+    case DlmCachePolicy::kSpaAuto:
+      range(P, P + L);
+      plan.select = RowSelect::kSpa;
+      plan.first_selective_layer = 1;
+      plan.kv_all_rows = schedule.kv_all_rows;
+      break;
+    case DlmCachePolicy::kNone:
+      range(0, N);
+      break;
+  }
+  return plan;
+}
+
+namespace {
+
+// One request's decoding loop as a state machine, so that several requests can share batched
+// forwards: Prepare() → (the backend runs item()) → Commit(), until Prepare() returns false.
+class RequestRun {
+ public:
+  RequestRun(const DlmBackend& model, const DiffuseRequest& request, const DlmSchedule& schedule,
+             const DlmStepObserver& observer)
+      : model_(model), req_(request), opt_(request.options), schedule_(schedule),
+        observer_(observer), rng_(request.options.seed) {}
+
+  // Validates the request (errors as DiffuseWithSchedule) and makes its caches.
+  absl::Status Init() {
+    RETURN_IF_ERROR(opt_.Validate());
+    const ModelConfig& c = model_.config();
+    V_ = c.vocab_size;
+    NL_ = c.num_hidden_layers;
+    mask_ = model_.mask_id();
+    P_ = static_cast<int>(req_.prompt.size());
+    L_ = opt_.gen_length;
+    S_ = static_cast<int>(req_.suffix.size());
+    const int N = P_ + L_ + S_;
+    if (P_ == 0) return Bad("prompt", "empty (pass at least one token, e.g. BOS)");
+    for (const auto* part : {&req_.prompt, &req_.suffix}) {
+      const char* name = part == &req_.prompt ? "prompt" : "suffix";
+      for (size_t i = 0; i < part->size(); ++i) {
+        const int32_t t = (*part)[i];
+        if (t < 0 || t >= V_) {
+          return Bad(name, absl::StrCat("token ", t, " at position ", i, " is outside [0, ", V_, ")"));
+        }
+        if (t == mask_) {
+          return Bad(name, absl::StrCat("token at position ", i, " is the mask id ", mask_,
+                                        " (masks belong in the response)"));
+        }
       }
     }
-  }
-  if (N > c.max_position_embeddings) {
-    return Bad("gen_length", absl::StrCat("prompt ", P, " + gen_length ", L, " + suffix ", S,
-                                          " = ", N, " exceeds the model's context ",
-                                          c.max_position_embeddings));
-  }
-  const int eos = model.eos_id();
-  if (opt.stop_at_eos && eos < 0) {
-    return Bad("stop_at_eos", "the model declares no end-of-text id");
-  }
-  const bool spa = schedule.policy == DlmCachePolicy::kSpa ||
-                   schedule.policy == DlmCachePolicy::kSpaAuto;
-  if (spa && model.proxy_rank() <= 0) {
-    return absl::FailedPreconditionError("cache: spa needs the model's singular proxies (proxy_rank > 0)");
-  }
-  if (spa && static_cast<int>(schedule.rho.size()) != NL) {
-    return Bad("schedule.rho", absl::StrCat("has ", schedule.rho.size(), " layers, model has ", NL));
+    if (N > c.max_position_embeddings) {
+      return Bad("gen_length", absl::StrCat("prompt ", P_, " + gen_length ", L_, " + suffix ", S_,
+                                            " = ", N, " exceeds the model's context ",
+                                            c.max_position_embeddings));
+    }
+    eos_ = model_.eos_id();
+    if (opt_.stop_at_eos && eos_ < 0) {
+      return Bad("stop_at_eos", "the model declares no end-of-text id");
+    }
+    spa_ = schedule_.policy == DlmCachePolicy::kSpa ||
+           schedule_.policy == DlmCachePolicy::kSpaAuto;
+    if (spa_ && model_.proxy_rank() <= 0) {
+      return absl::FailedPreconditionError(
+          "cache: spa needs the model's singular proxies (proxy_rank > 0)");
+    }
+    if (spa_ && static_cast<int>(schedule_.rho.size()) != NL_) {
+      return Bad("schedule.rho",
+                 absl::StrCat("has ", schedule_.rho.size(), " layers, model has ", NL_));
+    }
+    result_.schedule = schedule_;
+    stats().canvas_rows = N;
+    stats().forward.Resize(NL_);
+    canvas_.reserve(N);
+    canvas_.insert(canvas_.end(), req_.prompt.begin(), req_.prompt.end());
+    canvas_.insert(canvas_.end(), L_, mask_);
+    canvas_.insert(canvas_.end(), req_.suffix.begin(), req_.suffix.end());
+    ASSIGN_OR_RETURN(cache_, model_.NewCache(N));
+    update_rows_.resize(NL_);
+    for (int l = 0; l < NL_; ++l) update_rows_[l] = schedule_.UpdateRows(l, L_);
+    bl_ = opt_.effective_block_length();
+    nb_ = L_ / bl_;
+    spb_ = opt_.effective_steps() / nb_;
+    random_remask_ = opt_.remasking == "random";
+    tau_ = opt_.parallel_threshold;
+    return absl::OkStatus();
   }
 
-  DiffuseResult result;
-  result.schedule = schedule;
-  DlmRunStats& stats = result.stats;
-  stats.canvas_rows = N;
-  stats.forward.Resize(NL);
-
-  std::vector<int32_t> canvas;
-  canvas.reserve(N);
-  canvas.insert(canvas.end(), request.prompt.begin(), request.prompt.end());
-  canvas.insert(canvas.end(), L, mask);
-  canvas.insert(canvas.end(), request.suffix.begin(), request.suffix.end());
-  DlmState state(c, N, model.proxy_rank());
-  std::mt19937_64 rng(opt.seed);
-
-  std::vector<int32_t> all_rows(N), gen_rows(L);
-  std::iota(all_rows.begin(), all_rows.end(), 0);
-  std::iota(gen_rows.begin(), gen_rows.end(), P);
-  std::vector<int> update_rows(NL);
-  for (int l = 0; l < NL; ++l) update_rows[l] = schedule.UpdateRows(l, L);
-
-  const int bl = opt.effective_block_length();
-  const int nb = L / bl;
-  const int spb = opt.effective_steps() / nb;
-  const bool random_remask = opt.remasking == "random";
-  const double tau = opt.parallel_threshold;
-
-  std::vector<float> logits;
-  std::vector<int32_t> live, mask_rows;
-  const auto t_start = std::chrono::steady_clock::now();
-  int step = 0;
-  bool stopped = false;
-  for (int b = 0; b < nb && !stopped; ++b) {
-    const int bs = P + b * bl, be = bs + bl;
-    // LLaDA's get_num_transfer_tokens over the block's masks.
-    int masks = 0;
-    for (int r = bs; r < be; ++r) masks += canvas[r] == mask;
-    std::vector<int> transfer(spb, masks / spb);
-    for (int i = 0; i < masks % spb; ++i) transfer[i]++;
-    for (int i = 0;; ++i) {
-      mask_rows.clear();
+  // Sets up the next step (spec and outputs); false when the request is finished.
+  bool Prepare() {
+    while (true) {
+      if (b_ >= nb_ || stopped_) return false;
+      const int bs = P_ + b_ * bl_, be = bs + bl_;
+      if (!block_started_) {
+        // LLaDA's get_num_transfer_tokens over the block's masks.
+        int masks = 0;
+        for (int r = bs; r < be; ++r) masks += canvas_[r] == mask_;
+        transfer_.assign(spb_, masks / spb_);
+        for (int i = 0; i < masks % spb_; ++i) transfer_[i]++;
+        block_started_ = true;
+        i_ = 0;
+      }
+      mask_rows_.clear();
       for (int r = bs; r < be; ++r) {
-        if (canvas[r] == mask) mask_rows.push_back(r);
+        if (canvas_[r] == mask_) mask_rows_.push_back(r);
       }
-      if (mask_rows.empty()) break;
-      if (tau <= 0 && i >= spb) break;  // cannot happen: the schedule sums to the masks
-      const DlmStepKind kind = schedule.StepKind(step, i);
-      ForwardSpec spec;
-      spec.logit_rows = mask_rows;
-      spec.store_proxy = spa;
-      spec.proxy_begin = P;
-      spec.proxy_end = P + L;
-      switch (kind) {
-        case DlmStepKind::kFull:
-          spec.live = all_rows;
-          stats.full_steps++;
-          break;
-        case DlmStepKind::kGenRefresh:
-          spec.live = gen_rows;
-          stats.gen_refresh_steps++;
-          break;
-        case DlmStepKind::kPartial:
-          stats.partial_steps++;
-          spec.store_proxy = false;
-          switch (schedule.policy) {
-            case DlmCachePolicy::kPrefix:
-              live.assign(all_rows.begin() + bs, all_rows.end());
-              spec.live = live;
-              break;
-            case DlmCachePolicy::kDual:
-              live.assign(all_rows.begin() + bs, all_rows.begin() + be);
-              spec.live = live;
-              break;
-            case DlmCachePolicy::kDllm:
-              spec.live = gen_rows;
-              spec.select = RowSelect::kDllm;
-              spec.first_selective_layer = 0;
-              spec.update_rows = update_rows;
-              break;
-            case DlmCachePolicy::kSpa:
-            case DlmCachePolicy::kSpaAuto:
-              spec.live = gen_rows;
-              spec.select = RowSelect::kSpa;
-              spec.first_selective_layer = 1;
-              spec.update_rows = update_rows;
-              spec.kv_all_rows = schedule.kv_all_rows;
-              break;
-            case DlmCachePolicy::kNone:
-              spec.live = all_rows;
-              break;
-          }
-          break;
-      }
-      RETURN_IF_ERROR(model.Forward(&state, canvas, spec, &logits, &stats.forward));
-      stats.steps++;
-
-      // x0 and confidence per masked row.
-      const int nm = static_cast<int>(mask_rows.size());
-      std::vector<int32_t> x0(nm);
-      std::vector<double> conf(nm);
-      for (int j = 0; j < nm; ++j) {
-        const float* lg = logits.data() + static_cast<size_t>(j) * V;
-        int best = 0;
-        if (opt.temperature > 0) {
-          double best_score = -std::numeric_limits<double>::infinity();
-          for (int v = 0; v < V; ++v) {
-            const double g = -std::log(-std::log(Uniform01(&rng)));
-            const double s = static_cast<double>(lg[v]) + opt.temperature * g;
-            if (s > best_score) best_score = s, best = v;
-          }
-        } else {
-          for (int v = 1; v < V; ++v) {
-            if (lg[v] > lg[best]) best = v;
+      // The block ends when it has no mask (with a fixed schedule, after spb steps).
+      if (mask_rows_.empty() || (tau_ <= 0 && i_ >= spb_)) {
+        stats().blocks++;
+        if (opt_.stop_at_eos) {
+          for (int r = P_; r < be; ++r) {
+            if (canvas_[r] == eos_) stopped_ = true;
           }
         }
+        ++b_;
+        block_started_ = false;
+        continue;
+      }
+      kind_ = schedule_.StepKind(step_, i_);
+      plan_ = PlanStep(schedule_, kind_, P_, L_, S_, bs, be);
+      spec_ = ForwardSpec();
+      spec_.live = plan_.live;
+      spec_.select = plan_.select;
+      spec_.first_selective_layer = plan_.first_selective_layer;
+      spec_.kv_all_rows = plan_.kv_all_rows;
+      if (plan_.select != RowSelect::kAll) spec_.update_rows = update_rows_;
+      spec_.logit_rows = mask_rows_;
+      spec_.store_proxy = spa_ && kind_ != DlmStepKind::kPartial;
+      spec_.proxy_begin = P_;
+      spec_.proxy_end = P_ + L_;
+      switch (kind_) {
+        case DlmStepKind::kFull: stats().full_steps++; break;
+        case DlmStepKind::kGenRefresh: stats().gen_refresh_steps++; break;
+        case DlmStepKind::kPartial: stats().partial_steps++; break;
+      }
+      return true;
+    }
+  }
+
+  // The backend's work for the prepared step: top-1 rows (temperature 0) or full logits.
+  DlmBatchItem item() {
+    DlmBatchItem it;
+    it.cache = cache_.get();
+    it.canvas = canvas_;
+    it.spec = &spec_;
+    if (opt_.temperature > 0) {
+      it.logits = &logits_;
+    } else {
+      it.top1 = &top1_;
+      it.top1_prob = &top1_prob_;
+    }
+    it.stats = &stats().forward;
+    return it;
+  }
+
+  // Chooses x0 and the confidence per masked row from the step's output and commits.
+  void Commit() {
+    stats().steps++;
+    const int nm = static_cast<int>(mask_rows_.size());
+    std::vector<int32_t> x0(nm);
+    std::vector<double> conf(nm);
+    if (opt_.temperature > 0) {
+      for (int j = 0; j < nm; ++j) {
+        const float* lg = logits_.data() + static_cast<size_t>(j) * V_;
+        int best = 0;
+        double best_score = -std::numeric_limits<double>::infinity();
+        for (int v = 0; v < V_; ++v) {
+          const double g = -std::log(-std::log(Uniform01(&rng_)));
+          const double s = static_cast<double>(lg[v]) + opt_.temperature * g;
+          if (s > best_score) best_score = s, best = v;
+        }
         x0[j] = best;
-        if (!random_remask) {
+        if (!random_remask_) {
           float mx = lg[0];
-          for (int v = 1; v < V; ++v) mx = std::max(mx, lg[v]);
+          for (int v = 1; v < V_; ++v) mx = std::max(mx, lg[v]);
           double sum = 0;
-          for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(lg[v]) - mx);
+          for (int v = 0; v < V_; ++v) sum += std::exp(static_cast<double>(lg[v]) - mx);
           conf[j] = std::exp(static_cast<double>(lg[best]) - mx) / sum;
         }
       }
-      if (random_remask) {
-        for (int j = 0; j < nm; ++j) conf[j] = Uniform01(&rng);
-      }
-      // Most confident first, ties by position.
-      std::vector<int> order(nm);
-      std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(), [&](int a, int b2) { return conf[a] > conf[b2]; });
-      int take;
-      if (tau > 0) {
-        take = 1;
-        while (take < nm && conf[order[take]] >= tau) ++take;
-      } else {
-        take = std::min(transfer[i], nm);
-      }
-      std::vector<int> chosen(order.begin(), order.begin() + take);
-      std::sort(chosen.begin(), chosen.end());
-      DlmStepInfo info;
-      info.step = step;
-      info.block = b;
-      info.block_step = i;
-      info.kind = kind;
-      info.masked_before = nm;
-      if (observer) {
-        for (int j = 0; j < nm; ++j) {
-          info.candidate_rows.push_back(mask_rows[j] - P);
-          info.candidate_tokens.push_back(x0[j]);
-          info.candidate_confidence.push_back(static_cast<float>(conf[j]));
-        }
-      }
-      for (int j : chosen) {
-        canvas[mask_rows[j]] = x0[j];
-        info.committed_rows.push_back(mask_rows[j] - P);
-        info.committed_tokens.push_back(x0[j]);
-        info.committed_confidence.push_back(static_cast<float>(conf[j]));
-      }
-      stats.decoded_tokens += take;
-      if (observer) observer(info);
-      ++step;
-    }
-    stats.blocks++;
-    if (opt.stop_at_eos) {
-      for (int r = P; r < be; ++r) {
-        if (canvas[r] == eos) stopped = true;
+    } else {
+      for (int j = 0; j < nm; ++j) {
+        x0[j] = top1_[j];
+        if (!random_remask_) conf[j] = top1_prob_[j];
       }
     }
+    if (random_remask_) {
+      for (int j = 0; j < nm; ++j) conf[j] = Uniform01(&rng_);
+    }
+    // Most confident first, ties by position.
+    std::vector<int> order(nm);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b2) { return conf[a] > conf[b2]; });
+    int take;
+    if (tau_ > 0) {
+      take = 1;
+      while (take < nm && conf[order[take]] >= tau_) ++take;
+    } else {
+      take = std::min(transfer_[i_], nm);
+    }
+    std::vector<int> chosen(order.begin(), order.begin() + take);
+    std::sort(chosen.begin(), chosen.end());
+    DlmStepInfo info;
+    info.step = step_;
+    info.block = b_;
+    info.block_step = i_;
+    info.kind = kind_;
+    info.masked_before = nm;
+    if (observer_) {
+      for (int j = 0; j < nm; ++j) {
+        info.candidate_rows.push_back(mask_rows_[j] - P_);
+        info.candidate_tokens.push_back(x0[j]);
+        info.candidate_confidence.push_back(static_cast<float>(conf[j]));
+      }
+    }
+    for (int j : chosen) {
+      canvas_[mask_rows_[j]] = x0[j];
+      info.committed_rows.push_back(mask_rows_[j] - P_);
+      info.committed_tokens.push_back(x0[j]);
+      info.committed_confidence.push_back(static_cast<float>(conf[j]));
+    }
+    stats().decoded_tokens += take;
+    if (observer_) observer_(info);
+    ++step_;
+    ++i_;
   }
-  stats.seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
 
-  result.response.assign(canvas.begin() + P, canvas.begin() + P + L);
-  result.output = result.response;
-  if (eos >= 0) {
-    auto it = std::find(result.output.begin(), result.output.end(), eos);
-    result.output.erase(it, result.output.end());
+  // The result, with `seconds` as the loop's wall time and the batch's phase times.
+  DiffuseResult Finish(double seconds, const ForwardStats& times) {
+    DlmRunStats& st = stats();
+    st.seconds = seconds;
+    st.forward.AddTimes(times);
+    result_.response.assign(canvas_.begin() + P_, canvas_.begin() + P_ + L_);
+    result_.output = result_.response;
+    if (eos_ >= 0) {
+      auto it = std::find(result_.output.begin(), result_.output.end(), eos_);
+      result_.output.erase(it, result_.output.end());
+    }
+    // Never-decoded rows (after an EOS stop) are not output.
+    auto mit = std::find(result_.output.begin(), result_.output.end(), mask_);
+    result_.output.erase(mit, result_.output.end());
+    result_.finish_reason = stopped_ ? "eos" : "length";
+    st.rows_per_step.assign(NL_, 0.0);
+    st.recompute_fraction.assign(NL_, 0.0);
+    for (int l = 0; l < NL_ && st.steps > 0; ++l) {
+      st.rows_per_step[l] = static_cast<double>(st.forward.q_rows[l]) / st.steps;
+      st.recompute_fraction[l] = st.rows_per_step[l] / st.canvas_rows;
+    }
+    return std::move(result_);
   }
-  // Never-decoded rows (after an EOS stop) are not output.
-  auto mit = std::find(result.output.begin(), result.output.end(), mask);
-  result.output.erase(mit, result.output.end());
-  result.finish_reason = stopped ? "eos" : "length";
-  stats.rows_per_step.assign(NL, 0.0);
-  stats.recompute_fraction.assign(NL, 0.0);
-  for (int l = 0; l < NL && stats.steps > 0; ++l) {
-    stats.rows_per_step[l] = static_cast<double>(stats.forward.q_rows[l]) / stats.steps;
-    stats.recompute_fraction[l] = stats.rows_per_step[l] / N;
+
+ private:
+  DlmRunStats& stats() { return result_.stats; }
+
+  const DlmBackend& model_;
+  const DiffuseRequest& req_;
+  const DiffuseOptions& opt_;
+  const DlmSchedule& schedule_;
+  const DlmStepObserver& observer_;
+  std::mt19937_64 rng_;
+  int V_ = 0, NL_ = 0, mask_ = 0, P_ = 0, L_ = 0, S_ = 0, eos_ = -1;
+  int bl_ = 0, nb_ = 0, spb_ = 0;
+  bool spa_ = false, random_remask_ = false;
+  double tau_ = 0;
+  std::vector<int32_t> canvas_;
+  std::unique_ptr<DlmCache> cache_;
+  std::vector<int> update_rows_;
+  DiffuseResult result_;
+  // Loop position.
+  int b_ = 0, i_ = 0, step_ = 0;
+  bool block_started_ = false, stopped_ = false;
+  std::vector<int> transfer_;
+  std::vector<int32_t> mask_rows_;
+  DlmStepKind kind_ = DlmStepKind::kFull;
+  DlmStepPlan plan_;
+  ForwardSpec spec_;
+  std::vector<float> logits_;
+  std::vector<int32_t> top1_;
+  std::vector<double> top1_prob_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::vector<DiffuseResult>> DiffuseBatchWithSchedule(
+    const DlmBackend& model, std::span<const DiffuseRequest> requests,
+    const DlmSchedule& schedule, const DlmStepObserver& observer, const DlmInterrupt& interrupt) {
+  if (requests.empty()) return Bad("requests", "empty batch");
+  std::vector<std::unique_ptr<RequestRun>> runs;
+  runs.reserve(requests.size());
+  for (const DiffuseRequest& r : requests) {
+    runs.push_back(std::make_unique<RequestRun>(model, r, schedule, observer));
+    RETURN_IF_ERROR(runs.back()->Init());
   }
-  return result;
+  ForwardStats times;
+  std::vector<DlmBatchItem> items;
+  const auto t_start = std::chrono::steady_clock::now();
+  while (true) {
+    items.clear();
+    std::vector<RequestRun*> active;
+    for (auto& run : runs) {
+      if (run->Prepare()) {
+        items.push_back(run->item());
+        active.push_back(run.get());
+      }
+    }
+    if (items.empty()) break;
+    if (interrupt) RETURN_IF_ERROR(interrupt());
+    RETURN_IF_ERROR(model.ForwardBatch(items, &times));
+    for (RequestRun* run : active) run->Commit();
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  std::vector<DiffuseResult> results;
+  results.reserve(runs.size());
+  for (auto& run : runs) results.push_back(run->Finish(seconds, times));
+  return results;
+}
+
+absl::StatusOr<DiffuseResult> DiffuseWithSchedule(const DlmBackend& model,
+                                                  const DiffuseRequest& request,
+                                                  const DlmSchedule& schedule,
+                                                  const DlmStepObserver& observer,
+                                                  const DlmInterrupt& interrupt) {
+  ASSIGN_OR_RETURN(std::vector<DiffuseResult> r,
+                   DiffuseBatchWithSchedule(model, std::span(&request, 1), schedule, observer,
+                                            interrupt));
+  return std::move(r[0]);
 }
 
 }  // namespace prehoc::dlm

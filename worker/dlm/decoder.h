@@ -31,6 +31,7 @@
 
 #include "absl/status/statusor.h"
 #include "cachemgr/dlm_schedule.h"
+#include "worker/dlm/dlm_backend.h"
 #include "worker/dlm/dlm_model.h"
 
 namespace prehoc::dlm {
@@ -103,6 +104,9 @@ struct DiffuseResult {
 };
 
 using DlmStepObserver = std::function<void(const DlmStepInfo&)>;
+// Called before every step (after the previous step's observer call); a non-OK status stops
+// decoding and is returned as the result (cancellation and deadlines in the services).
+using DlmInterrupt = std::function<absl::Status()>;
 
 // Runs the loop with `schedule` (from MakeDlmSchedule on the model's config; its policy wins over
 // request.options.cache). Errors: request.options.Validate(); INVALID_ARGUMENT for an empty
@@ -110,16 +114,43 @@ using DlmStepObserver = std::function<void(const DlmStepInfo&)>;
 // and position), a canvas longer than max_position_embeddings (naming gen_length), a model
 // without an end-of-text id when stop_at_eos; FAILED_PRECONDITION for spa on a model without
 // proxies.
-absl::StatusOr<DiffuseResult> DiffuseWithSchedule(const DlmModel& model,
+absl::StatusOr<DiffuseResult> DiffuseWithSchedule(const DlmBackend& model,
                                                   const DiffuseRequest& request,
                                                   const DlmSchedule& schedule,
-                                                  const DlmStepObserver& observer = nullptr);
+                                                  const DlmStepObserver& observer = nullptr,
+                                                  const DlmInterrupt& interrupt = nullptr);
 
 // Same, building the schedule from request.options.cache / cache_overrides (spa-auto uses
 // `drift`, the model's measured drift profile: see calibration.h).
-absl::StatusOr<DiffuseResult> Diffuse(const DlmModel& model, const DiffuseRequest& request,
+absl::StatusOr<DiffuseResult> Diffuse(const DlmBackend& model, const DiffuseRequest& request,
                                       std::span<const double> drift = {},
-                                      const DlmStepObserver& observer = nullptr);
+                                      const DlmStepObserver& observer = nullptr,
+                                      const DlmInterrupt& interrupt = nullptr);
+
+// Several requests decoded together with `schedule`: every step, each unfinished request adds its
+// step to one DlmBackend::ForwardBatch call (a GPU runs them as one batched forward). Each
+// result is the one DiffuseWithSchedule would give for that request alone on the same backend
+// (bit-identical on the CPU backend; on CUDA up to the batched GEMMs' summation order); its
+// stats.seconds is the wall time of the whole batch's loop and its phase times are those of the
+// batched forwards. Errors as DiffuseWithSchedule for any request (nothing is decoded then);
+// INVALID_ARGUMENT naming `requests` for an empty batch. `interrupt` is called before every
+// batched step.
+absl::StatusOr<std::vector<DiffuseResult>> DiffuseBatchWithSchedule(
+    const DlmBackend& model, std::span<const DiffuseRequest> requests,
+    const DlmSchedule& schedule, const DlmStepObserver& observer = nullptr,
+    const DlmInterrupt& interrupt = nullptr);
+
+// The rows a step of `kind` carries and how it picks the rows it recomputes (docs/dlm.md's policy
+// table), for a canvas prompt (P rows) | response (L) | suffix (S) while the block [bs, be)
+// (canvas positions) is decoded.
+struct DlmStepPlan {
+  std::vector<int32_t> live;
+  RowSelect select = RowSelect::kAll;
+  int first_selective_layer = 1;
+  bool kv_all_rows = true;
+};
+DlmStepPlan PlanStep(const DlmSchedule& schedule, DlmStepKind kind, int P, int L, int S, int bs,
+                     int be);
 
 }  // namespace prehoc::dlm
 

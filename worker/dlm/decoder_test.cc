@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <numeric>
 
+#include "absl/strings/match.h"
 #include "gtest/gtest.h"
 #include "worker/dlm/calibration.h"
 #include "worker/engine.h"
@@ -550,6 +551,40 @@ TEST(DlmDecoderTest, EveryPolicyDecodesTheShippedModel) {
     EXPECT_EQ(ss[0].committed_tokens, vs[0].committed_tokens) << cache;
     EXPECT_EQ(ss[0].candidate_confidence, vs[0].candidate_confidence) << cache;
   }
+}
+
+// A batch decoded in lockstep (DiffuseBatchWithSchedule) gives each request exactly what decoding
+// it alone gives: different prompt lengths, a suffix, parallel decoding (requests finish at
+// different steps) and random remasking, for a full-step policy and a selective one.
+TEST(DlmDecoderTest, BatchEqualsSingleRequests) {
+  auto m = TinyModel(TinyWeights(3));
+  ASSERT_NE(m, nullptr);
+  for (const std::string cache : {"none", "spa", "dual"}) {
+    std::vector<DiffuseRequest> reqs = {Request(Prompt(9, 1), 16, 8, 8, cache),
+                                        Request(Prompt(14, 2), 16, 8, 8, cache),
+                                        Request(Prompt(5, 3), 16, 8, 8, cache)};
+    reqs[1].suffix = {5, 6};
+    reqs[2].options.parallel_threshold = 0.3;
+    reqs[0].options.remasking = "random";
+    reqs[0].options.seed = 7;
+    auto sched = MakeDlmSchedule(m->config(), cache, {});
+    ASSERT_TRUE(sched.ok()) << sched.status();
+    auto batch = DiffuseBatchWithSchedule(*m, reqs, *sched);
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    ASSERT_EQ(batch->size(), reqs.size());
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      auto single = DiffuseWithSchedule(*m, reqs[i], *sched);
+      ASSERT_TRUE(single.ok()) << single.status();
+      EXPECT_EQ((*batch)[i].response, single->response) << cache << " request " << i;
+      EXPECT_EQ((*batch)[i].stats.steps, single->stats.steps) << cache << " request " << i;
+      EXPECT_EQ((*batch)[i].stats.forward.q_rows, single->stats.forward.q_rows) << cache;
+    }
+  }
+  auto sched = MakeDlmSchedule(m->config(), "none", {});
+  ASSERT_TRUE(sched.ok());
+  auto empty = DiffuseBatchWithSchedule(*m, std::span<const DiffuseRequest>(), *sched);
+  ASSERT_FALSE(empty.ok());
+  EXPECT_TRUE(absl::StartsWith(empty.status().message(), "requests")) << empty.status();
 }
 
 }  // namespace

@@ -83,7 +83,7 @@ void ForwardStats::Resize(int layers) {
   out_drift_count.resize(layers, 0);
 }
 
-void ForwardStats::Add(const ForwardStats& o) {
+void ForwardStats::AddCounts(const ForwardStats& o) {
   Resize(static_cast<int>(std::max(q_rows.size(), o.q_rows.size())));
   for (size_t l = 0; l < o.q_rows.size(); ++l) {
     q_rows[l] += o.q_rows[l];
@@ -96,11 +96,19 @@ void ForwardStats::Add(const ForwardStats& o) {
   }
   lm_rows += o.lm_rows;
   forwards += o.forwards;
+}
+
+void ForwardStats::AddTimes(const ForwardStats& o) {
   seconds_layer0 += o.seconds_layer0;
   seconds_kv += o.seconds_kv;
   seconds_select += o.seconds_select;
   seconds_rows += o.seconds_rows;
   seconds_lm += o.seconds_lm;
+}
+
+void ForwardStats::Add(const ForwardStats& o) {
+  AddCounts(o);
+  AddTimes(o);
 }
 
 absl::Status DlmModel::Supports(const ModelConfig& c, int mask_token_id) {
@@ -181,6 +189,41 @@ absl::StatusOr<std::unique_ptr<DlmModel>> DlmModel::Create(const DlmModelOptions
   return m;
 }
 
+absl::StatusOr<std::unique_ptr<DlmCache>> DlmModel::NewCache(int rows) const {
+  if (rows <= 0) return absl::InvalidArgumentError(absl::StrCat("rows: must be > 0, got ", rows));
+  return std::make_unique<DlmState>(config(), rows, proxy_rank_);
+}
+
+absl::Status DlmModel::ForwardBatch(std::span<const DlmBatchItem> items,
+                                    ForwardStats* batch_stats) const {
+  for (const DlmBatchItem& it : items) {
+    if (it.cache == nullptr || it.spec == nullptr || (it.logits == nullptr) == (it.top1 == nullptr) ||
+        (it.top1 != nullptr && it.top1_prob == nullptr)) {
+      return absl::InvalidArgumentError(
+          "items: each needs a cache, a spec and exactly one of logits / top1 (with top1_prob)");
+    }
+  }
+  std::vector<float> scratch;
+  for (const DlmBatchItem& it : items) {
+    auto* state = static_cast<DlmState*>(it.cache);
+    std::vector<float>* logits = it.logits != nullptr ? it.logits : &scratch;
+    ForwardStats st;
+    RETURN_IF_ERROR(Forward(state, it.canvas, *it.spec, logits, &st));
+    if (it.stats != nullptr) it.stats->AddCounts(st);
+    if (batch_stats != nullptr) batch_stats->AddTimes(st);
+    if (it.top1 != nullptr) {
+      const int V = config().vocab_size;
+      const size_t nl = it.spec->logit_rows.size();
+      it.top1->resize(nl);
+      it.top1_prob->resize(nl);
+      for (size_t j = 0; j < nl; ++j) {
+        Top1FromLogits(logits->data() + j * V, V, &(*it.top1)[j], &(*it.top1_prob)[j]);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 int DlmModel::eos_id() const {
   const ModelConfig& c = config();
   if (!c.eos_token_ids.empty()) return c.eos_token_ids[0];
@@ -197,51 +240,13 @@ absl::Status DlmModel::Forward(DlmState* state, std::span<const int32_t> canvas,
   const int hd = c.head_dim, F = c.intermediate_size, V = c.vocab_size;
   const int KVW = KVH * hd, QW = H * hd, group = H / KVH;
   const int rows = state->rows();
-  // ---- Validate.
-  if (static_cast<int>(canvas.size()) != rows) {
-    return absl::InvalidArgumentError(absl::StrCat("canvas: length ", canvas.size(),
-                                                   " differs from the state's ", rows, " rows"));
-  }
-  for (int i = 0; i < rows; ++i) {
-    if (canvas[i] < 0 || canvas[i] >= V) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("canvas: token ", canvas[i], " at position ", i, " is outside [0, ", V, ")"));
-    }
-  }
+  std::vector<int> logit_local;
+  RETURN_IF_ERROR(ValidateForward(c, proxy_rank_, rows, canvas, spec,
+                                  [state](int l) { return state->proxy_valid(l); },
+                                  &logit_local));
   const std::span<const int32_t> live = spec.live;
   const int n = static_cast<int>(live.size());
-  if (n == 0) return absl::InvalidArgumentError("live: no rows");
-  for (int i = 0; i < n; ++i) {
-    if (live[i] < 0 || live[i] >= rows || (i > 0 && live[i] <= live[i - 1])) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("live: rows must be sorted, unique and in [0, ", rows, "); bad entry ", i));
-    }
-  }
-  std::vector<int> logit_local(spec.logit_rows.size());
-  for (size_t i = 0; i < spec.logit_rows.size(); ++i) {
-    auto it = std::lower_bound(live.begin(), live.end(), spec.logit_rows[i]);
-    if (it == live.end() || *it != spec.logit_rows[i]) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("logit_rows: row ", spec.logit_rows[i], " is not live"));
-    }
-    logit_local[i] = static_cast<int>(it - live.begin());
-  }
   const bool selective = spec.select != RowSelect::kAll;
-  if (selective && static_cast<int>(spec.update_rows.size()) < NL) {
-    return absl::InvalidArgumentError(absl::StrCat("update_rows: need ", NL, " entries, got ",
-                                                   spec.update_rows.size()));
-  }
-  if ((spec.select == RowSelect::kSpa || spec.store_proxy) && proxy_rank_ == 0) {
-    return absl::InvalidArgumentError("cache: spa needs singular proxies (model built with proxy_rank -1)");
-  }
-  if (spec.select == RowSelect::kSpa) {
-    for (int l = std::max(spec.first_selective_layer, 0); l < NL; ++l) {
-      if (!state->proxy_valid(l)) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("spa step at layer ", l, " before any step stored its proxies"));
-      }
-    }
-  }
   ForwardStats local;
   local.Resize(NL);
   ForwardStats& st = stats != nullptr ? *stats : local;

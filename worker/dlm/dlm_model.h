@@ -35,6 +35,7 @@
 #include "absl/status/statusor.h"
 #include "common/model_config.h"
 #include "common/thread_pool.h"
+#include "worker/dlm/dlm_backend.h"
 #include "worker/dlm/singular_proxy.h"
 #include "worker/model_weights.h"
 #include "worker/tokenizer.h"
@@ -59,11 +60,11 @@ struct DlmModelOptions {
 };
 
 // One request's caches over a canvas of `rows` positions (row = canvas position).
-class DlmState {
+class DlmState : public DlmCache {
  public:
   DlmState(const ModelConfig& config, int rows, int proxy_rank);
 
-  int rows() const { return rows_; }
+  int rows() const override { return rows_; }
   int num_layers() const { return static_cast<int>(k_.size()); }
   // Post-RoPE keys / values of `row` at `layer`: [kv_heads, head_dim].
   float* K(int layer, int row) { return k_[layer].data() + static_cast<size_t>(row) * kv_width_; }
@@ -76,7 +77,7 @@ class DlmState {
   float* Proxy(int layer, int row) {
     return proxy_[layer].data() + static_cast<size_t>(row) * proxy_rank_;
   }
-  bool proxy_valid(int layer) const { return proxy_valid_[layer]; }
+  bool proxy_valid(int layer) const override { return proxy_valid_[layer]; }
   void set_proxy_valid(int layer) { proxy_valid_[layer] = 1; }
   bool delta_valid(int layer) const { return delta_valid_[layer]; }
   void set_delta_valid(int layer) { delta_valid_[layer] = 1; }
@@ -88,51 +89,7 @@ class DlmState {
   std::vector<char> proxy_valid_, delta_valid_;
 };
 
-enum class RowSelect { kAll, kSpa, kDllm };
-
-struct ForwardSpec {
-  // Canvas rows carried through the layers this step: sorted, unique, within [0, rows).
-  std::span<const int32_t> live;
-  RowSelect select = RowSelect::kAll;
-  // Layers below this compute every live row even when select != kAll (spa: 1, dllm: 0).
-  int first_selective_layer = 1;
-  // select != kAll: per layer, how many live rows to recompute (clamped to the live count).
-  std::span<const int> update_rows;
-  // kSpa: recompute K,V for every live row (true, the reference code) or only the selected rows.
-  bool kv_all_rows = true;
-  // kAll: compute and store the proxies of the live rows within [proxy_begin, proxy_end) at
-  // layers >= 1 (so that later kSpa steps compare against them); when the state already holds
-  // proxies for a layer, the drift Σ(1 − cos(new, old)) is added to the stats, and so is the
-  // output drift Σ ‖δ_new − δ_old‖ / ‖x + δ_new‖ of those rows (how much reusing the previous
-  // step's layer output would perturb the row).
-  bool store_proxy = false;
-  int proxy_begin = 0, proxy_end = 0;
-  // Rows (a subset of `live`, any order) whose logits are returned, in this order.
-  std::span<const int32_t> logit_rows;
-};
-
-// Accumulated over Forward calls.
-struct ForwardStats {
-  std::vector<int64_t> q_rows;   // per layer: rows recomputed (Q, attention, MLP)
-  std::vector<int64_t> kv_rows;  // per layer: rows whose K (and V) were recomputed
-  std::vector<int64_t> live_rows;  // per layer: rows carried
-  int64_t lm_rows = 0;
-  int64_t forwards = 0;
-  // Wall time by phase: layer 0 whole (with the embedding), K/V projections (layers >= 1),
-  // row selection (proxy or V and cosine; layers >= 1), selected rows (Q, attention, o_proj, MLP,
-  // residual; layers >= 1), final norm + LM head.
-  double seconds_layer0 = 0, seconds_kv = 0, seconds_select = 0, seconds_rows = 0, seconds_lm = 0;
-  // Drift measured by store_proxy steps, per layer: proxy (1 − cos) and output (relative δ change).
-  std::vector<double> drift_sum;
-  std::vector<int64_t> drift_count;
-  std::vector<double> out_drift_sum;
-  std::vector<int64_t> out_drift_count;
-
-  void Resize(int layers);
-  void Add(const ForwardStats& other);
-};
-
-class DlmModel {
+class DlmModel : public DlmBackend {
  public:
   // Loads the weights (or takes options.weights), checks Supports(), builds the singular proxies.
   // Errors: those of the loaders; INVALID_ARGUMENT naming the option or config key otherwise.
@@ -142,13 +99,14 @@ class DlmModel {
   // sliding window, a mask id in [0, vocab). INVALID_ARGUMENT naming the key otherwise.
   static absl::Status Supports(const ModelConfig& config, int mask_token_id);
 
-  const ModelConfig& config() const { return weights_->config; }
+  const ModelConfig& config() const override { return weights_->config; }
   const ModelWeights& weights() const { return *weights_; }
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }  // null when none declared
-  int mask_id() const { return mask_id_; }
+  int mask_id() const override { return mask_id_; }
   // First declared end-of-text id, or −1.
-  int eos_id() const;
-  int proxy_rank() const { return proxy_rank_; }
+  int eos_id() const override;
+  int proxy_rank() const override { return proxy_rank_; }
+  std::string backend_name() const override { return "cpu"; }
   const SingularProxy& proxy(int layer) const { return proxies_[layer]; }
   double proxy_build_seconds() const { return proxy_seconds_; }
   int num_threads() const { return pool_->num_threads(); }
@@ -161,6 +119,12 @@ class DlmModel {
   // step, or a kSpa / store_proxy step on a model without proxies.
   absl::Status Forward(DlmState* state, std::span<const int32_t> canvas, const ForwardSpec& spec,
                        std::vector<float>* logits, ForwardStats* stats) const;
+
+  // DlmBackend: a DlmState; Forward for each item in turn (top1 from the logits by
+  // Top1FromLogits). REQUIRES: the items' caches were made by NewCache of this model.
+  absl::StatusOr<std::unique_ptr<DlmCache>> NewCache(int rows) const override;
+  absl::Status ForwardBatch(std::span<const DlmBatchItem> items,
+                            ForwardStats* batch_stats) const override;
 
  private:
   DlmModel() = default;
