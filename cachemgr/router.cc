@@ -16,6 +16,8 @@ struct Router::Stream {
   std::string worker_id;
   std::string model;
   std::string policy;
+  SparsityOptions sparsity;  // as requested (policy "" = the worker's default)
+  PlanModelShape shape;      // of the model on the chosen worker
   InferenceCallback callback;
   std::shared_ptr<WorkerLink> link;
   absl::Time arrival;
@@ -119,7 +121,7 @@ Router::~Router() {
   }
   for (const auto& s : all) {
     Retire(s);
-    sequences_->Remove(s->sequence_id);
+    ReleaseSequence(s->sequence_id);
     FailStream(s, absl::UnavailableError("cache manager shutting down"));
     s->link->Free(s->sequence_id);
   }
@@ -144,6 +146,7 @@ absl::StatusOr<std::string> Router::Generate(InferenceRequest request,
                                : static_cast<int>(request.token_ids.size());
   auto stream = std::make_shared<Stream>();
   stream->callback = std::move(callback);
+  stream->sparsity = request.sparsity;
   stream->policy = request.sparsity.policy.empty() ? "default" : request.sparsity.policy;
   stream->arrival = workers_->Now();
   {
@@ -215,6 +218,12 @@ absl::StatusOr<std::string> Router::Generate(InferenceRequest request,
     }
     stream->worker_id = best->worker_id;
     stream->link = best->link;
+    for (const ModelDescription& m : best->models) {
+      if (request.model.empty() || m.name == request.model) {
+        stream->shape = {m.num_layers, m.num_kv_heads};
+        break;
+      }
+    }
     stream->model = request.model.empty() && !best->models.empty() ? best->models[0].name
                                                                    : request.model;
     stream->sequence_id = absl::StrCat(options_.id_prefix, "-s", next_id_);
@@ -243,7 +252,7 @@ absl::StatusOr<std::string> Router::Generate(InferenceRequest request,
       [this, stream](InferenceEvent ev) { OnLinkEvent(stream, std::move(ev)); });
   if (!started.ok()) {
     Retire(stream);
-    sequences_->Remove(stream->sequence_id);
+    ReleaseSequence(stream->sequence_id);
     absl::MutexLock l(&mu_);
     --link_outstanding_;
     return started;
@@ -255,10 +264,11 @@ void Router::OnLinkEvent(const std::shared_ptr<Stream>& s, InferenceEvent ev) {
   const bool terminal = ev.terminal();
   if (!terminal) {
     sequences_->Update(s->sequence_id, ev.sequence_length, ev.kv_pages);
+    if (ev.first) OpenPlan(*s);
   } else {
     // Accounting first, so a client that saw its stream end sees the pages released.
     Retire(s);
-    sequences_->Remove(s->sequence_id);
+    ReleaseSequence(s->sequence_id);
   }
   {
     absl::MutexLock l(&s->mu);
@@ -306,6 +316,20 @@ void Router::CountOutcome(const Stream& s, const absl::Status& status) {
       .Increment();
 }
 
+void Router::OpenPlan(const Stream& s) {
+  if (options_.plans == nullptr) return;
+  absl::StatusOr<uint64_t> v =
+      options_.plans->Open(s.sequence_id, s.worker_id, s.model, s.shape, s.sparsity);
+  if (!v.ok() && v.status().code() != absl::StatusCode::kFailedPrecondition) {
+    LOG(DEBUG) << "no selection plan for " << s.sequence_id << ": " << v.status();
+  }
+}
+
+void Router::ReleaseSequence(const std::string& sequence_id) {
+  sequences_->Remove(sequence_id);
+  if (options_.plans != nullptr) options_.plans->Close(sequence_id);
+}
+
 void Router::Retire(const std::shared_ptr<Stream>& s) {
   absl::MutexLock l(&mu_);
   auto it = streams_.find(s->request_id);
@@ -325,7 +349,7 @@ absl::Status Router::Cancel(std::string_view request_id, absl::Status status) {
     s = it->second;
   }
   Retire(s);
-  sequences_->Remove(s->sequence_id);
+  ReleaseSequence(s->sequence_id);
   FailStream(s, status);
   s->link->Free(s->sequence_id);
   UpdateGauges();
@@ -395,6 +419,9 @@ std::vector<std::string> Router::Tick() {
       }
     }
     const std::vector<SequenceRecord> dropped = sequences_->RemoveWorker(w.worker_id);
+    if (options_.plans != nullptr) {
+      for (const SequenceRecord& r : dropped) options_.plans->Close(r.sequence_id);
+    }
     LOG(WARNING) << "worker " << w.worker_id << " missed heartbeats: declared dead; failing "
                  << victims.size() << " streams, releasing " << dropped.size() << " sequences";
     const absl::Status status = absl::UnavailableError(
@@ -439,6 +466,7 @@ void Router::RecordTelemetry(const TelemetryReport& report) {
     std::map<std::string, std::string> policy_of;
     for (const TelemetryReport::Sequence& s : report.sequences) {
       policy_of[s.sequence_id] = s.policy;
+      if (s.in_progress) continue;  // totals are counted once, when the sequence finished
       m->kept_fraction->Add({{"policy", s.policy}}, FractionBuckets()).Observe(s.mean_kept_fraction);
       m->refreshes->Add({{"policy", s.policy}}).Increment(static_cast<double>(s.refreshes));
     }
@@ -451,6 +479,14 @@ void Router::RecordTelemetry(const TelemetryReport& report) {
       if (h == nullptr) h = &m->delta_observed->Add({{"policy", policy}}, DeltaBuckets());
       h->Observe(r.delta);
     }
+  }
+  if (options_.plans != nullptr && !report.refreshes.empty()) {
+    std::vector<RefreshSample> samples;
+    samples.reserve(report.refreshes.size());
+    for (const TelemetryReport::Refresh& r : report.refreshes) {
+      samples.push_back({r.sequence_id, r.layer, r.kv_head, r.delta});
+    }
+    options_.plans->Observe(samples);
   }
   absl::MutexLock l(&mu_);
   ++telemetry_batches_;

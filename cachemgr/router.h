@@ -23,6 +23,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "cachemgr/plan_manager.h"
 #include "cachemgr/sequence_registry.h"
 #include "cachemgr/worker_registry.h"
 #include "prometheus/counter.h"
@@ -65,10 +66,12 @@ struct TelemetryReport {
     double mean_kept_fraction = 1.0;
     int64_t refreshes = 0;
     int64_t shares = 0;
+    bool in_progress = false;  // a running sequence's interim record (totals not final)
   };
   struct Refresh {
     std::string sequence_id;
     int layer = -1;
+    int kv_head = -1;
     double delta = 0;
   };
   std::string worker_id;
@@ -81,6 +84,11 @@ struct RouterOptions {
   std::string id_prefix = "cm";
   // May be null. Must outlive the router.
   RouterMetrics* metrics = nullptr;
+  // Selection planner: when set, every placed sequence with an explicit sparse policy gets a
+  // plan once the worker reports its first token (queued for the worker's plan stream; the
+  // worker decodes with its local copy of the preset until then), closed when the sequence
+  // ends; telemetry feeds the planner's δ-controllers. May be null (no cache-manager plans). Must outlive the router.
+  PlanManager* plans = nullptr;
 };
 
 class Router : public InferenceBackend {
@@ -113,8 +121,8 @@ class Router : public InferenceBackend {
 
   int ActiveStreams() const;
 
-  // Records a worker's telemetry batch (metrics; the δ-controller's input once plans are
-  // computed here). Thread-safe.
+  // Records a worker's telemetry batch: metrics, and the refresh δ samples go to the planner's
+  // δ-controllers (new plan versions then go out on the plan streams). Thread-safe.
   void RecordTelemetry(const TelemetryReport& report);
   // Blocks until at least `n` telemetry batches were recorded or until `deadline`.
   bool AwaitTelemetry(int64_t n, absl::Time deadline);
@@ -131,6 +139,12 @@ class Router : public InferenceBackend {
   bool FailStream(const std::shared_ptr<Stream>& s, const absl::Status& status);
   // Forgets the stream (idempotent).
   void Retire(const std::shared_ptr<Stream>& s);
+  // Computes the sequence's selection plan (PlanManager::Open). Called at the stream's first
+  // event, so the worker holds the sequence before the plan reaches it; the terminal event,
+  // which always follows, closes it.
+  void OpenPlan(const Stream& s);
+  // Removes the sequence from the registry and closes its plan (idempotent).
+  void ReleaseSequence(const std::string& sequence_id);
   void CountOutcome(const Stream& s, const absl::Status& status);
   void UpdateGauges();
 

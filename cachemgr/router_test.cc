@@ -3,6 +3,7 @@
 #include <atomic>
 #include <deque>
 #include <map>
+#include <set>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -52,6 +53,10 @@ class FakeLink : public WorkerLink {
       if (finish) callbacks_.erase(it);
     }
     InferenceEvent ev;
+    {
+      absl::MutexLock l(&mu_);
+      ev.first = emitted_.insert(seq).second;  // as a worker marks its first event
+    }
     ev.request_id = seq;
     ev.tokens = {token};
     ev.sequence_length = 10;
@@ -78,6 +83,7 @@ class FakeLink : public WorkerLink {
   std::vector<std::string> freed_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, InferenceRequest> requests_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, InferenceCallback> callbacks_ ABSL_GUARDED_BY(mu_);
+  std::set<std::string> emitted_ ABSL_GUARDED_BY(mu_);
 };
 
 // Events of one client stream.
@@ -103,7 +109,7 @@ class RouterTest : public ::testing::Test {
                   nullptr}),
         metrics_(registry_),
         router_(std::make_unique<Router>(&workers_, &sequences_,
-                                         RouterOptions{"cm", &metrics_})) {}
+                                         RouterOptions{"cm", &metrics_, &plans_})) {}
 
   std::shared_ptr<FakeLink> AddWorker(const std::string& id, int max_running = 4,
                                       int max_queue = 4, int pages = 1000,
@@ -113,6 +119,8 @@ class RouterTest : public ::testing::Test {
     r.worker_id = id;
     r.address = id + ":1";
     r.models = {ModelDescription{"tiny", "LlamaForCausalLM", 260, 256}};
+    r.models[0].num_layers = 2;
+    r.models[0].num_kv_heads = 2;
     r.page_size = 16;
     r.load.kv_pages_total = pages;
     r.load.max_running = max_running;
@@ -139,6 +147,7 @@ class RouterTest : public ::testing::Test {
   SequenceRegistry sequences_;
   prometheus::Registry registry_;
   RouterMetrics metrics_;
+  PlanManager plans_;
   std::deque<Client> clients_;  // destroyed after router_, which may still call them
   std::unique_ptr<Router> router_;
   std::map<std::string, int64_t> epochs_;
@@ -321,6 +330,44 @@ TEST_F(RouterTest, MetricsCountOutcomesAndWorkers) {
   EXPECT_EQ(value("prehoc_cachemgr_workers_ready", ""), 1);
   EXPECT_EQ(value("prehoc_cachemgr_sequences", ""), 1);
   EXPECT_EQ(value("prehoc_cachemgr_kv_pages_total", ""), 1000);
+}
+
+TEST_F(RouterTest, PlansOpenAtTheFirstTokenFollowTelemetryAndCloseWithTheSequence) {
+  auto w = AddWorker("w1");
+  Client& c = NewClient();
+  InferenceRequest r = Req();
+  r.sparsity.policy = "prhs";
+  r.sparsity.budget = 48;
+  r.sparsity.target_delta = 0.05;
+  ASSERT_TRUE(router_->Generate(r, c.Callback()).ok());
+  const std::string seq = w->started().at(0);
+  EXPECT_FALSE(plans_.Get(seq).has_value());  // not before the worker holds the sequence
+  w->Emit(seq, 5);
+  ASSERT_TRUE(plans_.Get(seq).has_value());
+  const uint64_t v0 = plans_.Get(seq)->plan.version;
+  ASSERT_EQ(plans_.TakePending("w1").size(), 1u);
+
+  TelemetryReport t;
+  t.worker_id = "w1";
+  t.sequences.push_back({seq, "prhs", 1.0, 0, 0, /*in_progress=*/true});
+  t.refreshes.push_back({seq, /*layer=*/1, /*kv_head=*/1, /*delta=*/0.4});
+  router_->RecordTelemetry(t);
+  std::vector<PlanUpdate> u = plans_.TakePending("w1");
+  ASSERT_EQ(u.size(), 1u);
+  EXPECT_EQ(u[0].plan.version, v0 + 1);
+  EXPECT_DOUBLE_EQ(u[0].plan.layers[1].head_k_scale[1], 1.5);
+  for (const auto& fam : registry_.Collect()) {
+    if (fam.name == "prehoc_cachemgr_sparsity_kept_fraction") {
+      EXPECT_TRUE(fam.metric.empty());  // an in-progress record is not a finished sequence
+    }
+  }
+
+  w->Emit(seq, 6, /*finish=*/true);
+  EXPECT_FALSE(plans_.Get(seq).has_value());
+  // Requests without an explicit sparse policy get no plan.
+  ASSERT_TRUE(router_->Generate(Req(), NewClient().Callback()).ok());
+  w->Emit(w->started().at(1), 5);
+  EXPECT_EQ(plans_.open_plans(), 0);
 }
 
 }  // namespace

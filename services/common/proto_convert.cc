@@ -110,6 +110,9 @@ void AppendEvent(const InferenceEvent& e, v1::GenerateResponse* out) {
     s->set_refreshes(e.sparsity.refreshes);
     s->set_shares(e.sparsity.shares);
     s->set_target_delta(e.sparsity_target_delta);
+    s->set_plan_version(e.sparsity.plan_version);
+    s->set_plan_updates(e.sparsity.plan_updates);
+    s->set_dense_fallback_steps(e.sparsity.dense_fallback_steps);
   }
 }
 
@@ -135,6 +138,9 @@ InferenceEvent EventFromProto(const v1::GenerateResponse& p) {
     e.sparsity.refreshes = p.sparsity().refreshes();
     e.sparsity.shares = p.sparsity().shares();
     e.sparsity_target_delta = p.sparsity().target_delta();
+    e.sparsity.plan_version = p.sparsity().plan_version();
+    e.sparsity.plan_updates = p.sparsity().plan_updates();
+    e.sparsity.dense_fallback_steps = p.sparsity().dense_fallback_steps();
   }
   return e;
 }
@@ -148,6 +154,9 @@ v1::ModelInfo ToProto(const ModelDescription& m) {
   p.set_bidirectional(m.bidirectional);
   p.set_max_tokens_limit(m.max_tokens_limit);
   for (const std::string& s : m.sparsity_policies) p.add_sparsity_policies(s);
+  p.set_num_layers(m.num_layers);
+  p.mutable_dlm_drift()->Add(m.dlm_drift.begin(), m.dlm_drift.end());
+  for (const std::string& s : m.dlm_cache_policies) p.add_dlm_cache_policies(s);
   return p;
 }
 
@@ -160,6 +169,9 @@ ModelDescription FromProto(const v1::ModelInfo& p) {
   m.bidirectional = p.bidirectional();
   m.max_tokens_limit = p.max_tokens_limit();
   m.sparsity_policies.assign(p.sparsity_policies().begin(), p.sparsity_policies().end());
+  if (p.num_layers() > 0) m.num_layers = p.num_layers();
+  m.dlm_drift.assign(p.dlm_drift().begin(), p.dlm_drift().end());
+  m.dlm_cache_policies.assign(p.dlm_cache_policies().begin(), p.dlm_cache_policies().end());
   return m;
 }
 
