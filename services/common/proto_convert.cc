@@ -154,9 +154,6 @@ v1::ModelInfo ToProto(const ModelDescription& m) {
   p.set_bidirectional(m.bidirectional);
   p.set_max_tokens_limit(m.max_tokens_limit);
   for (const std::string& s : m.sparsity_policies) p.add_sparsity_policies(s);
-  p.set_num_layers(m.num_layers);
-  p.mutable_dlm_drift()->Add(m.dlm_drift.begin(), m.dlm_drift.end());
-  for (const std::string& s : m.dlm_cache_policies) p.add_dlm_cache_policies(s);
   return p;
 }
 
@@ -169,9 +166,6 @@ ModelDescription FromProto(const v1::ModelInfo& p) {
   m.bidirectional = p.bidirectional();
   m.max_tokens_limit = p.max_tokens_limit();
   m.sparsity_policies.assign(p.sparsity_policies().begin(), p.sparsity_policies().end());
-  if (p.num_layers() > 0) m.num_layers = p.num_layers();
-  m.dlm_drift.assign(p.dlm_drift().begin(), p.dlm_drift().end());
-  m.dlm_cache_policies.assign(p.dlm_cache_policies().begin(), p.dlm_cache_policies().end());
   return m;
 }
 
