@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "worker/backends/cpu/cpu_ops.h"
+#include "worker/rope.h"
 
 namespace prehoc {
 
@@ -333,7 +334,7 @@ class PrhsSelector : public SequenceSelector {
         continue;
       }
       State& st = state_[layer * model_.num_key_value_heads + kh];
-      const float* qg = q + static_cast<size_t>(kh * group) * hd;  // the group's heads, contiguous
+      const float* qg = GateQuery(q, kh, group, t, lp);
       const int qlen = group * hd;
       bool share = st.valid && st.reuse < lp.max_reuse;
       if (share) {
@@ -369,7 +370,7 @@ class PrhsSelector : public SequenceSelector {
   void Refresh(int layer, int kh, const float* q, const KvView& kv, int group,
                const LayerSelectionPlan& lp, int64_t k, State* st) {
     const int t = kv.length();
-    const float* qg = q + static_cast<size_t>(kh * group) * model_.head_dim;
+    const float* qg = GateQuery(q, kh, group, t, lp);
     const int qlen = group * model_.head_dim;
     GroupProbabilities(q, kv, kh, group, model_.head_dim, &probs_);
     if (lp.gqa_max) GroupProbabilities(q, kv, kh, group, model_.head_dim, &rank_, true);
@@ -402,9 +403,22 @@ class PrhsSelector : public SequenceSelector {
     ++telemetry_.refreshes_per_layer[layer];
   }
 
+  // The group's queries as the gate compares them: post-RoPE as given, or rotated back to
+  // position 0 (the current token is at position t − 1). Valid until the next call.
+  const float* GateQuery(const float* q, int kh, int group, int t, const LayerSelectionPlan& lp) {
+    const float* qg = q + static_cast<size_t>(kh * group) * model_.head_dim;  // contiguous group
+    if (!lp.gate_unrotated) return qg;
+    if (inv_freq_.empty()) inv_freq_ = RopeInvFrequencies(model_);
+    gate_q_.assign(qg, qg + static_cast<size_t>(group) * model_.head_dim);
+    ApplyRope(gate_q_.data(), group, model_.head_dim, -(t - 1), inv_freq_);
+    return gate_q_.data();
+  }
+
   std::vector<State> state_;
   std::vector<float> probs_;
   std::vector<float> rank_;
+  std::vector<float> inv_freq_;
+  std::vector<float> gate_q_;
 };
 
 // HShare-style baseline: sink + heavy + local, the heavy set chosen every refresh_interval steps

@@ -8,6 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "worker/engine.h"
+#include "worker/rope.h"
 
 namespace prehoc {
 namespace {
@@ -153,6 +154,34 @@ TEST_F(SelectorEngineTest, CisGateSharesOrRefreshesAsTauSays) {
   auto bounded = Make("prhs", 0.25, {{"tau", -1}, {"max_reuse", 1}});
   Decode(bounded.get(), 5);
   EXPECT_EQ(bounded->telemetry().refreshes, 3 * units);  // steps 0, 2, 4
+}
+
+TEST_F(SelectorEngineTest, UnrotatedGateComparesQueriesBeforeRope) {
+  // The same query content at positions 289 and 299: post-RoPE the two differ by a rotation of
+  // 10 positions (cos well below 0.99 with random content); rotated back to position 0 they are
+  // equal (cos 1), so only the unrotated gate shares the anchor's set.
+  const ModelConfig& c = engine_->config();
+  const std::vector<float> inv_freq = RopeInvFrequencies(c);
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> u(-1, 1);
+  std::vector<float> q0(c.num_attention_heads * c.head_dim);
+  for (float& x : q0) x = u(rng);
+  auto at = [&](int pos) {
+    std::vector<float> q = q0;
+    ApplyRope(q.data(), c.num_attention_heads, c.head_dim, pos, inv_freq);
+    return q;
+  };
+  auto pages = engine_->PageTable(seq_);
+  ASSERT_TRUE(pages.ok());
+  std::vector<std::vector<int32_t>> lists;
+  for (int unrotated : {0, 1}) {
+    auto sel = Make("prhs", 0.25, {{"tau", 0.99}, {"gate_unrotated", unrotated}});
+    sel->Select(0, at(289).data(), KvView(&engine_->kv_cache(), *pages, 0, 290), &lists);
+    sel->Select(0, at(299).data(), KvView(&engine_->kv_cache(), *pages, 0, 300), &lists);
+    const int kvh = c.num_key_value_heads;
+    EXPECT_EQ(sel->telemetry().refreshes, unrotated ? kvh : 2 * kvh) << unrotated;
+    EXPECT_EQ(sel->telemetry().shares, unrotated ? kvh : 0) << unrotated;
+  }
 }
 
 TEST_F(SelectorEngineTest, PsawExcludesTheEarlyCandidates) {
