@@ -19,16 +19,21 @@ absl::StatusOr<std::unique_ptr<CacheManagerServer>> CacheManagerServer::Create(
   };
   s->workers_ = std::make_unique<WorkerRegistry>(wo);
   s->sequences_ = std::make_unique<SequenceRegistry>();
+  s->plan_metrics_ = std::make_unique<PlanMetrics>(*s->registry_);
+  PlanManagerOptions po;
+  po.metrics = s->plan_metrics_.get();
+  s->plans_ = std::make_unique<PlanManager>(po);
   RouterOptions ro;
   ro.id_prefix = options.id_prefix.empty()
                      ? absl::StrCat("cm", absl::Hex(absl::ToUnixMicros(absl::Now())))
                      : options.id_prefix;
   ro.metrics = s->metrics_struct_.get();
+  ro.plans = s->plans_.get();
   s->router_ = std::make_unique<Router>(s->workers_.get(), s->sequences_.get(), ro);
   s->inference_service_ = std::make_unique<InferenceService>(
       s->router_.get(), InferenceServiceOptions{options.max_request_bytes});
   s->cachemgr_service_ = std::make_unique<CacheManagerService>(
-      s->router_.get(), s->workers_.get(), s->sequences_.get());
+      s->router_.get(), s->workers_.get(), s->sequences_.get(), s->plans_.get());
   absl::StatusOr<GrpcServer> server = StartGrpcServer(
       options.listen_address, {s->inference_service_.get(), s->cachemgr_service_.get()},
       TransportMessageLimit(options.max_request_bytes));

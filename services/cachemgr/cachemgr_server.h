@@ -15,6 +15,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "cachemgr/plan_manager.h"
 #include "cachemgr/router.h"
 #include "cachemgr/sequence_registry.h"
 #include "cachemgr/worker_registry.h"
@@ -49,6 +50,7 @@ class CacheManagerServer {
   Router& router() { return *router_; }
   WorkerRegistry& workers() { return *workers_; }
   SequenceRegistry& sequences() { return *sequences_; }
+  PlanManager& plans() { return *plans_; }
   prometheus::Registry& registry() { return *registry_; }
 
   // Readiness false, new requests UNAVAILABLE, active streams may finish until `deadline`
@@ -61,6 +63,8 @@ class CacheManagerServer {
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<RouterMetrics> metrics_struct_;
+  std::unique_ptr<PlanMetrics> plan_metrics_;
+  std::unique_ptr<PlanManager> plans_;
   std::unique_ptr<WorkerRegistry> workers_;
   std::unique_ptr<SequenceRegistry> sequences_;
   std::unique_ptr<Router> router_;

@@ -5,8 +5,10 @@
 #include <set>
 #include <thread>
 
+#include "absl/synchronization/mutex.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "prehoc/v1/cachemgr.grpc.pb.h"
 #include "prehoc/v1/inference.grpc.pb.h"
 #include "services/common/test_util.h"
 #include "services/worker/worker_server.h"
@@ -39,7 +41,8 @@ class CacheManagerServerTest : public ::testing::Test {
     workers_.clear();
     cm_.reset();
   }
-  WorkerServer* AddWorker(absl::Duration step_delay = absl::ZeroDuration()) {
+  WorkerServer* AddWorker(absl::Duration step_delay = absl::ZeroDuration(),
+                          std::function<void()> before_step = nullptr) {
     WorkerServerOptions o;
     o.engine.model_dir = Fixture();
     o.engine.num_threads = 1;
@@ -47,6 +50,7 @@ class CacheManagerServerTest : public ::testing::Test {
     o.model_name = "tiny";
     o.cachemgr_address = absl::StrCat("127.0.0.1:", cm_->port());
     o.scheduler.step_delay = step_delay;
+    o.scheduler.before_step = std::move(before_step);
     auto w = WorkerServer::Create(o);
     EXPECT_TRUE(w.ok()) << w.status();
     workers_.push_back(std::move(*w));
@@ -222,22 +226,165 @@ TEST_F(CacheManagerServerTest, WorkerTelemetryReachesTheCacheManagerMetrics) {
   StreamResult r = RunStream(stub_.get(), req);
   ASSERT_TRUE(r.status.ok()) << r.status.error_message();
   const int64_t refreshes = r.messages.back().sparsity().refreshes();
-  // The worker sends telemetry after its next heartbeat.
-  ASSERT_TRUE(cm_->router().AwaitTelemetry(1, absl::Now() + absl::Seconds(30)));
   double counted = -1, observed = -1;
-  for (const auto& fam : cm_->registry().Collect()) {
-    for (const auto& m : fam.metric) {
-      bool prhs = false;
-      for (const auto& l : m.label) prhs |= l.name == "policy" && l.value == "prhs";
-      if (!prhs) continue;
-      if (fam.name == "prehoc_cachemgr_sparsity_refreshes_total") counted = m.counter.value;
-      if (fam.name == "prehoc_cachemgr_sparsity_delta_observed") {
-        observed = static_cast<double>(m.histogram.sample_count);
+  auto collect = [&] {
+    for (const auto& fam : cm_->registry().Collect()) {
+      for (const auto& m : fam.metric) {
+        bool prhs = false;
+        for (const auto& l : m.label) prhs |= l.name == "policy" && l.value == "prhs";
+        if (!prhs) continue;
+        if (fam.name == "prehoc_cachemgr_sparsity_refreshes_total") counted = m.counter.value;
+        if (fam.name == "prehoc_cachemgr_sparsity_delta_observed") {
+          observed = static_cast<double>(m.histogram.sample_count);
+        }
       }
     }
+  };
+  // The worker sends telemetry after each heartbeat; batches sent while the request ran carry
+  // in-progress records (not counted as finished), so wait batch by batch for the final one.
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  for (int64_t n = 1; counted != static_cast<double>(refreshes) &&
+                      cm_->router().AwaitTelemetry(n, deadline);
+       ++n) {
+    collect();
   }
   EXPECT_EQ(counted, static_cast<double>(refreshes));
   EXPECT_GT(observed, 0);
+}
+
+// A before_step hook that blocks the step thread at its `block_at`-th call until Open().
+class StepGate {
+ public:
+  explicit StepGate(int block_at) : block_at_(block_at) {}
+  std::function<void()> Hook() {
+    return [this] {
+      absl::MutexLock l(&mu_);
+      if (++calls_ == block_at_) {
+        reached_ = true;
+        mu_.Await(absl::Condition(&open_));
+      }
+    };
+  }
+  bool WaitReached(absl::Time deadline) {
+    absl::MutexLock l(&mu_);
+    return mu_.AwaitWithDeadline(absl::Condition(&reached_), deadline);
+  }
+  void Open() {
+    absl::MutexLock l(&mu_);
+    open_ = true;
+  }
+
+ private:
+  absl::Mutex mu_;
+  int calls_ ABSL_GUARDED_BY(mu_) = 0;
+  const int block_at_;
+  bool reached_ ABSL_GUARDED_BY(mu_) = false;
+  bool open_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+v1::GenerateRequest PrhsRequest(double target_delta, int max_tokens) {
+  v1::GenerateRequest req;
+  for (int j = 0; j < 150; ++j) req.mutable_token_ids()->add_ids(j == 0 ? 256 : (j * 37) % 256);
+  req.set_max_tokens(max_tokens);
+  req.mutable_sparsity()->set_policy(v1::SparsityParams::PRHS);
+  req.mutable_sparsity()->set_budget(48);
+  req.mutable_sparsity()->set_target_delta(target_delta);
+  return req;
+}
+
+double Metric(prometheus::Registry& registry, const std::string& name) {
+  double sum = 0;
+  for (const auto& fam : registry.Collect()) {
+    if (fam.name != name) continue;
+    for (const auto& m : fam.metric) sum += m.counter.value + m.gauge.value;
+  }
+  return sum;
+}
+
+// A synthetic telemetry batch (δ far above δ* at every layer and kv head) sent through
+// CacheManager.ReportTelemetry drives the cache manager's controller; the new plan reaches the
+// worker over StreamPlans and is swapped in at a step boundary.
+TEST_F(CacheManagerServerTest, SyntheticTelemetryDrivesTheControllerAndTheWorkerAppliesThePlan) {
+  StepGate gate(3);  // prefill, first decode, then held
+  WorkerServer* w = AddWorker(absl::ZeroDuration(), gate.Hook());
+  ASSERT_TRUE(cm_->workers().AwaitReady(1, absl::Now() + absl::Seconds(30)));
+  StreamResult result;
+  std::thread client([&] { result = RunStream(stub_.get(), PrhsRequest(0.05, 10)); });
+  ASSERT_TRUE(gate.WaitReached(absl::Now() + absl::Seconds(30)));
+  const std::vector<SequenceRecord> seqs = cm_->sequences().List();
+  ASSERT_EQ(seqs.size(), 1u);
+  const std::string seq = seqs[0].sequence_id;
+  // The plan computed at the first token reaches the worker (version 2: the preset plus the
+  // controller's initial per-head scales).
+  ASSERT_TRUE(w->scheduler().AwaitPlan(seq, 1, absl::Now() + absl::Seconds(30)));
+  const uint64_t v0 = cm_->plans().Get(seq)->plan.version;
+
+  v1::TelemetryBatch batch;
+  batch.set_worker_id(w->worker_id());
+  for (int layer = 0; layer < 2; ++layer) {
+    for (int head = 0; head < 2; ++head) {
+      v1::RefreshEvent* e = batch.add_refreshes();
+      e->set_sequence_id(seq);
+      e->set_layer(layer);
+      e->set_kv_head(head);
+      e->set_delta(0.3);
+    }
+  }
+  auto cm_stub = v1::CacheManager::NewStub(channel_);
+  grpc::ClientContext ctx;
+  v1::ReportTelemetryResponse resp;
+  auto writer = cm_stub->ReportTelemetry(&ctx, &resp);
+  ASSERT_TRUE(writer->Write(batch));
+  writer->WritesDone();
+  ASSERT_TRUE(writer->Finish().ok());
+
+  const uint64_t v1 = cm_->plans().Get(seq)->plan.version;
+  EXPECT_EQ(v1, v0 + 1);
+  for (int layer = 0; layer < 2; ++layer) {
+    EXPECT_EQ(cm_->plans().Get(seq)->plan.layers[layer].head_k_scale,
+              std::vector<double>({1.5, 1.5}));
+  }
+  ASSERT_TRUE(w->scheduler().AwaitPlan(seq, v1, absl::Now() + absl::Seconds(30)));
+  gate.Open();
+  client.join();
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  const v1::SparsityReport& report = result.messages.back().sparsity();
+  EXPECT_EQ(report.plan_version(), static_cast<int64_t>(v1));
+  EXPECT_GE(report.plan_updates(), 1);
+  EXPECT_GE(Metric(cm_->registry(), "prehoc_cachemgr_selection_plans_sent_total"), 2);
+  EXPECT_GE(Metric(w->registry(), "prehoc_selection_plans_applied_total"), 1);
+  EXPECT_EQ(cm_->plans().open_plans(), 0);  // closed with the sequence
+}
+
+// The whole loop with real telemetry: a request with a δ target far below what its budget
+// achieves makes the worker measure violations at refreshes; they travel to the cache manager
+// with the next heartbeat, its controller raises k and the worker applies a newer plan while
+// the request still runs.
+TEST_F(CacheManagerServerTest, TargetDeltaRequestGetsAPlanUpdateFromTheCacheManager) {
+  std::atomic<WorkerServer*> worker{nullptr};
+  std::atomic<int> steps{0};
+  std::atomic<bool> updated{false};
+  // At the 8th step (6 decode steps measured δ), hold the step thread until a plan newer than
+  // the initial one (version 2) was offered: telemetry and plans flow on other threads.
+  auto hook = [&] {
+    if (++steps != 8) return;
+    WorkerServer* w = worker.load();
+    std::vector<LiveSequenceInfo> live = w->scheduler().LiveSequences();
+    if (live.size() != 1) return;
+    updated = w->scheduler().AwaitPlan(live[0].request_id, 3, absl::Now() + absl::Seconds(30));
+  };
+  worker = AddWorker(absl::ZeroDuration(), hook);
+  ASSERT_TRUE(cm_->workers().AwaitReady(1, absl::Now() + absl::Seconds(30)));
+  v1::GenerateRequest req = PrhsRequest(1e-4, 16);
+  req.mutable_sparsity()->set_overrides("tau=0.9999");  // refresh (and measure δ) every step
+  StreamResult r = RunStream(stub_.get(), req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_TRUE(updated.load());
+  const v1::SparsityReport& report = r.messages.back().sparsity();
+  EXPECT_GE(report.plan_version(), 3);
+  EXPECT_GE(report.plan_updates(), 1);
+  EXPECT_GT(Metric(cm_->registry(), "prehoc_cachemgr_delta_samples_total"), 0);
+  EXPECT_GE(Metric(worker.load()->registry(), "prehoc_selection_plans_received_total"), 2);
 }
 
 }  // namespace

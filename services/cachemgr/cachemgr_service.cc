@@ -1,6 +1,8 @@
 #include "services/cachemgr/cachemgr_service.h"
 
+#include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
+#include "services/common/plan_convert.h"
 #include "services/common/proto_convert.h"
 
 namespace prehoc {
@@ -12,6 +14,13 @@ grpc::ServerUnaryReactor* CacheManagerService::RegisterWorker(
   r.worker_id = request->worker_id();
   r.address = request->address();
   for (const v1::ModelInfo& m : request->models()) r.models.push_back(FromProto(m));
+  for (const v1::ModelShape& shape : request->model_shapes()) {
+    for (ModelDescription& m : r.models) {
+      if (m.name != shape.model()) continue;
+      m.num_layers = shape.num_layers();
+      m.num_kv_heads = shape.num_kv_heads();
+    }
+  }
   r.page_size = request->page_size();
   r.load = FromProto(request->load());
   r.ready = request->ready();
@@ -53,11 +62,11 @@ class TelemetryReader final : public grpc::ServerReadReactor<v1::TelemetryBatch>
     TelemetryReport r;
     r.worker_id = batch_.worker_id();
     for (const v1::SequenceTelemetry& s : batch_.sequences()) {
-      r.sequences.push_back(
-          {s.sequence_id(), s.policy(), s.mean_kept_fraction(), s.refreshes(), s.shares()});
+      r.sequences.push_back({s.sequence_id(), s.policy(), s.mean_kept_fraction(), s.refreshes(),
+                             s.shares(), s.in_progress()});
     }
     for (const v1::RefreshEvent& e : batch_.refreshes()) {
-      r.refreshes.push_back({e.sequence_id(), e.layer(), e.delta()});
+      r.refreshes.push_back({e.sequence_id(), e.layer(), e.kv_head(), e.delta()});
     }
     router_->RecordTelemetry(r);
     StartRead(&batch_);
@@ -74,6 +83,109 @@ class TelemetryReader final : public grpc::ServerReadReactor<v1::TelemetryBatch>
 grpc::ServerReadReactor<v1::TelemetryBatch>* CacheManagerService::ReportTelemetry(
     grpc::CallbackServerContext* ctx, v1::ReportTelemetryResponse* response) {
   return new TelemetryReader(router_);
+}
+
+namespace {
+
+// Writes the plans PlanManager queues for one worker: at most one write in flight; updates
+// queued meanwhile go out together in the next message (newest plan per sequence).
+class PlanWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate> {
+ public:
+  PlanWriter(PlanManager* plans, std::string worker_id)
+      : plans_(plans), worker_id_(std::move(worker_id)) {
+    // Queues every open plan of the worker and wakes Pump (possibly on this thread).
+    const uint64_t handle = plans_->Subscribe(worker_id_, [this] { Pump(); });
+    absl::MutexLock l(&mu_);
+    handle_ = handle;
+  }
+
+  void OnWriteDone(bool ok) override {
+    bool finish = false;
+    {
+      absl::MutexLock l(&mu_);
+      writing_ = false;
+      if (!ok) done_ = true;  // the stream is broken: nothing more can be written
+      finish = done_ && !finish_called_;
+      if (finish) finish_called_ = true;
+    }
+    if (finish) {
+      Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "plan stream ended"));
+    } else {
+      Pump();
+    }
+  }
+
+  void OnCancel() override {
+    bool finish = false;
+    {
+      absl::MutexLock l(&mu_);
+      done_ = true;
+      finish = !writing_ && !finish_called_;  // else OnWriteDone finishes
+      if (finish) finish_called_ = true;
+    }
+    if (finish) Finish(grpc::Status::CANCELLED);
+  }
+
+  void OnDone() override {
+    uint64_t handle;
+    {
+      absl::MutexLock l(&mu_);
+      handle = handle_;
+    }
+    // After Unsubscribe returns no Pump runs or will run (PlanManager's contract).
+    plans_->Unsubscribe(handle);
+    delete this;
+  }
+
+ private:
+  // Starts a write of the pending plans unless one is in flight or the stream is done.
+  void Pump() {
+    {
+      absl::MutexLock l(&mu_);
+      if (done_ || writing_) return;
+      std::vector<PlanUpdate> updates = plans_->TakePending(worker_id_);
+      if (updates.empty()) return;
+      message_.Clear();
+      for (const PlanUpdate& u : updates) {
+        *message_.add_plans() = PlanToProto(u.sequence_id, u.plan, u.produced);
+      }
+      writing_ = true;
+    }
+    StartWrite(&message_);
+  }
+
+  PlanManager* const plans_;
+  const std::string worker_id_;
+  absl::Mutex mu_;
+  uint64_t handle_ ABSL_GUARDED_BY(mu_) = 0;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
+  v1::SelectionPlanUpdate message_;  // owned by the write in flight while writing_
+};
+
+class FinishedWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate> {
+ public:
+  explicit FinishedWriter(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::SelectionPlanUpdate>* CacheManagerService::StreamPlans(
+    grpc::CallbackServerContext* ctx, const v1::StreamPlansRequest* request) {
+  if (plans_ == nullptr) {
+    return new FinishedWriter(
+        grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "this cache manager computes no plans"));
+  }
+  std::optional<WorkerSnapshot> w = workers_->Get(request->worker_id());
+  if (!w.has_value() || w->epoch != request->epoch()) {
+    return new FinishedWriter(grpc::Status(
+        grpc::StatusCode::NOT_FOUND,
+        absl::StrCat("worker_id: '", request->worker_id(), "' with epoch ", request->epoch(),
+                     " is not registered; register again")));
+  }
+  return new PlanWriter(plans_, request->worker_id());
 }
 
 grpc::ServerUnaryReactor* CacheManagerService::GetClusterState(

@@ -1,8 +1,10 @@
-// prehoc.v1.CacheManager (cachemgr.proto) over the Router and registries: worker registration,
-// heartbeats and the cluster view. Thin adapter.
+// prehoc.v1.CacheManager (cachemgr.proto) over the Router, the registries and the PlanManager:
+// worker registration, heartbeats, telemetry, selection plan streams and the cluster view. Thin
+// adapter.
 #ifndef PREHOC_SERVICES_CACHEMGR_CACHEMGR_SERVICE_H_
 #define PREHOC_SERVICES_CACHEMGR_CACHEMGR_SERVICE_H_
 
+#include "cachemgr/plan_manager.h"
 #include "cachemgr/router.h"
 #include "cachemgr/sequence_registry.h"
 #include "cachemgr/worker_registry.h"
@@ -12,9 +14,10 @@ namespace prehoc {
 
 class CacheManagerService final : public v1::CacheManager::CallbackService {
  public:
-  // Not owned; must outlive the server.
-  CacheManagerService(Router* router, WorkerRegistry* workers, SequenceRegistry* sequences)
-      : router_(router), workers_(workers), sequences_(sequences) {}
+  // Not owned; must outlive the server. `plans` may be null (StreamPlans is then UNIMPLEMENTED).
+  CacheManagerService(Router* router, WorkerRegistry* workers, SequenceRegistry* sequences,
+                      PlanManager* plans = nullptr)
+      : router_(router), workers_(workers), sequences_(sequences), plans_(plans) {}
 
   grpc::ServerUnaryReactor* RegisterWorker(grpc::CallbackServerContext* ctx,
                                            const v1::RegisterWorkerRequest* request,
@@ -24,6 +27,11 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
                                       v1::HeartbeatResponse* response) override;
   grpc::ServerReadReactor<v1::TelemetryBatch>* ReportTelemetry(
       grpc::CallbackServerContext* ctx, v1::ReportTelemetryResponse* response) override;
+  // Streams the plans of the worker's sequences (PlanManager::Subscribe / TakePending) until the
+  // worker goes away or the server shuts down. NOT_FOUND for an unknown worker or stale epoch
+  // (the worker registers again, then reconnects).
+  grpc::ServerWriteReactor<v1::SelectionPlanUpdate>* StreamPlans(
+      grpc::CallbackServerContext* ctx, const v1::StreamPlansRequest* request) override;
   grpc::ServerUnaryReactor* GetClusterState(grpc::CallbackServerContext* ctx,
                                             const v1::GetClusterStateRequest* request,
                                             v1::ClusterState* response) override;
@@ -32,6 +40,7 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   Router* const router_;
   WorkerRegistry* const workers_;
   SequenceRegistry* const sequences_;
+  PlanManager* const plans_;
 };
 
 }  // namespace prehoc

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/logging.h"
+#include "services/common/plan_convert.h"
 #include "services/common/proto_convert.h"
 
 namespace prehoc {
@@ -70,6 +71,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
     s->cachemgr_ = v1::CacheManager::NewStub(grpc::CreateCustomChannel(
         options.cachemgr_address, grpc::InsecureChannelCredentials(), args));
     s->agent_ = std::thread([p = s.get()] { p->AgentLoop(); });
+    s->plan_thread_ = std::thread([p = s.get()] { p->PlanLoop(); });
   }
   return s;
 }
@@ -100,8 +102,10 @@ void WorkerServer::Shutdown(absl::Time drain_deadline) {
   {
     absl::MutexLock l(&mu_);
     stop_ = true;
+    if (plan_ctx_ != nullptr) plan_ctx_->TryCancel();
   }
   if (agent_.joinable()) agent_.join();
+  if (plan_thread_.joinable()) plan_thread_.join();
   grpc_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   grpc_.server->Wait();
   LOG(INFO) << "worker " << worker_id_ << " stopped";
@@ -123,11 +127,17 @@ void WorkerServer::SendTelemetry(int64_t epoch) {
     s->set_refreshes(t.report.refreshes);
     s->set_shares(t.report.shares);
     s->set_mean_kept_fraction(t.report.mean_kept_fraction);
+    s->set_in_progress(t.in_progress);
+    s->set_target_delta(t.target_delta);
+    s->set_plan_version(t.report.plan_version);
+    s->set_dense_fallback_steps(t.report.dense_fallback_steps);
     for (size_t i = 0; i < t.refresh_delta.size(); ++i) {
       v1::RefreshEvent* e = batch.add_refreshes();
       e->set_sequence_id(t.request_id);
       e->set_layer(i < t.refresh_layer.size() ? t.refresh_layer[i] : -1);
+      e->set_kv_head(i < t.refresh_head.size() ? t.refresh_head[i] : -1);
       e->set_delta(t.refresh_delta[i]);
+      e->set_plan_version(t.report.plan_version);
     }
   }
   grpc::ClientContext ctx;
@@ -167,6 +177,12 @@ void WorkerServer::AgentLoop() {
       req.set_address(advertise_);
       for (const ModelDescription& m : scheduler_->ListModels()) *req.add_models() = ToProto(m);
       req.set_page_size(scheduler_->backend().page_size());
+      for (const ModelDescription& m : scheduler_->ListModels()) {
+        v1::ModelShape* shape = req.add_model_shapes();
+        shape->set_model(m.name);
+        shape->set_num_layers(m.num_layers);
+        shape->set_num_kv_heads(m.num_kv_heads);
+      }
       *req.mutable_load() = ToProto(scheduler_->Load());
       req.set_ready(scheduler_->Ready());
       for (const LiveSequenceInfo& q : scheduler_->LiveSequences()) {
@@ -183,6 +199,7 @@ void WorkerServer::AgentLoop() {
                                                     : register_retry_;
         absl::MutexLock l(&mu_);
         registered_ = true;
+        epoch_ = epoch;
         LOG(INFO) << "registered with cache manager " << cachemgr_address_ << " epoch=" << epoch
                   << " heartbeat_interval=" << absl::FormatDuration(interval);
       }
@@ -216,6 +233,57 @@ void WorkerServer::AgentLoop() {
     absl::MutexLock l(&mu_);
     auto stopping = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_; };
     mu_.AwaitWithTimeout(absl::Condition(&stopping), wait);
+  }
+}
+
+void WorkerServer::PlanLoop() {
+  bool warned = false;
+  while (true) {
+    auto ctx = std::make_shared<grpc::ClientContext>();
+    int64_t epoch;
+    {
+      absl::MutexLock l(&mu_);
+      auto go = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || registered_; };
+      mu_.Await(absl::Condition(&go));
+      if (stop_) break;
+      epoch = epoch_;
+      plan_ctx_ = ctx;  // Shutdown cancels it
+    }
+    v1::StreamPlansRequest request;
+    request.set_worker_id(worker_id_);
+    request.set_epoch(epoch);
+    std::unique_ptr<grpc::ClientReader<v1::SelectionPlanUpdate>> reader =
+        cachemgr_->StreamPlans(ctx.get(), request);
+    v1::SelectionPlanUpdate update;
+    int64_t received = 0;
+    while (reader->Read(&update)) {
+      for (const v1::SelectionPlan& p : update.plans()) {
+        ++received;
+        if (metrics_struct_ != nullptr) metrics_struct_->plans_received->Increment();
+        absl::Time produced;
+        absl::StatusOr<SelectionPlan> plan = PlanFromProto(p, &produced);
+        absl::Status offered = plan.ok() ? scheduler_->OfferPlan(p.sequence_id(),
+                                                                 *std::move(plan), produced)
+                                         : plan.status();
+        // NOT_FOUND: the sequence ended meanwhile.
+        if (!offered.ok() && offered.code() != absl::StatusCode::kNotFound) {
+          LOG(WARNING) << "plan for " << p.sequence_id() << " refused: " << offered.message();
+        }
+      }
+    }
+    const grpc::Status status = reader->Finish();
+    absl::MutexLock l(&mu_);
+    plan_ctx_.reset();
+    if (stop_) break;
+    // Keep decoding with the plans already applied; reconnect after a short wait (a NOT_FOUND
+    // epoch is fixed by the agent's next heartbeat, which registers again).
+    if (!warned || received > 0) {
+      LOG(WARNING) << "plan stream from " << cachemgr_address_ << " ended after " << received
+                   << " plans: " << status.error_message() << " (reconnecting)";
+    }
+    warned = true;
+    auto stopping = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_; };
+    mu_.AwaitWithTimeout(absl::Condition(&stopping), register_retry_);
   }
 }
 

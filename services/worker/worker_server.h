@@ -5,9 +5,11 @@
 // (re-registering with its live sequences whenever the cache manager forgets it).
 //
 // Threads: gRPC's callback threads (adapters only), the scheduler's step thread (the engine),
-// and one agent thread for registration, heartbeats and telemetry (after each heartbeat, the
-// sequences finished since the last batch: policy, kept fraction, refreshes and the exact δ
-// measured at refreshes).
+// one agent thread for registration, heartbeats and telemetry (after each heartbeat: the
+// sequences finished since the last batch, and the running ones that measured refresh δ since,
+// with the exact δ per (layer, kv head)), and one plan thread holding the cache manager's
+// StreamPlans stream open (reconnecting when it breaks): each plan received is offered to the
+// scheduler, which swaps it in at the sequence's next step boundary — a step never waits on it.
 #ifndef PREHOC_SERVICES_WORKER_WORKER_SERVER_H_
 #define PREHOC_SERVICES_WORKER_WORKER_SERVER_H_
 
@@ -79,6 +81,8 @@ class WorkerServer {
   void AgentLoop();
   // Sends the scheduler's finished-sequence telemetry as one ReportTelemetry batch.
   void SendTelemetry(int64_t epoch);
+  // The plan thread: StreamPlans while registered; Scheduler::OfferPlan for every plan.
+  void PlanLoop();
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<SchedulerMetrics> metrics_struct_;
@@ -94,11 +98,14 @@ class WorkerServer {
   absl::Duration register_retry_;
   std::unique_ptr<v1::CacheManager::Stub> cachemgr_;
   std::thread agent_;
+  std::thread plan_thread_;
 
   mutable absl::Mutex mu_;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
   bool registered_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t epoch_ ABSL_GUARDED_BY(mu_) = 0;  // of the current registration
+  std::shared_ptr<grpc::ClientContext> plan_ctx_ ABSL_GUARDED_BY(mu_);  // open plan stream
 };
 
 }  // namespace prehoc
