@@ -60,6 +60,17 @@ absl::Status ValidateForward(const ModelConfig& c, int proxy_rank, int rows,
   return absl::OkStatus();
 }
 
+absl::Status CheckBatchItems(std::span<const DlmBatchItem> items) {
+  for (const DlmBatchItem& it : items) {
+    if (it.cache == nullptr || it.spec == nullptr || (it.logits == nullptr) == (it.top1 == nullptr) ||
+        (it.top1 != nullptr && it.top1_prob == nullptr)) {
+      return absl::InvalidArgumentError(
+          "items: each needs a cache, a spec and exactly one of logits / top1 (with top1_prob)");
+    }
+  }
+  return absl::OkStatus();
+}
+
 void Top1FromLogits(const float* lg, int vocab, int32_t* best_out, double* prob) {
   int best = 0;
   for (int v = 1; v < vocab; ++v) {

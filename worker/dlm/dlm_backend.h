@@ -124,6 +124,10 @@ absl::Status ValidateForward(const ModelConfig& config, int proxy_rank, int rows
                              const std::function<bool(int)>& proxy_valid,
                              std::vector<int>* logit_local);
 
+// INVALID_ARGUMENT naming `items` unless every item has a cache, a spec and exactly one of
+// logits / top1 (top1 with top1_prob).
+absl::Status CheckBatchItems(std::span<const DlmBatchItem> items);
+
 // The CPU rule for one logits row: *best = the first index of the maximum (NaN never wins),
 // *prob = exp(l[best] − max) / Σ exp(l − max) in double.
 void Top1FromLogits(const float* logits, int vocab, int32_t* best, double* prob);

@@ -196,11 +196,10 @@ absl::StatusOr<std::unique_ptr<DlmCache>> DlmModel::NewCache(int rows) const {
 
 absl::Status DlmModel::ForwardBatch(std::span<const DlmBatchItem> items,
                                     ForwardStats* batch_stats) const {
+  RETURN_IF_ERROR(CheckBatchItems(items));
   for (const DlmBatchItem& it : items) {
-    if (it.cache == nullptr || it.spec == nullptr || (it.logits == nullptr) == (it.top1 == nullptr) ||
-        (it.top1 != nullptr && it.top1_prob == nullptr)) {
-      return absl::InvalidArgumentError(
-          "items: each needs a cache, a spec and exactly one of logits / top1 (with top1_prob)");
+    if (dynamic_cast<DlmState*>(it.cache) == nullptr) {
+      return absl::InvalidArgumentError("items: a cache not made by this CPU model");
     }
   }
   std::vector<float> scratch;

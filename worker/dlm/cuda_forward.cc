@@ -1,0 +1,791 @@
+#include "worker/dlm/cuda_forward.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/dtype.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "worker/kernels/dlm_ops.h"
+#include "worker/kernels/model_ops.h"
+#include "worker/rope.h"
+
+namespace prehoc::dlm {
+namespace {
+
+namespace k = ::prehoc::kernels;
+
+absl::Status CudaErr(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  if (err == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    return absl::ResourceExhaustedError(absl::StrCat(what, ": out of device memory (", free_b,
+                                                     " bytes free of ", total_b, ")"));
+  }
+  return absl::InternalError(
+      absl::StrCat(what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+}
+#define DLM_CUDA(expr) RETURN_IF_ERROR(CudaErr((expr), #expr))
+
+absl::Status CublasErr(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": ", cublasGetStatusName(s)));
+}
+#define DLM_CUBLAS(expr) RETURN_IF_ERROR(CublasErr((expr), #expr))
+
+// A device allocation that grows on demand (contents not preserved).
+struct Grow {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  ~Grow() {
+    if (ptr != nullptr) cudaFree(ptr);
+  }
+  absl::Status Reserve(size_t need, const char* what) {
+    if (need <= bytes) return absl::OkStatus();
+    if (ptr != nullptr) cudaFree(ptr);
+    ptr = nullptr;
+    bytes = 0;
+    RETURN_IF_ERROR(CudaErr(cudaMalloc(&ptr, need), what));
+    bytes = need;
+    return absl::OkStatus();
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr);
+  }
+};
+
+// Byte offsets of sub-arrays in one host/device staging block (256-byte aligned).
+struct Layout {
+  size_t bytes = 0;
+  size_t Add(size_t n) {
+    const size_t off = (bytes + 255) / 256 * 256;
+    bytes = off + n;
+    return off;
+  }
+};
+
+std::vector<uint16_t> ToBf16(const std::vector<float>& v) {
+  std::vector<uint16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = FloatToBf16(v[i]);
+  return out;
+}
+
+}  // namespace
+
+class CudaDlmCache : public DlmCache {
+ public:
+  CudaDlmCache(int rows, int layers) : rows_(rows), proxy_valid_(layers, 0) {}
+  ~CudaDlmCache() override {
+    if (mem_ != nullptr) cudaFree(mem_);
+  }
+  int rows() const override { return rows_; }
+  bool proxy_valid(int layer) const override { return proxy_valid_[layer]; }
+  void set_proxy_valid(int layer) { proxy_valid_[layer] = 1; }
+
+  int rows_;
+  std::vector<char> proxy_valid_;
+  void* mem_ = nullptr;
+  k::DlmCacheView view;  // device pointers into mem_
+};
+
+struct CudaDlmModel::Impl {
+  ModelConfig c;
+  int device = 0;
+  int R = 0;  // proxy rank
+  bool profile = false;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+
+  struct Layer {
+    uint16_t *wqkv = nullptr, *wo = nullptr, *w_gu = nullptr, *w_down = nullptr, *proxy = nullptr;
+    float *bq = nullptr, *bk = nullptr, *bv = nullptr, *bo = nullptr;
+    float *attn_norm = nullptr, *mlp_norm = nullptr;
+  };
+  std::vector<void*> allocations;
+  std::vector<Layer> layers;
+  uint16_t *embed = nullptr, *lm_head = nullptr;
+  float *final_norm = nullptr, *inv_freq = nullptr;
+  int64_t weight_bytes = 0;
+
+  // Workspaces.
+  Grow x, h, hs, small, cosv, sel, inv, kv, qf, qb, ob, a, h2, gu, act, s, p, logits, top1, prob;
+  Grow meta;
+  std::vector<char> host_meta;
+  char* pinned = nullptr;
+  size_t pinned_bytes = 0;
+  std::vector<cudaEvent_t> events;
+
+  ~Impl() {
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    for (cudaEvent_t e : events) cudaEventDestroy(e);
+    if (pinned != nullptr) cudaFreeHost(pinned);
+    for (void* ptr : allocations) cudaFree(ptr);
+    if (cublas != nullptr) cublasDestroy(cublas);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  int D() const { return c.hidden_size; }
+  int Hq() const { return c.num_attention_heads; }
+  int Hkv() const { return c.num_key_value_heads; }
+  int hd() const { return c.head_dim; }
+  int KVW() const { return Hkv() * hd(); }
+  int QW() const { return Hq() * hd(); }
+  int F() const { return c.intermediate_size; }
+
+  template <typename T>
+  absl::StatusOr<T*> Alloc(size_t elems, bool is_weight) {
+    void* ptr = nullptr;
+    DLM_CUDA(cudaMalloc(&ptr, elems * sizeof(T)));
+    allocations.push_back(ptr);
+    if (is_weight) weight_bytes += static_cast<int64_t>(elems * sizeof(T));
+    return static_cast<T*>(ptr);
+  }
+  absl::StatusOr<uint16_t*> UploadBf16(const std::vector<float>& host) {
+    ASSIGN_OR_RETURN(uint16_t * d, Alloc<uint16_t>(host.size(), true));
+    std::vector<uint16_t> b = ToBf16(host);
+    DLM_CUDA(cudaMemcpy(d, b.data(), b.size() * 2, cudaMemcpyHostToDevice));
+    return d;
+  }
+  absl::StatusOr<float*> UploadF32(const std::vector<float>& host) {
+    if (host.empty()) return static_cast<float*>(nullptr);
+    ASSIGN_OR_RETURN(float* d, Alloc<float>(host.size(), false));
+    DLM_CUDA(cudaMemcpy(d, host.data(), host.size() * 4, cudaMemcpyHostToDevice));
+    return d;
+  }
+  absl::StatusOr<uint16_t*> RandomBf16(size_t n, float amp, uint64_t seed) {
+    ASSIGN_OR_RETURN(uint16_t * d, Alloc<uint16_t>(n, true));
+    DLM_CUDA(k::FillUniformBf16(d, n, amp, seed, stream));
+    return d;
+  }
+  absl::StatusOr<float*> Ones(size_t n) {
+    ASSIGN_OR_RETURN(float* d, Alloc<float>(n, false));
+    DLM_CUDA(k::FillF32(d, n, 1.0f, stream));
+    return d;
+  }
+
+  // Y[m][n] (f32, row-major) = X[m][kk] (bf16) · W[n][kk]ᵀ (bf16) + beta · Y.
+  absl::Status Gemm(const uint16_t* X, int m, int kk, const uint16_t* W, int n, float* Y,
+                    float beta = 0.0f) {
+    if (m == 0) return absl::OkStatus();
+    const float alpha = 1.0f;
+    DLM_CUBLAS(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, kk, &alpha, W, CUDA_R_16BF,
+                            kk, X, CUDA_R_16BF, kk, &beta, Y, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                            CUBLAS_GEMM_DEFAULT));
+    return absl::OkStatus();
+  }
+
+  absl::Status Forward(std::span<const DlmBatchItem> items, ForwardStats* batch_stats);
+};
+
+namespace {
+
+// What every item of one homogeneous forward shares.
+bool SameKind(const ForwardSpec& a, const ForwardSpec& b) {
+  return a.select == b.select && a.first_selective_layer == b.first_selective_layer &&
+         a.kv_all_rows == b.kv_all_rows && a.store_proxy == b.store_proxy;
+}
+
+}  // namespace
+
+absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
+                                         ForwardStats* batch_stats) {
+  const int B = static_cast<int>(items.size());
+  const int NL = c.num_hidden_layers, V = c.vocab_size;
+  const int Dm = D(), KV = KVW(), Q = QW(), G = Hq() / Hkv();
+  const ForwardSpec& spec0 = *items[0].spec;
+  const bool selective = spec0.select != RowSelect::kAll;
+  const bool spa = spec0.select == RowSelect::kSpa;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+
+  // ---- Host metadata.
+  std::vector<int> off(B + 1, 0), nlog(B), loff(B + 1, 0);
+  std::vector<std::vector<int>> logit_local(B);
+  for (int b = 0; b < B; ++b) {
+    const DlmBatchItem& it = items[b];
+    auto* cache = static_cast<CudaDlmCache*>(it.cache);
+    RETURN_IF_ERROR(ValidateForward(c, R, cache->rows(), it.canvas, *it.spec,
+                                    [cache](int l) { return cache->proxy_valid(l); },
+                                    &logit_local[b]));
+    const int nb = static_cast<int>(it.spec->live.size());
+    if (selective && nb > k::kDlmSelectMaxRows) {
+      return absl::InvalidArgumentError(absl::StrCat("live: ", nb, " rows in a selective step; the "
+                                                     "CUDA backend selects among at most ",
+                                                     k::kDlmSelectMaxRows));
+    }
+    off[b + 1] = off[b] + nb;
+    nlog[b] = static_cast<int>(logit_local[b].size());
+    loff[b + 1] = loff[b] + nlog[b];
+  }
+  const int n = off[B], nl = loff[B];
+  // Rows recomputed per layer and request (known on the host: the selection only picks which).
+  std::vector<std::vector<int>> mq(NL, std::vector<int>(B));
+  std::vector<int> mtot(NL, 0);
+  for (int l = 0; l < NL; ++l) {
+    const bool sel_layer = selective && l >= spec0.first_selective_layer;
+    for (int b = 0; b < B; ++b) {
+      const int nb = off[b + 1] - off[b];
+      mq[l][b] = sel_layer ? std::clamp(items[b].spec->update_rows[l], 0, nb) : nb;
+      mtot[l] += mq[l][b];
+    }
+  }
+  // Attention groups per layer: requests with the same (canvas rows, |Q|), in request order.
+  struct Group {
+    int N = 0, m = 0, count = 0;  // count = requests · Hq
+    std::vector<int> reqs;
+    size_t ptr_off = 0;           // index of its first pointer in the pointer block
+    size_t s_off = 0;             // element offset of its scores
+  };
+  std::vector<std::vector<Group>> groups(NL);
+  std::vector<std::vector<int>> qoff(NL, std::vector<int>(B + 1, 0));
+  size_t s_max = 0, n_ptrs = 0;
+  for (int l = 0; l < NL; ++l) {
+    for (int b = 0; b < B; ++b) qoff[l][b + 1] = qoff[l][b] + mq[l][b];
+    std::map<std::pair<int, int>, std::vector<int>> by_shape;
+    for (int b = 0; b < B; ++b) {
+      if (mq[l][b] > 0) by_shape[{items[b].cache->rows(), mq[l][b]}].push_back(b);
+    }
+    size_t s_used = 0;
+    for (auto& [shape, reqs] : by_shape) {
+      Group g;
+      g.N = shape.first;
+      g.m = shape.second;
+      g.count = static_cast<int>(reqs.size()) * Hq();
+      g.reqs = std::move(reqs);
+      g.ptr_off = n_ptrs;
+      g.s_off = s_used;
+      n_ptrs += 6 * static_cast<size_t>(g.count);
+      s_used += static_cast<size_t>(g.count) * g.m * g.N;
+      groups[l].push_back(std::move(g));
+    }
+    s_max = std::max(s_max, s_used);
+  }
+
+  // ---- Workspaces (grown on demand).
+  const int mmax = *std::max_element(mtot.begin(), mtot.end());
+  const size_t nn = std::max(n, 1), mm = std::max(mmax, 1);
+  RETURN_IF_ERROR(x.Reserve(nn * Dm * 4, "x"));
+  RETURN_IF_ERROR(h.Reserve(nn * Dm * 2, "h"));
+  RETURN_IF_ERROR(hs.Reserve(mm * Dm * 2, "hs"));
+  RETURN_IF_ERROR(small.Reserve(nn * std::max(R, KV) * 4, "proxy/value"));
+  RETURN_IF_ERROR(cosv.Reserve(nn * 4, "cos"));
+  RETURN_IF_ERROR(sel.Reserve(nn * 4, "sel"));
+  RETURN_IF_ERROR(inv.Reserve(nn * 4, "inv"));
+  RETURN_IF_ERROR(kv.Reserve(nn * 2 * KV * 4, "kv"));
+  RETURN_IF_ERROR(qf.Reserve(mm * Q * 4, "q"));
+  RETURN_IF_ERROR(qb.Reserve(mm * Q * 2, "q bf16"));
+  RETURN_IF_ERROR(ob.Reserve(mm * Q * 2, "attention out"));
+  RETURN_IF_ERROR(a.Reserve(mm * Dm * 4, "a"));
+  RETURN_IF_ERROR(h2.Reserve(mm * Dm * 2, "h2"));
+  RETURN_IF_ERROR(gu.Reserve(mm * 2 * F() * 4, "gate/up"));
+  RETURN_IF_ERROR(act.Reserve(mm * F() * 2, "act"));
+  RETURN_IF_ERROR(s.Reserve(std::max<size_t>(s_max, 1) * 4, "scores"));
+  RETURN_IF_ERROR(p.Reserve(std::max<size_t>(s_max, 1) * 2, "probabilities"));
+  RETURN_IF_ERROR(logits.Reserve(std::max<size_t>(nl, 1) * V * 4, "logits"));
+  RETURN_IF_ERROR(top1.Reserve(std::max<size_t>(nl, 1) * 4, "top1"));
+  RETURN_IF_ERROR(prob.Reserve(std::max<size_t>(nl, 1) * 4, "prob"));
+
+  // Per group, six pointer arrays of `count` entries for the batched attention GEMMs:
+  // K, Q, S (scores) | V, P, O, entry j = (request reqs[j / Hq], query head j % Hq).
+  std::vector<const void*> ptrs(n_ptrs);
+  for (int l = 0; l < NL; ++l) {
+    for (const Group& g : groups[l]) {
+      int j = 0;
+      for (int b : g.reqs) {
+        const k::DlmCacheView& v = static_cast<CudaDlmCache*>(items[b].cache)->view;
+        for (int hq = 0; hq < Hq(); ++hq, ++j) {
+          const size_t kvo = (static_cast<size_t>(l) * Hkv() + hq / G) * g.N * hd();
+          const size_t sidx = g.s_off + static_cast<size_t>(j) * g.m * g.N;
+          const size_t qo = static_cast<size_t>(qoff[l][b]) * Q + hq * hd();
+          const void** P6 = ptrs.data() + g.ptr_off;
+          P6[j] = v.k + kvo;
+          P6[g.count + j] = qb.as<uint16_t>() + qo;
+          P6[2 * g.count + j] = s.as<float>() + sidx;
+          P6[3 * g.count + j] = v.v + kvo;
+          P6[4 * g.count + j] = p.as<uint16_t>() + sidx;
+          P6[5 * g.count + j] = ob.as<uint16_t>() + qo;
+        }
+      }
+    }
+  }
+
+  Layout lay;
+  const size_t o_tok = lay.Add(nn * 4), o_row = lay.Add(nn * 4), o_req = lay.Add(nn * 4);
+  const size_t o_views = lay.Add(B * sizeof(k::DlmCacheView));
+  const size_t o_seg_begin = lay.Add(B * 4), o_seg_len = lay.Add(B * 4);
+  const size_t o_k = lay.Add(static_cast<size_t>(NL) * B * 4);
+  const size_t o_koff = lay.Add(static_cast<size_t>(NL) * B * 4);
+  const size_t o_logit = lay.Add(std::max(nl, 1) * 4);
+  const size_t o_ptrs = lay.Add(std::max<size_t>(ptrs.size(), 1) * sizeof(void*));
+  host_meta.assign(lay.bytes, 0);
+  auto hp = [&](size_t o) { return host_meta.data() + o; };
+  {
+    auto* tok = reinterpret_cast<int32_t*>(hp(o_tok));
+    auto* row = reinterpret_cast<int32_t*>(hp(o_row));
+    auto* req = reinterpret_cast<int32_t*>(hp(o_req));
+    auto* views = reinterpret_cast<k::DlmCacheView*>(hp(o_views));
+    auto* sb = reinterpret_cast<int32_t*>(hp(o_seg_begin));
+    auto* sl = reinterpret_cast<int32_t*>(hp(o_seg_len));
+    auto* kk = reinterpret_cast<int32_t*>(hp(o_k));
+    auto* ko = reinterpret_cast<int32_t*>(hp(o_koff));
+    auto* lr = reinterpret_cast<int32_t*>(hp(o_logit));
+    for (int b = 0; b < B; ++b) {
+      const ForwardSpec& sp = *items[b].spec;
+      for (int i = 0; i < off[b + 1] - off[b]; ++i) {
+        const int r = sp.live[i];
+        tok[off[b] + i] = items[b].canvas[r];
+        row[off[b] + i] = r;
+        req[off[b] + i] = b;
+      }
+      views[b] = static_cast<CudaDlmCache*>(items[b].cache)->view;
+      views[b].proxy_lo = sp.proxy_begin;
+      views[b].proxy_hi = sp.proxy_end;
+      sb[b] = off[b];
+      sl[b] = off[b + 1] - off[b];
+      for (int j = 0; j < nlog[b]; ++j) lr[loff[b] + j] = off[b] + logit_local[b][j];
+    }
+    for (int l = 0; l < NL; ++l) {
+      int run = 0;
+      for (int b = 0; b < B; ++b) {
+        kk[l * B + b] = mq[l][b];
+        ko[l * B + b] = run;
+        run += mq[l][b];
+      }
+    }
+    std::memcpy(hp(o_ptrs), ptrs.data(), ptrs.size() * sizeof(void*));
+  }
+  if (pinned_bytes < lay.bytes) {
+    if (pinned != nullptr) cudaFreeHost(pinned);
+    pinned = nullptr;
+    pinned_bytes = 0;
+    DLM_CUDA(cudaMallocHost(reinterpret_cast<void**>(&pinned), lay.bytes));
+    pinned_bytes = lay.bytes;
+  }
+  std::memcpy(pinned, host_meta.data(), lay.bytes);
+  RETURN_IF_ERROR(meta.Reserve(lay.bytes, "metadata"));
+  DLM_CUDA(cudaMemcpyAsync(meta.ptr, pinned, lay.bytes, cudaMemcpyHostToDevice, stream));
+  auto dp = [&](size_t o) { return static_cast<char*>(meta.ptr) + o; };
+  const auto* d_tok = reinterpret_cast<const int32_t*>(dp(o_tok));
+  const auto* d_row = reinterpret_cast<const int32_t*>(dp(o_row));
+  const auto* d_req = reinterpret_cast<const int32_t*>(dp(o_req));
+  const auto* d_views = reinterpret_cast<const k::DlmCacheView*>(dp(o_views));
+  const auto* d_sb = reinterpret_cast<const int32_t*>(dp(o_seg_begin));
+  const auto* d_sl = reinterpret_cast<const int32_t*>(dp(o_seg_len));
+  const auto* d_k = reinterpret_cast<const int32_t*>(dp(o_k));
+  const auto* d_koff = reinterpret_cast<const int32_t*>(dp(o_koff));
+  const auto* d_logit = reinterpret_cast<const int32_t*>(dp(o_logit));
+  const auto* d_ptrs = reinterpret_cast<const void* const*>(dp(o_ptrs));
+
+  // ---- Phase events: [0] start, per layer l: 4l+1 after selection, 4l+2 after K/V,
+  // 4l+3 after the rows (end of layer), 4NL+1 after the LM head.
+  const int n_events = 4 * NL + 2;
+  while (profile && static_cast<int>(events.size()) < n_events) {
+    cudaEvent_t e;
+    DLM_CUDA(cudaEventCreate(&e));
+    events.push_back(e);
+  }
+  auto mark = [&](int idx) -> absl::Status {
+    if (profile) DLM_CUDA(cudaEventRecord(events[idx], stream));
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(mark(0));
+
+  DLM_CUDA(k::EmbeddingGather(embed, d_tok, n, Dm, V, x.as<float>(), stream));
+  for (int l = 0; l < NL; ++l) {
+    const Layer& Lw = layers[l];
+    const bool sel_layer = selective && l >= spec0.first_selective_layer;
+    DLM_CUDA(k::RmsNormToBf16(x.as<float>(), nullptr, n, Dm, Lw.attn_norm, eps, h.as<uint16_t>(),
+                              stream));
+    // Selection.
+    const int32_t* d_sel = nullptr;  // null: every live row
+    const int32_t* d_inv = nullptr;
+    const int m = mtot[l];
+    if (sel_layer) {
+      k::DlmCosineParams cp;
+      cp.n = n;
+      cp.layer = l;
+      cp.head_dim = hd();
+      cp.d_src = small.as<float>();
+      cp.d_live_row = d_row;
+      cp.d_live_req = d_req;
+      cp.d_caches = d_views;
+      cp.d_cos_out = cosv.as<float>();
+      if (spa) {
+        RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, Lw.proxy, R, small.as<float>()));
+        cp.width = R;
+        cp.target = k::DlmCosineTarget::kProxy;
+      } else {
+        RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, Lw.wqkv + static_cast<size_t>(Q + KV) * Dm,
+                             KV, small.as<float>()));
+        cp.width = KV;
+        cp.d_bias = Lw.bv;
+        cp.target = k::DlmCosineTarget::kValue;
+      }
+      DLM_CUDA(k::DlmCosineStore(cp, stream));
+      DLM_CUDA(k::DlmSelectSmallest(cosv.as<float>(), d_sb, d_sl, d_k + l * B, d_koff + l * B, B,
+                                    sel.as<int32_t>(), inv.as<int32_t>(), stream));
+      d_sel = sel.as<int32_t>();
+      d_inv = inv.as<int32_t>();
+    } else if (spec0.store_proxy && l >= 1) {
+      RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, Lw.proxy, R, small.as<float>()));
+      k::DlmCosineParams cp;
+      cp.n = n;
+      cp.layer = l;
+      cp.width = R;
+      cp.target = k::DlmCosineTarget::kProxy;
+      cp.d_src = small.as<float>();
+      cp.d_live_row = d_row;
+      cp.d_live_req = d_req;
+      cp.d_caches = d_views;
+      DLM_CUDA(k::DlmCosineStore(cp, stream));
+      for (int b = 0; b < B; ++b) static_cast<CudaDlmCache*>(items[b].cache)->set_proxy_valid(l);
+    }
+    if (l >= 1) RETURN_IF_ERROR(mark(4 * l + 1));
+
+    // K / V of the recomputed rows → caches. hq_rows: the selected rows' normalised input.
+    const uint16_t* h_q = h.as<uint16_t>();
+    if (d_sel != nullptr) {
+      DLM_CUDA(k::RmsNormToBf16(x.as<float>(), d_sel, m, Dm, Lw.attn_norm, eps,
+                                hs.as<uint16_t>(), stream));
+      h_q = hs.as<uint16_t>();
+    }
+    k::DlmKvScatterParams kp;
+    kp.kv_heads = Hkv();
+    kp.head_dim = hd();
+    kp.layer = l;
+    kp.d_bias_k = Lw.bk;
+    kp.d_bias_v = Lw.bv;
+    kp.d_live_row = d_row;
+    kp.d_live_req = d_req;
+    kp.d_caches = d_views;
+    kp.d_inv_freq = inv_freq;
+    kp.d_src = kv.as<float>();
+    const uint16_t* wk = Lw.wqkv + static_cast<size_t>(Q) * Dm;
+    if (d_sel == nullptr || (spa && spec0.kv_all_rows)) {
+      // Every live row: K and V in one GEMM (the K and V rows of wqkv are contiguous).
+      RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, wk, 2 * KV, kv.as<float>()));
+      kp.m = n;
+      kp.src_ld = 2 * KV;
+      kp.k_col = 0;
+      kp.v_col = KV;
+    } else if (spa) {
+      RETURN_IF_ERROR(Gemm(h_q, m, Dm, wk, 2 * KV, kv.as<float>()));
+      kp.m = m;
+      kp.d_sel = d_sel;
+      kp.src_ld = 2 * KV;
+      kp.k_col = 0;
+      kp.v_col = KV;
+    } else {  // dllm: V of every live row was stored by the selection; K for the selected rows
+      RETURN_IF_ERROR(Gemm(h_q, m, Dm, wk, KV, kv.as<float>()));
+      kp.m = m;
+      kp.d_sel = d_sel;
+      kp.src_ld = KV;
+      kp.k_col = 0;
+      kp.v_col = -1;
+    }
+    DLM_CUDA(k::DlmKvScatter(kp, stream));
+    if (l >= 1) RETURN_IF_ERROR(mark(4 * l + 2));
+
+    // Q, attention over every canvas row, O, MLP for the recomputed rows.
+    if (m > 0) {
+      RETURN_IF_ERROR(Gemm(h_q, m, Dm, Lw.wqkv, Q, qf.as<float>()));
+      DLM_CUDA(k::DlmRopeQ(qf.as<float>(), Lw.bq, d_sel, d_row, m, Hq(), hd(), inv_freq,
+                           qb.as<uint16_t>(), stream));
+      const float scale = 1.0f / std::sqrt(static_cast<float>(hd()));
+      const float one = 1.0f, zero = 0.0f;
+      for (const Group& g : groups[l]) {
+        const void* const* P6 = d_ptrs + g.ptr_off;
+        // S (row-major [m][N] per head) = scale · Q Kᵀ: column-major N × m = Kᵀ(N×hd) · Q(hd×m).
+        DLM_CUBLAS(cublasGemmBatchedEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, g.N, g.m, hd(), &scale,
+                                       P6, CUDA_R_16BF, hd(), P6 + g.count, CUDA_R_16BF, Q,
+                                       &zero, const_cast<void* const*>(P6 + 2 * g.count),
+                                       CUDA_R_32F, g.N, g.count, CUBLAS_COMPUTE_32F,
+                                       CUBLAS_GEMM_DEFAULT));
+        DLM_CUDA(k::DlmSoftmaxRowsToBf16(s.as<float>() + g.s_off,
+                                         static_cast<int64_t>(g.count) * g.m, g.N,
+                                         p.as<uint16_t>() + g.s_off, stream));
+        // O (row-major [m][hd] per head, ld Q) = P V: column-major hd × m = V(hd×N) · P(N×m).
+        DLM_CUBLAS(cublasGemmBatchedEx(cublas, CUBLAS_OP_N, CUBLAS_OP_N, hd(), g.m, g.N, &one,
+                                       P6 + 3 * g.count, CUDA_R_16BF, hd(), P6 + 4 * g.count,
+                                       CUDA_R_16BF, g.N, &zero,
+                                       const_cast<void* const*>(P6 + 5 * g.count), CUDA_R_16BF,
+                                       Q, g.count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      }
+      RETURN_IF_ERROR(Gemm(ob.as<uint16_t>(), m, Q, Lw.wo, Dm, a.as<float>()));
+      DLM_CUDA(k::DlmAddRmsNorm(x.as<float>(), d_sel, a.as<float>(), Lw.bo, m, Dm, Lw.mlp_norm,
+                                eps, h2.as<uint16_t>(), stream));
+      RETURN_IF_ERROR(Gemm(h2.as<uint16_t>(), m, Dm, Lw.w_gu, 2 * F(), gu.as<float>()));
+      DLM_CUDA(k::SiluMulToBf16(gu.as<float>(), m, F(), act.as<uint16_t>(), stream));
+      RETURN_IF_ERROR(Gemm(act.as<uint16_t>(), m, F(), Lw.w_down, Dm, a.as<float>(), 1.0f));
+    }
+    DLM_CUDA(k::DlmResidual(x.as<float>(), d_inv, a.as<float>(), n, Dm, l, d_row, d_req, d_views,
+                            stream));
+    RETURN_IF_ERROR(mark(4 * l + 3));
+  }
+
+  // ---- Final norm + LM head on the logit rows.
+  const bool want_top1 = items[0].top1 != nullptr;
+  if (nl > 0) {
+    // The logit rows are live rows (nl <= n): h (n rows) is free by now.
+    DLM_CUDA(k::RmsNormToBf16(x.as<float>(), d_logit, nl, Dm, final_norm, eps, h.as<uint16_t>(),
+                              stream));
+    RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), nl, Dm, lm_head, V, logits.as<float>()));
+    if (want_top1) {
+      DLM_CUDA(k::DlmTop1(logits.as<float>(), nl, V, top1.as<int32_t>(), prob.as<float>(), stream));
+    }
+  }
+  RETURN_IF_ERROR(mark(4 * NL + 1));
+  std::vector<int32_t> h_top(nl);
+  std::vector<float> h_prob(nl), h_logits;
+  if (nl > 0) {
+    if (want_top1) {
+      DLM_CUDA(cudaMemcpyAsync(h_top.data(), top1.ptr, nl * 4, cudaMemcpyDeviceToHost, stream));
+      DLM_CUDA(cudaMemcpyAsync(h_prob.data(), prob.ptr, nl * 4, cudaMemcpyDeviceToHost, stream));
+    } else {
+      h_logits.resize(static_cast<size_t>(nl) * V);
+      DLM_CUDA(cudaMemcpyAsync(h_logits.data(), logits.ptr, h_logits.size() * 4,
+                               cudaMemcpyDeviceToHost, stream));
+    }
+  }
+  DLM_CUDA(cudaStreamSynchronize(stream));
+
+  for (int b = 0; b < B; ++b) {
+    const DlmBatchItem& it = items[b];
+    if (it.top1 != nullptr) {
+      it.top1->assign(h_top.begin() + loff[b], h_top.begin() + loff[b + 1]);
+      it.top1_prob->assign(h_prob.begin() + loff[b], h_prob.begin() + loff[b + 1]);
+    } else {
+      it.logits->assign(h_logits.begin() + static_cast<size_t>(loff[b]) * V,
+                        h_logits.begin() + static_cast<size_t>(loff[b + 1]) * V);
+    }
+    if (it.stats != nullptr) {
+      ForwardStats& st = *it.stats;
+      st.Resize(NL);
+      st.forwards++;
+      st.lm_rows += nlog[b];
+      const int nb = off[b + 1] - off[b];
+      for (int l = 0; l < NL; ++l) {
+        const bool sel_layer = selective && l >= spec0.first_selective_layer;
+        st.q_rows[l] += mq[l][b];
+        st.live_rows[l] += nb;
+        st.kv_rows[l] += (!sel_layer || (spa && spec0.kv_all_rows)) ? nb : mq[l][b];
+      }
+    }
+  }
+  if (profile && batch_stats != nullptr) {
+    auto ms = [&](int from, int to) {
+      float t = 0;
+      cudaEventElapsedTime(&t, events[from], events[to]);
+      return static_cast<double>(t) * 1e-3;
+    };
+    batch_stats->seconds_layer0 += ms(0, 3);
+    for (int l = 1; l < NL; ++l) {
+      batch_stats->seconds_select += ms(4 * (l - 1) + 3, 4 * l + 1);
+      batch_stats->seconds_kv += ms(4 * l + 1, 4 * l + 2);
+      batch_stats->seconds_rows += ms(4 * l + 2, 4 * l + 3);
+    }
+    batch_stats->seconds_lm += ms(4 * (NL - 1) + 3, 4 * NL + 1);
+  }
+  return absl::OkStatus();
+}
+
+CudaDlmModel::CudaDlmModel(std::unique_ptr<Impl> impl, const ModelConfig& config, int mask_id,
+                           int eos_id, int proxy_rank, std::string device_name,
+                           int64_t weight_bytes)
+    : impl_(std::move(impl)),
+      config_(config),
+      mask_id_(mask_id),
+      eos_id_(eos_id),
+      proxy_rank_(proxy_rank),
+      device_name_(std::move(device_name)),
+      weight_bytes_(weight_bytes) {}
+
+CudaDlmModel::~CudaDlmModel() = default;
+
+const ModelConfig& CudaDlmModel::config() const { return config_; }
+int CudaDlmModel::mask_id() const { return mask_id_; }
+int CudaDlmModel::eos_id() const { return eos_id_; }
+int CudaDlmModel::proxy_rank() const { return proxy_rank_; }
+std::string CudaDlmModel::backend_name() const { return absl::StrCat("cuda (", device_name_, ")"); }
+std::string CudaDlmModel::device_name() const { return device_name_; }
+int64_t CudaDlmModel::weight_bytes() const { return weight_bytes_; }
+
+absl::StatusOr<std::unique_ptr<CudaDlmModel>> CudaDlmModel::Create(const CudaDlmOptions& o) {
+  if ((o.model != nullptr) == o.random_config.has_value()) {
+    return absl::InvalidArgumentError("model: set exactly one of model and random_config");
+  }
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return absl::UnavailableError("cuda: no CUDA device is visible");
+  }
+  if (o.device < 0 || o.device >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device: ", o.device, " is not in [0, ", count, ")"));
+  }
+  DLM_CUDA(cudaSetDevice(o.device));
+  if (k::ModelOpsCheckDevice() != cudaSuccess) {
+    cudaGetLastError();
+    return absl::UnavailableError("cuda: the kernels have no image for this device");
+  }
+  auto impl = std::make_unique<Impl>();
+  Impl& m = *impl;
+  m.profile = o.profile;
+  m.device = o.device;
+  m.c = o.model != nullptr ? o.model->config() : *o.random_config;
+  const ModelConfig& c = m.c;
+  const int mask = o.model != nullptr ? o.model->mask_id()
+                   : o.random_mask_id >= 0 ? o.random_mask_id
+                                           : c.mask_token_id;
+  RETURN_IF_ERROR(DlmModel::Supports(c, mask));
+  if (c.head_dim % 2 != 0 || c.num_attention_heads % c.num_key_value_heads != 0) {
+    return absl::InvalidArgumentError("config: head_dim must be even and kv heads divide heads");
+  }
+  const int KVW = c.num_key_value_heads * c.head_dim;
+  if (o.model != nullptr) {
+    m.R = o.model->proxy_rank();
+  } else {
+    m.R = o.random_proxy_rank > 0 ? o.random_proxy_rank
+                                  : std::min(std::max(16, KVW / 32), std::min(KVW, c.hidden_size));
+  }
+  DLM_CUDA(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
+  DLM_CUBLAS(cublasCreate(&m.cublas));
+  DLM_CUBLAS(cublasSetStream(m.cublas, m.stream));
+  const int D = c.hidden_size, F = c.intermediate_size, V = c.vocab_size;
+  const int QKV = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+  m.layers.resize(c.num_hidden_layers);
+  if (o.model != nullptr) {
+    const ModelWeights& w = o.model->weights();
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      const LayerWeights& L = w.layers[l];
+      Impl::Layer& d = m.layers[l];
+      std::vector<float> qkv;
+      qkv.reserve(static_cast<size_t>(QKV) * D);
+      for (const auto* part : {&L.wq, &L.wk, &L.wv}) qkv.insert(qkv.end(), part->begin(), part->end());
+      ASSIGN_OR_RETURN(d.wqkv, m.UploadBf16(qkv));
+      ASSIGN_OR_RETURN(d.wo, m.UploadBf16(L.wo));
+      std::vector<float> gu(L.w_gate);
+      gu.insert(gu.end(), L.w_up.begin(), L.w_up.end());
+      ASSIGN_OR_RETURN(d.w_gu, m.UploadBf16(gu));
+      ASSIGN_OR_RETURN(d.w_down, m.UploadBf16(L.w_down));
+      if (m.R > 0) {
+        ASSIGN_OR_RETURN(d.proxy, m.UploadBf16(o.model->proxy(l).proj));
+      }
+      ASSIGN_OR_RETURN(d.bq, m.UploadF32(L.bq));
+      ASSIGN_OR_RETURN(d.bk, m.UploadF32(L.bk));
+      ASSIGN_OR_RETURN(d.bv, m.UploadF32(L.bv));
+      ASSIGN_OR_RETURN(d.bo, m.UploadF32(L.bo));
+      ASSIGN_OR_RETURN(d.attn_norm, m.UploadF32(L.attn_norm));
+      ASSIGN_OR_RETURN(d.mlp_norm, m.UploadF32(L.mlp_norm));
+    }
+    ASSIGN_OR_RETURN(m.embed, m.UploadBf16(w.embed));
+    if (w.lm_head.empty()) {
+      m.lm_head = m.embed;
+    } else {
+      ASSIGN_OR_RETURN(m.lm_head, m.UploadBf16(w.lm_head));
+    }
+    ASSIGN_OR_RETURN(m.final_norm, m.UploadF32(w.final_norm));
+  } else {
+    const float amp = 0.02f * std::sqrt(3.0f);
+    uint64_t seed = o.random_seed * 1000003u;
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      Impl::Layer& d = m.layers[l];
+      ASSIGN_OR_RETURN(d.wqkv, m.RandomBf16(static_cast<size_t>(QKV) * D, amp, ++seed));
+      ASSIGN_OR_RETURN(d.wo, m.RandomBf16(static_cast<size_t>(D) * c.num_attention_heads *
+                                              c.head_dim, amp, ++seed));
+      ASSIGN_OR_RETURN(d.w_gu, m.RandomBf16(static_cast<size_t>(2) * F * D, amp, ++seed));
+      ASSIGN_OR_RETURN(d.w_down, m.RandomBf16(static_cast<size_t>(D) * F, amp, ++seed));
+      ASSIGN_OR_RETURN(d.proxy, m.RandomBf16(static_cast<size_t>(m.R) * D, 1.0f, ++seed));
+      ASSIGN_OR_RETURN(d.attn_norm, m.Ones(D));
+      ASSIGN_OR_RETURN(d.mlp_norm, m.Ones(D));
+    }
+    ASSIGN_OR_RETURN(m.embed, m.RandomBf16(static_cast<size_t>(V) * D, amp, ++seed));
+    ASSIGN_OR_RETURN(m.lm_head, m.RandomBf16(static_cast<size_t>(V) * D, amp, ++seed));
+    ASSIGN_OR_RETURN(m.final_norm, m.Ones(D));
+  }
+  ASSIGN_OR_RETURN(m.inv_freq, m.UploadF32(RopeInvFrequencies(c)));
+  DLM_CUDA(cudaStreamSynchronize(m.stream));
+  cudaDeviceProp prop;
+  DLM_CUDA(cudaGetDeviceProperties(&prop, o.device));
+  std::string name = absl::StrCat(prop.name, " (sm_", prop.major, prop.minor, ", ",
+                                  prop.multiProcessorCount, " SMs)");
+  int eos = -1;
+  if (o.model != nullptr) {
+    eos = o.model->eos_id();
+  } else if (!c.eos_token_ids.empty()) {
+    eos = c.eos_token_ids[0];
+  }
+  const int R = m.R;
+  const int64_t wb = m.weight_bytes;
+  LOG(INFO) << "cuda dlm model ready: " << name << " layers=" << c.num_hidden_layers
+            << " hidden=" << D << " proxy_rank=" << R << " weight_bytes=" << wb;
+  return std::unique_ptr<CudaDlmModel>(
+      new CudaDlmModel(std::move(impl), c, mask, eos, R, std::move(name), wb));
+}
+
+absl::StatusOr<std::unique_ptr<DlmCache>> CudaDlmModel::NewCache(int rows) const {
+  if (rows <= 0) return absl::InvalidArgumentError(absl::StrCat("rows: must be > 0, got ", rows));
+  absl::MutexLock lock(&mu_);
+  const ModelConfig& c = config_;
+  const size_t NL = c.num_hidden_layers, r = rows;
+  const size_t kv = NL * c.num_key_value_heads * r * c.head_dim;  // elements of K (and of V)
+  const size_t delta = NL * r * c.hidden_size;
+  const size_t proxy = NL * r * static_cast<size_t>(proxy_rank_);
+  auto cache = std::make_unique<CudaDlmCache>(rows, c.num_hidden_layers);
+  const size_t bytes = kv * 2 * 2 + delta * 4 + proxy * 4;
+  DLM_CUDA(cudaSetDevice(impl_->device));
+  DLM_CUDA(cudaMalloc(&cache->mem_, bytes));
+  DLM_CUDA(cudaMemsetAsync(cache->mem_, 0, bytes, impl_->stream));
+  DLM_CUDA(cudaStreamSynchronize(impl_->stream));
+  char* base = static_cast<char*>(cache->mem_);
+  cache->view.k = reinterpret_cast<uint16_t*>(base);
+  cache->view.v = reinterpret_cast<uint16_t*>(base + kv * 2);
+  cache->view.delta = reinterpret_cast<float*>(base + kv * 4);
+  cache->view.proxy = proxy > 0 ? reinterpret_cast<float*>(base + kv * 4 + delta * 4) : nullptr;
+  cache->view.rows = rows;
+  return cache;
+}
+
+absl::Status CudaDlmModel::ForwardBatch(std::span<const DlmBatchItem> items,
+                                        ForwardStats* batch_stats) const {
+  RETURN_IF_ERROR(CheckBatchItems(items));
+  for (const DlmBatchItem& it : items) {
+    if (dynamic_cast<CudaDlmCache*>(it.cache) == nullptr) {
+      return absl::InvalidArgumentError("items: a cache not made by this CUDA model");
+    }
+  }
+  for (const DlmBatchItem& it : items) {
+    auto* cache = static_cast<CudaDlmCache*>(it.cache);
+    RETURN_IF_ERROR(ValidateForward(config_, proxy_rank_, cache->rows(), it.canvas, *it.spec,
+                                    [cache](int l) { return cache->proxy_valid(l); }, nullptr));
+  }
+  absl::MutexLock lock(&mu_);
+  DLM_CUDA(cudaSetDevice(impl_->device));
+  // Homogeneous groups (same step kind and output kind), in order of first appearance.
+  std::vector<bool> done(items.size(), false);
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (done[i]) continue;
+    std::vector<DlmBatchItem> group;
+    for (size_t j = i; j < items.size(); ++j) {
+      if (!done[j] && SameKind(*items[i].spec, *items[j].spec) &&
+          (items[i].top1 == nullptr) == (items[j].top1 == nullptr)) {
+        group.push_back(items[j]);
+        done[j] = true;
+      }
+    }
+    RETURN_IF_ERROR(impl_->Forward(group, batch_stats));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace prehoc::dlm

@@ -1,0 +1,29 @@
+// CudaDlmModel in a build without CUDA / cuBLAS: Create reports UNAVAILABLE (use DlmModel).
+#include "absl/status/status.h"
+#include "worker/dlm/cuda_forward.h"
+
+namespace prehoc::dlm {
+
+struct CudaDlmModel::Impl {};
+
+absl::StatusOr<std::unique_ptr<CudaDlmModel>> CudaDlmModel::Create(const CudaDlmOptions&) {
+  return absl::UnavailableError("cuda: this binary was built without CUDA (PREHOC_ENABLE_CUDA off "
+                                "or cuBLAS not found)");
+}
+
+CudaDlmModel::~CudaDlmModel() = default;
+const ModelConfig& CudaDlmModel::config() const { return config_; }
+int CudaDlmModel::mask_id() const { return mask_id_; }
+int CudaDlmModel::eos_id() const { return eos_id_; }
+int CudaDlmModel::proxy_rank() const { return proxy_rank_; }
+std::string CudaDlmModel::backend_name() const { return "cuda (unavailable)"; }
+std::string CudaDlmModel::device_name() const { return device_name_; }
+int64_t CudaDlmModel::weight_bytes() const { return weight_bytes_; }
+absl::StatusOr<std::unique_ptr<DlmCache>> CudaDlmModel::NewCache(int) const {
+  return absl::UnavailableError("cuda: built without CUDA");
+}
+absl::Status CudaDlmModel::ForwardBatch(std::span<const DlmBatchItem>, ForwardStats*) const {
+  return absl::UnavailableError("cuda: built without CUDA");
+}
+
+}  // namespace prehoc::dlm
