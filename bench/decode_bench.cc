@@ -5,7 +5,12 @@
 //   decode_bench [--layers=32] [--hidden=4096] [--heads=32] [--kv-heads=32] [--head-dim=128]
 //                [--ffn=11008] [--vocab=32000] [--batch=16] [--ctx=4096] [--steps=32]
 //                [--warmup=4] [--keep=8] [--modes=dense,random,streaming] [--json=PATH]
-//                [--gemm=autotune|default]
+//                [--gemm=autotune|default] [--model=DIR --prompt-file=PATH]
+//
+// --model: a trained Hugging Face model instead of random weights (the shape flags are then
+// ignored); each sequence is prefilled on the GPU with the first --ctx bytes of --prompt-file
+// (byte tokenizer, BOS first; the file repeats if shorter), so attention and the PrHS gate
+// see real text.
 //
 // Method: the model's sequences are grown to --ctx positions without computing them (their K/V
 // are uniform(-1, 1) bf16: the same bytes as real ones), then for each mode --warmup untimed and
@@ -20,10 +25,22 @@
 //   random    — one random token out of every --keep (stratified, as attention_bench);
 //   streaming — the first 64 tokens (sinks) and the most recent ones, ceil(len / keep) in all.
 // The lists are built once before timing: the selection cost (scoring, top-k, list building) is
-// NOT included in the sparse numbers.
+// NOT included in the sparse numbers of those two modes.
+//   prhs / prhs-budget-matched — end-to-end PrHS decode on the device (CudaModel's PrHS path,
+//             plan of `prehoc generate --policy=...` at budget 1/--keep): per step and layer the
+//             CIS gate, exact refresh scoring + top-k + dilation + δ of the gated rows, the CSR
+//             lists and token-sparse attention, all inside the timed steps (real gate, no
+//             imposed refresh rate). Reported with the realised refresh rate (refreshes /
+//             gated selections over the timed steps), the mean kept fraction and mean δ. With
+//             random weights and K/V the attention is random, so the gate's refresh rate is
+//             whatever random queries give (reported, not chosen). Their roofline counts the
+//             kept K/V plus the K of every refreshed row's whole context.
+// Each mode runs on its own; a failing mode is reported and the others still run. Results are
+// printed and (with --json) written after every mode.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -34,9 +51,15 @@
 #include <string>
 #include <vector>
 
+#include <fstream>
+#include <functional>
+
+#include "absl/strings/str_cat.h"
 #include "bench/bench_kernels.h"
+#include "cachemgr/selection_plan.h"
 #include "worker/backends/cuda/cuda_model.h"
 #include "worker/kernels/paged_decode.h"
+#include "worker/tokenizer.h"
 
 namespace prehoc::bench {
 namespace {
@@ -67,6 +90,7 @@ struct Options {
   std::vector<std::string> modes{"dense", "random", "streaming"};
   std::string json;
   bool gemm_autotune = true;
+  std::string model_dir, prompt_file;
 };
 
 Options ParseArgs(int argc, char** argv) {
@@ -101,6 +125,12 @@ Options ParseArgs(int argc, char** argv) {
       found = true;
     } else if (k == "gemm") {
       o.gemm_autotune = v != "default";
+      found = true;
+    } else if (k == "model") {
+      o.model_dir = v;
+      found = true;
+    } else if (k == "prompt-file") {
+      o.prompt_file = v;
       found = true;
     }
     if (!found) {
@@ -148,10 +178,80 @@ struct Record {
   int batch = 0, ctx_start = 0, ctx_end = 0, keep = 1, steps = 0, list_len = 0;
   double ms_median = 0, ms_mean = 0, tokens_per_s = 0;
   double weight_bytes = 0, kv_bytes = 0, roofline_ms = 0, roofline_fraction = 0;
+  bool selection_included = false;
+  // PrHS modes (timed steps only): refreshes / gated selections, mean kept fraction, mean δ.
+  double refresh_rate = -1, kept_fraction = -1, mean_delta = -1;
 };
 
+#define RET_CUDA(expr)                                                                \
+  do {                                                                                \
+    cudaError_t err_ = (expr);                                                        \
+    if (err_ != cudaSuccess) {                                                        \
+      return absl::InternalError(absl::StrCat(#expr, ": ", cudaGetErrorString(err_))); \
+    }                                                                                 \
+  } while (0)
+#define RET_OK(expr)                 \
+  do {                               \
+    absl::Status st_ = (expr);       \
+    if (!st_.ok()) return st_;       \
+  } while (0)
+
+void PrintAndWrite(const Options& o, const cudaDeviceProp& prop, double copy_gbs, int page,
+                   const std::vector<Record>& records) {
+  std::printf("\n%-20s %5s %11s %5s %8s %9s %9s %10s %9s %9s %11s %8s %8s %7s %7s\n", "mode",
+              "batch", "ctx", "keep", "list", "ms/step", "ms(mean)", "tokens/s", "GB/step",
+              "roof ms", "% roofline", "vs dense", "refresh", "kept", "delta");
+  double dense_tps = 0;
+  for (const Record& r : records) {
+    if (r.mode == "dense") dense_tps = r.tokens_per_s;
+  }
+  for (const Record& r : records) {
+    char ctx[32];
+    std::snprintf(ctx, sizeof(ctx), "%d-%d", r.ctx_start, r.ctx_end);
+    std::printf("%-20s %5d %11s %5d %8d %9.3f %9.3f %10.1f %9.2f %9.3f %10.1f%% %7.2fx %8.3f "
+                "%7.3f %7.4f\n",
+                r.mode.c_str(), r.batch, ctx, r.keep, r.list_len, r.ms_median, r.ms_mean,
+                r.tokens_per_s, (r.weight_bytes + r.kv_bytes) / 1e9, r.roofline_ms,
+                100 * r.roofline_fraction, dense_tps > 0 ? r.tokens_per_s / dense_tps : 0.0,
+                r.refresh_rate, r.kept_fraction, r.mean_delta);
+  }
+  std::fflush(stdout);
+  if (o.json.empty()) return;
+  FILE* f = std::fopen(o.json.c_str(), "w");
+  if (f == nullptr) {
+    std::fprintf(stderr, "cannot write %s\n", o.json.c_str());
+    return;
+  }
+  std::fprintf(f,
+               "{\"device\": \"%s\", \"copy_gbs\": %.1f, \"model\": \"%s\", \"config\": "
+               "{\"layers\": %d, \"hidden\": %d, \"heads\": %d, \"kv_heads\": %d, \"head_dim\": "
+               "%d, \"ffn\": %d, \"vocab\": %d, \"dtype\": \"bf16\", \"page_size\": %d, \"gemm\": "
+               "\"%s\"}, \"records\": [\n",
+               prop.name, copy_gbs, o.model_dir.empty() ? "random" : o.model_dir.c_str(),
+               o.layers, o.hidden, o.heads, o.kv_heads, o.head_dim, o.ffn, o.vocab, page,
+               o.gemm_autotune ? "autotune" : "default");
+  for (size_t i = 0; i < records.size(); ++i) {
+    const Record& r = records[i];
+    std::fprintf(f,
+                 "  {\"mode\": \"%s\", \"batch\": %d, \"ctx_start\": %d, \"ctx_end\": %d, "
+                 "\"keep\": %d, \"list_len\": %d, \"steps\": %d, \"ms_per_step_median\": %.4f, "
+                 "\"ms_per_step_mean\": %.4f, \"tokens_per_s\": %.1f, \"weight_bytes\": %.0f, "
+                 "\"kv_bytes_per_step\": %.0f, \"roofline_ms\": %.4f, "
+                 "\"roofline_fraction\": %.4f, \"vs_dense\": %.3f, \"selection_included\": %s, "
+                 "\"refresh_rate\": %.4f, \"kept_fraction\": %.4f, \"mean_delta\": %.5f}%s\n",
+                 r.mode.c_str(), r.batch, r.ctx_start, r.ctx_end, r.keep, r.list_len, r.steps,
+                 r.ms_median, r.ms_mean, r.tokens_per_s, r.weight_bytes, r.kv_bytes,
+                 r.roofline_ms, r.roofline_fraction,
+                 dense_tps > 0 ? r.tokens_per_s / dense_tps : 0.0,
+                 r.selection_included ? "true" : "false", r.refresh_rate, r.kept_fraction,
+                 r.mean_delta, i + 1 < records.size() ? "," : "");
+  }
+  std::fprintf(f, "]}\n");
+  std::fclose(f);
+}
+
 int Main(int argc, char** argv) {
-  const Options o = ParseArgs(argc, argv);
+  Options o = ParseArgs(argc, argv);
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::fprintf(stderr, "decode_bench: no CUDA device\n");
@@ -165,25 +265,48 @@ int Main(int argc, char** argv) {
 
   const int total_steps = static_cast<int>(o.modes.size()) * (o.warmup + o.steps);
   const int max_len = o.ctx + total_steps + 16;
-  ModelConfig cfg;
-  cfg.architecture = "LlamaForCausalLM";
-  cfg.model_type = "llama";
-  cfg.vocab_size = o.vocab;
-  cfg.hidden_size = o.hidden;
-  cfg.intermediate_size = o.ffn;
-  cfg.num_hidden_layers = o.layers;
-  cfg.num_attention_heads = o.heads;
-  cfg.num_key_value_heads = o.kv_heads;
-  cfg.head_dim = o.head_dim;
-  cfg.max_position_embeddings = max_len;
-  cfg.rms_norm_eps = 1e-5;
   const int page = 16;
-  const int64_t page_bytes = int64_t{2} * o.layers * o.kv_heads * page * o.head_dim * 2;
   CudaModelOptions mo;
-  mo.random_config = cfg;
-  mo.random_seed = 7;
   mo.page_size = page;
   mo.gemm_autotune = o.gemm_autotune;
+  ModelConfig cfg;
+  if (!o.model_dir.empty()) {
+    auto loaded = LoadModelConfig(o.model_dir);
+    if (!loaded.ok()) {
+      std::fprintf(stderr, "decode_bench: %s\n", loaded.status().ToString().c_str());
+      return 1;
+    }
+    cfg = *loaded;
+    if (max_len > cfg.max_position_embeddings) {
+      std::fprintf(stderr, "decode_bench: ctx + steps = %d exceeds the model's context %d\n",
+                   max_len, cfg.max_position_embeddings);
+      return 2;
+    }
+    mo.model_dir = o.model_dir;
+    o.layers = cfg.num_hidden_layers;
+    o.hidden = cfg.hidden_size;
+    o.heads = cfg.num_attention_heads;
+    o.kv_heads = cfg.num_key_value_heads;
+    o.head_dim = cfg.head_dim;
+    o.ffn = cfg.intermediate_size;
+    o.vocab = cfg.vocab_size;
+  } else {
+    cfg.architecture = "LlamaForCausalLM";
+    cfg.model_type = "llama";
+    cfg.vocab_size = o.vocab;
+    cfg.hidden_size = o.hidden;
+    cfg.intermediate_size = o.ffn;
+    cfg.num_hidden_layers = o.layers;
+    cfg.num_attention_heads = o.heads;
+    cfg.num_key_value_heads = o.kv_heads;
+    cfg.head_dim = o.head_dim;
+    cfg.max_position_embeddings = max_len;
+    cfg.rms_norm_eps = 1e-5;
+    mo.random_config = cfg;
+    mo.random_seed = 7;
+  }
+  mo.max_context = max_len;
+  const int64_t page_bytes = int64_t{2} * o.layers * o.kv_heads * page * o.head_dim * 2;
   mo.kv_cache_bytes = static_cast<int64_t>(o.batch) * ((max_len + page - 1) / page) * page_bytes;
   auto created = CudaModel::Create(mo);
   if (!created.ok()) {
@@ -191,50 +314,114 @@ int Main(int argc, char** argv) {
     return 1;
   }
   CudaModel& model = **created;
-  std::printf("model: layers=%d hidden=%d heads=%d kv_heads=%d head_dim=%d ffn=%d vocab=%d; "
+  std::printf("model: %s layers=%d hidden=%d heads=%d kv_heads=%d head_dim=%d ffn=%d vocab=%d; "
               "weights streamed per step %.2f GB; KV %.1f KB/token; pool %.2f GB; gemm %s\n",
-              o.layers, o.hidden, o.heads, o.kv_heads, o.head_dim, o.ffn, o.vocab,
-              model.weight_bytes() / 1e9, model.kv_bytes_per_token() / 1e3,
+              o.model_dir.empty() ? "random" : o.model_dir.c_str(), o.layers, o.hidden, o.heads,
+              o.kv_heads, o.head_dim, o.ffn, o.vocab, model.weight_bytes() / 1e9,
+              model.kv_bytes_per_token() / 1e3,
               static_cast<double>(model.num_pages()) * page_bytes / 1e9,
               o.gemm_autotune ? "autotune" : "default");
 
   std::vector<CudaModel::SeqId> seqs(o.batch);
-  for (auto& s : seqs) {
-    s = model.CreateSequence();
-    CHECK_OK(model.AppendUninitialized(s, o.ctx));
+  for (auto& s : seqs) s = model.CreateSequence();
+  std::vector<int32_t> first_tokens(o.batch);
+  if (!o.model_dir.empty()) {
+    // Prefill every sequence with the prompt, in chunks of 2048 positions for all sequences.
+    std::ifstream in(o.prompt_file);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    std::string text = ss.str();
+    if (text.empty()) {
+      std::fprintf(stderr, "decode_bench: --prompt-file '%s' is empty or unreadable\n",
+                   o.prompt_file.c_str());
+      return 2;
+    }
+    while (static_cast<int>(text.size()) < o.ctx) text += text;
+    auto tok = Tokenizer::LoadFromModelDir(o.model_dir, cfg.vocab_size);
+    if (!tok.ok() || *tok == nullptr) {
+      std::fprintf(stderr, "decode_bench: the model has no usable byte tokenizer\n");
+      return 1;
+    }
+    std::vector<int32_t> prompt = (*tok)->Encode(text, /*add_bos=*/true);
+    prompt.resize(o.ctx);
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<int32_t> greedy;
+    for (int off = 0; off < o.ctx; off += 2048) {
+      const int n = std::min(2048, o.ctx - off);
+      std::vector<CudaModel::StepItem> items;
+      for (auto s : seqs) items.push_back({s, {prompt.data() + off, static_cast<size_t>(n)}});
+      auto st = model.Step(items, true, &greedy);
+      if (!st.ok()) {
+        std::fprintf(stderr, "decode_bench: prefill: %s\n", st.status().ToString().c_str());
+        return 1;
+      }
+    }
+    first_tokens = greedy;
+    std::printf("prefill: %d sequences x %d tokens of %s in %.2f s\n", o.batch, o.ctx,
+                o.prompt_file.c_str(),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  } else {
+    for (auto s : seqs) CHECK_OK(model.AppendUninitialized(s, o.ctx));
+    CHECK_OK(model.FillKvRandom(11));
+    std::mt19937 rng(3);
+    for (int32_t& x : first_tokens) x = static_cast<int32_t>(rng() % o.vocab);
   }
-  CHECK_OK(model.FillKvRandom(11));
 
   int32_t *d_a = nullptr, *d_b = nullptr;
   CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_a), o.batch * sizeof(int32_t)));
   CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_b), o.batch * sizeof(int32_t)));
-  {
-    std::mt19937 rng(3);
-    std::vector<int32_t> t(o.batch);
-    for (int32_t& x : t) x = static_cast<int32_t>(rng() % o.vocab);
-    CHECK_CUDA(cudaMemcpy(d_a, t.data(), t.size() * 4, cudaMemcpyHostToDevice));
-  }
+  CHECK_CUDA(cudaMemcpy(d_a, first_tokens.data(), first_tokens.size() * 4, cudaMemcpyHostToDevice));
 
   std::vector<Record> records;
   const int rows = o.batch * o.kv_heads;
-  for (const std::string& mode : o.modes) {
+  // One mode: lists (random / streaming, before timing) or plans (PrHS), warm-up, timed steps.
+  auto run_mode = [&](const std::string& mode) -> absl::StatusOr<Record> {
     const int len0 = *model.SequenceLength(seqs[0]);
-    // ---- Index lists (sparse modes), built before timing.
+    const bool prhs = mode == "prhs" || mode == "prhs-budget-matched";
     int32_t *d_indptr = nullptr, *d_indices = nullptr, *d_counts = nullptr;
     uint8_t* d_mask = nullptr;
+    struct Freer {
+      std::vector<void*> p;
+      ~Freer() {
+        for (void* x : p) cudaFree(x);
+      }
+    } freer;
     CudaKvSelection sel;
     int list_len = 0;
-    if (mode != "dense") {
+    std::vector<SelectionPlan> plans;
+    std::vector<SelectionTelemetry> tel(o.batch);
+    std::vector<const SelectionPlan*> plan_ptrs;
+    std::vector<SelectionTelemetry*> tel_ptrs;
+    if (prhs) {
+      SparsityOptions so;
+      so.policy = mode;
+      so.budget = 1.0 / o.keep;
+      auto plan = MakeSelectionPlan(cfg, so);
+      if (!plan.ok()) return plan.status();
+      RET_OK(CudaModel::SupportsPlan(cfg, page, *plan));
+      plans.assign(o.batch, *plan);
+      for (int b = 0; b < o.batch; ++b) {
+        tel[b].refreshes_per_layer.assign(o.layers, 0);
+        tel[b].shares_per_layer.assign(o.layers, 0);
+        plan_ptrs.push_back(&plans[b]);
+        tel_ptrs.push_back(&tel[b]);
+      }
+    } else if (mode != "dense") {
       list_len = (len0 + o.keep - 1) / o.keep;
-      CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_indptr), (rows + 1) * sizeof(int32_t)));
-      CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_indices), static_cast<size_t>(rows) * list_len * sizeof(int32_t)));
+      RET_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_indptr), (rows + 1) * sizeof(int32_t)));
+      freer.p.push_back(d_indptr);
+      RET_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_indices),
+                          static_cast<size_t>(rows) * list_len * sizeof(int32_t)));
+      freer.p.push_back(d_indices);
       if (mode == "random") {
         const int stride = (len0 + 15) / 16 * 16;
-        CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_mask), static_cast<size_t>(rows) * stride));
-        CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_counts), rows * sizeof(int32_t)));
-        CHECK_CUDA(MakeStratifiedMask(d_mask, rows, stride, len0, o.keep, 5, nullptr));
-        CHECK_CUDA(kernels::BuildIndexListsFromMask(d_mask, rows, stride, d_counts, d_indptr,
-                                                    d_indices, nullptr));
+        RET_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_mask), static_cast<size_t>(rows) * stride));
+        freer.p.push_back(d_mask);
+        RET_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_counts), rows * sizeof(int32_t)));
+        freer.p.push_back(d_counts);
+        RET_CUDA(MakeStratifiedMask(d_mask, rows, stride, len0, o.keep, 5, nullptr));
+        RET_CUDA(kernels::BuildIndexListsFromMask(d_mask, rows, stride, d_counts, d_indptr,
+                                                  d_indices, nullptr));
       } else if (mode == "streaming") {
         const int sinks = std::min(64, list_len);
         std::vector<int32_t> indptr{0}, indices;
@@ -243,54 +430,59 @@ int Main(int argc, char** argv) {
           for (int t = len0 - (list_len - sinks); t < len0; ++t) indices.push_back(t);
           indptr.push_back(static_cast<int32_t>(indices.size()));
         }
-        CHECK_CUDA(cudaMemcpy(d_indptr, indptr.data(), indptr.size() * 4, cudaMemcpyHostToDevice));
-        CHECK_CUDA(cudaMemcpy(d_indices, indices.data(), indices.size() * 4,
-                              cudaMemcpyHostToDevice));
+        RET_CUDA(cudaMemcpy(d_indptr, indptr.data(), indptr.size() * 4, cudaMemcpyHostToDevice));
+        RET_CUDA(cudaMemcpy(d_indices, indices.data(), indices.size() * 4,
+                            cudaMemcpyHostToDevice));
       } else {
-        std::fprintf(stderr, "unknown mode '%s' (dense, random, streaming)\n", mode.c_str());
-        return 2;
+        return absl::InvalidArgumentError(absl::StrCat(
+            "unknown mode '", mode, "' (dense, random, streaming, prhs, prhs-budget-matched)"));
       }
-      CHECK_CUDA(cudaDeviceSynchronize());
+      RET_CUDA(cudaDeviceSynchronize());
       sel.d_indptr = {d_indptr};
       sel.d_indices = {d_indices};
       sel.max_list_len = list_len;
     }
-    const CudaKvSelection* selp = mode == "dense" ? nullptr : &sel;
+    const CudaKvSelection* selp = (mode == "dense" || prhs) ? nullptr : &sel;
+    auto step = [&]() {
+      return prhs ? model.DecodeGreedyAsync(seqs, d_a, d_b, plan_ptrs, tel_ptrs)
+                  : model.DecodeGreedyAsync(seqs, d_a, d_b, selp);
+    };
 
     // ---- Warm-up, then timed steps with an event after each.
     for (int i = 0; i < o.warmup; ++i) {
-      CHECK_OK(model.DecodeGreedyAsync(seqs, d_a, d_b, selp));
+      RET_OK(step());
       std::swap(d_a, d_b);
     }
-    CHECK_OK(model.Synchronize());
+    RET_OK(model.Synchronize());
+    const std::vector<SelectionTelemetry> before = tel;
     const int ctx_start = *model.SequenceLength(seqs[0]) + 1;  // length during the first step
     std::vector<cudaEvent_t> ev(o.steps + 1);
-    for (auto& e : ev) CHECK_CUDA(cudaEventCreate(&e));
+    for (auto& e : ev) RET_CUDA(cudaEventCreate(&e));
     // Events go on the model's own stream so that they order with its work.
     const cudaStream_t stream = static_cast<cudaStream_t>(model.cuda_stream());
-    CHECK_CUDA(cudaEventRecord(ev[0], stream));
+    RET_CUDA(cudaEventRecord(ev[0], stream));
     for (int i = 0; i < o.steps; ++i) {
-      CHECK_OK(model.DecodeGreedyAsync(seqs, d_a, d_b, selp));
+      RET_OK(step());
       std::swap(d_a, d_b);
-      CHECK_CUDA(cudaEventRecord(ev[i + 1], stream));
+      RET_CUDA(cudaEventRecord(ev[i + 1], stream));
     }
-    CHECK_OK(model.Synchronize());
+    RET_OK(model.Synchronize());
     std::vector<double> ms(o.steps);
     for (int i = 0; i < o.steps; ++i) {
       float t = 0;
-      CHECK_CUDA(cudaEventElapsedTime(&t, ev[i], ev[i + 1]));
+      RET_CUDA(cudaEventElapsedTime(&t, ev[i], ev[i + 1]));
       ms[i] = t;
     }
     float total_ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&total_ms, ev[0], ev[o.steps]));
-    for (auto& e : ev) CHECK_CUDA(cudaEventDestroy(e));
+    RET_CUDA(cudaEventElapsedTime(&total_ms, ev[0], ev[o.steps]));
+    for (auto& e : ev) RET_CUDA(cudaEventDestroy(e));
     // Sanity: the last tokens are valid ids.
     std::vector<int32_t> last(o.batch);
-    CHECK_CUDA(cudaMemcpy(last.data(), d_a, o.batch * 4, cudaMemcpyDeviceToHost));
+    RET_CUDA(cudaMemcpy(last.data(), d_a, o.batch * 4, cudaMemcpyDeviceToHost));
     for (int32_t t : last) {
       if (t < 0 || t >= o.vocab) {
-        std::fprintf(stderr, "decode produced token %d outside [0, %d)\n", t, o.vocab);
-        return 1;
+        return absl::InternalError(absl::StrCat("decode produced token ", t, " outside [0, ",
+                                                o.vocab, ")"));
       }
     }
 
@@ -307,65 +499,48 @@ int Main(int argc, char** argv) {
     r.tokens_per_s = o.batch * o.steps / (total_ms / 1e3);
     r.weight_bytes = static_cast<double>(model.weight_bytes());
     const double mean_len = 0.5 * (r.ctx_start + r.ctx_end);
-    const double tokens_read = mode == "dense" ? mean_len : list_len;
+    double tokens_read = mode == "dense" ? mean_len : list_len;
+    if (prhs) {
+      int64_t refreshes = 0, gated = 0, selections = 0, deltas = 0;
+      double kept = 0, delta = 0;
+      for (int b = 0; b < o.batch; ++b) {
+        refreshes += tel[b].refreshes - before[b].refreshes;
+        gated += tel[b].refreshes + tel[b].shares - before[b].refreshes - before[b].shares;
+        selections += tel[b].selections - before[b].selections;
+        kept += tel[b].kept_fraction_sum - before[b].kept_fraction_sum;
+        for (size_t i = before[b].refresh_delta.size(); i < tel[b].refresh_delta.size(); ++i) {
+          delta += tel[b].refresh_delta[i];
+          ++deltas;
+        }
+      }
+      r.selection_included = true;
+      r.refresh_rate = gated > 0 ? static_cast<double>(refreshes) / gated : 0.0;
+      r.kept_fraction = selections > 0 ? kept / selections : 1.0;
+      r.mean_delta = deltas > 0 ? delta / deltas : 0.0;
+      r.list_len = static_cast<int>(r.kept_fraction * mean_len);
+      // Kept K/V plus the keys of every refreshed row (half of its K/V bytes).
+      tokens_read = r.kept_fraction * mean_len + 0.5 * r.refresh_rate * mean_len;
+    }
     r.kv_bytes = o.batch * tokens_read * static_cast<double>(model.kv_bytes_per_token());
     r.roofline_ms = (r.weight_bytes + r.kv_bytes) / (copy_gbs * 1e9) * 1e3;
     r.roofline_fraction = r.roofline_ms / r.ms_mean;
-    records.push_back(r);
-    for (void* p : {static_cast<void*>(d_indptr), static_cast<void*>(d_indices),
-                    static_cast<void*>(d_counts), static_cast<void*>(d_mask)}) {
-      if (p != nullptr) CHECK_CUDA(cudaFree(p));
+    return r;
+  };
+  for (const std::string& mode : o.modes) {
+    absl::StatusOr<Record> r = run_mode(mode);
+    if (!r.ok()) {
+      std::fprintf(stderr, "decode_bench: mode %s failed: %s\n", mode.c_str(),
+                   r.status().ToString().c_str());
+      std::fflush(stderr);
+      if (r.status().code() == absl::StatusCode::kInternal) break;  // the model is unusable
+      continue;
     }
+    records.push_back(*r);
+    PrintAndWrite(o, prop, copy_gbs, page, records);
   }
-
-  std::printf("\n%-10s %5s %11s %5s %8s %9s %9s %10s %9s %9s %11s %8s\n", "mode", "batch",
-              "ctx", "keep", "list", "ms/step", "ms(mean)", "tokens/s", "GB/step", "roof ms",
-              "% roofline", "vs dense");
-  double dense_tps = 0;
-  for (const Record& r : records) {
-    if (r.mode == "dense") dense_tps = r.tokens_per_s;
-  }
-  for (const Record& r : records) {
-    char ctx[32];
-    std::snprintf(ctx, sizeof(ctx), "%d-%d", r.ctx_start, r.ctx_end);
-    std::printf("%-10s %5d %11s %5d %8d %9.3f %9.3f %10.1f %9.2f %9.3f %10.1f%% %7.2fx\n",
-                r.mode.c_str(), r.batch, ctx, r.keep, r.list_len, r.ms_median, r.ms_mean,
-                r.tokens_per_s, (r.weight_bytes + r.kv_bytes) / 1e9, r.roofline_ms,
-                100 * r.roofline_fraction, dense_tps > 0 ? r.tokens_per_s / dense_tps : 0.0);
-  }
-  if (!o.json.empty()) {
-    FILE* f = std::fopen(o.json.c_str(), "w");
-    if (f == nullptr) {
-      std::fprintf(stderr, "cannot write %s\n", o.json.c_str());
-      return 1;
-    }
-    std::fprintf(f,
-                 "{\"device\": \"%s\", \"copy_gbs\": %.1f, \"config\": {\"layers\": %d, "
-                 "\"hidden\": %d, \"heads\": %d, \"kv_heads\": %d, \"head_dim\": %d, \"ffn\": %d, "
-                 "\"vocab\": %d, \"dtype\": \"bf16\", \"page_size\": %d, \"gemm\": \"%s\"}, "
-                 "\"selection_cost_included\": false, \"records\": [\n",
-                 prop.name, copy_gbs, o.layers, o.hidden, o.heads, o.kv_heads, o.head_dim, o.ffn,
-                 o.vocab, page, o.gemm_autotune ? "autotune" : "default");
-    for (size_t i = 0; i < records.size(); ++i) {
-      const Record& r = records[i];
-      std::fprintf(f,
-                   "  {\"mode\": \"%s\", \"batch\": %d, \"ctx_start\": %d, \"ctx_end\": %d, "
-                   "\"keep\": %d, \"list_len\": %d, \"steps\": %d, \"ms_per_step_median\": %.4f, "
-                   "\"ms_per_step_mean\": %.4f, \"tokens_per_s\": %.1f, \"weight_bytes\": %.0f, "
-                   "\"kv_bytes_per_step\": %.0f, \"roofline_ms\": %.4f, "
-                   "\"roofline_fraction\": %.4f, \"vs_dense\": %.3f}%s\n",
-                   r.mode.c_str(), r.batch, r.ctx_start, r.ctx_end, r.keep, r.list_len, r.steps,
-                   r.ms_median, r.ms_mean, r.tokens_per_s, r.weight_bytes, r.kv_bytes,
-                   r.roofline_ms, r.roofline_fraction,
-                   dense_tps > 0 ? r.tokens_per_s / dense_tps : 0.0,
-                   i + 1 < records.size() ? "," : "");
-    }
-    std::fprintf(f, "]}\n");
-    std::fclose(f);
-  }
-  CHECK_CUDA(cudaFree(d_a));
-  CHECK_CUDA(cudaFree(d_b));
-  return 0;
+  cudaFree(d_a);
+  cudaFree(d_b);
+  return records.size() == o.modes.size() ? 0 : 1;
 }
 
 }  // namespace

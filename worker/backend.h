@@ -10,6 +10,8 @@
 #define PREHOC_WORKER_BACKEND_H_
 
 #include <cstdint>
+#include <functional>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -87,6 +89,20 @@ class ModelBackend {
   virtual absl::StatusOr<std::vector<std::vector<float>>> Step(std::span<const StepItem> items,
                                                                bool causal = true) = 0;
 };
+
+// What a valid step asks of the KV cache.
+struct StepDemand {
+  int64_t new_pages = 0;  // Σ PagesFor(new length) − PagesFor(length)
+  int64_t tokens = 0;     // new tokens in all
+};
+
+// Checks `items` as ModelBackend::Step promises, every error INVALID_ARGUMENT naming the batch
+// item: a known sequence (`length_of` returns its length, nullopt when unknown), not repeated in
+// the step, at least one token, token ids in [0, vocab_size), new length <= max_context.
+// Returns what the step needs.
+absl::StatusOr<StepDemand> ValidateStepItems(
+    std::span<const BackendStepItem> items, int vocab_size, int max_context, int page_size,
+    const std::function<std::optional<int>(int64_t seq)>& length_of);
 
 }  // namespace prehoc
 

@@ -106,41 +106,19 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
                                                              bool causal) {
   const ModelConfig& c = config();
   const int page_size = cache_.shape().page_size;
-  // ---- Validate everything before touching state.
-  std::unordered_set<SeqId> seen;
-  int64_t pages_needed = 0;
-  int64_t total_tokens = 0;
-  for (size_t b = 0; b < items.size(); ++b) {
-    const StepItem& it = items[b];
-    auto s = seqs_.find(it.seq);
-    if (s == seqs_.end()) {
-      return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": unknown sequence ", it.seq));
-    }
-    if (!seen.insert(it.seq).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("batch item ", b, ": sequence ", it.seq, " appears twice in one step"));
-    }
-    if (it.tokens.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": no tokens"));
-    }
-    for (size_t i = 0; i < it.tokens.size(); ++i) {
-      if (it.tokens[i] < 0 || it.tokens[i] >= c.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": token id ",
-                                                       it.tokens[i], " at position ", i,
-                                                       " is outside [0, ", c.vocab_size, ")"));
-      }
-    }
-    const int64_t new_len = s->second.length + static_cast<int64_t>(it.tokens.size());
-    if (new_len > max_context_) {
-      return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": sequence length ",
-                                                     new_len, " exceeds max_context ",
-                                                     max_context_));
-    }
-    pages_needed += PagesFor(new_len, page_size) - static_cast<int64_t>(s->second.page_table.size());
-    total_tokens += static_cast<int64_t>(it.tokens.size());
-  }
+  // ---- Validate everything before touching state (a sequence's page table always holds
+  // PagesFor(length) pages).
+  ASSIGN_OR_RETURN(const StepDemand demand,
+                   ValidateStepItems(items, c.vocab_size, max_context_, page_size,
+                                     [this](int64_t seq) -> std::optional<int> {
+                                       auto s = seqs_.find(seq);
+                                       if (s == seqs_.end()) return std::nullopt;
+                                       return s->second.length;
+                                     }));
+  const int64_t total_tokens = demand.tokens;
   // ---- Allocate pages (all or nothing).
-  ASSIGN_OR_RETURN(std::vector<int32_t> fresh, allocator_.Allocate(static_cast<int32_t>(pages_needed)));
+  ASSIGN_OR_RETURN(std::vector<int32_t> fresh,
+                   allocator_.Allocate(static_cast<int32_t>(demand.new_pages)));
   size_t next_fresh = 0;
   for (const StepItem& it : items) {
     Sequence& s = seqs_[it.seq];

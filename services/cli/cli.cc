@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/logging.h"
+#include "worker/backend_factory.h"
 #include "worker/engine.h"
 #include "worker/generator.h"
 #include "services/cli/diffuse.h"
@@ -30,7 +31,7 @@ constexpr char kUsage[] =
 Usage: prehoc <command> [flags]
 
 Commands:
-  generate   Generate text from a prompt with the embedded engine (CPU).
+  generate   Generate text from a prompt with the embedded engine (CUDA or CPU).
   eval       Quality of sparse-attention policies vs dense on held-out data.
   diffuse    Diffusion-LM decoding with a cache policy (none/prefix/dual/dllm/spa/spa-auto).
   serve      Serve the gRPC API in embedded mode (worker + cache manager in one process).
@@ -58,6 +59,8 @@ Flags:
   --top-p P            Nucleus sampling mass in (0, 1] (default 1 = off).
   --seed S             Sampling seed (default 0).
   --no-stop-at-eos     Keep generating after the end-of-text token.
+  --device D           auto (default: CUDA when a device is usable, else CPU), cpu or
+                       cuda. The CUDA backend runs dense, prhs and prhs-budget-matched.
   --threads N          CPU threads (default 0 = all cores).
   --kv-cache-mb MB     KV cache size in MiB (default 1024).
   --policy P           Sparse attention for decode: dense (default), prhs,
@@ -84,6 +87,7 @@ struct GenerateFlags {
   bool print_ids = false;
   std::string log_level = "warning";
   SparsityOptions sparsity;
+  std::string device = "auto";
 };
 
 template <typename T>
@@ -137,7 +141,7 @@ std::string ParseGenerateFlags(const std::vector<std::string>& args, GenerateFla
                name == "--top-p" || name == "--seed" || name == "--threads" ||
                name == "--kv-cache-mb" || name == "--log-level" || name == "--policy" ||
                name == "--budget" || name == "--target-delta" || name == "--prompt-file" ||
-               name == "--sparsity-overrides") {
+               name == "--sparsity-overrides" || name == "--device") {
       if (!need_value(&v)) return absl::StrCat(name, " needs a value");
       if (name == "--model") {
         f->model = v;
@@ -176,6 +180,8 @@ std::string ParseGenerateFlags(const std::vector<std::string>& args, GenerateFla
         if (!ParseNumber(v, &f->sparsity.target_delta)) return bad(v);
       } else if (name == "--sparsity-overrides") {
         f->sparsity.overrides = v;
+      } else if (name == "--device") {
+        f->device = v;
       }
     } else {
       return absl::StrCat("unknown flag '", args[i], "'");
@@ -183,6 +189,9 @@ std::string ParseGenerateFlags(const std::vector<std::string>& args, GenerateFla
   }
   if (f->prompt && f->prompt_ids) return "--prompt and --prompt-ids are mutually exclusive";
   if (f->max_tokens < 1) return absl::StrCat("--max-tokens must be >= 1, got ", f->max_tokens);
+  if (f->device != "auto" && f->device != "cpu" && f->device != "cuda") {
+    return absl::StrCat("--device must be auto, cpu or cuda, got '", f->device, "'");
+  }
   return "";
 }
 
@@ -212,16 +221,18 @@ int RunGenerate(const std::vector<std::string>& args, std::ostream& out, std::os
     return 1;
   }
 
-  EngineOptions options;
-  options.model_dir = f.model;
-  options.num_threads = f.threads;
-  options.kv_cache_bytes = f.kv_cache_mb << 20;
-  auto engine_or = Engine::Create(options);
+  BackendOptions options;
+  options.device = f.device;
+  options.engine.model_dir = f.model;
+  options.engine.num_threads = f.threads;
+  options.engine.kv_cache_bytes = f.kv_cache_mb << 20;
+  std::string why;
+  auto engine_or = CreateBackend(options, &why);
   if (!engine_or.ok()) {
     err << "prehoc generate: cannot load model '" << f.model << "': " << engine_or.status() << "\n";
     return 1;
   }
-  Engine& engine = **engine_or;
+  ModelBackend& engine = **engine_or;
 
   GenerateRequest req;
   req.max_tokens = f.max_tokens;
@@ -281,9 +292,9 @@ int RunGenerate(const std::vector<std::string>& args, std::ostream& out, std::os
   }
   out << absl::StrFormat(
       "--- %d tokens (%s) from a %d-token prompt | prefill %.1f ms | decode %.1f tokens/s | "
-      "%d threads\n",
+      "%s: %s\n",
       static_cast<int>(r.tokens.size()), r.finish_reason, r.prompt_tokens, stats.prefill_s * 1e3,
-      stats.decode_tokens_per_s(), engine.num_threads());
+      stats.decode_tokens_per_s(), engine.kind(), engine.description());
   out << absl::StrFormat(
       "--- sparsity: policy=%s kept_fraction=%.3f delta_mean=%.4f delta_max=%.4f refreshes=%d "
       "shares=%d\n",

@@ -97,6 +97,16 @@ TEST(CliTest, GeneratesFromTextAndIdsDeterministically) {
   EXPECT_THAT(d.err, HasSubstr("prompt token 1 = 999"));
 }
 
+TEST(CliTest, DeviceFlag) {
+  CliRun a = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--prompt", "hi", "--max-tokens",
+                  "2", "--device", "cpu", "--threads", "1"});
+  ASSERT_EQ(a.code, 0) << a.err;
+  EXPECT_THAT(a.out, HasSubstr("tokens/s | cpu: CPU, 1 threads"));
+  CliRun b = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--device", "gpu"});
+  EXPECT_EQ(b.code, 2);
+  EXPECT_THAT(b.err, HasSubstr("--device must be auto, cpu or cuda, got 'gpu'"));
+}
+
 TEST(CliTest, SparsePolicyFlagsReachTheReport) {
   CliRun a = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--prompt", std::string(100, 'x'),
                   "--max-tokens", "4", "--no-stop-at-eos", "--policy", "streaming", "--budget", "40"});

@@ -89,6 +89,7 @@ int RunServe(const std::vector<std::string>& args, std::ostream& out, std::ostre
   InstallTerminationHandler();
   EmbeddedServerOptions o;
   o.cluster.engine.model_dir = "models/prehoc-code-ar";
+  o.cluster.device = "auto";
   o.listen_address = "0.0.0.0:50051";
   o.metrics_address = "0.0.0.0:9091";
   int64_t kv_cache_mb = 1024;
@@ -100,6 +101,8 @@ int RunServe(const std::vector<std::string>& args, std::ostream& out, std::ostre
   f.String("model-name", &o.cluster.model_name, "name served by ListModels (default: directory name)");
   f.String("listen", &o.listen_address, "gRPC listen address host:port (port 0 = any)");
   f.String("metrics-listen", &o.metrics_address, "Prometheus address host:port (empty = off)");
+  f.String("device", &o.cluster.device,
+           "auto (CUDA when a device is usable, else CPU), cpu or cuda");
   f.Int("threads", &o.cluster.engine.num_threads, "CPU threads (0 = all cores)");
   f.Int64("kv-cache-mb", &kv_cache_mb, "KV cache size in MiB");
   f.Int("max-context", &o.cluster.engine.max_context, "longest sequence (0 = the model's)");
@@ -146,6 +149,7 @@ int RunServe(const std::vector<std::string>& args, std::ostream& out, std::ostre
 int RunLoadgen(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   std::string target;
   EmbeddedOptions eo;
+  eo.device = "auto";
   int64_t kv_cache_mb = 1024;
   int streams = 4, requests = 0, warmup = -1, prompt_len = 128, max_tokens = 64;
   std::string policy;
@@ -155,6 +159,7 @@ int RunLoadgen(const std::vector<std::string>& args, std::ostream& out, std::ost
   FlagSet f(kLoadgenHeader);
   f.String("target", &target, "server address host:port (cache manager, worker or serve)");
   f.String("model", &eo.engine.model_dir, "model directory for the in-process backend");
+  f.String("device", &eo.device, "in-process backend: auto, cpu or cuda");
   f.Int("threads", &eo.engine.num_threads, "CPU threads of the in-process backend (0 = all)");
   f.Int64("kv-cache-mb", &kv_cache_mb, "KV cache of the in-process backend in MiB");
   f.Int("max-running", &eo.scheduler.max_running, "running batch of the in-process backend");

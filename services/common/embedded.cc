@@ -26,7 +26,10 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
     name = std::filesystem::path(o.engine.model_dir).lexically_normal().filename().string();
     if (name.empty()) name = "default";
   }
-  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(o.engine);
+  BackendOptions bo;
+  bo.device = o.device;
+  bo.engine = o.engine;
+  absl::StatusOr<std::unique_ptr<ModelBackend>> engine = CreateBackend(bo);
   if (!engine.ok()) return engine.status();
   c->scheduler_metrics_ = std::make_unique<SchedulerMetrics>(*c->registry_, name);
   c->router_metrics_ = std::make_unique<RouterMetrics>(*c->registry_);

@@ -15,7 +15,7 @@
 #include "prometheus/registry.h"
 #include "services/common/inference_service.h"
 #include "services/common/server_util.h"
-#include "worker/engine.h"
+#include "worker/backend_factory.h"
 #include "worker/scheduler.h"
 
 namespace prehoc {
@@ -35,6 +35,10 @@ class LocalWorkerLink : public WorkerLink {
 
 struct EmbeddedOptions {
   EngineOptions engine;
+  // Backend: "cpu" (default here, so library users and tests get the reference), "auto" (CUDA
+  // when a device is usable, else CPU; the servers' flag default) or "cuda" (see
+  // worker/backend_factory.h).
+  std::string device = "cpu";
   SchedulerOptions scheduler;  // model_name / worker_id / metrics filled in
   std::string model_name;      // "" = the model directory's base name
   // Metrics registry; null = a private one.

@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
 
   WorkerServerOptions o;
   o.engine.model_dir = "models/prehoc-code-ar";
+  o.device = "auto";
   o.listen_address = "0.0.0.0:50052";
   o.metrics_address = "0.0.0.0:9092";
   int64_t kv_cache_mb = 1024;
@@ -42,6 +43,7 @@ int main(int argc, char** argv) {
   f.String("advertise-address", &o.advertise_address,
            "address the cache manager dials (default: listen host + bound port)");
   f.String("worker-id", &o.worker_id, "registry id (default: the advertise address)");
+  f.String("device", &o.device, "auto (CUDA when a device is usable, else CPU), cpu or cuda");
   f.Int("threads", &o.engine.num_threads, "CPU threads for kernels (0 = all cores)");
   f.Int64("kv-cache-mb", &kv_cache_mb, "KV cache size in MiB");
   f.Int("page-size", &o.engine.page_size, "tokens per KV page");

@@ -26,7 +26,10 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
     }
     if (s->model_name_.empty()) s->model_name_ = "default";
   }
-  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(options.engine);
+  BackendOptions bo;
+  bo.device = options.device;
+  bo.engine = options.engine;
+  absl::StatusOr<std::unique_ptr<ModelBackend>> engine = CreateBackend(bo);
   if (!engine.ok()) return engine.status();
 
   s->metrics_struct_ = std::make_unique<SchedulerMetrics>(*s->registry_, s->model_name_);

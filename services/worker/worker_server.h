@@ -26,6 +26,7 @@
 #include "services/common/inference_service.h"
 #include "services/common/server_util.h"
 #include "services/worker/worker_service.h"
+#include "worker/backend_factory.h"
 #include "worker/engine.h"
 #include "worker/scheduler.h"
 
@@ -33,6 +34,9 @@ namespace prehoc {
 
 struct WorkerServerOptions {
   EngineOptions engine;
+  // Backend: "cpu" (default here: library users and tests get the reference), "auto" (CUDA when
+  // a device is usable, else CPU; prehoc-worker's flag default) or "cuda".
+  std::string device = "cpu";
   // model_name, worker_id and metrics are filled in by Create.
   SchedulerOptions scheduler;
   // Name served by ListModels; "" = the model directory's base name.

@@ -76,6 +76,7 @@ Args MakeArgs(const PrhsSelectParams& p) {
   a.seq_lens = p.d_seq_lens;
   a.topk = p.d_topk;
   a.cand_lo = p.d_cand_lo;
+  a.state_slot = p.d_state_slot;
   a.anchor_q = p.d_anchor_q;
   a.reuse = p.d_reuse;
   a.valid = p.d_valid;

@@ -69,6 +69,7 @@ struct Args {
   const int32_t* topk;
   const int32_t* cand_lo;
 
+  const int32_t* state_slot;  // [batch] or null: CIS state rows slot*hkv + h (null: row r)
   void* anchor_q;
   int32_t* reuse;
   int32_t* valid;
@@ -245,6 +246,11 @@ __device__ __forceinline__ void ChooseDigit(const int* hist, int shift, uint32_t
   }
 }
 
+// The CIS state row (anchor_q, reuse, valid, anchor_set, anchor_count) of row r = b*hkv + h.
+__device__ __forceinline__ int StateRow(const Args& a, int row) {
+  return a.state_slot == nullptr ? row : a.state_slot[row / a.hkv] * a.hkv + row % a.hkv;
+}
+
 // ---- (a) gate ---------------------------------------------------------------------------------
 template <typename T, int D>
 __global__ void __launch_bounds__(kGateWarps * 32) GateKernel(Args a) {
@@ -263,9 +269,10 @@ __global__ void __launch_bounds__(kGateWarps * 32) GateKernel(Args a) {
   const uint4* q = reinterpret_cast<const uint4*>(static_cast<const T*>(a.q) +
                                                   (static_cast<size_t>(b) * a.hq +
                                                    static_cast<size_t>(h) * a.group) * D);
+  const int srow = StateRow(a, row);
   uint4* anc = reinterpret_cast<uint4*>(static_cast<T*>(a.anchor_q) +
-                                        static_cast<size_t>(row) * a.group * D);
-  const int valid = a.valid[row], reuse = a.reuse[row];
+                                        static_cast<size_t>(srow) * a.group * D);
+  const int valid = a.valid[srow], reuse = a.reuse[srow];
   const bool eval = valid != 0 && reuse < a.max_reuse;
   float dot = 0.f, nq = 0.f, na = 0.f;
   if (eval) {
@@ -294,8 +301,8 @@ __global__ void __launch_bounds__(kGateWarps * 32) GateKernel(Args a) {
   }
   if (lane == 0) {
     a.refresh[row] = share ? 0 : (valid != 0 ? 2 : 1);
-    a.reuse[row] = share ? reuse + 1 : 0;
-    a.valid[row] = 1;
+    a.reuse[srow] = share ? reuse + 1 : 0;
+    a.valid[srow] = 1;
     if (a.cos != nullptr) a.cos[row] = eval ? c : __int_as_float(0x7fc00000);
   }
 }
@@ -437,13 +444,14 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(Args a) {
   // 2. δ of the set in use until now.
   const int sink_eff = min(a.sink, t);
   const int local_start = max(t - a.local, sink_eff);
-  int32_t* set = a.anchor_set + static_cast<size_t>(row) * a.anchor_stride;
+  const int srow = StateRow(a, row);
+  int32_t* set = a.anchor_set + static_cast<size_t>(srow) * a.anchor_stride;
   if (a.delta != nullptr) {
     if (flag == 2) {
       float kept = 0.f;
       for (int j = tid; j < sink_eff; j += kThreads) kept += prob(j);
       for (int j = local_start + tid; j < t; j += kThreads) kept += prob(j);
-      const int cnt = min(a.anchor_count[row], a.anchor_stride);
+      const int cnt = min(a.anchor_count[srow], a.anchor_stride);
       for (int i = tid; i < cnt; i += kThreads) {
         const int j = set[i];
         if (j >= sink_eff && j < local_start) kept += prob(j);
@@ -462,13 +470,13 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(Args a) {
   const int n = hi - lo;
   const int k = a.topk[b];
   if (n <= 0 || k <= 0) {
-    if (tid == 0) a.anchor_count[row] = 0;
+    if (tid == 0) a.anchor_count[srow] = 0;
     return;
   }
   if (k >= n) {  // every candidate; dilation cannot add anything inside [lo, hi)
     const int cnt = min(n, a.anchor_stride);
     for (int i = tid; i < cnt; i += kThreads) set[i] = lo + i;
-    if (tid == 0) a.anchor_count[row] = cnt;
+    if (tid == 0) a.anchor_count[srow] = cnt;
     return;
   }
   const int m = a.dilate_r > 0 ? static_cast<int>(a.m_fraction * static_cast<double>(k)) : 0;
@@ -631,7 +639,7 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(Args a) {
     }
     out += total;
   }
-  if (tid == 0) a.anchor_count[row] = min(out, a.anchor_stride);
+  if (tid == 0) a.anchor_count[srow] = min(out, a.anchor_stride);
 }
 
 // ---- (c2) CSR index lists ----------------------------------------------------------------------
@@ -641,7 +649,8 @@ __device__ __forceinline__ int ListRowCount(const Args& a, int r) {
   if (a.topk[b] < 0) return t;
   const int sink_eff = min(a.sink, t);
   const int local_start = max(t - a.local, sink_eff);
-  return sink_eff + (t - local_start) + (a.valid[r] != 0 ? a.anchor_count[r] : 0);
+  const int sr = StateRow(a, r);
+  return sink_eff + (t - local_start) + (a.valid[sr] != 0 ? a.anchor_count[sr] : 0);
 }
 
 template <int kThreads>
@@ -668,8 +677,9 @@ __global__ void __launch_bounds__(kThreads) ListKernel(Args a) {
   }
   const int sink_eff = min(a.sink, t);
   const int local_start = max(t - a.local, sink_eff);
-  const int mid = a.valid[row] != 0 ? a.anchor_count[row] : 0;
-  const int32_t* set = a.anchor_set + static_cast<size_t>(row) * a.anchor_stride;
+  const int srow = StateRow(a, row);
+  const int mid = a.valid[srow] != 0 ? a.anchor_count[srow] : 0;
+  const int32_t* set = a.anchor_set + static_cast<size_t>(srow) * a.anchor_stride;
   for (int i = threadIdx.x; i < sink_eff; i += kThreads) {
     if (i < cap) out[i] = i;
   }

@@ -19,7 +19,10 @@
 //                is not evaluated and the CIS state is left untouched.
 //   cand_lo      [batch] int32 or null: PSAW's lower bound P_l(t) (null = 0). Candidates of a
 //                refresh are [lo, hi) with lo = max(sink, cand_lo[b]) and hi = t - local.
-// CIS state per row (persistent across steps; the caller zero-fills valid and reuse once):
+// CIS state per state row (persistent across steps; the caller zero-fills valid and reuse once).
+// State row of row r = b * num_kv_heads + h: r itself, or, with state_slot [batch] int32,
+// state_slot[b] * num_kv_heads + h — a sequence keeps its state at a fixed slot of a pool while
+// the batch's composition changes from step to step (slots distinct within a step):
 //   anchor_q     [rows][G * head_dim]  T      the group's concatenated query at the last refresh
 //   reuse        [rows] int32                 shares since the last refresh
 //   valid        [rows] int32 (0/1)           an anchor exists
@@ -95,6 +98,7 @@ struct PrhsSelectParams {
   const int32_t* d_topk = nullptr;
   const int32_t* d_cand_lo = nullptr;  // optional
 
+  const int32_t* d_state_slot = nullptr;  // optional [batch]: state rows slot * Hkv + h
   void* d_anchor_q = nullptr;
   int32_t* d_reuse = nullptr;
   int32_t* d_valid = nullptr;

@@ -404,6 +404,113 @@ INSTANTIATE_TEST_SUITE_P(All, PrhsSelectSweep,
                                             ::testing::Range(0, 7)),
                          ParamName);
 
+// state_slot: the same steps with the CIS state kept at permuted slots of a larger pool (the
+// other slots poisoned) give bitwise the same outputs as with the state at rows r.
+TEST(PrhsSelectSlots, PermutedSlotsMatchRowState) {
+  SKIP_WITHOUT_DEVICE();
+  const int D = 128, G = 4, hkv = 2, hq = G * hkv, steps = 5, pool_slots = 7;
+  const std::vector<int> lens0{300, 1000, 57};
+  const std::vector<int32_t> topk{40, 100, -1}, slots{5, 0, 3};
+  const int B = static_cast<int>(lens0.size()), rows = B * hkv, stride = 200;
+  const int max_len = 1000 + steps;
+  std::mt19937 rng(77);
+  std::uniform_real_distribution<double> unif(-1.0, 1.0);
+  const int pages_per_seq = (max_len + 15) / 16;
+  std::vector<int32_t> page_indptr{0}, page_indices;
+  for (int b = 0; b < B; ++b) page_indptr.push_back(page_indptr.back() + pages_per_seq);
+  for (int i = 0; i < page_indptr.back(); ++i) page_indices.push_back(page_indptr.back() - 1 - i);
+  std::vector<uint16_t> k_pool(static_cast<size_t>(page_indptr.back()) * hkv * 16 * D);
+  for (auto& x : k_pool) x = DoubleToHalfBits(unif(rng), AttnDType::kBFloat16);
+  DeviceBuffer d_k, d_indptr, d_pages, d_topk, d_slots, d_q, d_lens;
+  d_k.Upload(k_pool);
+  d_indptr.Upload(page_indptr);
+  d_pages.Upload(page_indices);
+  d_topk.Upload(topk);
+  d_slots.Upload(slots);
+  // Two runs: [0] state at rows r, [1] state at slots of a pool_slots-sequence pool.
+  struct Run {
+    DeviceBuffer anchor, reuse, valid, aset, acount, refresh, delta, indptr, csr, ws;
+  } run[2];
+  const int64_t capacity = static_cast<int64_t>(rows) * max_len;
+  PrhsSelectParams p[2];
+  for (int v = 0; v < 2; ++v) {
+    const int state_rows = v == 0 ? rows : pool_slots * hkv;
+    Run& r = run[v];
+    r.anchor.Resize(static_cast<size_t>(state_rows) * G * D * 2);
+    r.aset.Resize(static_cast<size_t>(state_rows) * stride * 4);
+    r.anchor.Poison();
+    r.aset.Poison();
+    r.reuse.Upload(std::vector<int32_t>(state_rows, 0));
+    r.valid.Upload(std::vector<int32_t>(state_rows, 0));
+    r.acount.Upload(std::vector<int32_t>(state_rows, 0));
+    r.refresh.Resize(rows * 4);
+    r.delta.Resize(rows * 4);
+    r.indptr.Resize((rows + 1) * 4);
+    r.csr.Resize(capacity * 4);
+    PrhsSelectParams& q = p[v];
+    q.dtype = AttnDType::kBFloat16;
+    q.batch = B;
+    q.num_q_heads = hq;
+    q.num_kv_heads = hkv;
+    q.head_dim = D;
+    q.max_seq_len = max_len;
+    q.d_k_pool = d_k.get();
+    q.d_page_indptr = d_indptr.get<int32_t>();
+    q.d_page_indices = d_pages.get<int32_t>();
+    q.d_topk = d_topk.get<int32_t>();
+    q.d_state_slot = v == 0 ? nullptr : d_slots.get<int32_t>();
+    q.d_anchor_q = r.anchor.get();
+    q.d_reuse = r.reuse.get<int32_t>();
+    q.d_valid = r.valid.get<int32_t>();
+    q.d_anchor_set = r.aset.get<int32_t>();
+    q.d_anchor_count = r.acount.get<int32_t>();
+    q.anchor_stride = stride;
+    q.d_refresh = r.refresh.get<int32_t>();
+    q.d_delta = r.delta.get<float>();
+    q.d_index_indptr = r.indptr.get<int32_t>();
+    q.d_index_indices = r.csr.get<int32_t>();
+    q.index_capacity = capacity;
+    q.d_q = d_k.get();
+    q.d_seq_lens = d_indptr.get<int32_t>();
+    ASSERT_EQ(PrhsSelectCheck(q), nullptr) << PrhsSelectCheck(q);
+    r.ws.Resize(PrhsSelectWorkspaceBytes(q));
+    q.d_workspace = r.ws.get();
+    q.workspace_bytes = PrhsSelectWorkspaceBytes(q);
+  }
+  std::vector<uint16_t> q(static_cast<size_t>(B) * hq * D);
+  int refreshed = 0, shared = 0;
+  for (int step = 0; step < steps; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    std::vector<int32_t> lens(B);
+    for (int b = 0; b < B; ++b) lens[b] = lens0[b] + step;
+    // Odd steps keep the queries (shares), even steps draw new ones (refreshes).
+    if (step % 2 == 0) {
+      for (auto& x : q) x = DoubleToHalfBits(unif(rng), AttnDType::kBFloat16);
+    }
+    d_q.Upload(q);
+    d_lens.Upload(lens);
+    for (int v = 0; v < 2; ++v) {
+      p[v].d_q = d_q.get();
+      p[v].d_seq_lens = d_lens.get<int32_t>();
+      CUDA_OK(PrhsSelectStep(p[v], nullptr));
+    }
+    CUDA_OK(cudaDeviceSynchronize());
+    const auto f0 = run[0].refresh.Download<int32_t>(rows);
+    EXPECT_EQ(f0, run[1].refresh.Download<int32_t>(rows));
+    const auto d0 = run[0].delta.Download<uint32_t>(rows), d1 = run[1].delta.Download<uint32_t>(rows);
+    EXPECT_EQ(d0, d1);  // bit patterns (NaN where not measured)
+    const auto i0 = run[0].indptr.Download<int32_t>(rows + 1);
+    ASSERT_EQ(i0, run[1].indptr.Download<int32_t>(rows + 1));
+    EXPECT_EQ(run[0].csr.Download<int32_t>(i0[rows]), run[1].csr.Download<int32_t>(i0[rows]));
+    for (int r = 0; r < rows; ++r) {
+      if (topk[r / hkv] < 0) continue;
+      (f0[r] != 0 ? refreshed : shared) += 1;
+    }
+  }
+  EXPECT_GT(refreshed, 0);
+  EXPECT_GT(shared, 0);
+}
+
 // Argument checks (run without a device too).
 TEST(PrhsSelectCheck, RejectsUnsupported) {
   PrhsSelectParams p;

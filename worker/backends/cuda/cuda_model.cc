@@ -8,6 +8,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <tuple>
 #include <unordered_map>
@@ -21,6 +22,7 @@
 #include "worker/kernels/model_ops.h"
 #include "worker/kernels/paged_decode.h"
 #include "worker/kernels/prefill_attention.h"
+#include "worker/kernels/selection_prhs.h"
 #include "worker/kv_cache.h"
 #include "worker/rope.h"
 
@@ -72,6 +74,10 @@ class DeviceBuffer {
     }
     bytes_ = bytes;
     return absl::OkStatus();
+  }
+  void Swap(DeviceBuffer& o) {
+    std::swap(ptr_, o.ptr_);
+    std::swap(bytes_, o.bytes_);
   }
   void Reset() {
     if (ptr_ != nullptr) cudaFree(ptr_);
@@ -158,6 +164,7 @@ struct CudaModel::Impl {
   struct Sequence {
     int length = 0;
     std::vector<int32_t> page_table;
+    int prhs_slot = -1;  // CIS state slot in the PrHS pools (-1 = none yet)
   };
   std::unordered_map<SeqId, Sequence> seqs;
   SeqId next_seq = 1;
@@ -179,8 +186,34 @@ struct CudaModel::Impl {
   std::array<Staging, 4> staging;
   int next_staging = 0;
 
+  // ---- PrHS decode selection (see the header). CIS state pools, per layer [slots][Hkv] state
+  // rows: anchor_q [..][G * hd] bf16, reuse / valid / anchor_count int32, anchor_set
+  // [..][prhs_stride] int32; a sequence owns slot Sequence::prhs_slot until it is freed.
+  int prhs_slots = 0;
+  int prhs_stride = 0;
+  DeviceBuffer prhs_anchor_q, prhs_reuse, prhs_valid, prhs_set, prhs_count;
+  std::vector<int> prhs_free_slots;
+  // Per step: refresh [L][rows] int32 | delta [L][rows] f32 | index_indptr [L][rows + 1] int32,
+  // copied to the host in one piece; the CSR indices of the current layer; the workspace.
+  DeviceBuffer prhs_out, prhs_indices, prhs_ws;
+  // A step's selection results on their way to the host (pinned copy of prhs_out).
+  struct PendingSelection {
+    cudaEvent_t done = nullptr;
+    int32_t* host = nullptr;
+    size_t cap = 0;  // int32 elements
+    int batch = 0;
+    std::vector<SelectionTelemetry*> telemetry;  // [batch]; null = the item does not select
+    std::vector<int32_t> topk;                   // [L][batch] as passed to the kernels
+    std::vector<int32_t> lens;                   // [batch] t of the step
+  };
+  std::deque<PendingSelection> prhs_pending;  // oldest first
+  std::vector<PendingSelection> prhs_spare;   // accounted records, their pinned buffers reused
+  static constexpr size_t kMaxPendingSelections = 4;
+
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);
+    for (PendingSelection& p : prhs_spare) ReleasePending(&p);
+    for (PendingSelection& p : prhs_pending) ReleasePending(&p);
     for (Staging& s : staging) {
       if (s.host != nullptr) cudaFreeHost(s.host);
       if (s.done != nullptr) cudaEventDestroy(s.done);
@@ -194,6 +227,13 @@ struct CudaModel::Impl {
     if (lt != nullptr) cublasLtDestroy(lt);
     if (cublas != nullptr) cublasDestroy(cublas);
     if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  static void ReleasePending(PendingSelection* p) {
+    if (p->host != nullptr) cudaFreeHost(p->host);
+    if (p->done != nullptr) cudaEventDestroy(p->done);
+    p->host = nullptr;
+    p->done = nullptr;
   }
 
   int D() const { return config.hidden_size; }
@@ -265,7 +305,18 @@ struct CudaModel::Impl {
     std::span<const int32_t> tokens;   // host tokens (empty with device tokens)
     bool all_logits = false;
     int uninitialized = 0;             // > 0: benchmark growth without a forward
+    const SelectionPlan* plan = nullptr;          // decode selection (dense / prhs)
+    SelectionTelemetry* telemetry = nullptr;
   };
+  // Grows the PrHS state pools to at least `slots` sequences and `stride` anchor entries per
+  // row, keeping every existing slot's state. Synchronises the stream.
+  absl::Status GrowPrhsPools(int slots, int stride);
+  // Gives `s` a slot with a cleared CIS state (valid = reuse = 0 in every layer).
+  absl::Status AcquirePrhsSlot(Sequence* s);
+  // Accounts the pending selection results whose copy has landed (all of them with `wait`, or
+  // the oldest ones beyond kMaxPendingSelections).
+  absl::Status FlushSelections(bool wait);
+  void AccountSelection(const PendingSelection& p) const;
   // The common path of Step, DecodeGreedyAsync and AppendUninitialized. Validates, allocates
   // pages, runs the forward (unless the items are `uninitialized`), and commits the new lengths.
   // With host_logits, copies the logits rows (and greedy tokens) back and synchronises.
@@ -691,6 +742,115 @@ absl::StatusOr<int32_t*> CudaModel::Impl::UploadMeta(const std::vector<int32_t>&
   return meta.as<int32_t>();
 }
 
+absl::Status CudaModel::Impl::GrowPrhsPools(int slots, int stride) {
+  if (slots <= prhs_slots && stride <= prhs_stride) return absl::OkStatus();
+  slots = std::max(slots, prhs_slots);
+  stride = std::max(stride, prhs_stride);
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  const size_t L = config.num_hidden_layers, hkv = Hkv();
+  const size_t q_row = static_cast<size_t>(Hq() / Hkv()) * HD() * kBf16;
+  // Copies [L][old_rows][width_old] into [L][new_rows][width_new] (rows = slots * Hkv).
+  auto grow = [&](DeviceBuffer* buf, size_t old_w, size_t new_w, const char* what) {
+    DeviceBuffer fresh;
+    RETURN_IF_ERROR(fresh.Allocate(L * slots * hkv * new_w, what));
+    if (prhs_slots > 0) {
+      const size_t old_rows = static_cast<size_t>(prhs_slots) * hkv;
+      for (size_t l = 0; l < L; ++l) {
+        CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
+            fresh.as<char>() + l * slots * hkv * new_w, new_w,
+            buf->as<char>() + l * old_rows * old_w, old_w, old_w, old_rows,
+            cudaMemcpyDeviceToDevice, stream));
+      }
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    }
+    buf->Swap(fresh);
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(grow(&prhs_anchor_q, q_row, q_row, "PrHS anchor queries"));
+  RETURN_IF_ERROR(grow(&prhs_reuse, 4, 4, "PrHS reuse counts"));
+  RETURN_IF_ERROR(grow(&prhs_valid, 4, 4, "PrHS valid flags"));
+  RETURN_IF_ERROR(grow(&prhs_count, 4, 4, "PrHS anchor counts"));
+  RETURN_IF_ERROR(grow(&prhs_set, static_cast<size_t>(prhs_stride) * 4,
+                       static_cast<size_t>(stride) * 4, "PrHS anchor sets"));
+  for (int i = slots - 1; i >= prhs_slots; --i) prhs_free_slots.push_back(i);
+  prhs_slots = slots;
+  prhs_stride = stride;
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::Impl::AcquirePrhsSlot(Sequence* s) {
+  if (s->prhs_slot >= 0) return absl::OkStatus();
+  if (prhs_free_slots.empty()) {
+    RETURN_IF_ERROR(GrowPrhsPools(std::max(8, 2 * prhs_slots), std::max(prhs_stride, 64)));
+  }
+  s->prhs_slot = prhs_free_slots.back();
+  prhs_free_slots.pop_back();
+  // valid = reuse = count = 0 for the slot's Hkv rows in every layer.
+  for (int l = 0; l < config.num_hidden_layers; ++l) {
+    const size_t row0 = (static_cast<size_t>(l) * prhs_slots + s->prhs_slot) * Hkv();
+    for (DeviceBuffer* b : {&prhs_valid, &prhs_reuse, &prhs_count}) {
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b->as<int32_t>() + row0, 0,
+                                           static_cast<size_t>(Hkv()) * sizeof(int32_t), stream));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void CudaModel::Impl::AccountSelection(const PendingSelection& p) const {
+  const int L = config.num_hidden_layers, hkv = Hkv(), B = p.batch, rows = B * hkv;
+  const int32_t* refresh = p.host;
+  const float* delta = reinterpret_cast<const float*>(p.host + static_cast<size_t>(L) * rows);
+  const int32_t* indptr = p.host + 2 * static_cast<size_t>(L) * rows;
+  for (int b = 0; b < B; ++b) {
+    SelectionTelemetry* t = p.telemetry[b];
+    if (t == nullptr) continue;
+    const int len = p.lens[b];
+    // Same order as PrhsSelector: layer by layer, kv head by kv head.
+    for (int l = 0; l < L; ++l) {
+      const int32_t* ip = indptr + static_cast<size_t>(l) * (rows + 1);
+      for (int h = 0; h < hkv; ++h) {
+        const int r = b * hkv + h;
+        const size_t lr = static_cast<size_t>(l) * rows + r;
+        if (p.topk[static_cast<size_t>(l) * B + b] >= 0) {
+          if (refresh[lr] == 0) {
+            ++t->shares;
+            ++t->shares_per_layer[l];
+          } else {
+            ++t->refreshes;
+            ++t->refreshes_per_layer[l];
+            if (refresh[lr] == 2) {
+              t->refresh_delta.push_back(delta[lr]);
+              t->refresh_delta_layer.push_back(static_cast<int16_t>(l));
+              t->refresh_delta_head.push_back(static_cast<int16_t>(h));
+            }
+          }
+        }
+        const int64_t kept = ip[r + 1] - ip[r];
+        ++t->selections;
+        t->kept_tokens_sum += kept;
+        t->kept_fraction_sum += len > 0 ? static_cast<double>(kept) / len : 1.0;
+      }
+    }
+  }
+}
+
+absl::Status CudaModel::Impl::FlushSelections(bool wait) {
+  while (!prhs_pending.empty()) {
+    PendingSelection& p = prhs_pending.front();
+    if (wait || prhs_pending.size() > kMaxPendingSelections) {
+      CUDA_RETURN_IF_ERROR(cudaEventSynchronize(p.done));
+    } else {
+      const cudaError_t q = cudaEventQuery(p.done);
+      if (q == cudaErrorNotReady) break;
+      CUDA_RETURN_IF_ERROR(q);
+    }
+    AccountSelection(p);
+    prhs_spare.push_back(std::move(p));
+    prhs_pending.pop_front();
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causal,
                                   const int32_t* d_tokens, int32_t* d_next,
                                   const CudaKvSelection* selection,
@@ -701,6 +861,7 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
   std::unordered_set<SeqId> seen;
   int64_t pages_needed = 0, total = 0;
   bool all_single = true, uninitialized = false;
+  const SelectionPlan* prhs_ref = nullptr;  // the first item with a prhs plan
   for (size_t b = 0; b < items.size(); ++b) {
     const ItemDesc& it = items[b];
     auto s = seqs.find(it.seq);
@@ -730,12 +891,45 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     total += it.n;
     all_single &= it.n == 1;
     uninitialized |= it.uninitialized > 0;
+    if (it.plan != nullptr) {
+      absl::Status ps = SupportsPlan(c, page_size, *it.plan);
+      if (!ps.ok()) {
+        return absl::Status(ps.code(), absl::StrCat("batch item ", b, ": ", ps.message()));
+      }
+      if (it.plan->policy == SelectionPolicy::kPrhs) {
+        if (it.n != 1 || it.telemetry == nullptr) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "batch item ", b, ": a prhs plan needs a single-token (decode) item and telemetry"));
+        }
+        if (prhs_ref == nullptr) {
+          prhs_ref = it.plan;
+        } else {
+          for (int l = 0; l < c.num_hidden_layers; ++l) {
+            const LayerSelectionPlan &x = prhs_ref->layers[l], &y = it.plan->layers[l];
+            if (x.sink != y.sink || x.local != y.local || x.tau != y.tau ||
+                x.max_reuse != y.max_reuse || x.dilate_r != y.dilate_r ||
+                x.dilate_m_fraction != y.dilate_m_fraction) {
+              return absl::InvalidArgumentError(absl::StrCat(
+                  "batch item ", b, ": its prhs plan's layer ", l,
+                  " sink/local/tau/max_reuse/dilation differ from another item's in the same "
+                  "step (run such sequences in separate steps)"));
+            }
+          }
+        }
+      }
+    }
   }
   if (items.empty()) return absl::OkStatus();
   if (total > (int64_t{1} << 24)) {
     return absl::InvalidArgumentError(absl::StrCat("step has ", total, " tokens (max 2^24)"));
   }
   const bool fast_decode = all_single && FastDecodeKernel();
+  const bool use_prhs = prhs_ref != nullptr;
+  if (use_prhs && (!fast_decode || selection != nullptr || uninitialized)) {
+    return absl::InvalidArgumentError(
+        "prhs plans need a step of single-token items on the fast decode kernel and no "
+        "CudaKvSelection (run prefill chunks in a separate step)");
+  }
   if (selection != nullptr) {
     if (!fast_decode) {
       return absl::InvalidArgumentError(
@@ -752,6 +946,33 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     for (size_t l = 0; l < n; ++l) {
       if (selection->d_indptr[l] == nullptr || selection->d_indices[l] == nullptr) {
         return absl::InvalidArgumentError(absl::StrCat("selection: layer ", l, " list is null"));
+      }
+    }
+  }
+
+  // ---- PrHS state: a slot per selecting sequence (kept until the sequence is freed; a cleared
+  // state is what a new sequence starts from, so this needs no undo on a later error) and anchor
+  // rows long enough for every k the plans ask for up to max_context.
+  const int NL = c.num_hidden_layers;
+  if (use_prhs) {
+    int stride = prhs_stride;
+    for (const ItemDesc& it : items) {
+      if (it.plan == nullptr || it.plan->policy != SelectionPolicy::kPrhs) continue;
+      const int64_t len = seqs[it.seq].length + 1;
+      for (int l = 0; l < NL; ++l) {
+        const LayerSelectionPlan& lp = it.plan->layers[l];
+        for (const int64_t t : {len, static_cast<int64_t>(max_context)}) {
+          const int64_t k = std::clamp<int64_t>(it.plan->TopK(l, t), 0, max_context);
+          const int64_t m = static_cast<int64_t>(lp.dilate_m_fraction * static_cast<double>(k));
+          stride = static_cast<int>(
+              std::max<int64_t>(stride, std::min<int64_t>(k + 2 * lp.dilate_r * m, max_context)));
+        }
+      }
+    }
+    RETURN_IF_ERROR(GrowPrhsPools(prhs_slots, std::max(64, (stride + 63) / 64 * 64)));
+    for (const ItemDesc& it : items) {
+      if (it.plan != nullptr && it.plan->policy == SelectionPolicy::kPrhs) {
+        RETURN_IF_ERROR(AcquirePrhsSlot(&seqs[it.seq]));
       }
     }
   }
@@ -821,6 +1042,35 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
                o_row_seq = append(row_seq), o_logit_rows = append(logit_rows),
                o_indptr = append(page_indptr), o_lens = append(seq_lens),
                o_indices = append(page_indices);
+  // PrHS: per layer and item the kernels' k (-1 = attend densely: a dense item, or a budget
+  // that covers the sequence, as PrhsSelector), the items' state slots, and bounds on the lists.
+  std::vector<int32_t> topk_tab, slot_tab;
+  int64_t index_capacity = 0;
+  int max_list = 1;
+  if (use_prhs) {
+    topk_tab.assign(static_cast<size_t>(NL) * B, -1);
+    slot_tab.assign(B, 0);
+    for (int b = 0; b < B; ++b) {
+      const ItemDesc& it = items[b];
+      const int t = seq_lens[b];
+      int bound = t;
+      if (it.plan != nullptr && it.plan->policy == SelectionPolicy::kPrhs) {
+        slot_tab[b] = seqs[it.seq].prhs_slot;
+        if (it.plan->Budget(t) < t) {
+          int fixed = 0;
+          for (int l = 0; l < NL; ++l) {
+            topk_tab[static_cast<size_t>(l) * B + b] = static_cast<int32_t>(
+                std::clamp<int64_t>(it.plan->TopK(l, t), 0, max_context));
+            fixed = std::max(fixed, it.plan->layers[l].sink + it.plan->layers[l].local);
+          }
+          bound = static_cast<int>(std::min<int64_t>(t, int64_t{fixed} + prhs_stride));
+        }
+      }
+      index_capacity += static_cast<int64_t>(Hkv()) * bound;
+      max_list = std::max(max_list, bound);
+    }
+  }
+  const size_t o_topk = append(topk_tab), o_state_slot = append(slot_tab);
   if (d_tokens == nullptr && static_cast<int>(tokens.size()) != N) {
     return give_back(absl::InternalError("host tokens missing"));
   }
@@ -832,13 +1082,16 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
   kernels::PagedDecodeParams dp;
   if (fast_decode) {
     dp.dtype = kernels::AttnDType::kBFloat16;
-    dp.selection = selection != nullptr ? kernels::KvSelection::kToken : kernels::KvSelection::kDense;
+    dp.selection = selection != nullptr || use_prhs ? kernels::KvSelection::kToken
+                                                    : kernels::KvSelection::kDense;
     dp.batch = B;
     dp.num_q_heads = Hq();
     dp.num_kv_heads = Hkv();
     dp.head_dim = HD();
     dp.page_size = page_size;
-    dp.max_kv_len = selection != nullptr ? std::max(selection->max_list_len, 1) : max_len;
+    dp.max_kv_len = selection != nullptr ? std::max(selection->max_list_len, 1)
+                    : use_prhs           ? max_list
+                                         : max_len;
     dp.num_sms = num_sms;
     // Placeholders for the workspace query (it checks pointers for null only).
     dp.d_q = q.as<void>();
@@ -849,6 +1102,8 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     if (selection != nullptr) {
       dp.d_index_indptr = selection->d_indptr[0];
       dp.d_index_indices = selection->d_indices[0];
+    } else if (use_prhs) {
+      dp.d_index_indptr = dp.d_index_indices = reinterpret_cast<const int32_t*>(1);
     }
     const size_t ws = kernels::PagedDecodeWorkspaceBytes(dp);
     if (ws == SIZE_MAX) {
@@ -872,6 +1127,56 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
   const int32_t* d_lens = dm + o_lens;
   const int32_t* d_indices = dm + o_indices;
   const int32_t* d_tok = d_tokens != nullptr ? d_tokens : dm + o_tokens;
+
+  // PrHS selection parameters (per layer only the plan scalars, the K pool, k and the state and
+  // output rows change). Outputs: refresh [NL][rows] | delta [NL][rows] | indptr [NL][rows + 1].
+  kernels::PrhsSelectParams sp;
+  const int sel_rows = B * Hkv();
+  const size_t sel_out_elems = static_cast<size_t>(NL) * (3 * static_cast<size_t>(sel_rows) + 1);
+  if (use_prhs) {
+    sp.dtype = kernels::AttnDType::kBFloat16;
+    sp.batch = B;
+    sp.num_q_heads = Hq();
+    sp.num_kv_heads = Hkv();
+    sp.head_dim = HD();
+    sp.page_size = page_size;
+    sp.max_seq_len = max_len;
+    sp.num_sms = num_sms;
+    sp.d_q = q.as<void>();
+    sp.d_k_pool = KPool(0);
+    sp.d_page_indptr = d_indptr;
+    sp.d_page_indices = d_indices;
+    sp.d_seq_lens = d_lens;
+    sp.d_topk = dm + o_topk;
+    sp.d_state_slot = dm + o_state_slot;
+    sp.anchor_stride = prhs_stride;
+    sp.index_capacity = std::max<int64_t>(index_capacity, 1);
+    st = EnsureBuffer(&prhs_out, sel_out_elems * sizeof(int32_t), "PrHS step outputs");
+    if (st.ok()) {
+      st = EnsureBuffer(&prhs_indices, static_cast<size_t>(sp.index_capacity) * sizeof(int32_t),
+                        "PrHS index lists");
+    }
+    if (!st.ok()) return give_back(st);
+    sp.d_anchor_q = prhs_anchor_q.as<void>();
+    sp.d_reuse = prhs_reuse.as<int32_t>();
+    sp.d_valid = prhs_valid.as<int32_t>();
+    sp.d_anchor_set = prhs_set.as<int32_t>();
+    sp.d_anchor_count = prhs_count.as<int32_t>();
+    sp.d_refresh = prhs_out.as<int32_t>();
+    sp.d_delta = reinterpret_cast<float*>(prhs_out.as<int32_t>() + static_cast<size_t>(NL) * sel_rows);
+    sp.d_index_indptr = prhs_out.as<int32_t>() + 2 * static_cast<size_t>(NL) * sel_rows;
+    sp.d_index_indices = prhs_indices.as<int32_t>();
+    const size_t ws = kernels::PrhsSelectWorkspaceBytes(sp);
+    if (ws == SIZE_MAX) {
+      const char* why = kernels::PrhsSelectCheck(sp);
+      return give_back(absl::InternalError(
+          absl::StrCat("PrHS selection planning failed: ", why != nullptr ? why : "?")));
+    }
+    st = EnsureBuffer(&prhs_ws, std::max<size_t>(ws, 256), "PrHS workspace");
+    if (!st.ok()) return give_back(st);
+    sp.d_workspace = prhs_ws.as<void>();
+    sp.workspace_bytes = prhs_ws.bytes();
+  }
 
   // ---- Forward.
   const int Dm = D(), Fm = F(), Vm = V(), qo = Hq() * HD();
@@ -916,6 +1221,33 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
           const size_t sl = selection->d_indptr.size() == 1 ? 0 : l;
           dp.d_index_indptr = selection->d_indptr[sl];
           dp.d_index_indices = selection->d_indices[sl];
+        } else if (use_prhs) {
+          // CIS gate -> refresh scoring -> top-k + dilation + δ -> CSR lists, for this layer.
+          const LayerSelectionPlan& lp = prhs_ref->layers[l];
+          sp.sink = lp.sink;
+          sp.local = lp.local;
+          sp.tau = static_cast<float>(lp.tau);
+          sp.max_reuse = lp.max_reuse;
+          sp.dilate_r = lp.dilate_r;
+          sp.dilate_m_fraction = lp.dilate_m_fraction;
+          sp.d_q = dq;
+          sp.d_k_pool = KPool(l);
+          sp.d_topk = dm + o_topk + static_cast<size_t>(l) * B;
+          const size_t state_row0 = static_cast<size_t>(l) * prhs_slots * Hkv();
+          sp.d_anchor_q = prhs_anchor_q.as<uint16_t>() + state_row0 * (Hq() / Hkv()) * HD();
+          sp.d_reuse = prhs_reuse.as<int32_t>() + state_row0;
+          sp.d_valid = prhs_valid.as<int32_t>() + state_row0;
+          sp.d_anchor_count = prhs_count.as<int32_t>() + state_row0;
+          sp.d_anchor_set = prhs_set.as<int32_t>() + state_row0 * prhs_stride;
+          int32_t* out = prhs_out.as<int32_t>();
+          sp.d_refresh = out + static_cast<size_t>(l) * sel_rows;
+          sp.d_delta = reinterpret_cast<float*>(out + static_cast<size_t>(NL) * sel_rows) +
+                       static_cast<size_t>(l) * sel_rows;
+          sp.d_index_indptr = out + 2 * static_cast<size_t>(NL) * sel_rows +
+                              static_cast<size_t>(l) * (sel_rows + 1);
+          CUDA_RETURN_IF_ERROR(kernels::PrhsSelectStep(sp, stream));
+          dp.d_index_indptr = sp.d_index_indptr;
+          dp.d_index_indices = sp.d_index_indices;
         }
         CUDA_RETURN_IF_ERROR(kernels::PagedDecodeAttention(dp, stream));
       } else {
@@ -955,6 +1287,48 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
   };
   st = forward();
   if (!st.ok()) return give_back(st);
+  if (use_prhs) {
+    // What selection did, back to the host in one asynchronous copy (accounted by
+    // FlushSelections once it has landed).
+    PendingSelection rec;
+    if (!prhs_spare.empty()) {
+      rec = std::move(prhs_spare.back());
+      prhs_spare.pop_back();
+    }
+    auto enqueue = [&]() -> absl::Status {
+      if (rec.done == nullptr) {
+        CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&rec.done, cudaEventDisableTiming));
+      }
+      if (rec.cap < sel_out_elems) {
+        if (rec.host != nullptr) CUDA_RETURN_IF_ERROR(cudaFreeHost(rec.host));
+        rec.host = nullptr;
+        rec.cap = 0;
+        CUDA_RETURN_IF_ERROR(cudaMallocHost(reinterpret_cast<void**>(&rec.host),
+                                            sel_out_elems * sizeof(int32_t)));
+        rec.cap = sel_out_elems;
+      }
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(rec.host, prhs_out.as<int32_t>(),
+                                           sel_out_elems * sizeof(int32_t),
+                                           cudaMemcpyDeviceToHost, stream));
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(rec.done, stream));
+      return absl::OkStatus();
+    };
+    st = enqueue();
+    if (!st.ok()) {
+      prhs_spare.push_back(std::move(rec));
+      return give_back(st);
+    }
+    rec.batch = B;
+    rec.telemetry.assign(B, nullptr);
+    for (int b = 0; b < B; ++b) {
+      if (items[b].plan != nullptr && items[b].plan->policy == SelectionPolicy::kPrhs) {
+        rec.telemetry[b] = items[b].telemetry;
+      }
+    }
+    rec.topk = topk_tab;
+    rec.lens = seq_lens;
+    prhs_pending.push_back(std::move(rec));
+  }
 
   if (host_logits != nullptr || greedy_out != nullptr) {
     std::vector<float> all;
@@ -986,6 +1360,11 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     if (!st.ok()) return give_back(st);
   }
   commit();
+  if (use_prhs) {
+    // Synchronous steps account their selection now; asynchronous ones whatever has landed (and
+    // wait for the oldest beyond kMaxPendingSelections).
+    RETURN_IF_ERROR(FlushSelections(/*wait=*/host_logits != nullptr || greedy_out != nullptr));
+  }
   return absl::OkStatus();
 }
 
@@ -1013,6 +1392,9 @@ absl::Status CudaModel::FreeSequence(SeqId seq) {
   auto it = impl_->seqs.find(seq);
   if (it == impl_->seqs.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
   RETURN_IF_ERROR(impl_->allocator->Free(it->second.page_table));
+  // The slot's state is cleared when the next sequence acquires it (on the same stream, so
+  // after every step already enqueued that reads it).
+  if (it->second.prhs_slot >= 0) impl_->prhs_free_slots.push_back(it->second.prhs_slot);
   impl_->seqs.erase(it);
   return absl::OkStatus();
 }
@@ -1033,6 +1415,8 @@ absl::StatusOr<std::vector<std::vector<float>>> CudaModel::Step(std::span<const 
     desc[b].n = static_cast<int>(items[b].tokens.size());
     desc[b].tokens = items[b].tokens;
     desc[b].all_logits = items[b].all_logits;
+    desc[b].plan = items[b].plan;
+    desc[b].telemetry = items[b].telemetry;
   }
   std::vector<std::vector<float>> logits;
   RETURN_IF_ERROR(impl_->Run(desc, causal, nullptr, nullptr, selection, &logits, greedy));
@@ -1052,8 +1436,33 @@ absl::Status CudaModel::DecodeGreedyAsync(std::span<const SeqId> seqs, const int
   return impl_->Run(desc, /*causal=*/true, d_tokens, d_next, selection, nullptr, nullptr);
 }
 
+absl::Status CudaModel::DecodeGreedyAsync(std::span<const SeqId> seqs, const int32_t* d_tokens,
+                                          int32_t* d_next,
+                                          std::span<const SelectionPlan* const> plans,
+                                          std::span<SelectionTelemetry* const> telemetry) {
+  if (d_tokens == nullptr || d_next == nullptr) {
+    return absl::InvalidArgumentError("d_tokens and d_next must be device pointers");
+  }
+  if ((!plans.empty() && plans.size() != seqs.size()) || telemetry.size() != plans.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "plans (", plans.size(), ") and telemetry (", telemetry.size(),
+        ") must both be empty or have one entry per sequence (", seqs.size(), ")"));
+  }
+  std::vector<Impl::ItemDesc> desc(seqs.size());
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    desc[b].seq = seqs[b];
+    desc[b].n = 1;
+    if (!plans.empty()) {
+      desc[b].plan = plans[b];
+      desc[b].telemetry = telemetry[b];
+    }
+  }
+  return impl_->Run(desc, /*causal=*/true, d_tokens, d_next, nullptr, nullptr, nullptr);
+}
+
 absl::Status CudaModel::Synchronize() {
-  return CudaStatus(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize");
+  RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"));
+  return impl_->FlushSelections(/*wait=*/true);
 }
 
 absl::Status CudaModel::AppendUninitialized(SeqId seq, int n) {

@@ -21,12 +21,23 @@
 // (prefill chunks, mixed batches, bidirectional rows, other head dims) uses the exact paged
 // prefill kernel (worker/kernels/prefill_attention.h).
 //
+// PrHS decode on the device: a decode item may carry its sequence's SelectionPlan (policy dense
+// or prhs / prhs-budget-matched). Per layer, after Q and K are produced, the selection kernels
+// (worker/kernels/selection_prhs.h) run the CIS gate, exact refresh scoring + top-k + dilation +
+// δ for the rows whose gate fired, and build the CSR lists (sink ∪ selected ∪ local) that the
+// token-sparse decode kernel reads — the same algorithm as the CPU PrhsSelector. The CIS state
+// (anchor query, reuse count, anchor set per layer and kv head) lives on the device in a pool
+// slot owned by the sequence and is freed with it. What selection did (refresh / share counts,
+// kept counts, δ at refreshes) is copied back once per step (one asynchronous copy) and added to
+// the item's SelectionTelemetry, as the CPU selector would have.
+//
 // Without a GPU (or when built without CUDA) Create returns UNAVAILABLE with a message saying
 // why; callers fall back to the CPU engine.
 //
-// Not supported (refused or not offered): ETF / PSAW prefill plans and CPU-side selectors (the
-// sparse decode path takes device index lists instead); head_dim > 256; fp16 weights; more than
-// one GPU.
+// Not supported (refused by SupportsPlan or not offered): ETF / PSAW prefill plans; PSAW in
+// decode; policies other than dense and prhs; the δ-controller (per-kv-head budgets); per-request
+// overrides of the per-layer CIS scalars (the kernels take one value per layer for the batch);
+// head_dim > 256; fp16 weights; more than one GPU.
 //
 // Thread-safety: a CudaModel is driven by one thread at a time.
 #ifndef PREHOC_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_
@@ -41,8 +52,10 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "cachemgr/selection_plan.h"
 #include "common/model_config.h"
 #include "worker/model_weights.h"
+#include "worker/selection/selector.h"
 
 namespace prehoc {
 
@@ -93,6 +106,17 @@ class CudaModel {
   // unsupported field (head_dim odd or > 256, bad head counts, page_size out of [1, 1024]).
   // Needs no device.
   static absl::Status Supports(const ModelConfig& config, int page_size);
+  // OK when decode steps can run `plan` on the device exactly as the CPU engine would (its
+  // PrhsSelector), and prefills can apply it (i.e. it asks nothing of prefill). Errors:
+  // UNIMPLEMENTED naming a policy other than dense / prhs / prhs-budget-matched, or a δ target
+  // (the δ-controller sets per-kv-head budgets; the kernels take one k per sequence);
+  // INVALID_ARGUMENT naming a plan field the GPU path lacks (PSAW, ETF, gqa_max, gate_unrotated,
+  // per-request overrides of sink / local / tau / max_reuse / dilate_r / dilate_m_fraction, a
+  // layer count that does not match) or a model shape the selection kernels do not take
+  // (head_dim other than 64 / 128, page_size other than 16, more than 8 query heads per kv head).
+  // Needs no device.
+  static absl::Status SupportsPlan(const ModelConfig& config, int page_size,
+                                   const SelectionPlan& plan);
 
   // Uploads the weights and allocates the KV pools. Errors: UNAVAILABLE when there is no usable
   // CUDA device or the binary was built without CUDA (message says which); INVALID_ARGUMENT for
@@ -120,7 +144,7 @@ class CudaModel {
   void* cuda_stream() const;
 
   SeqId CreateSequence();
-  // Ends a sequence and returns its pages. NOT_FOUND for an unknown id.
+  // Ends a sequence and returns its pages and its PrHS state slot. NOT_FOUND for an unknown id.
   absl::Status FreeSequence(SeqId seq);
   // NOT_FOUND for an unknown id.
   absl::StatusOr<int> SequenceLength(SeqId seq) const;
@@ -129,13 +153,21 @@ class CudaModel {
     SeqId seq = 0;
     std::span<const int32_t> tokens;  // appended to the sequence (>= 1 token)
     bool all_logits = false;          // logits for every new token instead of only the last
+    // Decode-time selection for this sequence (single-token items only; see "PrHS decode" at
+    // the top): the plan (not owned; must pass SupportsPlan; null = dense) and the telemetry
+    // the step's selection results are added to (not owned; required with a prhs plan).
+    const SelectionPlan* plan = nullptr;
+    SelectionTelemetry* telemetry = nullptr;
   };
   // As Engine::Step: appends every item's tokens (their K/V go to the GPU cache) and returns per
   // item the f32 logits of its last new token ([vocab]) or, with all_logits, of every new token
   // ([n, vocab] row-major); causal = false attends to the whole sequence (diffusion LMs).
   // `greedy` (optional) receives the device argmax of every returned logits row, in order.
   // `selection` (optional) applies to steps whose items are all single tokens and that run on the
-  // fast decode kernel; INVALID_ARGUMENT otherwise. Synchronous. Errors leave every sequence
+  // fast decode kernel; INVALID_ARGUMENT otherwise. Items with a prhs plan need the same kind of
+  // step (INVALID_ARGUMENT otherwise: callers run prefill chunks in a separate step) and no
+  // `selection`; the PrHS items of one step must agree on the per-layer CIS scalars (they do
+  // when every plan passed SupportsPlan). Their telemetry is complete when Step returns. Synchronous. Errors leave every sequence
   // unchanged: INVALID_ARGUMENT (empty item, token outside [0, vocab), unknown or repeated
   // sequence, length above max_context), RESOURCE_EXHAUSTED (too few free pages); INTERNAL for a
   // CUDA failure (the model is unusable afterwards).
@@ -150,7 +182,16 @@ class CudaModel {
   // yields NaN logits and token 0).
   absl::Status DecodeGreedyAsync(std::span<const SeqId> seqs, const int32_t* d_tokens,
                                  int32_t* d_next, const CudaKvSelection* selection = nullptr);
-  // Waits for the model's stream. INTERNAL on a device fault.
+  // The same with PrHS / dense plans per sequence (plans[b], telemetry[b]: as StepItem's; both
+  // spans empty or seqs.size() long). The selection results are copied back asynchronously and
+  // added to telemetry[b] when the copy has landed: at a later call that finds it done (at most
+  // a few steps behind) or at the latest at Synchronize(); telemetry[b] must stay valid until
+  // then. Errors as Step.
+  absl::Status DecodeGreedyAsync(std::span<const SeqId> seqs, const int32_t* d_tokens,
+                                 int32_t* d_next, std::span<const SelectionPlan* const> plans,
+                                 std::span<SelectionTelemetry* const> telemetry);
+  // Waits for the model's stream and accounts every pending selection result. INTERNAL on a
+  // device fault.
   absl::Status Synchronize();
 
   // Benchmarks: grows `seq` by n positions without computing them (their K/V are whatever the

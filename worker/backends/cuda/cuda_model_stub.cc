@@ -41,6 +41,11 @@ absl::Status CudaModel::DecodeGreedyAsync(std::span<const SeqId>, const int32_t*
                                           const CudaKvSelection*) {
   return absl::UnavailableError("no CUDA");
 }
+absl::Status CudaModel::DecodeGreedyAsync(std::span<const SeqId>, const int32_t*, int32_t*,
+                                          std::span<const SelectionPlan* const>,
+                                          std::span<SelectionTelemetry* const>) {
+  return absl::UnavailableError("no CUDA");
+}
 absl::Status CudaModel::Synchronize() { return absl::UnavailableError("no CUDA"); }
 absl::Status CudaModel::AppendUninitialized(SeqId, int) { return absl::UnavailableError("no CUDA"); }
 absl::Status CudaModel::FillKvRandom(uint64_t) { return absl::UnavailableError("no CUDA"); }

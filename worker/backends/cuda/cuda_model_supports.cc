@@ -1,4 +1,5 @@
-// CudaModel::Supports: shared by the CUDA build and the no-CUDA stub (needs no device).
+// CudaModel::Supports and SupportsPlan: shared by the CUDA build and the no-CUDA stub (need no
+// device).
 #include "absl/strings/str_cat.h"
 #include "worker/backends/cuda/cuda_model.h"
 
@@ -25,6 +26,60 @@ absl::Status CudaModel::Supports(const ModelConfig& c, int page_size) {
   if (page_size < 1 || page_size > 1024) {
     return absl::InvalidArgumentError(
         absl::StrCat("page_size must be in [1, 1024], got ", page_size));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaModel::SupportsPlan(const ModelConfig& c, int page_size,
+                                     const SelectionPlan& plan) {
+  if (plan.policy != SelectionPolicy::kDense && plan.policy != SelectionPolicy::kPrhs) {
+    return absl::UnimplementedError(absl::StrCat(
+        "sparsity.policy: '", plan.policy_name,
+        "' is not implemented on the CUDA backend (it runs dense, prhs and "
+        "prhs-budget-matched); use --device=cpu for it"));
+  }
+  if (plan.layers.size() != static_cast<size_t>(c.num_hidden_layers)) {
+    return absl::InvalidArgumentError(absl::StrCat("sparsity: plan has ", plan.layers.size(),
+                                                   " layers, the model ", c.num_hidden_layers));
+  }
+  for (size_t l = 0; l < plan.layers.size(); ++l) {
+    const LayerSelectionPlan& lp = plan.layers[l];
+    const char* field = nullptr;
+    if (lp.psaw_drop_fraction != 0) field = "PSAW (psaw_phi < 1)";
+    if (lp.etf_freeze_fraction != 0 || lp.etf_alias_layer >= 0) field = "ETF (etf_start)";
+    if (lp.gqa_max) field = "gqa_max=1";
+    if (lp.gate_unrotated) field = "gate_unrotated=1";
+    if (field != nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sparsity.overrides: ", field, " (layer ", l,
+          ") is not supported by the CUDA backend; use --device=cpu for it"));
+    }
+  }
+  if (plan.policy == SelectionPolicy::kDense) return absl::OkStatus();
+  if (plan.target_delta > 0) {
+    return absl::UnimplementedError(
+        "sparsity.target_delta: the delta-controller is not implemented on the CUDA backend (it "
+        "sets per-kv-head budgets; the GPU selection takes one k per sequence and layer); set "
+        "sparsity.budget instead, or use --device=cpu");
+  }
+  for (size_t l = 0; l < plan.layers.size(); ++l) {
+    const LayerSelectionPlan& lp = plan.layers[l];
+    if (lp.dilate_r > 64 || lp.k_scale != 1.0 || !lp.head_k_scale.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sparsity: layer ", l, " has dilate_r=", lp.dilate_r, " k_scale=", lp.k_scale,
+          " and ", lp.head_k_scale.size(),
+          " per-head scales; the CUDA backend needs dilate_r <= 64, k_scale 1, no per-head scales"));
+    }
+  }
+  if (page_size != 16 || (c.head_dim != 64 && c.head_dim != 128)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sparsity.policy: prhs on the CUDA backend needs head_dim 64 or 128 and page_size 16 "
+        "(model has head_dim ", c.head_dim, ", page_size ", page_size, ")"));
+  }
+  if (c.num_attention_heads / c.num_key_value_heads > 8) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sparsity.policy: prhs on the CUDA backend needs at most 8 query heads per kv head (model "
+        "has ", c.num_attention_heads / c.num_key_value_heads, ")"));
   }
   return absl::OkStatus();
 }

@@ -1,0 +1,47 @@
+#include "worker/backend.h"
+
+#include <unordered_set>
+
+#include "absl/strings/str_cat.h"
+#include "worker/kv_cache.h"
+
+namespace prehoc {
+
+absl::StatusOr<StepDemand> ValidateStepItems(
+    std::span<const BackendStepItem> items, int vocab_size, int max_context, int page_size,
+    const std::function<std::optional<int>(int64_t seq)>& length_of) {
+  std::unordered_set<int64_t> seen;
+  StepDemand d;
+  for (size_t b = 0; b < items.size(); ++b) {
+    const BackendStepItem& it = items[b];
+    const std::optional<int> len = length_of(it.seq);
+    if (!len.has_value()) {
+      return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": unknown sequence ", it.seq));
+    }
+    if (!seen.insert(it.seq).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch item ", b, ": sequence ", it.seq, " appears twice in one step"));
+    }
+    if (it.tokens.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": no tokens"));
+    }
+    for (size_t i = 0; i < it.tokens.size(); ++i) {
+      if (it.tokens[i] < 0 || it.tokens[i] >= vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": token id ",
+                                                       it.tokens[i], " at position ", i,
+                                                       " is outside [0, ", vocab_size, ")"));
+      }
+    }
+    const int64_t new_len = *len + static_cast<int64_t>(it.tokens.size());
+    if (new_len > max_context) {
+      return absl::InvalidArgumentError(absl::StrCat("batch item ", b, ": sequence length ",
+                                                     new_len, " exceeds max_context ",
+                                                     max_context));
+    }
+    d.new_pages += PagesFor(new_len, page_size) - PagesFor(*len, page_size);
+    d.tokens += static_cast<int64_t>(it.tokens.size());
+  }
+  return d;
+}
+
+}  // namespace prehoc

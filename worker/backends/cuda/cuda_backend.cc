@@ -1,0 +1,151 @@
+#include "worker/backends/cuda/cuda_backend.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "worker/kv_cache.h"
+
+namespace prehoc {
+namespace {
+
+// The item's decode selection on the device: its plan when it is a single token whose selector
+// runs a non-dense plan, else null (dense attention).
+const SelectionPlan* DecodePlan(const BackendStepItem& it) {
+  if (it.tokens.size() != 1 || it.selector == nullptr || it.selector->is_dense()) return nullptr;
+  return &it.selector->plan();
+}
+
+// Whether two PrHS plans can share one forward (the selection kernels take one value of each of
+// these per layer for the whole batch).
+bool SameCisScalars(const SelectionPlan& a, const SelectionPlan& b) {
+  if (a.layers.size() != b.layers.size()) return false;
+  for (size_t l = 0; l < a.layers.size(); ++l) {
+    const LayerSelectionPlan &x = a.layers[l], &y = b.layers[l];
+    if (x.sink != y.sink || x.local != y.local || x.tau != y.tau || x.max_reuse != y.max_reuse ||
+        x.dilate_r != y.dilate_r || x.dilate_m_fraction != y.dilate_m_fraction) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBackendOptions& o) {
+  if (o.model_dir.empty()) return absl::InvalidArgumentError("model_dir is empty");
+  CudaModelOptions mo;
+  mo.model_dir = o.model_dir;
+  mo.page_size = o.page_size;
+  mo.kv_cache_bytes = o.kv_cache_bytes;
+  mo.max_context = o.max_context;
+  mo.device = o.device;
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaModel> model, CudaModel::Create(mo));
+  ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer,
+                   Tokenizer::LoadFromModelDir(o.model_dir, model->config().vocab_size));
+  return std::make_unique<CudaBackend>(std::move(model), std::move(tokenizer));
+}
+
+CudaBackend::CudaBackend(std::unique_ptr<CudaModel> model, std::unique_ptr<Tokenizer> tokenizer)
+    : model_(std::move(model)), tokenizer_(std::move(tokenizer)) {}
+
+absl::Status CudaBackend::SupportsPlan(const SelectionPlan& plan) const {
+  return CudaModel::SupportsPlan(model_->config(), model_->page_size(), plan);
+}
+
+CudaBackend::SeqId CudaBackend::CreateSequence() {
+  const SeqId id = model_->CreateSequence();
+  live_.insert(id);
+  return id;
+}
+
+absl::Status CudaBackend::FreeSequence(SeqId seq) {
+  RETURN_IF_ERROR(model_->FreeSequence(seq));
+  live_.erase(seq);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> CudaBackend::SequenceLength(SeqId seq) const {
+  return model_->SequenceLength(seq);
+}
+
+absl::Status CudaBackend::ValidateSplitStep(std::span<const StepItem> items) const {
+  ASSIGN_OR_RETURN(const StepDemand demand,
+                   ValidateStepItems(items, model_->config().vocab_size, model_->max_context(),
+                                     model_->page_size(), [this](int64_t seq) -> std::optional<int> {
+                                       absl::StatusOr<int> len = model_->SequenceLength(seq);
+                                       if (!len.ok()) return std::nullopt;
+                                       return *len;
+                                     }));
+  if (demand.new_pages > model_->free_pages()) {
+    return absl::ResourceExhaustedError(absl::StrCat("step needs ", demand.new_pages,
+                                                     " new KV pages; ", model_->free_pages(),
+                                                     " are free"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> CudaBackend::Step(std::span<const StepItem> items,
+                                                                  bool causal) {
+  // Prefill plans: the GPU prefill applies none, so only plans that ask nothing of prefill.
+  for (size_t b = 0; b < items.size(); ++b) {
+    const SelectionPlan* p = items[b].prefill_plan;
+    if (p == nullptr && items[b].selector != nullptr) p = &items[b].selector->plan();
+    if (p != nullptr) {
+      absl::Status s = SupportsPlan(*p);
+      if (!s.ok()) return absl::Status(s.code(), absl::StrCat("batch item ", b, ": ", s.message()));
+    }
+  }
+  // Parts: the multi-token items (prefill chunks: the generic attention kernel), then one part
+  // per group of PrHS items whose CIS scalars agree; single-token items without PrHS (dense
+  // decode, or a policy CudaModel then refuses) join the first PrHS group, else part 0.
+  std::vector<std::vector<size_t>> parts(1);
+  std::vector<const SelectionPlan*> part_plan(1, nullptr);
+  std::vector<size_t> plain_decode;
+  for (size_t b = 0; b < items.size(); ++b) {
+    const SelectionPlan* p = DecodePlan(items[b]);
+    if (p == nullptr || p->policy != SelectionPolicy::kPrhs) {
+      (items[b].tokens.size() == 1 ? plain_decode : parts[0]).push_back(b);
+      continue;
+    }
+    size_t g = 1;
+    while (g < parts.size() && !SameCisScalars(*part_plan[g], *p)) ++g;
+    if (g == parts.size()) {
+      parts.emplace_back();
+      part_plan.push_back(p);
+    }
+    parts[g].push_back(b);
+  }
+  std::vector<size_t>& host = parts.size() > 1 ? parts[1] : parts[0];
+  host.insert(host.end(), plain_decode.begin(), plain_decode.end());
+  if (parts[0].empty()) parts.erase(parts.begin());
+  if (parts.size() > 1) RETURN_IF_ERROR(ValidateSplitStep(items));
+
+  std::vector<std::vector<float>> out(items.size());
+  for (const std::vector<size_t>& part : parts) {
+    std::vector<CudaModel::StepItem> mi(part.size());
+    for (size_t j = 0; j < part.size(); ++j) {
+      const StepItem& it = items[part[j]];
+      mi[j].seq = it.seq;
+      mi[j].tokens = it.tokens;
+      mi[j].all_logits = it.all_logits;
+      if (const SelectionPlan* p = DecodePlan(it); p != nullptr) {
+        mi[j].plan = p;
+        mi[j].telemetry = it.selector->mutable_telemetry();
+      }
+    }
+    absl::StatusOr<std::vector<std::vector<float>>> logits = model_->Step(mi, causal);
+    if (!logits.ok()) {
+      if (parts.size() == 1) return logits.status();
+      // Single-part errors leave every sequence unchanged; here earlier parts have run.
+      return absl::Status(logits.status().code(),
+                          absl::StrCat("part of a split step failed after ", &part - parts.data(),
+                                       " other parts ran: ", logits.status().message()));
+    }
+    for (size_t j = 0; j < part.size(); ++j) out[part[j]] = std::move((*logits)[j]);
+  }
+  return out;
+}
+
+}  // namespace prehoc

@@ -1,0 +1,381 @@
+// The CUDA backend behind the serving path, with PrHS decode on the device (label gpu; every
+// test skips without a device). The shipped AR model decodes a ~2.5K-token prompt with the same
+// plan on the CPU engine (float32, the reference) and on the GPU (bf16 weights, K/V and q): the
+// per-step greedy tokens and the selection telemetry must agree within the bounds stated below.
+// bf16 vs float32 moves scores by ~1e-2 relative, which can flip near-tied top-k choices and
+// gates near τ, so the comparison is statistical there; the exact checks are a budget that
+// covers the sequence (the PrHS lists are then complete and the logits are bitwise those of
+// dense decode), the synchronous and asynchronous paths (identical telemetry and tokens), and
+// the kernel-level tests of worker/kernels/selection_prhs_test.cc.
+#include "worker/backends/cuda/cuda_backend.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
+#include "gtest/gtest.h"
+#include "worker/engine.h"
+#include "worker/generator.h"
+#include "worker/scheduler.h"
+#include "worker/selection/session.h"
+
+namespace prehoc {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool HaveDevice() {
+  int n = 0;
+  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  cudaGetLastError();
+  return ok;
+}
+
+#define SKIP_WITHOUT_DEVICE() \
+  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
+
+// The repository file `rel` (from the source dir, or the working directory when the tests run
+// from a copy of the tree elsewhere).
+std::string RepoPath(const std::string& rel) {
+  const fs::path p = fs::path(PREHOC_SOURCE_DIR) / rel;
+  return fs::exists(p) ? p.string() : rel;
+}
+
+struct Models {
+  std::shared_ptr<const ModelWeights> weights;
+  std::unique_ptr<Engine> cpu;
+  std::unique_ptr<CudaBackend> gpu;
+};
+
+Models Load(int64_t kv_bytes = 256 << 20) {
+  Models m;
+  auto w = ModelWeights::Load(RepoPath("models/prehoc-code-ar"));
+  EXPECT_TRUE(w.ok()) << w.status();
+  if (!w.ok()) return m;
+  m.weights = std::move(*w);
+  EngineOptions eo;
+  eo.weights = m.weights;
+  eo.num_threads = 4;
+  eo.kv_cache_bytes = kv_bytes;
+  auto e = Engine::Create(eo);
+  EXPECT_TRUE(e.ok()) << e.status();
+  if (e.ok()) m.cpu = std::move(*e);
+  CudaModelOptions co;
+  co.weights = m.weights;
+  co.kv_cache_bytes = kv_bytes;
+  auto c = CudaModel::Create(co);
+  EXPECT_TRUE(c.ok()) << c.status();
+  if (c.ok()) {
+    auto tok = Tokenizer::LoadFromModelDir(RepoPath("models/prehoc-code-ar"),
+                                           m.weights->config.vocab_size);
+    EXPECT_TRUE(tok.ok()) << tok.status();
+    m.gpu = std::make_unique<CudaBackend>(std::move(*c), tok.ok() ? std::move(*tok) : nullptr);
+  }
+  return m;
+}
+
+// A prompt of `n` tokens: the bytes of a source file of this repository (BOS first).
+std::vector<int32_t> Prompt(const ModelBackend& b, int n) {
+  std::ifstream f(RepoPath("worker/engine.cc"));
+  std::stringstream ss;
+  ss << f.rdbuf();
+  std::vector<int32_t> ids = b.tokenizer()->Encode(ss.str(), /*add_bos=*/true);
+  EXPECT_GE(static_cast<int>(ids.size()), n);
+  ids.resize(std::min<size_t>(ids.size(), n));
+  return ids;
+}
+
+std::unique_ptr<SelectionSession> Session(const ModelConfig& c, const std::string& policy,
+                                          double budget = 0.125,
+                                          const std::string& overrides = "") {
+  SparsityOptions o;
+  o.policy = policy;
+  o.budget = budget;
+  o.overrides = overrides;
+  auto s = SelectionSession::Create(c, o);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return s.ok() ? std::move(*s) : nullptr;
+}
+
+int ArgMax(const std::vector<float>& v) {
+  return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+// Teacher-forced decode of the same prompt and tokens on the CPU engine and the GPU backend
+// with the same plan: the CPU's greedy token is fed to both at every step.
+TEST(CudaBackendPrhs, AgreesWithCpuEngine) {
+  SKIP_WITHOUT_DEVICE();
+  Models m = Load();
+  ASSERT_NE(m.gpu, nullptr);
+  const ModelConfig& c = m.weights->config;
+  const std::vector<int32_t> prompt = Prompt(*m.cpu, 2500);
+  for (const char* policy : {"prhs", "prhs-budget-matched"}) {
+    SCOPED_TRACE(policy);
+    auto s_cpu = Session(c, policy), s_gpu = Session(c, policy);
+    ModelBackend* be[2] = {m.cpu.get(), m.gpu.get()};
+    SelectionSession* ss[2] = {s_cpu.get(), s_gpu.get()};
+    ModelBackend::SeqId seq[2];
+    std::vector<float> last[2];
+    for (int i = 0; i < 2; ++i) {
+      seq[i] = be[i]->CreateSequence();
+      ModelBackend::StepItem it{seq[i], prompt, false, nullptr, &ss[i]->plan()};
+      auto l = be[i]->Step({&it, 1});
+      ASSERT_TRUE(l.ok()) << l.status();
+      last[i] = (*l)[0];
+    }
+    const int steps = 48;
+    int agree = 0, clear = 0, clear_agree = 0;
+    double worst_rel = 0;
+    for (int step = 0; step < steps; ++step) {
+      const int32_t token = ArgMax(last[0]);
+      for (int i = 0; i < 2; ++i) {
+        ModelBackend::StepItem it{seq[i], {&token, 1}, false, ss[i]->selector(), nullptr};
+        auto l = be[i]->Step({&it, 1});
+        ASSERT_TRUE(l.ok()) << l.status();
+        last[i] = (*l)[0];
+        ss[i]->AfterStep();
+      }
+      // Argmax agreement, and on rows where the CPU's top-1 margin is clear.
+      std::vector<float> sorted = last[0];
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<>());
+      double num = 0, den = 0, max_abs = 0;
+      for (size_t v = 0; v < last[0].size(); ++v) {
+        const double d = last[1][v] - last[0][v];
+        num += d * d;
+        den += static_cast<double>(last[0][v]) * last[0][v];
+        max_abs = std::max(max_abs, std::fabs(d));
+      }
+      worst_rel = std::max(worst_rel, std::sqrt(num / std::max(den, 1e-30)));
+      const bool same = ArgMax(last[0]) == ArgMax(last[1]);
+      agree += same;
+      if (sorted[0] - sorted[1] > 2 * max_abs) {
+        ++clear;
+        clear_agree += same;
+      }
+    }
+    const SparsityReport rc = ss[0]->selector()->Report(), rg = ss[1]->selector()->Report();
+    const SelectionTelemetry &tc = ss[0]->selector()->telemetry(),
+                             &tg = ss[1]->selector()->telemetry();
+    std::printf("[prhs %s] argmax agree %d/%d (clear margin %d/%d) worst_rel_l2 %.3g | cpu: "
+                "refresh %lld share %lld kept %.4f mean_delta %.4f max_delta %.4f | gpu: refresh "
+                "%lld share %lld kept %.4f mean_delta %.4f max_delta %.4f\n",
+                policy, agree, steps, clear_agree, clear, worst_rel,
+                static_cast<long long>(rc.refreshes), static_cast<long long>(rc.shares),
+                rc.mean_kept_fraction, rc.mean_delta, rc.max_delta,
+                static_cast<long long>(rg.refreshes), static_cast<long long>(rg.shares),
+                rg.mean_kept_fraction, rg.mean_delta, rg.max_delta);
+    // Structure: one selection per (step, layer, kv head) on both; every gated selection is a
+    // refresh or a share; a δ sample per refresh of a row that had a set.
+    const int64_t sel = static_cast<int64_t>(steps) * c.num_hidden_layers * c.num_key_value_heads;
+    EXPECT_EQ(tc.selections, sel);
+    EXPECT_EQ(tg.selections, sel);
+    EXPECT_EQ(tg.refreshes + tg.shares, sel);
+    EXPECT_EQ(static_cast<int64_t>(tg.refresh_delta.size()),
+              tg.refreshes - c.num_hidden_layers * c.num_key_value_heads);
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      EXPECT_EQ(tg.refreshes_per_layer[l] + tg.shares_per_layer[l],
+                static_cast<int64_t>(steps) * c.num_key_value_heads);
+    }
+    for (float d : tg.refresh_delta) {
+      ASSERT_GE(d, 0.0f);
+      ASSERT_LE(d, 1.0f);
+    }
+    // Agreement bounds (bf16 vs float32; see the file comment). Measured values are printed.
+    EXPECT_EQ(clear_agree, clear);
+    EXPECT_GE(agree, steps * 9 / 10);
+    EXPECT_NEAR(rg.mean_kept_fraction, rc.mean_kept_fraction, 0.02);
+    EXPECT_NEAR(static_cast<double>(rg.refreshes), static_cast<double>(rc.refreshes),
+                0.15 * static_cast<double>(sel));
+    EXPECT_NEAR(rg.mean_delta, rc.mean_delta, 0.05);
+    EXPECT_LT(rg.mean_kept_fraction, 0.25);
+    for (int i = 0; i < 2; ++i) ASSERT_TRUE(be[i]->FreeSequence(seq[i]).ok());
+  }
+}
+
+// A budget that covers the sequence: PrHS attends to every token, so the GPU logits are
+// bitwise those of dense decode (token lists with all positions ascending run the dense tiles
+// in the same order), kept fraction 1, no refreshes. Also a dense and a PrHS sequence in one
+// step, and a step mixing a prefill chunk with PrHS decode (split into two forwards).
+TEST(CudaBackendPrhs, FullBudgetIsBitwiseDenseAndMixedSteps) {
+  SKIP_WITHOUT_DEVICE();
+  Models m = Load();
+  ASSERT_NE(m.gpu, nullptr);
+  CudaBackend& g = *m.gpu;
+  const ModelConfig& c = m.weights->config;
+  const std::vector<int32_t> prompt = Prompt(g, 700);
+  auto full = Session(c, "prhs", 1.0), sparse = Session(c, "prhs"), dense = Session(c, "dense");
+  const ModelBackend::SeqId a = g.CreateSequence(), b = g.CreateSequence(), d = g.CreateSequence();
+  std::vector<ModelBackend::StepItem> pre = {{a, prompt, false, nullptr, nullptr},
+                                             {b, prompt, false, nullptr, nullptr},
+                                             {d, prompt, false, nullptr, nullptr}};
+  ASSERT_TRUE(g.Step(pre).ok());
+  int32_t tok = 97;
+  for (int step = 0; step < 6; ++step) {
+    std::vector<ModelBackend::StepItem> items = {{a, {&tok, 1}, false, full->selector(), nullptr},
+                                                 {b, {&tok, 1}, false, sparse->selector(), nullptr},
+                                                 {d, {&tok, 1}, false, dense->selector(), nullptr}};
+    auto l = g.Step(items);
+    ASSERT_TRUE(l.ok()) << l.status();
+    ASSERT_EQ(l->size(), 3u);
+    EXPECT_EQ((*l)[0], (*l)[2]) << "step " << step;  // bitwise
+    EXPECT_NE((*l)[1], (*l)[2]) << "step " << step;  // 1/8 budget changes the logits
+    tok = ArgMax((*l)[2]);
+  }
+  const SparsityReport rf = full->selector()->Report(), rs = sparse->selector()->Report();
+  EXPECT_EQ(rf.mean_kept_fraction, 1.0);
+  EXPECT_EQ(rf.refreshes + rf.shares, 0);
+  EXPECT_GT(rs.refreshes, 0);
+  EXPECT_LT(rs.mean_kept_fraction, 0.25);
+  EXPECT_EQ(dense->selector()->telemetry().selections, 0);
+
+  // Mixed step: a prefill chunk of a new sequence with PrHS decode of b.
+  const ModelBackend::SeqId e = g.CreateSequence();
+  const int64_t sel_before = sparse->selector()->telemetry().selections;
+  std::vector<ModelBackend::StepItem> mixed = {{e, {prompt.data(), 64}, false, nullptr, nullptr},
+                                               {b, {&tok, 1}, false, sparse->selector(), nullptr}};
+  auto l = g.Step(mixed);
+  ASSERT_TRUE(l.ok()) << l.status();
+  EXPECT_EQ(*g.SequenceLength(e), 64);
+  EXPECT_EQ(sparse->selector()->telemetry().selections - sel_before,
+            c.num_hidden_layers * c.num_key_value_heads);
+  // A split step is validated as a whole: a bad token in the second part changes nothing.
+  const int32_t bad = c.vocab_size;
+  std::vector<ModelBackend::StepItem> bad_step = {{e, {prompt.data(), 8}, false, nullptr, nullptr},
+                                                  {b, {&bad, 1}, false, sparse->selector(), nullptr}};
+  auto r = g.Step(bad_step);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(*g.SequenceLength(e), 64);
+  // Unsupported decode policies name the item and the policy.
+  auto quest = Session(c, "quest");
+  std::vector<ModelBackend::StepItem> q = {{b, {&tok, 1}, false, quest->selector(), nullptr}};
+  r = g.Step(q);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnimplemented);
+  for (ModelBackend::SeqId s : {a, b, d, e}) ASSERT_TRUE(g.FreeSequence(s).ok());
+  EXPECT_EQ(g.used_pages(), 0);
+  EXPECT_EQ(g.num_sequences(), 0);
+}
+
+// DecodeGreedyAsync with plans: the same tokens and exactly the same telemetry as synchronous
+// Steps (the selection kernels are deterministic).
+TEST(CudaBackendPrhs, AsyncTelemetryMatchesSync) {
+  SKIP_WITHOUT_DEVICE();
+  Models m = Load();
+  ASSERT_NE(m.gpu, nullptr);
+  CudaModel& model = m.gpu->model();
+  const ModelConfig& c = m.weights->config;
+  const std::vector<int32_t> prompt = Prompt(*m.gpu, 1500);
+  auto s_sync = Session(c, "prhs"), s_async = Session(c, "prhs");
+  const CudaModel::SeqId x = model.CreateSequence(), y = model.CreateSequence();
+  std::vector<int32_t> greedy;
+  std::vector<CudaModel::StepItem> pre = {{x, prompt}, {y, prompt}};
+  ASSERT_TRUE(model.Step(pre, true, &greedy).ok());
+  const int steps = 12;
+  std::vector<int32_t> sync_tokens;
+  int32_t tok = greedy[0];
+  for (int i = 0; i < steps; ++i) {
+    CudaModel::StepItem it{x, {&tok, 1}};
+    it.plan = &s_sync->plan();
+    it.telemetry = s_sync->selector()->mutable_telemetry();
+    std::vector<int32_t> next;
+    ASSERT_TRUE(model.Step({&it, 1}, true, &next).ok());
+    tok = next[0];
+    sync_tokens.push_back(tok);
+  }
+  int32_t *d_a = nullptr, *d_b = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_a), 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_b), 4), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_a, &greedy[1], 4, cudaMemcpyHostToDevice), cudaSuccess);
+  std::vector<int32_t> async_tokens(steps);
+  const SelectionPlan* plans[1] = {&s_async->plan()};
+  SelectionTelemetry* tel[1] = {s_async->selector()->mutable_telemetry()};
+  for (int i = 0; i < steps; ++i) {
+    ASSERT_TRUE(model.DecodeGreedyAsync({&y, 1}, d_a, d_b, plans, tel).ok());
+    ASSERT_EQ(cudaMemcpyAsync(&async_tokens[i], d_b, 4, cudaMemcpyDeviceToHost,
+                              static_cast<cudaStream_t>(model.cuda_stream())),
+              cudaSuccess);
+    std::swap(d_a, d_b);
+  }
+  ASSERT_TRUE(model.Synchronize().ok());
+  cudaFree(d_a);
+  cudaFree(d_b);
+  EXPECT_EQ(async_tokens, sync_tokens);
+  const SelectionTelemetry &ts = s_sync->selector()->telemetry(),
+                           &ta = s_async->selector()->telemetry();
+  EXPECT_EQ(ta.selections, static_cast<int64_t>(steps) * c.num_hidden_layers * c.num_key_value_heads);
+  EXPECT_EQ(ta.selections, ts.selections);
+  EXPECT_EQ(ta.refreshes, ts.refreshes);
+  EXPECT_EQ(ta.shares, ts.shares);
+  EXPECT_EQ(ta.kept_tokens_sum, ts.kept_tokens_sum);
+  EXPECT_EQ(ta.refresh_delta, ts.refresh_delta);
+  EXPECT_EQ(ta.refresh_delta_layer, ts.refresh_delta_layer);
+  ASSERT_TRUE(model.FreeSequence(x).ok());
+  ASSERT_TRUE(model.FreeSequence(y).ok());
+}
+
+// The Scheduler (continuous batching, chunked prefill mixed with decode) on the GPU backend.
+TEST(CudaBackendPrhs, SchedulerServesPrhsAndDense) {
+  SKIP_WITHOUT_DEVICE();
+  Models m = Load();
+  ASSERT_NE(m.gpu, nullptr);
+  const std::vector<int32_t> prompt = Prompt(*m.gpu, 900);
+  SchedulerOptions so;
+  so.prefill_chunk = 128;
+  auto sched = Scheduler::Create(std::move(m.gpu), so);
+  ASSERT_TRUE(sched.ok()) << sched.status();
+  struct Stream {
+    absl::Mutex mu;
+    std::vector<InferenceEvent> events ABSL_GUARDED_BY(mu);
+    bool done ABSL_GUARDED_BY(mu) = false;
+  } streams[2];
+  const char* policies[2] = {"prhs", "dense"};
+  for (int i = 0; i < 2; ++i) {
+    InferenceRequest r;
+    r.token_ids.assign(prompt.begin(), prompt.begin() + (i == 0 ? 900 : 300));
+    r.max_tokens = 20;
+    r.sparsity.policy = policies[i];
+    Stream* s = &streams[i];
+    auto id = (*sched)->Generate(r, [s](InferenceEvent ev) {
+      absl::MutexLock l(&s->mu);
+      s->done |= ev.terminal();
+      s->events.push_back(std::move(ev));
+    });
+    ASSERT_TRUE(id.ok()) << id.status();
+  }
+  for (Stream& s : streams) {
+    absl::MutexLock l(&s.mu);
+    s.mu.Await(absl::Condition(+[](bool* d) { return *d; }, &s.done));
+  }
+  for (int i = 0; i < 2; ++i) {
+    absl::MutexLock l(&streams[i].mu);
+    const InferenceEvent& last = streams[i].events.back();
+    ASSERT_TRUE(last.status.ok()) << last.status;
+    EXPECT_EQ(last.completion_tokens, 20);
+    EXPECT_EQ(last.sparsity.policy, policies[i]);
+    if (i == 0) {
+      EXPECT_GT(last.sparsity.refreshes, 0);
+      EXPECT_LT(last.sparsity.mean_kept_fraction, 0.25);
+    } else {
+      EXPECT_EQ(last.sparsity.refreshes, 0);
+    }
+  }
+  // Policies the GPU does not run are refused at Generate.
+  InferenceRequest r;
+  r.token_ids = {256, 1, 2};
+  r.max_tokens = 2;
+  r.sparsity.policy = "h2o";
+  auto got = (*sched)->Generate(r, [](InferenceEvent) { ADD_FAILURE() << "callback called"; });
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kUnimplemented);
+}
+
+}  // namespace
+}  // namespace prehoc
