@@ -4,7 +4,7 @@
 //   dlm_bench [--backend=cuda|cpu] [--shape=llada8b|tiny] [--batches=1,16]
 //             [--policies=none,prefix,dual,dllm,spa,spa:kv_all_rows=0]
 //             [--prompt=1000] [--gen=256] [--block=32] [--steps=256] [--parallel-steps=64]
-//             [--runs=1/*,16/dual] [--reps=2] [--json=PATH]
+//             [--runs=1/*,16/dual] [--reps=3] [--json=PATH]
 //
 // Shape: LLaDA-8B's config.json (GSAI-ML/LLaDA-8B-Instruct) parsed by our LLaDA reader
 // (ParseLladaConfig): 32 layers, d_model 4096, 32 heads (MHA) of 128, MLP 12288, vocab 126464,
@@ -76,7 +76,7 @@ struct Args {
   int prompt = 1000, gen = 256, block = 32, steps = 256, parallel_steps = 64;
   // Full decoder runs, "B/policy" (policy "*" = every case), after all estimates.
   std::vector<std::string> runs = {"1/*"};
-  int reps = 2;
+  int reps = 3;
 };
 
 ModelConfig TinyConfig() {
@@ -143,7 +143,7 @@ std::vector<DiffuseRequest> Requests(const ModelConfig& cfg, int mask, const Arg
 nlohmann::json Phases(const ForwardStats& f, double scale) {
   return {{"layer0_s", f.seconds_layer0 * scale}, {"kv_s", f.seconds_kv * scale},
           {"select_s", f.seconds_select * scale}, {"rows_s", f.seconds_rows * scale},
-          {"lm_head_s", f.seconds_lm * scale}};
+          {"lm_head_s", f.seconds_lm * scale}, {"attention_s", f.seconds_attn * scale}};
 }
 
 double Now() {
@@ -238,6 +238,7 @@ absl::StatusOr<nlohmann::json> Estimate(const DlmBackend& model, const Args& a, 
     scaled.seconds_select *= static_cast<double>(n) / a.reps;
     scaled.seconds_rows *= static_cast<double>(n) / a.reps;
     scaled.seconds_lm *= static_cast<double>(n) / a.reps;
+    scaled.seconds_attn *= static_cast<double>(n) / a.reps;
     phases.AddTimes(scaled);
     classes.push_back({{"kind", DlmStepKindName(kind)}, {"block", key.second}, {"steps", n},
                        {"mean_s", mean}, {"first_call_s", first}});
@@ -391,8 +392,9 @@ int Main(int argc, char** argv) {
       if (est.ok()) {
         r["estimate"] = *est;
         est_tps[B][cs.policy] = (*est)["tokens_per_s"];
-        std::printf("  estimate: %.3f s, %.1f tokens/s\n", (*est)["seconds"].get<double>(),
-                    (*est)["tokens_per_s"].get<double>());
+        std::printf("  estimate: %.3f s, %.1f tokens/s; phases %s\n",
+                    (*est)["seconds"].get<double>(), (*est)["tokens_per_s"].get<double>(),
+                    (*est)["phases"].dump().c_str());
       } else {
         r["estimate_error"] = est.status().ToString();
         std::printf("  estimate failed: %s\n", est.status().ToString().c_str());
@@ -440,10 +442,11 @@ int Main(int argc, char** argv) {
                   {"partial_steps", st.partial_steps}, {"rows_per_step", rows},
                   {"phases", Phases(st.forward, 1.0)}};
       std::printf("  %.3f s, %.1f tokens/s (%d steps: %d full, %d gen-refresh, %d partial); "
-                  "phases s: layer0 %.3f kv %.3f select %.3f rows %.3f lm %.3f\n",
+                  "phases s: layer0 %.3f kv %.3f select %.3f rows %.3f (attention %.3f) lm %.3f\n",
                   st.seconds, tps, st.steps, st.full_steps, st.gen_refresh_steps,
                   st.partial_steps, st.forward.seconds_layer0, st.forward.seconds_kv,
-                  st.forward.seconds_select, st.forward.seconds_rows, st.forward.seconds_lm);
+                  st.forward.seconds_select, st.forward.seconds_rows, st.forward.seconds_attn,
+                  st.forward.seconds_lm);
       if (r.contains("estimate")) {
         const double ratio = r["estimate"]["seconds"].get<double>() / st.seconds;
         r["estimate_over_run"] = ratio;

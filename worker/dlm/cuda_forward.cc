@@ -386,9 +386,10 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
   const auto* d_logit = reinterpret_cast<const int32_t*>(dp(o_logit));
   const auto* d_ptrs = reinterpret_cast<const void* const*>(dp(o_ptrs));
 
-  // ---- Phase events: [0] start, per layer l: 4l+1 after selection, 4l+2 after K/V,
-  // 4l+3 after the rows (end of layer), 4NL+1 after the LM head.
-  const int n_events = 4 * NL + 2;
+  // ---- Phase events: [0] start; per layer l, ev(l, k): k = 0 after the selection, 1 after K/V,
+  // 2 / 3 around the attention, 4 at the end of the layer; ev(NL, 0) after the LM head.
+  auto ev = [](int l, int kk) { return 1 + 5 * l + kk; };
+  const int n_events = ev(NL, 0) + 1;
   while (profile && static_cast<int>(events.size()) < n_events) {
     cudaEvent_t e;
     DLM_CUDA(cudaEventCreate(&e));
@@ -450,7 +451,7 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       DLM_CUDA(k::DlmCosineStore(cp, stream));
       for (int b = 0; b < B; ++b) static_cast<CudaDlmCache*>(items[b].cache)->set_proxy_valid(l);
     }
-    if (l >= 1) RETURN_IF_ERROR(mark(4 * l + 1));
+    if (l >= 1) RETURN_IF_ERROR(mark(ev(l, 0)));
 
     // K / V of the recomputed rows → caches. hq_rows: the selected rows' normalised input.
     const uint16_t* h_q = h.as<uint16_t>();
@@ -494,13 +495,14 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       kp.v_col = -1;
     }
     DLM_CUDA(k::DlmKvScatter(kp, stream));
-    if (l >= 1) RETURN_IF_ERROR(mark(4 * l + 2));
+    if (l >= 1) RETURN_IF_ERROR(mark(ev(l, 1)));
 
     // Q, attention over every canvas row, O, MLP for the recomputed rows.
     if (m > 0) {
       RETURN_IF_ERROR(Gemm(h_q, m, Dm, Lw.wqkv, Q, qf.as<float>()));
       DLM_CUDA(k::DlmRopeQ(qf.as<float>(), Lw.bq, d_sel, d_row, m, Hq(), hd(), inv_freq,
                            qb.as<uint16_t>(), stream));
+      RETURN_IF_ERROR(mark(ev(l, 2)));
       const float scale = 1.0f / std::sqrt(static_cast<float>(hd()));
       const float one = 1.0f, zero = 0.0f;
       for (const Group& g : groups[l]) {
@@ -521,6 +523,7 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
                                        const_cast<void* const*>(P6 + 5 * g.count), CUDA_R_16BF,
                                        Q, g.count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       }
+      RETURN_IF_ERROR(mark(ev(l, 3)));
       RETURN_IF_ERROR(Gemm(ob.as<uint16_t>(), m, Q, Lw.wo, Dm, a.as<float>()));
       DLM_CUDA(k::DlmAddRmsNorm(x.as<float>(), d_sel, a.as<float>(), Lw.bo, m, Dm, Lw.mlp_norm,
                                 eps, h2.as<uint16_t>(), stream));
@@ -530,7 +533,7 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
     }
     DLM_CUDA(k::DlmResidual(x.as<float>(), d_inv, a.as<float>(), n, Dm, l, d_row, d_req, d_views,
                             stream));
-    RETURN_IF_ERROR(mark(4 * l + 3));
+    RETURN_IF_ERROR(mark(ev(l, 4)));
   }
 
   // ---- Final norm + LM head on the logit rows.
@@ -544,7 +547,7 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       DLM_CUDA(k::DlmTop1(logits.as<float>(), nl, V, top1.as<int32_t>(), prob.as<float>(), stream));
     }
   }
-  RETURN_IF_ERROR(mark(4 * NL + 1));
+  RETURN_IF_ERROR(mark(ev(NL, 0)));
   std::vector<int32_t> h_top(nl);
   std::vector<float> h_prob(nl), h_logits;
   if (nl > 0) {
@@ -588,13 +591,14 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       cudaEventElapsedTime(&t, events[from], events[to]);
       return static_cast<double>(t) * 1e-3;
     };
-    batch_stats->seconds_layer0 += ms(0, 3);
+    batch_stats->seconds_layer0 += ms(0, ev(0, 4));
     for (int l = 1; l < NL; ++l) {
-      batch_stats->seconds_select += ms(4 * (l - 1) + 3, 4 * l + 1);
-      batch_stats->seconds_kv += ms(4 * l + 1, 4 * l + 2);
-      batch_stats->seconds_rows += ms(4 * l + 2, 4 * l + 3);
+      batch_stats->seconds_select += ms(ev(l - 1, 4), ev(l, 0));
+      batch_stats->seconds_kv += ms(ev(l, 0), ev(l, 1));
+      batch_stats->seconds_rows += ms(ev(l, 1), ev(l, 4));
+      if (mtot[l] > 0) batch_stats->seconds_attn += ms(ev(l, 2), ev(l, 3));
     }
-    batch_stats->seconds_lm += ms(4 * (NL - 1) + 3, 4 * NL + 1);
+    batch_stats->seconds_lm += ms(ev(NL - 1, 4), ev(NL, 0));
   }
   return absl::OkStatus();
 }

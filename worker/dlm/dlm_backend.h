@@ -58,6 +58,8 @@ struct ForwardStats {
   // row selection (proxy or V and cosine; layers >= 1), selected rows (Q, attention, o_proj, MLP,
   // residual; layers >= 1), final norm + LM head.
   double seconds_layer0 = 0, seconds_kv = 0, seconds_select = 0, seconds_rows = 0, seconds_lm = 0;
+  // Part of seconds_rows: the attention itself (scores, softmax, weighted sum; layers >= 1).
+  double seconds_attn = 0;
   // Drift measured by store_proxy steps, per layer: proxy (1 − cos) and output (relative δ change).
   std::vector<double> drift_sum;
   std::vector<int64_t> drift_count;

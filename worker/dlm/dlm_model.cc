@@ -104,6 +104,7 @@ void ForwardStats::AddTimes(const ForwardStats& o) {
   seconds_select += o.seconds_select;
   seconds_rows += o.seconds_rows;
   seconds_lm += o.seconds_lm;
+  seconds_attn += o.seconds_attn;
 }
 
 void ForwardStats::Add(const ForwardStats& o) {
@@ -386,6 +387,7 @@ absl::Status DlmModel::Forward(DlmState* state, std::span<const int32_t> canvas,
         }
       }
       attn.resize(static_cast<size_t>(nq) * QW);
+      const auto t_attn = Clock::now();
       pool_->ParallelFor(static_cast<int64_t>(nq) * H, 4, [&](int64_t begin, int64_t end) {
         std::vector<float> scores(rows);
         for (int64_t job = begin; job < end; ++job) {
@@ -397,6 +399,7 @@ absl::Status DlmModel::Forward(DlmState* state, std::span<const int32_t> canvas,
                          scores.data(), attn.data() + (static_cast<size_t>(j) * H + head) * hd);
         }
       });
+      if (layer >= 1) st.seconds_attn += Since(t_attn);
       o.resize(static_cast<size_t>(nq) * D);
       cpu::MatMulNT(attn.data(), nq, QW, L.wo.data(), D, L.bo.empty() ? nullptr : L.bo.data(),
                     o.data(), pool_.get());
