@@ -108,7 +108,7 @@ absl::StatusOr<SelectionPlan> MakeSelectionPlan(const ModelConfig& model,
   static const std::set<std::string> kKeys = {
       "sink", "local", "tau", "max_reuse", "dilate_r", "dilate_m_fraction", "psaw_start",
       "psaw_phi", "psaw_alpha", "etf_start", "etf_psi", "etf_gamma", "refresh_interval",
-      "approx_channels", "budget_tokens", "budget_fraction", "gqa_max", "gate_unrotated"};
+      "approx_channels", "budget_tokens", "budget_fraction", "gqa_max", "gate_unrotated", "follow"};
   for (const auto& [k, v] : overrides) {
     if (!kKeys.count(k)) {
       return absl::InvalidArgumentError(absl::StrCat("sparsity override key '", k,
@@ -174,6 +174,7 @@ absl::StatusOr<SelectionPlan> MakeSelectionPlan(const ModelConfig& model,
     }
     lp.gqa_max = get("gqa_max", 0) != 0;
     lp.gate_unrotated = get("gate_unrotated", 0) != 0;
+    lp.follow = get("follow", 0) != 0;
     if (p == SelectionPolicy::kHShare) {
       lp.refresh_interval = static_cast<int>(get("refresh_interval", 2));
       lp.approx_channels = static_cast<int>(get("approx_channels", 16));

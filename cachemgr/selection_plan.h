@@ -61,6 +61,9 @@ struct LayerSelectionPlan {
   // them); true = compare them rotated back to position 0 (pre-RoPE), so that a query whose
   // content has not changed is not refreshed merely because RoPE turned it by (t − t_anchor).
   bool gate_unrotated = false;
+  // CIS share steps: the best m anchors' ±dilate_r neighbourhoods also move forward by the
+  // number of steps since the refresh (copy heads' targets advance one position per token).
+  bool follow = false;
 };
 
 struct SelectionPlan {
@@ -84,7 +87,7 @@ struct SelectionPlan {
 // Parameters of the presets, every one overridable by name through `overrides`
 // ("sink", "local", "tau", "max_reuse", "dilate_r", "dilate_m_fraction", "psaw_start",
 // "psaw_phi", "psaw_alpha", "etf_start", "etf_psi", "etf_gamma", "refresh_interval",
-// "approx_channels", "budget_tokens", "budget_fraction", "gqa_max", "gate_unrotated" (0/1)).
+// "approx_channels", "budget_tokens", "budget_fraction", "gqa_max", "gate_unrotated", "follow" (0/1)).
 // Defaults (chosen and measured in docs/quality.md):
 //   prhs: sink 8, local 32, τ 0.8, max_reuse 64, m = k/3, r = 1; PSAW off (φ = 1; when
 //         enabled it starts at layer N/2, α = 1) and ETF off — both measured to cost retrieval

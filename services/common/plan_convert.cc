@@ -32,6 +32,7 @@ v1::SelectionPlan PlanToProto(const std::string& sequence_id, const SelectionPla
     o->set_approx_channels(lp.approx_channels);
     o->set_gqa_max(lp.gqa_max);
     o->set_gate_unrotated(lp.gate_unrotated);
+    o->set_follow(lp.follow);
     if (lp.base_tau > -1.5) o->set_base_tau(lp.base_tau);
     v1::CisParams* c = o->mutable_cis();
     c->set_tau(lp.tau);
@@ -95,6 +96,7 @@ absl::StatusOr<SelectionPlan> PlanFromProto(const v1::SelectionPlan& p, absl::Ti
     lp.approx_channels = o.approx_channels();
     lp.gqa_max = o.gqa_max();
     lp.gate_unrotated = o.gate_unrotated();
+    lp.follow = o.follow();
     if (o.base_tau() != 0) lp.base_tau = o.base_tau();
     lp.tau = o.cis().tau();
     lp.dilate_r = o.cis().r();

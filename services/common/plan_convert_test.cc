@@ -19,7 +19,7 @@ TEST(PlanConvertTest, RoundTripKeepsEveryCarriedField) {
   auto plan = MakeSelectionPlan(config, s,
                                 {{"sink", 4}, {"local", 16}, {"tau", 0.7}, {"max_reuse", 9},
                                  {"dilate_r", 2}, {"psaw_phi", 0.8}, {"etf_start", 1},
-                                 {"gqa_max", 1}, {"gate_unrotated", 1}});
+                                 {"gqa_max", 1}, {"gate_unrotated", 1}, {"follow", 1}});
   ASSERT_TRUE(plan.ok()) << plan.status();
   plan->version = 7;
   plan->layers[2].head_k_scale = {1.5, 0.25};
@@ -54,6 +54,7 @@ TEST(PlanConvertTest, RoundTripKeepsEveryCarriedField) {
     EXPECT_EQ(b.refresh_interval, a.refresh_interval);
     EXPECT_EQ(b.gqa_max, a.gqa_max);
     EXPECT_TRUE(b.gate_unrotated);
+    EXPECT_TRUE(b.follow);
     EXPECT_EQ(b.head_k_scale, a.head_k_scale);
     EXPECT_DOUBLE_EQ(b.base_tau, a.base_tau);
     // Same budgets as the original at any context.

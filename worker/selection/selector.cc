@@ -354,7 +354,17 @@ class PrhsSelector : public SequenceSelector {
       } else {
         Refresh(layer, kh, q, kv, group, lp, k, &st);
       }
-      s = MergeIndexSet(lp.sink, st.set, lp.local, t);
+      if (share && lp.follow) {
+        // Copy heads read a target that advances one position per generated token: the best m
+        // anchors also contribute their ±r neighbourhood shifted by the steps since the refresh.
+        followed_ = st.set;
+        for (int32_t b : st.best) {
+          for (int d = -lp.dilate_r; d <= lp.dilate_r; ++d) followed_.push_back(b + st.reuse + d);
+        }
+        s = MergeIndexSet(lp.sink, followed_, lp.local, t);
+      } else {
+        s = MergeIndexSet(lp.sink, st.set, lp.local, t);
+      }
       Account(static_cast<int64_t>(s.size()), t);
     }
   }
@@ -364,7 +374,8 @@ class PrhsSelector : public SequenceSelector {
     bool valid = false;
     int reuse = 0;
     std::vector<float> anchor;
-    std::vector<int32_t> set;  // sorted, unique; excludes nothing (merge clamps)
+    std::vector<int32_t> set;   // sorted, unique; excludes nothing (merge clamps)
+    std::vector<int32_t> best;  // the best m of the refresh's top-k (the dilated ones)
   };
 
   void Refresh(int layer, int kh, const float* q, const KvView& kv, int group,
@@ -396,6 +407,7 @@ class PrhsSelector : public SequenceSelector {
     std::sort(set.begin(), set.end());
     set.erase(std::unique(set.begin(), set.end()), set.end());
     st->set = std::move(set);
+    st->best.assign(top.begin(), top.begin() + m);
     st->anchor.assign(qg, qg + qlen);
     st->reuse = 0;
     st->valid = true;
@@ -419,6 +431,7 @@ class PrhsSelector : public SequenceSelector {
   std::vector<float> rank_;
   std::vector<float> inv_freq_;
   std::vector<float> gate_q_;
+  std::vector<int32_t> followed_;
 };
 
 // HShare-style baseline: sink + heavy + local, the heavy set chosen every refresh_interval steps

@@ -184,6 +184,42 @@ TEST_F(SelectorEngineTest, UnrotatedGateComparesQueriesBeforeRope) {
   }
 }
 
+TEST_F(SelectorEngineTest, FollowShiftsTheBestAnchorsOnShareSteps) {
+  // Refresh at length 260, then share (τ = −1) at 262: with `follow` the list also holds the
+  // best anchors' ±1 neighbourhoods moved by the 1 step since the refresh, and nothing else.
+  const ModelConfig& c = engine_->config();
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-1, 1);
+  std::vector<float> q(c.num_attention_heads * c.head_dim);
+  for (float& x : q) x = u(rng);
+  auto pages = engine_->PageTable(seq_);
+  ASSERT_TRUE(pages.ok());
+  std::vector<std::vector<int32_t>> plain, followed;
+  for (int follow : {0, 1}) {
+    auto sel = Make("prhs", 0.25, {{"tau", -1}, {"follow", follow}});
+    std::vector<std::vector<int32_t>> lists;
+    sel->Select(0, q.data(), KvView(&engine_->kv_cache(), *pages, 0, 260), &lists);
+    sel->Select(0, q.data(), KvView(&engine_->kv_cache(), *pages, 0, 261), &lists);
+    EXPECT_EQ(sel->telemetry().shares, c.num_key_value_heads);
+    (follow ? followed : plain) = lists;
+  }
+  const int local_start = 261 - 32;
+  for (int kh = 0; kh < c.num_key_value_heads; ++kh) {
+    std::set<int32_t> base(plain[kh].begin(), plain[kh].end());
+    int extra = 0;
+    for (int32_t x : base) EXPECT_TRUE(std::binary_search(followed[kh].begin(), followed[kh].end(), x));
+    for (int32_t x : followed[kh]) {
+      if (base.count(x)) continue;
+      ++extra;
+      // x = b + 1 + d for an anchor b of the shared set and |d| <= 1: some member of the plain
+      // list's middle lies within [x - 2, x].
+      const bool near = base.count(x - 2) || base.count(x - 1) || base.count(x);
+      EXPECT_TRUE(near && x >= 8 && x < local_start) << x;
+    }
+    EXPECT_GT(extra, 0) << "kv head " << kh;
+  }
+}
+
 TEST_F(SelectorEngineTest, PsawExcludesTheEarlyCandidates) {
   // Tiny model: 2 layers, PSAW from layer 0 with φ = 0.1: layer 1 drops 1 − 0.1^{1/2} ≈ 68 %.
   auto sel = Make("prhs", 0.25, {{"psaw_start", 0}, {"psaw_phi", 0.1}, {"tau", 1}});
