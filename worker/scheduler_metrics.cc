@@ -137,6 +137,8 @@ SchedulerMetrics::SchedulerMetrics(prometheus::Registry& registry, const std::st
   plan_age_s = gauge("prehoc_selection_plan_age_seconds",
                      "At the last step: the largest age (now - time produced) of the selection "
                      "plans in use by decoding requests (0 when none decodes).");
+  plan_stream_connected = gauge("prehoc_selection_plan_stream_connected",
+                                "1 while the cache manager's plan stream is open, else 0.");
   plans_received = &BuildCounter()
                         .Name("prehoc_selection_plans_received_total")
                         .Help("Selection plans received on the cache manager's plan stream.")

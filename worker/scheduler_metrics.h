@@ -62,7 +62,8 @@ struct SchedulerMetrics {
   prometheus::Gauge* kv_usage_ratio = nullptr;
   prometheus::Gauge* throughput_tokens_per_s = nullptr;
   prometheus::Gauge* plan_age_s = nullptr;
-  // Plans received on the cache manager's plan stream (updated by the worker server).
+  // The cache manager's plan stream (updated by the worker server).
+  prometheus::Gauge* plan_stream_connected = nullptr;
   prometheus::Counter* plans_received = nullptr;
   prometheus::Gauge* ready = nullptr;
   prometheus::Counter* steps = nullptr;

@@ -138,13 +138,15 @@ class PlanWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate
   }
 
  private:
-  // Starts a write of the pending plans unless one is in flight or the stream is done.
+  // Starts a write of the pending plans unless one is in flight or the stream is done. The
+  // first message goes out even when empty: it tells the worker the stream is established.
   void Pump() {
     {
       absl::MutexLock l(&mu_);
       if (done_ || writing_) return;
       std::vector<PlanUpdate> updates = plans_->TakePending(worker_id_);
-      if (updates.empty()) return;
+      if (updates.empty() && !first_) return;
+      first_ = false;
       message_.Clear();
       for (const PlanUpdate& u : updates) {
         *message_.add_plans() = PlanToProto(u.sequence_id, u.plan, u.produced);
@@ -161,6 +163,7 @@ class PlanWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool done_ ABSL_GUARDED_BY(mu_) = false;
   bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
+  bool first_ ABSL_GUARDED_BY(mu_) = true;
   v1::SelectionPlanUpdate message_;  // owned by the write in flight while writing_
 };
 

@@ -28,7 +28,8 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
   grpc::ServerReadReactor<v1::TelemetryBatch>* ReportTelemetry(
       grpc::CallbackServerContext* ctx, v1::ReportTelemetryResponse* response) override;
   // Streams the plans of the worker's sequences (PlanManager::Subscribe / TakePending) until the
-  // worker goes away or the server shuts down. NOT_FOUND for an unknown worker or stale epoch
+  // worker goes away or the server shuts down; the first message (possibly empty) carries the
+  // newest plan of every open sequence of the worker. NOT_FOUND for an unknown worker or stale epoch
   // (the worker registers again, then reconnects).
   grpc::ServerWriteReactor<v1::SelectionPlanUpdate>* StreamPlans(
       grpc::CallbackServerContext* ctx, const v1::StreamPlansRequest* request) override;

@@ -259,7 +259,14 @@ void WorkerServer::PlanLoop() {
         cachemgr_->StreamPlans(ctx.get(), request);
     v1::SelectionPlanUpdate update;
     int64_t received = 0;
+    bool connected = false;
     while (reader->Read(&update)) {
+      if (!connected) {  // the cache manager's first message confirms the stream
+        connected = true;
+        warned = false;
+        LOG(INFO) << "plan stream connected to " << cachemgr_address_ << " epoch=" << epoch;
+        if (metrics_struct_ != nullptr) metrics_struct_->plan_stream_connected->Set(1);
+      }
       for (const v1::SelectionPlan& p : update.plans()) {
         ++received;
         if (metrics_struct_ != nullptr) metrics_struct_->plans_received->Increment();
@@ -275,12 +282,13 @@ void WorkerServer::PlanLoop() {
       }
     }
     const grpc::Status status = reader->Finish();
+    if (metrics_struct_ != nullptr) metrics_struct_->plan_stream_connected->Set(0);
     absl::MutexLock l(&mu_);
     plan_ctx_.reset();
     if (stop_) break;
     // Keep decoding with the plans already applied; reconnect after a short wait (a NOT_FOUND
     // epoch is fixed by the agent's next heartbeat, which registers again).
-    if (!warned || received > 0) {
+    if (!warned || connected) {
       LOG(WARNING) << "plan stream from " << cachemgr_address_ << " ended after " << received
                    << " plans: " << status.error_message() << " (reconnecting)";
     }

@@ -23,6 +23,7 @@
 #include "prehoc/v1/cachemgr.grpc.pb.h"
 #include "prehoc/v1/inference.grpc.pb.h"
 #include "tests/services/child_process.h"
+#include "worker/engine.h"
 #include "worker/generator.h"
 
 namespace prehoc {
@@ -269,9 +270,17 @@ TEST(SplitModeTest, HungWorkerStreamsFailWithinTwoMissedHeartbeats) {
 TEST(SplitModeTest, CacheManagerRestartResumesService) {
   Cluster c = StartCluster(/*step_delay_ms=*/0);
   ASSERT_TRUE(RunConcurrently(c.cachemgr_port, References(2, 4))[0].status.ok());
+  for (auto& w : c.workers) {
+    ASSERT_TRUE(w->WaitForLine("plan stream connected", kStartTimeout).ok());
+  }
   const int port = c.cachemgr_port;
   c.cachemgr->Signal(SIGKILL);
   c.cachemgr->Wait();
+  // Workers see their plan streams end (they keep decoding with the plans they hold) ...
+  for (auto& w : c.workers) {
+    const int ended = w->CountLines("plan stream from");
+    ASSERT_TRUE(w->WaitForLine("plan stream from", kStartTimeout, ended + 1).ok());
+  }
   int bound = 0;
   c.cachemgr = StartCacheManager(port, &bound);
   ASSERT_EQ(bound, port);
@@ -282,6 +291,9 @@ TEST(SplitModeTest, CacheManagerRestartResumesService) {
   for (auto& w : c.workers) {
     auto again = w->WaitForLine("registered with cache manager", kStartTimeout, /*occurrence=*/2);
     ASSERT_TRUE(again.ok()) << again.status();
+    // ... and reconnect them to the new instance.
+    auto plans = w->WaitForLine("plan stream connected", kStartTimeout, /*occurrence=*/2);
+    ASSERT_TRUE(plans.ok()) << plans.status();
   }
   const auto reqs = References(8, 6);
   const auto expected = Embedded(reqs);
