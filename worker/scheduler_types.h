@@ -77,6 +77,10 @@ struct ModelDescription {
   // Shape the cache manager's selection planner needs (0 = unknown).
   int num_layers = 0;
   int num_kv_heads = 0;
+  // Diffusion models served by Diffuse: the cache policies and the per-layer drift profile
+  // measured at load (spa-auto; empty when not measured). Empty for autoregressive models.
+  std::vector<std::string> dlm_cache_policies;
+  std::vector<double> dlm_drift;
 };
 
 // Load of one worker, for placement and metrics.

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "services/cachemgr/grpc_diffusion_link.h"
 #include "services/cachemgr/grpc_worker_link.h"
 
 namespace prehoc {
@@ -30,8 +31,14 @@ absl::StatusOr<std::unique_ptr<CacheManagerServer>> CacheManagerServer::Create(
   ro.metrics = s->metrics_struct_.get();
   ro.plans = s->plans_.get();
   s->router_ = std::make_unique<Router>(s->workers_.get(), s->sequences_.get(), ro);
+  s->dlm_metrics_ = std::make_unique<DlmRouterMetrics>(*s->registry_);
+  DlmRouterOptions dro;
+  dro.id_prefix = ro.id_prefix;
+  dro.link_factory = &GrpcDiffusionLink::ForWorker;
+  dro.metrics = s->dlm_metrics_.get();
+  s->dlm_router_ = std::make_unique<DlmRouter>(s->workers_.get(), dro);
   s->inference_service_ = std::make_unique<InferenceService>(
-      s->router_.get(), InferenceServiceOptions{options.max_request_bytes});
+      s->router_.get(), InferenceServiceOptions{options.max_request_bytes, s->dlm_router_.get()});
   s->cachemgr_service_ = std::make_unique<CacheManagerService>(
       s->router_.get(), s->workers_.get(), s->sequences_.get(), s->plans_.get());
   absl::StatusOr<GrpcServer> server = StartGrpcServer(
@@ -59,6 +66,7 @@ void CacheManagerServer::TickLoop() {
   bool was_ready = false;
   while (true) {
     router_->Tick();
+    dlm_router_->Tick();  // after the registry dropped dead workers
     const bool ready = router_->Ready();
     if (ready != was_ready) {
       SetReadiness(grpc_.server.get(), ready);
@@ -80,7 +88,12 @@ void CacheManagerServer::Shutdown(absl::Time deadline) {
   if (grpc_.server == nullptr) return;  // Create failed before serving
   LOG(INFO) << "cache manager draining";
   router_->StartDrain();
+  dlm_router_->StartDrain();
   SetReadiness(grpc_.server.get(), false);
+  if (!dlm_router_->WaitIdle(deadline)) {
+    LOG(WARNING) << "drain deadline passed with " << dlm_router_->ActiveStreams()
+                 << " Diffuse streams active; ending them";
+  }
   if (!router_->WaitIdle(deadline)) {
     LOG(WARNING) << "drain deadline passed with " << router_->ActiveStreams()
                  << " streams active; ending them";
@@ -94,6 +107,7 @@ void CacheManagerServer::Shutdown(absl::Time deadline) {
   // Cancels the streams still running (their reactors cancel them in the router), then waits.
   grpc_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(100));
   grpc_.server->Wait();
+  dlm_router_.reset();  // fails what is left UNAVAILABLE
   router_.reset();  // waits for the worker links' streams to end
   LOG(INFO) << "cache manager stopped";
 }

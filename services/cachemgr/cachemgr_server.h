@@ -15,6 +15,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "cachemgr/dlm_router.h"
 #include "cachemgr/plan_manager.h"
 #include "cachemgr/router.h"
 #include "cachemgr/sequence_registry.h"
@@ -48,6 +49,7 @@ class CacheManagerServer {
   int port() const { return grpc_.port; }
   int metrics_port() const { return metrics_.port; }
   Router& router() { return *router_; }
+  DlmRouter& dlm_router() { return *dlm_router_; }
   WorkerRegistry& workers() { return *workers_; }
   SequenceRegistry& sequences() { return *sequences_; }
   PlanManager& plans() { return *plans_; }
@@ -68,6 +70,8 @@ class CacheManagerServer {
   std::unique_ptr<WorkerRegistry> workers_;
   std::unique_ptr<SequenceRegistry> sequences_;
   std::unique_ptr<Router> router_;
+  std::unique_ptr<DlmRouterMetrics> dlm_metrics_;
+  std::unique_ptr<DlmRouter> dlm_router_;  // Diffuse
   std::unique_ptr<InferenceService> inference_service_;
   std::unique_ptr<CacheManagerService> cachemgr_service_;
   GrpcServer grpc_;

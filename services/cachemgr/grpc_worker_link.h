@@ -27,6 +27,8 @@ class GrpcWorkerLink : public WorkerLink, public std::enable_shared_from_this<Gr
   void Free(const std::string& sequence_id) override;
   // False after a stream failed at the transport (UNAVAILABLE) until the channel is READY again.
   bool Healthy() const override;
+  // The channel to the worker (shared with its Diffuse link, grpc_diffusion_link.h).
+  std::shared_ptr<grpc::Channel> channel() const { return channel_; }
 
  private:
   class Call;

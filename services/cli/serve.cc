@@ -113,6 +113,13 @@ int RunServe(const std::vector<std::string>& args, std::ostream& out, std::ostre
   f.Int("max-tokens-limit", &o.cluster.scheduler.max_tokens_limit, "largest max_tokens (0 = context)");
   f.String("policies", &policies, "comma-separated sparsity policies to serve (default: all)");
   f.Int64("max-request-bytes", &o.max_request_bytes, "largest request message accepted");
+  f.Int("dlm-max-running", &o.cluster.dlm.max_running,
+        "diffusion models: Diffuse requests decoding at once (own executor threads)");
+  f.Int("dlm-max-queue", &o.cluster.dlm.max_queue,
+        "diffusion models: Diffuse requests waiting before RESOURCE_EXHAUSTED");
+  f.Int("dlm-max-gen-length", &o.cluster.dlm.max_gen_length, "diffusion models: largest gen_length");
+  f.Bool("dlm-calibrate", &o.cluster.dlm_calibrate,
+         "diffusion models: measure the drift profile at load (enables cache spa-auto)");
   f.Double("drain-timeout-s", &drain_timeout_s, "graceful drain time on SIGTERM");
   f.String("log-level", &log_level, "debug, info, warning or error");
   bool help = false;

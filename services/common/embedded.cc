@@ -18,6 +18,15 @@ void LocalWorkerLink::Free(const std::string& sequence_id) {
   scheduler_->Cancel(sequence_id, absl::CancelledError("sequence freed")).IgnoreError();
 }
 
+absl::Status LocalDiffusionLink::Start(const DiffusionRequest& request,
+                                       DiffusionCallback callback) {
+  return runner_->Diffuse(request, std::move(callback)).status();
+}
+
+void LocalDiffusionLink::Cancel(const std::string& request_id) {
+  runner_->CancelDiffusion(request_id, absl::CancelledError("cancelled")).IgnoreError();
+}
+
 absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(EmbeddedOptions o) {
   auto c = std::unique_ptr<EmbeddedCluster>(new EmbeddedCluster());
   c->registry_ = o.registry ? o.registry : std::make_shared<prometheus::Registry>();
@@ -25,6 +34,17 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
   if (name.empty()) {
     name = std::filesystem::path(o.engine.model_dir).lexically_normal().filename().string();
     if (name.empty()) name = "default";
+  }
+  if (o.engine.weights == nullptr && !o.engine.model_dir.empty()) {
+    DlmRunnerOptions dro = o.dlm;
+    dro.model_name = name;
+    dro.worker_id = "embedded";
+    dro.registry = c->registry_.get();
+    absl::StatusOr<std::unique_ptr<DlmRunner>> runner = MaybeCreateDlmRunner(
+        o.engine.model_dir, o.engine.num_threads, o.dlm_calibrate, std::move(dro),
+        &o.engine.weights);
+    if (!runner.ok()) return runner.status();
+    c->dlm_runner_ = std::move(*runner);
   }
   BackendOptions bo;
   bo.device = o.device;
@@ -48,6 +68,7 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
   r.worker_id = "embedded";
   r.address = "in-process";
   r.models = c->scheduler_->ListModels();
+  DescribeDiffusion(c->dlm_runner_.get(), &r.models);
   r.page_size = c->scheduler_->backend().page_size();
   r.load = c->scheduler_->Load();
   r.ready = true;
@@ -55,10 +76,20 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
   r.link = std::make_shared<LocalWorkerLink>(c->scheduler_.get());
   absl::StatusOr<int64_t> epoch = c->router_->RegisterWorker(std::move(r));
   if (!epoch.ok()) return epoch.status();
+  c->dlm_router_metrics_ = std::make_unique<DlmRouterMetrics>(*c->registry_);
+  DlmRouterOptions dro;
+  dro.id_prefix = "em";
+  dro.metrics = c->dlm_router_metrics_.get();
+  dro.link_factory = [runner = c->dlm_runner_.get()](const WorkerSnapshot&) {
+    return std::static_pointer_cast<DiffusionLink>(std::make_shared<LocalDiffusionLink>(runner));
+  };
+  c->dlm_router_ = std::make_unique<DlmRouter>(c->workers_.get(), dro);
   return c;
 }
 
 EmbeddedCluster::~EmbeddedCluster() {
+  dlm_router_.reset();  // ends Diffuse client streams and cancels them in the runner
+  dlm_runner_.reset();  // joins the DLM executor
   router_.reset();     // ends client streams; waits for the scheduler's terminal events
   scheduler_.reset();  // then the step thread
 }
@@ -68,8 +99,9 @@ absl::StatusOr<std::unique_ptr<EmbeddedServer>> EmbeddedServer::Create(EmbeddedS
   absl::StatusOr<std::unique_ptr<EmbeddedCluster>> cluster = EmbeddedCluster::Create(o.cluster);
   if (!cluster.ok()) return cluster.status();
   s->cluster_ = std::move(*cluster);
-  s->service_ = std::make_unique<InferenceService>(&s->cluster_->backend(),
-                                                   InferenceServiceOptions{o.max_request_bytes});
+  s->service_ = std::make_unique<InferenceService>(
+      &s->cluster_->backend(),
+      InferenceServiceOptions{o.max_request_bytes, &s->cluster_->diffusion()});
   absl::StatusOr<GrpcServer> server = StartGrpcServer(o.listen_address, {s->service_.get()},
                                                       TransportMessageLimit(o.max_request_bytes));
   if (!server.ok()) return server.status();
@@ -93,7 +125,9 @@ void EmbeddedServer::Shutdown(absl::Time deadline) {
   shut_down_ = true;
   if (grpc_.server == nullptr) return;  // Create failed before serving
   cluster_->router().StartDrain();
+  cluster_->diffusion().StartDrain();
   SetReadiness(grpc_.server.get(), false);
+  cluster_->diffusion().WaitIdle(deadline);
   cluster_->router().WaitIdle(deadline);
   grpc_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(100));
   grpc_.server->Wait();

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "cachemgr/dlm_router.h"
 #include "cachemgr/router.h"
 #include "cachemgr/sequence_registry.h"
 #include "cachemgr/worker_registry.h"
@@ -16,6 +17,7 @@
 #include "services/common/inference_service.h"
 #include "services/common/server_util.h"
 #include "worker/backend_factory.h"
+#include "worker/dlm/dlm_runner.h"
 #include "worker/scheduler.h"
 
 namespace prehoc {
@@ -33,6 +35,18 @@ class LocalWorkerLink : public WorkerLink {
   Scheduler* const scheduler_;
 };
 
+// DiffusionLink to a DlmRunner in the same process.
+class LocalDiffusionLink : public DiffusionLink {
+ public:
+  // `runner` is not owned and must outlive the link's streams.
+  explicit LocalDiffusionLink(DlmRunner* runner) : runner_(runner) {}
+  absl::Status Start(const DiffusionRequest& request, DiffusionCallback callback) override;
+  void Cancel(const std::string& request_id) override;
+
+ private:
+  DlmRunner* const runner_;
+};
+
 struct EmbeddedOptions {
   EngineOptions engine;
   // Backend: "cpu" (default here, so library users and tests get the reference), "auto" (CUDA
@@ -43,6 +57,10 @@ struct EmbeddedOptions {
   std::string model_name;      // "" = the model directory's base name
   // Metrics registry; null = a private one.
   std::shared_ptr<prometheus::Registry> registry;
+  // Diffuse, for a diffusion model (see WorkerServerOptions::dlm); model_name, worker_id and
+  // registry are filled in.
+  DlmRunnerOptions dlm;
+  bool dlm_calibrate = false;
 };
 
 // Scheduler + Router in one process. Thread-safe (it is an InferenceBackend: the Router).
@@ -53,6 +71,9 @@ class EmbeddedCluster {
   ~EmbeddedCluster();
 
   InferenceBackend& backend() { return *router_; }
+  // Diffuse through the cache-manager core (DlmRouter → LocalDiffusionLink → DlmRunner).
+  DlmRouter& diffusion() { return *dlm_router_; }
+  DlmRunner* dlm_runner() { return dlm_runner_.get(); }
   Router& router() { return *router_; }
   Scheduler& scheduler() { return *scheduler_; }
   prometheus::Registry& registry() { return *registry_; }
@@ -67,6 +88,9 @@ class EmbeddedCluster {
   std::unique_ptr<WorkerRegistry> workers_;
   std::unique_ptr<SequenceRegistry> sequences_;
   std::unique_ptr<Router> router_;
+  std::unique_ptr<DlmRunner> dlm_runner_;  // null for an autoregressive model
+  std::unique_ptr<DlmRouterMetrics> dlm_router_metrics_;
+  std::unique_ptr<DlmRouter> dlm_router_;
 };
 
 struct EmbeddedServerOptions {

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "prehoc/v1/inference.grpc.pb.h"
+#include "worker/dlm/diffusion_types.h"
 #include "worker/scheduler_types.h"
 
 namespace prehoc {
@@ -15,6 +16,8 @@ struct InferenceServiceOptions {
   // Requests whose serialized size exceeds this are INVALID_ARGUMENT ("request: ..."). Servers
   // set gRPC's transport limit above it (see TransportMessageLimit) so the check is reached.
   int64_t max_request_bytes = int64_t{4} << 20;
+  // Serves Diffuse (not owned; must outlive the server). Null = Diffuse is UNIMPLEMENTED.
+  DiffusionBackend* diffusion = nullptr;
 };
 
 // The gRPC max receive size to configure for `max_request_bytes`: 2x + 64 KiB.
@@ -27,6 +30,9 @@ class InferenceService final : public v1::Inference::CallbackService {
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request) override;
+  grpc::ServerWriteReactor<v1::DiffuseResponse>* Diffuse(
+      grpc::CallbackServerContext* ctx, const v1::DiffuseRequest* request) override;
+  // Cancels a Generate, or else a Diffuse, with that id.
   grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx,
                                    const v1::CancelRequest* request,
                                    v1::CancelResponse* response) override;

@@ -18,16 +18,8 @@ absl::StatusOr<InferenceRequest> FromProto(const v1::GenerateRequest& proto) {
   InferenceRequest r;
   r.request_id = proto.request_id();
   r.model = proto.model();
-  switch (proto.prompt_case()) {
-    case v1::GenerateRequest::kText:
-      r.text = proto.text();
-      break;
-    case v1::GenerateRequest::kTokenIds:
-      r.token_ids.assign(proto.token_ids().ids().begin(), proto.token_ids().ids().end());
-      break;
-    default:
-      return absl::InvalidArgumentError("prompt: set either text or token_ids");
-  }
+  absl::Status prompt = PromptFromProto(proto, &r.text, &r.token_ids);
+  if (!prompt.ok()) return prompt;
   r.max_tokens = proto.max_tokens();
   r.stop_at_eos = proto.stop_at_eos();
   const v1::SamplingParams& s = proto.sampling();
@@ -64,11 +56,7 @@ v1::GenerateRequest ToProto(const InferenceRequest& r) {
   v1::GenerateRequest p;
   p.set_request_id(r.request_id);
   p.set_model(r.model);
-  if (r.text.has_value()) {
-    p.set_text(*r.text);
-  } else {
-    p.mutable_token_ids()->mutable_ids()->Add(r.token_ids.begin(), r.token_ids.end());
-  }
+  PromptToProto(r.text, r.token_ids, &p);
   p.set_max_tokens(r.max_tokens);
   p.set_stop_at_eos(r.stop_at_eos);
   v1::SamplingParams* s = p.mutable_sampling();
@@ -90,17 +78,8 @@ v1::GenerateRequest ToProto(const InferenceRequest& r) {
 }
 
 void AppendEvent(const InferenceEvent& e, v1::GenerateResponse* out) {
-  out->mutable_token_ids()->Add(e.tokens.begin(), e.tokens.end());
-  out->mutable_text()->append(e.text);
-  if (e.first) {
-    out->set_request_id(e.request_id);
-    out->set_served_by(e.served_by);
-  }
+  AppendCommonEvent(e, out);
   if (e.finished) {
-    out->set_finished(true);
-    out->set_finish_reason(e.finish_reason);
-    out->mutable_usage()->set_prompt_tokens(e.prompt_tokens);
-    out->mutable_usage()->set_completion_tokens(e.completion_tokens);
     out->set_time_to_first_token_s(e.time_to_first_token_s);
     v1::SparsityReport* s = out->mutable_sparsity();
     s->set_policy(e.sparsity.policy);
@@ -118,18 +97,8 @@ void AppendEvent(const InferenceEvent& e, v1::GenerateResponse* out) {
 
 InferenceEvent EventFromProto(const v1::GenerateResponse& p) {
   InferenceEvent e;
-  e.tokens.assign(p.token_ids().begin(), p.token_ids().end());
-  e.text = p.text();
-  if (!p.request_id().empty()) {
-    e.first = true;
-    e.request_id = p.request_id();
-    e.served_by = p.served_by();
-  }
+  CommonEventFromProto(p, &e);
   if (p.finished()) {
-    e.finished = true;
-    e.finish_reason = p.finish_reason();
-    e.prompt_tokens = p.usage().prompt_tokens();
-    e.completion_tokens = p.usage().completion_tokens();
     e.time_to_first_token_s = p.time_to_first_token_s();
     e.sparsity.policy = p.sparsity().policy();
     e.sparsity.mean_kept_fraction = p.sparsity().mean_kept_fraction();
@@ -154,6 +123,9 @@ v1::ModelInfo ToProto(const ModelDescription& m) {
   p.set_bidirectional(m.bidirectional);
   p.set_max_tokens_limit(m.max_tokens_limit);
   for (const std::string& s : m.sparsity_policies) p.add_sparsity_policies(s);
+  p.set_num_layers(m.num_layers);
+  p.mutable_dlm_drift()->Add(m.dlm_drift.begin(), m.dlm_drift.end());
+  for (const std::string& s : m.dlm_cache_policies) p.add_dlm_cache_policies(s);
   return p;
 }
 
@@ -166,6 +138,9 @@ ModelDescription FromProto(const v1::ModelInfo& p) {
   m.bidirectional = p.bidirectional();
   m.max_tokens_limit = p.max_tokens_limit();
   m.sparsity_policies.assign(p.sparsity_policies().begin(), p.sparsity_policies().end());
+  if (p.num_layers() > 0) m.num_layers = p.num_layers();
+  m.dlm_drift.assign(p.dlm_drift().begin(), p.dlm_drift().end());
+  m.dlm_cache_policies.assign(p.dlm_cache_policies().begin(), p.dlm_cache_policies().end());
   return m;
 }
 

@@ -3,7 +3,9 @@
 #ifndef PREHOC_SERVICES_COMMON_PROTO_CONVERT_H_
 #define PREHOC_SERVICES_COMMON_PROTO_CONVERT_H_
 
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "prehoc/v1/cachemgr.pb.h"
@@ -11,6 +13,67 @@
 #include "worker/scheduler_types.h"
 
 namespace prehoc {
+
+// The prompt oneof shared by GenerateRequest and DiffuseRequest (Proto::kText / kTokenIds).
+// INVALID_ARGUMENT "prompt: ..." when neither is set.
+template <typename Proto>
+absl::Status PromptFromProto(const Proto& p, std::optional<std::string>* text,
+                             std::vector<int32_t>* token_ids) {
+  switch (p.prompt_case()) {
+    case Proto::kText:
+      *text = p.text();
+      return absl::OkStatus();
+    case Proto::kTokenIds:
+      token_ids->assign(p.token_ids().ids().begin(), p.token_ids().ids().end());
+      return absl::OkStatus();
+    default:
+      return absl::InvalidArgumentError("prompt: set either text or token_ids");
+  }
+}
+template <typename Proto>
+void PromptToProto(const std::optional<std::string>& text, const std::vector<int32_t>& token_ids,
+                   Proto* p) {
+  if (text.has_value()) {
+    p->set_text(*text);
+  } else {
+    p->mutable_token_ids()->mutable_ids()->Add(token_ids.begin(), token_ids.end());
+  }
+}
+
+// The stream-message fields GenerateResponse and DiffuseResponse share (tokens, text, the first
+// message's request_id / served_by, the final message's finish_reason and usage), for
+// Event = InferenceEvent / DiffusionEvent.
+template <typename Event, typename Proto>
+void AppendCommonEvent(const Event& e, Proto* out) {
+  out->mutable_token_ids()->Add(e.tokens.begin(), e.tokens.end());
+  out->mutable_text()->append(e.text);
+  if (e.first) {
+    out->set_request_id(e.request_id);
+    out->set_served_by(e.served_by);
+  }
+  if (e.finished) {
+    out->set_finished(true);
+    out->set_finish_reason(e.finish_reason);
+    out->mutable_usage()->set_prompt_tokens(e.prompt_tokens);
+    out->mutable_usage()->set_completion_tokens(e.completion_tokens);
+  }
+}
+template <typename Event, typename Proto>
+void CommonEventFromProto(const Proto& p, Event* e) {
+  e->tokens.assign(p.token_ids().begin(), p.token_ids().end());
+  e->text = p.text();
+  if (!p.request_id().empty()) {
+    e->first = true;
+    e->request_id = p.request_id();
+    e->served_by = p.served_by();
+  }
+  if (p.finished()) {
+    e->finished = true;
+    e->finish_reason = p.finish_reason();
+    e->prompt_tokens = p.usage().prompt_tokens();
+    e->completion_tokens = p.usage().completion_tokens();
+  }
+}
 
 // GenerateRequest -> InferenceRequest. INVALID_ARGUMENT naming the field when the prompt oneof
 // is unset or the sparsity policy enum is unknown. Sampling: seed 0 with temperature > 0 picks a

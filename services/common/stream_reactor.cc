@@ -7,38 +7,58 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "common/grpc_status.h"
+#include "services/common/diffuse_convert.h"
 #include "services/common/proto_convert.h"
 
 namespace prehoc {
 namespace {
 
-v1::GenerateResponse* Inner(v1::GenerateResponse* r) { return r; }
-v1::GenerateResponse* Inner(v1::RunSequenceResponse* r) { return r->mutable_response(); }
-void SetExtend(v1::GenerateResponse*, const InferenceEvent&) {}
-void SetExtend(v1::RunSequenceResponse* r, const InferenceEvent& e) {
+// How a reactor talks to each kind of backend and writes each kind of response.
+void AppendTo(const InferenceEvent& e, v1::GenerateResponse* r) { AppendEvent(e, r); }
+void AppendTo(const InferenceEvent& e, v1::RunSequenceResponse* r) {
+  AppendEvent(e, r->mutable_response());
   r->set_sequence_length(e.sequence_length);
   r->set_kv_pages(e.kv_pages);
 }
+void AppendTo(const DiffusionEvent& e, v1::DiffuseResponse* r) { AppendDiffusionEvent(e, r); }
+bool HasContent(const InferenceEvent& e) {
+  return !e.tokens.empty() || !e.text.empty() || e.first || e.finished;
+}
+bool HasContent(const DiffusionEvent& e) {
+  return !e.tokens.empty() || !e.text.empty() || e.first || e.finished;
+}
+absl::StatusOr<std::string> StartOn(InferenceBackend* b, InferenceRequest r, InferenceCallback cb) {
+  return b->Generate(std::move(r), std::move(cb));
+}
+absl::StatusOr<std::string> StartOn(DiffusionBackend* b, DiffusionRequest r, DiffusionCallback cb) {
+  return b->Diffuse(std::move(r), std::move(cb));
+}
+absl::Status CancelOn(InferenceBackend* b, const std::string& id, absl::Status s) {
+  return b->Cancel(id, std::move(s));
+}
+absl::Status CancelOn(DiffusionBackend* b, const std::string& id, absl::Status s) {
+  return b->CancelDiffusion(id, std::move(s));
+}
 
-template <typename Response>
+template <typename Backend, typename Request, typename Event, typename Response>
 class StreamReactor final : public grpc::ServerWriteReactor<Response> {
  public:
-  StreamReactor(InferenceBackend* backend, grpc::CallbackServerContext* ctx)
+  StreamReactor(Backend* backend, grpc::CallbackServerContext* ctx)
       : backend_(backend), ctx_(ctx) {}
 
-  void Begin(absl::StatusOr<InferenceRequest> request) {
+  void Begin(absl::StatusOr<Request> request) {
     if (!request.ok()) {
       this->Finish(ToGrpcStatus(request.status()));
       return;
     }
     request->deadline = CallDeadline(ctx_);
-    absl::StatusOr<std::string> id = backend_->Generate(
-        std::move(*request), [this](InferenceEvent ev) { OnEvent(std::move(ev)); });
+    absl::StatusOr<std::string> id =
+        StartOn(backend_, std::move(*request), [this](Event ev) { OnEvent(std::move(ev)); });
     Action action;
     bool cancel = false;
     std::string cancel_id;
     absl::Status cancel_status;
-    InferenceBackend* backend = backend_;
+    Backend* backend = backend_;
     {
       absl::MutexLock l(&mu_);
       if (!id.ok()) {
@@ -55,7 +75,7 @@ class StreamReactor final : public grpc::ServerWriteReactor<Response> {
       started_ = true;
       action = NextActionLocked();
     }
-    if (cancel) backend->Cancel(cancel_id, cancel_status).IgnoreError();
+    if (cancel) CancelOn(backend, cancel_id, cancel_status).IgnoreError();
     Do(action);
   }
 
@@ -76,7 +96,7 @@ class StreamReactor final : public grpc::ServerWriteReactor<Response> {
       action = NextActionLocked();
     }
     if (cancel) {
-      backend_->Cancel(cancel_id, absl::CancelledError("client stream broken")).IgnoreError();
+      CancelOn(backend_, cancel_id, absl::CancelledError("client stream broken")).IgnoreError();
     }
     Do(action);
   }
@@ -94,7 +114,7 @@ class StreamReactor final : public grpc::ServerWriteReactor<Response> {
       cancel = started_ && !terminal_;
       cancel_id = id_;
     }
-    if (cancel) backend_->Cancel(cancel_id, status).IgnoreError();
+    if (cancel) CancelOn(backend_, cancel_id, status).IgnoreError();
   }
 
   void OnDone() override { delete this; }
@@ -102,13 +122,12 @@ class StreamReactor final : public grpc::ServerWriteReactor<Response> {
  private:
   enum class Action { kNone, kWrite, kFinish };
 
-  void OnEvent(InferenceEvent ev) {
+  void OnEvent(Event ev) {
     Action action;
     {
       absl::MutexLock l(&mu_);
-      if (!ev.tokens.empty() || !ev.text.empty() || ev.first || ev.finished) {
-        AppendEvent(ev, Inner(&pending_));
-        SetExtend(&pending_, ev);
+      if (HasContent(ev)) {
+        AppendTo(ev, &pending_);
         has_pending_ = !write_failed_;
         if (write_failed_) pending_.Clear();
       }
@@ -151,7 +170,7 @@ class StreamReactor final : public grpc::ServerWriteReactor<Response> {
     }
   }
 
-  InferenceBackend* const backend_;
+  Backend* const backend_;
   grpc::CallbackServerContext* const ctx_;
   absl::Mutex mu_;
   std::string id_ ABSL_GUARDED_BY(mu_);
@@ -182,7 +201,18 @@ template <typename Response>
 grpc::ServerWriteReactor<Response>* StartStream(InferenceBackend* backend,
                                                 grpc::CallbackServerContext* ctx,
                                                 absl::StatusOr<InferenceRequest> request) {
-  auto* reactor = new StreamReactor<Response>(backend, ctx);
+  auto* reactor = new StreamReactor<InferenceBackend, InferenceRequest, InferenceEvent, Response>(
+      backend, ctx);
+  reactor->Begin(std::move(request));
+  return reactor;
+}
+
+grpc::ServerWriteReactor<v1::DiffuseResponse>* StartDiffuseStream(
+    DiffusionBackend* backend, grpc::CallbackServerContext* ctx,
+    absl::StatusOr<DiffusionRequest> request) {
+  auto* reactor =
+      new StreamReactor<DiffusionBackend, DiffusionRequest, DiffusionEvent, v1::DiffuseResponse>(
+          backend, ctx);
   reactor->Begin(std::move(request));
   return reactor;
 }

@@ -1,6 +1,7 @@
-// The server-streaming reactor shared by prehoc.v1.Inference/Generate (worker and cache manager)
-// and prehoc.v1.Worker/RunSequence: it starts a request on an InferenceBackend and writes the
-// backend's events to the stream without ever blocking the backend's thread.
+// The server-streaming reactor shared by prehoc.v1.Inference/Generate (worker and cache manager),
+// prehoc.v1.Worker/RunSequence and prehoc.v1.Inference/Diffuse: it starts a request on an
+// InferenceBackend (or a DiffusionBackend) and writes the backend's events to the stream without
+// ever blocking the backend's thread.
 //
 // Events arriving while a write is in flight are coalesced into the next message (tokens and
 // text appended), so a slow client costs one buffered message, not one per token. Client
@@ -15,6 +16,7 @@
 #include "absl/time/time.h"
 #include "prehoc/v1/cachemgr.pb.h"
 #include "prehoc/v1/inference.pb.h"
+#include "worker/dlm/diffusion_types.h"
 #include "worker/scheduler_types.h"
 
 namespace prehoc {
@@ -34,6 +36,11 @@ extern template grpc::ServerWriteReactor<v1::GenerateResponse>* StartStream(
     InferenceBackend*, grpc::CallbackServerContext*, absl::StatusOr<InferenceRequest>);
 extern template grpc::ServerWriteReactor<v1::RunSequenceResponse>* StartStream(
     InferenceBackend*, grpc::CallbackServerContext*, absl::StatusOr<InferenceRequest>);
+
+// The same for Diffuse: events are DiffusionEvents (blocks), coalesced likewise.
+grpc::ServerWriteReactor<v1::DiffuseResponse>* StartDiffuseStream(
+    DiffusionBackend* backend, grpc::CallbackServerContext* ctx,
+    absl::StatusOr<DiffusionRequest> request);
 
 }  // namespace prehoc
 

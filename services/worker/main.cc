@@ -59,6 +59,13 @@ int main(int argc, char** argv) {
   f.String("policies", &policies, "comma-separated sparsity policies to serve (default: all)");
   f.String("default-policy", &o.scheduler.default_policy, "policy for requests naming none");
   f.Int64("max-request-bytes", &o.max_request_bytes, "largest request message accepted");
+  f.Int("dlm-max-running", &o.dlm.max_running,
+        "diffusion models: Diffuse requests decoding at once (own executor threads)");
+  f.Int("dlm-max-queue", &o.dlm.max_queue,
+        "diffusion models: Diffuse requests waiting before RESOURCE_EXHAUSTED");
+  f.Int("dlm-max-gen-length", &o.dlm.max_gen_length, "diffusion models: largest gen_length");
+  f.Bool("dlm-calibrate", &o.dlm_calibrate,
+         "diffusion models: measure the drift profile at load (enables cache spa-auto)");
   f.Double("drain-timeout-s", &drain_timeout_s, "graceful drain time on SIGTERM");
   f.Int("debug-step-delay-ms", &step_delay_ms,
         "artificial delay per engine step (tests and benchmarks only)");

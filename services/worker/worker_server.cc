@@ -26,6 +26,22 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
     }
     if (s->model_name_.empty()) s->model_name_ = "default";
   }
+  if (options.engine.weights == nullptr && !options.engine.model_dir.empty()) {
+    DlmRunnerOptions dro = options.dlm;
+    dro.model_name = s->model_name_;
+    dro.worker_id = options.worker_id.empty() ? "worker" : options.worker_id;
+    dro.registry = s->registry_.get();
+    absl::StatusOr<std::unique_ptr<DlmRunner>> runner =
+        MaybeCreateDlmRunner(options.engine.model_dir, options.engine.num_threads,
+                             options.dlm_calibrate, std::move(dro), &options.engine.weights);
+    if (!runner.ok()) return runner.status();
+    s->dlm_runner_ = std::move(*runner);
+  }
+  if (s->dlm_runner_ == nullptr) {
+    s->no_diffusion_ = std::make_unique<NoDiffusionBackend>(absl::StrCat(
+        "model: '", s->model_name_,
+        "' is autoregressive (is_causal true); Diffuse needs a diffusion LM, use Generate"));
+  }
   BackendOptions bo;
   bo.device = options.device;
   bo.engine = options.engine;
@@ -42,8 +58,10 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
   absl::StatusOr<std::unique_ptr<Scheduler>> sched = Scheduler::Create(std::move(*engine), so);
   if (!sched.ok()) return sched.status();
   s->scheduler_ = std::move(*sched);
+  DiffusionBackend* diffusion =
+      s->dlm_runner_ ? static_cast<DiffusionBackend*>(s->dlm_runner_.get()) : s->no_diffusion_.get();
   s->inference_service_ = std::make_unique<InferenceService>(
-      s->scheduler_.get(), InferenceServiceOptions{options.max_request_bytes});
+      s->scheduler_.get(), InferenceServiceOptions{options.max_request_bytes, diffusion});
   s->worker_service_ = std::make_unique<WorkerService>(s->scheduler_.get());
   absl::StatusOr<GrpcServer> server = StartGrpcServer(
       options.listen_address, {s->inference_service_.get(), s->worker_service_.get()},
@@ -55,6 +73,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
                       : options.advertise_address;
   s->worker_id_ = options.worker_id.empty() ? s->advertise_ : options.worker_id;
   s->scheduler_->SetWorkerId(s->worker_id_);
+  if (s->dlm_runner_) s->dlm_runner_->SetWorkerId(s->worker_id_);
   if (!options.metrics_address.empty()) {
     absl::StatusOr<MetricsEndpoint> m = StartMetricsEndpoint(options.metrics_address, s->registry_);
     if (!m.ok()) return m.status();
@@ -81,6 +100,12 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
 
 WorkerServer::~WorkerServer() { Shutdown(absl::Now()); }
 
+std::vector<ModelDescription> WorkerServer::DescribeModels() const {
+  std::vector<ModelDescription> models = scheduler_->ListModels();
+  DescribeDiffusion(dlm_runner_.get(), &models);
+  return models;
+}
+
 bool WorkerServer::registered() const {
   absl::MutexLock l(&mu_);
   return registered_;
@@ -96,11 +121,17 @@ void WorkerServer::Shutdown(absl::Time drain_deadline) {
   LOG(INFO) << "worker " << worker_id_ << " draining";
   // Refuse first, then announce: a client that sees NOT_SERVING is already refused.
   scheduler_->StartDrain();
+  if (dlm_runner_) dlm_runner_->StartDrain();
   SetReadiness(grpc_.server.get(), false);
   if (!scheduler_->WaitIdle(drain_deadline)) {
     LOG(WARNING) << "drain deadline passed with requests in flight; ending them";
     scheduler_->CancelAll(absl::UnavailableError("worker shutting down"));
     scheduler_->WaitIdle(absl::InfiniteFuture());
+  }
+  if (dlm_runner_ && !dlm_runner_->WaitIdle(drain_deadline)) {
+    LOG(WARNING) << "drain deadline passed with Diffuse requests in flight; ending them";
+    dlm_runner_->CancelAll(absl::UnavailableError("worker shutting down"));
+    dlm_runner_->WaitIdle(absl::InfiniteFuture());
   }
   {
     absl::MutexLock l(&mu_);
@@ -178,7 +209,7 @@ void WorkerServer::AgentLoop() {
       v1::RegisterWorkerRequest req;
       req.set_worker_id(worker_id_);
       req.set_address(advertise_);
-      for (const ModelDescription& m : scheduler_->ListModels()) *req.add_models() = ToProto(m);
+      for (const ModelDescription& m : DescribeModels()) *req.add_models() = ToProto(m);
       req.set_page_size(scheduler_->backend().page_size());
       for (const ModelDescription& m : scheduler_->ListModels()) {
         v1::ModelShape* shape = req.add_model_shapes();

@@ -26,6 +26,7 @@
 #include "services/common/inference_service.h"
 #include "services/common/server_util.h"
 #include "services/worker/worker_service.h"
+#include "worker/dlm/dlm_runner.h"
 #include "worker/backend_factory.h"
 #include "worker/engine.h"
 #include "worker/scheduler.h"
@@ -56,6 +57,11 @@ struct WorkerServerOptions {
   absl::Duration register_retry = absl::Milliseconds(500);
   // Metrics registry; null = a private one.
   std::shared_ptr<prometheus::Registry> registry;
+  // Diffuse (diffusion models only: config is_causal false; the weights are loaded once and
+  // shared by the Engine and the DLM model). model_name, worker_id and registry are filled in.
+  DlmRunnerOptions dlm;
+  // Measure the per-layer drift profile at load (spa-auto; about 3 s for the shipped model).
+  bool dlm_calibrate = false;
 };
 
 class WorkerServer {
@@ -71,6 +77,11 @@ class WorkerServer {
   const std::string& worker_id() const { return worker_id_; }
   const std::string& address() const { return advertise_; }
   Scheduler& scheduler() { return *scheduler_; }
+  // The Diffuse executor; null when the model is autoregressive.
+  DlmRunner* dlm_runner() { return dlm_runner_.get(); }
+  // The scheduler's models plus, for a diffusion model, its DLM cache policies and drift profile
+  // (what the worker registers with the cache manager).
+  std::vector<ModelDescription> DescribeModels() const;
   prometheus::Registry& registry() { return *registry_; }
   // True once registered with the cache manager (always false when standalone).
   bool registered() const;
@@ -91,6 +102,8 @@ class WorkerServer {
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<SchedulerMetrics> metrics_struct_;
   std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<DlmRunner> dlm_runner_;
+  std::unique_ptr<DiffusionBackend> no_diffusion_;  // an autoregressive model's refusal
   std::unique_ptr<InferenceService> inference_service_;
   std::unique_ptr<WorkerService> worker_service_;
   GrpcServer grpc_;

@@ -1,28 +1,12 @@
 #include "worker/dlm/dlm_metrics.h"
 
+#include "common/metrics_test_util.h"
 #include "gtest/gtest.h"
 
 namespace prehoc::dlm {
 namespace {
 
-double Value(prometheus::Registry& reg, const std::string& name,
-             const std::map<std::string, std::string>& labels) {
-  for (const auto& fam : reg.Collect()) {
-    if (fam.name != name) continue;
-    for (const auto& m : fam.metric) {
-      bool match = true;
-      for (const auto& [k, v] : labels) {
-        bool found = false;
-        for (const auto& lp : m.label) found |= (lp.name == k && lp.value == v);
-        match &= found;
-      }
-      if (!match) continue;
-      if (fam.type == prometheus::MetricType::Counter) return m.counter.value;
-      if (fam.type == prometheus::MetricType::Histogram) return static_cast<double>(m.histogram.sample_count);
-    }
-  }
-  return -1;
-}
+using ::prehoc::testing::MetricValue;
 
 TEST(DlmMetricsTest, RecordsStepsTokensAndPerLayerRecompute) {
   prometheus::Registry reg;
@@ -39,18 +23,29 @@ TEST(DlmMetricsTest, RecordsStepsTokensAndPerLayerRecompute) {
   r.stats.forward.q_rows = {100, 30};
   r.stats.forward.kv_rows = {100, 60};
   r.stats.recompute_fraction = {0.5, 0.15};
+  r.stats.rows_per_step = {10, 3};
   metrics.Record(r);
   metrics.Record(r);
-  EXPECT_EQ(Value(reg, "prehoc_dlm_requests_total", {{"policy", "spa"}}), 2);
-  EXPECT_EQ(Value(reg, "prehoc_dlm_requests_total", {{"policy", "dual"}}), 0);
-  EXPECT_EQ(Value(reg, "prehoc_dlm_steps_total", {{"policy", "spa"}, {"kind", "partial"}}), 14);
-  EXPECT_EQ(Value(reg, "prehoc_dlm_steps_total", {{"policy", "spa"}, {"kind", "full"}}), 2);
-  EXPECT_EQ(Value(reg, "prehoc_dlm_generated_tokens_total", {{"policy", "spa"}}), 20);
-  EXPECT_EQ(Value(reg, "prehoc_dlm_decode_seconds_total", {{"policy", "spa"}}), 4);
-  EXPECT_EQ(Value(reg, "prehoc_dlm_tokens_recomputed_total", {{"policy", "spa"}, {"layer", "1"}}), 60);
-  EXPECT_EQ(Value(reg, "prehoc_dlm_kv_recomputed_total", {{"policy", "spa"}, {"layer", "1"}}), 120);
-  EXPECT_EQ(Value(reg, "prehoc_dlm_recompute_fraction", {{"policy", "spa"}}), 2);
-  EXPECT_EQ(Value(reg, "prehoc_dlm_tokens_per_second", {{"policy", "spa"}}), 2);
+  metrics.RecordOutcome(DlmCachePolicy::kSpa, absl::OkStatus());
+  metrics.RecordOutcome(DlmCachePolicy::kSpa, absl::OkStatus());
+  metrics.RecordOutcome(DlmCachePolicy::kSpa, absl::CancelledError("x"));
+  metrics.RecordOutcome(DlmCachePolicy::kDual, absl::FailedPreconditionError("x"));
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_requests_total", {{"policy", "spa"}, {"outcome", "ok"}}), 2);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_requests_total", {{"policy", "spa"}, {"outcome", "cancelled"}}),
+            1);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_requests_total", {{"policy", "dual"}, {"outcome", "ok"}}), 0);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_requests_total",
+                  {{"policy", "dual"}, {"outcome", "invalid_argument"}}),
+            1);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_tokens_recomputed_per_step", {{"policy", "spa"}}), 2);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_steps_total", {{"policy", "spa"}, {"kind", "partial"}}), 14);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_steps_total", {{"policy", "spa"}, {"kind", "full"}}), 2);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_generated_tokens_total", {{"policy", "spa"}}), 20);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_decode_seconds_total", {{"policy", "spa"}}), 4);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_tokens_recomputed_total", {{"policy", "spa"}, {"layer", "1"}}), 60);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_kv_recomputed_total", {{"policy", "spa"}, {"layer", "1"}}), 120);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_recompute_fraction", {{"policy", "spa"}}), 2);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_tokens_per_second", {{"policy", "spa"}}), 2);
 }
 
 }  // namespace

@@ -1,0 +1,273 @@
+#include "worker/dlm/dlm_runner.h"
+
+#include <filesystem>
+
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace prehoc {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::HasSubstr;
+using testing::StartsWith;
+
+std::string ShippedDir() {
+  return (fs::path(PREHOC_SOURCE_DIR) / "models" / "prehoc-code-dlm").string();
+}
+
+// Collects one stream's events; Wait() returns once the terminal event arrived.
+struct Collector {
+  absl::Mutex mu;
+  std::vector<DiffusionEvent> events ABSL_GUARDED_BY(mu);
+  absl::Notification done;
+  DiffusionCallback Callback() {
+    return [this](DiffusionEvent ev) {
+      const bool terminal = ev.terminal();
+      {
+        absl::MutexLock l(&mu);
+        events.push_back(std::move(ev));
+      }
+      if (terminal) done.Notify();
+    };
+  }
+  std::vector<DiffusionEvent> Wait() {
+    done.WaitForNotification();
+    absl::MutexLock l(&mu);
+    return events;
+  }
+};
+
+struct Loaded {
+  std::unique_ptr<DlmRunner> runner;
+  std::shared_ptr<const ModelWeights> weights;
+};
+
+Loaded Load(DlmRunnerOptions options) {
+  Loaded l;
+  options.model_name = "dlm";
+  auto r = MaybeCreateDlmRunner(ShippedDir(), /*num_threads=*/2, /*calibrate=*/false,
+                                std::move(options), &l.weights);
+  EXPECT_TRUE(r.ok()) << r.status();
+  l.runner = std::move(*r);
+  EXPECT_NE(l.runner, nullptr);
+  return l;
+}
+
+DiffusionRequest ShortRequest() {
+  DiffusionRequest r;
+  r.text = "def add(a, b):\n";
+  r.options.gen_length = 8;
+  r.options.block_length = 4;
+  r.options.steps = 8;
+  return r;
+}
+
+TEST(DlmRunnerTest, StreamsBlocksThatConcatenateToTheDecoderOutput) {
+  prometheus::Registry registry;
+  dlm::DlmMetrics metrics(registry, "dlm", 6);
+  DlmRunnerOptions o;
+  o.metrics = &metrics;
+  Loaded m = Load(o);
+  auto tok = Tokenizer::LoadFromModelDir(ShippedDir(), 260);
+  ASSERT_TRUE(tok.ok() && *tok != nullptr);
+  for (const std::string cache : {"none", "spa"}) {
+    DiffusionRequest req = ShortRequest();
+    req.options.cache = cache;
+    req.options.temperature = 0.7f;
+    req.options.seed = 11;
+    Collector c;
+    ASSERT_TRUE(m.runner->Diffuse(req, c.Callback()).ok());
+    std::vector<DiffusionEvent> ev = c.Wait();
+
+    dlm::DiffuseRequest direct;
+    direct.prompt = (*tok)->Encode(*req.text, true);
+    direct.options = req.options;
+    auto want = dlm::Diffuse(m.runner->model(), direct);
+    ASSERT_TRUE(want.ok()) << want.status();
+
+    ASSERT_GE(ev.size(), 2u);
+    EXPECT_TRUE(ev.front().first);
+    EXPECT_EQ(ev.front().served_by, "worker");
+    std::vector<int32_t> got;
+    int block_events = 0;
+    for (const DiffusionEvent& e : ev) {
+      if (!e.tokens.empty()) {
+        EXPECT_EQ(e.block_start, static_cast<int>(got.size()));
+        ++block_events;
+      }
+      got.insert(got.end(), e.tokens.begin(), e.tokens.end());
+    }
+    EXPECT_EQ(got, want->output) << cache;
+    const DiffusionEvent& last = ev.back();
+    ASSERT_TRUE(last.finished) << last.status;
+    EXPECT_EQ(last.completion_tokens, static_cast<int>(want->output.size()));
+    EXPECT_EQ(last.prompt_tokens, static_cast<int>(direct.prompt.size()));
+    EXPECT_EQ(last.stats.cache, cache);
+    EXPECT_EQ(last.stats.steps, 8);
+    EXPECT_EQ(last.stats.rows_recomputed, want->stats.forward.q_rows);
+    EXPECT_EQ(last.stats.plan_version, 0);
+    if (want->output.size() == 8) EXPECT_EQ(block_events, 2) << cache;  // no end-of-text
+  }
+  double ok = -1;
+  for (const auto& fam : registry.Collect()) {
+    if (fam.name != "prehoc_dlm_requests_total") continue;
+    for (const auto& metric : fam.metric) {
+      bool spa = false, is_ok = false;
+      for (const auto& lp : metric.label) {
+        spa |= lp.name == "policy" && lp.value == "spa";
+        is_ok |= lp.name == "outcome" && lp.value == "ok";
+      }
+      if (spa && is_ok) ok = metric.counter.value;
+    }
+  }
+  EXPECT_EQ(ok, 1);
+}
+
+TEST(DlmRunnerTest, RefusesBadRequestsNamingTheField) {
+  Loaded l = Load({});
+  struct Case {
+    std::function<void(DiffusionRequest*)> edit;
+    absl::StatusCode code;
+    std::string prefix;
+  };
+  const std::vector<Case> cases = {
+      {[](DiffusionRequest* r) { r->options.gen_length = -1; }, absl::StatusCode::kInvalidArgument,
+       "gen_length:"},
+      {[](DiffusionRequest* r) { r->options.gen_length = 5000; },
+       absl::StatusCode::kInvalidArgument, "gen_length: 5000 exceeds the limit"},
+      {[](DiffusionRequest* r) { r->options.block_length = 3; },
+       absl::StatusCode::kInvalidArgument, "block_length:"},
+      {[](DiffusionRequest* r) { r->options.temperature = -1; },
+       absl::StatusCode::kInvalidArgument, "sampling.temperature:"},
+      {[](DiffusionRequest* r) { r->options.cache = "bogus"; }, absl::StatusCode::kInvalidArgument,
+       "cache:"},
+      {[](DiffusionRequest* r) {
+         r->options.cache = "spa";
+         r->options.cache_overrides["r_full"] = -1;
+       },
+       absl::StatusCode::kInvalidArgument, "cache_params.r_full:"},
+      {[](DiffusionRequest* r) {
+         r->options.cache = "spa";
+         r->rho = {0.1, 0.2};
+       },
+       absl::StatusCode::kInvalidArgument, "rho: has 2 values, the model has 6 layers"},
+      {[](DiffusionRequest* r) {
+         r->options.cache = "dual";
+         r->rho = {1, 1, 1, 1, 1, 1};
+       },
+       absl::StatusCode::kInvalidArgument, "rho: per-layer ratios apply to cache spa"},
+      {[](DiffusionRequest* r) { r->options.cache = "spa-auto"; },
+       absl::StatusCode::kFailedPrecondition, "cache: spa-auto needs"},
+      {[](DiffusionRequest* r) {
+         r->text.reset();
+         r->token_ids = {1, 999};
+       },
+       absl::StatusCode::kInvalidArgument, "token_ids: token 999 at position 1"},
+      {[](DiffusionRequest* r) {
+         r->text.reset();
+         r->token_ids.assign(2045, 65);
+       },
+       absl::StatusCode::kInvalidArgument, "gen_length: prompt 2045 + gen_length 8"},
+      {[](DiffusionRequest* r) { r->text = ""; }, absl::StatusCode::kInvalidArgument, "text:"},
+      {[](DiffusionRequest* r) { r->model = "other"; }, absl::StatusCode::kNotFound, "model:"},
+  };
+  for (const Case& c : cases) {
+    DiffusionRequest r = ShortRequest();
+    c.edit(&r);
+    auto id = l.runner->Diffuse(r, [](DiffusionEvent) { FAIL() << "callback called"; });
+    ASSERT_FALSE(id.ok()) << c.prefix;
+    EXPECT_EQ(id.status().code(), c.code) << id.status();
+    EXPECT_THAT(std::string(id.status().message()), StartsWith(c.prefix));
+  }
+  // Still serving.
+  Collector c;
+  ASSERT_TRUE(l.runner->Diffuse(ShortRequest(), c.Callback()).ok());
+  EXPECT_TRUE(c.Wait().back().finished);
+}
+
+TEST(DlmRunnerTest, CancelBetweenStepsEndsTheStreamAfterTheFirstBlock) {
+  DlmRunner* runner = nullptr;
+  DlmRunnerOptions o;
+  o.before_step = [&runner](const std::string& id, int step) {
+    if (step == 6) ASSERT_TRUE(runner->CancelDiffusion(id, absl::CancelledError("stop")).ok());
+  };
+  Loaded l = Load(o);
+  runner = l.runner.get();
+  Collector c;
+  auto id = runner->Diffuse(ShortRequest(), c.Callback());
+  ASSERT_TRUE(id.ok());
+  std::vector<DiffusionEvent> ev = c.Wait();
+  ASSERT_GE(ev.size(), 1u);
+  EXPECT_EQ(ev.back().status.code(), absl::StatusCode::kCancelled);
+  EXPECT_FALSE(ev.back().finished);
+  // Block 0 (steps 0-3) was streamed, block 1 never completed.
+  int tokens = 0;
+  for (const DiffusionEvent& e : ev) tokens += static_cast<int>(e.tokens.size());
+  EXPECT_LE(tokens, 4);
+  EXPECT_EQ(runner->CancelDiffusion(*id, absl::CancelledError("again")).code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST(DlmRunnerTest, DeadlineIsCheckedBeforeEveryStep) {
+  absl::Mutex mu;
+  absl::Time now = absl::FromUnixSeconds(1000);
+  DlmRunnerOptions o;
+  o.clock = [&] {
+    absl::MutexLock l(&mu);
+    return now;
+  };
+  o.before_step = [&](const std::string&, int step) {
+    if (step == 3) {
+      absl::MutexLock l(&mu);
+      now += absl::Seconds(10);
+    }
+  };
+  Loaded l = Load(o);
+  DiffusionRequest r = ShortRequest();
+  r.deadline = absl::FromUnixSeconds(1005);
+  Collector c;
+  ASSERT_TRUE(l.runner->Diffuse(r, c.Callback()).ok());
+  const DiffusionEvent last = c.Wait().back();
+  EXPECT_EQ(last.status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(std::string(last.status.message()), HasSubstr("after 3 denoising steps"));
+}
+
+TEST(DlmRunnerTest, AdmissionLimitIsResourceExhaustedAndDrainRefuses) {
+  absl::Notification entered, release;
+  DlmRunnerOptions o;
+  o.max_running = 1;
+  o.max_queue = 0;
+  o.before_step = [&](const std::string&, int step) {
+    if (step == 0) {
+      entered.Notify();
+      release.WaitForNotification();
+    }
+  };
+  Loaded l = Load(o);
+  Collector first;
+  ASSERT_TRUE(l.runner->Diffuse(ShortRequest(), first.Callback()).ok());
+  entered.WaitForNotification();
+  auto second = l.runner->Diffuse(ShortRequest(), [](DiffusionEvent) {});
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(second.status().message()), HasSubstr("max_queue 0"));
+  l.runner->StartDrain();
+  auto third = l.runner->Diffuse(ShortRequest(), [](DiffusionEvent) {});
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kUnavailable);
+  release.Notify();
+  EXPECT_TRUE(first.Wait().back().finished);
+  EXPECT_TRUE(l.runner->WaitIdle(absl::InfiniteFuture()));
+}
+
+TEST(DlmRunnerTest, AutoregressiveModelHasNoRunner) {
+  std::shared_ptr<const ModelWeights> w;
+  auto r = MaybeCreateDlmRunner((fs::path(PREHOC_SOURCE_DIR) / "models" / "prehoc-code-ar").string(),
+                                1, false, {}, &w);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, nullptr);
+  EXPECT_EQ(w, nullptr);
+}
+
+}  // namespace
+}  // namespace prehoc
