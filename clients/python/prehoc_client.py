@@ -9,9 +9,15 @@ Library use:
     for msg in client.generate(text="def f(x):", max_tokens=32):
         print(msg.text, end="", flush=True)
 
+    # Diffusion LM (a server running a diffusion model): one message per committed block.
+    for msg in client.diffuse(text="def f(x):", gen_length=32, block_length=8, cache="spa"):
+        print(msg.text, end="", flush=True)
+
 Command line:
     prehoc_client.py --target 127.0.0.1:50051 --prompt "def f(x):" --max-tokens 32 \
         [--policy prhs --budget-fraction 0.125] [--ids 256,1,2] [--list-models]
+    prehoc_client.py --target 127.0.0.1:50051 --diffuse --prompt "def f(x):" --gen-length 32 \
+        --block-length 8 [--steps 32] [--cache spa] [--temperature 0.5 --seed 1]
 """
 import argparse
 import os
@@ -72,6 +78,32 @@ class PrehocClient:
             last = msg
         return ids, "".join(text), last
 
+    def diffuse(self, text=None, token_ids=None, gen_length=64, block_length=0, steps=0,
+                remasking="", parallel_threshold=0.0, temperature=0.0, seed=0,
+                stop_at_eos=False, cache="", cache_params=None, rho=None, request_id="",
+                model="", timeout=None):
+        """Yields DiffuseResponse messages (one per committed block, the last with `finished`,
+        usage and stats); raises grpc.RpcError on a non-OK status. cache_params: a dict of
+        DlmCacheParams fields, e.g. {"r_full": 50, "r_gen": 7}; rho: one ratio per layer."""
+        req = inference_pb2.DiffuseRequest(
+            model=model, gen_length=gen_length, block_length=block_length, steps=steps,
+            remasking=remasking, parallel_threshold=parallel_threshold, cache=cache,
+            stop_at_eos=stop_at_eos, request_id=request_id,
+            sampling=common_pb2.SamplingParams(temperature=temperature, seed=seed))
+        if text is not None:
+            req.text = text
+        else:
+            req.token_ids.ids.extend(token_ids or [])
+        for key, value in (cache_params or {}).items():
+            setattr(req.cache_params, key, value)
+        req.rho.extend(rho or [])
+        return self._stub.Diffuse(req, timeout=timeout or self._timeout)
+
+    def diffuse_all(self, **kwargs):
+        """Runs diffuse() to the end; returns (token_ids, text, messages)."""
+        msgs = list(self.diffuse(**kwargs))
+        return ([t for m in msgs for t in m.token_ids], "".join(m.text for m in msgs), msgs)
+
     def cancel(self, request_id):
         self._stub.Cancel(inference_pb2.CancelRequest(request_id=request_id),
                           timeout=self._timeout)
@@ -89,12 +121,20 @@ def main():
     p.add_argument("--budget-fraction", type=float, default=0.0)
     p.add_argument("--target-delta", type=float, default=0.0)
     p.add_argument("--list-models", action="store_true")
+    p.add_argument("--diffuse", action="store_true", help="Diffuse (diffusion LM) instead")
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--block-length", type=int, default=0)
+    p.add_argument("--steps", type=int, default=0)
+    p.add_argument("--cache", default="", help="none, prefix, dual, dllm, spa, spa-auto")
+    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     client = PrehocClient(a.target, timeout=600)
     if a.list_models:
         for m in client.list_models():
             print(f"{m.name}\t{m.architecture}\tvocab={m.vocab_size}\tcontext={m.max_context}")
         return 0
+    if a.diffuse:
+        return run_diffuse(client, a)
     kwargs = dict(max_tokens=a.max_tokens, temperature=a.temperature, policy=a.policy,
                   budget=a.budget, budget_fraction=a.budget_fraction,
                   target_delta=a.target_delta)
@@ -115,6 +155,33 @@ def main():
                   f"ttft {last.time_to_first_token_s * 1e3:.1f} ms | sparsity: policy={s.policy} "
                   f"kept={s.mean_kept_fraction:.3f} delta={s.mean_delta:.4f} "
                   f"refreshes={s.refreshes}", file=sys.stderr)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_diffuse(client, a):
+    """--diffuse: prints each committed block as it arrives, then the decode statistics."""
+    kwargs = dict(gen_length=a.gen_length, block_length=a.block_length, steps=a.steps,
+                  cache=a.cache, temperature=a.temperature, seed=a.seed)
+    if a.ids:
+        kwargs["token_ids"] = [int(x) for x in a.ids.split(",")]
+    else:
+        kwargs["text"] = a.prompt if a.prompt is not None else "def main():"
+    try:
+        last = None
+        for msg in client.diffuse(**kwargs):
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+            last = msg
+        print()
+        if last is not None and last.finished:
+            s = last.stats
+            print(f"--- {last.usage.completion_tokens} tokens ({last.finish_reason}) in {s.steps} "
+                  f"steps, cache={s.cache}, {s.tokens_per_second:.2f} tokens/s, "
+                  f"refreshes={s.refreshes}, rows recomputed per layer={list(s.rows_recomputed)}",
+                  file=sys.stderr)
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs test_client.py against a live `prehoc serve` on the tiny fixture model.
+# Runs test_client.py against a live `prehoc serve` on the tiny fixture model (Generate) and one
+# on the shipped diffusion model (Diffuse).
 # Usage: clients/python/run_test.sh BIN_DIR   (exit 77 = skipped: Python gRPC not installed)
 set -euo pipefail
 BIN=$(cd "$1" && pwd)
@@ -17,8 +18,12 @@ if [ -z "$PY" ]; then
 fi
 TMP=$(mktemp -d)
 PID=""
+DLM_PID=""
 cleanup() {
   if [ -n "$PID" ]; then kill -TERM "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
+  if [ -n "$DLM_PID" ]; then
+    kill -TERM "$DLM_PID" 2>/dev/null || true; wait "$DLM_PID" 2>/dev/null || true
+  fi
   rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -38,5 +43,24 @@ if ! read -r -t 60 LINE <&3; then
   echo "server did not start:"; cat "$TMP/serve.log"; exit 1
 fi
 PORT=$(echo "$LINE" | sed -n 's/.*grpc_port=\([0-9]*\).*/\1/p')
+
+# Diffuse: `prehoc serve` on the shipped diffusion model, checked against `prehoc diffuse` (the
+# decoder in process) with the arguments of test_client.py's DIFFUSE_ARGS.
+DLM=$ROOT/models/prehoc-code-dlm
+DLM_IDS=$("$BIN/prehoc" diffuse --model "$DLM" --prompt-ids "$PROMPT" --gen-length 8 \
+            --block-length 4 --steps 8 --cache spa --temperature 0.5 --seed 3 --threads 1 \
+            --print-ids --log-level error | sed -n 's/^ids: //p' | tr ' ' ',')
+[ -n "$DLM_IDS" ] || { echo "could not get the diffusion reference ids"; exit 1; }
+mkfifo "$TMP/dlm_out"
+"$BIN/prehoc" serve --model "$DLM" --model-name code-dlm --listen 127.0.0.1:0 --metrics-listen= \
+  --threads 1 --kv-cache-mb 16 --log-level warning >"$TMP/dlm_out" 2>"$TMP/dlm_serve.log" &
+DLM_PID=$!
+exec 4<"$TMP/dlm_out"
+if ! read -r -t 60 LINE <&4; then
+  echo "diffusion server did not start:"; cat "$TMP/dlm_serve.log"; exit 1
+fi
+DLM_PORT=$(echo "$LINE" | sed -n 's/.*grpc_port=\([0-9]*\).*/\1/p')
+
 PREHOC_TARGET=127.0.0.1:$PORT PREHOC_PROMPT_IDS=$PROMPT PREHOC_EXPECTED_IDS=$IDS \
+  PREHOC_DLM_TARGET=127.0.0.1:$DLM_PORT PREHOC_DLM_EXPECTED_IDS=$DLM_IDS \
   PREHOC_PY_STUBS=$TMP/gen "$PY" "$ROOT/clients/python/test_client.py"

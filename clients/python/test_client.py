@@ -2,7 +2,9 @@
 """Tests prehoc_client.py against a live server (started by run_test.sh).
 
 Environment: PREHOC_TARGET (host:port), PREHOC_EXPECTED_IDS (greedy continuation of
-PREHOC_PROMPT_IDS from the embedded engine, comma-separated), PREHOC_PY_STUBS (stub dir)."""
+PREHOC_PROMPT_IDS from the embedded engine, comma-separated), PREHOC_PY_STUBS (stub dir);
+for Diffuse: PREHOC_DLM_TARGET (a server on the diffusion model) and PREHOC_DLM_EXPECTED_IDS
+(`prehoc diffuse` on the same prompt ids and DIFFUSE_ARGS below)."""
 import os
 import sys
 import unittest
@@ -70,6 +72,45 @@ class ClientTest(unittest.TestCase):
         with self.assertRaises(grpc.RpcError) as cm:
             self.client.cancel("no-such-request")
         self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
+
+
+DLM_TARGET = os.environ.get("PREHOC_DLM_TARGET")
+DIFFUSE_ARGS = dict(gen_length=8, block_length=4, steps=8, cache="spa", temperature=0.5, seed=3)
+
+
+@unittest.skipUnless(DLM_TARGET, "PREHOC_DLM_TARGET not set")
+class DiffuseTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.client = PrehocClient(DLM_TARGET, timeout=120)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+
+    def test_blocks_equal_the_embedded_decoder(self):
+        expected = [int(x) for x in os.environ["PREHOC_DLM_EXPECTED_IDS"].split(",")]
+        ids, text, msgs = self.client.diffuse_all(token_ids=PROMPT, **DIFFUSE_ARGS)
+        self.assertEqual(ids, expected)
+        self.assertIsInstance(text, str)
+        self.assertTrue(msgs[0].request_id)
+        last = msgs[-1]
+        self.assertTrue(last.finished)
+        self.assertEqual(last.usage.completion_tokens, len(expected))
+        self.assertEqual(last.stats.cache, "spa")
+        self.assertEqual(last.stats.steps, 8)
+        self.assertEqual(len(last.stats.rows_recomputed), 6)
+
+    def test_bad_diffuse_requests_name_the_field(self):
+        for kwargs, field in [(dict(gen_length=-1), "gen_length"),
+                              (dict(cache="fast"), "cache"),
+                              (dict(cache="spa", cache_params={"r_full": -1}),
+                               "cache_params.r_full")]:
+            with self.assertRaises(grpc.RpcError) as cm:
+                list(self.client.diffuse(token_ids=PROMPT, **kwargs))
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertTrue(cm.exception.details().startswith(field + ":"),
+                            cm.exception.details())
 
 
 if __name__ == "__main__":
