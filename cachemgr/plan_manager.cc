@@ -203,10 +203,14 @@ void PlanManager::Unsubscribe(uint64_t handle) {
 
 void PlanManager::Wake(const std::set<std::string>& workers) {
   if (workers.empty()) return;
-  absl::MutexLock s(&subs_mu_);
-  for (const auto& [handle, sub] : subs_) {
-    if (workers.contains(sub.worker_id)) sub.wake();
+  std::vector<std::function<void()>> wakes;
+  {
+    absl::MutexLock s(&subs_mu_);
+    for (const auto& [handle, sub] : subs_) {
+      if (workers.contains(sub.worker_id)) wakes.push_back(sub.wake);
+    }
   }
+  for (const auto& wake : wakes) wake();  // no lock held: a wake may start gRPC operations
 }
 
 std::vector<PlanUpdate> PlanManager::TakePending(const std::string& worker_id) {

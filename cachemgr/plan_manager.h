@@ -14,10 +14,11 @@
 // Subscribe() queues every open plan of the worker again, so a worker that reconnects receives
 // the newest plan of each of its sequences.
 //
-// Threading: all methods are thread-safe. Wake callbacks are run without the plan lock held
-// (under a separate subscriber lock, so Unsubscribe() returning guarantees the callback is not
-// running and will not run again); a wake callback may call TakePending() but not Subscribe()
-// or Unsubscribe().
+// Threading: all methods are thread-safe. Wake callbacks run on the thread that queued the
+// update (Open, Observe, Subscribe) with no lock of the manager held, so they may call any
+// method, including Unsubscribe(). A callback copied for a wake-up just before Unsubscribe()
+// may still run after it returns: callbacks must stay safe to call (e.g. hold a shared_ptr to
+// what they touch).
 #ifndef PREHOC_CACHEMGR_PLAN_MANAGER_H_
 #define PREHOC_CACHEMGR_PLAN_MANAGER_H_
 
@@ -108,8 +109,8 @@ class PlanManager {
   // new version, queued for its worker. Returns the number of new plan versions.
   int Observe(std::span<const RefreshSample> samples);
 
-  // Registers `wake`, called whenever an update is queued for `worker_id` (and once at once if
-  // some are pending: every open plan of the worker is queued again). Returns a handle.
+  // Registers `wake`, called whenever an update is queued for `worker_id`, and once before
+  // Subscribe returns (every open plan of the worker is queued again). Returns a handle.
   uint64_t Subscribe(const std::string& worker_id, std::function<void()> wake);
   void Unsubscribe(uint64_t handle);
   // Removes and returns the pending updates of `worker_id` (one per sequence, newest plan).
@@ -137,7 +138,7 @@ class PlanManager {
 
   const PlanManagerOptions options_;
 
-  mutable absl::Mutex mu_;  // taken after subs_mu_ when both are held
+  mutable absl::Mutex mu_;  // never held together with subs_mu_
   std::map<std::string, Entry> plans_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::set<std::string>> pending_ ABSL_GUARDED_BY(mu_);  // worker → seqs
   std::map<Key, std::unique_ptr<DeltaController>> controllers_ ABSL_GUARDED_BY(mu_);

@@ -89,12 +89,21 @@ namespace {
 
 // Writes the plans PlanManager queues for one worker: at most one write in flight; updates
 // queued meanwhile go out together in the next message (newest plan per sequence).
+//
+// Lifetime: PlanManager may run a wake-up (Pump on another thread) after Unsubscribe returned,
+// and gRPC may run reactions (even OnDone) inline inside StartWrite. So wake-ups reach the
+// reactor through a shared Link that counts the Pumps in flight; OnDone clears the link, and
+// whoever finishes last — OnDone or the last such Pump — deletes the reactor.
 class PlanWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate> {
  public:
   PlanWriter(PlanManager* plans, std::string worker_id)
-      : plans_(plans), worker_id_(std::move(worker_id)) {
-    // Queues every open plan of the worker and wakes Pump (possibly on this thread).
-    const uint64_t handle = plans_->Subscribe(worker_id_, [this] { Pump(); });
+      : plans_(plans), worker_id_(std::move(worker_id)), link_(std::make_shared<Link>()) {
+    {
+      absl::MutexLock l(&link_->mu);
+      link_->writer = this;
+    }
+    // Queues every open plan of the worker and wakes (possibly on this thread).
+    const uint64_t handle = plans_->Subscribe(worker_id_, [link = link_] { Wake(link); });
     absl::MutexLock l(&mu_);
     handle_ = handle;
   }
@@ -132,12 +141,43 @@ class PlanWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate
       absl::MutexLock l(&mu_);
       handle = handle_;
     }
-    // After Unsubscribe returns no Pump runs or will run (PlanManager's contract).
     plans_->Unsubscribe(handle);
+    {
+      absl::MutexLock l(&link_->mu);
+      link_->writer = nullptr;
+      if (link_->pumps > 0) {  // the last Pump in flight deletes
+        link_->delete_pending = true;
+        return;
+      }
+    }
     delete this;
   }
 
  private:
+  struct Link {
+    absl::Mutex mu;
+    PlanWriter* writer ABSL_GUARDED_BY(mu) = nullptr;  // null once OnDone ran
+    int pumps ABSL_GUARDED_BY(mu) = 0;                  // wake-ups inside Pump
+    bool delete_pending ABSL_GUARDED_BY(mu) = false;
+  };
+
+  static void Wake(const std::shared_ptr<Link>& link) {
+    PlanWriter* w;
+    {
+      absl::MutexLock l(&link->mu);
+      w = link->writer;
+      if (w == nullptr) return;
+      ++link->pumps;
+    }
+    w->Pump();
+    bool last;
+    {
+      absl::MutexLock l(&link->mu);
+      last = --link->pumps == 0 && link->delete_pending;
+    }
+    if (last) delete w;
+  }
+
   // Starts a write of the pending plans unless one is in flight or the stream is done. The
   // first message goes out even when empty: it tells the worker the stream is established.
   void Pump() {
@@ -158,6 +198,7 @@ class PlanWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate
 
   PlanManager* const plans_;
   const std::string worker_id_;
+  const std::shared_ptr<Link> link_;
   absl::Mutex mu_;
   uint64_t handle_ ABSL_GUARDED_BY(mu_) = 0;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
