@@ -110,6 +110,11 @@ TEST(CudaSupportsPlan, PoliciesAndFields) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("ETF"));
   s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "gqa_max=1"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("gqa_max"));
+  for (const char* o : {"gate_unrotated=1", "follow=1"}) {
+    s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", o));
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << o;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(o));
+  }
   s = CudaModel::SupportsPlan(c, 8, Plan(c, "prhs"));
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("page_size 16"));

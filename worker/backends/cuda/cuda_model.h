@@ -35,9 +35,10 @@
 // why; callers fall back to the CPU engine.
 //
 // Not supported (refused by SupportsPlan or not offered): ETF / PSAW prefill plans; PSAW in
-// decode; policies other than dense and prhs; the δ-controller (per-kv-head budgets); per-request
-// overrides of the per-layer CIS scalars (the kernels take one value per layer for the batch);
-// head_dim > 256; fp16 weights; more than one GPU.
+// decode; the CPU-only CIS options gqa_max, gate_unrotated and follow; policies other than dense
+// and prhs; the δ-controller (per-kv-head budgets); head_dim > 256; fp16 weights; more than one
+// GPU. The PrHS items of one step must share the per-layer CIS scalars (the kernels take one
+// value per layer for the batch); CudaBackend runs differing ones as separate forwards.
 //
 // Thread-safety: a CudaModel is driven by one thread at a time.
 #ifndef PREHOC_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_
@@ -111,9 +112,9 @@ class CudaModel {
   // UNIMPLEMENTED naming a policy other than dense / prhs / prhs-budget-matched, or a δ target
   // (the δ-controller sets per-kv-head budgets; the kernels take one k per sequence);
   // INVALID_ARGUMENT naming a plan field the GPU path lacks (PSAW, ETF, gqa_max, gate_unrotated,
-  // per-request overrides of sink / local / tau / max_reuse / dilate_r / dilate_m_fraction, a
-  // layer count that does not match) or a model shape the selection kernels do not take
-  // (head_dim other than 64 / 128, page_size other than 16, more than 8 query heads per kv head).
+  // follow, k scales, dilate_r > 64, a layer count that does not match) or a model shape the
+  // selection kernels do not take (head_dim other than 64 / 128, page_size other than 16, more
+  // than 8 query heads per kv head).
   // Needs no device.
   static absl::Status SupportsPlan(const ModelConfig& config, int page_size,
                                    const SelectionPlan& plan);

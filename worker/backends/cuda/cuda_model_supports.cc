@@ -49,6 +49,7 @@ absl::Status CudaModel::SupportsPlan(const ModelConfig& c, int page_size,
     if (lp.etf_freeze_fraction != 0 || lp.etf_alias_layer >= 0) field = "ETF (etf_start)";
     if (lp.gqa_max) field = "gqa_max=1";
     if (lp.gate_unrotated) field = "gate_unrotated=1";
+    if (lp.follow) field = "follow=1";
     if (field != nullptr) {
       return absl::InvalidArgumentError(absl::StrCat(
           "sparsity.overrides: ", field, " (layer ", l,
