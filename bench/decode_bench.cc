@@ -6,6 +6,8 @@
 //                [--ffn=11008] [--vocab=32000] [--batch=16] [--ctx=4096] [--steps=32]
 //                [--warmup=4] [--keep=8] [--modes=dense,random,streaming] [--json=PATH]
 //                [--gemm=autotune|default] [--model=DIR --prompt-file=PATH]
+//                [--overrides=k=v,k=v]   (selection-plan overrides of the prhs modes, e.g.
+//                                         tau=-1,max_reuse=9: the gate shares 9 steps of 10)
 //
 // --model: a trained Hugging Face model instead of random weights (the shape flags are then
 // ignored); each sequence is prefilled on the GPU with the first --ctx bytes of --prompt-file
@@ -53,6 +55,7 @@
 
 #include <fstream>
 #include <functional>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "bench/bench_kernels.h"
@@ -91,6 +94,8 @@ struct Options {
   std::string json;
   bool gemm_autotune = true;
   std::string model_dir, prompt_file;
+  std::map<std::string, double> overrides;  // selection-plan overrides (prhs modes)
+  std::string overrides_text;
 };
 
 Options ParseArgs(int argc, char** argv) {
@@ -131,6 +136,15 @@ Options ParseArgs(int argc, char** argv) {
       found = true;
     } else if (k == "prompt-file") {
       o.prompt_file = v;
+      found = true;
+    } else if (k == "overrides") {
+      o.overrides_text = v;
+      auto parsed = ParseOverrides(v);
+      if (!parsed.ok()) {
+        std::fprintf(stderr, "--overrides: %s\n", parsed.status().ToString().c_str());
+        std::exit(2);
+      }
+      o.overrides = *parsed;
       found = true;
     }
     if (!found) {
@@ -226,10 +240,10 @@ void PrintAndWrite(const Options& o, const cudaDeviceProp& prop, double copy_gbs
                "{\"device\": \"%s\", \"copy_gbs\": %.1f, \"model\": \"%s\", \"config\": "
                "{\"layers\": %d, \"hidden\": %d, \"heads\": %d, \"kv_heads\": %d, \"head_dim\": "
                "%d, \"ffn\": %d, \"vocab\": %d, \"dtype\": \"bf16\", \"page_size\": %d, \"gemm\": "
-               "\"%s\"}, \"records\": [\n",
+               "\"%s\"}, \"overrides\": \"%s\", \"records\": [\n",
                prop.name, copy_gbs, o.model_dir.empty() ? "random" : o.model_dir.c_str(),
                o.layers, o.hidden, o.heads, o.kv_heads, o.head_dim, o.ffn, o.vocab, page,
-               o.gemm_autotune ? "autotune" : "default");
+               o.gemm_autotune ? "autotune" : "default", o.overrides_text.c_str());
   for (size_t i = 0; i < records.size(); ++i) {
     const Record& r = records[i];
     std::fprintf(f,
@@ -396,7 +410,7 @@ int Main(int argc, char** argv) {
       SparsityOptions so;
       so.policy = mode;
       so.budget = 1.0 / o.keep;
-      auto plan = MakeSelectionPlan(cfg, so);
+      auto plan = MakeSelectionPlan(cfg, so, o.overrides);
       if (!plan.ok()) return plan.status();
       RET_OK(CudaModel::SupportsPlan(cfg, page, *plan));
       plans.assign(o.batch, *plan);
