@@ -61,6 +61,12 @@ if ! read -r -t 60 LINE <&4; then
 fi
 DLM_PORT=$(echo "$LINE" | sed -n 's/.*grpc_port=\([0-9]*\).*/\1/p')
 
+RC=0
 PREHOC_TARGET=127.0.0.1:$PORT PREHOC_PROMPT_IDS=$PROMPT PREHOC_EXPECTED_IDS=$IDS \
   PREHOC_DLM_TARGET=127.0.0.1:$DLM_PORT PREHOC_DLM_EXPECTED_IDS=$DLM_IDS \
-  PREHOC_PY_STUBS=$TMP/gen "$PY" "$ROOT/clients/python/test_client.py"
+  PREHOC_PY_STUBS=$TMP/gen "$PY" "$ROOT/clients/python/test_client.py" || RC=$?
+if [ "$RC" != 0 ]; then  # the servers' logs (sanitizer reports land there)
+  echo "--- prehoc serve (tiny) log:"; cat "$TMP/serve.log"
+  echo "--- prehoc serve (code-dlm) log:"; cat "$TMP/dlm_serve.log"
+fi
+exit "$RC"

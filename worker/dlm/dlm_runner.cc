@@ -41,9 +41,9 @@ absl::Status ApiFieldNames(const absl::Status& s) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<DlmRunner>> DlmRunner::Create(std::unique_ptr<dlm::DlmModel> model,
-                                                             std::unique_ptr<Tokenizer> tokenizer,
-                                                             DlmRunnerOptions options) {
+absl::StatusOr<std::unique_ptr<DlmRunner>> DlmRunner::Create(
+    std::shared_ptr<const dlm::DlmModel> model, std::unique_ptr<Tokenizer> tokenizer,
+    DlmRunnerOptions options) {
   if (model == nullptr) return absl::InvalidArgumentError("model: is null");
   if (options.max_running < 1) {
     return Bad("max_running", absl::StrCat("must be >= 1, got ", options.max_running));

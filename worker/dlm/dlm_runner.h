@@ -64,9 +64,10 @@ class DlmRunner : public DiffusionBackend {
   // `model` must be a diffusion model (DlmModel). `tokenizer` may be null (then the model's own,
   // and text prompts are refused when it has none). INVALID_ARGUMENT naming the option for bad
   // options.
-  static absl::StatusOr<std::unique_ptr<DlmRunner>> Create(std::unique_ptr<dlm::DlmModel> model,
-                                                           std::unique_ptr<Tokenizer> tokenizer,
-                                                           DlmRunnerOptions options);
+  // The model is shared (immutable; several runners may use one, e.g. in tests).
+  static absl::StatusOr<std::unique_ptr<DlmRunner>> Create(
+      std::shared_ptr<const dlm::DlmModel> model, std::unique_ptr<Tokenizer> tokenizer,
+      DlmRunnerOptions options);
   // Ends every request UNAVAILABLE ("worker shutting down") and joins the executor.
   ~DlmRunner() override;
 
@@ -98,7 +99,7 @@ class DlmRunner : public DiffusionBackend {
 
   DlmRunnerOptions options_;  // constant after Create
   std::unique_ptr<dlm::DlmMetrics> own_metrics_;
-  std::unique_ptr<dlm::DlmModel> model_;
+  std::shared_ptr<const dlm::DlmModel> model_;
   std::unique_ptr<Tokenizer> own_tokenizer_;
   const Tokenizer* tokenizer_ = nullptr;
   std::vector<std::thread> threads_;

@@ -39,19 +39,29 @@ struct Collector {
   }
 };
 
+// The shipped model (with its singular proxies) is loaded once for every test: a runner per test.
+std::shared_ptr<const dlm::DlmModel> SharedModel() {
+  static const auto* const model = [] {
+    dlm::DlmModelOptions o;
+    o.model_dir = ShippedDir();
+    o.num_threads = 2;
+    auto m = dlm::DlmModel::Create(o);
+    EXPECT_TRUE(m.ok()) << m.status();
+    return new std::shared_ptr<const dlm::DlmModel>(std::move(*m));
+  }();
+  return *model;
+}
+
 struct Loaded {
   std::unique_ptr<DlmRunner> runner;
-  std::shared_ptr<const ModelWeights> weights;
 };
 
 Loaded Load(DlmRunnerOptions options) {
   Loaded l;
   options.model_name = "dlm";
-  auto r = MaybeCreateDlmRunner(ShippedDir(), /*num_threads=*/2, /*calibrate=*/false,
-                                std::move(options), &l.weights);
+  auto r = DlmRunner::Create(SharedModel(), /*tokenizer=*/nullptr, std::move(options));
   EXPECT_TRUE(r.ok()) << r.status();
   l.runner = std::move(*r);
-  EXPECT_NE(l.runner, nullptr);
   return l;
 }
 
