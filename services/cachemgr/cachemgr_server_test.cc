@@ -252,35 +252,7 @@ TEST_F(CacheManagerServerTest, WorkerTelemetryReachesTheCacheManagerMetrics) {
   EXPECT_GT(observed, 0);
 }
 
-// A before_step hook that blocks the step thread at its `block_at`-th call until Open().
-class StepGate {
- public:
-  explicit StepGate(int block_at) : block_at_(block_at) {}
-  std::function<void()> Hook() {
-    return [this] {
-      absl::MutexLock l(&mu_);
-      if (++calls_ == block_at_) {
-        reached_ = true;
-        mu_.Await(absl::Condition(&open_));
-      }
-    };
-  }
-  bool WaitReached(absl::Time deadline) {
-    absl::MutexLock l(&mu_);
-    return mu_.AwaitWithDeadline(absl::Condition(&reached_), deadline);
-  }
-  void Open() {
-    absl::MutexLock l(&mu_);
-    open_ = true;
-  }
-
- private:
-  absl::Mutex mu_;
-  int calls_ ABSL_GUARDED_BY(mu_) = 0;
-  const int block_at_;
-  bool reached_ ABSL_GUARDED_BY(mu_) = false;
-  bool open_ ABSL_GUARDED_BY(mu_) = false;
-};
+using testing::StepGate;
 
 v1::GenerateRequest PrhsRequest(double target_delta, int max_tokens) {
   v1::GenerateRequest req;

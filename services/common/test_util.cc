@@ -106,4 +106,24 @@ absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> CheckHealth
   return resp.status();
 }
 
+std::function<void()> StepGate::Hook() {
+  return [this] {
+    absl::MutexLock l(&mu_);
+    if (++calls_ == block_at_) {
+      reached_ = true;
+      mu_.Await(absl::Condition(&open_));
+    }
+  };
+}
+
+bool StepGate::WaitReached(absl::Time deadline) {
+  absl::MutexLock l(&mu_);
+  return mu_.AwaitWithDeadline(absl::Condition(&reached_), deadline);
+}
+
+void StepGate::Open() {
+  absl::MutexLock l(&mu_);
+  open_ = true;
+}
+
 }  // namespace prehoc::testing

@@ -10,7 +10,12 @@
 #include <string>
 #include <vector>
 
+#include <functional>
+
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace prehoc::testing {
@@ -25,6 +30,24 @@ absl::StatusOr<std::vector<std::string>> ListServicesByReflection(
 // grpc.health.v1.Health/Check of `service`.
 absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> CheckHealth(
     const std::shared_ptr<grpc::Channel>& channel, const std::string& service);
+
+// A SchedulerOptions::before_step hook that blocks the step thread at its `block_at`-th call
+// until Open(). Thread-safe.
+class StepGate {
+ public:
+  explicit StepGate(int block_at) : block_at_(block_at) {}
+  std::function<void()> Hook();
+  // Blocks until the step thread is held (or `deadline`); true when it is.
+  bool WaitReached(absl::Time deadline = absl::InfiniteFuture());
+  void Open();
+
+ private:
+  absl::Mutex mu_;
+  const int block_at_;
+  int calls_ ABSL_GUARDED_BY(mu_) = 0;
+  bool reached_ ABSL_GUARDED_BY(mu_) = false;
+  bool open_ ABSL_GUARDED_BY(mu_) = false;
+};
 
 }  // namespace prehoc::testing
 

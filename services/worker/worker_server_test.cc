@@ -23,32 +23,7 @@ std::string Fixture() {
   return (fs::path(PREHOC_SOURCE_DIR) / "tests/fixtures/hf/llama_gqa_f32").string();
 }
 
-// A before_step hook that blocks the step thread at its `block_at`-th call until Open().
-class Gate {
- public:
-  explicit Gate(int block_at) : block_at_(block_at) {}
-  std::function<void()> Hook() {
-    return [this] {
-      absl::MutexLock l(&mu_);
-      if (++calls_ == block_at_) {
-        reached_.Notify();
-        mu_.Await(absl::Condition(&open_));
-      }
-    };
-  }
-  void WaitReached() { reached_.WaitForNotification(); }
-  void Open() {
-    absl::MutexLock l(&mu_);
-    open_ = true;
-  }
-
- private:
-  absl::Mutex mu_;
-  int calls_ ABSL_GUARDED_BY(mu_) = 0;
-  const int block_at_;
-  bool open_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Notification reached_;
-};
+using testing::StepGate;
 
 WorkerServerOptions Options() {
   WorkerServerOptions o;
@@ -216,7 +191,7 @@ TEST(WorkerServerTest, BadRequestsAreInvalidArgumentNamingTheFieldAndServerStays
 }
 
 TEST(WorkerServerTest, CancelByRequestIdAndByClientEndTheStreamAndFreePages) {
-  Gate gate(2);
+  StepGate gate(2);
   WorkerServerOptions o = Options();
   o.scheduler.before_step = gate.Hook();
   auto server = Start(o);
@@ -263,7 +238,7 @@ TEST(WorkerServerTest, CancelByRequestIdAndByClientEndTheStreamAndFreePages) {
 }
 
 TEST(WorkerServerTest, DeadlineIsHonouredAndTheRequestIsReaped) {
-  Gate gate(2);
+  StepGate gate(2);
   WorkerServerOptions o = Options();
   o.scheduler.before_step = gate.Hook();
   auto server = Start(o);
@@ -284,7 +259,7 @@ TEST(WorkerServerTest, DeadlineIsHonouredAndTheRequestIsReaped) {
 }
 
 TEST(WorkerServerTest, FullQueueIsResourceExhaustedWithTheLimit) {
-  Gate gate(1);
+  StepGate gate(1);
   WorkerServerOptions o = Options();
   o.scheduler.max_running = 1;
   o.scheduler.max_queue = 1;
@@ -340,7 +315,7 @@ TEST(WorkerServerTest, HealthReflectionAndMetrics) {
 }
 
 TEST(WorkerServerTest, DrainTurnsReadinessOffRefusesNewWorkAndFinishesInFlight) {
-  Gate gate(2);
+  StepGate gate(2);
   WorkerServerOptions o = Options();
   o.scheduler.before_step = gate.Hook();
   auto server = Start(o);
