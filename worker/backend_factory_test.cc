@@ -103,10 +103,11 @@ TEST(CudaSupportsPlan, PoliciesAndFields) {
   absl::Status s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "", 0.05));
   EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented);
   EXPECT_THAT(std::string(s.message()), HasSubstr("sparsity.target_delta"));
-  s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "psaw_phi=0.9"));
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("PSAW"));
+  // PSAW runs on the device (prefill band, decode candidates' bound).
+  EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "psaw_phi=0.9")).ok());
+  EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "psaw_phi=0.1,psaw_start=0")).ok());
   s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "etf_start=2"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("ETF"));
   s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "gqa_max=1"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("gqa_max"));
@@ -168,11 +169,11 @@ TEST(SchedulerBackend, RefusesPlansTheBackendCannotRun) {
   EXPECT_EQ(got.status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_THAT(std::string(got.status().message()), HasSubstr("sparsity.policy: 'quest'"));
   r.sparsity.policy = "prhs";
-  r.sparsity.overrides = "psaw_phi=0.5,psaw_start=0";
+  r.sparsity.overrides = "etf_start=0";
   got = (*sched)->Generate(r, [](InferenceEvent) { ADD_FAILURE() << "callback called"; });
   ASSERT_FALSE(got.ok());
   EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(got.status().message()), HasSubstr("sparsity.overrides: PSAW"));
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr("sparsity.overrides: ETF"));
 }
 
 }  // namespace

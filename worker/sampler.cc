@@ -35,6 +35,15 @@ double Sampler::NextUniform() { return static_cast<double>(rng_() >> 11) * 0x1.0
 
 int32_t Sampler::Sample(std::span<const float> logits) {
   if (options_.temperature == 0.0f) return ArgMax(logits);
+  return SampleWithUniform(logits, options_, NextUniform());
+}
+
+int32_t SampleWithUniform(std::span<const float> logits, const SamplingOptions& options, double u,
+                          int32_t* candidates) {
+  if (options.temperature == 0.0f) {
+    if (candidates != nullptr) *candidates = 1;
+    return ArgMax(logits);
+  }
   const int32_t n = static_cast<int32_t>(logits.size());
   std::vector<int32_t> order(n);
   std::iota(order.begin(), order.end(), 0);
@@ -43,13 +52,13 @@ int32_t Sampler::Sample(std::span<const float> logits) {
     return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
   };
   int32_t keep = n;
-  if (options_.top_k > 0 && options_.top_k < n) {
-    keep = options_.top_k;
+  if (options.top_k > 0 && options.top_k < n) {
+    keep = options.top_k;
     std::partial_sort(order.begin(), order.begin() + keep, order.end(), by_logit);
   } else {
     std::sort(order.begin(), order.end(), by_logit);
   }
-  const double inv_t = 1.0 / options_.temperature;
+  const double inv_t = 1.0 / options.temperature;
   const double max_l = logits[order[0]];
   std::vector<double> p(keep);
   double sum = 0;
@@ -57,12 +66,12 @@ int32_t Sampler::Sample(std::span<const float> logits) {
     p[i] = std::exp((logits[order[i]] - max_l) * inv_t);
     sum += p[i];
   }
-  if (options_.top_p < 1.0f) {
+  if (options.top_p < 1.0f) {
     double acc = 0;
     int32_t cut = keep;
     for (int32_t i = 0; i < keep; ++i) {
       acc += p[i] / sum;
-      if (acc >= options_.top_p) {
+      if (acc >= options.top_p) {
         cut = i + 1;
         break;
       }
@@ -71,11 +80,12 @@ int32_t Sampler::Sample(std::span<const float> logits) {
     sum = 0;
     for (int32_t i = 0; i < keep; ++i) sum += p[i];
   }
-  const double u = NextUniform() * sum;
+  if (candidates != nullptr) *candidates = keep;
+  const double x = u * sum;
   double acc = 0;
   for (int32_t i = 0; i < keep; ++i) {
     acc += p[i];
-    if (u < acc) return order[i];
+    if (x < acc) return order[i];
   }
   return order[keep - 1];
 }

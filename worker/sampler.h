@@ -40,6 +40,14 @@ class Sampler {
   std::mt19937_64 rng_;
 };
 
+// Sampler::Sample's choice for a given uniform u in [0, 1) (the draw without the generator; the
+// CPU reference of the device sampler, worker/kernels/sampling.h). With `candidates`, stores the
+// number of tokens the draw was made from: 1 when greedy, else the top-k / nucleus prefix of the
+// sorted order (the whole vocabulary when neither cuts). REQUIRES: options.Validate().ok(),
+// non-empty logits.
+int32_t SampleWithUniform(std::span<const float> logits, const SamplingOptions& options, double u,
+                          int32_t* candidates = nullptr);
+
 // Index of the largest value (first on ties). REQUIRES: non-empty.
 int32_t ArgMax(std::span<const float> values);
 

@@ -1,5 +1,6 @@
 #include "worker/sampler.h"
 
+#include <cmath>
 #include <map>
 #include <vector>
 
@@ -79,6 +80,31 @@ TEST(SamplerTest, TemperatureSamplingFollowsDistribution) {
   int ones = 0;
   for (int i = 0; i < 4000; ++i) ones += s.Sample(l) == 1;
   EXPECT_NEAR(ones / 4000.0, 0.75, 0.03);
+}
+
+// SampleWithUniform is the draw of Sample without the generator: the inverse CDF of the sorted
+// candidates (ties by lower id) at u, and the candidate count of each cut.
+TEST(SamplerTest, SampleWithUniformInverseCdfAndCandidates) {
+  // Temperature 1: p ∝ {e^2, 1, e^2, 1, 1} -> sorted ids {0, 2, 1, 3, 4}; mass e^2·2 + 3.
+  const std::vector<float> l = {2.0f, 0.0f, 2.0f, 0.0f, 0.0f};
+  const double e2 = std::exp(2.0), mass = 2 * e2 + 3;
+  int32_t cand = 0;
+  EXPECT_EQ(SampleWithUniform(l, SamplingOptions{1.0f, 0, 1.0f}, 0.0, &cand), 0);
+  EXPECT_EQ(cand, 5);
+  EXPECT_EQ(SampleWithUniform(l, SamplingOptions{1.0f, 0, 1.0f}, (e2 + 0.5) / mass), 2);
+  EXPECT_EQ(SampleWithUniform(l, SamplingOptions{1.0f, 0, 1.0f}, (2 * e2 + 0.5) / mass), 1);
+  EXPECT_EQ(SampleWithUniform(l, SamplingOptions{1.0f, 0, 1.0f}, 0.999999), 4);
+  // Nucleus: the two leaders hold 2e²/(2e²+3) ≈ 0.83 -> top_p 0.8 keeps them.
+  EXPECT_EQ(SampleWithUniform(l, SamplingOptions{1.0f, 0, 0.8f}, 0.75, &cand), 2);
+  EXPECT_EQ(cand, 2);
+  EXPECT_EQ(SampleWithUniform(l, SamplingOptions{1.0f, 3, 1.0f}, 0.999, &cand), 1);
+  EXPECT_EQ(cand, 3);
+  EXPECT_EQ(SampleWithUniform(l, SamplingOptions{0.0f, 3, 0.5f}, 0.999, &cand), 0);
+  EXPECT_EQ(cand, 1);
+  // Sample = SampleWithUniform at the generator's next uniform.
+  SamplingOptions o{0.9f, 4, 0.95f, 21};
+  Sampler a(o), b(o);
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(a.Sample(l), SampleWithUniform(l, o, b.NextUniform()));
 }
 
 TEST(SamplingOptionsTest, ValidateNamesTheField) {

@@ -374,118 +374,174 @@ struct AttnCase {
   bool causal;
 };
 
+// PSAW band per sequence (empty = no band): Engine::Step's prefill band, see prefill_attention.h.
+struct Band {
+  std::vector<double> fraction;
+  std::vector<int32_t> sink;
+};
+
+// Key positions row (sequence b, position pos) attends to, in the CPU engine's order
+// (worker/engine.cc: sinks, then [lo, pos]; the same double arithmetic for lo).
+std::vector<int> RowKeys(bool causal, int len, int pos, const Band& band, int b) {
+  const int n = causal ? pos + 1 : len;
+  std::vector<int> keys;
+  const double f = band.fraction.empty() ? 0.0 : band.fraction[b];
+  const int64_t lo = static_cast<int64_t>(f * static_cast<double>(pos + 1));
+  if (f > 0 && lo > band.sink[b]) {
+    for (int t = 0; t < band.sink[b]; ++t) keys.push_back(t);
+    for (int t = static_cast<int>(lo); t < n; ++t) keys.push_back(t);
+  } else {
+    for (int t = 0; t < n; ++t) keys.push_back(t);
+  }
+  return keys;
+}
+
+// One attention problem: sequences of lengths `lens` in shuffled pages; query rows are every
+// position of the sequences except sequence 1 (its last position only) and sequence 3 (from
+// position 2). With `band`, sequence 1's K/V at the positions its only row skips hold NaN (a
+// load of a skipped key would poison the output), as do all unreferenced pool slots.
+struct AttnProblem {
+  AttnCase c;
+  std::vector<int> lens;
+  Band band;
+  std::vector<int32_t> row_seq, row_pos, indptr{0}, indices, seq_lens;
+  std::vector<uint16_t> q, k, v;
+
+  size_t At(int b, int kh, int t) const {
+    const int page = indices[indptr[b] + t / c.page_size];
+    return ((static_cast<size_t>(page) * c.hkv + kh) * c.page_size + t % c.page_size) * c.hd;
+  }
+
+  void Build(uint32_t seed) {
+    std::mt19937 rng(seed);
+    for (int b = 0; b < static_cast<int>(lens.size()); ++b) {
+      for (int t = 0; t < lens[b]; ++t) {
+        if (b == 1 && t != lens[b] - 1) continue;
+        if (b == 3 && t < 2) continue;
+        row_seq.push_back(b);
+        row_pos.push_back(t);
+      }
+    }
+    int total_pages = 0;
+    for (int len : lens) {
+      total_pages += (len + c.page_size - 1) / c.page_size;
+      indptr.push_back(total_pages);
+    }
+    const int num_pages = total_pages + 2;
+    std::vector<int32_t> perm(num_pages);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    indices.assign(perm.begin(), perm.begin() + total_pages);
+    const size_t pool_elems = static_cast<size_t>(num_pages) * c.hkv * c.page_size * c.hd;
+    k.assign(pool_elems, 0x7fc0);  // NaN
+    v.assign(pool_elems, 0x7fc0);
+    std::uniform_real_distribution<float> u(-1, 1);
+    for (int b = 0; b < static_cast<int>(lens.size()); ++b) {
+      const std::vector<int> kept =
+          band.fraction.empty() || b != 1 ? std::vector<int>()
+                                          : RowKeys(true, lens[b], lens[b] - 1, band, b);
+      for (int kh = 0; kh < c.hkv; ++kh) {
+        for (int t = 0; t < lens[b]; ++t) {
+          const bool skipped = !kept.empty() && !std::binary_search(kept.begin(), kept.end(), t);
+          for (int i = 0; i < c.hd; ++i) {
+            const float kx = u(rng), vx = u(rng);
+            k[At(b, kh, t) + i] = skipped ? 0x7fc0 : FloatToBf16(kx);
+            v[At(b, kh, t) + i] = skipped ? 0x7fc0 : FloatToBf16(vx);
+          }
+        }
+      }
+    }
+    q.resize(row_seq.size() * c.hq * c.hd);
+    for (uint16_t& x : q) x = FloatToBf16(2.0f * u(rng));
+    seq_lens.assign(lens.begin(), lens.end());
+  }
+
+  // Runs the kernel (band applied when `with_band`) and returns the output.
+  std::vector<uint16_t> Run(bool with_band) const {
+    DeviceBuffer dq, dout, dk, dv, dip, dix, dl, drs, drp, dbf, dbs;
+    dq.Upload(q);
+    dk.Upload(k);
+    dv.Upload(v);
+    dip.Upload(indptr);
+    dix.Upload(indices);
+    dl.Upload(seq_lens);
+    drs.Upload(row_seq);
+    drp.Upload(row_pos);
+    dout.Resize(q.size() * 2);
+    PrefillAttentionParams p;
+    p.rows = static_cast<int>(row_seq.size());
+    p.num_q_heads = c.hq;
+    p.num_kv_heads = c.hkv;
+    p.head_dim = c.hd;
+    p.page_size = c.page_size;
+    p.causal = c.causal;
+    p.d_q = dq.get<uint16_t>();
+    p.d_out = dout.get<uint16_t>();
+    p.d_k_pool = dk.get<uint16_t>();
+    p.d_v_pool = dv.get<uint16_t>();
+    p.d_page_indptr = dip.get<int32_t>();
+    p.d_page_indices = dix.get<int32_t>();
+    p.d_seq_lens = dl.get<int32_t>();
+    p.d_row_seq = drs.get<int32_t>();
+    p.d_row_pos = drp.get<int32_t>();
+    if (with_band) {
+      dbf.Upload(band.fraction);
+      dbs.Upload(band.sink);
+      p.d_band_fraction = dbf.get<double>();
+      p.d_band_sink = dbs.get<int32_t>();
+    }
+    EXPECT_EQ(PrefillAttentionCheck(p), nullptr);
+    EXPECT_EQ(PrefillAttention(p, nullptr), cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    return dout.Download<uint16_t>(q.size());
+  }
+
+  // Float64 reference over the bf16 inputs; 8e-3·|ref| + 2e-3 per element.
+  void ExpectMatchesReference(const std::vector<uint16_t>& out) const {
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c.hd));
+    const int group = c.hq / c.hkv;
+    int bad = 0;
+    for (size_t r = 0; r < row_seq.size(); ++r) {
+      const int b = row_seq[r];
+      const std::vector<int> keys = RowKeys(c.causal, lens[b], row_pos[r], band, b);
+      const size_t n = keys.size();
+      for (int h = 0; h < c.hq; ++h) {
+        const int kh = h / group;
+        const uint16_t* qr = q.data() + (r * c.hq + h) * c.hd;
+        std::vector<double> s(n);
+        double mx = -INFINITY;
+        for (size_t j = 0; j < n; ++j) {
+          double dot = 0;
+          for (int i = 0; i < c.hd; ++i) {
+            dot += double(Bf16ToFloat(qr[i])) * Bf16ToFloat(k[At(b, kh, keys[j]) + i]);
+          }
+          s[j] = dot * scale;
+          mx = std::max(mx, s[j]);
+        }
+        double sum = 0;
+        for (double& x : s) sum += (x = std::exp(x - mx));
+        for (int i = 0; i < c.hd; ++i) {
+          double o = 0;
+          for (size_t j = 0; j < n; ++j) o += s[j] / sum * Bf16ToFloat(v[At(b, kh, keys[j]) + i]);
+          const float got = Bf16ToFloat(out[(r * c.hq + h) * c.hd + i]);
+          if (!(std::fabs(got - o) <= 2e-3 + 8e-3 * std::fabs(o)) && ++bad <= 5) {
+            ADD_FAILURE() << "row " << r << " (seq " << b << " pos " << row_pos[r] << ") head "
+                          << h << " dim " << i << ": got " << got << " want " << o;
+          }
+        }
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  }
+};
+
 class PrefillAttentionTest : public ::testing::TestWithParam<AttnCase> {};
 
 TEST_P(PrefillAttentionTest, MatchesDoubleReference) {
   SKIP_WITHOUT_DEVICE();
-  const AttnCase c = GetParam();
-  std::mt19937 rng(c.hd * 13 + c.hq + c.page_size);
-  const std::vector<int> lens{1, 17, 40, 5};
-  // Query rows: every position of sequences 0 and 2, the last of 1, positions 2..4 of 3.
-  std::vector<int32_t> row_seq, row_pos;
-  for (int b = 0; b < 4; ++b) {
-    for (int t = 0; t < lens[b]; ++t) {
-      if (b == 1 && t != lens[b] - 1) continue;
-      if (b == 3 && t < 2) continue;
-      row_seq.push_back(b);
-      row_pos.push_back(t);
-    }
-  }
-  const int rows = static_cast<int>(row_seq.size());
-  std::vector<int32_t> indptr{0}, indices;
-  int total_pages = 0;
-  for (int len : lens) {
-    total_pages += (len + c.page_size - 1) / c.page_size;
-    indptr.push_back(total_pages);
-  }
-  const int num_pages = total_pages + 2;
-  std::vector<int32_t> perm(num_pages);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), rng);
-  indices.assign(perm.begin(), perm.begin() + total_pages);
-  const size_t pool_elems = static_cast<size_t>(num_pages) * c.hkv * c.page_size * c.hd;
-  // Unreferenced slots hold NaN: reading one would poison the output.
-  std::vector<uint16_t> k(pool_elems, 0x7fc0), v(pool_elems, 0x7fc0);
-  std::uniform_real_distribution<float> u(-1, 1);
-  auto at = [&](int b, int kh, int t) {
-    const int page = indices[indptr[b] + t / c.page_size];
-    return ((static_cast<size_t>(page) * c.hkv + kh) * c.page_size + t % c.page_size) * c.hd;
-  };
-  for (int b = 0; b < 4; ++b) {
-    for (int kh = 0; kh < c.hkv; ++kh) {
-      for (int t = 0; t < lens[b]; ++t) {
-        for (int i = 0; i < c.hd; ++i) {
-          k[at(b, kh, t) + i] = FloatToBf16(u(rng));
-          v[at(b, kh, t) + i] = FloatToBf16(u(rng));
-        }
-      }
-    }
-  }
-  std::vector<uint16_t> q(static_cast<size_t>(rows) * c.hq * c.hd);
-  for (uint16_t& x : q) x = FloatToBf16(2.0f * u(rng));
-  std::vector<int32_t> seq_lens(lens.begin(), lens.end());
-
-  DeviceBuffer dq, dout, dk, dv, dip, dix, dl, drs, drp;
-  dq.Upload(q);
-  dk.Upload(k);
-  dv.Upload(v);
-  dip.Upload(indptr);
-  dix.Upload(indices);
-  dl.Upload(seq_lens);
-  drs.Upload(row_seq);
-  drp.Upload(row_pos);
-  dout.Resize(q.size() * 2);
-  PrefillAttentionParams p;
-  p.rows = rows;
-  p.num_q_heads = c.hq;
-  p.num_kv_heads = c.hkv;
-  p.head_dim = c.hd;
-  p.page_size = c.page_size;
-  p.causal = c.causal;
-  p.d_q = dq.get<uint16_t>();
-  p.d_out = dout.get<uint16_t>();
-  p.d_k_pool = dk.get<uint16_t>();
-  p.d_v_pool = dv.get<uint16_t>();
-  p.d_page_indptr = dip.get<int32_t>();
-  p.d_page_indices = dix.get<int32_t>();
-  p.d_seq_lens = dl.get<int32_t>();
-  p.d_row_seq = drs.get<int32_t>();
-  p.d_row_pos = drp.get<int32_t>();
-  ASSERT_EQ(PrefillAttentionCheck(p), nullptr);
-  CUDA_OK(PrefillAttention(p, nullptr));
-  const std::vector<uint16_t> out = dout.Download<uint16_t>(q.size());
-
-  const double scale = 1.0 / std::sqrt(static_cast<double>(c.hd));
-  const int group = c.hq / c.hkv;
-  int bad = 0;
-  for (int r = 0; r < rows; ++r) {
-    const int b = row_seq[r];
-    const int n = c.causal ? row_pos[r] + 1 : lens[b];
-    for (int h = 0; h < c.hq; ++h) {
-      const int kh = h / group;
-      const uint16_t* qr = q.data() + (static_cast<size_t>(r) * c.hq + h) * c.hd;
-      std::vector<double> s(n);
-      double mx = -INFINITY;
-      for (int t = 0; t < n; ++t) {
-        double dot = 0;
-        for (int i = 0; i < c.hd; ++i) dot += double(Bf16ToFloat(qr[i])) * Bf16ToFloat(k[at(b, kh, t) + i]);
-        s[t] = dot * scale;
-        mx = std::max(mx, s[t]);
-      }
-      double sum = 0;
-      for (double& x : s) sum += (x = std::exp(x - mx));
-      for (int i = 0; i < c.hd; ++i) {
-        double o = 0;
-        for (int t = 0; t < n; ++t) o += s[t] / sum * Bf16ToFloat(v[at(b, kh, t) + i]);
-        const float got = Bf16ToFloat(out[(static_cast<size_t>(r) * c.hq + h) * c.hd + i]);
-        if (!(std::fabs(got - o) <= 2e-3 + 8e-3 * std::fabs(o)) && ++bad <= 5) {
-          ADD_FAILURE() << "row " << r << " head " << h << " dim " << i << ": got " << got
-                        << " want " << o;
-        }
-      }
-    }
-  }
-  EXPECT_EQ(bad, 0);
+  AttnProblem pr{GetParam(), {1, 17, 40, 5}};
+  pr.Build(pr.c.hd * 13 + pr.c.hq + pr.c.page_size);
+  pr.ExpectMatchesReference(pr.Run(/*with_band=*/false));
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -494,6 +550,45 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{6, 2, 64, 16, true}, AttnCase{8, 8, 128, 16, false},
                       AttnCase{32, 8, 128, 16, true}, AttnCase{4, 4, 256, 7, true},
                       AttnCase{2, 1, 80, 5, false}, AttnCase{3, 3, 2, 1, true}));
+
+// PSAW band: drop fraction f for sequences 0..2 and 0.5 for sequence 3 (per-sequence values),
+// sink s; odd lengths; sequence 1's skipped keys are NaN (never loaded).
+struct BandCase {
+  int hq, hkv, hd, page_size;
+  double fraction;
+  int sink;
+};
+
+class PrefillBandTest : public ::testing::TestWithParam<BandCase> {};
+
+TEST_P(PrefillBandTest, MatchesEngineBand) {
+  SKIP_WITHOUT_DEVICE();
+  const BandCase bc = GetParam();
+  AttnProblem pr{{bc.hq, bc.hkv, bc.hd, bc.page_size, true}, {1, 77, 131, 45}};
+  pr.band.fraction = {bc.fraction, bc.fraction, bc.fraction, 0.5};
+  pr.band.sink.assign(4, bc.sink);
+  pr.Build(static_cast<uint32_t>(bc.hd * 7 + bc.sink + bc.fraction * 100));
+  pr.ExpectMatchesReference(pr.Run(/*with_band=*/true));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, PrefillBandTest,
+    ::testing::Values(BandCase{8, 2, 64, 16, 0.0, 8}, BandCase{8, 2, 64, 16, 0.3, 8},
+                      BandCase{8, 2, 64, 16, 0.9, 0}, BandCase{32, 8, 128, 16, 0.3, 0},
+                      BandCase{32, 8, 128, 16, 0.9, 8}, BandCase{4, 4, 128, 16, 0.0, 0},
+                      BandCase{6, 1, 128, 7, 0.3, 8}, BandCase{4, 2, 16, 5, 0.9, 8}));
+
+// Drop fraction 0, and a band whose lo never passes the sink, give bitwise the causal result.
+TEST(PrefillBandTest, NoEffectiveBandIsBitwiseCausal) {
+  SKIP_WITHOUT_DEVICE();
+  for (double f : {0.0, 0.05}) {  // 0.05 · 160 = 8 <= sink: no row is banded
+    AttnProblem pr{{32, 8, 128, 16, true}, {1, 17, 160, 45}};
+    pr.band.fraction.assign(4, f);
+    pr.band.sink.assign(4, 8);
+    pr.Build(5);
+    EXPECT_EQ(pr.Run(true), pr.Run(false)) << "fraction " << f;
+  }
+}
 
 TEST(PrefillAttentionCheckTest, RejectsBadShapes) {
   PrefillAttentionParams p;
@@ -510,6 +605,14 @@ TEST(PrefillAttentionCheckTest, RejectsBadShapes) {
   EXPECT_EQ(PrefillAttentionCheck(p), nullptr);  // rows = 0: no pointers needed
   p.rows = 1;
   EXPECT_NE(PrefillAttentionCheck(p), nullptr);
+  // The band needs causal attention and per-sequence sinks.
+  p.rows = 0;
+  const double f = 0.5;
+  p.d_band_fraction = &f;
+  p.causal = false;
+  EXPECT_NE(PrefillAttentionCheck(p), nullptr);
+  p.causal = true;
+  EXPECT_EQ(PrefillAttentionCheck(p), nullptr);
 }
 
 }  // namespace

@@ -29,6 +29,10 @@ const char* PrefillAttentionCheck(const PrefillAttentionParams& p) {
                      p.d_row_seq == nullptr || p.d_row_pos == nullptr)) {
     return "a required device pointer is null";
   }
+  if (p.d_band_fraction != nullptr && !p.causal) return "the PSAW band needs causal attention";
+  if (p.d_band_fraction != nullptr && p.rows > 0 && p.d_band_sink == nullptr) {
+    return "d_band_sink is required with d_band_fraction";
+  }
   return nullptr;
 }
 

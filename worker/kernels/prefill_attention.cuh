@@ -6,6 +6,9 @@
 // an axpy; the 4 warps' (m, l, o) are merged through shared memory at the end. Templated on the
 // elements per lane (kEpl = ceil(head_dim / 32): 1, 2, 4 or 8). Simple rather than fast: it is
 // the correctness path for prefill and for head dims the fast decode kernel does not cover.
+// PSAW band: the row's keys are walked as a virtual index i in [0, n_keys − jump) mapped to
+// t = i for i < front (the sinks) and t = i + jump after, jump = lo − front; with no band
+// front = jump = 0, so the walk (and the result) is bitwise the plain causal one.
 #ifndef PREHOC_WORKER_KERNELS_PREFILL_ATTENTION_CUH_
 #define PREHOC_WORKER_KERNELS_PREFILL_ATTENTION_CUH_
 
@@ -39,7 +42,19 @@ __global__ void __launch_bounds__(kThreads)
   const int hkv = p.num_kv_heads;
   const int kh = hq / (p.num_q_heads / hkv);
   const int b = p.d_row_seq[r];
-  const int n_keys = p.causal ? p.d_row_pos[r] + 1 : p.d_seq_lens[b];
+  int n_keys = p.causal ? p.d_row_pos[r] + 1 : p.d_seq_lens[b];
+  int front = 0, jump = 0;  // PSAW band: keys [front, front + jump) are skipped
+  if (p.d_band_fraction != nullptr) {
+    const double f = p.d_band_fraction[b];
+    const int64_t lo =
+        f > 0 ? static_cast<int64_t>(f * static_cast<double>(p.d_row_pos[r] + 1)) : 0;
+    const int sink = p.d_band_sink[b];
+    if (lo > sink) {  // then sink < lo <= pos: [0, sink) ∪ [lo, pos]
+      front = sink;
+      jump = static_cast<int>(lo) - sink;
+      n_keys -= jump;
+    }
+  }
   const int32_t* pages = p.d_page_indices + p.d_page_indptr[b];
 
   float q[kEpl], o[kEpl];
@@ -51,7 +66,8 @@ __global__ void __launch_bounds__(kThreads)
     o[e] = 0.0f;
   }
   float m = -INFINITY, l = 0.0f;
-  for (int t = warp; t < n_keys; t += kWarps) {
+  for (int i = warp; i < n_keys; i += kWarps) {
+    const int t = i < front ? i : i + jump;
     const int64_t page = pages[t / p.page_size];
     // Element (page, kh, slot, 0) of the pool: ((page * Hkv + kh) * page_size + slot) * hd.
     const int64_t base = ((page * hkv + kh) * p.page_size + t % p.page_size) * hd;

@@ -19,6 +19,11 @@
 // Row r (sequence b, position p) with query head hq attends, through kv head hq / (Hq / Hkv),
 //   causal:        tokens t in [0, p]
 //   bidirectional: tokens t in [0, seq_lens[b])
+//   causal with the PSAW band (d_band_fraction set, per sequence b: f = d_band_fraction[b],
+//   s = d_band_sink[b]): lo = (int64) (f · (double) (p + 1)) when f > 0, else 0; if lo > s the row
+//   attends to [0, s) ∪ [lo, p], otherwise to [0, p] — exactly Engine::Step's prefill band
+//   (worker/engine.cc; f = the layer's psaw_drop_fraction, s its sink, same double arithmetic).
+//   Keys in [s, lo) are never loaded (the walk jumps over them), so there is nothing to mask.
 //   out = Σ_t softmax_t(scale · q · K[t]) V[t]   (fp32 scores, softmax and accumulation; the
 //   output is rounded to bf16 once). An empty key set gives out = 0.
 // ---------------------------------------------------------------------------------------------
@@ -48,6 +53,10 @@ struct PrefillAttentionParams {
   const int32_t* d_seq_lens = nullptr;
   const int32_t* d_row_seq = nullptr;
   const int32_t* d_row_pos = nullptr;
+  // PSAW band (optional; REQUIRES causal): per sequence, the drop fraction f in [0, 1) (0 = no
+  // band for that sequence) and the sink count s >= 0. Null = no band anywhere.
+  const double* d_band_fraction = nullptr;  // [batch]
+  const int32_t* d_band_sink = nullptr;     // [batch], required with d_band_fraction
 };
 
 // nullptr when supported and well-formed, otherwise a static message naming the field.

@@ -88,7 +88,7 @@ absl::Status CudaBackend::ValidateSplitStep(std::span<const StepItem> items) con
 
 absl::StatusOr<std::vector<std::vector<float>>> CudaBackend::Step(std::span<const StepItem> items,
                                                                   bool causal) {
-  // Prefill plans: the GPU prefill applies none, so only plans that ask nothing of prefill.
+  // Plans: the GPU prefill applies PSAW's band (not ETF); SupportsPlan says which run.
   for (size_t b = 0; b < items.size(); ++b) {
     const SelectionPlan* p = items[b].prefill_plan;
     if (p == nullptr && items[b].selector != nullptr) p = &items[b].selector->plan();
@@ -130,6 +130,7 @@ absl::StatusOr<std::vector<std::vector<float>>> CudaBackend::Step(std::span<cons
       mi[j].seq = it.seq;
       mi[j].tokens = it.tokens;
       mi[j].all_logits = it.all_logits;
+      mi[j].prefill_plan = it.prefill_plan;  // applied to multi-token items only, as the CPU
       if (const SelectionPlan* p = DecodePlan(it); p != nullptr) {
         mi[j].plan = p;
         mi[j].telemetry = it.selector->mutable_telemetry();

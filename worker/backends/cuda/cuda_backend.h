@@ -3,8 +3,10 @@
 //
 // Sparsity: decode items whose selector runs a dense or prhs / prhs-budget-matched plan run it on
 // the device (CudaModel, "PrHS decode"); what selection did lands in the selector's telemetry,
-// so SequenceSelector::Report() and the δ-controller plumbing read it as on the CPU. Everything
-// else (other policies, PSAW / ETF, δ targets) is refused by SupportsPlan with the reason.
+// so SequenceSelector::Report() and the δ-controller plumbing read it as on the CPU. PSAW runs
+// on the device too (prefill items' prefill_plan band, and the prhs decode candidates' lower
+// bound). Everything else (other policies, ETF, δ targets) is refused by SupportsPlan with the
+// reason.
 //
 // Steps: the GPU runs token-sparse decode only in steps made of single-token items, so a step
 // that mixes prefill chunks with PrHS decode items is run as separate forwards — the prefill

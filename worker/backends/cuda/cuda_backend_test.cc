@@ -18,8 +18,10 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <span>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
@@ -121,9 +123,13 @@ TEST(CudaBackendPrhs, AgreesWithCpuEngine) {
   ASSERT_NE(m.gpu, nullptr);
   const ModelConfig& c = m.weights->config;
   const std::vector<int32_t> prompt = Prompt(*m.gpu, 2500);  // the CPU engine has no tokenizer here
-  for (const char* policy : {"prhs", "prhs-budget-matched"}) {
-    SCOPED_TRACE(policy);
-    auto s_cpu = Session(c, policy), s_gpu = Session(c, policy);
+  // The third case runs PSAW too (from layer 0, φ = 0.3: layer l drops 1 − 0.3^{l/6} of the
+  // context): the prefill band and the decode candidates' lower bound.
+  const std::pair<const char*, const char*> cases[] = {
+      {"prhs", ""}, {"prhs-budget-matched", ""}, {"prhs", "psaw_start=0,psaw_phi=0.3"}};
+  for (const auto& [policy, overrides] : cases) {
+    SCOPED_TRACE(testing::Message() << policy << " " << overrides);
+    auto s_cpu = Session(c, policy, 0.125, overrides), s_gpu = Session(c, policy, 0.125, overrides);
     ModelBackend* be[2] = {m.cpu.get(), m.gpu.get()};
     SelectionSession* ss[2] = {s_cpu.get(), s_gpu.get()};
     ModelBackend::SeqId seq[2];
@@ -168,10 +174,10 @@ TEST(CudaBackendPrhs, AgreesWithCpuEngine) {
     const SparsityReport rc = ss[0]->selector()->Report(), rg = ss[1]->selector()->Report();
     const SelectionTelemetry &tc = ss[0]->selector()->telemetry(),
                              &tg = ss[1]->selector()->telemetry();
-    std::printf("[prhs %s] argmax agree %d/%d (clear margin %d/%d) worst_rel_l2 %.3g | cpu: "
+    std::printf("[prhs %s %s] argmax agree %d/%d (clear margin %d/%d) worst_rel_l2 %.3g | cpu: "
                 "refresh %lld share %lld kept %.4f mean_delta %.4f max_delta %.4f | gpu: refresh "
                 "%lld share %lld kept %.4f mean_delta %.4f max_delta %.4f\n",
-                policy, agree, steps, clear_agree, clear, worst_rel,
+                policy, overrides, agree, steps, clear_agree, clear, worst_rel,
                 static_cast<long long>(rc.refreshes), static_cast<long long>(rc.shares),
                 rc.mean_kept_fraction, rc.mean_delta, rc.max_delta,
                 static_cast<long long>(rg.refreshes), static_cast<long long>(rg.shares),
@@ -204,6 +210,71 @@ TEST(CudaBackendPrhs, AgreesWithCpuEngine) {
     EXPECT_LT(rg.mean_kept_fraction, 0.25);
     for (int i = 0; i < 2; ++i) ASSERT_TRUE(be[i]->FreeSequence(seq[i]).ok());
   }
+}
+
+// Per-row relative L2 distance ‖a − b‖₂ / ‖b‖₂ of [rows][vocab] logits; the worst row.
+double WorstRowRelL2(const std::vector<float>& a, const std::vector<float>& b, int vocab) {
+  double worst = 0;
+  for (size_t r = 0; r * vocab < b.size(); ++r) {
+    double num = 0, den = 0;
+    for (int v = 0; v < vocab; ++v) {
+      const double d = a[r * vocab + v] - b[r * vocab + v];
+      num += d * d;
+      den += static_cast<double>(b[r * vocab + v]) * b[r * vocab + v];
+    }
+    worst = std::max(worst, std::sqrt(num / std::max(den, 1e-30)));
+  }
+  return worst;
+}
+
+// PSAW prefill band on the GPU vs the CPU engine's: a 2500-token prompt in two chunks (1000 +
+// 1500, so the band's positions are absolute), every position's logits, with a strong band
+// (from layer 0, φ = 0.2: the last layer drops 1 − 0.2^{5/6} ≈ 74 % of each row's context).
+// Bound: the trained models' CPU-equivalence bound of cuda_model_test.cc (per row rel L2
+// ≤ 1.5e-2). The band must matter: the banded logits differ from the dense prefill's by more
+// than that bound in some row, on both backends.
+TEST(CudaBackendPsaw, PrefillBandMatchesCpuEngine) {
+  SKIP_WITHOUT_DEVICE();
+  Models m = Load();
+  ASSERT_NE(m.gpu, nullptr);
+  const ModelConfig& c = m.weights->config;
+  const int V = c.vocab_size;
+  const std::vector<int32_t> prompt = Prompt(*m.gpu, 2500);
+  auto sess = Session(c, "prhs", 0.125, "psaw_start=0,psaw_phi=0.2");
+  ASSERT_NE(sess, nullptr);
+  ASSERT_GT(sess->plan().layers.back().psaw_drop_fraction, 0.7);
+  ASSERT_TRUE(m.gpu->SupportsPlan(sess->plan()).ok());
+  ModelBackend* be[2] = {m.cpu.get(), m.gpu.get()};
+  std::vector<float> band[2], dense[2];
+  for (int i = 0; i < 2; ++i) {
+    for (const SelectionPlan* plan : {&sess->plan(), static_cast<const SelectionPlan*>(nullptr)}) {
+      const ModelBackend::SeqId seq = be[i]->CreateSequence();
+      std::vector<float>& out = plan != nullptr ? band[i] : dense[i];
+      for (const auto& [begin, end] : {std::pair{0, 1000}, std::pair{1000, 2500}}) {
+        ModelBackend::StepItem it{seq,
+                                  std::span<const int32_t>(prompt.data() + begin, end - begin),
+                                  true, nullptr, plan};
+        auto l = be[i]->Step({&it, 1});
+        ASSERT_TRUE(l.ok()) << l.status();
+        out.insert(out.end(), (*l)[0].begin(), (*l)[0].end());
+      }
+      ASSERT_EQ(out.size(), prompt.size() * V);
+      ASSERT_TRUE(be[i]->FreeSequence(seq).ok());
+    }
+  }
+  const double gpu_vs_cpu = WorstRowRelL2(band[1], band[0], V);
+  const double dense_gpu_vs_cpu = WorstRowRelL2(dense[1], dense[0], V);
+  const double band_effect_cpu = WorstRowRelL2(band[0], dense[0], V);
+  const double band_effect_gpu = WorstRowRelL2(band[1], dense[1], V);
+  std::printf("[psaw prefill] worst row rel L2: band gpu vs cpu %.3g (dense gpu vs cpu %.3g); band "
+              "vs dense: cpu %.3g gpu %.3g\n",
+              gpu_vs_cpu, dense_gpu_vs_cpu, band_effect_cpu, band_effect_gpu);
+  EXPECT_LE(gpu_vs_cpu, 1.5e-2);
+  EXPECT_GT(band_effect_cpu, 1.5e-2);
+  EXPECT_GT(band_effect_gpu, 1.5e-2);
+  // The first rows are below every layer's band (lo <= sink): identical to dense, per backend.
+  EXPECT_EQ(std::vector<float>(band[1].begin(), band[1].begin() + 8 * V),
+            std::vector<float>(dense[1].begin(), dense[1].begin() + 8 * V));
 }
 
 // A budget that covers the sequence: PrHS attends to every token, so the GPU logits are

@@ -307,6 +307,7 @@ struct CudaModel::Impl {
     int uninitialized = 0;             // > 0: benchmark growth without a forward
     const SelectionPlan* plan = nullptr;          // decode selection (dense / prhs)
     SelectionTelemetry* telemetry = nullptr;
+    const SelectionPlan* prefill_plan = nullptr;  // PSAW band of multi-token causal items
   };
   // Grows the PrHS state pools to at least `slots` sequences and `stride` anchor entries per
   // row, keeping every existing slot's state. Synchronises the stream.
@@ -919,6 +920,21 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
       }
     }
   }
+  // PSAW prefill band (Engine::Step: causal items of more than one token): per layer and item
+  // the drop fraction and sink; any band at all makes the step carry the tables.
+  bool use_band = false;
+  for (size_t b = 0; b < items.size(); ++b) {
+    const SelectionPlan* pp = items[b].prefill_plan;
+    if (pp == nullptr) continue;
+    absl::Status ps = SupportsPlan(c, page_size, *pp);
+    if (!ps.ok()) {
+      return absl::Status(ps.code(),
+                          absl::StrCat("batch item ", b, ": prefill plan: ", ps.message()));
+    }
+    if (causal && items[b].n > 1) {
+      for (const LayerSelectionPlan& lp : pp->layers) use_band |= lp.psaw_drop_fraction > 0;
+    }
+  }
   if (items.empty()) return absl::OkStatus();
   if (total > (int64_t{1} << 24)) {
     return absl::InvalidArgumentError(absl::StrCat("step has ", total, " tokens (max 2^24)"));
@@ -1071,6 +1087,44 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     }
   }
   const size_t o_topk = append(topk_tab), o_state_slot = append(slot_tab);
+  // PSAW: the prefill band per [layer][item] (f64 drop fraction, packed as int32 pairs at an
+  // 8-byte aligned offset, then int32 sinks; f = 0 for items without a band), and for PrHS
+  // decode the candidates' lower bound cand_lo[layer][item] = (int64) (f · t), as PrhsSelector.
+  size_t o_band = 0, o_band_sink = 0, o_cand_lo = 0;
+  if (use_band) {
+    if (m.size() % 2 != 0) m.push_back(0);
+    o_band = m.size();
+    std::vector<int32_t> sinks(static_cast<size_t>(NL) * B, 0);
+    for (int l = 0; l < NL; ++l) {
+      for (int b = 0; b < B; ++b) {
+        const SelectionPlan* pp = items[b].prefill_plan;
+        const bool on = pp != nullptr && causal && items[b].n > 1;
+        const double f = on ? pp->layers[l].psaw_drop_fraction : 0.0;
+        int32_t halves[2];
+        std::memcpy(halves, &f, sizeof(f));
+        m.push_back(halves[0]);
+        m.push_back(halves[1]);
+        if (on) sinks[static_cast<size_t>(l) * B + b] = pp->layers[l].sink;
+      }
+    }
+    o_band_sink = append(sinks);
+  }
+  bool use_cand_lo = false;
+  if (use_prhs) {
+    std::vector<int32_t> cand_lo(static_cast<size_t>(NL) * B, 0);
+    for (int b = 0; b < B; ++b) {
+      const SelectionPlan* pp = items[b].plan;
+      if (pp == nullptr || pp->policy != SelectionPolicy::kPrhs) continue;
+      for (int l = 0; l < NL; ++l) {
+        const double f = pp->layers[l].psaw_drop_fraction;
+        if (f <= 0) continue;
+        cand_lo[static_cast<size_t>(l) * B + b] =
+            static_cast<int32_t>(static_cast<int64_t>(f * static_cast<double>(seq_lens[b])));
+        use_cand_lo = true;
+      }
+    }
+    if (use_cand_lo) o_cand_lo = append(cand_lo);
+  }
   if (d_tokens == nullptr && static_cast<int>(tokens.size()) != N) {
     return give_back(absl::InternalError("host tokens missing"));
   }
@@ -1233,6 +1287,7 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
           sp.d_q = dq;
           sp.d_k_pool = KPool(l);
           sp.d_topk = dm + o_topk + static_cast<size_t>(l) * B;
+          sp.d_cand_lo = use_cand_lo ? dm + o_cand_lo + static_cast<size_t>(l) * B : nullptr;
           const size_t state_row0 = static_cast<size_t>(l) * prhs_slots * Hkv();
           sp.d_anchor_q = prhs_anchor_q.as<uint16_t>() + state_row0 * (Hq() / Hkv()) * HD();
           sp.d_reuse = prhs_reuse.as<int32_t>() + state_row0;
@@ -1267,6 +1322,11 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
         ap.d_seq_lens = d_lens;
         ap.d_row_seq = d_row_seq;
         ap.d_row_pos = d_pos;
+        if (use_band) {
+          ap.d_band_fraction =
+              reinterpret_cast<const double*>(dm + o_band) + static_cast<size_t>(l) * B;
+          ap.d_band_sink = dm + o_band_sink + static_cast<size_t>(l) * B;
+        }
         CUDA_RETURN_IF_ERROR(kernels::PrefillAttention(ap, stream));
       }
       RETURN_IF_ERROR(Gemm(dattn, N, qo, L.wo, Dm, dx, 1.0f));  // x += attn · Woᵀ
@@ -1417,6 +1477,7 @@ absl::StatusOr<std::vector<std::vector<float>>> CudaModel::Step(std::span<const 
     desc[b].all_logits = items[b].all_logits;
     desc[b].plan = items[b].plan;
     desc[b].telemetry = items[b].telemetry;
+    desc[b].prefill_plan = items[b].prefill_plan;
   }
   std::vector<std::vector<float>> logits;
   RETURN_IF_ERROR(impl_->Run(desc, causal, nullptr, nullptr, selection, &logits, greedy));

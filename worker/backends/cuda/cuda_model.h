@@ -34,9 +34,13 @@
 // Without a GPU (or when built without CUDA) Create returns UNAVAILABLE with a message saying
 // why; callers fall back to the CPU engine.
 //
-// Not supported (refused by SupportsPlan or not offered): ETF / PSAW prefill plans; PSAW in
-// decode; the CPU-only CIS options gqa_max, gate_unrotated and follow; policies other than dense
-// and prhs; the δ-controller (per-kv-head budgets); head_dim > 256; fp16 weights; more than one
+// PSAW (plans with psaw_phi < 1) runs on the device: a multi-token causal item's prefill_plan
+// applies the band of Engine::Step (row at position p of layer l attends to [0, sink) ∪
+// [floor(f_l · (p + 1)), p]; keys outside are never read), and a prhs decode plan bounds the
+// refresh candidates below by floor(f_l · t), as PrhsSelector.
+//
+// Not supported (refused by SupportsPlan or not offered): ETF prefill plans; the CPU-only CIS
+// options gqa_max, gate_unrotated and follow; policies other than dense and prhs; the δ-controller (per-kv-head budgets); head_dim > 256; fp16 weights; more than one
 // GPU. The PrHS items of one step must share the per-layer CIS scalars (the kernels take one
 // value per layer for the batch); CudaBackend runs differing ones as separate forwards.
 //
@@ -108,10 +112,10 @@ class CudaModel {
   // Needs no device.
   static absl::Status Supports(const ModelConfig& config, int page_size);
   // OK when decode steps can run `plan` on the device exactly as the CPU engine would (its
-  // PrhsSelector), and prefills can apply it (i.e. it asks nothing of prefill). Errors:
+  // PrhsSelector), and prefills can apply it (the PSAW band; not ETF). Errors:
   // UNIMPLEMENTED naming a policy other than dense / prhs / prhs-budget-matched, or a δ target
   // (the δ-controller sets per-kv-head budgets; the kernels take one k per sequence);
-  // INVALID_ARGUMENT naming a plan field the GPU path lacks (PSAW, ETF, gqa_max, gate_unrotated,
+  // INVALID_ARGUMENT naming a plan field the GPU path lacks (ETF, gqa_max, gate_unrotated,
   // follow, k scales, dilate_r > 64, a layer count that does not match) or a model shape the
   // selection kernels do not take (head_dim other than 64 / 128, page_size other than 16, more
   // than 8 query heads per kv head).
@@ -159,6 +163,9 @@ class CudaModel {
     // the step's selection results are added to (not owned; required with a prhs plan).
     const SelectionPlan* plan = nullptr;
     SelectionTelemetry* telemetry = nullptr;
+    // Prefill-time selection (not owned; null = dense prefill; must pass SupportsPlan): PSAW's
+    // band for items of more than one token in causal steps, as Engine::StepItem::prefill_plan.
+    const SelectionPlan* prefill_plan = nullptr;
   };
   // As Engine::Step: appends every item's tokens (their K/V go to the GPU cache) and returns per
   // item the f32 logits of its last new token ([vocab]) or, with all_logits, of every new token

@@ -45,7 +45,11 @@ absl::Status CudaModel::SupportsPlan(const ModelConfig& c, int page_size,
   for (size_t l = 0; l < plan.layers.size(); ++l) {
     const LayerSelectionPlan& lp = plan.layers[l];
     const char* field = nullptr;
-    if (lp.psaw_drop_fraction != 0) field = "PSAW (psaw_phi < 1)";
+    // PSAW runs on the device (prefill band: prefill_attention.h; decode: the candidates' lower
+    // bound of the PrHS refresh), for drop fractions in [0, 1) as MakeSelectionPlan makes them.
+    if (!(lp.psaw_drop_fraction >= 0 && lp.psaw_drop_fraction < 1)) {
+      field = "PSAW drop fraction outside [0, 1)";
+    }
     if (lp.etf_freeze_fraction != 0 || lp.etf_alias_layer >= 0) field = "ETF (etf_start)";
     if (lp.gqa_max) field = "gqa_max=1";
     if (lp.gate_unrotated) field = "gate_unrotated=1";
