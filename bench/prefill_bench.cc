@@ -1,9 +1,12 @@
 // Prefill attention (worker/kernels/prefill_attention.h): causal vs the PSAW band, same run.
 // One sequence of `ctx` tokens, every position a query row (a whole-prompt prefill of one layer),
 // bf16 K/V in 16-token pages, random inputs. Prints one JSON object per context:
-//   causal_ms, band_ms, ratio (causal / band), keys_read_fraction (band keys / causal keys,
-//   exact), tile_skip_fraction (the fraction of the causal (64 query × 64 key) tiles lying
-//   wholly outside every row's band: what a tiled kernel skips), plus the shape.
+//   causal_ms, band_ms, ratio (causal / band) for the simple kernel; tiled_causal_ms,
+//   tiled_band_ms, tiled_ratio for the tiled tensor-core kernel (PrefillAttentionTiled), its
+//   speedup over the simple one and its causal TFLOP/s (4 · Σ keys · heads · head_dim);
+//   keys_read_fraction (band keys / causal keys, exact), tile_skip_fraction (the fraction of the
+//   causal (64 query × 64 key) tiles lying wholly outside every row's band: what the tiled
+//   kernel skips), plus the shape.
 // Usage: prefill_bench [--ctx=4096,16384,32768] [--hq=32] [--hkv=8] [--hd=128] [--drop=0.5]
 //                      [--sink=8] [--reps=3]
 #include <cuda_runtime_api.h>
@@ -42,9 +45,15 @@ T* DeviceCopy(const std::vector<T>& v) {
   return d;
 }
 
-double TimeMs(const prehoc::kernels::PrefillAttentionParams& p, int reps) {
-  return prehoc::bench::TimeLaunchesMs(
-      reps, [&] { PREHOC_BENCH_CHECK_CUDA(prehoc::kernels::PrefillAttention(p, nullptr)); });
+// The simple kernel (tiles == nullptr) or the tiled one.
+double TimeMs(const prehoc::kernels::PrefillAttentionParams& p, int reps, int num_tiles = 0,
+              const int32_t* d_tiles = nullptr) {
+  return prehoc::bench::TimeLaunchesMs(reps, [&] {
+    PREHOC_BENCH_CHECK_CUDA(d_tiles == nullptr
+                                ? prehoc::kernels::PrefillAttention(p, nullptr)
+                                : prehoc::kernels::PrefillAttentionTiled(p, num_tiles, d_tiles,
+                                                                         nullptr));
+  });
 }
 
 void RunOne(const Options& o, int ctx) {
@@ -87,10 +96,16 @@ void RunOne(const Options& o, int ctx) {
   p.d_seq_lens = dl;
   p.d_row_seq = drs;
   p.d_row_pos = drp;
+  const std::vector<int32_t> tiles =
+      prehoc::kernels::PrefillQueryTiles(row_seq.data(), row_pos.data(), ctx);
+  int32_t* dt = DeviceCopy(tiles);
+  const int num_tiles = static_cast<int>(tiles.size() / 2);
   const double causal_ms = TimeMs(p, o.reps);
+  const double tiled_causal_ms = TimeMs(p, o.reps, num_tiles, dt);
   p.d_band_fraction = dbf;
   p.d_band_sink = dbs;
   const double band_ms = TimeMs(p, o.reps);
+  const double tiled_band_ms = TimeMs(p, o.reps, num_tiles, dt);
 
   // Exact key counts, and the (64 × 64) tiles of the causal triangle outside every row's band.
   double causal_keys = 0, band_keys = 0;
@@ -100,27 +115,31 @@ void RunOne(const Options& o, int ctx) {
     band_keys += lo < 0 ? r + 1 : o.sink + (r + 1 - lo);
   }
   const int tile = 64;
-  int64_t tiles = 0, skipped = 0;
+  int64_t key_tiles = 0, skipped = 0;
   for (int64_t qt = 0; qt * tile < ctx; ++qt) {
     const int64_t first_row = qt * tile;
     const int64_t lo_min = BandLo(o.drop, o.sink, first_row);  // lo grows with the row
     for (int64_t kt = 0; kt <= qt; ++kt) {
-      ++tiles;
+      ++key_tiles;
       const int64_t k0 = kt * tile, k1 = k0 + tile;  // keys [k0, k1)
       if (lo_min >= 0 && k0 >= o.sink && k1 <= lo_min) ++skipped;
     }
   }
   std::printf(
       "{\"ctx\": %d, \"hq\": %d, \"hkv\": %d, \"head_dim\": %d, \"drop\": %.3f, \"sink\": %d, "
-      "\"causal_ms\": %.3f, \"band_ms\": %.3f, \"ratio\": %.3f, \"keys_read_fraction\": %.4f, "
+      "\"causal_ms\": %.3f, \"band_ms\": %.3f, \"ratio\": %.3f, \"tiled_causal_ms\": %.3f, "
+      "\"tiled_band_ms\": %.3f, \"tiled_ratio\": %.3f, \"tiled_speedup_causal\": %.2f, "
+      "\"causal_tflops_tiled\": %.1f, \"keys_read_fraction\": %.4f, "
       "\"tile_skip_fraction\": %.4f}\n",
       ctx, o.hq, o.hkv, o.hd, o.drop, o.sink, causal_ms, band_ms, causal_ms / band_ms,
-      band_keys / causal_keys, static_cast<double>(skipped) / tiles);
+      tiled_causal_ms, tiled_band_ms, tiled_causal_ms / tiled_band_ms,
+      causal_ms / tiled_causal_ms, 4.0 * causal_keys * o.hq * o.hd / (tiled_causal_ms * 1e9),
+      band_keys / causal_keys, static_cast<double>(skipped) / key_tiles);
   std::fflush(stdout);
   for (void* d : {static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(dq),
                   static_cast<void*>(dout), static_cast<void*>(dip), static_cast<void*>(dix),
                   static_cast<void*>(dl), static_cast<void*>(drs), static_cast<void*>(drp),
-                  static_cast<void*>(dbf), static_cast<void*>(dbs)}) {
+                  static_cast<void*>(dbf), static_cast<void*>(dbs), static_cast<void*>(dt)}) {
     PREHOC_BENCH_CHECK_CUDA(cudaFree(d));
   }
 }

@@ -1,5 +1,4 @@
-// On-device sampling (worker/kernels/sampling.h; the shipped variant and the direct-histogram
-// one) vs the device argmax (model_ops.h ArgMaxRows)
+// On-device sampling (worker/kernels/sampling.h) vs the device argmax (model_ops.h ArgMaxRows)
 // and vs the host path it replaces (copy the logits to the host, Sampler's sort-based draw), same
 // run. Logits: N(0, 3²) f32, vocab 128256 (Llama-3). Prints one JSON object per (rows, options).
 // Usage: sampling_bench [--vocab=128256] [--reps=20]
@@ -84,9 +83,6 @@ int main(int argc, char** argv) {
       p.d_row_params = dp;
       p.d_out = dout;
       const double device_us = TimeUs(reps, [&] { PREHOC_BENCH_CHECK_CUDA(prehoc::kernels::SampleRows(p, nullptr)); });
-      p.direct_histogram = true;
-      const double direct_us = TimeUs(reps, [&] { PREHOC_BENCH_CHECK_CUDA(prehoc::kernels::SampleRows(p, nullptr)); });
-      p.direct_histogram = false;
       // Host path: copy the rows to pinned memory, then Sampler's draw per row.
       const int host_reps = 3;
       const auto t0 = std::chrono::steady_clock::now();
@@ -103,9 +99,9 @@ int main(int argc, char** argv) {
           host_reps;
       std::printf(
           "{\"vocab\": %d, \"rows\": %d, \"variant\": \"%s\", \"device_us\": %.1f, "
-          "\"device_direct_histogram_us\": %.1f, \"device_argmax_us\": %.1f, "
-          "\"host_copy_and_sample_us\": %.1f, \"host_over_device\": %.1f}\n",
-          vocab, rows, v.name, device_us, direct_us, argmax_us, host_us, host_us / device_us);
+          "\"device_argmax_us\": %.1f, \"host_copy_and_sample_us\": %.1f, "
+          "\"host_over_device\": %.1f}\n",
+          vocab, rows, v.name, device_us, argmax_us, host_us, host_us / device_us);
       std::fflush(stdout);
     }
   }

@@ -456,9 +456,10 @@ struct AttnProblem {
     seq_lens.assign(lens.begin(), lens.end());
   }
 
-  // Runs the kernel (band applied when `with_band`) and returns the output.
-  std::vector<uint16_t> Run(bool with_band) const {
-    DeviceBuffer dq, dout, dk, dv, dip, dix, dl, drs, drp, dbf, dbs;
+  // Runs the kernel (band applied when `with_band`; the tiled tensor-core variant when `tiled`)
+  // and returns the output.
+  std::vector<uint16_t> Run(bool with_band, bool tiled = false) const {
+    DeviceBuffer dq, dout, dk, dv, dip, dix, dl, drs, drp, dbf, dbs, dt;
     dq.Upload(q);
     dk.Upload(k);
     dv.Upload(v);
@@ -490,8 +491,17 @@ struct AttnProblem {
       p.d_band_fraction = dbf.get<double>();
       p.d_band_sink = dbs.get<int32_t>();
     }
-    EXPECT_EQ(PrefillAttentionCheck(p), nullptr);
-    EXPECT_EQ(PrefillAttention(p, nullptr), cudaSuccess);
+    if (tiled) {
+      const std::vector<int32_t> tiles =
+          PrefillQueryTiles(row_seq.data(), row_pos.data(), static_cast<int>(row_seq.size()));
+      dt.Upload(tiles);
+      const int n = static_cast<int>(tiles.size() / 2);
+      EXPECT_EQ(PrefillAttentionTiledCheck(p, n, dt.get<int32_t>()), nullptr);
+      EXPECT_EQ(PrefillAttentionTiled(p, n, dt.get<int32_t>(), nullptr), cudaSuccess);
+    } else {
+      EXPECT_EQ(PrefillAttentionCheck(p), nullptr);
+      EXPECT_EQ(PrefillAttention(p, nullptr), cudaSuccess);
+    }
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     return dout.Download<uint16_t>(q.size());
   }
@@ -542,6 +552,10 @@ TEST_P(PrefillAttentionTest, MatchesDoubleReference) {
   AttnProblem pr{GetParam(), {1, 17, 40, 5}};
   pr.Build(pr.c.hd * 13 + pr.c.hq + pr.c.page_size);
   pr.ExpectMatchesReference(pr.Run(/*with_band=*/false));
+  if (pr.c.hd == 64 || pr.c.hd == 128) {
+    SCOPED_TRACE("tiled");
+    pr.ExpectMatchesReference(pr.Run(/*with_band=*/false, /*tiled=*/true));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -569,6 +583,26 @@ TEST_P(PrefillBandTest, MatchesEngineBand) {
   pr.band.sink.assign(4, bc.sink);
   pr.Build(static_cast<uint32_t>(bc.hd * 7 + bc.sink + bc.fraction * 100));
   pr.ExpectMatchesReference(pr.Run(/*with_band=*/true));
+  if (bc.hd == 64 || bc.hd == 128) {
+    SCOPED_TRACE("tiled");
+    pr.ExpectMatchesReference(pr.Run(/*with_band=*/true, /*tiled=*/true));
+  }
+}
+
+// Longer rows, so that whole 64-key tiles fall outside the band and are skipped by the tiled
+// kernel (sequence 0: 700 rows in 11 query tiles; sequence 1: its last row only, whose skipped
+// keys hold NaN), both kernels against the reference; the same problem without the band too.
+TEST(PrefillBandTest, LongRowsBothKernels) {
+  SKIP_WITHOUT_DEVICE();
+  for (int hd : {64, 128}) {
+    AttnProblem pr{{8, 2, hd, 16, true}, {700, 300, 3, 90}};
+    pr.band.fraction = {0.9, 0.9, 0.3, 0.5};
+    pr.band.sink = {8, 8, 0, 4};
+    pr.Build(static_cast<uint32_t>(hd));
+    SCOPED_TRACE(testing::Message() << "head_dim " << hd);
+    pr.ExpectMatchesReference(pr.Run(/*with_band=*/true));
+    pr.ExpectMatchesReference(pr.Run(/*with_band=*/true, /*tiled=*/true));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -587,6 +621,7 @@ TEST(PrefillBandTest, NoEffectiveBandIsBitwiseCausal) {
     pr.band.sink.assign(4, 8);
     pr.Build(5);
     EXPECT_EQ(pr.Run(true), pr.Run(false)) << "fraction " << f;
+    EXPECT_EQ(pr.Run(true, /*tiled=*/true), pr.Run(false, /*tiled=*/true)) << "fraction " << f;
   }
 }
 
@@ -613,6 +648,24 @@ TEST(PrefillAttentionCheckTest, RejectsBadShapes) {
   EXPECT_NE(PrefillAttentionCheck(p), nullptr);
   p.causal = true;
   EXPECT_EQ(PrefillAttentionCheck(p), nullptr);
+  // The tiled variant: head_dim 64 / 128 and a tile list.
+  EXPECT_EQ(PrefillAttentionTiledCheck(p, 0, nullptr), nullptr);
+  p.head_dim = 80;
+  EXPECT_NE(PrefillAttentionTiledCheck(p, 0, nullptr), nullptr);
+  p.head_dim = 64;
+  EXPECT_NE(PrefillAttentionTiledCheck(p, 1, nullptr), nullptr);
+}
+
+TEST(PrefillQueryTilesTest, SplitsBySequencePositionAndSize) {
+  std::vector<int32_t> seq, pos;
+  for (int i = 0; i < 130; ++i) {  // sequence 0: positions 0..129 -> tiles of 64, 64, 2
+    seq.push_back(0);
+    pos.push_back(i);
+  }
+  seq.insert(seq.end(), {1, 1, 2, 2});  // sequence 1: 5, 6; sequence 2: 9, then 3 (goes down)
+  pos.insert(pos.end(), {5, 6, 9, 3});
+  EXPECT_EQ(PrefillQueryTiles(seq.data(), pos.data(), static_cast<int>(seq.size())),
+            (std::vector<int32_t>{0, 64, 64, 64, 128, 2, 130, 2, 132, 1, 133, 1}));
 }
 
 }  // namespace

@@ -1,9 +1,13 @@
 // Host side of prefill_attention.h: checks, the one switch from head_dim to the elements per lane,
-// and the explicit instantiations (kEpl = 1, 2, 4, 8).
+// and the explicit instantiations (kEpl = 1, 2, 4, 8); the tiled variant's launcher (head_dim 64
+// and 128) and its query tiles.
 #include <cmath>
 #include <cstdint>
 
+#include <vector>
+
 #include "worker/kernels/prefill_attention.cuh"
+#include "worker/kernels/prefill_tiled.cuh"
 
 namespace prehoc::kernels {
 namespace prefill {
@@ -12,6 +16,10 @@ template __global__ void PrefillAttentionKernel<2>(PrefillAttentionParams, float
 template __global__ void PrefillAttentionKernel<4>(PrefillAttentionParams, float);
 template __global__ void PrefillAttentionKernel<8>(PrefillAttentionParams, float);
 }  // namespace prefill
+namespace prefill_tiled {
+template __global__ void PrefillTiledKernel<64>(PrefillAttentionParams, const int32_t*, float);
+template __global__ void PrefillTiledKernel<128>(PrefillAttentionParams, const int32_t*, float);
+}  // namespace prefill_tiled
 
 const char* PrefillAttentionCheck(const PrefillAttentionParams& p) {
   if (p.rows < 0) return "rows must be >= 0";
@@ -52,6 +60,48 @@ cudaError_t PrefillAttention(const PrefillAttentionParams& p, cudaStream_t strea
     prefill::PrefillAttentionKernel<8><<<grid, prefill::kThreads, 0, stream>>>(p, scale);
   }
   return cudaGetLastError();
+}
+
+const char* PrefillAttentionTiledCheck(const PrefillAttentionParams& p, int num_tiles,
+                                       const int32_t* d_tiles) {
+  if (const char* why = PrefillAttentionCheck(p); why != nullptr) return why;
+  if (p.head_dim != 64 && p.head_dim != 128) return "the tiled kernel needs head_dim 64 or 128";
+  if (num_tiles < 0) return "num_tiles must be >= 0";
+  if (num_tiles > 0 && d_tiles == nullptr) return "d_tiles is required";
+  if (num_tiles > 0 && p.rows == 0) return "tiles without rows";
+  return nullptr;
+}
+
+cudaError_t PrefillAttentionTiled(const PrefillAttentionParams& p, int num_tiles,
+                                  const int32_t* d_tiles, cudaStream_t stream) {
+  if (PrefillAttentionTiledCheck(p, num_tiles, d_tiles) != nullptr) return cudaErrorInvalidValue;
+  if (num_tiles == 0) return cudaSuccess;
+  const float scale = p.scale != 0.0f ? p.scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
+  const float scale_log2 = scale * 1.4426950408889634f;
+  const dim3 grid(num_tiles, p.num_q_heads);
+  if (p.head_dim == 64) {
+    prefill_tiled::PrefillTiledKernel<64><<<grid, prefill_tiled::kThreads, 0, stream>>>(
+        p, d_tiles, scale_log2);
+  } else {
+    prefill_tiled::PrefillTiledKernel<128><<<grid, prefill_tiled::kThreads, 0, stream>>>(
+        p, d_tiles, scale_log2);
+  }
+  return cudaGetLastError();
+}
+
+std::vector<int32_t> PrefillQueryTiles(const int32_t* row_seq, const int32_t* row_pos, int rows) {
+  std::vector<int32_t> tiles;
+  for (int r = 0; r < rows; ++r) {
+    const bool extend = !tiles.empty() && tiles.back() < prefill_tiled::kTileQ &&
+                        row_seq[r] == row_seq[r - 1] && row_pos[r] >= row_pos[r - 1];
+    if (extend) {
+      ++tiles.back();
+    } else {
+      tiles.push_back(r);
+      tiles.push_back(1);
+    }
+  }
+  return tiles;
 }
 
 }  // namespace prehoc::kernels

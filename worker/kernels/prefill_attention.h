@@ -33,6 +33,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace prehoc::kernels {
 
@@ -61,6 +62,24 @@ struct PrefillAttentionParams {
 
 // nullptr when supported and well-formed, otherwise a static message naming the field.
 const char* PrefillAttentionCheck(const PrefillAttentionParams& p);
+
+// ---- Tiled tensor-core variant (prefill_tiled.cuh): the same contract and semantics (incl. the
+// PSAW band) for head_dim 64 or 128, with P = softmax numerators rounded to bf16 before P·V (as
+// FlashAttention; within the bf16 bound of the tests). Query rows go in tiles:
+//   tiles [num_tiles][2] int32 (device): (first row, row count in [1, 64]); the rows of a tile
+//   belong to one sequence and have non-decreasing positions (PrefillQueryTiles makes them).
+// Keys are walked in 64-key tiles; a key tile that no row of the query tile needs (with the band:
+// wholly inside [sink, lo(first row)), lo being non-decreasing in the position) is skipped, never
+// loaded; partly needed tiles are loaded (keys no row needs are zero-filled instead of read) and
+// masked per row. One 128-thread CTA per (query tile, query head).
+const char* PrefillAttentionTiledCheck(const PrefillAttentionParams& p, int num_tiles,
+                                       const int32_t* d_tiles);
+// cudaErrorInvalidValue when PrefillAttentionTiledCheck fails, otherwise the launch error.
+cudaError_t PrefillAttentionTiled(const PrefillAttentionParams& p, int num_tiles,
+                                  const int32_t* d_tiles, cudaStream_t stream);
+// Host: query tiles of `rows` rows (host arrays row_seq, row_pos): consecutive rows while the
+// sequence is the same, the position does not decrease and the tile has < 64 rows.
+std::vector<int32_t> PrefillQueryTiles(const int32_t* row_seq, const int32_t* row_pos, int rows);
 
 // Enqueues the attention on `stream`: one 128-thread block per (row, query head).
 // cudaErrorInvalidValue when PrefillAttentionCheck fails, otherwise the launch error.

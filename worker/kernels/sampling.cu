@@ -1,14 +1,12 @@
-// Host side of sampling.h: checks and the instantiations: the shipped variant (512 threads per
-// row, an 8-entry register cache per thread in front of the shared histograms) and the direct
-// variant it is compared with (1024 threads, shared atomics per run of equal digits).
+// Host side of sampling.h: checks and the one instantiation (1024 threads per row).
 #include <cstdint>
 
 #include "worker/kernels/sampling.cuh"
 
 namespace prehoc::kernels {
 namespace sampling {
-template __global__ void SampleRowsKernel<512, 8>(SampleRowsParams);
-template __global__ void SampleRowsKernel<1024, 0>(SampleRowsParams);
+constexpr int kThreads = 1024;
+template __global__ void SampleRowsKernel<kThreads>(SampleRowsParams);
 }  // namespace sampling
 
 const char* SampleRowsCheck(const SampleRowsParams& p) {
@@ -24,11 +22,7 @@ const char* SampleRowsCheck(const SampleRowsParams& p) {
 cudaError_t SampleRows(const SampleRowsParams& p, cudaStream_t stream) {
   if (SampleRowsCheck(p) != nullptr) return cudaErrorInvalidValue;
   if (p.rows == 0) return cudaSuccess;
-  if (p.direct_histogram) {
-    sampling::SampleRowsKernel<1024, 0><<<p.rows, 1024, 0, stream>>>(p);
-  } else {
-    sampling::SampleRowsKernel<512, 8><<<p.rows, 512, 0, stream>>>(p);
-  }
+  sampling::SampleRowsKernel<sampling::kThreads><<<p.rows, sampling::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

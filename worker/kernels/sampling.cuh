@@ -7,12 +7,10 @@
 // per 8-bit digit, a count and a mass histogram of the keys that match the digits chosen so far;
 // the 32 lanes of warp 0 scan the 256 bins from the highest digit down to find the bin where the
 // cumulative reaches the target, and the select stops when that bin holds one key (one more pass
-// then finds it). Histogram updates go to kCopies copies (by warp) of shared histograms; with
-// kSlots > 0 each thread first combines its updates in a register cache of kSlots (digit, mass,
-// count) entries (FIFO eviction), which removes most atomics from the first pass — the high
-// digit of real logits takes only a handful of values, so without the cache the same few bins
-// take one atomic per token (measured: ~0.4 ms per full pass at vocab 128K, see
-// docs/benchmarks.md). kSlots = 0 instead combines runs of equal digits only.
+// then finds it). Histogram updates are run-length combined per thread and spread over kCopies
+// copies (by warp) to cut atomic contention. Tried and dropped: a per-thread 8-entry register
+// cache of (digit, mass, count) in front of the atomics at 512 threads — 1.3–1.7x slower
+// (docs/benchmarks.md, "On-device sampling").
 // All sums are integers: the result does not depend on the order of the atomics.
 #ifndef PREHOC_WORKER_KERNELS_SAMPLING_CUH_
 #define PREHOC_WORKER_KERNELS_SAMPLING_CUH_
@@ -99,15 +97,15 @@ struct Pick {
   uint32_t rank; // number of keys >= key within the limit
 };
 
-// The first key, in descending order among the keys >= limit, at which the cumulative count
-// (kByMass = false) or mass reaches `target`. REQUIRES: 1 <= target <= the total over the limit.
 // Adds (mass, count) to the digit's bin of the thread's histogram copy.
 __device__ __forceinline__ void Flush(Shared& sh, int copy, int d, u64 mass, unsigned int count) {
   atomicAdd(&sh.hist_m[copy][d], mass);
   atomicAdd(&sh.hist_c[copy][d], count);
 }
 
-template <int kThreads, int kSlots, bool kByMass>
+// The first key, in descending order among the keys >= limit, at which the cumulative count
+// (kByMass = false) or mass reaches `target`. REQUIRES: 1 <= target <= the total over the limit.
+template <int kThreads, bool kByMass>
 __device__ Pick PrefixSelect(const float* x, int vocab, u64 limit, u64 target, double m,
                              double inv_t, Shared& sh) {
   u64 prefix = 0, mask = 0, cum = 0;
@@ -120,69 +118,24 @@ __device__ Pick PrefixSelect(const float* x, int vocab, u64 limit, u64 target, d
     }
     __syncthreads();
     const int copy = (threadIdx.x >> 5) % kCopies;
-    if constexpr (kSlots == 0) {
-      int run_d = -1;
-      u64 run_m = 0;
-      unsigned int run_c = 0;
-      for (int i = threadIdx.x; i < vocab; i += kThreads) {
-        const float xi = x[i];
-        const u64 k = Key64(xi, i);
-        if (k < limit || (k & mask) != prefix) continue;
-        const int d = static_cast<int>((k >> shift) & 0xff);
-        if (d != run_d) {
-          if (run_c != 0) Flush(sh, copy, run_d, run_m, run_c);
-          run_d = d;
-          run_m = 0;
-          run_c = 0;
-        }
-        run_m += kByMass ? Mass(xi, m, inv_t) : 1ull;
-        ++run_c;
+    int run_d = -1;
+    u64 run_m = 0;
+    unsigned int run_c = 0;
+    for (int i = threadIdx.x; i < vocab; i += kThreads) {
+      const float xi = x[i];
+      const u64 k = Key64(xi, i);
+      if (k < limit || (k & mask) != prefix) continue;
+      const int d = static_cast<int>((k >> shift) & 0xff);
+      if (d != run_d) {
+        if (run_c != 0) Flush(sh, copy, run_d, run_m, run_c);
+        run_d = d;
+        run_m = 0;
+        run_c = 0;
       }
-      if (run_c != 0) Flush(sh, copy, run_d, run_m, run_c);
-    } else {
-      int slot_d[kSlots];
-      u64 slot_m[kSlots];
-      unsigned int slot_c[kSlots];
-#pragma unroll
-      for (int j = 0; j < kSlots; ++j) {
-        slot_d[j] = -1;
-        slot_m[j] = 0;
-        slot_c[j] = 0;
-      }
-      int victim = 0;
-      for (int i = threadIdx.x; i < vocab; i += kThreads) {
-        const float xi = x[i];
-        const u64 k = Key64(xi, i);
-        if (k < limit || (k & mask) != prefix) continue;
-        const int d = static_cast<int>((k >> shift) & 0xff);
-        const u64 w = kByMass ? Mass(xi, m, inv_t) : 1ull;
-        bool hit = false;
-#pragma unroll
-        for (int j = 0; j < kSlots; ++j) {
-          if (slot_d[j] == d) {
-            slot_m[j] += w;
-            ++slot_c[j];
-            hit = true;
-          }
-        }
-        if (!hit) {
-#pragma unroll
-          for (int j = 0; j < kSlots; ++j) {
-            if (j == victim) {
-              if (slot_c[j] != 0) Flush(sh, copy, slot_d[j], slot_m[j], slot_c[j]);
-              slot_d[j] = d;
-              slot_m[j] = w;
-              slot_c[j] = 1;
-            }
-          }
-          victim = victim + 1 == kSlots ? 0 : victim + 1;
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kSlots; ++j) {
-        if (slot_c[j] != 0) Flush(sh, copy, slot_d[j], slot_m[j], slot_c[j]);
-      }
+      run_m += kByMass ? Mass(xi, m, inv_t) : 1ull;
+      ++run_c;
     }
+    if (run_c != 0) Flush(sh, copy, run_d, run_m, run_c);
     __syncthreads();
     for (int d = threadIdx.x; d < 256; d += kThreads) {
 #pragma unroll
@@ -263,7 +216,7 @@ __device__ Pick PrefixSelect(const float* x, int vocab, u64 limit, u64 target, d
   return pick;
 }
 
-template <int kThreads, int kSlots>
+template <int kThreads>
 __global__ void __launch_bounds__(kThreads) SampleRowsKernel(SampleRowsParams p) {
   __shared__ Shared sh;
   const int row = blockIdx.x;
@@ -287,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) SampleRowsKernel(SampleRowsParams p)
     u64 limit = 0;
     candidates = vocab;
     if (rp.top_k > 0 && rp.top_k < vocab) {
-      limit = PrefixSelect<kThreads, kSlots, false>(x, vocab, 0, static_cast<u64>(rp.top_k), m,
+      limit = PrefixSelect<kThreads, false>(x, vocab, 0, static_cast<u64>(rp.top_k), m,
                                                     inv_t, sh)
                   .key;
       candidates = rp.top_k;
@@ -303,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) SampleRowsKernel(SampleRowsParams p)
       const double t = ceil(static_cast<double>(rp.top_p) * static_cast<double>(mass));
       const u64 target = t < 1.0 ? 1ull : (t >= static_cast<double>(mass) ? mass : static_cast<u64>(t));
       const Pick nucleus =
-          PrefixSelect<kThreads, kSlots, true>(x, vocab, limit, target, m, inv_t, sh);
+          PrefixSelect<kThreads, true>(x, vocab, limit, target, m, inv_t, sh);
       limit = nucleus.key;
       mass = nucleus.cum;
       candidates = static_cast<int32_t>(nucleus.rank);
@@ -312,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) SampleRowsKernel(SampleRowsParams p)
     const double u = p.d_uniform != nullptr ? p.d_uniform[row] : SamplingUniform(rp.seed, rp.step);
     const double t = floor(u * static_cast<double>(mass)) + 1.0;
     const u64 target = t >= static_cast<double>(mass) ? mass : (t < 1.0 ? 1ull : static_cast<u64>(t));
-    token = IdOf(PrefixSelect<kThreads, kSlots, true>(x, vocab, limit, target, m, inv_t, sh).key);
+    token = IdOf(PrefixSelect<kThreads, true>(x, vocab, limit, target, m, inv_t, sh).key);
   }
   if (threadIdx.x == 0) {
     p.d_out[row] = token;

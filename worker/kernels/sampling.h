@@ -22,7 +22,7 @@
 // p_i < 2^-45 (relative to the most likely one) have no mass, and a cut or a draw can differ
 // from Sampler's f64 sums only when top_p · mass or u · mass lies within ~vocab · 2^-44 of a
 // prefix boundary.
-// Algorithm: one block per row; each cut and the draw is a "prefix select" — an
+// Algorithm: one 1024-thread block per row; each cut and the draw is a "prefix select" — an
 // MSB-first radix select (8-bit digits) over the 64-bit key (order-preserving bits of x_i << 32
 // | ~i) that descends into the digit bin where the cumulative count or mass crosses the target,
 // stopping as soon as that bin holds one token. No sort, no workspace; a pass reads the row once
@@ -64,9 +64,6 @@ struct SampleRowsParams {
   const double* d_uniform = nullptr;  // optional
   int32_t* d_out = nullptr;
   int32_t* d_candidates = nullptr;  // optional
-  // Benchmarks and tests: the direct-histogram variant instead of the shipped cached one (same
-  // results, bit for bit).
-  bool direct_histogram = false;
 };
 
 // Fixed-point headroom: vocab · 2^44 < 2^64.

@@ -65,10 +65,9 @@ struct DeviceResult {
 };
 
 // Samples rows of `logits` ([rows][vocab]) on the device with per-row options and, when
-// `uniform` is non-empty, the given u per row; `direct` picks the direct-histogram variant.
-DeviceResult RunVariant(const std::vector<float>& logits, int vocab,
-                        const std::vector<SamplingRow>& rows, const std::vector<double>& uniform,
-                        bool direct) {
+// `uniform` is non-empty, the given u per row.
+DeviceResult RunDevice(const std::vector<float>& logits, int vocab,
+                       const std::vector<SamplingRow>& rows, const std::vector<double>& uniform) {
   DeviceArray<float> dl(logits);
   DeviceArray<SamplingRow> dp(rows);
   DeviceArray<double> du(uniform);
@@ -81,22 +80,12 @@ DeviceResult RunVariant(const std::vector<float>& logits, int vocab,
   p.d_uniform = uniform.empty() ? nullptr : du.get();
   p.d_out = dout.get();
   p.d_candidates = dcand.get();
-  p.direct_histogram = direct;
   EXPECT_EQ(SampleRowsCheck(p), nullptr);
   EXPECT_EQ(SampleRows(p, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   return {dout.Download(), dcand.Download()};
 }
 
-// The shipped variant's result; the direct-histogram variant must give the same, bit for bit.
-DeviceResult RunDevice(const std::vector<float>& logits, int vocab,
-                       const std::vector<SamplingRow>& rows, const std::vector<double>& uniform) {
-  DeviceResult shipped = RunVariant(logits, vocab, rows, uniform, /*direct=*/false);
-  const DeviceResult direct = RunVariant(logits, vocab, rows, uniform, /*direct=*/true);
-  EXPECT_EQ(shipped.token, direct.token) << "variants differ";
-  EXPECT_EQ(shipped.candidates, direct.candidates) << "variants differ";
-  return shipped;
-}
 
 SamplingRow RowOf(const SamplingOptions& o, uint64_t step = 0) {
   SamplingRow r;

@@ -59,6 +59,22 @@ struct Models {
   std::unique_ptr<CudaBackend> gpu;
 };
 
+// A CUDA backend over `weights` (the shipped AR model) with its tokenizer; null on failure.
+std::unique_ptr<CudaBackend> LoadGpu(std::shared_ptr<const ModelWeights> weights,
+                                     int64_t kv_bytes, bool tiled_prefill = false) {
+  CudaModelOptions co;
+  co.weights = weights;
+  co.kv_cache_bytes = kv_bytes;
+  co.tiled_prefill = tiled_prefill;
+  auto c = CudaModel::Create(co);
+  EXPECT_TRUE(c.ok()) << c.status();
+  if (!c.ok()) return nullptr;
+  auto tok = Tokenizer::LoadFromModelDir(RepoPath("models/prehoc-code-ar"),
+                                         weights->config.vocab_size);
+  EXPECT_TRUE(tok.ok()) << tok.status();
+  return std::make_unique<CudaBackend>(std::move(*c), tok.ok() ? std::move(*tok) : nullptr);
+}
+
 Models Load(int64_t kv_bytes = 256 << 20) {
   Models m;
   auto w = ModelWeights::Load(RepoPath("models/prehoc-code-ar"));
@@ -72,17 +88,7 @@ Models Load(int64_t kv_bytes = 256 << 20) {
   auto e = Engine::Create(eo);
   EXPECT_TRUE(e.ok()) << e.status();
   if (e.ok()) m.cpu = std::move(*e);
-  CudaModelOptions co;
-  co.weights = m.weights;
-  co.kv_cache_bytes = kv_bytes;
-  auto c = CudaModel::Create(co);
-  EXPECT_TRUE(c.ok()) << c.status();
-  if (c.ok()) {
-    auto tok = Tokenizer::LoadFromModelDir(RepoPath("models/prehoc-code-ar"),
-                                           m.weights->config.vocab_size);
-    EXPECT_TRUE(tok.ok()) << tok.status();
-    m.gpu = std::make_unique<CudaBackend>(std::move(*c), tok.ok() ? std::move(*tok) : nullptr);
-  }
+  m.gpu = LoadGpu(m.weights, kv_bytes);
   return m;
 }
 
@@ -229,10 +235,11 @@ double WorstRowRelL2(const std::vector<float>& a, const std::vector<float>& b, i
 
 // PSAW prefill band on the GPU vs the CPU engine's: a 2500-token prompt in two chunks (1000 +
 // 1500, so the band's positions are absolute), every position's logits, with a strong band
-// (from layer 0, φ = 0.2: the last layer drops 1 − 0.2^{5/6} ≈ 74 % of each row's context).
+// (from layer 0, φ = 0.2: the last layer drops 1 − 0.2^{5/6} ≈ 74 % of each row's context),
+// with the simple prefill kernel (the default) and with the tiled one (tiled_prefill).
 // Bound: the trained models' CPU-equivalence bound of cuda_model_test.cc (per row rel L2
 // ≤ 1.5e-2). The band must matter: the banded logits differ from the dense prefill's by more
-// than that bound in some row, on both backends.
+// than that bound in some row, on every backend.
 TEST(CudaBackendPsaw, PrefillBandMatchesCpuEngine) {
   SKIP_WITHOUT_DEVICE();
   Models m = Load();
@@ -244,9 +251,11 @@ TEST(CudaBackendPsaw, PrefillBandMatchesCpuEngine) {
   ASSERT_NE(sess, nullptr);
   ASSERT_GT(sess->plan().layers.back().psaw_drop_fraction, 0.7);
   ASSERT_TRUE(m.gpu->SupportsPlan(sess->plan()).ok());
-  ModelBackend* be[2] = {m.cpu.get(), m.gpu.get()};
-  std::vector<float> band[2], dense[2];
-  for (int i = 0; i < 2; ++i) {
+  std::unique_ptr<CudaBackend> tiled = LoadGpu(m.weights, 256 << 20, /*tiled_prefill=*/true);
+  ASSERT_NE(tiled, nullptr);
+  ModelBackend* be[3] = {m.cpu.get(), m.gpu.get(), tiled.get()};
+  std::vector<float> band[3], dense[3];
+  for (int i = 0; i < 3; ++i) {
     for (const SelectionPlan* plan : {&sess->plan(), static_cast<const SelectionPlan*>(nullptr)}) {
       const ModelBackend::SeqId seq = be[i]->CreateSequence();
       std::vector<float>& out = plan != nullptr ? band[i] : dense[i];
@@ -262,19 +271,24 @@ TEST(CudaBackendPsaw, PrefillBandMatchesCpuEngine) {
       ASSERT_TRUE(be[i]->FreeSequence(seq).ok());
     }
   }
-  const double gpu_vs_cpu = WorstRowRelL2(band[1], band[0], V);
-  const double dense_gpu_vs_cpu = WorstRowRelL2(dense[1], dense[0], V);
   const double band_effect_cpu = WorstRowRelL2(band[0], dense[0], V);
-  const double band_effect_gpu = WorstRowRelL2(band[1], dense[1], V);
-  std::printf("[psaw prefill] worst row rel L2: band gpu vs cpu %.3g (dense gpu vs cpu %.3g); band "
-              "vs dense: cpu %.3g gpu %.3g\n",
-              gpu_vs_cpu, dense_gpu_vs_cpu, band_effect_cpu, band_effect_gpu);
-  EXPECT_LE(gpu_vs_cpu, 1.5e-2);
   EXPECT_GT(band_effect_cpu, 1.5e-2);
-  EXPECT_GT(band_effect_gpu, 1.5e-2);
-  // The first rows are below every layer's band (lo <= sink): identical to dense, per backend.
-  EXPECT_EQ(std::vector<float>(band[1].begin(), band[1].begin() + 8 * V),
-            std::vector<float>(dense[1].begin(), dense[1].begin() + 8 * V));
+  for (int i = 1; i < 3; ++i) {
+    const char* kernel = i == 1 ? "simple" : "tiled";
+    const double gpu_vs_cpu = WorstRowRelL2(band[i], band[0], V);
+    const double dense_gpu_vs_cpu = WorstRowRelL2(dense[i], dense[0], V);
+    const double band_effect_gpu = WorstRowRelL2(band[i], dense[i], V);
+    std::printf("[psaw prefill, %s kernel] worst row rel L2: band gpu vs cpu %.3g (dense gpu vs "
+                "cpu %.3g); band vs dense: cpu %.3g gpu %.3g\n",
+                kernel, gpu_vs_cpu, dense_gpu_vs_cpu, band_effect_cpu, band_effect_gpu);
+    EXPECT_LE(gpu_vs_cpu, 1.5e-2) << kernel;
+    EXPECT_LE(dense_gpu_vs_cpu, 1.5e-2) << kernel;
+    EXPECT_GT(band_effect_gpu, 1.5e-2) << kernel;
+    // The first rows are below every layer's band (lo <= sink): identical to dense.
+    EXPECT_EQ(std::vector<float>(band[i].begin(), band[i].begin() + 8 * V),
+              std::vector<float>(dense[i].begin(), dense[i].begin() + 8 * V))
+        << kernel;
+  }
 }
 
 // A budget that covers the sequence: PrHS attends to every token, so the GPU logits are

@@ -114,6 +114,7 @@ struct CudaModel::Impl {
   int page_size = 16;
   int max_context = 0;
   bool force_generic = false;
+  bool tiled_prefill = false;
   int device = 0;
   int num_sms = 0;
   std::string device_name;
@@ -249,6 +250,9 @@ struct CudaModel::Impl {
   }
   bool FastDecodeKernel() const {
     return !force_generic && (HD() == 64 || HD() == 128) && page_size == 16;
+  }
+  bool TiledPrefillKernel() const {
+    return tiled_prefill && !force_generic && (HD() == 64 || HD() == 128);
   }
 
   absl::Status Init(const CudaModelOptions& o, const ModelWeights* host_weights);
@@ -392,6 +396,7 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Create(const CudaModelOpti
   impl->max_context =
       options.max_context > 0 ? options.max_context : config.max_position_embeddings;
   impl->force_generic = options.force_generic_attention;
+  impl->tiled_prefill = options.tiled_prefill;
   impl->gemm_autotune = options.gemm_autotune;
   impl->device = options.device;
   impl->num_sms = prop.multiProcessorCount;
@@ -419,7 +424,8 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CudaModel::Create(const CudaModelOpti
             << config.num_hidden_layers << " weight_bytes=" << impl->weight_bytes
             << " kv_pages=" << num_pages << " page_size=" << options.page_size
             << " kv_bytes=" << impl->kv.bytes()
-            << (impl->FastDecodeKernel() ? " decode=paged_decode" : " decode=generic");
+            << (impl->FastDecodeKernel() ? " decode=paged_decode" : " decode=generic")
+            << (impl->TiledPrefillKernel() ? " prefill=tiled" : " prefill=generic");
   return std::unique_ptr<CudaModel>(new CudaModel(std::move(impl)));
 }
 
@@ -1109,6 +1115,16 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     }
     o_band_sink = append(sinks);
   }
+  // Query tiles of the tiled prefill kernel (rows of one item are one sequence, ascending).
+  size_t o_qtiles = 0;
+  int num_qtiles = 0;
+  const bool tiled_prefill_step = !fast_decode && TiledPrefillKernel();
+  if (tiled_prefill_step) {
+    const std::vector<int32_t> qtiles =
+        kernels::PrefillQueryTiles(row_seq.data(), pos.data(), static_cast<int>(pos.size()));
+    num_qtiles = static_cast<int>(qtiles.size() / 2);
+    o_qtiles = append(qtiles);
+  }
   bool use_cand_lo = false;
   if (use_prhs) {
     std::vector<int32_t> cand_lo(static_cast<size_t>(NL) * B, 0);
@@ -1327,7 +1343,12 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
               reinterpret_cast<const double*>(dm + o_band) + static_cast<size_t>(l) * B;
           ap.d_band_sink = dm + o_band_sink + static_cast<size_t>(l) * B;
         }
-        CUDA_RETURN_IF_ERROR(kernels::PrefillAttention(ap, stream));
+        if (tiled_prefill_step) {
+          CUDA_RETURN_IF_ERROR(
+              kernels::PrefillAttentionTiled(ap, num_qtiles, dm + o_qtiles, stream));
+        } else {
+          CUDA_RETURN_IF_ERROR(kernels::PrefillAttention(ap, stream));
+        }
       }
       RETURN_IF_ERROR(Gemm(dattn, N, qo, L.wo, Dm, dx, 1.0f));  // x += attn · Woᵀ
       if (L.bo != nullptr) {
