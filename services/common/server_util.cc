@@ -8,6 +8,7 @@
 #include <cerrno>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace prehoc {
 
@@ -48,15 +49,8 @@ void SetReadiness(grpc::Server* server, bool ready) {
 absl::StatusOr<MetricsEndpoint> StartMetricsEndpoint(
     const std::string& address, const std::shared_ptr<prometheus::Registry>& registry) {
   MetricsEndpoint out;
-  try {
-    out.exposer = std::make_unique<prometheus::Exposer>(address);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot serve metrics on ", address, ": ", e.what()));
-  }
-  out.exposer->RegisterCollectable(registry);
-  std::vector<int> ports = out.exposer->GetListeningPorts();
-  out.port = ports.empty() ? 0 : ports[0];
+  ASSIGN_OR_RETURN(out.server, MetricsHttpServer::Start(address, registry));
+  out.port = out.server->port();
   return out;
 }
 

@@ -1,5 +1,5 @@
 // Shared plumbing of the prehoc servers: a gRPC server with gRPC's health service and server
-// reflection, the Prometheus exposer, and SIGTERM/SIGINT handling.
+// reflection, the Prometheus /metrics endpoint (metrics_http.h), and SIGTERM/SIGINT handling.
 //
 // Health service names (grpc.health.v1):
 //   ""  and "liveness"                    SERVING while the process runs (liveness probe)
@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "prometheus/exposer.h"
 #include "prometheus/registry.h"
+#include "services/common/metrics_http.h"
 
 namespace prehoc {
 
@@ -36,10 +36,11 @@ absl::StatusOr<GrpcServer> StartGrpcServer(const std::string& address,
 void SetReadiness(grpc::Server* server, bool ready);
 
 struct MetricsEndpoint {
-  std::unique_ptr<prometheus::Exposer> exposer;
+  std::unique_ptr<MetricsHttpServer> server;
   int port = 0;
 };
-// Serves `registry` at http://address/metrics. UNAVAILABLE when the address cannot be bound.
+// Serves `registry` at http://address/metrics (services/common/metrics_http.h). UNAVAILABLE when
+// the address cannot be bound, INVALID_ARGUMENT when it is malformed.
 absl::StatusOr<MetricsEndpoint> StartMetricsEndpoint(
     const std::string& address, const std::shared_ptr<prometheus::Registry>& registry);
 

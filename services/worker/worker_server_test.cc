@@ -32,7 +32,7 @@ WorkerServerOptions Options() {
   o.engine.kv_cache_bytes = 16 << 20;
   o.model_name = "tiny";
   o.listen_address = "127.0.0.1:0";
-  o.metrics_address = "";  // prometheus-cpp's exposer takes ~2 s to stop: only where tested
+  o.metrics_address = "";  // metrics only where tested
   o.max_request_bytes = 64 << 10;
   return o;
 }
