@@ -29,6 +29,8 @@ class FakeLink : public DiffusionLink {
     {
       absl::MutexLock l(&mu);
       cb = callbacks[id];
+      // The callback holds the router's stream, which holds this link: drop it at the end.
+      if (ev.terminal()) callbacks.erase(id);
     }
     ev.request_id = id;
     cb(std::move(ev));
