@@ -3,13 +3,17 @@
 //
 //   attention_bench [--batch=1,8,16] [--kv-heads=32,8] [--ctx=4096,16384,65536,131072]
 //                   [--keep=8,16,32] [--q-heads=32] [--head-dim=128] [--dtype=bf16|f16]
-//                   [--reps=30] [--json=PATH] [--splits=N]
+//                   [--reps=30] [--json=PATH] [--splits=N] [--fuse-reduction=1|0]
 //
 // Method: CUDA events around every repetition, median over --reps after 3 warm-ups; each
 // repetition uses the next of R input sets (R * set bytes >= 512 MiB, so L2 (50 MB) is not what
 // is measured); a spin kernel is queued first so host launch overhead is not timed (as with CUDA
 // graphs). Sparse selections are stratified random: one token (page) out of every `keep` per
 // (sequence, kv head), so every row keeps exactly ceil(len / keep) items.
+// Ops: dense; sparse_token+build (BuildIndexListsFromMask + kToken attention), build_token,
+// sparse_token (attention on prebuilt lists), sparse_mask (kTokenMask: the keep-mask compacted
+// inside the attention launch, construction included), sparse_token_rand+build, sparse_page+build,
+// sparse_page. --fuse-reduction (default 1) merges the splits in the attention launch.
 // Output: a table on stdout, and one JSON object per measurement in --json (a JSON array).
 #include <cuda_runtime_api.h>
 
@@ -56,6 +60,7 @@ struct Options {
   bool bf16 = true;
   int reps = 30;
   int splits = 0;
+  bool fuse = true;
   std::string json;
 };
 
@@ -85,6 +90,7 @@ Options ParseArgs(int argc, char** argv) {
     else if (auto v = val("--dtype")) o.bf16 = std::string(v) != "f16";
     else if (auto v = val("--reps")) o.reps = std::max(1, std::atoi(v));
     else if (auto v = val("--splits")) o.splits = std::atoi(v);
+    else if (auto v = val("--fuse-reduction")) o.fuse = std::atoi(v) != 0;
     else if (auto v = val("--json")) o.json = v;
     else {
       std::fprintf(stderr, "attention_bench: unknown argument '%s'\n", a.c_str());
@@ -237,6 +243,11 @@ class Bench {
     base.d_page_indptr = d_indptr;
     base.d_seq_lens = d_lens;
     base.force_num_splits = o_.splits;
+    base.fuse_reduction = o_.fuse;
+    // Set 0's tensors (for_set picks a set per repetition); workspace queries need non-null ones.
+    base.d_q = d_q;
+    base.d_out = d_out;
+    base.d_page_indices = d_pages;
     auto for_set = [&](PagedDecodeParams p, int s) {
       p.d_q = d_q + q_elems * s;
       p.d_out = d_out + q_elems * s;
@@ -252,8 +263,11 @@ class Bench {
     wsp.d_page_indices = d_pages;
     wsp.d_index_indptr = d_indptr;  // planning checks for non-null only
     wsp.d_index_indices = d_indptr;
+    wsp.mask_stride = stride;
+    wsp.d_mask = reinterpret_cast<const uint8_t*>(d_indptr);
     size_t ws_bytes = 0;
-    for (KvSelection sel : {KvSelection::kDense, KvSelection::kToken, KvSelection::kPage}) {
+    for (KvSelection sel : {KvSelection::kDense, KvSelection::kToken, KvSelection::kPage,
+                            KvSelection::kTokenMask}) {
       wsp.selection = sel;
       const size_t b = kernels::PagedDecodeWorkspaceBytes(wsp);
       if (b == SIZE_MAX) {
@@ -262,7 +276,9 @@ class Bench {
       }
       ws_bytes = std::max(ws_bytes, b);
     }
+    // Zero-filled once: the fused reduction's tickets start at zero and are left at zero.
     void* d_ws = DeviceAlloc(ws_bytes);
+    CHECK_CUDA(cudaMemset(d_ws, 0, ws_bytes));
     base.d_workspace = d_ws;
     base.workspace_bytes = ws_bytes;
     // A different max_kv_len can plan more splits: grow the workspace (outside timed regions).
@@ -275,6 +291,7 @@ class Bench {
       if (need > ws_bytes) {
         CHECK_CUDA(cudaFree(d_ws));
         d_ws = DeviceAlloc(need);
+        CHECK_CUDA(cudaMemset(d_ws, 0, need));
         ws_bytes = need;
       }
       base.d_workspace = p->d_workspace = d_ws;
@@ -379,6 +396,32 @@ class Bench {
           },
           o_.reps, stream_);
       record("sparse_token", keep, us, kv_tok, kv_tok + idx_tok + q_out_bytes / 2, set_csr(pt, 0));
+      // token from the keep-mask, compaction fused into the attention launch
+      {
+        PagedDecodeParams pm = base;
+        pm.selection = KvSelection::kTokenMask;
+        pm.max_kv_len = k_tok;
+        pm.mask_stride = stride;
+        pm.d_mask = d_mask;
+        ensure_ws(&pm);
+        auto set_mask = [&](PagedDecodeParams p, int s) {
+          p = for_set(p, s);
+          p.d_mask = d_mask + static_cast<size_t>(s) * rows * stride;
+          return p;
+        };
+        CHECK_CUDA(cudaMemsetAsync(d_out, 0xff, q_elems * 2 * sets, stream_));
+        us = TimeUs(
+            [&](int i) {
+              CHECK_CUDA(kernels::PagedDecodeAttention(set_mask(pm, i % sets), stream_));
+            },
+            o_.reps, stream_);
+        if (!AllFinite(d_out, q_elems, o_.bf16)) {
+          std::fprintf(stderr, "mask-sparse output has non-finite values\n");
+          std::exit(1);
+        }
+        record("sparse_mask", keep, us, kv_tok, kv_tok + 1.0 * rows * stride + q_out_bytes / 2,
+               set_mask(pm, 0));
+      }
       // token, independent random selection per head (Bernoulli 1/keep; no cross-head locality)
       {
         for (int s = 0; s < sets; ++s) {

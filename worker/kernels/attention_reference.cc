@@ -91,6 +91,11 @@ void ReferencePagedDecode(const HostDecodeArgs& a, std::vector<double>* out,
       tokens.clear();
       if (a.selection == KvSelection::kDense) {
         for (int t = 0; t < seq_len; ++t) tokens.push_back(t);
+      } else if (a.selection == KvSelection::kTokenMask) {
+        const uint8_t* m = a.mask + static_cast<size_t>(b * a.num_kv_heads + h) * a.mask_stride;
+        for (int t = 0; t < std::min(seq_len, a.mask_stride); ++t) {
+          if (m[t] != 0) tokens.push_back(t);
+        }
       } else {
         const int r = b * a.num_kv_heads + h;
         for (int i = a.index_indptr[r]; i < a.index_indptr[r + 1]; ++i) {

@@ -27,6 +27,8 @@ struct HostDecodeArgs {
   const int32_t* seq_lens = nullptr;
   const int32_t* index_indptr = nullptr;
   const int32_t* index_indices = nullptr;
+  const uint8_t* mask = nullptr;  // kTokenMask: [batch * num_kv_heads][mask_stride]
+  int mask_stride = 0;
   float scale = 0.f;  // 0 = 1/sqrt(head_dim)
 };
 

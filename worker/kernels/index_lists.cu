@@ -19,9 +19,10 @@ cudaError_t BuildIndexListsFromMask(const uint8_t* d_mask, int num_rows, int mas
                                                                           d_counts);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  index_lists::CompactKernel<<<num_rows, index_lists::kThreads, 0, stream>>>(
-      d_mask, mask_stride, d_counts, d_indptr, d_indices);
-  return cudaGetLastError();
+  // Programmatic dependent launch: the compact kernel loads its mask while the counts finish.
+  return block::LaunchPdl(index_lists::CompactKernel, dim3(num_rows), dim3(index_lists::kThreads),
+                          0, stream, d_mask, mask_stride, static_cast<const int32_t*>(d_counts),
+                          d_indptr, d_indices);
 }
 
 }  // namespace prehoc::kernels

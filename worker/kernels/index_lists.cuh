@@ -13,66 +13,28 @@
 
 #include <cstdint>
 
+#include "worker/kernels/block_primitives.cuh"
+
 namespace prehoc::kernels::index_lists {
+
+using block::BlockExclusiveScan;
+using block::BlockSum;
+using block::NonZeroBytes;
 
 constexpr int kThreads = 256;
 
-// Number of non-zero bytes in a 32-bit word.
-__device__ __forceinline__ int NonZeroBytes(uint32_t x) {
-  x |= x >> 4;
-  x |= x >> 2;
-  x |= x >> 1;
-  return __popc(x & 0x01010101u);
-}
-__device__ __forceinline__ int NonZeroBytes(uint4 v) {
-  return NonZeroBytes(v.x) + NonZeroBytes(v.y) + NonZeroBytes(v.z) + NonZeroBytes(v.w);
-}
-
-// Block-wide sum; every thread gets the total. `scratch` holds kThreads / 32 ints.
-__device__ __forceinline__ int BlockSum(int v, int* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();  // scratch may still be read by a previous call
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-  __syncthreads();
-  int total = 0;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
-  return total;
-}
-
-// Block-wide exclusive scan; returns the thread's exclusive prefix and sets *total.
-__device__ __forceinline__ int BlockExclusiveScan(int v, int* scratch, int* total) {
-  const int lane = threadIdx.x % 32;
-  int inc = v;
-#pragma unroll
-  for (int o = 1; o < 32; o *= 2) {
-    const int n = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += n;
-  }
-  __syncthreads();
-  if (lane == 31) scratch[threadIdx.x / 32] = inc;
-  __syncthreads();
-  int warp_base = 0, sum = 0;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) {
-    const int s = scratch[w];
-    if (w < static_cast<int>(threadIdx.x / 32)) warp_base += s;
-    sum += s;
-  }
-  *total = sum;
-  return warp_base + inc - v;
-}
-
 __global__ void __launch_bounds__(kThreads)
     CountKernel(const uint8_t* __restrict__ mask, int stride, int32_t* __restrict__ counts) {
+  // The compact kernel (launched with programmatic dependent launch) may start loading its mask
+  // now; it waits for this grid's counts before using them.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   __shared__ int scratch[kThreads / 32];
   const uint4* row = reinterpret_cast<const uint4*>(mask + static_cast<size_t>(blockIdx.x) * stride);
   const int n16 = stride / 16;
   int c = 0;
 #pragma unroll 8
   for (int i = threadIdx.x; i < n16; i += kThreads) c += NonZeroBytes(__ldg(row + i));
-  c = BlockSum(c, scratch);
+  c = BlockSum<kThreads>(c, scratch);
   if (threadIdx.x == 0) counts[blockIdx.x] = c;
 }
 
@@ -81,13 +43,6 @@ __global__ void __launch_bounds__(kThreads)
                   int32_t* __restrict__ indptr, int32_t* __restrict__ indices) {
   __shared__ int scratch[kThreads / 32];
   const int r = blockIdx.x;
-  int base = 0;
-  for (int i = threadIdx.x; i < r; i += kThreads) base += counts[i];
-  base = BlockSum(base, scratch);
-  if (threadIdx.x == 0) {
-    if (r == 0) indptr[0] = 0;
-    indptr[r + 1] = base + counts[r];
-  }
   const uint4* row = reinterpret_cast<const uint4*>(mask + static_cast<size_t>(r) * stride);
   const int n16 = stride / 16;
   // Each step covers kThreads * kVecs vectors; thread t owns vectors [(step_base + t) * kVecs, +kVecs)
@@ -101,16 +56,26 @@ __global__ void __launch_bounds__(kThreads)
       v[k] = i < n16 ? __ldg(row + i) : make_uint4(0u, 0u, 0u, 0u);
     }
   };
-  int running = base;
   uint4 cur[kVecs], next[kVecs];
-  load(0, cur);
+  load(0, cur);  // the mask is not written by the count kernel: load it before waiting
+  // Launched with programmatic dependent launch: the counts (and, transitively, whatever the
+  // kernels before them wrote) are visible only after this wait.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  int base = 0;
+  for (int i = threadIdx.x; i < r; i += kThreads) base += counts[i];
+  base = BlockSum<kThreads>(base, scratch);
+  if (threadIdx.x == 0) {
+    if (r == 0) indptr[0] = 0;
+    indptr[r + 1] = base + counts[r];
+  }
+  int running = base;
   for (int step_base = 0; step_base * kVecs < n16; step_base += kThreads) {
     load(step_base + kThreads, next);
     int c = 0;
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) c += NonZeroBytes(cur[k]);
     int total;
-    int pos = running + BlockExclusiveScan(c, scratch, &total);
+    int pos = running + BlockExclusiveScan<kThreads>(c, scratch, &total);
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
       const int i0 = ((step_base + static_cast<int>(threadIdx.x)) * kVecs + k) * 16;

@@ -18,9 +18,11 @@
   PREHOC_EXTERN_PAGED_DECODE_D_S(T, 64, prehoc::kernels::KvSelection::kDense)       \
   PREHOC_EXTERN_PAGED_DECODE_D_S(T, 64, prehoc::kernels::KvSelection::kToken)       \
   PREHOC_EXTERN_PAGED_DECODE_D_S(T, 64, prehoc::kernels::KvSelection::kPage)        \
+  PREHOC_EXTERN_PAGED_DECODE_D_S(T, 64, prehoc::kernels::KvSelection::kTokenMask)   \
   PREHOC_EXTERN_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kDense)      \
   PREHOC_EXTERN_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kToken)      \
-  PREHOC_EXTERN_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kPage)
+  PREHOC_EXTERN_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kPage)       \
+  PREHOC_EXTERN_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kTokenMask)
 PREHOC_EXTERN_PAGED_DECODE(__half)
 PREHOC_EXTERN_PAGED_DECODE(__nv_bfloat16)
 
@@ -38,6 +40,8 @@ cudaError_t Dispatch(const PagedDecodeParams& p, F&& f) {
       case KvSelection::kDense: return f.template operator()<T, D, KvSelection::kDense>();
       case KvSelection::kToken: return f.template operator()<T, D, KvSelection::kToken>();
       case KvSelection::kPage: return f.template operator()<T, D, KvSelection::kPage>();
+      case KvSelection::kTokenMask:
+        return f.template operator()<T, D, KvSelection::kTokenMask>();
     }
     return cudaErrorInvalidValue;
   };
@@ -49,11 +53,11 @@ cudaError_t Dispatch(const PagedDecodeParams& p, F&& f) {
                                         : by_dim.template operator()<__nv_bfloat16>();
 }
 
-// Occupancy per variant, cached (index: dtype * 6 + (head_dim == 128) * 3 + selection).
-std::atomic<int> g_ctas_per_sm[12];
+// Occupancy per variant, cached (index: dtype * 8 + (head_dim == 128) * 4 + selection).
+std::atomic<int> g_ctas_per_sm[16];
 
 cudaError_t CachedCtasPerSm(const PagedDecodeParams& p, int* ctas) {
-  const int slot = static_cast<int>(p.dtype) * 6 + (p.head_dim == 128 ? 3 : 0) +
+  const int slot = static_cast<int>(p.dtype) * 8 + (p.head_dim == 128 ? 4 : 0) +
                    static_cast<int>(p.selection);
   int cached = g_ctas_per_sm[slot].load(std::memory_order_relaxed);
   if (cached > 0) {
@@ -79,8 +83,11 @@ const char* PagedDecodeCheck(const PagedDecodeParams& p) {
     return "dtype must be kFloat16 or kBFloat16";
   }
   if (p.selection != KvSelection::kDense && p.selection != KvSelection::kToken &&
-      p.selection != KvSelection::kPage) {
-    return "selection must be kDense, kToken or kPage";
+      p.selection != KvSelection::kPage && p.selection != KvSelection::kTokenMask) {
+    return "selection must be kDense, kToken, kPage or kTokenMask";
+  }
+  if (p.selection == KvSelection::kTokenMask && (p.mask_stride < 16 || p.mask_stride % 16 != 0)) {
+    return "mask_stride must be a positive multiple of 16 (kTokenMask)";
   }
   if (p.head_dim != 64 && p.head_dim != 128) return "head_dim must be 64 or 128";
   if (p.page_size != decode::kPageSize) return "page_size must be 16";
@@ -105,7 +112,15 @@ const char* PagedDecodeCheck(const PagedDecodeParams& p) {
   if (p.d_page_indptr == nullptr) return "d_page_indptr is null";
   if (p.d_page_indices == nullptr) return "d_page_indices is null";
   if (p.d_seq_lens == nullptr) return "d_seq_lens is null";
-  if (p.selection != KvSelection::kDense) {
+  if (p.selection == KvSelection::kTokenMask) {
+    if (p.d_mask == nullptr) return "d_mask is null (kTokenMask)";
+    if (reinterpret_cast<uintptr_t>(p.d_mask) % 16 != 0) {
+      return "d_mask must be 16-byte aligned (kTokenMask)";
+    }
+    if (static_cast<int64_t>(p.batch) * p.num_kv_heads * p.mask_stride >= (int64_t{1} << 40)) {
+      return "mask too large (batch * num_kv_heads * mask_stride)";
+    }
+  } else if (p.selection != KvSelection::kDense) {
     if (p.d_index_indptr == nullptr) return "d_index_indptr is null (sparse selection)";
     if (p.d_index_indices == nullptr) return "d_index_indices is null (sparse selection)";
   }
@@ -159,16 +174,30 @@ cudaError_t PagedDecodePlanFor(const PagedDecodeParams& p, PagedDecodePlan* plan
       }
     }
   }
-  int split_tokens = (max_len + splits - 1) / splits;
-  split_tokens = (split_tokens + kTile - 1) / kTile * kTile;
-  splits = (max_len + split_tokens - 1) / split_tokens;
+  if (p.selection == KvSelection::kTokenMask) {
+    // Splits cut the mask's positions evenly (tile multiples), each at most kMaskSplitPositions.
+    splits = std::max(splits, (p.mask_stride + kMaskSplitPositions - 1) / kMaskSplitPositions);
+    int split_positions = (p.mask_stride + splits - 1) / splits;
+    split_positions = std::min((split_positions + kTile - 1) / kTile * kTile, kMaskSplitPositions);
+    splits = (p.mask_stride + split_positions - 1) / split_positions;
+    plan->split_positions = split_positions;
+    plan->split_tokens = (max_len + splits - 1) / splits;  // expected kept tokens per split
+  } else {
+    int split_tokens = (max_len + splits - 1) / splits;
+    split_tokens = (split_tokens + kTile - 1) / kTile * kTile;
+    splits = (max_len + split_tokens - 1) / split_tokens;
+    plan->split_tokens = split_tokens;
+  }
   plan->num_splits = splits;
-  plan->split_tokens = split_tokens;
   plan->ctas = static_cast<int>(rows * splits);
-  plan->workspace_bytes =
-      splits > 1 ? static_cast<size_t>(p.batch) * p.num_q_heads * splits * (p.head_dim + 1) *
-                       sizeof(float)
-                 : 0;
+  if (splits > 1) {
+    plan->workspace_bytes =
+        static_cast<size_t>(p.batch) * p.num_q_heads * splits * (p.head_dim + 1) * sizeof(float);
+    // Fused reduction: one ticket per (sequence, kv head, query group), 16-byte padded.
+    if (p.fuse_reduction) {
+      plan->workspace_bytes += decode::FusedTicketBytes(p.batch, p.num_kv_heads, plan->q_groups);
+    }
+  }
   return cudaSuccess;
 }
 

@@ -16,11 +16,20 @@
 //   normalised partial (o, lse2) to the workspace and MergeSplitsKernel combines the splits:
 //     LSE = log2 Σ_s 2^{lse_s},   out = Σ_s 2^{lse_s - LSE} · o_s.
 //   The reduction is launched with programmatic dependent launch (griddepcontrol) so its launch
-//   latency overlaps the attention grid's tail.
+//   latency overlaps the attention grid's tail; with fuse_reduction the last split CTA of each row
+//   merges instead (atomic ticket), and no reduction kernel is launched. The attention kernel is
+//   itself launched with programmatic dependent launch and starts with griddepcontrol.wait.
+//   kTokenMask: a CTA first compacts its split's slice of the keep-mask (at most
+//   kMaskSplitPositions positions) into a shared-memory list of uint16 offsets (block scan), then
+//   runs the kToken pipeline over that list; splits cut positions, not list entries.
 //
-// Workspace (several splits only), f32:
-//   ws_o   [batch * num_q_heads][num_splits][head_dim]
-//   ws_lse [batch * num_q_heads][num_splits]        (log2 units; -inf for an empty split)
+// Workspace (several splits only):
+//   tickets [batch][num_kv_heads * q_groups]  int32, fused reduction only (16-byte padded)
+//   ws_o   [batch * num_q_heads][num_splits][head_dim]  f32
+//   ws_lse [batch * num_q_heads][num_splits]            f32 (log2 units; -inf for an empty split)
+// Fused reduction (PagedDecodeParams::fuse_reduction): instead of MergeSplitsKernel, every split
+// CTA takes a ticket (atomicAdd) after writing its partial; the last of its row merges the splits
+// (MergeRow) and stores 0 back.
 #ifndef PREHOC_WORKER_KERNELS_PAGED_DECODE_CUH_
 #define PREHOC_WORKER_KERNELS_PAGED_DECODE_CUH_
 
@@ -30,6 +39,7 @@
 
 #include <cstdint>
 
+#include "worker/kernels/block_primitives.cuh"
 #include "worker/kernels/paged_decode.h"
 
 namespace prehoc::kernels::decode {
@@ -52,10 +62,13 @@ template <int D>
 constexpr int PipelineBytes() {
   return Stages<D>() * 2 * kTile * D * 2;
 }
-template <int D>
+// kTokenMask adds its split's compacted list: uint16 offsets from the split's first position.
+template <int D, KvSelection S>
 constexpr int SmemBytes() {
-  return PipelineBytes<D>() + Stages<D>() * kTile;
+  return PipelineBytes<D>() + Stages<D>() * kTile +
+         (S == KvSelection::kTokenMask ? kMaskSplitPositions * 2 : 0);
 }
+static_assert(kMaskSplitPositions % (16 * kThreads) == 0);
 // Epilogue scratch reuses the pipeline: per warp o[16][D + 8] and m, l [16].
 template <int D>
 constexpr int EpilogueStride() {
@@ -142,6 +155,8 @@ __device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
 struct RowView {
   const int32_t* pages;  // the sequence's page table (logical page -> physical page)
   const int32_t* list;   // sparse: this (sequence, kv head)'s CSR entries
+  const uint16_t* mask_list;  // kTokenMask: the split's kept positions - mask_base (shared memory)
+  int mask_base;
   int seq_len;
   int num_pages;  // ceil(seq_len / page_size)
 };
@@ -159,6 +174,8 @@ __device__ __forceinline__ int LoadEntry(const RowView& r, int j, int end) {
     return j < end ? j : -1;
   } else if constexpr (S == KvSelection::kToken) {
     return j < end ? __ldg(r.list + j) : -1;
+  } else if constexpr (S == KvSelection::kTokenMask) {
+    return j < end ? r.mask_base + r.mask_list[j] : -1;
   } else {
     return j < end ? __ldg(r.list + j / kPageSize) : -1;
   }
@@ -177,11 +194,83 @@ __device__ __forceinline__ int Translate(const RowView& r, int j, int entry) {
   return __ldg(r.pages + t / kPageSize) * kPageSize + t % kPageSize;
 }
 
+// ---- split reduction ---------------------------------------------------------------------------
+// Combines the num_splits partials of one (sequence, query head) row for dim d:
+//   LSE = log2 Σ_s 2^{lse_s},   out = Σ_s 2^{lse_s - LSE} · o_s   (empty splits: lse_s = -inf).
+// The partials are read through L2 (ld.cg): other CTAs of the same grid may have written them.
+template <typename T, int D>
+__device__ __forceinline__ void MergeRow(const float* ws_o, const float* ws_lse, int num_splits,
+                                         size_t row, int d, T* out, float* lse) {
+  const float* lse_row = ws_lse + row * num_splits;
+  float m_max = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) m_max = fmaxf(m_max, __ldcg(lse_row + s));
+  float sum = 0.f, acc = 0.f;
+  if (m_max != -INFINITY) {
+    for (int s = 0; s < num_splits; ++s) {
+      const float ls = __ldcg(lse_row + s);
+      if (ls == -INFINITY) continue;  // empty split: its o was never written
+      const float w = exp2f(ls - m_max);
+      sum += w;
+      acc += w * __ldcg(ws_o + (row * num_splits + s) * D + d);
+    }
+  }
+  out[row * D + d] = Elem<T>::FromFloat(sum > 0.f ? acc / sum : 0.f);
+  if (d == 0 && lse != nullptr) lse[row] = sum > 0.f ? (m_max + log2f(sum)) * kLn2 : -INFINITY;
+}
+
+// kTokenMask prologue: compacts mask positions [pos_begin, pos_end) of one row into `list`
+// (ascending offsets from pos_begin) and returns their number. Thread t owns the kVecs contiguous
+// 16-byte vectors starting at t * kVecs, so the block scan gives ascending output. REQUIRES:
+// pos_end - pos_begin <= kMaskSplitPositions, `row` 16-byte aligned (pos_begin % 16 == 0).
+__device__ __forceinline__ int CompactMaskSlice(const uint8_t* row, int len, uint16_t* list,
+                                                int* scratch) {
+  constexpr int kVecs = kMaskSplitPositions / 16 / kThreads;
+  const uint4* vrow = reinterpret_cast<const uint4*>(row);
+  uint32_t w[kVecs * 4];
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const int i = threadIdx.x * kVecs + k;
+    uint4 v = i * 16 < len ? __ldg(vrow + i) : make_uint4(0u, 0u, 0u, 0u);
+    w[4 * k] = v.x;
+    w[4 * k + 1] = v.y;
+    w[4 * k + 2] = v.z;
+    w[4 * k + 3] = v.w;
+  }
+  int c = 0;
+#pragma unroll
+  for (int k = 0; k < kVecs * 4; ++k) {
+    const int p0 = (threadIdx.x * kVecs * 4 + k) * 4;  // first position of word k
+    if (p0 + 4 > len) {                                 // bytes at positions >= len are ignored
+      w[k] = p0 >= len ? 0u : w[k] & (0xffffffffu >> (8 * (p0 + 4 - len)));
+    }
+    c += block::NonZeroBytes(w[k]);
+  }
+  int total;
+  int pos = block::BlockExclusiveScan<kThreads>(c, scratch, &total);
+#pragma unroll
+  for (int k = 0; k < kVecs * 4; ++k) {
+    if (w[k] == 0u) continue;
+    const int p0 = (threadIdx.x * kVecs * 4 + k) * 4;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      if ((w[k] >> (8 * b)) & 0xffu) list[pos++] = static_cast<uint16_t>(p0 + b);
+    }
+  }
+  __syncthreads();
+  return total;
+}
+
 // ---- attention kernel --------------------------------------------------------------------------
+// split_tokens: attended elements per split (kTokenMask: mask positions per split).
+// ws_tickets: fused reduction only, one zero-initialised counter per (sequence, kv head, group).
 template <typename T, int D, KvSelection S>
 __global__ void __launch_bounds__(kThreads)
     PagedDecodeKernel(const PagedDecodeParams p, int q_groups, int split_tokens, int num_splits,
-                      float scale_log2, float* __restrict__ ws_o, float* __restrict__ ws_lse) {
+                      float scale_log2, float* __restrict__ ws_o, float* __restrict__ ws_lse,
+                      int* __restrict__ ws_tickets) {
+  // Launched with programmatic dependent launch: wait for the previous kernel's results (q, the
+  // KV pools, lists, masks) before reading anything.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   constexpr int kStages = Stages<D>();
   constexpr int kChunksPerRow = D / 8;
   constexpr int kRowsPerPass = kThreads / kChunksPerRow;
@@ -212,9 +301,22 @@ __global__ void __launch_bounds__(kThreads)
   view.num_pages = (view.seq_len + kPageSize - 1) / kPageSize;
   view.pages = p.d_page_indices + p.d_page_indptr[b];
   view.list = nullptr;
+  view.mask_list = nullptr;
+  view.mask_base = 0;
   int list_len;
+  int chunk_begin, chunk_end;
   if constexpr (S == KvSelection::kDense) {
     list_len = view.seq_len;
+  } else if constexpr (S == KvSelection::kTokenMask) {
+    __shared__ int scan_scratch[kThreads / 32];
+    uint16_t* mask_list = reinterpret_cast<uint16_t*>(valid_s + kStages * kTile);
+    const int pos_begin = split * split_tokens;
+    const int pos_end = min(min(pos_begin + split_tokens, view.seq_len), p.mask_stride);
+    const uint8_t* row =
+        p.d_mask + static_cast<size_t>(b * num_kv_heads + hkv) * p.mask_stride + pos_begin;
+    list_len = CompactMaskSlice(row, pos_end - pos_begin, mask_list, scan_scratch);
+    view.mask_list = mask_list;
+    view.mask_base = pos_begin;
   } else {
     const int r = b * num_kv_heads + hkv;
     const int beg = p.d_index_indptr[r];
@@ -222,15 +324,41 @@ __global__ void __launch_bounds__(kThreads)
     view.list = p.d_index_indices + beg;
     list_len = max(end - beg, 0) * (S == KvSelection::kPage ? kPageSize : 1);
   }
-  const int chunk_begin = split * split_tokens;
-  const int chunk_end =
-      split == num_splits - 1 ? list_len : min(list_len, chunk_begin + split_tokens);
+  if constexpr (S == KvSelection::kTokenMask) {
+    chunk_begin = 0;  // the CTA compacted exactly its split
+    chunk_end = list_len;
+  } else {
+    chunk_begin = split * split_tokens;
+    chunk_end = split == num_splits - 1 ? list_len : min(list_len, chunk_begin + split_tokens);
+  }
   const bool single = num_splits == 1;
+  // Fused reduction: after writing its partial, every split CTA takes a ticket; the last one of
+  // its (sequence, kv head, group) merges all splits and puts the ticket back to zero.
+  T* out = static_cast<T*>(p.d_out);
+  int* last_flag = reinterpret_cast<int*>(valid_s);  // epilogue only (the pipeline is drained)
+  auto finish_split = [&]() {
+    if (ws_tickets == nullptr) return;
+    __threadfence();  // this CTA's partials are visible device-wide before its ticket
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int* ticket = ws_tickets + static_cast<size_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+      const bool last = atomicAdd(ticket, 1) == num_splits - 1;
+      if (last) *ticket = 0;  // every other split has taken its ticket
+      *last_flag = last ? 1 : 0;
+    }
+    __syncthreads();
+    if (*last_flag == 0) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+      MergeRow<T, D>(ws_o, ws_lse, num_splits, out_row0 + idx / D, idx % D, out, p.d_lse);
+    }
+  };
   if (!single && chunk_begin >= chunk_end) {
     // Empty split: mark it so the reduction skips it.
     if (threadIdx.x < rows) {
       ws_lse[(out_row0 + threadIdx.x) * num_splits + split] = -INFINITY;
     }
+    finish_split();
     return;
   }
   const int num_tiles = chunk_end > chunk_begin ? (chunk_end - chunk_begin + kTile - 1) / kTile : 0;
@@ -427,7 +555,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  T* out = static_cast<T*>(p.d_out);
   for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
     const int row = idx / D;
     const int d = idx % D;
@@ -454,6 +581,7 @@ __global__ void __launch_bounds__(kThreads)
       if (d == 0) ws_lse[w] = lse2;
     }
   }
+  if (!single) finish_split();
 }
 
 // ---- split reduction ---------------------------------------------------------------------------
@@ -463,67 +591,55 @@ __global__ void __launch_bounds__(D)
     MergeSplitsKernel(const float* __restrict__ ws_o, const float* __restrict__ ws_lse,
                       int num_splits, T* __restrict__ out, float* __restrict__ lse) {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the attention grid's partials
-  const size_t row = blockIdx.x;
-  const int d = threadIdx.x;
-  const float* lse_row = ws_lse + row * num_splits;
-  float m_max = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) m_max = fmaxf(m_max, lse_row[s]);
-  float sum = 0.f, acc = 0.f;
-  if (m_max != -INFINITY) {
-    for (int s = 0; s < num_splits; ++s) {
-      const float ls = lse_row[s];
-      if (ls == -INFINITY) continue;  // empty split: its o was never written
-      const float w = exp2f(ls - m_max);
-      sum += w;
-      acc += w * ws_o[(row * num_splits + s) * D + d];
-    }
-  }
-  out[row * D + d] = Elem<T>::FromFloat(sum > 0.f ? acc / sum : 0.f);
-  if (d == 0 && lse != nullptr) lse[row] = sum > 0.f ? (m_max + log2f(sum)) * kLn2 : -INFINITY;
+  MergeRow<T, D>(ws_o, ws_lse, num_splits, blockIdx.x, threadIdx.x, out, lse);
+}
+
+// Bytes of the fused reduction's tickets at the start of the workspace (16-byte padded).
+inline size_t FusedTicketBytes(int batch, int num_kv_heads, int q_groups) {
+  return (static_cast<size_t>(batch) * num_kv_heads * q_groups * sizeof(int) + 15) / 16 * 16;
 }
 
 // ---- host-side per-variant entry points (instantiated in paged_decode_{f16,bf16}.cu) -----------
 template <typename T, int D, KvSelection S>
 cudaError_t CtasPerSm(int* ctas) {
   auto kernel = PagedDecodeKernel<T, D, S>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes<D>());
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         SmemBytes<D, S>());
   if (err != cudaSuccess) return err;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kThreads, SmemBytes<D>());
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kThreads, SmemBytes<D, S>());
 }
+
+using block::LaunchPdl;
 
 template <typename T, int D, KvSelection S>
 cudaError_t Launch(const PagedDecodeParams& p, const PagedDecodePlan& plan, float scale,
                    cudaStream_t stream) {
   auto kernel = PagedDecodeKernel<T, D, S>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes<D>());
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         SmemBytes<D, S>());
   if (err != cudaSuccess) return err;
+  // Workspace: [tickets (fused reduction), 16-byte padded][ws_o][ws_lse]; the tickets come first
+  // so that their place does not depend on the split count.
   float* ws_o = static_cast<float*>(p.d_workspace);
   float* ws_lse = nullptr;
+  int* ws_tickets = nullptr;
   if (plan.num_splits > 1) {
+    if (p.fuse_reduction) {
+      ws_tickets = static_cast<int*>(p.d_workspace);
+      ws_o = reinterpret_cast<float*>(static_cast<char*>(p.d_workspace) +
+                                      FusedTicketBytes(p.batch, p.num_kv_heads, plan.q_groups));
+    }
     ws_lse = ws_o + static_cast<size_t>(p.batch) * p.num_q_heads * plan.num_splits * D;
   }
+  const int split_len = S == KvSelection::kTokenMask ? plan.split_positions : plan.split_tokens;
   const dim3 grid(plan.num_splits, p.num_kv_heads * plan.q_groups, p.batch);
-  kernel<<<grid, kThreads, SmemBytes<D>(), stream>>>(p, plan.q_groups, plan.split_tokens,
-                                                     plan.num_splits, scale * kLog2e, ws_o,
-                                                     ws_lse);
-  err = cudaGetLastError();
-  if (err != cudaSuccess || plan.num_splits == 1) return err;
+  err = LaunchPdl(kernel, grid, dim3(kThreads), SmemBytes<D, S>(), stream, p, plan.q_groups,
+                  split_len, plan.num_splits, scale * kLog2e, ws_o, ws_lse, ws_tickets);
+  if (err != cudaSuccess || plan.num_splits == 1 || ws_tickets != nullptr) return err;
   // Programmatic dependent launch: the reduction's launch overlaps the attention grid's tail.
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.batch * p.num_q_heads);
-  cfg.blockDim = dim3(D);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, MergeSplitsKernel<T, D>, static_cast<const float*>(ws_o),
-                            static_cast<const float*>(ws_lse), plan.num_splits,
-                            static_cast<T*>(p.d_out), p.d_lse);
+  return LaunchPdl(MergeSplitsKernel<T, D>, dim3(p.batch * p.num_q_heads), dim3(D), 0, stream,
+                   static_cast<const float*>(ws_o), static_cast<const float*>(ws_lse),
+                   plan.num_splits, static_cast<T*>(p.d_out), p.d_lse);
 }
 
 }  // namespace prehoc::kernels::decode
@@ -538,8 +654,10 @@ cudaError_t Launch(const PagedDecodeParams& p, const PagedDecodePlan& plan, floa
   PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 64, prehoc::kernels::KvSelection::kDense)                \
   PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 64, prehoc::kernels::KvSelection::kToken)                \
   PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 64, prehoc::kernels::KvSelection::kPage)                 \
+  PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 64, prehoc::kernels::KvSelection::kTokenMask)            \
   PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kDense)               \
   PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kToken)               \
-  PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kPage)
+  PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kPage)                \
+  PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, 128, prehoc::kernels::KvSelection::kTokenMask)
 
 #endif  // PREHOC_WORKER_KERNELS_PAGED_DECODE_CUH_

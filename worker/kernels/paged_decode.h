@@ -22,6 +22,12 @@
 //             the page's tokens p*page_size .. min((p+1)*page_size, seq_len) - 1 are attended.
 //   Entries must be distinct within a row (a duplicate is counted twice); entries out of range are
 //   ignored (never dereferenced). Order is free; ascending order gives the best locality.
+// Keep-mask only (kTokenMask: list construction fused into the attention launch):
+//   mask [batch * num_kv_heads][mask_stride]  uint8, row r = b * num_kv_heads + h; a non-zero byte
+//        at position t keeps token t of sequence b for kv head h. Positions >= seq_lens[b] are
+//        ignored (may hold anything). Tokens at t >= mask_stride are not attended.
+//   Each split CTA compacts its own slice of the row into shared memory (no global lists); the
+//   result equals kToken with the ascending list of the mask's kept positions.
 //
 // GQA: query head hq uses kv head hq / (num_q_heads / num_kv_heads) (Hugging Face repeat_kv).
 // Result per (b, hq) over the attended set S (all tokens for dense):
@@ -49,6 +55,7 @@ enum class KvSelection : int {
   kDense = 0,  // every token of the sequence (page table only)
   kToken = 1,  // CSR of logical token positions per (sequence, kv head)
   kPage = 2,   // CSR of logical page numbers per (sequence, kv head)
+  kTokenMask = 3,  // uint8 keep-mask of logical token positions per (sequence, kv head)
 };
 
 struct PagedDecodeParams {
@@ -71,20 +78,33 @@ struct PagedDecodeParams {
 
   const int32_t* d_index_indptr = nullptr;   // sparse only
   const int32_t* d_index_indices = nullptr;  // sparse only
+  const uint8_t* d_mask = nullptr;           // kTokenMask only; 16-byte aligned
+  int mask_stride = 0;                       // kTokenMask only; multiple of 16, >= 16
 
   // Upper bound on the number of attended tokens of any (sequence, kv head): the longest sequence
   // for kDense, the longest list for kToken, page_size × the longest list for kPage (the longest
   // sequence also bounds kToken and kPage, and gives the same split plan as dense). Sizes the
   // split-KV grid only; a row that exceeds it is still computed correctly (its last split does the
-  // rest), just with less parallelism.
+  // rest), just with less parallelism. kTokenMask: the expected number of kept tokens per row
+  // (sizes the grid only; splits cut the mask's positions evenly, at most kMaskSplitPositions
+  // positions each, so the grid has at least ceil(mask_stride / 4096) splits).
   int max_kv_len = 0;
   float scale = 0.0f;  // softmax scale; 0 means 1/sqrt(head_dim)
 
   // Multiprocessors to plan for; 0 = query the current device.
   int num_sms = 0;
   // Split-KV partition override for tests and benchmarks: 0 = heuristic; otherwise the number of
-  // KV splits per (sequence, kv head) (1 = no reduction pass).
+  // KV splits per (sequence, kv head) (1 = no reduction pass). kTokenMask raises it to its minimum.
   int force_num_splits = 0;
+  // Split reduction fused into the attention launch: the last CTA of each (sequence, kv head,
+  // query group) to finish (an atomic ticket in the workspace) merges the splits, so no reduction
+  // kernel is launched. REQUIRES: the workspace was zero-filled once after allocation
+  // (cudaMemset); every launch leaves its tickets (the workspace's first
+  // 4 * batch * num_kv_heads * ceil(group / 16) bytes, 16-padded) at zero again, so later launches
+  // need no reset as long as every launch on that workspace uses fuse_reduction with the same
+  // batch, num_kv_heads and group (otherwise zero it again). Off: the reduction runs as a second
+  // kernel (programmatic dependent launch), no zeroing needed.
+  bool fuse_reduction = false;
 
   void* d_workspace = nullptr;  // REQUIRES: >= PagedDecodeWorkspaceBytes(*this) bytes, 16-aligned
   size_t workspace_bytes = 0;
@@ -97,8 +117,12 @@ struct PagedDecodePlan {
   int q_groups = 1;         // ceil(group size / 16)
   int ctas = 0;             // attention CTAs launched
   int ctas_per_sm = 0;      // occupancy of the attention kernel
+  int split_positions = 0;  // kTokenMask: mask positions per split (multiple of the tile)
   size_t workspace_bytes = 0;
 };
+
+// kTokenMask: the most mask positions one split CTA compacts (its shared-memory list).
+constexpr int kMaskSplitPositions = 4096;
 
 // Returns nullptr when the configuration is supported and well-formed, otherwise a static message
 // naming the offending field (e.g. "head_dim must be 64 or 128"). Pointers are checked for null
@@ -112,7 +136,10 @@ cudaError_t PagedDecodePlanFor(const PagedDecodeParams& p, PagedDecodePlan* plan
 // Workspace bytes the launch needs (0 when no reduction pass is needed); SIZE_MAX on error.
 size_t PagedDecodeWorkspaceBytes(const PagedDecodeParams& p);
 
-// Enqueues the attention (and, with several splits, the reduction) on `stream`. Returns
+// Enqueues the attention (and, with several splits and fuse_reduction off, the reduction) on
+// `stream`. The attention kernel is launched with programmatic dependent launch: its CTAs may be
+// scheduled while the previous kernel in the stream drains, and wait (griddepcontrol.wait) for it
+// to finish before reading anything. Returns
 // cudaErrorInvalidValue for an unsupported/ill-formed config or too small a workspace, otherwise
 // the launch error. Asynchronous: device-side faults surface at the next synchronisation.
 // Thread-compatible: concurrent calls need distinct workspaces.
@@ -126,7 +153,9 @@ cudaError_t PagedDecodeAttention(const PagedDecodeParams& p, cudaStream_t stream
 //             ascending within a row).
 //   d_counts  [num_rows] int32 scratch.
 // REQUIRES: mask_stride % 16 == 0, d_mask 16-byte aligned, num_rows * mask_stride < 2^31.
-// Two kernels (count, then compact with a per-row prefix). Returns the launch error.
+// Two kernels (count, then compact with a per-row prefix); the compact kernel is launched with
+// programmatic dependent launch and loads its first mask vectors before waiting for the counts.
+// Returns the launch error.
 cudaError_t BuildIndexListsFromMask(const uint8_t* d_mask, int num_rows, int mask_stride,
                                     int32_t* d_counts, int32_t* d_indptr, int32_t* d_indices,
                                     cudaStream_t stream);

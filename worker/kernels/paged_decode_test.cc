@@ -134,6 +134,9 @@ enum class Mode {
   kPageAll,
   kPageRandom,  // ~50 % of pages, random order
   kPageEmpty,
+  kMaskAll,     // keep-mask (kTokenMask) with every position set, garbage past the sequence
+  kMaskRandom,  // ~30 % of positions, non-zero bytes of any value, garbage past the sequence
+  kMaskEmpty,
 };
 
 const char* ModeName(Mode m) {
@@ -146,6 +149,9 @@ const char* ModeName(Mode m) {
     case Mode::kPageAll: return "page_all";
     case Mode::kPageRandom: return "page_random";
     case Mode::kPageEmpty: return "page_empty";
+    case Mode::kMaskAll: return "mask_all";
+    case Mode::kMaskRandom: return "mask_random";
+    case Mode::kMaskEmpty: return "mask_empty";
   }
   return "?";
 }
@@ -153,12 +159,44 @@ const char* ModeName(Mode m) {
 struct Selection {
   KvSelection kind = KvSelection::kDense;
   std::vector<int32_t> indptr, indices;
+  std::vector<uint8_t> mask;  // kTokenMask
+  int mask_stride = 0;
   int max_kv_len = 0;
 };
+
+// A keep-mask [batch * kv heads][stride] (stride = the longest sequence rounded up to 16, + 16):
+// positions past each sequence's end hold random bytes, which the kernel must ignore.
+Selection MakeMaskSelection(const PagedBatch& pb, Mode mode, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::bernoulli_distribution keep(0.3);
+  std::uniform_int_distribution<int> byte(1, 255), any(0, 255);
+  Selection sel;
+  sel.kind = KvSelection::kTokenMask;
+  const int max_len = *std::max_element(pb.seq_lens.begin(), pb.seq_lens.end());
+  sel.mask_stride = (max_len + 15) / 16 * 16 + 16;
+  sel.mask.assign(static_cast<size_t>(pb.batch()) * pb.num_kv_heads * sel.mask_stride, 0);
+  for (int b = 0; b < pb.batch(); ++b) {
+    for (int h = 0; h < pb.num_kv_heads; ++h) {
+      uint8_t* m = sel.mask.data() + static_cast<size_t>(b * pb.num_kv_heads + h) * sel.mask_stride;
+      for (int t = 0; t < sel.mask_stride; ++t) {
+        if (t >= pb.seq_lens[b]) {
+          m[t] = static_cast<uint8_t>(any(rng));
+        } else if (mode == Mode::kMaskAll || (mode == Mode::kMaskRandom && keep(rng))) {
+          m[t] = static_cast<uint8_t>(byte(rng));
+        }
+      }
+    }
+  }
+  sel.max_kv_len = mode == Mode::kMaskAll ? max_len : (mode == Mode::kMaskRandom ? max_len / 3 : 0);
+  return sel;
+}
 
 Selection MakeSelection(const PagedBatch& pb, Mode mode, uint32_t seed) {
   std::mt19937 rng(seed);
   std::bernoulli_distribution keep_token(0.3), keep_page(0.5);
+  if (mode == Mode::kMaskAll || mode == Mode::kMaskRandom || mode == Mode::kMaskEmpty) {
+    return MakeMaskSelection(pb, mode, seed);
+  }
   Selection sel;
   if (mode == Mode::kDense) {
     sel.max_kv_len = *std::max_element(pb.seq_lens.begin(), pb.seq_lens.end());
@@ -205,7 +243,7 @@ Selection MakeSelection(const PagedBatch& pb, Mode mode, uint32_t seed) {
 }
 
 struct DeviceBatch {
-  DeviceBuffer q, k, v, indptr, indices, lens, sel_indptr, sel_indices, out, lse, ws;
+  DeviceBuffer q, k, v, indptr, indices, lens, sel_indptr, sel_indices, mask, out, lse, ws;
   explicit DeviceBatch(const PagedBatch& pb) {
     q.Upload(pb.q);
     k.Upload(pb.k_pool);
@@ -224,9 +262,12 @@ struct RunResult {
   PagedDecodePlan plan;
 };
 
-// Runs the kernel with poisoned outputs and workspace; fails the test on any CUDA error.
+// Runs the kernel with poisoned outputs and workspace; fails the test on any CUDA error. With
+// `fuse` (fused reduction) the tickets start at zero, the kernel runs twice (the second launch
+// relies on the first having put its tickets back to zero; both outputs must be identical) and
+// the tickets must be zero afterwards.
 void RunKernel(const PagedBatch& pb, DeviceBatch& dev, const Selection& sel, int force_splits,
-               RunResult* res) {
+               RunResult* res, bool fuse = false) {
   PagedDecodeParams p;
   p.dtype = pb.dtype;
   p.selection = sel.kind;
@@ -242,7 +283,11 @@ void RunKernel(const PagedBatch& pb, DeviceBatch& dev, const Selection& sel, int
   p.d_page_indptr = dev.indptr.get<int32_t>();
   p.d_page_indices = dev.indices.get<int32_t>();
   p.d_seq_lens = dev.lens.get<int32_t>();
-  if (sel.kind != KvSelection::kDense) {
+  if (sel.kind == KvSelection::kTokenMask) {
+    dev.mask.Upload(sel.mask);
+    p.d_mask = dev.mask.get<uint8_t>();
+    p.mask_stride = sel.mask_stride;
+  } else if (sel.kind != KvSelection::kDense) {
     dev.sel_indptr.Upload(sel.indptr);
     dev.sel_indices.Upload(sel.indices);
     p.d_index_indptr = dev.sel_indptr.get<int32_t>();
@@ -250,20 +295,43 @@ void RunKernel(const PagedBatch& pb, DeviceBatch& dev, const Selection& sel, int
   }
   p.max_kv_len = sel.max_kv_len;
   p.force_num_splits = force_splits;
+  p.fuse_reduction = fuse;
   ASSERT_EQ(PagedDecodeCheck(p), nullptr) << PagedDecodeCheck(p);
   CUDA_OK(PagedDecodePlanFor(p, &res->plan));
   const size_t ws = PagedDecodeWorkspaceBytes(p);
   ASSERT_NE(ws, SIZE_MAX);
+  ASSERT_EQ(ws, res->plan.workspace_bytes);
   dev.ws.Resize(std::max<size_t>(ws, 16));
   dev.ws.Poison();
+  // Tickets (fused reduction, several splits): the first 16-byte-padded ints of the workspace.
+  const size_t ticket_rows = static_cast<size_t>(p.batch) * p.num_kv_heads * res->plan.q_groups;
+  const size_t ticket_bytes =
+      fuse && res->plan.num_splits > 1 ? (ticket_rows * 4 + 15) / 16 * 16 : 0;
+  if (ticket_bytes > 0) {
+    CUDA_OK(cudaMemset(dev.ws.get(), 0, ticket_bytes));
+  }
   p.d_workspace = dev.ws.get();
   p.workspace_bytes = ws;
-  dev.out.Poison();
-  dev.lse.Poison();
-  CUDA_OK(PagedDecodeAttention(p, nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
-  res->out = dev.out.Download<uint16_t>(pb.q.size());
-  res->lse = dev.lse.Download<float>(pb.seq_lens.size() * pb.num_q_heads);
+  for (int run = 0; run < (fuse ? 2 : 1); ++run) {
+    dev.out.Poison();
+    dev.lse.Poison();
+    CUDA_OK(PagedDecodeAttention(p, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<uint16_t> out = dev.out.Download<uint16_t>(pb.q.size());
+    std::vector<float> lse = dev.lse.Download<float>(pb.seq_lens.size() * pb.num_q_heads);
+    if (run == 1) {
+      EXPECT_EQ(out, res->out) << "second fused launch differs (tickets not reset?)";
+      EXPECT_EQ(0, std::memcmp(lse.data(), res->lse.data(), lse.size() * 4));
+    }
+    res->out = std::move(out);
+    res->lse = std::move(lse);
+  }
+  if (ticket_bytes > 0) {
+    std::vector<uint8_t> all = dev.ws.Download<uint8_t>(ws);
+    for (size_t i = 0; i < ticket_bytes; ++i) {
+      ASSERT_EQ(all[i], 0) << "ticket byte " << i << " not reset to zero";
+    }
+  }
 }
 
 struct Reference {
@@ -286,6 +354,8 @@ Reference ComputeReference(const PagedBatch& pb, const Selection& sel) {
   a.seq_lens = pb.seq_lens.data();
   a.index_indptr = sel.indptr.data();
   a.index_indices = sel.indices.data();
+  a.mask = sel.mask.data();
+  a.mask_stride = sel.mask_stride;
   Reference r;
   ReferencePagedDecode(a, &r.out, &r.lse);
   return r;
@@ -346,7 +416,8 @@ TEST_P(PagedDecodeSweep, MatchesReferenceForEverySelection) {
   DeviceBatch dev(pb);
   const Mode modes[] = {Mode::kDense,      Mode::kTokenAll,       Mode::kTokenRandom,
                         Mode::kTokenShuffled, Mode::kTokenEmpty,  Mode::kPageAll,
-                        Mode::kPageRandom, Mode::kPageEmpty};
+                        Mode::kPageRandom, Mode::kPageEmpty,   Mode::kMaskAll,
+                        Mode::kMaskRandom, Mode::kMaskEmpty};
   const int splits[] = {0, 1, 5};  // heuristic, single pass, forced reduction
   RunResult dense[3];
   for (Mode mode : modes) {
@@ -361,11 +432,23 @@ TEST_P(PagedDecodeSweep, MatchesReferenceForEverySelection) {
                                std::to_string(splits[si]) + ")";
       ExpectClose(pb, ref, got, what);
       if (mode == Mode::kDense) dense[si] = got;
-      if (mode == Mode::kTokenAll || mode == Mode::kPageAll) {
+      if (mode == Mode::kTokenAll || mode == Mode::kPageAll ||
+          (mode == Mode::kMaskAll && got.plan.num_splits == 1 &&
+           dense[si].plan.num_splits == 1)) {
         // Same tiles in the same order as dense: bitwise-identical output and lse.
         EXPECT_EQ(got.out, dense[si].out) << what << " differs bitwise from dense";
         EXPECT_EQ(0, std::memcmp(got.lse.data(), dense[si].lse.data(), got.lse.size() * 4))
             << what << " lse differs bitwise from dense";
+      }
+      if (got.plan.num_splits > 1) {
+        // The fused reduction (last CTA merges) computes the same merge: bitwise identical.
+        RunResult fused;
+        RunKernel(pb, dev, sel, splits[si], &fused, /*fuse=*/true);
+        if (HasFatalFailure()) return;
+        EXPECT_EQ(fused.plan.num_splits, got.plan.num_splits);
+        EXPECT_EQ(fused.out, got.out) << what << ": fused reduction differs bitwise";
+        EXPECT_EQ(0, std::memcmp(fused.lse.data(), got.lse.data(), got.lse.size() * 4))
+            << what << ": fused reduction lse differs bitwise";
       }
     }
   }
@@ -458,6 +541,65 @@ TEST(PagedDecodeCheck, RejectsUnsupportedConfigs) {
   p.head_dim = 80;
   EXPECT_EQ(PagedDecodePlanFor(p, &plan), cudaErrorInvalidValue);
   EXPECT_EQ(PagedDecodeAttention(p, nullptr), cudaErrorInvalidValue);
+}
+
+// kTokenMask parameters with placeholder (never dereferenced) tensors, for checks and planning.
+alignas(16) const uint8_t kMaskPlaceholder[64] = {};
+PagedDecodeParams MaskParamsForChecks(int batch, int num_q_heads, int num_kv_heads) {
+  static const int32_t ints[4] = {};
+  static uint16_t elems[8] = {};
+  PagedDecodeParams p;
+  p.dtype = AttnDType::kBFloat16;
+  p.selection = KvSelection::kTokenMask;
+  p.batch = batch;
+  p.num_q_heads = num_q_heads;
+  p.num_kv_heads = num_kv_heads;
+  p.d_q = p.d_out = elems;
+  p.d_k_pool = p.d_v_pool = elems;
+  p.d_page_indptr = p.d_page_indices = p.d_seq_lens = ints;
+  p.d_mask = kMaskPlaceholder;
+  return p;
+}
+
+TEST(PagedDecodeCheck, RejectsBadKeepMasks) {
+  PagedDecodeParams p = MaskParamsForChecks(1, 4, 1);
+  const uint8_t* mask = p.d_mask;
+  p.d_mask = nullptr;
+  p.mask_stride = 0;
+  EXPECT_STREQ(PagedDecodeCheck(p), "mask_stride must be a positive multiple of 16 (kTokenMask)");
+  p.mask_stride = 24;
+  EXPECT_STREQ(PagedDecodeCheck(p), "mask_stride must be a positive multiple of 16 (kTokenMask)");
+  p.mask_stride = 32;
+  EXPECT_STREQ(PagedDecodeCheck(p), "d_mask is null (kTokenMask)");
+  p.d_mask = mask + 1;
+  EXPECT_STREQ(PagedDecodeCheck(p), "d_mask must be 16-byte aligned (kTokenMask)");
+  p.d_mask = mask;
+  EXPECT_EQ(PagedDecodeCheck(p), nullptr);  // index lists are not needed for a keep-mask
+  p.selection = static_cast<KvSelection>(7);
+  EXPECT_STREQ(PagedDecodeCheck(p), "selection must be kDense, kToken, kPage or kTokenMask");
+}
+
+// Planning (occupancy is queried from the device): the keep-mask grid has at least ceil(mask_stride / kMaskSplitPositions) splits of at most kMaskSplitPositions
+// positions, and the fused reduction adds its tickets to the workspace.
+TEST(PagedDecode, MaskPlanAndFusedWorkspace) {
+  SKIP_WITHOUT_DEVICE();
+  PagedDecodeParams p = MaskParamsForChecks(2, 32, 8);
+  p.num_sms = 132;
+  p.mask_stride = 65536;
+  p.max_kv_len = 64;  // few kept tokens: the heuristic alone would pick one split
+  PagedDecodePlan plan;
+  CUDA_OK(PagedDecodePlanFor(p, &plan));
+  EXPECT_GE(plan.num_splits, 65536 / kMaskSplitPositions);
+  EXPECT_LE(plan.split_positions, kMaskSplitPositions);
+  EXPECT_GE(static_cast<int64_t>(plan.split_positions) * plan.num_splits, 65536);
+  EXPECT_EQ(plan.split_positions % 64, 0);
+  const size_t unfused = plan.workspace_bytes;
+  p.fuse_reduction = true;
+  CUDA_OK(PagedDecodePlanFor(p, &plan));
+  EXPECT_EQ(plan.workspace_bytes, unfused + 64);  // 2 * 8 tickets of 4 bytes, 16-padded
+  p.force_num_splits = 1;  // raised to the mask's minimum
+  CUDA_OK(PagedDecodePlanFor(p, &plan));
+  EXPECT_GE(plan.num_splits, 65536 / kMaskSplitPositions);
 }
 
 // ---- keep-mask -> CSR ----------------------------------------------------------------------------

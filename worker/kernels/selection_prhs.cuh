@@ -36,6 +36,7 @@
 
 #include <cstdint>
 
+#include "worker/kernels/block_primitives.cuh"
 #include "worker/kernels/selection_prhs.h"
 
 namespace prehoc::kernels::prhs {
@@ -117,54 +118,9 @@ __device__ __forceinline__ void Unpack8(const uint4& v, float (&f)[8]) {
   f[7] = Cvt<T>::Hi(v.w);
 }
 
-// ---- block primitives (kThreads a multiple of 32, <= 1024) ------------------------------------
-template <int kThreads>
-__device__ __forceinline__ float BlockSum(float v, float* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
-  return total;
-}
-template <int kThreads>
-__device__ __forceinline__ int BlockSumInt(int v, int* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-  __syncthreads();
-  int total = 0;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
-  return total;
-}
-// Exclusive prefix of v over threads in index order; *total = the block's sum.
-template <int kThreads>
-__device__ __forceinline__ int BlockExclusiveScan(int v, int* scratch, int* total) {
-  const int lane = threadIdx.x % 32;
-  int inc = v;
-#pragma unroll
-  for (int o = 1; o < 32; o *= 2) {
-    const int n = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += n;
-  }
-  __syncthreads();
-  if (lane == 31) scratch[threadIdx.x / 32] = inc;
-  __syncthreads();
-  int warp_base = 0, sum = 0;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) {
-    const int s = scratch[w];
-    if (w < static_cast<int>(threadIdx.x / 32)) warp_base += s;
-    sum += s;
-  }
-  *total = sum;
-  return warp_base + inc - v;
-}
+// ---- block primitives (kThreads a multiple of 32, <= 1024): block_primitives.cuh --------------
+using block::BlockExclusiveScan;
+using block::BlockSum;
 // Merge of (max, Σ exp(x - max)) pairs.
 __device__ __forceinline__ void MergeMaxSum(float& m, float& l, float m2, float l2) {
   const float mx = fmaxf(m, m2);
@@ -659,7 +615,7 @@ __global__ void __launch_bounds__(kThreads) ListKernel(Args a) {
   const int row = blockIdx.x;
   int base = 0;
   for (int r = threadIdx.x; r < row; r += kThreads) base += ListRowCount(a, r);
-  base = BlockSumInt<kThreads>(base, scratch);
+  base = BlockSum<kThreads>(base, scratch);
   const int b = row / a.hkv;
   const int t = a.seq_lens[b];
   const int cnt = ListRowCount(a, row);
