@@ -155,6 +155,9 @@ cudaError_t PagedDecodePlanFor(const PagedDecodeParams& p, PagedDecodePlan* plan
   } else {
     // Pick the split count whose CTAs fill the last wave best (CTAs of one shape take about the
     // same time); prefer fewer splits among near-equals. Each split keeps >= kMinSplitTokens.
+    // The fill is scored for the split count actually launched: a request for s splits becomes
+    // ceil(max_len / split_tokens) with split_tokens rounded up to the tile (e.g. 33 -> 32 at
+    // 16K), so scoring s itself could prefer 4 waves of CTAs over one wave of equal fill.
     const int64_t slots = static_cast<int64_t>(num_sms) * ctas_per_sm;
     const int max_splits = std::max(1, std::min<int>((max_len + kMinSplitTokens - 1) /
                                                          kMinSplitTokens,
@@ -162,7 +165,8 @@ cudaError_t PagedDecodePlanFor(const PagedDecodeParams& p, PagedDecodePlan* plan
     double best = -1.0;
     std::vector<double> eff(max_splits + 1, 0.0);
     for (int s = 1; s <= max_splits; ++s) {
-      const int64_t ctas = rows * s;
+      const int tokens = ((max_len + s - 1) / s + kTile - 1) / kTile * kTile;
+      const int64_t ctas = rows * ((max_len + tokens - 1) / tokens);
       const int64_t waves = (ctas + slots - 1) / slots;
       eff[s] = static_cast<double>(ctas) / static_cast<double>(waves * slots);
       best = std::max(best, eff[s]);

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -502,6 +503,66 @@ TEST(PagedDecode, LongContextHeuristicPlan) {
   }
 }
 
+// kTokenMask parameters (change `selection` for other modes) with placeholder (never
+// dereferenced) tensors, for checks and planning.
+alignas(16) const uint8_t kMaskPlaceholder[64] = {};
+PagedDecodeParams MaskParamsForChecks(int batch, int num_q_heads, int num_kv_heads) {
+  static const int32_t ints[4] = {};
+  static uint16_t elems[8] = {};
+  PagedDecodeParams p;
+  p.dtype = AttnDType::kBFloat16;
+  p.selection = KvSelection::kTokenMask;
+  p.batch = batch;
+  p.num_q_heads = num_q_heads;
+  p.num_kv_heads = num_kv_heads;
+  p.d_q = p.d_out = elems;
+  p.d_k_pool = p.d_v_pool = elems;
+  p.d_page_indptr = p.d_page_indices = p.d_seq_lens = ints;
+  p.d_mask = kMaskPlaceholder;
+  return p;
+}
+
+// The heuristic's split count is scored as launched (after rounding splits to whole tiles): its
+// last-wave fill is within 0.03 of the best fill any forced split count achieves, and no plan
+// with fewer CTAs comes within 0.03 of the best. (B1 / 32 kv heads / 16K once picked 32 splits,
+// 4 waves, because 33 splits scored a perfect fill but launch as 32.)
+TEST(PagedDecode, HeuristicScoresTheLaunchedSplitCount) {
+  SKIP_WITHOUT_DEVICE();
+  for (auto [batch, hkv, len] : {std::tuple{1, 32, 16384}, std::tuple{1, 8, 16384},
+                                 std::tuple{1, 32, 65536}, std::tuple{8, 8, 16384},
+                                 std::tuple{16, 32, 4096}, std::tuple{3, 8, 1000}}) {
+    PagedDecodeParams p = MaskParamsForChecks(batch, 32, hkv);
+    p.selection = KvSelection::kDense;
+    p.num_sms = 132;
+    p.max_kv_len = len;
+    PagedDecodePlan chosen;
+    CUDA_OK(PagedDecodePlanFor(p, &chosen));
+    const double slots = 132.0 * chosen.ctas_per_sm;
+    auto fill = [&](const PagedDecodePlan& plan) {
+      return plan.ctas / (std::ceil(plan.ctas / slots) * slots);
+    };
+    double best = 0;
+    std::vector<PagedDecodePlan> forced;
+    for (int s = 1;
+         s <= std::min((len + 127) / 128, 4 * static_cast<int>(std::ceil(slots / (batch * hkv))));
+         ++s) {
+      p.force_num_splits = s;
+      forced.emplace_back();
+      CUDA_OK(PagedDecodePlanFor(p, &forced.back()));
+      best = std::max(best, fill(forced.back()));
+    }
+    char what[96];
+    std::snprintf(what, sizeof(what), "B%d Hkv%d len %d: %d splits", batch, hkv, len,
+                  chosen.num_splits);
+    EXPECT_GE(fill(chosen), best - 0.03 - 1e-9) << what;
+    for (const PagedDecodePlan& f : forced) {
+      if (f.ctas < chosen.ctas) {
+        EXPECT_LT(fill(f), best - 0.03) << what << " vs " << f.num_splits;
+      }
+    }
+  }
+}
+
 // max_kv_len smaller than the real list: the last split absorbs the rest, results stay exact.
 TEST(PagedDecode, UnderestimatedMaxLenIsStillCorrect) {
   SKIP_WITHOUT_DEVICE();
@@ -541,24 +602,6 @@ TEST(PagedDecodeCheck, RejectsUnsupportedConfigs) {
   p.head_dim = 80;
   EXPECT_EQ(PagedDecodePlanFor(p, &plan), cudaErrorInvalidValue);
   EXPECT_EQ(PagedDecodeAttention(p, nullptr), cudaErrorInvalidValue);
-}
-
-// kTokenMask parameters with placeholder (never dereferenced) tensors, for checks and planning.
-alignas(16) const uint8_t kMaskPlaceholder[64] = {};
-PagedDecodeParams MaskParamsForChecks(int batch, int num_q_heads, int num_kv_heads) {
-  static const int32_t ints[4] = {};
-  static uint16_t elems[8] = {};
-  PagedDecodeParams p;
-  p.dtype = AttnDType::kBFloat16;
-  p.selection = KvSelection::kTokenMask;
-  p.batch = batch;
-  p.num_q_heads = num_q_heads;
-  p.num_kv_heads = num_kv_heads;
-  p.d_q = p.d_out = elems;
-  p.d_k_pool = p.d_v_pool = elems;
-  p.d_page_indptr = p.d_page_indices = p.d_seq_lens = ints;
-  p.d_mask = kMaskPlaceholder;
-  return p;
 }
 
 TEST(PagedDecodeCheck, RejectsBadKeepMasks) {
