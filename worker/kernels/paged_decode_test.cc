@@ -645,6 +645,31 @@ TEST(PagedDecode, MaskPlanAndFusedWorkspace) {
   EXPECT_GE(plan.num_splits, 65536 / kMaskSplitPositions);
 }
 
+// The CPU reference's keep-mask selection is the token-list selection of the mask's kept positions
+// (ascending, positions past the sequence dropped): identical float64 results. No device needed.
+TEST(PagedDecodeReference, KeepMaskEqualsTokenListOfItsKeptPositions) {
+  const PagedBatch pb(AttnDType::kBFloat16, 8, 2, 64, {40, 1, 0, 77}, 5u);
+  const Selection mask = MakeSelection(pb, Mode::kMaskRandom, 17u);
+  Selection list;
+  list.kind = KvSelection::kToken;
+  list.indptr.push_back(0);
+  for (int b = 0; b < pb.batch(); ++b) {
+    for (int h = 0; h < pb.num_kv_heads; ++h) {
+      const uint8_t* m =
+          mask.mask.data() + static_cast<size_t>(b * pb.num_kv_heads + h) * mask.mask_stride;
+      for (int t = 0; t < pb.seq_lens[b]; ++t) {
+        if (m[t] != 0) list.indices.push_back(t);
+      }
+      list.indptr.push_back(static_cast<int32_t>(list.indices.size()));
+    }
+  }
+  ASSERT_GT(list.indices.size(), 10u);
+  const Reference from_mask = ComputeReference(pb, mask);
+  const Reference from_list = ComputeReference(pb, list);
+  EXPECT_EQ(from_mask.out, from_list.out);
+  EXPECT_EQ(from_mask.lse, from_list.lse);
+}
+
 // ---- keep-mask -> CSR ----------------------------------------------------------------------------
 
 class IndexListsTest : public ::testing::TestWithParam<std::tuple<int, int, double>> {};
