@@ -5,6 +5,8 @@
 //   decode_bench [--layers=32] [--hidden=4096] [--heads=32] [--kv-heads=32] [--head-dim=128]
 //                [--ffn=11008] [--vocab=32000] [--batch=16] [--ctx=4096] [--steps=32]
 //                [--warmup=4] [--keep=8] [--modes=dense,random,streaming] [--json=PATH]
+//                (modes: dense random streaming prhs prhs-budget-matched step-logits-greedy
+//                 step-device-greedy step-logits-sample step-device-sample)
 //                [--gemm=autotune|default] [--model=DIR --prompt-file=PATH]
 //                [--overrides=k=v,k=v]   (selection-plan overrides of the prhs modes, e.g.
 //                                         tau=-1,max_reuse=9: the gate shares 9 steps of 10)
@@ -37,6 +39,14 @@
 //             random weights and K/V the attention is random, so the gate's refresh rate is
 //             whatever random queries give (reported, not chosen). Their roofline counts the
 //             kept K/V plus the K of every refreshed row's whole context.
+// Step modes — the serving path's synchronous step (host tokens in, a token per sequence out,
+// as the Scheduler runs it), timed on the host clock per step (median; tokens/s from the total),
+// so the host's share is included:
+//   step-logits-greedy / step-logits-sample — CudaModel::Step: the batch x vocab f32 logits are
+//             copied to the host, which takes the argmax / samples with Sampler (temperature
+//             0.8, top-p 0.95, one seeded Sampler per sequence);
+//   step-device-greedy / step-device-sample — CudaModel::StepSample with the same draws
+//             (Sampler::NextDraw): the device argmax / SampleRows, only the ids come back.
 // Each mode runs on its own; a failing mode is reported and the others still run. Results are
 // printed and (with --json) written after every mode.
 #include <cuda_runtime_api.h>
@@ -62,6 +72,7 @@
 #include "cachemgr/selection_plan.h"
 #include "worker/backends/cuda/cuda_model.h"
 #include "worker/kernels/paged_decode.h"
+#include "worker/sampler.h"
 #include "worker/tokenizer.h"
 
 namespace prehoc::bench {
@@ -392,6 +403,81 @@ int Main(int argc, char** argv) {
   auto run_mode = [&](const std::string& mode) -> absl::StatusOr<Record> {
     const int len0 = *model.SequenceLength(seqs[0]);
     const bool prhs = mode == "prhs" || mode == "prhs-budget-matched";
+    const bool step_mode = mode.rfind("step-", 0) == 0;
+    if (step_mode && mode != "step-logits-greedy" && mode != "step-logits-sample" &&
+        mode != "step-device-greedy" && mode != "step-device-sample") {
+      return absl::InvalidArgumentError(absl::StrCat("unknown mode '", mode, "'"));
+    }
+    if (step_mode) {
+      // Synchronous steps with host tokens; the first tokens are the device-side ones.
+      std::vector<int32_t> cur(o.batch);
+      RET_CUDA(cudaMemcpy(cur.data(), d_a, o.batch * 4, cudaMemcpyDeviceToHost));
+      const bool greedy = mode.find("greedy") != std::string::npos;
+      const bool on_device = mode.find("device") != std::string::npos;
+      SamplingOptions so;
+      if (!greedy) {
+        so.temperature = 0.8f;
+        so.top_p = 0.95f;
+      }
+      std::vector<Sampler> samplers;
+      for (int b = 0; b < o.batch; ++b) {
+        so.seed = 1000 + b;
+        samplers.emplace_back(so);
+      }
+      auto one_step = [&]() -> absl::Status {
+        std::vector<CudaModel::StepItem> items(o.batch);
+        for (int b = 0; b < o.batch; ++b) {
+          items[b].seq = seqs[b];
+          items[b].tokens = std::span<const int32_t>(&cur[b], 1);
+        }
+        if (on_device) {
+          std::vector<TokenDraw> draws(o.batch);
+          for (int b = 0; b < o.batch; ++b) draws[b] = samplers[b].NextDraw();
+          absl::StatusOr<std::vector<int32_t>> ids = model.StepSample(items, draws);
+          if (!ids.ok()) return ids.status();
+          cur = *ids;
+        } else {
+          absl::StatusOr<std::vector<std::vector<float>>> l = model.Step(items);
+          if (!l.ok()) return l.status();
+          for (int b = 0; b < o.batch; ++b) cur[b] = samplers[b].Sample((*l)[b]);
+        }
+        return absl::OkStatus();
+      };
+      for (int i = 0; i < o.warmup; ++i) RET_OK(one_step());
+      const int ctx_start = *model.SequenceLength(seqs[0]) + 1;
+      std::vector<double> ms(o.steps);
+      const auto t_all = std::chrono::steady_clock::now();
+      for (int i = 0; i < o.steps; ++i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        RET_OK(one_step());
+        ms[i] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                    .count();
+      }
+      const double total_ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_all)
+              .count();
+      for (int32_t t : cur) {
+        if (t < 0 || t >= o.vocab) {
+          return absl::InternalError(absl::StrCat("step produced token ", t));
+        }
+      }
+      RET_CUDA(cudaMemcpy(d_a, cur.data(), o.batch * 4, cudaMemcpyHostToDevice));
+      Record r;
+      r.mode = mode;
+      r.batch = o.batch;
+      r.ctx_start = ctx_start;
+      r.ctx_end = ctx_start + o.steps - 1;
+      r.steps = o.steps;
+      r.ms_median = Median(ms);
+      r.ms_mean = total_ms / o.steps;
+      r.tokens_per_s = o.batch * o.steps / (total_ms / 1e3);
+      r.weight_bytes = static_cast<double>(model.weight_bytes());
+      r.kv_bytes = o.batch * 0.5 * (r.ctx_start + r.ctx_end) *
+                   static_cast<double>(model.kv_bytes_per_token());
+      r.roofline_ms = (r.weight_bytes + r.kv_bytes) / (copy_gbs * 1e9) * 1e3;
+      r.roofline_fraction = r.roofline_ms / r.ms_mean;
+      return r;
+    }
     int32_t *d_indptr = nullptr, *d_indices = nullptr, *d_counts = nullptr;
     uint8_t* d_mask = nullptr;
     struct Freer {

@@ -4,6 +4,8 @@
 //   causal_ms, band_ms, ratio (causal / band) for the simple kernel; tiled_causal_ms,
 //   tiled_band_ms, tiled_ratio for the tiled tensor-core kernel (PrefillAttentionTiled), its
 //   speedup over the simple one and its causal TFLOP/s (4 · Σ keys · heads · head_dim);
+//   tiled_bf16p_causal_ms: the tiled kernel with P rounded to one bf16 (tiled_single_bf16_p,
+//   the earlier variant) and split_p_cost = tiled_causal_ms / tiled_bf16p_causal_ms;
 //   keys_read_fraction (band keys / causal keys, exact), tile_skip_fraction (the fraction of the
 //   causal (64 query × 64 key) tiles lying wholly outside every row's band: what the tiled
 //   kernel skips), plus the shape.
@@ -102,6 +104,9 @@ void RunOne(const Options& o, int ctx) {
   const int num_tiles = static_cast<int>(tiles.size() / 2);
   const double causal_ms = TimeMs(p, o.reps);
   const double tiled_causal_ms = TimeMs(p, o.reps, num_tiles, dt);
+  p.tiled_single_bf16_p = true;
+  const double tiled_bf16p_causal_ms = TimeMs(p, o.reps, num_tiles, dt);
+  p.tiled_single_bf16_p = false;
   p.d_band_fraction = dbf;
   p.d_band_sink = dbs;
   const double band_ms = TimeMs(p, o.reps);
@@ -129,12 +134,14 @@ void RunOne(const Options& o, int ctx) {
       "{\"ctx\": %d, \"hq\": %d, \"hkv\": %d, \"head_dim\": %d, \"drop\": %.3f, \"sink\": %d, "
       "\"causal_ms\": %.3f, \"band_ms\": %.3f, \"ratio\": %.3f, \"tiled_causal_ms\": %.3f, "
       "\"tiled_band_ms\": %.3f, \"tiled_ratio\": %.3f, \"tiled_speedup_causal\": %.2f, "
-      "\"causal_tflops_tiled\": %.1f, \"keys_read_fraction\": %.4f, "
+      "\"causal_tflops_tiled\": %.1f, \"tiled_bf16p_causal_ms\": %.3f, "
+      "\"split_p_cost\": %.3f, \"keys_read_fraction\": %.4f, "
       "\"tile_skip_fraction\": %.4f}\n",
       ctx, o.hq, o.hkv, o.hd, o.drop, o.sink, causal_ms, band_ms, causal_ms / band_ms,
       tiled_causal_ms, tiled_band_ms, tiled_causal_ms / tiled_band_ms,
       causal_ms / tiled_causal_ms, 4.0 * causal_keys * o.hq * o.hd / (tiled_causal_ms * 1e9),
-      band_keys / causal_keys, static_cast<double>(skipped) / key_tiles);
+      tiled_bf16p_causal_ms, tiled_causal_ms / tiled_bf16p_causal_ms, band_keys / causal_keys,
+      static_cast<double>(skipped) / key_tiles);
   std::fflush(stdout);
   for (void* d : {static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(dq),
                   static_cast<void*>(dout), static_cast<void*>(dip), static_cast<void*>(dix),

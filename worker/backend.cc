@@ -3,6 +3,7 @@
 #include <unordered_set>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 #include "worker/kv_cache.h"
 
 namespace prehoc {
@@ -42,6 +43,21 @@ absl::StatusOr<StepDemand> ValidateStepItems(
     d.tokens += static_cast<int64_t>(it.tokens.size());
   }
   return d;
+}
+
+absl::StatusOr<std::vector<int32_t>> ModelBackend::StepSample(std::span<const StepItem> items,
+                                                              std::span<const TokenDraw> draws,
+                                                              bool causal) {
+  RETURN_IF_ERROR(ValidateDraws(items.size(), draws));
+  ASSIGN_OR_RETURN(std::vector<std::vector<float>> logits, Step(items, causal));
+  const size_t vocab = static_cast<size_t>(config().vocab_size);
+  std::vector<int32_t> out(items.size(), -1);
+  for (size_t b = 0; b < items.size(); ++b) {
+    if (!draws[b].wanted) continue;
+    const std::span<const float> row = std::span<const float>(logits[b]).last(vocab);
+    out[b] = SampleWithUniform(row, draws[b].options, draws[b].u);
+  }
+  return out;
 }
 
 }  // namespace prehoc

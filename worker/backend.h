@@ -20,6 +20,7 @@
 #include "absl/status/statusor.h"
 #include "cachemgr/selection_plan.h"
 #include "common/model_config.h"
+#include "worker/sampler.h"
 #include "worker/selection/selector.h"
 #include "worker/tokenizer.h"
 
@@ -88,7 +89,23 @@ class ModelBackend {
   // few free pages; INTERNAL for a device fault.
   virtual absl::StatusOr<std::vector<std::vector<float>>> Step(std::span<const StepItem> items,
                                                                bool causal = true) = 0;
+
+  // Runs the same forward as Step and returns per item the token drawn from its last new
+  // token's logits: SampleWithUniform(logits, draws[i].options, draws[i].u) (worker/sampler.h),
+  // or -1 where !draws[i].wanted. One draw per item (INVALID_ARGUMENT naming the item for a
+  // count mismatch or a draw TokenDraw::Validate refuses); other errors as Step.
+  // This default runs Step and samples on the host — the CPU engine's path. The CUDA backend
+  // (with CudaBackendOptions::device_sampling) overrides it to sample on the device, so that
+  // only the token ids leave the GPU instead of vocab floats per item (greedy: the device argmax; otherwise the kernel of
+  // worker/kernels/sampling.h on the same u, whose fixed-point masses can differ from the host's
+  // f64 sums only when u · mass or top_p · mass falls within ~vocab · 2^-44 of a token boundary).
+  virtual absl::StatusOr<std::vector<int32_t>> StepSample(std::span<const StepItem> items,
+                                                          std::span<const TokenDraw> draws,
+                                                          bool causal = true);
+  // Whether StepSample draws on the device (true for the CUDA backend). Thread-safe.
+  virtual bool samples_on_device() const { return false; }
 };
+
 
 // What a valid step asks of the KV cache.
 struct StepDemand {

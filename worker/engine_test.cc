@@ -95,6 +95,48 @@ TEST(EngineTest, BadBatchesAreRejectedAndChangeNothing) {
   expect_invalid({{s, ok, false}, {12345, ok, false}}, "unknown sequence 12345");
 }
 
+// ModelBackend::StepSample's default (the CPU path): Step, then SampleWithUniform on the last
+// row of each wanted item; -1 for unwanted ones; bad draws are refused before anything runs.
+TEST(EngineTest, StepSampleDrawsFromTheStepsLogits) {
+  auto e = Make();
+  auto ref = Make();
+  const std::vector<int32_t> a = {256, 10, 20, 30, 40}, b = {256, 7, 8}, c = {256, 99};
+  std::vector<Engine::SeqId> es, rs;
+  for (int i = 0; i < 3; ++i) {
+    es.push_back(e->CreateSequence());
+    rs.push_back(ref->CreateSequence());
+  }
+  std::vector<TokenDraw> draws(3);
+  draws[0].options = SamplingOptions{0.9f, 0, 0.8f, 0};
+  draws[0].u = 0.37;
+  draws[1].wanted = false;
+  draws[2].options = SamplingOptions{};  // greedy
+  const std::vector<Engine::StepItem> ei = {{es[0], a, true}, {es[1], b}, {es[2], c}};
+  const std::vector<Engine::StepItem> ri = {{rs[0], a, true}, {rs[1], b}, {rs[2], c}};
+  // Refused draws leave the sequences unchanged.
+  std::vector<TokenDraw> bad = draws;
+  bad[2].u = 1.5;
+  bad[2].options.temperature = 1.0f;
+  auto refused = e->StepSample(ei, bad);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(refused.status().message(), HasSubstr("batch item 2"));
+  EXPECT_EQ(e->StepSample(ei, std::span<const TokenDraw>(draws).first(2)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(*e->SequenceLength(es[0]), 0);
+  auto ids = e->StepSample(ei, draws);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  auto logits = ref->Step(ri);
+  ASSERT_TRUE(logits.ok());
+  const size_t V = 260;
+  ASSERT_EQ(ids->size(), 3u);
+  EXPECT_EQ((*ids)[0], SampleWithUniform(std::span<const float>((*logits)[0]).last(V),
+                                         draws[0].options, draws[0].u));
+  EXPECT_EQ((*ids)[1], -1);
+  EXPECT_EQ((*ids)[2], ArgMax((*logits)[2]));
+  EXPECT_EQ(*e->SequenceLength(es[0]), 5);
+  EXPECT_FALSE(e->samples_on_device());
+}
+
 TEST(EngineTest, KvExhaustionIsResourceExhaustedAndAllOrNothing) {
   // Room for exactly 3 pages (48 tokens).
   const int64_t page = KvPageBytes(Make()->config(), 16);

@@ -107,11 +107,14 @@ absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(ModelBackend& engine,
       results[i].prompt_tokens = static_cast<int>(requests[i].prompt.size());
       local.prompt_tokens += results[i].prompt_tokens;
     }
-    ASSIGN_OR_RETURN(std::vector<std::vector<float>> logits, engine.Step(items));
+    std::vector<TokenDraw> draws(n);
+    for (size_t i = 0; i < n; ++i) draws[i] = samplers[i].NextDraw();
+    // Sampled by the backend (ModelBackend::StepSample), with the draws Sample would use.
+    ASSIGN_OR_RETURN(std::vector<int32_t> ids, engine.StepSample(items, draws));
     local.prefill_s = SecondsSince(t0);
     for (size_t i = 0; i < n; ++i) {
       results[i].time_to_first_token_s = local.prefill_s;
-      accept(i, samplers[i].Sample(logits[i]));
+      accept(i, ids[i]);
     }
   }
   // Decode.
@@ -125,9 +128,11 @@ absl::StatusOr<std::vector<GenerateResult>> GenerateBatch(ModelBackend& engine,
       which.push_back(i);
     }
     if (items.empty()) break;
-    ASSIGN_OR_RETURN(std::vector<std::vector<float>> logits, engine.Step(items));
+    std::vector<TokenDraw> draws(which.size());
+    for (size_t j = 0; j < which.size(); ++j) draws[j] = samplers[which[j]].NextDraw();
+    ASSIGN_OR_RETURN(std::vector<int32_t> ids, engine.StepSample(items, draws));
     ++local.decode_steps;
-    for (size_t j = 0; j < which.size(); ++j) accept(which[j], samplers[which[j]].Sample(logits[j]));
+    for (size_t j = 0; j < which.size(); ++j) accept(which[j], ids[j]);
     for (size_t i : which) sessions[i]->AfterStep();  // closes the δ loop
   }
   local.decode_s = SecondsSince(t1);

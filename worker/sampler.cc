@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace prehoc {
 
@@ -21,6 +22,29 @@ absl::Status SamplingOptions::Validate() const {
   return absl::OkStatus();
 }
 
+absl::Status TokenDraw::Validate() const {
+  if (!wanted) return absl::OkStatus();
+  RETURN_IF_ERROR(options.Validate());
+  if (!(u >= 0.0 && u < 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat("u must be in [0, 1), got ", u));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateDraws(size_t items, std::span<const TokenDraw> draws) {
+  if (draws.size() != items) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("step has ", items, " items but ", draws.size(), " draws"));
+  }
+  for (size_t b = 0; b < draws.size(); ++b) {
+    if (absl::Status s = draws[b].Validate(); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch item ", b, ": draw: ", s.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
 int32_t ArgMax(std::span<const float> values) {
   int32_t best = 0;
   for (size_t i = 1; i < values.size(); ++i) {
@@ -32,6 +56,13 @@ int32_t ArgMax(std::span<const float> values) {
 Sampler::Sampler(const SamplingOptions& options) : options_(options), rng_(options.seed) {}
 
 double Sampler::NextUniform() { return static_cast<double>(rng_() >> 11) * 0x1.0p-53; }
+
+TokenDraw Sampler::NextDraw() {
+  TokenDraw d;
+  d.options = options_;
+  d.u = options_.temperature == 0.0f ? 0.0 : NextUniform();
+  return d;
+}
 
 int32_t Sampler::Sample(std::span<const float> logits) {
   if (options_.temperature == 0.0f) return ArgMax(logits);

@@ -22,6 +22,22 @@ struct SamplingOptions {
   absl::Status Validate() const;
 };
 
+// One token to draw from a row of logits, with the draw's randomness fixed in advance (so a
+// backend can draw on the device, worker/kernels/sampling.h): the options and the uniform u.
+// SampleWithUniform(logits, options, u) is the token; `options.seed` is not used.
+struct TokenDraw {
+  bool wanted = true;  // false: no token (and no logits) needed from this row
+  SamplingOptions options;
+  double u = 0;  // in [0, 1); ignored when options.temperature == 0 (greedy)
+
+  // INVALID_ARGUMENT naming the field: SamplingOptions::Validate's errors, u outside [0, 1).
+  absl::Status Validate() const;
+};
+
+// INVALID_ARGUMENT naming the batch item unless there is one valid draw per item (`items`
+// items in the step).
+absl::Status ValidateDraws(size_t items, std::span<const TokenDraw> draws);
+
 class Sampler {
  public:
   // REQUIRES: options.Validate().ok().
@@ -34,6 +50,13 @@ class Sampler {
 
   // Uniform double in [0, 1) from the generator (53 bits).
   double NextUniform();
+
+  // The next token's draw: the options and, when not greedy, NextUniform(). For every logits
+  // row, SampleWithUniform(logits, d.options, d.u) with d = NextDraw() is what Sample(logits)
+  // would have returned at this point of the stream (and advances the generator the same way):
+  // the Scheduler draws through it whether the backend samples on the host or on the device,
+  // so a seed gives the same uniforms on the CPU and on the GPU.
+  TokenDraw NextDraw();
 
  private:
   SamplingOptions options_;

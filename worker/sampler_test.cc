@@ -107,6 +107,44 @@ TEST(SamplerTest, SampleWithUniformInverseCdfAndCandidates) {
   for (int i = 0; i < 50; ++i) EXPECT_EQ(a.Sample(l), SampleWithUniform(l, o, b.NextUniform()));
 }
 
+// NextDraw gives what Sample would have: greedy draws take no uniform (the stream stays in step
+// with Sample's), sampled ones take the next one.
+TEST(SamplerTest, NextDrawReproducesSample) {
+  std::vector<float> l(40);
+  for (int i = 0; i < 40; ++i) l[i] = 0.3f * static_cast<float>((i * 7) % 11);
+  for (const SamplingOptions& o :
+       {SamplingOptions{}, SamplingOptions{0.8f, 0, 0.9f, 5}, SamplingOptions{1.2f, 6, 1.0f, 9}}) {
+    Sampler a(o), b(o);
+    for (int i = 0; i < 40; ++i) {
+      const TokenDraw d = b.NextDraw();
+      EXPECT_TRUE(d.wanted);
+      EXPECT_EQ(d.options.temperature, o.temperature);
+      if (o.temperature == 0.0f) EXPECT_EQ(d.u, 0.0);
+      EXPECT_EQ(a.Sample(l), SampleWithUniform(l, d.options, d.u)) << "draw " << i;
+    }
+    EXPECT_EQ(a.NextUniform(), b.NextUniform());  // same position in the stream
+  }
+}
+
+TEST(TokenDrawTest, ValidateNamesTheFieldAndTheItem) {
+  TokenDraw d;
+  EXPECT_TRUE(d.Validate().ok());
+  d.u = 1.0;
+  EXPECT_NE(d.Validate().message().find("u must be in [0, 1)"), std::string::npos);
+  d.u = NAN;
+  EXPECT_FALSE(d.Validate().ok());
+  d.wanted = false;  // an unwanted draw is not looked at
+  EXPECT_TRUE(d.Validate().ok());
+  TokenDraw bad;
+  bad.options.top_p = 2;
+  const std::vector<TokenDraw> draws = {TokenDraw{}, bad};
+  const absl::Status s = ValidateDraws(2, draws);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("batch item 1"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("top_p"), std::string::npos) << s;
+  EXPECT_NE(ValidateDraws(3, draws).message().find("3 items but 2 draws"), std::string::npos);
+}
+
 TEST(SamplingOptionsTest, ValidateNamesTheField) {
   SamplingOptions o;
   EXPECT_TRUE(o.Validate().ok());

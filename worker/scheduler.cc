@@ -672,6 +672,7 @@ void Scheduler::StepLoop() {
     std::vector<ModelBackend::StepItem> items;
     std::vector<Request*> item_req;
     std::vector<bool> item_samples;  // the item's logits yield a token
+    std::vector<TokenDraw> draws;    // per item: its token's draw (not wanted: a mid-prompt chunk)
     // Per item: the selector's (selections, kept tokens) before the step (dense fallbacks).
     std::vector<std::pair<int64_t, int64_t>> counters_before;
     {
@@ -720,6 +721,7 @@ void Scheduler::StepLoop() {
                            r->session->selector()});
           item_req.push_back(r);
           item_samples.push_back(true);
+          draws.push_back(r->sampler.NextDraw());
           --budget;
         }
       }
@@ -732,6 +734,9 @@ void Scheduler::StepLoop() {
             {r->seq, std::span<const int32_t>(r->prompt.data() + r->prefilled, chunk), false});
         item_req.push_back(r);
         item_samples.push_back(chunk == remaining);
+        TokenDraw skip;
+        skip.wanted = false;
+        draws.push_back(chunk == remaining ? r->sampler.NextDraw() : skip);
         counters_before.emplace_back(0, 0);
         budget -= chunk;
       }
@@ -748,20 +753,23 @@ void Scheduler::StepLoop() {
     if (options_.before_step) options_.before_step();
     if (options_.step_delay > absl::ZeroDuration()) absl::SleepFor(options_.step_delay);
     const absl::Time step_start = Now();
-    absl::StatusOr<std::vector<std::vector<float>>> logits = engine_->Step(items);
+    // Tokens are drawn by the backend (on the GPU for CudaBackend with device_sampling) with
+    // uniforms from the requests' own generator streams: a seed gives the same uniforms on
+    // every backend.
+    absl::StatusOr<std::vector<int32_t>> sampled = engine_->StepSample(items, draws);
     const absl::Time step_end = Now();
     int64_t step_tokens = 0;
     for (const auto& it : items) step_tokens += static_cast<int64_t>(it.tokens.size());
 
     {
       absl::MutexLock l(&mu_);
-      if (!logits.ok()) {
+      if (!sampled.ok()) {
         // Cannot happen with page reservations; end the batch's requests rather than spin.
-        LOG(ERROR) << "engine step failed: " << logits.status();
+        LOG(ERROR) << "engine step failed: " << sampled.status();
         for (Request* r : item_req) {
           if (requests_.contains(r->id) && r->seq != 0) {
             FinishLocked(r, absl::InternalError(absl::StrCat("engine step failed: ",
-                                                             logits.status().message())),
+                                                             sampled.status().message())),
                          {}, &out, &graveyard);
           }
         }
@@ -781,7 +789,7 @@ void Scheduler::StepLoop() {
                                   counters_before[i].second);
             r->session->AfterStep();  // closes the delta loop (new plan version on change)
           }
-          const int32_t token = r->sampler.Sample((*logits)[i]);
+          const int32_t token = (*sampled)[i];
           ++generated;
           ++r->completion;
           r->last_token = token;

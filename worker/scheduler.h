@@ -14,7 +14,9 @@
 //   3. build one batch: one decode token per running request that finished prefill, then prompt
 //      chunks (<= prefill_chunk tokens each) in arrival order while the batch has fewer than
 //      max_step_tokens tokens;
-//   4. ModelBackend::Step without the lock; sample, emit events, end finished requests.
+//   4. ModelBackend::StepSample without the lock (each sampled item's draw comes from its
+//      request's Sampler::NextDraw; the CUDA backend with device_sampling draws on the GPU);
+//      emit events, end finished requests.
 #ifndef PREHOC_WORKER_SCHEDULER_H_
 #define PREHOC_WORKER_SCHEDULER_H_
 

@@ -17,8 +17,13 @@ template __global__ void PrefillAttentionKernel<4>(PrefillAttentionParams, float
 template __global__ void PrefillAttentionKernel<8>(PrefillAttentionParams, float);
 }  // namespace prefill
 namespace prefill_tiled {
-template __global__ void PrefillTiledKernel<64>(PrefillAttentionParams, const int32_t*, float);
-template __global__ void PrefillTiledKernel<128>(PrefillAttentionParams, const int32_t*, float);
+template __global__ void PrefillTiledKernel<64, true>(PrefillAttentionParams, const int32_t*, float);
+template __global__ void PrefillTiledKernel<128, true>(PrefillAttentionParams, const int32_t*,
+                                                       float);
+template __global__ void PrefillTiledKernel<64, false>(PrefillAttentionParams, const int32_t*,
+                                                       float);
+template __global__ void PrefillTiledKernel<128, false>(PrefillAttentionParams, const int32_t*,
+                                                        float);
 }  // namespace prefill_tiled
 
 const char* PrefillAttentionCheck(const PrefillAttentionParams& p) {
@@ -79,12 +84,15 @@ cudaError_t PrefillAttentionTiled(const PrefillAttentionParams& p, int num_tiles
   const float scale = p.scale != 0.0f ? p.scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
   const float scale_log2 = scale * 1.4426950408889634f;
   const dim3 grid(num_tiles, p.num_q_heads);
+  auto launch = [&](auto kernel) {
+    kernel<<<grid, prefill_tiled::kThreads, 0, stream>>>(p, d_tiles, scale_log2);
+  };
   if (p.head_dim == 64) {
-    prefill_tiled::PrefillTiledKernel<64><<<grid, prefill_tiled::kThreads, 0, stream>>>(
-        p, d_tiles, scale_log2);
+    launch(p.tiled_single_bf16_p ? prefill_tiled::PrefillTiledKernel<64, false>
+                                 : prefill_tiled::PrefillTiledKernel<64, true>);
   } else {
-    prefill_tiled::PrefillTiledKernel<128><<<grid, prefill_tiled::kThreads, 0, stream>>>(
-        p, d_tiles, scale_log2);
+    launch(p.tiled_single_bf16_p ? prefill_tiled::PrefillTiledKernel<128, false>
+                                 : prefill_tiled::PrefillTiledKernel<128, true>);
   }
   return cudaGetLastError();
 }

@@ -58,14 +58,18 @@ struct PrefillAttentionParams {
   // band for that sequence) and the sink count s >= 0. Null = no band anywhere.
   const double* d_band_fraction = nullptr;  // [batch]
   const int32_t* d_band_sink = nullptr;     // [batch], required with d_band_fraction
+  // Tiled kernel only: round P to a single bf16 before P·V (the first variant: faster, less
+  // exact; kept for tests and benchmarks) instead of the default P_hi + P_lo split.
+  bool tiled_single_bf16_p = false;
 };
 
 // nullptr when supported and well-formed, otherwise a static message naming the field.
 const char* PrefillAttentionCheck(const PrefillAttentionParams& p);
 
 // ---- Tiled tensor-core variant (prefill_tiled.cuh): the same contract and semantics (incl. the
-// PSAW band) for head_dim 64 or 128, with P = softmax numerators rounded to bf16 before P·V (as
-// FlashAttention; within the bf16 bound of the tests). Query rows go in tiles:
+// PSAW band) for head_dim 64 or 128. P (the fp32 softmax numerators) enters P·V as two bf16
+// terms P_hi + P_lo (~2^-17 relative, vs bf16's 2^-9 when tiled_single_bf16_p), so the only
+// roundings beyond the simple kernel's are the order of the fp32 sums. Query rows go in tiles:
 //   tiles [num_tiles][2] int32 (device): (first row, row count in [1, 64]); the rows of a tile
 //   belong to one sequence and have non-decreasing positions (PrefillQueryTiles makes them).
 // Keys are walked in 64-key tiles; a key tile that no row of the query tile needs (with the band:

@@ -44,11 +44,14 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBacke
   ASSIGN_OR_RETURN(std::unique_ptr<CudaModel> model, CudaModel::Create(mo));
   ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer,
                    Tokenizer::LoadFromModelDir(o.model_dir, model->config().vocab_size));
-  return std::make_unique<CudaBackend>(std::move(model), std::move(tokenizer));
+  return std::make_unique<CudaBackend>(std::move(model), std::move(tokenizer), o.device_sampling);
 }
 
-CudaBackend::CudaBackend(std::unique_ptr<CudaModel> model, std::unique_ptr<Tokenizer> tokenizer)
-    : model_(std::move(model)), tokenizer_(std::move(tokenizer)) {}
+CudaBackend::CudaBackend(std::unique_ptr<CudaModel> model, std::unique_ptr<Tokenizer> tokenizer,
+                         bool device_sampling)
+    : model_(std::move(model)),
+      tokenizer_(std::move(tokenizer)),
+      device_sampling_(device_sampling) {}
 
 absl::Status CudaBackend::SupportsPlan(const SelectionPlan& plan) const {
   return CudaModel::SupportsPlan(model_->config(), model_->page_size(), plan);
@@ -86,8 +89,10 @@ absl::Status CudaBackend::ValidateSplitStep(std::span<const StepItem> items) con
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<std::vector<float>>> CudaBackend::Step(std::span<const StepItem> items,
-                                                                  bool causal) {
+absl::Status CudaBackend::RunParts(
+    std::span<const StepItem> items,
+    const std::function<absl::Status(std::span<const CudaModel::StepItem>,
+                                     const std::vector<size_t>&)>& run_part) {
   // Plans: the GPU prefill applies PSAW's band (not ETF); SupportsPlan says which run.
   for (size_t b = 0; b < items.size(); ++b) {
     const SelectionPlan* p = items[b].prefill_plan;
@@ -122,7 +127,6 @@ absl::StatusOr<std::vector<std::vector<float>>> CudaBackend::Step(std::span<cons
   if (parts[0].empty()) parts.erase(parts.begin());
   if (parts.size() > 1) RETURN_IF_ERROR(ValidateSplitStep(items));
 
-  std::vector<std::vector<float>> out(items.size());
   for (const std::vector<size_t>& part : parts) {
     std::vector<CudaModel::StepItem> mi(part.size());
     for (size_t j = 0; j < part.size(); ++j) {
@@ -136,16 +140,44 @@ absl::StatusOr<std::vector<std::vector<float>>> CudaBackend::Step(std::span<cons
         mi[j].telemetry = it.selector->mutable_telemetry();
       }
     }
-    absl::StatusOr<std::vector<std::vector<float>>> logits = model_->Step(mi, causal);
-    if (!logits.ok()) {
-      if (parts.size() == 1) return logits.status();
+    absl::Status st = run_part(mi, part);
+    if (!st.ok()) {
+      if (parts.size() == 1) return st;
       // Single-part errors leave every sequence unchanged; here earlier parts have run.
-      return absl::Status(logits.status().code(),
+      return absl::Status(st.code(),
                           absl::StrCat("part of a split step failed after ", &part - parts.data(),
-                                       " other parts ran: ", logits.status().message()));
+                                       " other parts ran: ", st.message()));
     }
-    for (size_t j = 0; j < part.size(); ++j) out[part[j]] = std::move((*logits)[j]);
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> CudaBackend::Step(std::span<const StepItem> items,
+                                                                  bool causal) {
+  std::vector<std::vector<float>> out(items.size());
+  RETURN_IF_ERROR(RunParts(items, [&](std::span<const CudaModel::StepItem> mi,
+                                      const std::vector<size_t>& part) -> absl::Status {
+    ASSIGN_OR_RETURN(std::vector<std::vector<float>> logits, model_->Step(mi, causal));
+    for (size_t j = 0; j < part.size(); ++j) out[part[j]] = std::move(logits[j]);
+    return absl::OkStatus();
+  }));
+  return out;
+}
+
+absl::StatusOr<std::vector<int32_t>> CudaBackend::StepSample(std::span<const StepItem> items,
+                                                             std::span<const TokenDraw> draws,
+                                                             bool causal) {
+  if (!device_sampling_) return ModelBackend::StepSample(items, draws, causal);
+  RETURN_IF_ERROR(ValidateDraws(items.size(), draws));
+  std::vector<int32_t> out(items.size(), -1);
+  RETURN_IF_ERROR(RunParts(items, [&](std::span<const CudaModel::StepItem> mi,
+                                      const std::vector<size_t>& part) -> absl::Status {
+    std::vector<TokenDraw> d(part.size());
+    for (size_t j = 0; j < part.size(); ++j) d[j] = draws[part[j]];
+    ASSIGN_OR_RETURN(std::vector<int32_t> ids, model_->StepSample(mi, d, causal));
+    for (size_t j = 0; j < part.size(); ++j) out[part[j]] = ids[j];
+    return absl::OkStatus();
+  }));
   return out;
 }
 

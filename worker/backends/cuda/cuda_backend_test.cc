@@ -28,6 +28,7 @@
 #include "gtest/gtest.h"
 #include "worker/engine.h"
 #include "worker/generator.h"
+#include "worker/sampler.h"
 #include "worker/scheduler.h"
 #include "worker/selection/session.h"
 
@@ -61,7 +62,8 @@ struct Models {
 
 // A CUDA backend over `weights` (the shipped AR model) with its tokenizer; null on failure.
 std::unique_ptr<CudaBackend> LoadGpu(std::shared_ptr<const ModelWeights> weights,
-                                     int64_t kv_bytes, bool tiled_prefill = false) {
+                                     int64_t kv_bytes, bool tiled_prefill = false,
+                                     bool device_sampling = true) {
   CudaModelOptions co;
   co.weights = weights;
   co.kv_cache_bytes = kv_bytes;
@@ -72,10 +74,11 @@ std::unique_ptr<CudaBackend> LoadGpu(std::shared_ptr<const ModelWeights> weights
   auto tok = Tokenizer::LoadFromModelDir(RepoPath("models/prehoc-code-ar"),
                                          weights->config.vocab_size);
   EXPECT_TRUE(tok.ok()) << tok.status();
-  return std::make_unique<CudaBackend>(std::move(*c), tok.ok() ? std::move(*tok) : nullptr);
+  return std::make_unique<CudaBackend>(std::move(*c), tok.ok() ? std::move(*tok) : nullptr,
+                                       device_sampling);
 }
 
-Models Load(int64_t kv_bytes = 256 << 20) {
+Models Load(int64_t kv_bytes = 256 << 20, bool device_sampling = true) {
   Models m;
   auto w = ModelWeights::Load(RepoPath("models/prehoc-code-ar"));
   EXPECT_TRUE(w.ok()) << w.status();
@@ -88,7 +91,7 @@ Models Load(int64_t kv_bytes = 256 << 20) {
   auto e = Engine::Create(eo);
   EXPECT_TRUE(e.ok()) << e.status();
   if (e.ok()) m.cpu = std::move(*e);
-  m.gpu = LoadGpu(m.weights, kv_bytes);
+  m.gpu = LoadGpu(m.weights, kv_bytes, /*tiled_prefill=*/false, device_sampling);
   return m;
 }
 
@@ -236,9 +239,11 @@ double WorstRowRelL2(const std::vector<float>& a, const std::vector<float>& b, i
 // PSAW prefill band on the GPU vs the CPU engine's: a 2500-token prompt in two chunks (1000 +
 // 1500, so the band's positions are absolute), every position's logits, with a strong band
 // (from layer 0, φ = 0.2: the last layer drops 1 − 0.2^{5/6} ≈ 74 % of each row's context),
-// with the simple prefill kernel (the default) and with the tiled one (tiled_prefill).
-// Bound: the trained models' CPU-equivalence bound of cuda_model_test.cc (per row rel L2
-// ≤ 1.5e-2). The band must matter: the banded logits differ from the dense prefill's by more
+// with the simple prefill kernel (the default, the reference) and with the tiled one
+// (tiled_prefill). Bound: the trained models' CPU-equivalence bound of cuda_model_test.cc (per
+// row rel L2 ≤ 1.5e-2), and the tiled kernel may add at most 1e-3 to the simple kernel's worst
+// row (its split P is meant to be as exact as fp32 P; the earlier single-bf16 P added 2.5e-3,
+// to 1.49e-2). The band must matter: the banded logits differ from the dense prefill's by more
 // than that bound in some row, on every backend.
 TEST(CudaBackendPsaw, PrefillBandMatchesCpuEngine) {
   SKIP_WITHOUT_DEVICE();
@@ -273,6 +278,7 @@ TEST(CudaBackendPsaw, PrefillBandMatchesCpuEngine) {
   }
   const double band_effect_cpu = WorstRowRelL2(band[0], dense[0], V);
   EXPECT_GT(band_effect_cpu, 1.5e-2);
+  double simple_worst[2] = {0, 0};  // band, dense
   for (int i = 1; i < 3; ++i) {
     const char* kernel = i == 1 ? "simple" : "tiled";
     const double gpu_vs_cpu = WorstRowRelL2(band[i], band[0], V);
@@ -284,6 +290,13 @@ TEST(CudaBackendPsaw, PrefillBandMatchesCpuEngine) {
     EXPECT_LE(gpu_vs_cpu, 1.5e-2) << kernel;
     EXPECT_LE(dense_gpu_vs_cpu, 1.5e-2) << kernel;
     EXPECT_GT(band_effect_gpu, 1.5e-2) << kernel;
+    if (i == 1) {
+      simple_worst[0] = gpu_vs_cpu;
+      simple_worst[1] = dense_gpu_vs_cpu;
+    } else {
+      EXPECT_LE(gpu_vs_cpu, simple_worst[0] + 1e-3);
+      EXPECT_LE(dense_gpu_vs_cpu, simple_worst[1] + 1e-3);
+    }
     // The first rows are below every layer's band (lo <= sink): identical to dense.
     EXPECT_EQ(std::vector<float>(band[i].begin(), band[i].begin() + 8 * V),
               std::vector<float>(dense[i].begin(), dense[i].begin() + 8 * V))
@@ -464,6 +477,178 @@ TEST(CudaBackendPrhs, SchedulerServesPrhsAndDense) {
   r.sparsity.policy = "h2o";
   auto got = (*sched)->Generate(r, [](InferenceEvent) { ADD_FAILURE() << "callback called"; });
   EXPECT_EQ(got.status().code(), absl::StatusCode::kUnimplemented);
+}
+
+// On-device sampling (CudaModel::StepSample): per item the id SampleRows draws equals the host's
+// SampleWithUniform on the same step's logits and the same u (greedy rows, temperature with
+// top-p, top-k, both, an all_logits item, an item without a draw, and an all-greedy step that
+// takes the argmax kernel), over a prefill and 16 decode steps.
+TEST(CudaBackendSampling, DeviceDrawsMatchHostSamplingOfTheSameLogits) {
+  SKIP_WITHOUT_DEVICE();
+  Models m = Load();
+  ASSERT_NE(m.gpu, nullptr);
+  CudaModel& model = m.gpu->model();
+  const int V = model.config().vocab_size;
+  const std::vector<int32_t> prompt = Prompt(*m.gpu, 300);
+  const int lens[5] = {40, 200, 7, 120, 64};
+  const SamplingOptions opts[5] = {SamplingOptions{}, SamplingOptions{0.8f, 0, 0.95f, 11},
+                                   SamplingOptions{1.0f, 20, 1.0f, 12},
+                                   SamplingOptions{0.6f, 50, 0.9f, 13},
+                                   SamplingOptions{1.0f, 0, 1.0f, 14}};
+  std::vector<Sampler> samplers;
+  std::vector<CudaModel::SeqId> seqs;
+  for (int b = 0; b < 5; ++b) {
+    samplers.emplace_back(opts[b]);
+    seqs.push_back(model.CreateSequence());
+  }
+  std::vector<int32_t> cur(5, 0);
+  int checked = 0, sampled_rows = 0;
+  for (int step = 0; step <= 16; ++step) {
+    std::vector<CudaModel::StepItem> items(5);
+    std::vector<TokenDraw> draws(5);
+    for (int b = 0; b < 5; ++b) {
+      items[b].seq = seqs[b];
+      items[b].tokens = step == 0 ? std::span<const int32_t>(prompt.data(), lens[b])
+                                  : std::span<const int32_t>(&cur[b], 1);
+      items[b].all_logits = step == 0 && b == 3;
+      draws[b] = samplers[b].NextDraw();
+      if (step == 8) draws[b].options = SamplingOptions{};  // all greedy: the argmax kernel
+    }
+    draws[4].wanted = step % 2 == 1;  // item 4 draws on odd steps only
+    std::vector<std::vector<float>> logits;
+    auto ids = model.StepSample(items, draws, /*causal=*/true, &logits);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    ASSERT_EQ(ids->size(), 5u);
+    ASSERT_EQ(logits.size(), 5u);
+    for (int b = 0; b < 5; ++b) {
+      if (!draws[b].wanted) {
+        EXPECT_EQ((*ids)[b], -1) << "step " << step;
+        EXPECT_TRUE(logits[b].empty()) << "step " << step;
+        cur[b] = 97;
+        continue;
+      }
+      const size_t rows = items[b].all_logits ? items[b].tokens.size() : 1;
+      ASSERT_EQ(logits[b].size(), rows * V) << "step " << step << " item " << b;
+      const int32_t want = SampleWithUniform(std::span<const float>(logits[b]).last(V),
+                                             draws[b].options, draws[b].u);
+      EXPECT_EQ((*ids)[b], want) << "step " << step << " item " << b << " u " << draws[b].u;
+      ++checked;
+      sampled_rows += draws[b].options.temperature > 0;
+      cur[b] = (*ids)[b];
+    }
+  }
+  EXPECT_EQ(checked, 5 * 17 - 9);
+  EXPECT_GT(sampled_rows, 40);
+  // Draws are checked before anything runs.
+  std::vector<CudaModel::StepItem> one(1);
+  one[0].seq = seqs[0];
+  one[0].tokens = std::span<const int32_t>(&cur[0], 1);
+  TokenDraw bad;
+  bad.options.temperature = 1.0f;
+  bad.u = -0.5;
+  const int len0 = *model.SequenceLength(seqs[0]);
+  auto refused = model.StepSample(one, std::span<const TokenDraw>(&bad, 1));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("batch item 0"), std::string::npos);
+  EXPECT_EQ(*model.SequenceLength(seqs[0]), len0);
+  for (auto s : seqs) ASSERT_TRUE(model.FreeSequence(s).ok());
+}
+
+// Runs `requests` on `sched` concurrently and returns each one's generated tokens.
+std::vector<std::vector<int32_t>> RunRequests(Scheduler& sched,
+                                              const std::vector<InferenceRequest>& requests) {
+  struct Stream {
+    absl::Mutex mu;
+    std::vector<int32_t> tokens ABSL_GUARDED_BY(mu);
+    absl::Status status ABSL_GUARDED_BY(mu);
+    bool done ABSL_GUARDED_BY(mu) = false;
+  };
+  std::vector<std::unique_ptr<Stream>> streams;
+  for (const InferenceRequest& r : requests) {
+    streams.push_back(std::make_unique<Stream>());
+    Stream* s = streams.back().get();
+    auto id = sched.Generate(r, [s](InferenceEvent ev) {
+      absl::MutexLock l(&s->mu);
+      s->tokens.insert(s->tokens.end(), ev.tokens.begin(), ev.tokens.end());
+      if (ev.terminal()) {
+        s->status = ev.status;
+        s->done = true;
+      }
+    });
+    EXPECT_TRUE(id.ok()) << id.status();
+    if (!id.ok()) return {};
+  }
+  std::vector<std::vector<int32_t>> out;
+  for (auto& s : streams) {
+    absl::MutexLock l(&s->mu);
+    s->mu.Await(absl::Condition(+[](bool* d) { return *d; }, &s->done));
+    EXPECT_TRUE(s->status.ok()) << s->status;
+    out.push_back(s->tokens);
+  }
+  return out;
+}
+
+// The Scheduler on the GPU samples on the device (only ids leave it). Greedy: the same tokens as
+// the Scheduler on the CPU engine for three concurrent requests (chunked prefill beside decode).
+// Seeded sampling: a rerun on the GPU repeats the tokens exactly, as does the same GPU model
+// sampling on the host (device_sampling off: same logits, same uniforms), another seed differs;
+// the CPU run of the same seed uses the same uniforms (Sampler::NextDraw), so the two agree
+// until bf16 vs f32 logits move a draw across a token boundary — printed, not required (seen
+// on an H100: they part at the second token).
+TEST(CudaBackendSampling, SchedulerGreedyMatchesCpuAndSeededRerunsRepeat) {
+  SKIP_WITHOUT_DEVICE();
+  Models m = Load();
+  ASSERT_NE(m.gpu, nullptr);
+  ASSERT_NE(m.cpu, nullptr);
+  EXPECT_TRUE(m.gpu->samples_on_device());
+  const std::vector<int32_t> prompt = Prompt(*m.gpu, 700);
+  SchedulerOptions so;
+  so.prefill_chunk = 128;
+  // The same GPU model with device_sampling off: Step's logits copied, sampled on the host.
+  std::unique_ptr<CudaBackend> host_sampled =
+      LoadGpu(m.weights, 256 << 20, /*tiled_prefill=*/false, /*device_sampling=*/false);
+  ASSERT_NE(host_sampled, nullptr);
+  EXPECT_FALSE(host_sampled->samples_on_device());
+  auto gpu = Scheduler::Create(std::move(m.gpu), so);
+  auto cpu = Scheduler::Create(std::move(m.cpu), so);
+  auto gpu_host = Scheduler::Create(std::move(host_sampled), so);
+  ASSERT_TRUE(gpu.ok() && cpu.ok() && gpu_host.ok());
+  std::vector<InferenceRequest> greedy(3);
+  const int plen[3] = {700, 260, 45};
+  for (int i = 0; i < 3; ++i) {
+    greedy[i].token_ids.assign(prompt.begin(), prompt.begin() + plen[i]);
+    greedy[i].max_tokens = 24;
+  }
+  const auto g_gpu = RunRequests(**gpu, greedy);
+  const auto g_cpu = RunRequests(**cpu, greedy);
+  ASSERT_EQ(g_gpu.size(), 3u);
+  ASSERT_EQ(g_cpu.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(g_gpu[i].size(), 24u);
+    EXPECT_EQ(g_gpu[i], g_cpu[i]) << "greedy request " << i;
+  }
+
+  InferenceRequest seeded;
+  seeded.token_ids.assign(prompt.begin(), prompt.begin() + 300);
+  seeded.max_tokens = 48;
+  seeded.sampling = SamplingOptions{1.0f, 0, 0.95f, 7};
+  const auto a = RunRequests(**gpu, {seeded});
+  const auto b = RunRequests(**gpu, {seeded});
+  const auto c = RunRequests(**cpu, {seeded});
+  const auto h = RunRequests(**gpu_host, {seeded});
+  seeded.sampling.seed = 8;
+  const auto other = RunRequests(**gpu, {seeded});
+  ASSERT_TRUE(a.size() == 1 && b.size() == 1 && c.size() == 1 && h.size() == 1 &&
+              other.size() == 1);
+  EXPECT_EQ(a[0].size(), 48u);
+  EXPECT_EQ(a[0], b[0]) << "seeded rerun on the GPU";
+  // Same GPU logits, same uniforms: the device draw and the host draw pick the same tokens.
+  EXPECT_EQ(a[0], h[0]) << "device vs host sampling of the GPU's logits";
+  EXPECT_NE(a[0], other[0]) << "another seed";
+  size_t agree = 0;
+  while (agree < a[0].size() && agree < c[0].size() && a[0][agree] == c[0][agree]) ++agree;
+  std::printf("[seeded sampling] GPU vs CPU, same seed: first %zu of %zu tokens identical\n",
+              agree, a[0].size());
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 #include "worker/kernels/model_ops.h"
 #include "worker/kernels/paged_decode.h"
 #include "worker/kernels/prefill_attention.h"
+#include "worker/kernels/sampling.h"
 #include "worker/kernels/selection_prhs.h"
 #include "worker/kv_cache.h"
 #include "worker/rope.h"
@@ -308,6 +309,7 @@ struct CudaModel::Impl {
     int n = 0;                         // new tokens
     std::span<const int32_t> tokens;   // host tokens (empty with device tokens)
     bool all_logits = false;
+    bool no_logits = false;            // no logits row at all (StepSample's unwanted draws)
     int uninitialized = 0;             // > 0: benchmark growth without a forward
     const SelectionPlan* plan = nullptr;          // decode selection (dense / prhs)
     SelectionTelemetry* telemetry = nullptr;
@@ -325,9 +327,13 @@ struct CudaModel::Impl {
   // The common path of Step, DecodeGreedyAsync and AppendUninitialized. Validates, allocates
   // pages, runs the forward (unless the items are `uninitialized`), and commits the new lengths.
   // With host_logits, copies the logits rows (and greedy tokens) back and synchronises.
+  // `draws` (optional, one per item): the token of each logits row is drawn on the device
+  // (SampleRows; rows other than an item's last are greedy) instead of the argmax, and lands
+  // where the argmax would (d_next / greedy).
   absl::Status Run(const std::vector<ItemDesc>& items, bool causal, const int32_t* d_tokens,
                    int32_t* d_next, const CudaKvSelection* selection,
-                   std::vector<std::vector<float>>* host_logits, std::vector<int32_t>* greedy);
+                   std::vector<std::vector<float>>* host_logits, std::vector<int32_t>* greedy,
+                   std::span<const TokenDraw> draws = {});
 };
 
 CudaModel::CudaModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -862,7 +868,8 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
                                   const int32_t* d_tokens, int32_t* d_next,
                                   const CudaKvSelection* selection,
                                   std::vector<std::vector<float>>* host_logits,
-                                  std::vector<int32_t>* greedy_out) {
+                                  std::vector<int32_t>* greedy_out,
+                                  std::span<const TokenDraw> draws) {
   const ModelConfig& c = config;
   // ---- Validate everything before touching state.
   std::unordered_set<SeqId> seen;
@@ -1032,9 +1039,11 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
         pos.push_back(p);
         slot.push_back(tables[b][p / page_size] * page_size + p % page_size);
         row_seq.push_back(b);
-        if (it.all_logits || i == it.n - 1) logit_rows.push_back(static_cast<int32_t>(pos.size()) - 1);
+        if (!it.no_logits && (it.all_logits || i == it.n - 1)) {
+          logit_rows.push_back(static_cast<int32_t>(pos.size()) - 1);
+        }
       }
-      logit_count[b] = it.all_logits ? it.n : 1;
+      logit_count[b] = it.no_logits ? 0 : it.all_logits ? it.n : 1;
       page_indptr.push_back(page_indptr.back() + static_cast<int32_t>(tables[b].size()));
       seq_lens.push_back(new_len);
       page_indices.insert(page_indices.end(), tables[b].begin(), tables[b].end());
@@ -1140,6 +1149,38 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
       }
     }
     if (use_cand_lo) o_cand_lo = append(cand_lo);
+  }
+  // Device sampling: per logits row its SamplingRow (an item's last row gets its draw; earlier
+  // rows of all_logits items are greedy) and u, at 8-byte aligned offsets; none when every
+  // row is greedy (the argmax kernel then serves).
+  size_t o_sample_rows = 0, o_uniform = 0;
+  bool device_sampling = false;
+  if (!draws.empty()) {
+    std::vector<kernels::SamplingRow> srows(R);
+    std::vector<double> us(R, 0.0);
+    int row = 0;
+    for (int b = 0; b < B; ++b) {
+      row += logit_count[b];
+      if (logit_count[b] == 0) continue;
+      const TokenDraw& d = draws[b];
+      kernels::SamplingRow& sr = srows[row - 1];
+      sr.temperature = d.options.temperature;
+      sr.top_k = d.options.top_k;
+      sr.top_p = d.options.top_p;
+      us[row - 1] = d.u;
+      device_sampling |= d.options.temperature > 0.0f;
+    }
+    if (device_sampling) {
+      static_assert(sizeof(kernels::SamplingRow) % 8 == 0 && alignof(kernels::SamplingRow) <= 8);
+      if (m.size() % 2 != 0) m.push_back(0);
+      o_sample_rows = m.size();
+      m.resize(m.size() + srows.size() * sizeof(kernels::SamplingRow) / 4);
+      std::memcpy(m.data() + o_sample_rows, srows.data(),
+                  srows.size() * sizeof(kernels::SamplingRow));
+      o_uniform = m.size();
+      m.resize(m.size() + us.size() * 2);
+      std::memcpy(m.data() + o_uniform, us.data(), us.size() * sizeof(double));
+    }
   }
   if (d_tokens == nullptr && static_cast<int>(tokens.size()) != N) {
     return give_back(absl::InternalError("host tokens missing"));
@@ -1359,11 +1400,26 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
       CUDA_RETURN_IF_ERROR(kernels::SiluMulToBf16(dgu, N, Fm, dact, stream));
       RETURN_IF_ERROR(Gemm(dact, N, Fm, L.w_down, Dm, dx, 1.0f));  // x += act · W_downᵀ
     }
+    if (R == 0) return absl::OkStatus();  // no item wants logits
     CUDA_RETURN_IF_ERROR(kernels::RmsNormToBf16(dx, d_logit_rows, R, Dm, final_norm, eps,
                                                 normed.as<uint16_t>(), stream));
     RETURN_IF_ERROR(Gemm(normed.as<uint16_t>(), R, Dm, lm_head, Vm, logits.as<float>(), 0.0f));
     int32_t* d_greedy = d_next != nullptr ? d_next : greedy.as<int32_t>();
-    CUDA_RETURN_IF_ERROR(kernels::ArgMaxRows(logits.as<float>(), R, Vm, d_greedy, stream));
+    if (device_sampling) {
+      kernels::SampleRowsParams sp;
+      sp.rows = R;
+      sp.vocab = Vm;
+      sp.d_logits = logits.as<float>();
+      sp.d_row_params = reinterpret_cast<const kernels::SamplingRow*>(dm + o_sample_rows);
+      sp.d_uniform = reinterpret_cast<const double*>(dm + o_uniform);
+      sp.d_out = d_greedy;
+      if (const char* why = kernels::SampleRowsCheck(sp); why != nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat("device sampling: ", why));
+      }
+      CUDA_RETURN_IF_ERROR(kernels::SampleRows(sp, stream));
+    } else {
+      CUDA_RETURN_IF_ERROR(kernels::ArgMaxRows(logits.as<float>(), R, Vm, d_greedy, stream));
+    }
     return absl::OkStatus();
   };
   st = forward();
@@ -1503,6 +1559,47 @@ absl::StatusOr<std::vector<std::vector<float>>> CudaModel::Step(std::span<const 
   std::vector<std::vector<float>> logits;
   RETURN_IF_ERROR(impl_->Run(desc, causal, nullptr, nullptr, selection, &logits, greedy));
   return logits;
+}
+
+absl::StatusOr<std::vector<int32_t>> CudaModel::StepSample(
+    std::span<const StepItem> items, std::span<const TokenDraw> draws, bool causal,
+    std::vector<std::vector<float>>* logits) {
+  RETURN_IF_ERROR(ValidateDraws(items.size(), draws));
+  const int V = impl_->V();
+  std::vector<Impl::ItemDesc> desc(items.size());
+  for (size_t b = 0; b < items.size(); ++b) {
+    desc[b].seq = items[b].seq;
+    desc[b].n = static_cast<int>(items[b].tokens.size());
+    desc[b].tokens = items[b].tokens;
+    desc[b].all_logits = items[b].all_logits && draws[b].wanted;
+    desc[b].no_logits = !draws[b].wanted;
+    desc[b].plan = items[b].plan;
+    desc[b].telemetry = items[b].telemetry;
+    desc[b].prefill_plan = items[b].prefill_plan;
+  }
+  std::vector<int32_t> out(items.size(), -1);
+  if (V > kernels::kMaxSamplingVocab) {
+    // Beyond the kernel's fixed-point headroom: host sampling from the copied logits.
+    std::vector<std::vector<float>> l;
+    RETURN_IF_ERROR(impl_->Run(desc, causal, nullptr, nullptr, nullptr, &l, nullptr));
+    for (size_t b = 0; b < items.size(); ++b) {
+      if (draws[b].wanted) {
+        out[b] = SampleWithUniform(std::span<const float>(l[b]).last(V), draws[b].options,
+                                   draws[b].u);
+      }
+    }
+    if (logits != nullptr) *logits = std::move(l);
+    return out;
+  }
+  std::vector<int32_t> rows;
+  RETURN_IF_ERROR(impl_->Run(desc, causal, nullptr, nullptr, nullptr, logits, &rows, draws));
+  size_t row = 0;
+  for (size_t b = 0; b < items.size(); ++b) {
+    if (desc[b].no_logits) continue;
+    row += desc[b].all_logits ? desc[b].n : 1;
+    out[b] = rows[row - 1];
+  }
+  return out;
 }
 
 absl::Status CudaModel::DecodeGreedyAsync(std::span<const SeqId> seqs, const int32_t* d_tokens,

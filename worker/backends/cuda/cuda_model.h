@@ -15,11 +15,13 @@
 // One forward per call, on the model's own CUDA stream:
 //   embed -> per layer [RMSNorm -> QKV GEMM -> RoPE + K/V append -> attention -> O GEMM
 //   accumulated into x (+ bias) -> RMSNorm -> gate/up GEMM -> SiLU * up -> down GEMM accumulated
-//   into x] -> final RMSNorm of the rows whose logits are wanted -> LM head GEMM -> argmax.
+//   into x] -> final RMSNorm of the rows whose logits are wanted -> LM head GEMM -> argmax
+//   (or, for StepSample, the device draw of worker/kernels/sampling.h).
 // Attention: decode steps (one new token per sequence) use the split-KV paged decode kernel when
 // head_dim is 64 or 128 and page_size is 16 (dense, or token-sparse CSR lists); everything else
-// (prefill chunks, mixed batches, bidirectional rows, other head dims) uses the exact paged
-// prefill kernel (worker/kernels/prefill_attention.h).
+// (prefill chunks, mixed batches, bidirectional rows) uses the tiled tensor-core prefill kernel
+// for head_dim 64 / 128 (CudaModelOptions::tiled_prefill, default on) and the simple exact paged
+// prefill kernel otherwise (worker/kernels/prefill_attention.h).
 //
 // PrHS decode on the device: a decode item may carry its sequence's SelectionPlan (policy dense
 // or prhs / prhs-budget-matched). Per layer, after Q and K are produced, the selection kernels
@@ -60,6 +62,7 @@
 #include "cachemgr/selection_plan.h"
 #include "common/model_config.h"
 #include "worker/model_weights.h"
+#include "worker/sampler.h"
 #include "worker/selection/selector.h"
 
 namespace prehoc {
@@ -87,11 +90,12 @@ struct CudaModelOptions {
   // Tests: use the generic paged attention kernel for decode steps too.
   bool force_generic_attention = false;
   // Prefill attention (steps that are not all single tokens) with the tiled tensor-core kernel
-  // (PrefillAttentionTiled; head_dim 64 / 128; ~26x faster at 16K on an H100) instead of the
-  // simple fp32 one. Off by default: it rounds P to bf16, which on the PSAW prefill test of
-  // cuda_backend_test.cc takes the worst row to 1.49e-2 of the 1.5e-2 CPU-equivalence bound
-  // (simple kernel: 1.24e-2); see docs/kernels.md. force_generic_attention turns it off too.
-  bool tiled_prefill = false;
+  // (PrefillAttentionTiled; head_dim 64 / 128; ~23x faster than the simple kernel at 16K on an
+  // H100) — the default. P enters P·V as two bf16 terms, so it is as exact as the simple fp32
+  // kernel (same relative RMS error vs float64; whole-model PSAW test 1.22e-2 vs 1.24e-2 for the
+  // simple kernel, bound 1.5e-2): docs/kernels.md. false, other head dims and
+  // force_generic_attention use the simple kernel (PrefillAttention, the reference).
+  bool tiled_prefill = true;
   // GEMMs with at most 64 rows (decode steps): on first use of each shape, time cublasGemmEx's
   // default against cublasLt's heuristic candidates and keep the fastest (logged). Larger GEMMs
   // (prefill) always use cublasGemmEx's default.
@@ -188,6 +192,17 @@ class CudaModel {
   absl::StatusOr<std::vector<std::vector<float>>> Step(
       std::span<const StepItem> items, bool causal = true, std::vector<int32_t>* greedy = nullptr,
       const CudaKvSelection* selection = nullptr);
+
+  // As Step, but per item the token drawn on the device from its last new token's logits
+  // instead of the logits: SampleWithUniform(row, draws[i].options, draws[i].u) semantics
+  // (worker/kernels/sampling.h's SampleRows on that u; the device argmax when every draw is
+  // greedy), or -1 for !draws[i].wanted (the item gets no logits row at all). Only the ids
+  // come back to the host. `logits` (optional, tests) also receives Step's logits of the wanted
+  // items (empty for the others). Vocabularies above kernels::kMaxSamplingVocab (2^19) are
+  // sampled on the host from copied logits. Errors: ValidateDraws's, then as Step.
+  absl::StatusOr<std::vector<int32_t>> StepSample(
+      std::span<const StepItem> items, std::span<const TokenDraw> draws, bool causal = true,
+      std::vector<std::vector<float>>* logits = nullptr);
 
   // A greedy decode step with the tokens on the device: sequence seqs[b] appends token
   // d_tokens[b]; d_next[b] receives the argmax of its logits. Asynchronous: returns once the work

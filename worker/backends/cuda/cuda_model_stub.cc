@@ -37,6 +37,11 @@ absl::StatusOr<std::vector<std::vector<float>>> CudaModel::Step(std::span<const 
                                                                 const CudaKvSelection*) {
   return absl::UnavailableError("no CUDA");
 }
+absl::StatusOr<std::vector<int32_t>> CudaModel::StepSample(std::span<const StepItem>,
+                                                           std::span<const TokenDraw>, bool,
+                                                           std::vector<std::vector<float>>*) {
+  return absl::UnavailableError("no CUDA");
+}
 absl::Status CudaModel::DecodeGreedyAsync(std::span<const SeqId>, const int32_t*, int32_t*,
                                           const CudaKvSelection*) {
   return absl::UnavailableError("no CUDA");
