@@ -3,7 +3,7 @@
 //
 //   attention_bench [--batch=1,8,16] [--kv-heads=32,8] [--ctx=4096,16384,65536,131072]
 //                   [--keep=8,16,32] [--q-heads=32] [--head-dim=128] [--dtype=bf16|f16]
-//                   [--reps=30] [--json=PATH] [--splits=N] [--fuse-reduction=1|0]
+//                   [--reps=30] [--json=PATH] [--splits=N] [--fuse-reduction=0|1]
 //
 // Method: CUDA events around every repetition, median over --reps after 3 warm-ups; each
 // repetition uses the next of R input sets (R * set bytes >= 512 MiB, so L2 (50 MB) is not what
@@ -13,7 +13,8 @@
 // Ops: dense; sparse_token+build (BuildIndexListsFromMask + kToken attention), build_token,
 // sparse_token (attention on prebuilt lists), sparse_mask (kTokenMask: the keep-mask compacted
 // inside the attention launch, construction included), sparse_token_rand+build, sparse_page+build,
-// sparse_page. --fuse-reduction (default 1) merges the splits in the attention launch.
+// sparse_page. --fuse-reduction=1 merges the splits in the attention launch (PagedDecodeParams::
+// fuse_reduction; default 0, the API's default: the reduction kernel measured faster).
 // Output: a table on stdout, and one JSON object per measurement in --json (a JSON array).
 #include <cuda_runtime_api.h>
 
@@ -60,7 +61,7 @@ struct Options {
   bool bf16 = true;
   int reps = 30;
   int splits = 0;
-  bool fuse = true;
+  bool fuse = false;
   std::string json;
 };
 

@@ -218,6 +218,71 @@ __device__ __forceinline__ void MergeRow(const float* ws_o, const float* ws_lse,
   if (d == 0 && lse != nullptr) lse[row] = sum > 0.f ? (m_max + log2f(sum)) * kLn2 : -INFINITY;
 }
 
+// Fused reduction: the last split CTA merges `rows` query rows (out_row0 ...) of all splits, with
+// the same arithmetic in the same order as MergeRow (bitwise-identical results), but with the
+// loads spread over the block: every lse once into shared memory (one round of independent
+// loads), per-row max by a warp, the weights 2^{lse_s - max} by all threads, the per-row sums
+// sequentially in split order by one thread each, then out[row][d] = Σ_s w_s · o_s / sum with the
+// o loads of consecutive splits independent (unrolled). Falls back to MergeRow per element when
+// rows × num_splits does not fit in `scratch` (smem_floats floats, minus 2 × kQRows).
+template <typename T, int D>
+__device__ __forceinline__ void MergeRowsInCta(const float* ws_o, const float* ws_lse,
+                                               int num_splits, size_t out_row0, int rows, T* out,
+                                               float* lse, float* scratch, int smem_floats) {
+  const int n = rows * num_splits;
+  if (n + 2 * kQRows > smem_floats) {
+    for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+      MergeRow<T, D>(ws_o, ws_lse, num_splits, out_row0 + idx / D, idx % D, out, lse);
+    }
+    return;
+  }
+  float* m_s = scratch;           // [kQRows] per-row max (log2 units)
+  float* sum_s = m_s + kQRows;    // [kQRows] per-row Σ_s w_s
+  float* w_s = sum_s + kQRows;    // [rows][num_splits] lse, then weights
+  for (int i = threadIdx.x; i < n; i += kThreads) w_s[i] = __ldcg(ws_lse + out_row0 * num_splits + i);
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int row = warp; row < rows; row += kWarps) {
+    float m = -INFINITY;
+    for (int s = lane; s < num_splits; s += 32) m = fmaxf(m, w_s[row * num_splits + s]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) m_s[row] = m;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const float m = m_s[i / num_splits];
+    const float ls = w_s[i];
+    // Empty splits (and rows with no split) weigh 0 and are skipped below, as in MergeRow.
+    w_s[i] = m == -INFINITY || ls == -INFINITY ? 0.f : exp2f(ls - m);
+  }
+  __syncthreads();
+  if (threadIdx.x < rows) {
+    float sum = 0.f;
+    for (int s = 0; s < num_splits; ++s) {
+      const float w = w_s[threadIdx.x * num_splits + s];
+      if (w != 0.f) sum += w;
+    }
+    sum_s[threadIdx.x] = sum;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+    const int row = idx / D, d = idx % D;
+    const float* w = w_s + row * num_splits;
+    const float* o = ws_o + (out_row0 + row) * num_splits * D + d;
+    float acc = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < num_splits; ++s) {
+      if (w[s] != 0.f) acc += w[s] * __ldcg(o + static_cast<size_t>(s) * D);
+    }
+    const float sum = sum_s[row];
+    out[(out_row0 + row) * D + d] = Elem<T>::FromFloat(sum > 0.f ? acc / sum : 0.f);
+    if (d == 0 && lse != nullptr) {
+      lse[out_row0 + row] = sum > 0.f ? (m_s[row] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
 // kTokenMask prologue: compacts mask positions [pos_begin, pos_end) of one row into `list`
 // (ascending offsets from pos_begin) and returns their number. Thread t owns the kVecs contiguous
 // 16-byte vectors starting at t * kVecs, so the block scan gives ascending output. REQUIRES:
@@ -349,9 +414,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     if (*last_flag == 0) return;
     __threadfence();
-    for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
-      MergeRow<T, D>(ws_o, ws_lse, num_splits, out_row0 + idx / D, idx % D, out, p.d_lse);
-    }
+    MergeRowsInCta<T, D>(ws_o, ws_lse, num_splits, out_row0, rows, out, p.d_lse,
+                         reinterpret_cast<float*>(smem), PipelineBytes<D>() / 4);
   };
   if (!single && chunk_begin >= chunk_end) {
     // Empty split: mark it so the reduction skips it.
