@@ -62,11 +62,13 @@ template <int D>
 constexpr int PipelineBytes() {
   return Stages<D>() * 2 * kTile * D * 2;
 }
-// kTokenMask adds its split's compacted list: uint16 offsets from the split's first position.
+constexpr int kMaskSplitPages = kMaskSplitPositions / kPageSize;
+// kTokenMask adds its split's compacted list (uint16 offsets from the split's first position)
+// and its split's slice of the page table (int32, one per page of the split).
 template <int D, KvSelection S>
 constexpr int SmemBytes() {
   return PipelineBytes<D>() + Stages<D>() * kTile +
-         (S == KvSelection::kTokenMask ? kMaskSplitPositions * 2 : 0);
+         (S == KvSelection::kTokenMask ? kMaskSplitPositions * 2 + kMaskSplitPages * 4 : 0);
 }
 static_assert(kMaskSplitPositions % (16 * kThreads) == 0);
 // Epilogue scratch reuses the pipeline: per warp o[16][D + 8] and m, l [16].
@@ -156,6 +158,7 @@ struct RowView {
   const int32_t* pages;  // the sequence's page table (logical page -> physical page)
   const int32_t* list;   // sparse: this (sequence, kv head)'s CSR entries
   const uint16_t* mask_list;  // kTokenMask: the split's kept positions - mask_base (shared memory)
+  const int32_t* mask_pages;  // kTokenMask: page table entries mask_base / 16 ... (shared memory)
   int mask_base;
   int seq_len;
   int num_pages;  // ceil(seq_len / page_size)
@@ -183,6 +186,11 @@ __device__ __forceinline__ int LoadEntry(const RowView& r, int j, int end) {
 
 template <KvSelection S>
 __device__ __forceinline__ int Translate(const RowView& r, int j, int entry) {
+  if constexpr (S == KvSelection::kTokenMask) {
+    // entry is in [mask_base, seq_len) (the compaction dropped the rest); its page was preloaded.
+    if (static_cast<unsigned>(entry) >= static_cast<unsigned>(r.seq_len)) return -1;
+    return r.mask_pages[(entry - r.mask_base) / kPageSize] * kPageSize + entry % kPageSize;
+  }
   int t;  // logical token position
   if constexpr (S == KvSelection::kPage) {
     if (static_cast<unsigned>(entry) >= static_cast<unsigned>(r.num_pages)) return -1;
@@ -285,17 +293,20 @@ __device__ __forceinline__ void MergeRowsInCta(const float* ws_o, const float* w
 
 // kTokenMask prologue: compacts mask positions [pos_begin, pos_end) of one row into `list`
 // (ascending offsets from pos_begin) and returns their number. Thread t owns the kVecs contiguous
-// 16-byte vectors starting at t * kVecs, so the block scan gives ascending output. REQUIRES:
-// pos_end - pos_begin <= kMaskSplitPositions, `row` 16-byte aligned (pos_begin % 16 == 0).
-__device__ __forceinline__ int CompactMaskSlice(const uint8_t* row, int len, uint16_t* list,
-                                                int* scratch) {
+// 16-byte vectors starting at t * kVecs, so the block scan gives ascending output. `avail`: bytes
+// of the mask row readable at `row` (a multiple of 16); `len` <= avail: positions to keep (may be
+// <= 0). REQUIRES: avail <= kMaskSplitPositions, `row` 16-byte aligned (pos_begin % 16 == 0).
+__device__ __forceinline__ int CompactMaskSlice(const uint8_t* row, int avail, int len,
+                                                uint16_t* list, int* scratch) {
   constexpr int kVecs = kMaskSplitPositions / 16 / kThreads;
   const uint4* vrow = reinterpret_cast<const uint4*>(row);
   uint32_t w[kVecs * 4];
 #pragma unroll
   for (int k = 0; k < kVecs; ++k) {
     const int i = threadIdx.x * kVecs + k;
-    uint4 v = i * 16 < len ? __ldg(vrow + i) : make_uint4(0u, 0u, 0u, 0u);
+    // Loaded whenever inside the row's slice (`avail` does not depend on the sequence length, so
+    // these loads do not wait for it); bytes at positions >= len are dropped below.
+    uint4 v = i * 16 < avail ? __ldg(vrow + i) : make_uint4(0u, 0u, 0u, 0u);
     w[4 * k] = v.x;
     w[4 * k + 1] = v.y;
     w[4 * k + 2] = v.z;
@@ -367,6 +378,7 @@ __global__ void __launch_bounds__(kThreads)
   view.pages = p.d_page_indices + p.d_page_indptr[b];
   view.list = nullptr;
   view.mask_list = nullptr;
+  view.mask_pages = nullptr;
   view.mask_base = 0;
   int list_len;
   int chunk_begin, chunk_end;
@@ -375,12 +387,22 @@ __global__ void __launch_bounds__(kThreads)
   } else if constexpr (S == KvSelection::kTokenMask) {
     __shared__ int scan_scratch[kThreads / 32];
     uint16_t* mask_list = reinterpret_cast<uint16_t*>(valid_s + kStages * kTile);
-    const int pos_begin = split * split_tokens;
-    const int pos_end = min(min(pos_begin + split_tokens, view.seq_len), p.mask_stride);
+    int32_t* mask_pages = reinterpret_cast<int32_t*>(mask_list + kMaskSplitPositions);
+    const int pos_begin = split * split_tokens;  // a multiple of the tile, so of the page size
+    const int avail = min(pos_begin + split_tokens, p.mask_stride) - pos_begin;
+    const int pos_end = min(pos_begin + avail, view.seq_len);
+    // The split's page-table entries (only pages of the sequence), loaded while the mask loads
+    // are in flight; the barrier at the end of the compaction publishes them.
+    const int page0 = pos_begin / kPageSize;
+    const int num_split_pages = min(view.num_pages - page0, kMaskSplitPages);
+    for (int i = threadIdx.x; i < num_split_pages; i += kThreads) {
+      mask_pages[i] = __ldg(view.pages + page0 + i);
+    }
     const uint8_t* row =
         p.d_mask + static_cast<size_t>(b * num_kv_heads + hkv) * p.mask_stride + pos_begin;
-    list_len = CompactMaskSlice(row, pos_end - pos_begin, mask_list, scan_scratch);
+    list_len = CompactMaskSlice(row, avail, pos_end - pos_begin, mask_list, scan_scratch);
     view.mask_list = mask_list;
+    view.mask_pages = mask_pages;
     view.mask_base = pos_begin;
   } else {
     const int r = b * num_kv_heads + hkv;
