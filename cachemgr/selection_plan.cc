@@ -108,7 +108,9 @@ absl::StatusOr<SelectionPlan> MakeSelectionPlan(const ModelConfig& model,
   static const std::set<std::string> kKeys = {
       "sink", "local", "tau", "max_reuse", "dilate_r", "dilate_m_fraction", "psaw_start",
       "psaw_phi", "psaw_alpha", "etf_start", "etf_psi", "etf_gamma", "refresh_interval",
-      "approx_channels", "budget_tokens", "budget_fraction", "gqa_max", "gate_unrotated", "follow"};
+      "approx_channels", "budget_tokens", "budget_fraction", "gqa_max", "gate_unrotated", "follow",
+      "scan_slices", "scan_follow", "scan_reserve", "gate_delta", "gate_exact_delta", "gate_lse",
+      "keep_trail"};
   for (const auto& [k, v] : overrides) {
     if (!kKeys.count(k)) {
       return absl::InvalidArgumentError(absl::StrCat("sparsity override key '", k,
@@ -175,6 +177,40 @@ absl::StatusOr<SelectionPlan> MakeSelectionPlan(const ModelConfig& model,
     lp.gqa_max = get("gqa_max", 0) != 0;
     lp.gate_unrotated = get("gate_unrotated", 0) != 0;
     lp.follow = get("follow", 0) != 0;
+    lp.scan_slices = static_cast<int>(get("scan_slices", 0));
+    lp.scan_follow = static_cast<int>(get("scan_follow", 0));
+    lp.gate_delta = get("gate_delta", 0);
+    lp.gate_exact_delta = get("gate_exact_delta", 0);
+    lp.gate_lse = get("gate_lse", 0);
+    lp.scan_reserve = get("scan_reserve", 0);
+    lp.keep_trail = get("keep_trail", 0) != 0;
+    if (!(lp.gate_lse >= 0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sparsity override gate_lse must be >= 0 (nats), got ", lp.gate_lse));
+    }
+    if (!(lp.scan_reserve >= 0 && lp.scan_reserve <= 4)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sparsity override scan_reserve must be in [0, 4] (times the set size), got ",
+          lp.scan_reserve));
+    }
+    if (lp.scan_reserve > 0 && lp.scan_slices == 0) {
+      return absl::InvalidArgumentError("sparsity override scan_reserve > 0 needs scan_slices >= 1");
+    }
+    if (lp.scan_slices < 0 || lp.scan_follow < 0 || !(lp.gate_delta >= 0 && lp.gate_delta < 1) ||
+        !(lp.gate_exact_delta >= 0 && lp.gate_exact_delta < 1)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sparsity overrides: scan_slices (", lp.scan_slices, ") and scan_follow (",
+          lp.scan_follow, ") must be >= 0, gate_delta (", lp.gate_delta,
+          ") and gate_exact_delta (", lp.gate_exact_delta, ") in [0, 1)"));
+    }
+    if (lp.gate_delta > 0 && lp.scan_slices == 0) {
+      return absl::InvalidArgumentError(
+          "sparsity override gate_delta > 0 needs scan_slices >= 1 (the δ estimate samples the "
+          "scan's slice)");
+    }
+    if (lp.scan_follow > 0 && lp.scan_slices == 0) {
+      return absl::InvalidArgumentError("sparsity override scan_follow > 0 needs scan_slices >= 1");
+    }
     if (p == SelectionPolicy::kHShare) {
       lp.refresh_interval = static_cast<int>(get("refresh_interval", 2));
       lp.approx_channels = static_cast<int>(get("approx_channels", 16));

@@ -64,6 +64,35 @@ struct LayerSelectionPlan {
   // CIS share steps: the best m anchors' ±dilate_r neighbourhoods also move forward by the
   // number of steps since the refresh (copy heads' targets advance one position per token).
   bool follow = false;
+  // CIS share steps, incremental scan (0 = off): every share step scores a rotating
+  // 1/scan_slices of the out-of-set candidates exactly and swaps those whose group-mean
+  // probability beats the weakest kept candidate into the set (its size stays the same).
+  int scan_slices = 0;
+  // With the scan: the next position j + 1 of each of the scan_follow strongest kept candidates
+  // j of the step joins the set unscored, in place of the weakest member (a copy head's target
+  // moves one position per token; 0 = off).
+  int scan_follow = 0;
+  // With the scan: a reserve of scan_reserve·|set| out-of-set runner-ups (the next best at the
+  // refresh; then the best scanned keys that were not swapped in and the evicted members) is
+  // scored on every share step besides the slice: swap candidates, and the exact part of a
+  // stratified out-of-set mass estimate (reserve exact + slice scaled to the rest). 0 = off.
+  double scan_reserve = 0.0;
+  // δ-estimate gate (needs scan_slices >= 1; 0 = off): on a would-be share step, estimate the
+  // shared set's dropped mass from the kept set's exact scores (what the sparse attention
+  // computes) and the scanned slice scaled to all out-of-set candidates; refresh when it exceeds
+  // the dropped mass the set had at its refresh by more than gate_delta.
+  double gate_delta = 0.0;
+  // Diagnostic only (reads every key every step, so no saving; CPU): the same gate on the exact
+  // dropped mass of the shared set; shows what any δ gate could reach at a given refresh rate.
+  double gate_exact_delta = 0.0;
+  // Kept-mass gate (0 = off): refresh when the shared list's log-sum-exp (mean over the group's
+  // query heads; the sparse attention computes it) is more than gate_lse nats below what the
+  // list had at its refresh.
+  double gate_lse = 0.0;
+  // CIS share steps: tokens that left the local window since the refresh stay kept (the window
+  // reaches back to where it began at the refresh; a refresh's top-k never saw them, as they
+  // were in the window then). Costs no scoring; the real kept count includes them.
+  bool keep_trail = false;
 };
 
 struct SelectionPlan {
@@ -87,7 +116,9 @@ struct SelectionPlan {
 // Parameters of the presets, every one overridable by name through `overrides`
 // ("sink", "local", "tau", "max_reuse", "dilate_r", "dilate_m_fraction", "psaw_start",
 // "psaw_phi", "psaw_alpha", "etf_start", "etf_psi", "etf_gamma", "refresh_interval",
-// "approx_channels", "budget_tokens", "budget_fraction", "gqa_max", "gate_unrotated", "follow" (0/1)).
+// "approx_channels", "budget_tokens", "budget_fraction", "gqa_max", "gate_unrotated", "follow"
+// (0/1), "scan_slices", "scan_follow", "scan_reserve", "gate_delta", "gate_exact_delta",
+// "gate_lse", "keep_trail" (0/1)).
 // Defaults (chosen and measured in docs/quality.md):
 //   prhs: sink 8, local 32, τ 0.8, max_reuse 64, m = k/3, r = 1; PSAW off (φ = 1; when
 //         enabled it starts at layer N/2, α = 1) and ETF off — both measured to cost retrieval

@@ -1,5 +1,7 @@
 #include "cachemgr/selection_plan.h"
 
+#include <tuple>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -79,6 +81,38 @@ TEST(SelectionPlanTest, OverridesApplyAndBadOnesAreNamed) {
                   .status()
                   .message(),
               HasSubstr("tau"));
+}
+
+TEST(SelectionPlanTest, ScanAndDeltaGateOptions) {
+  auto off = MakeSelectionPlan(Model(3), SparsityOptions{.policy = "prhs"});
+  ASSERT_TRUE(off.ok());
+  auto fields = [](const LayerSelectionPlan& l) {
+    return std::make_tuple(l.scan_slices, l.scan_follow, l.gate_delta, l.gate_exact_delta,
+                           l.gate_lse, l.scan_reserve, l.keep_trail);
+  };
+  for (const auto& l : off->layers) {  // off by default
+    EXPECT_EQ(fields(l), std::make_tuple(0, 0, 0.0, 0.0, 0.0, 0.0, false));
+  }
+  auto on = MakeSelectionPlan(
+      Model(3), SparsityOptions{.policy = "prhs"},
+      {{"scan_slices", 16}, {"scan_follow", 8}, {"gate_delta", 0.03}, {"gate_exact_delta", 0.05},
+       {"gate_lse", 0.5}, {"scan_reserve", 0.25}, {"keep_trail", 1}});
+  ASSERT_TRUE(on.ok()) << on.status();
+  for (const auto& l : on->layers) {
+    EXPECT_EQ(fields(l), std::make_tuple(16, 8, 0.03, 0.05, 0.5, 0.25, true));
+  }
+  auto message = [](std::map<std::string, double> ov) {
+    return std::string(
+        MakeSelectionPlan(Model(3), SparsityOptions{.policy = "prhs"}, ov).status().message());
+  };
+  EXPECT_THAT(message({{"gate_delta", 0.05}}), HasSubstr("gate_delta > 0 needs scan_slices"));
+  EXPECT_THAT(message({{"scan_follow", 4}}), HasSubstr("scan_follow > 0 needs scan_slices"));
+  EXPECT_THAT(message({{"scan_slices", -1}}), HasSubstr("scan_slices (-1)"));
+  EXPECT_THAT(message({{"scan_slices", 4}, {"gate_delta", 1.5}}), HasSubstr("gate_delta (1.5)"));
+  EXPECT_THAT(message({{"gate_exact_delta", -0.1}}), HasSubstr("gate_exact_delta (-0.1)"));
+  EXPECT_THAT(message({{"gate_lse", -1}}), HasSubstr("gate_lse must be >= 0"));
+  EXPECT_THAT(message({{"scan_reserve", 0.5}}), HasSubstr("scan_reserve > 0 needs scan_slices"));
+  EXPECT_THAT(message({{"scan_slices", 8}, {"scan_reserve", 5}}), HasSubstr("[0, 4]"));
 }
 
 TEST(SelectionPlanTest, HShareAndEtfParameters) {

@@ -116,6 +116,17 @@ TEST(CudaSupportsPlan, PoliciesAndFields) {
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << o;
     EXPECT_THAT(std::string(s.message()), HasSubstr(o));
   }
+  // The CPU-only share-step options (incremental scan, δ gates) are refused by name.
+  for (const auto& [o, name] : std::vector<std::pair<const char*, const char*>>{
+           {"scan_slices=4", "scan_slices"},
+           {"scan_slices=4,gate_delta=0.05", "gate_delta"},
+           {"gate_exact_delta=0.05", "gate_exact_delta"},
+           {"gate_lse=0.5", "gate_lse"},
+           {"keep_trail=1", "keep_trail=1"}}) {
+    s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", o));
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << o;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(name)) << o;
+  }
   s = CudaModel::SupportsPlan(c, 8, Plan(c, "prhs"));
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("page_size 16"));

@@ -63,6 +63,7 @@ struct Accum {
   std::vector<float> refresh_delta;
   double target_delta = 0;
   int64_t selections = 0, refreshes = 0, shares = 0, kept_tokens = 0;
+  int64_t scored_keys = 0, context_keys = 0;
   double kept_fraction_sum = 0;
   double seconds = 0;
 };
@@ -206,6 +207,8 @@ class Harness {
         a.refreshes += t.refreshes;
         a.shares += t.shares;
         a.kept_tokens += t.kept_tokens_sum;
+        a.scored_keys += t.scored_keys_sum;
+        a.context_keys += t.context_keys_sum;
         a.kept_fraction_sum += t.kept_fraction_sum;
         a.target_delta = sessions[i]->plan().target_delta;
       }
@@ -421,8 +424,8 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   j["threads"] = engine.num_threads();
   j["wall_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::vector<std::string> sets = SplitList(retrieval);
-  std::string header = "| config | kept (real) | kept tokens | bpb | Δbpb % | top-1 agree | δ mean | δ p95 | δ max | refresh rate |";
-  std::string rule = "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |";
+  std::string header = "| config | kept (real) | kept tokens | bpb | Δbpb % | top-1 agree | δ mean | δ p95 | δ max | refresh rate | equiv refresh |";
+  std::string rule = "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |";
   for (const auto& s : sets) {
     header += " retr " + s + " |";
     rule += " --- |";
@@ -451,6 +454,9 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
     c["delta_p95"] = Quantile(a.step_delta, 0.95);
     c["delta_max"] = a.step_delta.empty() ? 0 : *std::max_element(a.step_delta.begin(), a.step_delta.end());
     c["refresh_rate"] = a.selections ? static_cast<double>(a.refreshes) / a.selections : 0;
+    // Keys selection scored beyond the kept set / keys of per-step selection (PrHS, oracle).
+    c["equiv_refresh_rate"] =
+        a.context_keys ? static_cast<double>(a.scored_keys) / a.context_keys : 0;
     c["refreshes"] = a.refreshes;
     c["shares"] = a.shares;
     c["selections"] = a.selections;
@@ -470,12 +476,13 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
             static_cast<double>(ok_late) / (a.refresh_delta.size() - kWarmup);
       }
     }
-    std::string row = absl::StrFormat("| %s | %.4f | %.1f | %.4f | %+.2f | %.4f | %.4f | %.4f | %.4f | %.4f |",
+    std::string row = absl::StrFormat("| %s | %.4f | %.1f | %.4f | %+.2f | %.4f | %.4f | %.4f | %.4f | %.4f | %.4f |",
                                       name, kept, kept_tokens, bpb,
                                       c["bpb_rel_change_pct"].get<double>(),
                                       c["top1_agreement"].get<double>(), dmean,
                                       c["delta_p95"].get<double>(), c["delta_max"].get<double>(),
-                                      c["refresh_rate"].get<double>());
+                                      c["refresh_rate"].get<double>(),
+                                      c["equiv_refresh_rate"].get<double>());
     for (const auto& s : sets) {
       auto it = a.retrieval.find(s);
       const int hits = it == a.retrieval.end() ? 0 : it->second.first;

@@ -12,7 +12,10 @@
 //   * δ: the exact dropped mass of every (step, layer, kv head) selection (one dense pass
 //     each, eval only), and the refresh δ the worker would report;
 //   * refresh rate = refreshes / selections (per-step selection = 1), real kept fraction and
-//     real kept count including dilation.
+//     real kept count including dilation;
+//   * equivalent refresh rate = keys selection scored beyond the kept set / (keys × selections)
+//     (PrHS and oracle count it: t per refresh, the scanned keys of an incremental scan, t per
+//     step of the diagnostic exact-δ gate), the cost of selection in units of per-step selection.
 // All configurations run as one batch of forked sequences per example, so they see identical
 // prefixes and the prefill is paid once.
 #ifndef PREHOC_SERVICES_CLI_EVAL_H_

@@ -33,6 +33,13 @@ v1::SelectionPlan PlanToProto(const std::string& sequence_id, const SelectionPla
     o->set_gqa_max(lp.gqa_max);
     o->set_gate_unrotated(lp.gate_unrotated);
     o->set_follow(lp.follow);
+    o->set_scan_slices(lp.scan_slices);
+    o->set_scan_follow(lp.scan_follow);
+    o->set_gate_delta(lp.gate_delta);
+    o->set_gate_exact_delta(lp.gate_exact_delta);
+    o->set_gate_lse(lp.gate_lse);
+    o->set_scan_reserve(lp.scan_reserve);
+    o->set_keep_trail(lp.keep_trail);
     if (lp.base_tau > -1.5) o->set_base_tau(lp.base_tau);
     v1::CisParams* c = o->mutable_cis();
     c->set_tau(lp.tau);
@@ -97,6 +104,25 @@ absl::StatusOr<SelectionPlan> PlanFromProto(const v1::SelectionPlan& p, absl::Ti
     lp.gqa_max = o.gqa_max();
     lp.gate_unrotated = o.gate_unrotated();
     lp.follow = o.follow();
+    if (o.scan_slices() < 0 || o.scan_follow() < 0 || !(o.gate_delta() >= 0 && o.gate_delta() < 1) ||
+        !(o.gate_exact_delta() >= 0 && o.gate_exact_delta() < 1) || !(o.gate_lse() >= 0) ||
+        !(o.scan_reserve() >= 0 && o.scan_reserve() <= 4) ||
+        ((o.gate_delta() > 0 || o.scan_follow() > 0 || o.scan_reserve() > 0) &&
+         o.scan_slices() == 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, "scan_slices (", o.scan_slices(), ") and scan_follow (", o.scan_follow(),
+          ") must be >= 0, gate_delta (", o.gate_delta(), ") and gate_exact_delta (",
+          o.gate_exact_delta(), ") in [0, 1), gate_lse (", o.gate_lse(),
+          ") >= 0, scan_reserve (", o.scan_reserve(),
+          ") in [0, 4], and gate_delta, scan_follow, scan_reserve need scan_slices"));
+    }
+    lp.scan_slices = o.scan_slices();
+    lp.scan_follow = o.scan_follow();
+    lp.gate_delta = o.gate_delta();
+    lp.gate_exact_delta = o.gate_exact_delta();
+    lp.gate_lse = o.gate_lse();
+    lp.scan_reserve = o.scan_reserve();
+    lp.keep_trail = o.keep_trail();
     if (o.base_tau() != 0) lp.base_tau = o.base_tau();
     lp.tau = o.cis().tau();
     lp.dilate_r = o.cis().r();

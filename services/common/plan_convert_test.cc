@@ -1,5 +1,7 @@
 #include "services/common/plan_convert.h"
 
+#include <tuple>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -19,7 +21,10 @@ TEST(PlanConvertTest, RoundTripKeepsEveryCarriedField) {
   auto plan = MakeSelectionPlan(config, s,
                                 {{"sink", 4}, {"local", 16}, {"tau", 0.7}, {"max_reuse", 9},
                                  {"dilate_r", 2}, {"psaw_phi", 0.8}, {"etf_start", 1},
-                                 {"gqa_max", 1}, {"gate_unrotated", 1}, {"follow", 1}});
+                                 {"gqa_max", 1}, {"gate_unrotated", 1}, {"follow", 1},
+                                 {"scan_slices", 16}, {"scan_follow", 8}, {"gate_delta", 0.03},
+                                 {"gate_exact_delta", 0.05}, {"gate_lse", 0.5},
+                                 {"scan_reserve", 0.25}, {"keep_trail", 1}});
   ASSERT_TRUE(plan.ok()) << plan.status();
   plan->version = 7;
   plan->layers[2].head_k_scale = {1.5, 0.25};
@@ -55,6 +60,9 @@ TEST(PlanConvertTest, RoundTripKeepsEveryCarriedField) {
     EXPECT_EQ(b.gqa_max, a.gqa_max);
     EXPECT_TRUE(b.gate_unrotated);
     EXPECT_TRUE(b.follow);
+    EXPECT_EQ(std::make_tuple(b.scan_slices, b.scan_follow, b.gate_delta, b.gate_exact_delta,
+                              b.gate_lse, b.scan_reserve, b.keep_trail),
+              std::make_tuple(16, 8, 0.03, 0.05, 0.5, 0.25, true));
     EXPECT_EQ(b.head_k_scale, a.head_k_scale);
     EXPECT_DOUBLE_EQ(b.base_tau, a.base_tau);
     // Same budgets as the original at any context.
@@ -78,6 +86,12 @@ TEST(PlanConvertTest, BadPlansNameTheField) {
   p.mutable_layers(0)->clear_head_k_scale();
   p.mutable_layers(0)->set_sink_tokens(-2);
   EXPECT_THAT(PlanFromProto(p).status().message(), HasSubstr("plan.layers[0].sink_tokens"));
+  p.mutable_layers(0)->set_sink_tokens(4);
+  p.mutable_layers(0)->set_gate_delta(0.05);  // without scan_slices
+  EXPECT_THAT(PlanFromProto(p).status().message(), HasSubstr("plan.layers[0].scan_slices"));
+  p.mutable_layers(0)->set_scan_slices(8);
+  p.mutable_layers(0)->set_gate_delta(2);
+  EXPECT_THAT(PlanFromProto(p).status().message(), HasSubstr("gate_delta (2)"));
   p.clear_layers();
   EXPECT_THAT(PlanFromProto(p).status().message(), HasSubstr("plan.layers"));
   p.add_layers();

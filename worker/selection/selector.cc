@@ -99,6 +99,7 @@ void SequenceSelector::Account(int64_t kept, int64_t t) {
   ++telemetry_.selections;
   telemetry_.kept_tokens_sum += kept;
   telemetry_.kept_fraction_sum += t > 0 ? static_cast<double>(kept) / t : 1.0;
+  telemetry_.context_keys_sum += t;
 }
 
 void SequenceSelector::SelectAndMeasure(int layer, const float* q, const KvView& kv,
@@ -166,6 +167,7 @@ class OracleSelector : public SequenceSelector {
         GroupProbabilities(q, kv, kh, group, model_.head_dim, &probs_);
         s = TopKIndices(probs_, 0, t, budget);
         std::sort(s.begin(), s.end());
+        telemetry_.scored_keys_sum += t;
         ++telemetry_.refreshes;
         ++telemetry_.refreshes_per_layer[layer];
       }
@@ -347,22 +349,26 @@ class PrhsSelector : public SequenceSelector {
         const double cos = (nq > 0 && na > 0) ? dot / std::sqrt(nq * na) : -1.0;
         share = cos > lp.tau;
       }
+      if (share && lp.gate_exact_delta > 0) {
+        // Diagnostic gate on the exact dropped mass of the list a share would use.
+        GroupProbabilities(q, kv, kh, group, hd, &probs_);
+        telemetry_.scored_keys_sum += t;
+        share = DroppedMass(probs_, SharedList(lp, st, st.reuse + 1, t)) <=
+                st.anchor_delta + lp.gate_exact_delta;
+      }
+      if (share && lp.gate_lse > 0) {
+        // The shared list's log-sum-exp (the sparse attention's own) fell from the refresh's.
+        share = st.anchor_lse - MeanLse(q, kv, kh, group, SharedList(lp, st, st.reuse + 1, t)) <=
+                lp.gate_lse;
+      }
+      if (share && lp.scan_slices > 0) share = Scan(q, kv, kh, group, lp, st.reuse + 1, &st);
       if (share) {
         ++st.reuse;
         ++telemetry_.shares;
         ++telemetry_.shares_per_layer[layer];
+        s = SharedList(lp, st, st.reuse, t);
       } else {
         Refresh(layer, kh, q, kv, group, lp, k, &st);
-      }
-      if (share && lp.follow) {
-        // Copy heads read a target that advances one position per generated token: the best m
-        // anchors also contribute their ±r neighbourhood shifted by the steps since the refresh.
-        followed_ = st.set;
-        for (int32_t b : st.best) {
-          for (int d = -lp.dilate_r; d <= lp.dilate_r; ++d) followed_.push_back(b + st.reuse + d);
-        }
-        s = MergeIndexSet(lp.sink, followed_, lp.local, t);
-      } else {
         s = MergeIndexSet(lp.sink, st.set, lp.local, t);
       }
       Account(static_cast<int64_t>(s.size()), t);
@@ -376,7 +382,195 @@ class PrhsSelector : public SequenceSelector {
     std::vector<float> anchor;
     std::vector<int32_t> set;   // sorted, unique; excludes nothing (merge clamps)
     std::vector<int32_t> best;  // the best m of the refresh's top-k (the dilated ones)
+    double anchor_delta = 0;    // exact dropped mass of the refreshed list at its refresh
+    double anchor_lse = 0;      // gate_lse: the refreshed list's mean log-sum-exp at its refresh
+    int64_t scan_phase = 0;     // rotating slice of the incremental scan
+    int64_t window_start = 0;   // t − local at the refresh (keep_trail)
+    std::vector<int32_t> reserve;  // scan_reserve: out-of-set runner-ups scored every scan
+    size_t reserve_size = 0;
   };
+
+  // The list a share `reuse` steps after the refresh uses: sink ∪ set ∪ local, and with
+  // `follow` the best m anchors' ±r neighbourhoods shifted by `reuse` (copy heads read a target
+  // that advances one position per generated token).
+  // With keep_trail the local window still reaches back to where it began at the refresh.
+  std::vector<int32_t> SharedList(const LayerSelectionPlan& lp, const State& st, int reuse,
+                                  int t) {
+    const int64_t local =
+        lp.keep_trail ? std::max<int64_t>(lp.local, t - st.window_start) : lp.local;
+    if (!lp.follow) return MergeIndexSet(lp.sink, st.set, local, t);
+    followed_ = st.set;
+    for (int32_t b : st.best) {
+      for (int d = -lp.dilate_r; d <= lp.dilate_r; ++d) followed_.push_back(b + reuse + d);
+    }
+    return MergeIndexSet(lp.sink, followed_, local, t);
+  }
+
+  // Incremental scan of a share step (scan_slices > 0). Scores exactly the list the share would
+  // use (what the sparse attention computes anyway) and every scan_slices-th out-of-set
+  // candidate of [lo, t − local) (a slice that rotates with each scan). The out-of-set mass is
+  // estimated per query head as the slice's mass scaled to all out-of-set candidates; a key's
+  // score is its group-mean probability under (kept + estimated out-of-set) mass. With
+  // gate_delta > 0, returns false (refresh) when the estimated dropped mass exceeds
+  // st->anchor_delta + gate_delta. Otherwise swaps slice keys into st->set where they beat its
+  // weakest members (members that left [lo, t − local) count as weakest), keeping |st->set|;
+  // then the next position j + 1 of each of the scan_follow strongest kept candidates j joins
+  // the set unscored in place of the weakest remaining member (a copy head's target moves one
+  // position per token, and j + 1 is not strong yet when it must already be kept).
+  bool Scan(const float* q, const KvView& kv, int kh, int group, const LayerSelectionPlan& lp,
+            int reuse, State* st) {
+    const int t = kv.length();
+    const int64_t lo = std::max<int64_t>(lp.sink, static_cast<int64_t>(lp.psaw_drop_fraction * t));
+    const int64_t hi = t - lp.local;
+    if (hi <= lo) return true;
+    const std::vector<int32_t> kept = SharedList(lp, *st, reuse, t);
+    in_list_.assign(hi - lo, 0);
+    int64_t n_out = hi - lo;
+    for (int32_t j : kept) {
+      if (j >= lo && j < hi) {
+        in_list_[j - lo] = 1;
+        --n_out;
+      }
+    }
+    const int R = lp.scan_slices;
+    const int64_t phase = st->scan_phase++ % R;
+    // Candidates: the reserve (runner-ups, scored every step) first, then the slice.
+    cand_.clear();
+    for (int32_t j : st->reserve) {
+      if (j >= lo && j < hi && !in_list_[j - lo]) {
+        cand_.push_back(j);
+        in_list_[j - lo] = 2;
+      }
+    }
+    const size_t n_res = cand_.size();
+    for (int64_t j = lo + ((phase - lo % R) % R + R) % R; j < hi; j += R) {
+      if (!in_list_[j - lo]) cand_.push_back(static_cast<int32_t>(j));
+    }
+    const size_t nk = kept.size(), nc = cand_.size(), n_slice = nc - n_res;
+    Logits(q, kv, kh, group, kept, &kept_logits_);
+    Logits(q, kv, kh, group, cand_, &cand_logits_);
+    telemetry_.scored_keys_sum += static_cast<int64_t>(nc);
+    // Per head: normaliser = kept mass + reserve mass + slice mass scaled to the other
+    // out-of-set candidates (a stratified estimate of the out-of-set mass).
+    head_max_.assign(group, -INFINITY);
+    head_norm_.assign(group, 0.0);
+    double delta = 0;
+    for (int g = 0; g < group; ++g) {
+      float mx = -INFINITY;
+      for (size_t i = 0; i < nk; ++i) mx = std::max(mx, kept_logits_[g * nk + i]);
+      for (size_t i = 0; i < nc; ++i) mx = std::max(mx, cand_logits_[g * nc + i]);
+      double zk = 0, zr = 0, zs = 0;
+      for (size_t i = 0; i < nk; ++i) zk += std::exp(static_cast<double>(kept_logits_[g * nk + i] - mx));
+      for (size_t i = 0; i < nc; ++i) {
+        (i < n_res ? zr : zs) += std::exp(static_cast<double>(cand_logits_[g * nc + i] - mx));
+      }
+      const int64_t n_tail = n_out - static_cast<int64_t>(n_res);
+      const double zout =
+          zr + (n_slice > 0 ? zs * static_cast<double>(n_tail) / static_cast<double>(n_slice) : 0.0);
+      head_max_[g] = mx;
+      head_norm_[g] = zk + zout;
+      delta += zout / (zk + zout) / group;
+    }
+    if (lp.gate_delta > 0 && delta > st->anchor_delta + lp.gate_delta) return false;
+    auto prob = [&](const std::vector<float>& l, size_t n, size_t i) {
+      double p = 0;
+      for (int g = 0; g < group; ++g) {
+        p += std::exp(static_cast<double>(l[g * n + i] - head_max_[g])) / head_norm_[g];
+      }
+      return p / group;
+    };
+    // Members of st->set, weakest first (outside [lo, hi) = weakest: the window or PSAW covers
+    // them now). Kept list positions are found by binary search (kept is sorted).
+    std::vector<std::pair<double, int32_t>> members;
+    members.reserve(st->set.size());
+    for (int32_t j : st->set) {
+      double p = -1.0;
+      if (j >= lo && j < hi) {
+        const size_t i = std::lower_bound(kept.begin(), kept.end(), j) - kept.begin();
+        p = prob(kept_logits_, nk, i);
+      }
+      members.emplace_back(p, j);
+    }
+    std::sort(members.begin(), members.end());
+    std::vector<std::pair<double, int32_t>> incoming;
+    incoming.reserve(nc);
+    for (size_t i = 0; i < nc; ++i) incoming.emplace_back(prob(cand_logits_, nc, i), cand_[i]);
+    std::sort(incoming.begin(), incoming.end(), std::greater<>());
+    bool changed = false;
+    std::vector<std::pair<double, int32_t>> evicted;
+    size_t swapped = 0;
+    for (; swapped < incoming.size() && swapped < members.size(); ++swapped) {
+      if (incoming[swapped].first <= members[swapped].first) break;
+      if (members[swapped].first >= 0) evicted.push_back(members[swapped]);
+      members[swapped] = incoming[swapped];
+      changed = true;
+    }
+    if (lp.scan_reserve > 0) {
+      // Next reserve: the best of the candidates not swapped in and the evicted members.
+      evicted.insert(evicted.end(), incoming.begin() + swapped, incoming.end());
+      std::sort(evicted.begin(), evicted.end(), std::greater<>());
+      const size_t n = std::min(evicted.size(), st->reserve_size);
+      st->reserve.clear();
+      for (size_t i = 0; i < n; ++i) st->reserve.push_back(evicted[i].second);
+    }
+    if (lp.scan_follow > 0 && !members.empty()) {
+      std::vector<float> strength(nk, -INFINITY);  // group-mean logit of kept candidates
+      for (size_t i = 0; i < nk; ++i) {
+        if (kept[i] < lo || kept[i] >= hi) continue;
+        float sum = 0;
+        for (int g = 0; g < group; ++g) sum += kept_logits_[g * nk + i];
+        strength[i] = sum / group;
+      }
+      std::sort(members.begin(), members.end());
+      size_t weakest = 0;
+      for (int32_t i : TopKIndices(strength, 0, static_cast<int64_t>(nk), lp.scan_follow)) {
+        const int64_t next = static_cast<int64_t>(kept[i]) + 1;
+        if (strength[i] == -INFINITY || next >= hi || in_list_[next - lo] == 1) continue;
+        bool member = false;
+        for (const auto& m : members) member = member || m.second == next;
+        if (member || weakest >= members.size()) continue;
+        members[weakest++] = {INFINITY, static_cast<int32_t>(next)};
+        changed = true;
+      }
+    }
+    if (changed) {
+      st->set.clear();
+      for (const auto& m : members) st->set.push_back(m.second);
+      std::sort(st->set.begin(), st->set.end());
+      st->set.erase(std::unique(st->set.begin(), st->set.end()), st->set.end());
+    }
+    return true;
+  }
+
+  // Exact logits scale·q_h·K_j of the group's query heads over `idx`, head-major.
+  void Logits(const float* q, const KvView& kv, int kh, int group, std::span<const int32_t> idx,
+              std::vector<float>* out) const {
+    const int hd = model_.head_dim;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    out->resize(static_cast<size_t>(group) * idx.size());
+    for (int g = 0; g < group; ++g) {
+      const float* qh = q + static_cast<size_t>(kh * group + g) * hd;
+      for (size_t i = 0; i < idx.size(); ++i) {
+        (*out)[g * idx.size() + i] = cpu::Dot(qh, kv.key(kh, idx[i]), hd) * scale;
+      }
+    }
+  }
+
+  // Mean over the group's query heads of log Σ_{j ∈ list} exp(logit_hj): the log-sum-exp the
+  // sparse attention over `list` computes.
+  double MeanLse(const float* q, const KvView& kv, int kh, int group, std::span<const int32_t> list) {
+    Logits(q, kv, kh, group, list, &kept_logits_);
+    const size_t n = list.size();
+    double sum = 0;
+    for (int g = 0; g < group; ++g) {
+      float mx = -INFINITY;
+      for (size_t i = 0; i < n; ++i) mx = std::max(mx, kept_logits_[g * n + i]);
+      double z = 0;
+      for (size_t i = 0; i < n; ++i) z += std::exp(static_cast<double>(kept_logits_[g * n + i] - mx));
+      sum += mx + std::log(z);
+    }
+    return sum / group;
+  }
 
   void Refresh(int layer, int kh, const float* q, const KvView& kv, int group,
                const LayerSelectionPlan& lp, int64_t k, State* st) {
@@ -407,6 +601,23 @@ class PrhsSelector : public SequenceSelector {
     std::sort(set.begin(), set.end());
     set.erase(std::unique(set.begin(), set.end()), set.end());
     st->set = std::move(set);
+    if (lp.gate_delta > 0 || lp.gate_exact_delta > 0) {
+      st->anchor_delta = DroppedMass(probs_, MergeIndexSet(lp.sink, st->set, lp.local, t));
+    }
+    if (lp.scan_slices > 0 && lp.scan_reserve > 0) {
+      // Runner-ups: the best candidates after the set, scored on every scan.
+      st->reserve_size = static_cast<size_t>(std::ceil(lp.scan_reserve * st->set.size()));
+      st->reserve.clear();
+      for (int32_t j : TopKIndices(rank, lo, hi, static_cast<int64_t>(st->set.size() + st->reserve_size))) {
+        if (st->reserve.size() < st->reserve_size &&
+            !std::binary_search(st->set.begin(), st->set.end(), j)) {
+          st->reserve.push_back(j);
+        }
+      }
+    }
+    if (lp.gate_lse > 0) st->anchor_lse = MeanLse(q, kv, kh, group, MergeIndexSet(lp.sink, st->set, lp.local, t));
+    telemetry_.scored_keys_sum += t;
+    st->window_start = std::max<int64_t>(0, t - lp.local);
     st->best.assign(top.begin(), top.begin() + m);
     st->anchor.assign(qg, qg + qlen);
     st->reuse = 0;
@@ -432,6 +643,11 @@ class PrhsSelector : public SequenceSelector {
   std::vector<float> inv_freq_;
   std::vector<float> gate_q_;
   std::vector<int32_t> followed_;
+  std::vector<char> in_list_;  // Scan: 1 = in the list, over [lo, hi)
+  std::vector<int32_t> cand_;
+  std::vector<float> kept_logits_, cand_logits_;
+  std::vector<float> head_max_;
+  std::vector<double> head_norm_;
 };
 
 // HShare-style baseline: sink + heavy + local, the heavy set chosen every refresh_interval steps

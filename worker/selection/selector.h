@@ -62,6 +62,12 @@ struct SelectionTelemetry {
   int64_t shares = 0;         // reuses of an earlier index set without scoring
   double kept_fraction_sum = 0;  // Σ |S| / t over selections
   int64_t kept_tokens_sum = 0;   // Σ |S|
+  // Work of selection itself, in keys whose exact score it computed beyond the kept set's (which
+  // the sparse attention computes anyway): t per refresh, the scanned keys per share step of
+  // PrHS's incremental scan, t per step of a gate that reads every key. Σ t over selections is
+  // the per-step-selection reference, so scored / context is an equivalent refresh rate.
+  int64_t scored_keys_sum = 0;
+  int64_t context_keys_sum = 0;  // Σ t
   std::vector<int64_t> refreshes_per_layer;
   std::vector<int64_t> shares_per_layer;
   // Exact dropped mass of the index set in use until each refresh (mean over the group's query

@@ -220,6 +220,240 @@ TEST_F(SelectorEngineTest, FollowShiftsTheBestAnchorsOnShareSteps) {
   }
 }
 
+// Helpers for the share-step tests below: a random query (all heads) and the exact group-mean
+// probabilities of `q` at length t for kv head kh.
+std::vector<float> RandomQuery(const ModelConfig& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-1, 1);
+  std::vector<float> q(c.num_attention_heads * c.head_dim);
+  for (float& x : q) x = u(rng);
+  return q;
+}
+
+TEST_F(SelectorEngineTest, FullScanKeepsTheExactTopOfTheSharedSet) {
+  // Refresh at length 260 with q1, share (τ = −1) at 261 with an unrelated q2. scan_slices = 1
+  // scores every out-of-set candidate, so its δ estimate is exact and the swap leaves the set
+  // holding exactly the top-|set| candidates of [sink, t − local) under q2 — what a refresh with
+  // the same set size would pick. Without the scan the set stays q1's.
+  const ModelConfig& c = engine_->config();
+  const int group = c.num_attention_heads / c.num_key_value_heads;
+  const std::vector<float> q1 = RandomQuery(c, 21), q2 = RandomQuery(c, 22);
+  auto pages = engine_->PageTable(seq_);
+  ASSERT_TRUE(pages.ok());
+  // scan 2: the same full scan with a reserve of runner-ups (scored first, not twice).
+  for (int scan : {0, 1, 2}) {
+    auto sel = Make("prhs", 0.25, {{"tau", -1}, {"scan_slices", scan > 0 ? 1 : 0},
+                                   {"scan_reserve", scan == 2 ? 0.5 : 0.0}});
+    std::vector<std::vector<int32_t>> first, second;
+    sel->Select(0, q1.data(), KvView(&engine_->kv_cache(), *pages, 0, 260), &first);
+    const KvView view(&engine_->kv_cache(), *pages, 0, 261);
+    sel->Select(0, q2.data(), view, &second);
+    ASSERT_EQ(sel->telemetry().shares, c.num_key_value_heads);
+    for (int kh = 0; kh < c.num_key_value_heads; ++kh) {
+      const int64_t set_size = static_cast<int64_t>(first[kh].size()) - 8 - 32;
+      ASSERT_GT(set_size, 10);
+      std::vector<float> p;
+      GroupProbabilities(q2.data(), view, kh, group, c.head_dim, &p);
+      const std::vector<int32_t> want = MergeIndexSet(8, TopKIndices(p, 8, 261 - 32, set_size), 32, 261);
+      if (scan) {
+        EXPECT_EQ(second[kh], want) << "kv head " << kh;
+      } else {
+        std::vector<int32_t> set;  // the refresh's set: first[kh] without sink and window
+        for (int32_t j : first[kh]) {
+          if (j >= 8 && j < 260 - 32) set.push_back(j);
+        }
+        EXPECT_EQ(second[kh], MergeIndexSet(8, set, 32, 261));
+        EXPECT_NE(second[kh], want);
+        EXPECT_GT(DroppedMass(p, second[kh]), DroppedMass(p, want) + 1e-3);
+      }
+    }
+    // Scored keys: 260 per refresh; the full scan scores the 221 − set_size out-of-set candidates.
+    const SelectionTelemetry& t = sel->telemetry();
+    EXPECT_EQ(t.context_keys_sum, int64_t{(260 + 261)} * c.num_key_value_heads);
+    int64_t want_scored = int64_t{260} * c.num_key_value_heads;
+    if (scan) {
+      for (int kh = 0; kh < c.num_key_value_heads; ++kh) want_scored += 221 - (first[kh].size() - 40);
+    }
+    EXPECT_EQ(t.scored_keys_sum, want_scored);
+  }
+}
+
+TEST_F(SelectorEngineTest, ScanSliceRotatesOverTheCandidates) {
+  // scan_slices = 4 with the same query every step: step s scores the candidates j ≡ s − 1
+  // (mod 4) that are out of the set, so the scored count per step is about a quarter of the
+  // out-of-set candidates, and after 4 shares every candidate has been seen once: the set then
+  // holds the exact top-|set| at the last step's length, as with a full scan.
+  const ModelConfig& c = engine_->config();
+  const int group = c.num_attention_heads / c.num_key_value_heads;
+  const std::vector<float> q1 = RandomQuery(c, 31), q2 = RandomQuery(c, 32);
+  auto pages = engine_->PageTable(seq_);
+  ASSERT_TRUE(pages.ok());
+  auto sel = Make("prhs", 0.25, {{"tau", -1}, {"scan_slices", 4}});
+  std::vector<std::vector<int32_t>> first, lists;
+  sel->Select(0, q1.data(), KvView(&engine_->kv_cache(), *pages, 0, 250), &first);
+  const int64_t scored0 = sel->telemetry().scored_keys_sum;
+  int64_t scored = scored0, out_of_set_sum = 0;
+  for (int len = 251; len <= 254; ++len) {
+    sel->Select(0, q2.data(), KvView(&engine_->kv_cache(), *pages, 0, len), &lists);
+    const int64_t step = sel->telemetry().scored_keys_sum - scored;
+    scored = sel->telemetry().scored_keys_sum;
+    // Out-of-set candidates of [8, len − 32) summed over the kv heads; one residue class of
+    // them is scored (the set is clustered, so a class holds between 1/8 and 1/2 of them).
+    int64_t out_of_set = 0;
+    for (int kh = 0; kh < c.num_key_value_heads; ++kh) {
+      out_of_set += (len - 40) - (static_cast<int64_t>(first[kh].size()) - 40);
+    }
+    out_of_set_sum += out_of_set;
+    EXPECT_GE(step, out_of_set / 8) << len;
+    EXPECT_LE(step, out_of_set / 2) << len;
+  }
+  // Over a full rotation every class was scored once: about all out-of-set candidates.
+  EXPECT_NEAR(static_cast<double>(scored - scored0), out_of_set_sum / 4.0, out_of_set_sum / 40.0);
+  // The set never changes size; after a full rotation it is close to the exact top: its
+  // dropped mass is within 2 % of a refresh's of the same size.
+  const KvView view(&engine_->kv_cache(), *pages, 0, 254);
+  for (int kh = 0; kh < c.num_key_value_heads; ++kh) {
+    std::vector<float> p;
+    GroupProbabilities(q2.data(), view, kh, group, c.head_dim, &p);
+    const int64_t set_size = static_cast<int64_t>(first[kh].size()) - 40;
+    const std::vector<int32_t> want = MergeIndexSet(8, TopKIndices(p, 8, 254 - 32, set_size), 32, 254);
+    EXPECT_EQ(lists[kh].size(), want.size());
+    EXPECT_LE(DroppedMass(p, lists[kh]), DroppedMass(p, want) + 0.02) << kh;
+    EXPECT_LT(DroppedMass(p, lists[kh]), DroppedMass(p, first[kh]));
+  }
+}
+
+TEST_F(SelectorEngineTest, ReserveIsScoredOnEveryScan) {
+  // A slice of 1/1000 holds at most one candidate, so a share step scores the reserve:
+  // ceil(0.5 · |set|) runner-ups of the refresh (all out of the set and out of the window).
+  const ModelConfig& c = engine_->config();
+  const std::vector<float> q1 = RandomQuery(c, 61);
+  auto pages = engine_->PageTable(seq_);
+  ASSERT_TRUE(pages.ok());
+  for (double reserve : {0.0, 0.5}) {
+    auto sel = Make("prhs", 0.25, {{"tau", -1}, {"scan_slices", 1000}, {"scan_reserve", reserve}});
+    std::vector<std::vector<int32_t>> first, lists;
+    sel->Select(0, q1.data(), KvView(&engine_->kv_cache(), *pages, 0, 260), &first);
+    const int64_t before = sel->telemetry().scored_keys_sum;
+    sel->Select(0, q1.data(), KvView(&engine_->kv_cache(), *pages, 0, 261), &lists);
+    const int64_t scored = sel->telemetry().scored_keys_sum - before;
+    int64_t want = 0;
+    for (int kh = 0; kh < c.num_key_value_heads; ++kh) {
+      want += static_cast<int64_t>(std::ceil(reserve * (first[kh].size() - 40)));
+    }
+    EXPECT_GE(scored, want) << reserve;
+    EXPECT_LE(scored, want + c.num_key_value_heads) << reserve;  // + at most 1 slice key each
+  }
+}
+
+TEST_F(SelectorEngineTest, DeltaGatesRefreshWhenTheSharedSetLosesMass) {
+  // Same query at the next length: the shared set loses no mass (the new token is in the local
+  // window), so both δ gates share. An unrelated query: the anchor's set drops far more than at
+  // its refresh, so both refresh. With scan_slices = 1 the estimate equals the exact δ, so the
+  // estimated and the exact gate decide alike.
+  const ModelConfig& c = engine_->config();
+  const std::vector<float> q1 = RandomQuery(c, 41), q2 = RandomQuery(c, 42);
+  auto pages = engine_->PageTable(seq_);
+  ASSERT_TRUE(pages.ok());
+  const int kvh = c.num_key_value_heads;
+  for (const auto& gate : std::vector<std::map<std::string, double>>{
+           {{"tau", -1}, {"scan_slices", 1}, {"gate_delta", 0.01}},
+           {{"tau", -1}, {"gate_exact_delta", 0.01}}}) {
+    auto sel = Make("prhs", 0.25, gate);
+    std::vector<std::vector<int32_t>> lists;
+    sel->Select(0, q1.data(), KvView(&engine_->kv_cache(), *pages, 0, 260), &lists);
+    sel->Select(0, q1.data(), KvView(&engine_->kv_cache(), *pages, 0, 261), &lists);
+    EXPECT_EQ(sel->telemetry().refreshes, kvh);
+    EXPECT_EQ(sel->telemetry().shares, kvh);
+    sel->Select(0, q2.data(), KvView(&engine_->kv_cache(), *pages, 0, 262), &lists);
+    EXPECT_EQ(sel->telemetry().refreshes, 2 * kvh);
+    EXPECT_EQ(sel->telemetry().shares, kvh);
+  }
+  // A margin of 0.99 never refreshes (scan only).
+  auto loose = Make("prhs", 0.25, {{"tau", -1}, {"scan_slices", 1}, {"gate_delta", 0.99}});
+  std::vector<std::vector<int32_t>> lists;
+  loose->Select(0, q1.data(), KvView(&engine_->kv_cache(), *pages, 0, 260), &lists);
+  loose->Select(0, q2.data(), KvView(&engine_->kv_cache(), *pages, 0, 262), &lists);
+  EXPECT_EQ(loose->telemetry().refreshes, kvh);
+}
+
+TEST_F(SelectorEngineTest, LseGateRefreshesWhenTheSharedListLosesLogSumExp) {
+  // gate_lse compares the shared list's log-sum-exp (mean over the group's heads) with the
+  // refreshed list's at its refresh. Computed independently here: the same query one token later
+  // stays within 0.2 nats (share); the negated query puts the selected keys at the bottom and
+  // loses more (refresh).
+  const ModelConfig& c = engine_->config();
+  const int group = c.num_attention_heads / c.num_key_value_heads, hd = c.head_dim;
+  const std::vector<float> q1 = RandomQuery(c, 51), noise = RandomQuery(c, 52);
+  std::vector<float> neg = q1;  // −q1, nudged so that cos(neg, q1) > −1 = τ
+  for (size_t i = 0; i < neg.size(); ++i) neg[i] = -q1[i] + 0.05f * noise[i];
+  auto pages = engine_->PageTable(seq_);
+  ASSERT_TRUE(pages.ok());
+  auto lse = [&](const std::vector<float>& q, const std::vector<int32_t>& list, int kh, int t) {
+    const KvView view(&engine_->kv_cache(), *pages, 0, t);
+    double sum = 0;
+    for (int g = 0; g < group; ++g) {
+      double z = 0;
+      for (int32_t j : list) {
+        double dot = 0;
+        for (int d = 0; d < hd; ++d) dot += q[(kh * group + g) * hd + d] * view.key(kh, j)[d];
+        z += std::exp(dot / std::sqrt(static_cast<double>(hd)));
+      }
+      sum += std::log(z);
+    }
+    return sum / group;
+  };
+  auto sel = Make("prhs", 0.25, {{"tau", -1}, {"gate_lse", 0.2}});
+  std::vector<std::vector<int32_t>> first, lists;
+  sel->Select(0, q1.data(), KvView(&engine_->kv_cache(), *pages, 0, 260), &first);
+  const int kvh = c.num_key_value_heads;
+  for (int kh = 0; kh < kvh; ++kh) {
+    std::vector<int32_t> set;
+    for (int32_t j : first[kh]) {
+      if (j >= 8 && j < 228) set.push_back(j);
+    }
+    const double anchor = lse(q1, first[kh], kh, 260);
+    ASSERT_LT(anchor - lse(q1, MergeIndexSet(8, set, 32, 261), kh, 261), 0.2) << kh;
+    ASSERT_GT(anchor - lse(neg, MergeIndexSet(8, set, 32, 262), kh, 262), 0.2) << kh;
+  }
+  sel->Select(0, q1.data(), KvView(&engine_->kv_cache(), *pages, 0, 261), &lists);
+  EXPECT_EQ(sel->telemetry().refreshes, kvh);
+  EXPECT_EQ(sel->telemetry().shares, kvh);
+  sel->Select(0, neg.data(), KvView(&engine_->kv_cache(), *pages, 0, 262), &lists);
+  EXPECT_EQ(sel->telemetry().refreshes, 2 * kvh);
+  // Without the gate (τ = −1) the nudged negated query shares.
+  auto plain = Make("prhs", 0.25, {{"tau", -1}});
+  plain->Select(0, q1.data(), KvView(&engine_->kv_cache(), *pages, 0, 260), &lists);
+  plain->Select(0, neg.data(), KvView(&engine_->kv_cache(), *pages, 0, 262), &lists);
+  EXPECT_EQ(plain->telemetry().refreshes, kvh);
+}
+
+TEST_F(SelectorEngineTest, KeepTrailKeepsWhatLeftTheWindowSinceTheRefresh) {
+  // Refresh at length 260 (window [228, 260)), share at 265: plain sharing drops 228..232 (they
+  // left the window and the refresh's top-k never saw them); keep_trail keeps exactly them.
+  const ModelConfig& c = engine_->config();
+  const std::vector<float> q = RandomQuery(c, 71);
+  auto pages = engine_->PageTable(seq_);
+  ASSERT_TRUE(pages.ok());
+  std::vector<std::vector<int32_t>> plain, trail;
+  for (int keep : {0, 1}) {
+    auto sel = Make("prhs", 0.25, {{"tau", -1}, {"keep_trail", keep}});
+    std::vector<std::vector<int32_t>> lists;
+    sel->Select(0, q.data(), KvView(&engine_->kv_cache(), *pages, 0, 260), &lists);
+    sel->Select(0, q.data(), KvView(&engine_->kv_cache(), *pages, 0, 265), &lists);
+    EXPECT_EQ(sel->telemetry().shares, c.num_key_value_heads);
+    (keep ? trail : plain) = lists;
+  }
+  for (int kh = 0; kh < c.num_key_value_heads; ++kh) {
+    std::vector<int32_t> want = plain[kh];
+    for (int32_t j = 228; j < 233; ++j) want.push_back(j);
+    std::sort(want.begin(), want.end());
+    want.erase(std::unique(want.begin(), want.end()), want.end());
+    EXPECT_EQ(trail[kh], want) << kh;
+    EXPECT_GT(trail[kh].size(), plain[kh].size()) << kh;
+  }
+}
+
 TEST_F(SelectorEngineTest, PsawExcludesTheEarlyCandidates) {
   // Tiny model: 2 layers, PSAW from layer 0 with φ = 0.1: layer 1 drops 1 − 0.1^{1/2} ≈ 68 %.
   auto sel = Make("prhs", 0.25, {{"psaw_start", 0}, {"psaw_phi", 0.1}, {"tau", 1}});

@@ -54,6 +54,12 @@ absl::Status CudaModel::SupportsPlan(const ModelConfig& c, int page_size,
     if (lp.gqa_max) field = "gqa_max=1";
     if (lp.gate_unrotated) field = "gate_unrotated=1";
     if (lp.follow) field = "follow=1";
+    if (lp.scan_slices > 0) field = "scan_slices (incremental scan)";
+    if (lp.scan_reserve > 0) field = "scan_reserve (incremental scan)";
+    if (lp.gate_delta > 0) field = "gate_delta (δ-estimate gate)";
+    if (lp.gate_exact_delta > 0) field = "gate_exact_delta (diagnostic exact-δ gate)";
+    if (lp.gate_lse > 0) field = "gate_lse (kept log-sum-exp gate)";
+    if (lp.keep_trail) field = "keep_trail=1";
     if (field != nullptr) {
       return absl::InvalidArgumentError(absl::StrCat(
           "sparsity.overrides: ", field, " (layer ", l,
