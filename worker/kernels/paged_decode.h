@@ -103,7 +103,8 @@ struct PagedDecodeParams {
   // 4 * batch * num_kv_heads * ceil(group / 16) bytes, 16-padded) at zero again, so later launches
   // need no reset as long as every launch on that workspace uses fuse_reduction with the same
   // batch, num_kv_heads and group (otherwise zero it again). Off: the reduction runs as a second
-  // kernel (programmatic dependent launch), no zeroing needed.
+  // kernel (programmatic dependent launch), no zeroing needed. On an H100 the second kernel was
+  // as fast at 32 kv heads and 2-10 us faster at 8 (docs/benchmarks.md, "Variants tried").
   bool fuse_reduction = false;
 
   void* d_workspace = nullptr;  // REQUIRES: >= PagedDecodeWorkspaceBytes(*this) bytes, 16-aligned
