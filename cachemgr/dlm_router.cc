@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "cachemgr/relay.h"
 #include "common/logging.h"
 
 namespace prehoc {
@@ -22,19 +23,6 @@ struct DlmRouter::Stream {
 };
 
 namespace {
-
-const char* OutcomeOf(const absl::Status& s) {
-  switch (s.code()) {
-    case absl::StatusCode::kOk: return "ok";
-    case absl::StatusCode::kCancelled: return "cancelled";
-    case absl::StatusCode::kDeadlineExceeded: return "deadline_exceeded";
-    case absl::StatusCode::kInvalidArgument:
-    case absl::StatusCode::kFailedPrecondition: return "invalid_argument";
-    case absl::StatusCode::kResourceExhausted: return "resource_exhausted";
-    case absl::StatusCode::kUnavailable: return "unavailable";
-    default: return "error";
-  }
-}
 
 const ModelDescription* FindModel(const WorkerSnapshot& w, const std::string& model) {
   for (const ModelDescription& m : w.models) {
@@ -237,7 +225,7 @@ bool DlmRouter::End(const std::shared_ptr<Stream>& s, DiffusionEvent ev) {
   ev.request_id = s->client_id;
   if (options_.metrics) {
     DlmRouterMetrics& m = *options_.metrics;
-    m.requests->Add({{"model", s->model}, {"policy", s->policy}, {"outcome", OutcomeOf(ev.status)}})
+    m.requests->Add({{"model", s->model}, {"policy", s->policy}, {"outcome", RelayOutcome(ev.status)}})
         .Increment();
     if (ev.finished) {
       if (!ev.tokens.empty()) {
@@ -293,7 +281,7 @@ std::vector<std::string> DlmRouter::Tick() {
   std::vector<std::string> ids;
   for (const auto& s : orphans) {
     DiffusionEvent ev;
-    ev.status = absl::UnavailableError(absl::StrCat("worker ", s->worker_id, " stopped heartbeating"));
+    ev.status = DeadWorkerStatus(s->worker_id);
     if (End(s, std::move(ev))) {
       ids.push_back(s->client_id);
       s->link->Cancel(s->worker_request_id);
@@ -308,9 +296,7 @@ void DlmRouter::StartDrain() {
 }
 
 bool DlmRouter::WaitIdle(absl::Time deadline) {
-  absl::MutexLock l(&mu_);
-  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return streams_.empty(); };
-  return mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+  return AwaitNoStreams(mu_, streams_, deadline);
 }
 
 int DlmRouter::ActiveStreams() const {

@@ -122,6 +122,8 @@ class PlanManager {
   const DeltaController* Controller(const std::string& model, const std::string& policy,
                                     double target_delta) const;
   int open_plans() const;
+  // The clock plans are stamped with (PlanManagerOptions::clock).
+  absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
 
  private:
   using Key = std::tuple<std::string, std::string, double>;  // model, policy, δ*
@@ -130,7 +132,6 @@ class PlanManager {
     PlanUpdate update;
     DeltaController* controller = nullptr;  // null = no δ target
   };
-  absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
   // Queues the sequence's plan for its worker; returns the worker id.
   const std::string& QueueLocked(const std::string& sequence_id, const Entry& e)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

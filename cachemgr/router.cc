@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "cachemgr/relay.h"
 #include "common/logging.h"
 
 namespace prehoc {
@@ -21,6 +22,10 @@ struct Router::Stream {
   InferenceCallback callback;
   std::shared_ptr<WorkerLink> link;
   absl::Time arrival;
+  // This stream's children of the per-(model, policy) metric families, looked up once at
+  // placement (a family lookup builds a label map and takes the family's lock: not per token).
+  prometheus::Counter* tokens_metric = nullptr;
+  prometheus::Histogram* ttft_metric = nullptr;
   absl::Mutex mu;  // serialises deliveries to `callback`
   bool done ABSL_GUARDED_BY(mu) = false;
   bool seen_token ABSL_GUARDED_BY(mu) = false;
@@ -85,18 +90,6 @@ const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
       0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
       0.75,  1.0,    2.5,   5.0,  7.5,  10.0, 20.0, 40.0, 60.0};
   return *b;
-}
-
-const char* OutcomeName(const absl::Status& s) {
-  switch (s.code()) {
-    case absl::StatusCode::kOk: return "ok";
-    case absl::StatusCode::kCancelled: return "cancelled";
-    case absl::StatusCode::kDeadlineExceeded: return "deadline_exceeded";
-    case absl::StatusCode::kInvalidArgument: return "invalid_argument";
-    case absl::StatusCode::kResourceExhausted: return "resource_exhausted";
-    case absl::StatusCode::kUnavailable: return "unavailable";
-    default: return "error";
-  }
 }
 
 bool Serves(const WorkerSnapshot& w, const std::string& model) {
@@ -242,6 +235,12 @@ absl::StatusOr<std::string> Router::Generate(InferenceRequest request,
     rec.created = stream->arrival;
     absl::Status added = sequences_->Add(std::move(rec));
     if (!added.ok()) return added;
+    if (options_.metrics != nullptr) {  // before any thread can see the stream
+      const prometheus::Labels labels = {{"model", stream->model}, {"policy", stream->policy}};
+      stream->tokens_metric = &options_.metrics->tokens->Add(labels);
+      stream->ttft_metric =
+          &options_.metrics->time_to_first_token_s->Add(labels, LatencyBuckets());
+    }
     streams_.emplace(stream->request_id, stream);
     ++link_outstanding_;
   }
@@ -275,18 +274,13 @@ void Router::OnLinkEvent(const std::shared_ptr<Stream>& s, InferenceEvent ev) {
     if (!s->done) {
       ev.request_id = s->request_id;
       if (terminal) s->done = true;
-      if (options_.metrics != nullptr) {
-        if (!ev.tokens.empty()) {
-          if (!s->seen_token) {
-            options_.metrics->time_to_first_token_s
-                ->Add({{"model", s->model}, {"policy", s->policy}}, LatencyBuckets())
-                .Observe(absl::ToDoubleSeconds(workers_->Now() - s->arrival));
-          }
-          options_.metrics->tokens->Add({{"model", s->model}, {"policy", s->policy}})
-              .Increment(static_cast<double>(ev.tokens.size()));
+      if (s->tokens_metric != nullptr && !ev.tokens.empty()) {
+        if (!s->seen_token) {
+          s->ttft_metric->Observe(absl::ToDoubleSeconds(workers_->Now() - s->arrival));
         }
-        if (terminal) CountOutcome(*s, ev.status);
+        s->tokens_metric->Increment(static_cast<double>(ev.tokens.size()));
       }
+      if (terminal && options_.metrics != nullptr) CountOutcome(*s, ev.status);
       if (!ev.tokens.empty()) s->seen_token = true;
       s->callback(std::move(ev));
     }
@@ -312,7 +306,7 @@ bool Router::FailStream(const std::shared_ptr<Stream>& s, const absl::Status& st
 
 void Router::CountOutcome(const Stream& s, const absl::Status& status) {
   options_.metrics->requests
-      ->Add({{"model", s.model}, {"policy", s.policy}, {"outcome", OutcomeName(status)}})
+      ->Add({{"model", s.model}, {"policy", s.policy}, {"outcome", RelayOutcome(status)}})
       .Increment();
 }
 
@@ -424,8 +418,7 @@ std::vector<std::string> Router::Tick() {
     }
     LOG(WARNING) << "worker " << w.worker_id << " missed heartbeats: declared dead; failing "
                  << victims.size() << " streams, releasing " << dropped.size() << " sequences";
-    const absl::Status status = absl::UnavailableError(
-        absl::StrCat("worker ", w.worker_id, " stopped heartbeating; retry the request"));
+    const absl::Status status = DeadWorkerStatus(w.worker_id);
     for (const auto& s : victims) {
       Retire(s);
       FailStream(s, status);
@@ -441,11 +434,7 @@ void Router::StartDrain() {
   draining_ = true;
 }
 
-bool Router::WaitIdle(absl::Time deadline) {
-  absl::MutexLock l(&mu_);
-  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return streams_.empty(); };
-  return mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
-}
+bool Router::WaitIdle(absl::Time deadline) { return AwaitNoStreams(mu_, streams_, deadline); }
 
 namespace {
 const prometheus::Histogram::BucketBoundaries& DeltaBuckets() {

@@ -35,6 +35,16 @@ inline double MetricValue(prometheus::Registry& registry, const std::string& nam
   return -1;
 }
 
+// The sum of family `name`'s counter and gauge values over all its children; 0 when it has none.
+inline double MetricSum(prometheus::Registry& registry, const std::string& name) {
+  double sum = 0;
+  for (const auto& family : registry.Collect()) {
+    if (family.name != name) continue;
+    for (const auto& metric : family.metric) sum += metric.counter.value + metric.gauge.value;
+  }
+  return sum;
+}
+
 }  // namespace prehoc::testing
 
 #endif  // PREHOC_COMMON_METRICS_TEST_UTIL_H_

@@ -58,10 +58,7 @@ class PrehocClient:
             model=model, max_tokens=max_tokens, stop_at_eos=stop_at_eos, request_id=request_id,
             sampling=common_pb2.SamplingParams(temperature=temperature, top_k=top_k,
                                                top_p=top_p, seed=seed))
-        if text is not None:
-            req.text = text
-        else:
-            req.token_ids.ids.extend(token_ids or [])
+        _set_prompt(req, text, token_ids)
         if policy:
             req.sparsity.policy = POLICIES[policy.upper().replace("-", "_")]
         req.sparsity.target_delta = target_delta
@@ -90,10 +87,7 @@ class PrehocClient:
             remasking=remasking, parallel_threshold=parallel_threshold, cache=cache,
             stop_at_eos=stop_at_eos, request_id=request_id,
             sampling=common_pb2.SamplingParams(temperature=temperature, seed=seed))
-        if text is not None:
-            req.text = text
-        else:
-            req.token_ids.ids.extend(token_ids or [])
+        _set_prompt(req, text, token_ids)
         for key, value in (cache_params or {}).items():
             setattr(req.cache_params, key, value)
         req.rho.extend(rho or [])
@@ -107,6 +101,14 @@ class PrehocClient:
     def cancel(self, request_id):
         self._stub.Cancel(inference_pb2.CancelRequest(request_id=request_id),
                           timeout=self._timeout)
+
+
+def _set_prompt(req, text, token_ids):
+    """The prompt oneof GenerateRequest and DiffuseRequest share: text, else token ids."""
+    if text is not None:
+        req.text = text
+    else:
+        req.token_ids.ids.extend(token_ids or [])
 
 
 def main():
@@ -134,58 +136,54 @@ def main():
             print(f"{m.name}\t{m.architecture}\tvocab={m.vocab_size}\tcontext={m.max_context}")
         return 0
     if a.diffuse:
-        return run_diffuse(client, a)
-    kwargs = dict(max_tokens=a.max_tokens, temperature=a.temperature, policy=a.policy,
-                  budget=a.budget, budget_fraction=a.budget_fraction,
-                  target_delta=a.target_delta)
+        stream = client.diffuse(**prompt_kwargs(a), gen_length=a.gen_length,
+                                block_length=a.block_length, steps=a.steps, cache=a.cache,
+                                temperature=a.temperature, seed=a.seed)
+        return print_stream(stream, diffuse_summary)
+    stream = client.generate(**prompt_kwargs(a), max_tokens=a.max_tokens,
+                             temperature=a.temperature, policy=a.policy, budget=a.budget,
+                             budget_fraction=a.budget_fraction, target_delta=a.target_delta)
+    return print_stream(stream, generate_summary)
+
+
+def prompt_kwargs(a):
+    """The prompt of --ids (comma-separated token ids) or --prompt (default "def main():")."""
     if a.ids:
-        kwargs["token_ids"] = [int(x) for x in a.ids.split(",")]
-    else:
-        kwargs["text"] = a.prompt if a.prompt is not None else "def main():"
+        return {"token_ids": [int(x) for x in a.ids.split(",")]}
+    return {"text": a.prompt if a.prompt is not None else "def main():"}
+
+
+def print_stream(stream, summary):
+    """Prints a Generate or Diffuse stream's text as it arrives (Diffuse: block by block), then
+    summary(final message) on stderr. Returns the exit status (1 on an RPC error)."""
     try:
         last = None
-        for msg in client.generate(**kwargs):
+        for msg in stream:
             sys.stdout.write(msg.text)
             sys.stdout.flush()
             last = msg
         print()
         if last is not None and last.finished:
-            s = last.sparsity
-            print(f"--- {last.usage.completion_tokens} tokens ({last.finish_reason}), "
-                  f"ttft {last.time_to_first_token_s * 1e3:.1f} ms | sparsity: policy={s.policy} "
-                  f"kept={s.mean_kept_fraction:.3f} delta={s.mean_delta:.4f} "
-                  f"refreshes={s.refreshes}", file=sys.stderr)
+            print(summary(last), file=sys.stderr)
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     return 0
 
 
-def run_diffuse(client, a):
-    """--diffuse: prints each committed block as it arrives, then the decode statistics."""
-    kwargs = dict(gen_length=a.gen_length, block_length=a.block_length, steps=a.steps,
-                  cache=a.cache, temperature=a.temperature, seed=a.seed)
-    if a.ids:
-        kwargs["token_ids"] = [int(x) for x in a.ids.split(",")]
-    else:
-        kwargs["text"] = a.prompt if a.prompt is not None else "def main():"
-    try:
-        last = None
-        for msg in client.diffuse(**kwargs):
-            sys.stdout.write(msg.text)
-            sys.stdout.flush()
-            last = msg
-        print()
-        if last is not None and last.finished:
-            s = last.stats
-            print(f"--- {last.usage.completion_tokens} tokens ({last.finish_reason}) in {s.steps} "
-                  f"steps, cache={s.cache}, {s.tokens_per_second:.2f} tokens/s, "
-                  f"refreshes={s.refreshes}, rows recomputed per layer={list(s.rows_recomputed)}",
-                  file=sys.stderr)
-    except grpc.RpcError as e:
-        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    return 0
+def generate_summary(last):
+    s = last.sparsity
+    return (f"--- {last.usage.completion_tokens} tokens ({last.finish_reason}), "
+            f"ttft {last.time_to_first_token_s * 1e3:.1f} ms | sparsity: policy={s.policy} "
+            f"kept={s.mean_kept_fraction:.3f} delta={s.mean_delta:.4f} "
+            f"refreshes={s.refreshes}")
+
+
+def diffuse_summary(last):
+    s = last.stats
+    return (f"--- {last.usage.completion_tokens} tokens ({last.finish_reason}) in {s.steps} "
+            f"steps, cache={s.cache}, {s.tokens_per_second:.2f} tokens/s, "
+            f"refreshes={s.refreshes}, rows recomputed per layer={list(s.rows_recomputed)}")
 
 
 if __name__ == "__main__":

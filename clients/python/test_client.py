@@ -6,12 +6,21 @@ PREHOC_PROMPT_IDS from the embedded engine, comma-separated), PREHOC_PY_STUBS (s
 for Diffuse: PREHOC_DLM_TARGET (a server on the diffusion model) and PREHOC_DLM_EXPECTED_IDS
 (`prehoc diffuse` on the same prompt ids and DIFFUSE_ARGS below)."""
 import os
+import subprocess
 import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grpc  # noqa: E402
 from prehoc_client import PrehocClient  # noqa: E402
+
+CLI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prehoc_client.py")
+
+
+def run_cli(*args):
+    """Runs prehoc_client.py's command line; returns (exit status, stdout, stderr)."""
+    p = subprocess.run([sys.executable, CLI, *args], capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout, p.stderr
 
 TARGET = os.environ["PREHOC_TARGET"]
 PROMPT = [int(x) for x in os.environ["PREHOC_PROMPT_IDS"].split(",")]
@@ -68,6 +77,18 @@ class ClientTest(unittest.TestCase):
         ids, _, _ = self.client.generate_all(token_ids=PROMPT, max_tokens=3)
         self.assertEqual(ids, EXPECTED[:3])
 
+    def test_command_line_streams_text_and_reports_errors(self):
+        ids = ",".join(map(str, PROMPT))
+        code, out, err = run_cli("--target", TARGET, "--ids", ids, "--max-tokens", "6",
+                                 "--policy", "streaming", "--budget", "8")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.endswith("\n"))
+        self.assertIn("--- 6 tokens (length)", err)
+        self.assertIn("policy=streaming", err)
+        code, _, err = run_cli("--target", TARGET, "--ids", ids, "--max-tokens", "0")
+        self.assertEqual(code, 1)
+        self.assertIn("error: INVALID_ARGUMENT: max_tokens", err)
+
     def test_cancel_unknown_request_is_not_found(self):
         with self.assertRaises(grpc.RpcError) as cm:
             self.client.cancel("no-such-request")
@@ -100,6 +121,19 @@ class DiffuseTest(unittest.TestCase):
         self.assertEqual(last.stats.cache, "spa")
         self.assertEqual(last.stats.steps, 8)
         self.assertEqual(len(last.stats.rows_recomputed), 6)
+
+    def test_command_line_prints_blocks_and_stats(self):
+        code, out, err = run_cli("--target", DLM_TARGET, "--diffuse", "--ids",
+                                 ",".join(map(str, PROMPT)), "--gen-length", "8",
+                                 "--block-length", "4", "--steps", "8", "--cache", "spa",
+                                 "--temperature", "0.5", "--seed", "3")
+        self.assertEqual(code, 0, err)
+        self.assertIn("--- 8 tokens", err)
+        self.assertIn("in 8 steps, cache=spa", err)
+        code, _, err = run_cli("--target", DLM_TARGET, "--diffuse", "--ids", "256",
+                               "--cache", "fast")
+        self.assertEqual(code, 1)
+        self.assertIn("error: INVALID_ARGUMENT: cache", err)
 
     def test_bad_diffuse_requests_name_the_field(self):
         for kwargs, field in [(dict(gen_length=-1), "gen_length"),

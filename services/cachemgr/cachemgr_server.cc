@@ -23,6 +23,7 @@ absl::StatusOr<std::unique_ptr<CacheManagerServer>> CacheManagerServer::Create(
   s->plan_metrics_ = std::make_unique<PlanMetrics>(*s->registry_);
   PlanManagerOptions po;
   po.metrics = s->plan_metrics_.get();
+  po.clock = options.clock;
   s->plans_ = std::make_unique<PlanManager>(po);
   RouterOptions ro;
   ro.id_prefix = options.id_prefix.empty()

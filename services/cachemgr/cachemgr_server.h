@@ -8,6 +8,7 @@
 #ifndef PREHOC_SERVICES_CACHEMGR_CACHEMGR_SERVER_H_
 #define PREHOC_SERVICES_CACHEMGR_CACHEMGR_SERVER_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -37,6 +38,9 @@ struct CacheManagerServerOptions {
   std::string id_prefix;
   int64_t max_request_bytes = int64_t{4} << 20;
   std::shared_ptr<prometheus::Registry> registry;  // null = a private one
+  // Clock for plan time stamps and the clock readings sent to workers; null = absl::Now (tests
+  // inject an offset).
+  std::function<absl::Time()> clock;
 };
 
 class CacheManagerServer {

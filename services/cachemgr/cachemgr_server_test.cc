@@ -1,15 +1,21 @@
 // The cache manager and two workers in-process on 127.0.0.1:0 (the gRPC links are real).
 #include "services/cachemgr/cachemgr_server.h"
 
+#include <atomic>
 #include <filesystem>
 #include <set>
 #include <thread>
 
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "prehoc/v1/cachemgr.grpc.pb.h"
 #include "prehoc/v1/inference.grpc.pb.h"
+#include "services/common/embedded.h"
+#include "services/common/plan_convert.h"
+#include "services/common/proto_convert.h"
+#include "common/metrics_test_util.h"
 #include "services/common/test_util.h"
 #include "services/worker/worker_server.h"
 #include "worker/generator.h"
@@ -18,6 +24,7 @@ namespace prehoc {
 namespace {
 
 using ::testing::HasSubstr;
+using prehoc::testing::MetricSum;
 using grpc::health::v1::HealthCheckResponse;
 namespace fs = std::filesystem;
 
@@ -30,6 +37,11 @@ class CacheManagerServerTest : public ::testing::Test {
   void SetUp() override {
     CacheManagerServerOptions co;
     co.heartbeat_interval = absl::Milliseconds(500);
+    StartCacheManager(co);
+  }
+  // (Re)starts the cache manager with `co` and connects the client stub to it.
+  void StartCacheManager(const CacheManagerServerOptions& co) {
+    cm_.reset();
     auto cm = CacheManagerServer::Create(co);
     ASSERT_TRUE(cm.ok()) << cm.status();
     cm_ = std::move(*cm);
@@ -264,13 +276,33 @@ v1::GenerateRequest PrhsRequest(double target_delta, int max_tokens) {
   return req;
 }
 
-double Metric(prometheus::Registry& registry, const std::string& name) {
-  double sum = 0;
-  for (const auto& fam : registry.Collect()) {
-    if (fam.name != name) continue;
-    for (const auto& m : fam.metric) sum += m.counter.value + m.gauge.value;
+// A telemetry batch with one refresh δ = delta(layer, kv head) for each of the tiny model's 2
+// layers × 2 kv heads of sequence `seq`.
+v1::TelemetryBatch SyntheticTelemetry(const std::string& seq, const std::string& worker_id,
+                                      const std::function<double(int, int)>& delta) {
+  v1::TelemetryBatch b;
+  b.set_worker_id(worker_id);
+  for (int layer = 0; layer < 2; ++layer) {
+    for (int head = 0; head < 2; ++head) {
+      v1::RefreshEvent* e = b.add_refreshes();
+      e->set_sequence_id(seq);
+      e->set_layer(layer);
+      e->set_kv_head(head);
+      e->set_delta(delta(layer, head));
+    }
   }
-  return sum;
+  return b;
+}
+
+// Sends `batch` over CacheManager.ReportTelemetry; true once the cache manager recorded it.
+bool SendTelemetry(const std::shared_ptr<grpc::Channel>& channel, const v1::TelemetryBatch& batch) {
+  auto stub = v1::CacheManager::NewStub(channel);
+  grpc::ClientContext ctx;
+  v1::ReportTelemetryResponse resp;
+  auto writer = stub->ReportTelemetry(&ctx, &resp);
+  if (!writer->Write(batch)) return false;
+  writer->WritesDone();
+  return writer->Finish().ok();
 }
 
 // A synthetic telemetry batch (δ far above δ* at every layer and kv head) sent through
@@ -291,24 +323,8 @@ TEST_F(CacheManagerServerTest, SyntheticTelemetryDrivesTheControllerAndTheWorker
   ASSERT_TRUE(w->scheduler().AwaitPlan(seq, 1, absl::Now() + absl::Seconds(30)));
   const uint64_t v0 = cm_->plans().Get(seq)->plan.version;
 
-  v1::TelemetryBatch batch;
-  batch.set_worker_id(w->worker_id());
-  for (int layer = 0; layer < 2; ++layer) {
-    for (int head = 0; head < 2; ++head) {
-      v1::RefreshEvent* e = batch.add_refreshes();
-      e->set_sequence_id(seq);
-      e->set_layer(layer);
-      e->set_kv_head(head);
-      e->set_delta(0.3);
-    }
-  }
-  auto cm_stub = v1::CacheManager::NewStub(channel_);
-  grpc::ClientContext ctx;
-  v1::ReportTelemetryResponse resp;
-  auto writer = cm_stub->ReportTelemetry(&ctx, &resp);
-  ASSERT_TRUE(writer->Write(batch));
-  writer->WritesDone();
-  ASSERT_TRUE(writer->Finish().ok());
+  ASSERT_TRUE(SendTelemetry(channel_, SyntheticTelemetry(seq, w->worker_id(),
+                                                         [](int, int) { return 0.3; })));
 
   const uint64_t v1 = cm_->plans().Get(seq)->plan.version;
   EXPECT_EQ(v1, v0 + 1);
@@ -323,8 +339,8 @@ TEST_F(CacheManagerServerTest, SyntheticTelemetryDrivesTheControllerAndTheWorker
   const v1::SparsityReport& report = result.messages.back().sparsity();
   EXPECT_EQ(report.plan_version(), static_cast<int64_t>(v1));
   EXPECT_GE(report.plan_updates(), 1);
-  EXPECT_GE(Metric(cm_->registry(), "prehoc_cachemgr_selection_plans_sent_total"), 2);
-  EXPECT_GE(Metric(w->registry(), "prehoc_selection_plans_applied_total"), 1);
+  EXPECT_GE(MetricSum(cm_->registry(), "prehoc_cachemgr_selection_plans_sent_total"), 2);
+  EXPECT_GE(MetricSum(w->registry(), "prehoc_selection_plans_applied_total"), 1);
   EXPECT_EQ(cm_->plans().open_plans(), 0);  // closed with the sequence
 }
 
@@ -355,8 +371,127 @@ TEST_F(CacheManagerServerTest, TargetDeltaRequestGetsAPlanUpdateFromTheCacheMana
   const v1::SparsityReport& report = r.messages.back().sparsity();
   EXPECT_GE(report.plan_version(), 3);
   EXPECT_GE(report.plan_updates(), 1);
-  EXPECT_GT(Metric(cm_->registry(), "prehoc_cachemgr_delta_samples_total"), 0);
-  EXPECT_GE(Metric(worker.load()->registry(), "prehoc_selection_plans_received_total"), 2);
+  EXPECT_GT(MetricSum(cm_->registry(), "prehoc_cachemgr_delta_samples_total"), 0);
+  EXPECT_GE(MetricSum(worker.load()->registry(), "prehoc_selection_plans_received_total"), 2);
+}
+
+// The cache manager's clock runs an hour behind the worker's. The worker estimates the offset
+// from its register/heartbeat round trips (within half the round trip) and maps the plans' time
+// stamps onto its own clock, so the plan age it reports is the real one (milliseconds), not the
+// skew (uncorrected it would read about 3600 s).
+TEST_F(CacheManagerServerTest, PlanAgeExcludesTheClockOffsetToTheCacheManager) {
+  const absl::Duration skew = -absl::Hours(1);
+  CacheManagerServerOptions co;
+  co.heartbeat_interval = absl::Milliseconds(50);
+  co.clock = [skew] { return absl::Now() + skew; };
+  StartCacheManager(co);
+  if (HasFatalFailure()) return;
+
+  StepGate gate(3);  // prefill, first decode, then held until the plan was offered
+  std::function<void()> gate_hook = gate.Hook();
+  std::atomic<WorkerServer*> worker{nullptr};
+  absl::Mutex mu;
+  double max_age = -1;
+  WorkerServer* w = AddWorker(absl::ZeroDuration(), [&] {
+    gate_hook();
+    if (WorkerServer* p = worker.load(); p != nullptr) {
+      const double age = MetricSum(p->registry(), "prehoc_selection_plan_age_seconds");
+      absl::MutexLock l(&mu);
+      max_age = std::max(max_age, age);
+    }
+  });
+  ASSERT_TRUE(cm_->workers().AwaitReady(1, absl::Now() + absl::Seconds(30)));
+  StreamResult result;
+  std::thread client([&] { result = RunStream(stub_.get(), PrhsRequest(0.05, 10)); });
+  ASSERT_TRUE(gate.WaitReached(absl::Now() + absl::Seconds(30)));
+  const std::string seq = w->scheduler().LiveSequences().at(0).request_id;
+  ASSERT_TRUE(w->scheduler().AwaitPlan(seq, 1, absl::Now() + absl::Seconds(30)));
+  // The plan stream opens only after the registration's round trip was sampled.
+  const auto estimate = w->cachemgr_clock().estimate();
+  ASSERT_TRUE(estimate.has_value());
+  EXPECT_LE(absl::AbsDuration(estimate->offset - skew),
+            estimate->rtt / 2 + absl::Microseconds(1));  // stamps carry microseconds
+  EXPECT_NEAR(MetricSum(w->registry(), "prehoc_worker_cachemgr_clock_offset_seconds"),
+              absl::ToDoubleSeconds(skew), 1.0);
+  worker = w;  // measure from the step that applies the cache manager's plan on
+  gate.Open();
+  client.join();
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_GE(result.messages.back().sparsity().plan_updates(), 1);
+  absl::MutexLock l(&mu);
+  EXPECT_GE(max_age, 0.0);
+  EXPECT_LT(max_age, 10.0);
+}
+
+// Embedded mode and split mode run the same planner: the same request held after its first
+// decode step gets the same initial plan from both, and the same telemetry batches (sent over
+// CacheManager.ReportTelemetry in split mode, handed to the embedded Router through the same
+// TelemetryBatch conversion) produce the same sequence of plan versions, which both Schedulers
+// are offered.
+TEST_F(CacheManagerServerTest, EmbeddedModeProducesTheSamePlanSequenceForTheSameTelemetry) {
+  StepGate split_gate(3), embedded_gate(3);  // prefill, first decode, then held
+  WorkerServer* w = AddWorker(absl::ZeroDuration(), split_gate.Hook());
+  EmbeddedOptions eo;
+  eo.engine.model_dir = Fixture();
+  eo.engine.num_threads = 1;
+  eo.engine.kv_cache_bytes = 16 << 20;
+  eo.model_name = "tiny";
+  eo.scheduler.before_step = embedded_gate.Hook();
+  eo.telemetry_interval = absl::Hours(1);  // only the batches below reach the planner
+  auto em = EmbeddedCluster::Create(eo);
+  ASSERT_TRUE(em.ok()) << em.status();
+  ASSERT_TRUE(cm_->workers().AwaitReady(1, absl::Now() + absl::Seconds(30)));
+  const v1::GenerateRequest req = PrhsRequest(0.05, 10);
+  StreamResult split_result;
+  std::thread client([&] { split_result = RunStream(stub_.get(), req); });
+  absl::Notification embedded_done;
+  InferenceEvent embedded_last;
+  auto request = FromProto(req);
+  ASSERT_TRUE(request.ok()) << request.status();
+  ASSERT_TRUE((*em)->backend()
+                  .Generate(*request,
+                            [&](InferenceEvent ev) {
+                              if (!ev.terminal()) return;
+                              embedded_last = ev;
+                              embedded_done.Notify();
+                            })
+                  .ok());
+  ASSERT_TRUE(split_gate.WaitReached(absl::Now() + absl::Seconds(30)));
+  ASSERT_TRUE(embedded_gate.WaitReached(absl::Now() + absl::Seconds(30)));
+  const std::string split_seq = w->scheduler().LiveSequences().at(0).request_id;
+  const std::string em_seq = (*em)->scheduler().LiveSequences().at(0).request_id;
+  ASSERT_TRUE(w->scheduler().AwaitPlan(split_seq, 1, absl::Now() + absl::Seconds(30)));
+  ASSERT_TRUE((*em)->scheduler().AwaitPlan(em_seq, 1, absl::Now() + absl::Seconds(30)));
+  // A plan without its sequence id and time stamp.
+  auto canonical = [](const PlanManager& plans, const std::string& seq) {
+    return PlanToProto("", plans.Get(seq)->plan, absl::UnixEpoch()).SerializeAsString();
+  };
+  ASSERT_EQ(canonical(cm_->plans(), split_seq), canonical((*em)->plans(), em_seq));
+  std::set<uint64_t> versions = {cm_->plans().Get(split_seq)->plan.version};
+  // Violations, then δ far below δ*, then mixed per head.
+  for (const double delta : {0.3, 0.2, 0.001, 0.0005, 0.12}) {
+    auto per_head = [delta](int layer, int head) { return delta * (1 + head) / (1 + layer); };
+    ASSERT_TRUE(
+        SendTelemetry(channel_, SyntheticTelemetry(split_seq, w->worker_id(), per_head)));
+    (*em)->router().RecordTelemetry(
+        TelemetryReportFromProto(SyntheticTelemetry(em_seq, "embedded", per_head)));
+    EXPECT_EQ(canonical(cm_->plans(), split_seq), canonical((*em)->plans(), em_seq))
+        << "after delta " << delta;
+    versions.insert(cm_->plans().Get(split_seq)->plan.version);
+  }
+  EXPECT_GE(versions.size(), 3u);  // the controller moved the plan more than once
+  const uint64_t last = cm_->plans().Get(split_seq)->plan.version;
+  ASSERT_TRUE(w->scheduler().AwaitPlan(split_seq, last, absl::Now() + absl::Seconds(30)));
+  ASSERT_TRUE((*em)->scheduler().AwaitPlan(em_seq, last, absl::Now() + absl::Seconds(30)));
+  split_gate.Open();
+  embedded_gate.Open();
+  client.join();
+  ASSERT_TRUE(embedded_done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  ASSERT_TRUE(split_result.status.ok()) << split_result.status.error_message();
+  ASSERT_TRUE(embedded_last.status.ok()) << embedded_last.status;
+  EXPECT_EQ(split_result.messages.back().sparsity().plan_version(),
+            embedded_last.sparsity.plan_version);
+  EXPECT_EQ(embedded_last.sparsity.plan_version, static_cast<int64_t>(last));
 }
 
 }  // namespace

@@ -32,6 +32,7 @@ grpc::ServerUnaryReactor* CacheManagerService::RegisterWorker(
     response->set_epoch(*epoch);
     response->set_heartbeat_interval_ms(
         static_cast<int32_t>(absl::ToInt64Milliseconds(workers_->heartbeat_interval())));
+    response->set_server_unix_micros(absl::ToUnixMicros(PlanClock()));
   }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   reactor->Finish(ToGrpcStatus(epoch.status()));
@@ -43,6 +44,7 @@ grpc::ServerUnaryReactor* CacheManagerService::Heartbeat(grpc::CallbackServerCon
                                                          v1::HeartbeatResponse* response) {
   absl::Status s = router_->Heartbeat(request->worker_id(), request->epoch(),
                                       FromProto(request->load()), request->ready());
+  if (s.ok()) response->set_server_unix_micros(absl::ToUnixMicros(PlanClock()));
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   reactor->Finish(ToGrpcStatus(s));
   return reactor;
@@ -59,16 +61,7 @@ class TelemetryReader final : public grpc::ServerReadReactor<v1::TelemetryBatch>
       Finish(grpc::Status::OK);
       return;
     }
-    TelemetryReport r;
-    r.worker_id = batch_.worker_id();
-    for (const v1::SequenceTelemetry& s : batch_.sequences()) {
-      r.sequences.push_back({s.sequence_id(), s.policy(), s.mean_kept_fraction(), s.refreshes(),
-                             s.shares(), s.in_progress()});
-    }
-    for (const v1::RefreshEvent& e : batch_.refreshes()) {
-      r.refreshes.push_back({e.sequence_id(), e.layer(), e.kv_head(), e.delta()});
-    }
-    router_->RecordTelemetry(r);
+    router_->RecordTelemetry(TelemetryReportFromProto(batch_));
     StartRead(&batch_);
   }
   void OnDone() override { delete this; }

@@ -38,6 +38,10 @@ class CacheManagerService final : public v1::CacheManager::CallbackService {
                                             v1::ClusterState* response) override;
 
  private:
+  // The clock plans are stamped with (stamped into register/heartbeat responses, so workers can
+  // estimate the clock offset).
+  absl::Time PlanClock() const { return plans_ != nullptr ? plans_->Now() : absl::Now(); }
+
   Router* const router_;
   WorkerRegistry* const workers_;
   SequenceRegistry* const sequences_;

@@ -6,10 +6,6 @@
 namespace prehoc {
 namespace {
 
-absl::Status Bad(const std::string& field, const std::string& what) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
-}
-
 // DlmCacheParams -> MakeDlmSchedule's override keys (the proto's `rho_uniform` is its `rho`).
 void ParamsToOverrides(const v1::DlmCacheParams& p, std::map<std::string, double>* o) {
   if (p.has_r_full()) (*o)["r_full"] = p.r_full();
@@ -55,13 +51,11 @@ void OverridesToParams(const std::map<std::string, double>& o, v1::DlmCacheParam
 
 absl::StatusOr<DiffusionRequest> DiffusionFromProto(const v1::DiffuseRequest& p) {
   DiffusionRequest r;
-  r.request_id = p.request_id();
-  r.model = p.model();
-  absl::Status prompt = PromptFromProto(p, &r.text, &r.token_ids);
-  if (!prompt.ok()) return prompt;
-  if (p.sampling().top_k() != 0) return Bad("sampling.top_k", "must be 0 for Diffuse");
+  absl::Status common = CommonRequestFromProto(p, &r);
+  if (!common.ok()) return common;
+  if (p.sampling().top_k() != 0) return FieldError("sampling.top_k", "must be 0 for Diffuse");
   if (p.sampling().top_p() != 0 && p.sampling().top_p() != 1) {
-    return Bad("sampling.top_p", "must be 0 (or 1) for Diffuse");
+    return FieldError("sampling.top_p", "must be 0 (or 1) for Diffuse");
   }
   dlm::DiffuseOptions& o = r.options;
   o.gen_length = p.gen_length();
@@ -85,9 +79,7 @@ absl::StatusOr<DiffusionRequest> DiffusionFromProto(const v1::DiffuseRequest& p)
 
 v1::DiffuseRequest DiffusionToProto(const DiffusionRequest& r) {
   v1::DiffuseRequest p;
-  p.set_request_id(r.request_id);
-  p.set_model(r.model);
-  PromptToProto(r.text, r.token_ids, &p);
+  CommonRequestToProto(r, &p);
   const dlm::DiffuseOptions& o = r.options;
   p.set_gen_length(o.gen_length);
   p.set_block_length(o.block_length);
@@ -178,7 +170,7 @@ v1::DlmPlan DlmPlanToProto(const DlmSchedule& s) {
 
 absl::StatusOr<DlmSchedule> DlmPlanFromProto(const v1::DlmPlan& p) {
   absl::StatusOr<DlmCachePolicy> policy = ParseDlmCachePolicy(p.policy());
-  if (!policy.ok()) return Bad("plan.policy", absl::StrCat("unknown policy '", p.policy(), "'"));
+  if (!policy.ok()) return FieldError("plan.policy", "unknown policy '", p.policy(), "'");
   DlmSchedule s;
   s.version = static_cast<uint64_t>(p.version());
   s.policy = *policy;

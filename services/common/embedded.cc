@@ -1,10 +1,15 @@
 #include "services/common/embedded.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "common/logging.h"
+#include "services/common/proto_convert.h"
 
 namespace prehoc {
+namespace {
+constexpr char kWorkerId[] = "embedded";  // the in-process worker (served_by, plan stream)
+}  // namespace
 
 absl::Status LocalWorkerLink::Start(const std::string& sequence_id,
                                     const InferenceRequest& request, InferenceCallback callback) {
@@ -55,17 +60,23 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
   c->router_metrics_ = std::make_unique<RouterMetrics>(*c->registry_);
   SchedulerOptions so = o.scheduler;
   so.model_name = name;
-  so.worker_id = "embedded";
+  so.worker_id = kWorkerId;
   so.metrics = c->scheduler_metrics_.get();
   absl::StatusOr<std::unique_ptr<Scheduler>> sched = Scheduler::Create(std::move(*engine), so);
   if (!sched.ok()) return sched.status();
   c->scheduler_ = std::move(*sched);
   c->workers_ = std::make_unique<WorkerRegistry>(WorkerRegistryOptions{});
   c->sequences_ = std::make_unique<SequenceRegistry>();
-  c->router_ = std::make_unique<Router>(c->workers_.get(), c->sequences_.get(),
-                                        RouterOptions{"em", c->router_metrics_.get()});
+  // The planner exactly as CacheManagerServer sets it up.
+  c->plan_metrics_ = std::make_unique<PlanMetrics>(*c->registry_);
+  PlanManagerOptions po;
+  po.metrics = c->plan_metrics_.get();
+  c->plans_ = std::make_unique<PlanManager>(po);
+  c->router_ = std::make_unique<Router>(
+      c->workers_.get(), c->sequences_.get(),
+      RouterOptions{"em", c->router_metrics_.get(), c->plans_.get()});
   WorkerRegistration r;
-  r.worker_id = "embedded";
+  r.worker_id = kWorkerId;
   r.address = "in-process";
   r.models = c->scheduler_->ListModels();
   DescribeDiffusion(c->dlm_runner_.get(), &r.models);
@@ -84,10 +95,66 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
     return std::static_pointer_cast<DiffusionLink>(std::make_shared<LocalDiffusionLink>(runner));
   };
   c->dlm_router_ = std::make_unique<DlmRouter>(c->workers_.get(), dro);
+  // The in-process plan stream: wake-ups run on whichever thread queued a plan (the step thread
+  // at a stream's first token, the agent after telemetry), so they only flag the agent.
+  c->telemetry_interval_ = std::max(o.telemetry_interval, absl::Milliseconds(1));
+  c->plan_subscription_ = c->plans_->Subscribe(kWorkerId, [p = c.get()] {
+    absl::MutexLock l(&p->agent_mu_);
+    p->plans_queued_ = true;
+  });
+  c->agent_ = std::thread([p = c.get()] { p->AgentLoop(); });
   return c;
 }
 
+void EmbeddedCluster::AgentLoop() {
+  absl::Time next_report = absl::Now() + telemetry_interval_;
+  while (true) {
+    bool offer;
+    {
+      absl::MutexLock l(&agent_mu_);
+      auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(agent_mu_) {
+        return agent_stop_ || plans_queued_;
+      };
+      agent_mu_.AwaitWithDeadline(absl::Condition(&wake), next_report);
+      if (agent_stop_) return;
+      offer = plans_queued_;
+      plans_queued_ = false;
+    }
+    if (offer) OfferPendingPlans();
+    if (absl::Now() >= next_report) {
+      ReportTelemetry();
+      next_report = absl::Now() + telemetry_interval_;
+    }
+  }
+}
+
+void EmbeddedCluster::OfferPendingPlans() {
+  for (PlanUpdate& u : plans_->TakePending(kWorkerId)) {
+    absl::Status s = scheduler_->OfferPlan(u.sequence_id, std::move(u.plan), u.produced);
+    // NOT_FOUND: the sequence ended meanwhile.
+    if (!s.ok() && s.code() != absl::StatusCode::kNotFound) {
+      LOG(WARNING) << "plan for " << u.sequence_id << " refused: " << s.message();
+    }
+  }
+}
+
+int EmbeddedCluster::ReportTelemetry() {
+  std::vector<SequenceTelemetry> seqs = scheduler_->TakeTelemetry();
+  if (seqs.empty()) return 0;
+  router_->RecordTelemetry(
+      TelemetryReportFromProto(TelemetryToProto(kWorkerId, 0, scheduler_->Load(), seqs)));
+  return static_cast<int>(seqs.size());
+}
+
 EmbeddedCluster::~EmbeddedCluster() {
+  if (agent_.joinable()) {
+    {
+      absl::MutexLock l(&agent_mu_);
+      agent_stop_ = true;
+    }
+    agent_.join();
+  }
+  if (plans_ != nullptr) plans_->Unsubscribe(plan_subscription_);
   dlm_router_.reset();  // ends Diffuse client streams and cancels them in the runner
   dlm_runner_.reset();  // joins the DLM executor
   router_.reset();     // ends client streams; waits for the scheduler's terminal events

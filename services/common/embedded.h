@@ -1,5 +1,11 @@
 // Embedded mode: the worker core (Scheduler over an Engine) and the cache-manager core (Router
-// with its registries) in one process, joined by an in-process WorkerLink instead of gRPC.
+// with its registries and the selection planner) in one process, joined by an in-process
+// WorkerLink instead of gRPC. Selection plans take the split-mode path: the Router opens each
+// sparse sequence's plan in the cache manager's PlanManager (δ-controller per (model, policy,
+// δ*)); an agent thread offers queued plans to the Scheduler (swapped in at step boundaries, as
+// the worker's StreamPlans reader does) and, every telemetry_interval (the worker's heartbeat
+// cadence), hands the Scheduler's telemetry to the Router — converted through the same
+// TelemetryBatch as on the wire — which feeds the same controllers.
 // EmbeddedCluster is the in-process backend (CLI, tests, loadgen); EmbeddedServer serves it as
 // prehoc.v1.Inference with health, reflection and metrics: `prehoc serve`.
 #ifndef PREHOC_SERVICES_COMMON_EMBEDDED_H_
@@ -7,9 +13,14 @@
 
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "cachemgr/dlm_router.h"
+#include "cachemgr/plan_manager.h"
 #include "cachemgr/router.h"
 #include "cachemgr/sequence_registry.h"
 #include "cachemgr/worker_registry.h"
@@ -61,6 +72,10 @@ struct EmbeddedOptions {
   // registry are filled in.
   DlmRunnerOptions dlm;
   bool dlm_calibrate = false;
+  // How often the Scheduler's telemetry (refresh δ samples, sequence records) goes to the
+  // cache-manager core: the cadence at which a split-mode worker sends it (after every
+  // heartbeat; the cache manager's default heartbeat interval is 1 s).
+  absl::Duration telemetry_interval = absl::Seconds(1);
 };
 
 // Scheduler + Router in one process. Thread-safe (it is an InferenceBackend: the Router).
@@ -76,14 +91,26 @@ class EmbeddedCluster {
   DlmRunner* dlm_runner() { return dlm_runner_.get(); }
   Router& router() { return *router_; }
   Scheduler& scheduler() { return *scheduler_; }
+  // The cache-manager core's selection planner (plans and δ-controllers).
+  PlanManager& plans() { return *plans_; }
+  // Hands the Scheduler's pending telemetry to the Router now (what the agent thread does every
+  // telemetry_interval); returns the number of sequence records handed over.
+  int ReportTelemetry();
   prometheus::Registry& registry() { return *registry_; }
   const std::shared_ptr<prometheus::Registry>& shared_registry() { return registry_; }
 
  private:
   EmbeddedCluster() = default;
+  // Agent thread: offers plans the PlanManager queued (on wake-ups) and reports telemetry every
+  // telemetry_interval.
+  void AgentLoop();
+  void OfferPendingPlans();
+
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<SchedulerMetrics> scheduler_metrics_;
   std::unique_ptr<RouterMetrics> router_metrics_;
+  std::unique_ptr<PlanMetrics> plan_metrics_;
+  std::unique_ptr<PlanManager> plans_;
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<WorkerRegistry> workers_;
   std::unique_ptr<SequenceRegistry> sequences_;
@@ -91,6 +118,13 @@ class EmbeddedCluster {
   std::unique_ptr<DlmRunner> dlm_runner_;  // null for an autoregressive model
   std::unique_ptr<DlmRouterMetrics> dlm_router_metrics_;
   std::unique_ptr<DlmRouter> dlm_router_;
+
+  absl::Duration telemetry_interval_;
+  uint64_t plan_subscription_ = 0;
+  std::thread agent_;
+  absl::Mutex agent_mu_;
+  bool agent_stop_ ABSL_GUARDED_BY(agent_mu_) = false;
+  bool plans_queued_ ABSL_GUARDED_BY(agent_mu_) = false;
 };
 
 struct EmbeddedServerOptions {

@@ -1,5 +1,6 @@
 #include "services/common/embedded.h"
 
+#include <atomic>
 #include <filesystem>
 #include <thread>
 
@@ -7,6 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "prehoc/v1/inference.grpc.pb.h"
+#include "common/metrics_test_util.h"
 #include "services/common/test_util.h"
 #include "worker/generator.h"
 
@@ -14,6 +16,7 @@ namespace prehoc {
 namespace {
 
 using ::testing::HasSubstr;
+using prehoc::testing::MetricSum;
 namespace fs = std::filesystem;
 
 EmbeddedOptions Options() {
@@ -114,6 +117,58 @@ TEST(EmbeddedTest, ServerSpeaksTheSameApi) {
   ASSERT_TRUE(stub->ListModels(&lctx, v1::ListModelsRequest(), &models).ok());
   ASSERT_EQ(models.models_size(), 1);
   EXPECT_EQ(models.models(0).name(), "tiny");
+}
+
+// Embedded mode runs the split-mode δ loop: a request with a δ target far below what its budget
+// achieves measures violations at refreshes; the agent hands them to the cache-manager core's
+// PlanManager, whose controller for (tiny, prhs, δ*) raises k, and the Scheduler applies the
+// newer plan version at a step boundary while the request still runs.
+TEST(EmbeddedTest, TargetDeltaRequestGetsItsPlansFromTheCacheManagerPlanner) {
+  std::atomic<EmbeddedCluster*> cluster_ptr{nullptr};
+  std::atomic<int> steps{0};
+  std::atomic<bool> updated{false};
+  EmbeddedOptions o = Options();
+  o.telemetry_interval = absl::Milliseconds(5);
+  // At the 8th step (6 decode steps measured δ), hold the step thread until a plan newer than
+  // the initial one (version 2: the preset plus the controller's initial scales) was offered.
+  o.scheduler.before_step = [&] {
+    if (++steps != 8) return;
+    EmbeddedCluster* c = cluster_ptr.load();
+    std::vector<LiveSequenceInfo> live = c->scheduler().LiveSequences();
+    if (live.size() != 1) return;
+    updated = c->scheduler().AwaitPlan(live[0].request_id, 3, absl::Now() + absl::Seconds(30));
+  };
+  auto cluster = EmbeddedCluster::Create(o);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  cluster_ptr = cluster->get();
+  InferenceRequest r;
+  for (int j = 0; j < 150; ++j) r.token_ids.push_back(j == 0 ? 256 : (j * 37) % 256);
+  r.max_tokens = 16;
+  r.sparsity.policy = "prhs";
+  r.sparsity.budget = 48;
+  r.sparsity.target_delta = 1e-4;
+  r.sparsity.overrides = "tau=0.9999";  // refresh (and measure δ) every step
+  absl::Notification done;
+  InferenceEvent last;
+  auto id = (*cluster)->backend().Generate(r, [&](InferenceEvent ev) {
+    if (!ev.terminal()) return;
+    last = ev;
+    done.Notify();
+  });
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(120)));
+  ASSERT_TRUE(last.status.ok()) << last.status;
+  EXPECT_TRUE(updated.load());
+  EXPECT_GE(last.sparsity.plan_version, 3);
+  EXPECT_GE(last.sparsity.plan_updates, 1);
+  const DeltaController* c = (*cluster)->plans().Controller("tiny", "prhs", 1e-4);
+  ASSERT_NE(c, nullptr);
+  EXPECT_GT(c->version(), 0u);
+  prometheus::Registry& reg = (*cluster)->registry();
+  EXPECT_GT(MetricSum(reg, "prehoc_cachemgr_delta_samples_total"), 0);
+  EXPECT_GE(MetricSum(reg, "prehoc_cachemgr_selection_plans_sent_total"), 2);
+  EXPECT_GE(MetricSum(reg, "prehoc_selection_plans_applied_total"), 1);
+  EXPECT_EQ((*cluster)->plans().open_plans(), 0);  // closed with the sequence
 }
 
 }  // namespace

@@ -16,10 +16,8 @@ v1::SparsityParams::Policy PolicyToProto(const std::string& name) {
 
 absl::StatusOr<InferenceRequest> FromProto(const v1::GenerateRequest& proto) {
   InferenceRequest r;
-  r.request_id = proto.request_id();
-  r.model = proto.model();
-  absl::Status prompt = PromptFromProto(proto, &r.text, &r.token_ids);
-  if (!prompt.ok()) return prompt;
+  absl::Status common = CommonRequestFromProto(proto, &r);
+  if (!common.ok()) return common;
   r.max_tokens = proto.max_tokens();
   r.stop_at_eos = proto.stop_at_eos();
   const v1::SamplingParams& s = proto.sampling();
@@ -35,18 +33,17 @@ absl::StatusOr<InferenceRequest> FromProto(const v1::GenerateRequest& proto) {
   const int policy = static_cast<int>(sp.policy());
   const std::vector<std::string>& names = KnownSparsityPolicies();
   if (policy < 0 || policy > static_cast<int>(names.size())) {
-    return absl::InvalidArgumentError(absl::StrCat("sparsity.policy: unknown value ", policy));
+    return FieldError("sparsity.policy", "unknown value ", policy);
   }
   r.sparsity.policy = policy == 0 ? "" : names[policy - 1];
   r.sparsity.target_delta = sp.target_delta();
   r.sparsity.budget = sp.budget_fraction() > 0 ? sp.budget_fraction() : sp.budget();
   if (sp.budget() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("sparsity.budget: must be >= 0, got ", sp.budget()));
+    return FieldError("sparsity.budget", "must be >= 0, got ", sp.budget());
   }
   if (!(sp.budget_fraction() >= 0 && sp.budget_fraction() <= 1)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("sparsity.budget_fraction: must be in [0, 1], got ", sp.budget_fraction()));
+    return FieldError("sparsity.budget_fraction", "must be in [0, 1], got ",
+                      sp.budget_fraction());
   }
   r.sparsity.overrides = sp.overrides();
   return r;
@@ -54,9 +51,7 @@ absl::StatusOr<InferenceRequest> FromProto(const v1::GenerateRequest& proto) {
 
 v1::GenerateRequest ToProto(const InferenceRequest& r) {
   v1::GenerateRequest p;
-  p.set_request_id(r.request_id);
-  p.set_model(r.model);
-  PromptToProto(r.text, r.token_ids, &p);
+  CommonRequestToProto(r, &p);
   p.set_max_tokens(r.max_tokens);
   p.set_stop_at_eos(r.stop_at_eos);
   v1::SamplingParams* s = p.mutable_sampling();
@@ -166,6 +161,51 @@ LoadReport FromProto(const v1::WorkerLoad& p) {
   l.max_queue = p.max_queue();
   l.max_running = p.max_running();
   return l;
+}
+
+v1::TelemetryBatch TelemetryToProto(const std::string& worker_id, int64_t epoch,
+                                    const LoadReport& load,
+                                    const std::vector<SequenceTelemetry>& sequences) {
+  v1::TelemetryBatch batch;
+  batch.set_worker_id(worker_id);
+  batch.set_epoch(epoch);
+  *batch.mutable_load() = ToProto(load);
+  for (const SequenceTelemetry& t : sequences) {
+    v1::SequenceTelemetry* s = batch.add_sequences();
+    s->set_sequence_id(t.request_id);
+    s->set_policy(t.policy);
+    s->set_length(t.length);
+    s->set_kv_pages(t.kv_pages);
+    s->set_refreshes(t.report.refreshes);
+    s->set_shares(t.report.shares);
+    s->set_mean_kept_fraction(t.report.mean_kept_fraction);
+    s->set_in_progress(t.in_progress);
+    s->set_target_delta(t.target_delta);
+    s->set_plan_version(t.report.plan_version);
+    s->set_dense_fallback_steps(t.report.dense_fallback_steps);
+    for (size_t i = 0; i < t.refresh_delta.size(); ++i) {
+      v1::RefreshEvent* e = batch.add_refreshes();
+      e->set_sequence_id(t.request_id);
+      e->set_layer(i < t.refresh_layer.size() ? t.refresh_layer[i] : -1);
+      e->set_kv_head(i < t.refresh_head.size() ? t.refresh_head[i] : -1);
+      e->set_delta(t.refresh_delta[i]);
+      e->set_plan_version(t.report.plan_version);
+    }
+  }
+  return batch;
+}
+
+TelemetryReport TelemetryReportFromProto(const v1::TelemetryBatch& batch) {
+  TelemetryReport r;
+  r.worker_id = batch.worker_id();
+  for (const v1::SequenceTelemetry& s : batch.sequences()) {
+    r.sequences.push_back({s.sequence_id(), s.policy(), s.mean_kept_fraction(), s.refreshes(),
+                           s.shares(), s.in_progress()});
+  }
+  for (const v1::RefreshEvent& e : batch.refreshes()) {
+    r.refreshes.push_back({e.sequence_id(), e.layer(), e.kv_head(), e.delta()});
+  }
+  return r;
 }
 
 }  // namespace prehoc

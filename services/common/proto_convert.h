@@ -8,11 +8,21 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "prehoc/v1/cachemgr.pb.h"
+#include "cachemgr/router.h"
 #include "prehoc/v1/inference.pb.h"
+#include "worker/scheduler.h"
 #include "worker/scheduler_types.h"
 
 namespace prehoc {
+
+// INVALID_ARGUMENT "field: what": how every conversion (Generate and Diffuse) names the field
+// it refuses.
+template <typename... What>
+absl::Status FieldError(absl::string_view field, const What&... what) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", what...));
+}
 
 // The prompt oneof shared by GenerateRequest and DiffuseRequest (Proto::kText / kTokenIds).
 // INVALID_ARGUMENT "prompt: ..." when neither is set.
@@ -27,7 +37,7 @@ absl::Status PromptFromProto(const Proto& p, std::optional<std::string>* text,
       token_ids->assign(p.token_ids().ids().begin(), p.token_ids().ids().end());
       return absl::OkStatus();
     default:
-      return absl::InvalidArgumentError("prompt: set either text or token_ids");
+      return FieldError("prompt", "set either text or token_ids");
   }
 }
 template <typename Proto>
@@ -38,6 +48,21 @@ void PromptToProto(const std::optional<std::string>& text, const std::vector<int
   } else {
     p->mutable_token_ids()->mutable_ids()->Add(token_ids.begin(), token_ids.end());
   }
+}
+
+// The request fields GenerateRequest and DiffuseRequest share (request_id, model, prompt), for
+// Request = InferenceRequest / DiffusionRequest.
+template <typename Proto, typename Request>
+absl::Status CommonRequestFromProto(const Proto& p, Request* r) {
+  r->request_id = p.request_id();
+  r->model = p.model();
+  return PromptFromProto(p, &r->text, &r->token_ids);
+}
+template <typename Request, typename Proto>
+void CommonRequestToProto(const Request& r, Proto* p) {
+  p->set_request_id(r.request_id);
+  p->set_model(r.model);
+  PromptToProto(r.text, r.token_ids, p);
 }
 
 // The stream-message fields GenerateResponse and DiffuseResponse share (tokens, text, the first
@@ -94,6 +119,16 @@ v1::ModelInfo ToProto(const ModelDescription& model);
 ModelDescription FromProto(const v1::ModelInfo& proto);
 v1::WorkerLoad ToProto(const LoadReport& load);
 LoadReport FromProto(const v1::WorkerLoad& proto);
+
+// The worker's telemetry as one CacheManager.ReportTelemetry batch (sequence records, and one
+// RefreshEvent per refresh δ sample with its layer and kv head).
+v1::TelemetryBatch TelemetryToProto(const std::string& worker_id, int64_t epoch,
+                                    const LoadReport& load,
+                                    const std::vector<SequenceTelemetry>& sequences);
+// A telemetry batch as the Router records it. Split mode reads it off the wire; embedded mode
+// converts the scheduler's telemetry with TelemetryToProto and this, so both modes feed the
+// planner exactly the same samples.
+TelemetryReport TelemetryReportFromProto(const v1::TelemetryBatch& batch);
 
 // "dense" <-> SparsityParams::DENSE etc. Unknown names map to POLICY_UNSPECIFIED.
 v1::SparsityParams::Policy PolicyToProto(const std::string& name);

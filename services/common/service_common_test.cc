@@ -4,6 +4,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "services/common/clock_offset.h"
 #include "services/common/flags.h"
 #include "services/common/proto_convert.h"
 
@@ -110,6 +111,48 @@ TEST(ProtoConvertTest, RoundTripsRequestsAndEvents) {
   EXPECT_EQ(parsed.served_by, "w1");
   EXPECT_EQ(parsed.sparsity.refreshes, 4);
   EXPECT_EQ(parsed.tokens, (std::vector<int32_t>{1, 2, 3}));
+}
+
+// A peer whose clock runs `skew` ahead; each round trip has `up` and `down` one-way delays.
+TEST(ClockOffsetEstimatorTest, RecoversAnInjectedOffsetWithinHalfTheRoundTrip) {
+  for (const absl::Duration skew : {absl::Hours(1), -absl::Minutes(7), absl::ZeroDuration()}) {
+    ClockOffsetEstimator est(/*window=*/4);
+    EXPECT_FALSE(est.estimate().has_value());
+    const absl::Time peer_stamp = absl::FromUnixSeconds(1700000000);
+    EXPECT_EQ(est.ToLocal(peer_stamp), peer_stamp);  // no sample: unchanged
+    absl::Time local = absl::FromUnixSeconds(1800000000);
+    // Asymmetric trips (the estimate is off by (up − down) / 2 <= rtt / 2), then a symmetric
+    // one with the smallest round trip, then slower ones: the min-RTT sample wins.
+    const std::vector<std::pair<absl::Duration, absl::Duration>> trips = {
+        {absl::Milliseconds(40), absl::Milliseconds(2)},
+        {absl::Milliseconds(1), absl::Milliseconds(1)},
+        {absl::Milliseconds(3), absl::Milliseconds(90)},
+    };
+    for (const auto& [up, down] : trips) {
+      const absl::Time sent = local;
+      const absl::Time peer = sent + up + skew;
+      const absl::Time received = sent + up + down;
+      est.AddSample(sent, peer, received);
+      const auto e = est.estimate();
+      ASSERT_TRUE(e.has_value());
+      EXPECT_LE(absl::AbsDuration(e->offset - skew), e->rtt / 2);
+      local += absl::Seconds(1);
+    }
+    EXPECT_EQ(est.estimate()->rtt, absl::Milliseconds(2));
+    EXPECT_EQ(est.estimate()->offset, skew);  // symmetric trip: exact
+    EXPECT_EQ(est.ToLocal(peer_stamp), peer_stamp - skew);
+    // The window forgets the best sample after `window` newer ones.
+    for (int i = 0; i < 4; ++i) {
+      est.AddSample(local, local + absl::Milliseconds(5) + skew, local + absl::Milliseconds(10));
+      local += absl::Seconds(1);
+    }
+    EXPECT_EQ(est.estimate()->rtt, absl::Milliseconds(10));
+    EXPECT_EQ(est.estimate()->offset, skew);
+    est.AddSample(local, local, local - absl::Seconds(1));  // received before sent: ignored
+    EXPECT_EQ(est.estimate()->rtt, absl::Milliseconds(10));
+    est.Reset();
+    EXPECT_FALSE(est.estimate().has_value());
+  }
 }
 
 }  // namespace

@@ -86,6 +86,20 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
   if (!options.cachemgr_address.empty()) {
     s->cachemgr_address_ = options.cachemgr_address;
     s->register_retry_ = options.register_retry;
+    s->clock_ = options.scheduler.clock;
+    s->clock_offset_s_ =
+        &prometheus::BuildGauge()
+             .Name("prehoc_worker_cachemgr_clock_offset_seconds")
+             .Help("Cache manager's clock minus this worker's, estimated from the min-RTT "
+                   "register/heartbeat round trip of the last 32 (plan ages are corrected by it).")
+             .Register(*s->registry_)
+             .Add({});
+    s->clock_rtt_s_ = &prometheus::BuildGauge()
+                           .Name("prehoc_worker_cachemgr_clock_rtt_seconds")
+                           .Help("Round trip of the sample behind the clock offset estimate "
+                                 "(the estimate's error is at most half of it).")
+                           .Register(*s->registry_)
+                           .Add({});
     grpc::ChannelArguments args;
     // Find a restarted cache manager within about a second.
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
@@ -148,32 +162,8 @@ void WorkerServer::Shutdown(absl::Time drain_deadline) {
 void WorkerServer::SendTelemetry(int64_t epoch) {
   std::vector<SequenceTelemetry> seqs = scheduler_->TakeTelemetry();
   if (seqs.empty()) return;
-  v1::TelemetryBatch batch;
-  batch.set_worker_id(worker_id_);
-  batch.set_epoch(epoch);
-  *batch.mutable_load() = ToProto(scheduler_->Load());
-  for (const SequenceTelemetry& t : seqs) {
-    v1::SequenceTelemetry* s = batch.add_sequences();
-    s->set_sequence_id(t.request_id);
-    s->set_policy(t.policy);
-    s->set_length(t.length);
-    s->set_kv_pages(t.kv_pages);
-    s->set_refreshes(t.report.refreshes);
-    s->set_shares(t.report.shares);
-    s->set_mean_kept_fraction(t.report.mean_kept_fraction);
-    s->set_in_progress(t.in_progress);
-    s->set_target_delta(t.target_delta);
-    s->set_plan_version(t.report.plan_version);
-    s->set_dense_fallback_steps(t.report.dense_fallback_steps);
-    for (size_t i = 0; i < t.refresh_delta.size(); ++i) {
-      v1::RefreshEvent* e = batch.add_refreshes();
-      e->set_sequence_id(t.request_id);
-      e->set_layer(i < t.refresh_layer.size() ? t.refresh_layer[i] : -1);
-      e->set_kv_head(i < t.refresh_head.size() ? t.refresh_head[i] : -1);
-      e->set_delta(t.refresh_delta[i]);
-      e->set_plan_version(t.report.plan_version);
-    }
-  }
+  const v1::TelemetryBatch batch =
+      TelemetryToProto(worker_id_, epoch, scheduler_->Load(), seqs);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
   v1::ReportTelemetryResponse resp;
@@ -185,6 +175,16 @@ void WorkerServer::SendTelemetry(int64_t epoch) {
   if (!s.ok()) {
     LOG(WARNING) << "telemetry for " << seqs.size() << " sequences not delivered: "
                  << s.error_message();
+  }
+}
+
+void WorkerServer::AddClockSample(absl::Time sent, int64_t server_unix_micros,
+                                  absl::Time received) {
+  if (server_unix_micros == 0) return;  // an older cache manager
+  cachemgr_clock_.AddSample(sent, absl::FromUnixMicros(server_unix_micros), received);
+  if (const auto e = cachemgr_clock_.estimate(); e.has_value()) {
+    clock_offset_s_->Set(absl::ToDoubleSeconds(e->offset));
+    clock_rtt_s_->Set(absl::ToDoubleSeconds(e->rtt));
   }
 }
 
@@ -226,8 +226,12 @@ void WorkerServer::AgentLoop() {
         ls->set_kv_pages(q.kv_pages);
       }
       v1::RegisterWorkerResponse resp;
+      const absl::Time sent = Now();
       status = cachemgr_->RegisterWorker(&ctx, req, &resp);
       if (status.ok()) {
+        // Possibly another cache-manager process (machine): start the estimate afresh.
+        cachemgr_clock_.Reset();
+        AddClockSample(sent, resp.server_unix_micros(), Now());
         epoch = resp.epoch();
         interval = resp.heartbeat_interval_ms() > 0 ? absl::Milliseconds(resp.heartbeat_interval_ms())
                                                     : register_retry_;
@@ -244,7 +248,9 @@ void WorkerServer::AgentLoop() {
       *req.mutable_load() = ToProto(scheduler_->Load());
       req.set_ready(scheduler_->Ready());
       v1::HeartbeatResponse resp;
+      const absl::Time sent = Now();
       status = cachemgr_->Heartbeat(&ctx, req, &resp);
+      if (status.ok()) AddClockSample(sent, resp.server_unix_micros(), Now());
       if (status.error_code() == grpc::StatusCode::NOT_FOUND) {
         LOG(WARNING) << "cache manager does not know this worker (" << status.error_message()
                      << "); registering again";
@@ -303,9 +309,11 @@ void WorkerServer::PlanLoop() {
         if (metrics_struct_ != nullptr) metrics_struct_->plans_received->Increment();
         absl::Time produced;
         absl::StatusOr<SelectionPlan> plan = PlanFromProto(p, &produced);
-        absl::Status offered = plan.ok() ? scheduler_->OfferPlan(p.sequence_id(),
-                                                                 *std::move(plan), produced)
-                                         : plan.status();
+        // The stamp is the cache manager's clock; the scheduler measures age on this worker's.
+        absl::Status offered =
+            plan.ok() ? scheduler_->OfferPlan(p.sequence_id(), *std::move(plan),
+                                              cachemgr_clock_.ToLocal(produced))
+                      : plan.status();
         // NOT_FOUND: the sequence ended meanwhile.
         if (!offered.ok() && offered.code() != absl::StatusCode::kNotFound) {
           LOG(WARNING) << "plan for " << p.sequence_id() << " refused: " << offered.message();

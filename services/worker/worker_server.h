@@ -10,9 +10,13 @@
 // with the exact δ per (layer, kv head)), and one plan thread holding the cache manager's
 // StreamPlans stream open (reconnecting when it breaks): each plan received is offered to the
 // scheduler, which swaps it in at the sequence's next step boundary — a step never waits on it.
+// Plan time stamps are the cache manager's clock: the worker maps them onto its own clock with
+// the offset estimated from its register/heartbeat round trips (ClockOffsetEstimator), so the
+// plan-age metric excludes the skew between the machines.
 #ifndef PREHOC_SERVICES_WORKER_WORKER_SERVER_H_
 #define PREHOC_SERVICES_WORKER_WORKER_SERVER_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -23,6 +27,8 @@
 #include "absl/time/time.h"
 #include "prehoc/v1/cachemgr.grpc.pb.h"
 #include "prometheus/registry.h"
+#include "prometheus/gauge.h"
+#include "services/common/clock_offset.h"
 #include "services/common/inference_service.h"
 #include "services/common/server_util.h"
 #include "services/worker/worker_service.h"
@@ -85,6 +91,8 @@ class WorkerServer {
   prometheus::Registry& registry() { return *registry_; }
   // True once registered with the cache manager (always false when standalone).
   bool registered() const;
+  // The cache manager's clock relative to this worker's (from heartbeat round trips).
+  const ClockOffsetEstimator& cachemgr_clock() const { return cachemgr_clock_; }
 
   // Graceful drain: readiness goes false (health and heartbeats), new requests get
   // UNAVAILABLE, in-flight requests may finish until `drain_deadline`; the rest end UNAVAILABLE;
@@ -98,6 +106,9 @@ class WorkerServer {
   void SendTelemetry(int64_t epoch);
   // The plan thread: StreamPlans while registered; Scheduler::OfferPlan for every plan.
   void PlanLoop();
+  absl::Time Now() const { return clock_ ? clock_() : absl::Now(); }
+  // Adds the round trip [sent, received] with the cache manager's clock reading (0 = none).
+  void AddClockSample(absl::Time sent, int64_t server_unix_micros, absl::Time received);
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<SchedulerMetrics> metrics_struct_;
@@ -113,6 +124,10 @@ class WorkerServer {
   std::string model_name_;
   std::string cachemgr_address_;
   absl::Duration register_retry_;
+  std::function<absl::Time()> clock_;  // the scheduler's (deadlines, plan age)
+  ClockOffsetEstimator cachemgr_clock_;
+  prometheus::Gauge* clock_offset_s_ = nullptr;
+  prometheus::Gauge* clock_rtt_s_ = nullptr;
   std::unique_ptr<v1::CacheManager::Stub> cachemgr_;
   std::thread agent_;
   std::thread plan_thread_;
