@@ -18,6 +18,7 @@
 #include "nlohmann/json.hpp"
 #include "worker/dlm/calibration.h"
 #include "worker/dlm/decoder.h"
+#include "worker/dlm/dlm_runner.h"  // CreateDlmBackend
 
 namespace prehoc {
 namespace {
@@ -59,6 +60,7 @@ Flags:
                          block_refresh=4 (prefix/dual). See docs/dlm.md.
   --proxy-rank R         SPA singular-proxy rank (default 0 = max(16, kv_width/32)).
   --threads N            CPU threads (default 0 = all cores).
+  --device D             auto (default: CUDA when a device is usable, else CPU), cpu or cuda.
   --print-ids            also print the generated token ids.
   --json FILE            write the result, schedule and statistics as JSON.
   --log-level L          debug, info, warning or error (default warning).
@@ -103,6 +105,7 @@ struct Flags {
   std::string overrides;
   int proxy_rank = 0;
   int threads = 0;
+  std::string device = "auto";
   bool print_ids = false;
   std::string json_path;
   std::string log_level = "warning";
@@ -144,7 +147,7 @@ std::string Parse(const std::vector<std::string>& args, Flags* f, bool* help) {
           "--suffix",        "--suffix-ids",  "--gen-length",      "--block-length",
           "--steps",         "--remasking",   "--temperature",     "--seed",
           "--parallel-threshold", "--cache",  "--cache-overrides", "--proxy-rank",
-          "--threads",       "--json",        "--log-level"};
+          "--threads",       "--json",        "--log-level",       "--device"};
       if (std::find(std::begin(kValued), std::end(kValued), name) == std::end(kValued)) {
         return absl::StrCat("unknown flag '", args[i], "'");
       }
@@ -193,6 +196,11 @@ std::string Parse(const std::vector<std::string>& args, Flags* f, bool* help) {
         f->json_path = v;
       } else if (name == "--log-level") {
         f->log_level = v;
+      } else if (name == "--device") {
+        if (v != "auto" && v != "cpu" && v != "cuda") {
+          return absl::StrCat("--device must be auto, cpu or cuda, got '", v, "'");
+        }
+        f->device = v;
       }
     }
   }
@@ -252,8 +260,15 @@ int RunDiffuse(const std::vector<std::string>& args, std::ostream& out, std::ost
     err << "prehoc diffuse: cannot load model '" << f.model << "': " << model_or.status() << "\n";
     return 1;
   }
-  const dlm::DlmModel& model = **model_or;
+  std::shared_ptr<const dlm::DlmModel> cpu_model = std::move(*model_or);
+  const dlm::DlmModel& model = *cpu_model;
   const Tokenizer* tok = model.tokenizer();
+  auto backend_or = CreateDlmBackend(f.device, cpu_model);
+  if (!backend_or.ok()) {
+    err << "prehoc diffuse: " << backend_or.status().message() << "\n";
+    return 1;
+  }
+  const dlm::DlmBackend& backend = **backend_or;
 
   dlm::DiffuseRequest req;
   req.options = f.opt;
@@ -306,7 +321,7 @@ int RunDiffuse(const std::vector<std::string>& args, std::ostream& out, std::ost
       out << shown;
     }
   }
-  auto res = dlm::Diffuse(model, req, std::span<const double>(drift));
+  auto res = dlm::Diffuse(backend, req, std::span<const double>(drift));
   if (!res.ok()) {
     err << "\nprehoc diffuse: " << res.status() << "\n";
     return res.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
@@ -323,10 +338,10 @@ int RunDiffuse(const std::vector<std::string>& args, std::ostream& out, std::ost
   const dlm::DlmRunStats& s = r.stats;
   out << absl::StrFormat(
       "--- %d tokens (%s) in %d steps (%d full, %d gen-refresh, %d partial), %d blocks | "
-      "%.3f s | %.2f tokens/s | cache=%s | canvas %d rows | %d threads\n",
+      "%.3f s | %.2f tokens/s | cache=%s | canvas %d rows | %d threads | %s\n",
       s.decoded_tokens, r.finish_reason, s.steps, s.full_steps, s.gen_refresh_steps,
       s.partial_steps, s.blocks, s.seconds, s.tokens_per_second(), r.schedule.policy_name,
-      s.canvas_rows, model.num_threads());
+      s.canvas_rows, model.num_threads(), backend.backend_name());
   out << "--- rows recomputed per step by layer: " << LayerList(s.rows_per_step, "%.1f")
       << "  (fraction of canvas: " << LayerList(s.recompute_fraction, "%.3f") << ")\n";
   std::vector<double> kv(s.forward.kv_rows.begin(), s.forward.kv_rows.end());
@@ -374,6 +389,7 @@ int RunDiffuse(const std::vector<std::string>& args, std::ostream& out, std::ost
     j["recompute_fraction"] = s.recompute_fraction;
     j["rho"] = sch.rho;
     j["threads"] = model.num_threads();
+    j["backend"] = backend.backend_name();
     std::ofstream fo(f.json_path);
     fo << j.dump(2) << "\n";
     if (!fo) {

@@ -40,13 +40,15 @@ TEST(DiffuseCliTest, HelpAndUsageErrors) {
   EXPECT_NE(err.find("cache"), std::string::npos) << err;
   EXPECT_EQ(Cli({"--cache", "spa", "--cache-overrides", "r_full"}, &out, &err), 2);
   EXPECT_EQ(Cli({"--model", "/nonexistent/dir"}, &out, &err), 1);
+  EXPECT_EQ(Cli({"--device", "gpu"}, &out, &err), 2);
+  EXPECT_NE(err.find("--device must be auto, cpu or cuda, got 'gpu'"), std::string::npos) << err;
 }
 
 TEST(DiffuseCliTest, DecodesWithSpa) {
   std::string out, err;
   ASSERT_EQ(Cli({"--model", Model(), "--prompt", "def f(x):\n    return ", "--gen-length", "8",
                  "--block-length", "4", "--steps", "8", "--cache", "spa", "--threads", "2",
-                 "--print-ids"},
+                 "--print-ids", "--device", "cpu"},
                 &out, &err),
             0)
       << err;
@@ -55,6 +57,7 @@ TEST(DiffuseCliTest, DecodesWithSpa) {
   EXPECT_NE(out.find("rows recomputed per step by layer"), std::string::npos) << out;
   EXPECT_NE(out.find("--- schedule: rho 1.000"), std::string::npos) << out;
   EXPECT_NE(out.find("ids:"), std::string::npos) << out;
+  EXPECT_NE(out.find("| 2 threads | cpu\n"), std::string::npos) << out;
 }
 
 }  // namespace

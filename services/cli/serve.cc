@@ -114,7 +114,7 @@ int RunServe(const std::vector<std::string>& args, std::ostream& out, std::ostre
   f.String("policies", &policies, "comma-separated sparsity policies to serve (default: all)");
   f.Int64("max-request-bytes", &o.max_request_bytes, "largest request message accepted");
   f.Int("dlm-max-running", &o.cluster.dlm.max_running,
-        "diffusion models: Diffuse requests decoding at once (own executor threads)");
+        "diffusion models: Diffuse requests decoding at once (batched per step)");
   f.Int("dlm-max-queue", &o.cluster.dlm.max_queue,
         "diffusion models: Diffuse requests waiting before RESOURCE_EXHAUSTED");
   f.Int("dlm-max-gen-length", &o.cluster.dlm.max_gen_length, "diffusion models: largest gen_length");

@@ -45,6 +45,7 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
     dro.model_name = name;
     dro.worker_id = "embedded";
     dro.registry = c->registry_.get();
+    dro.device = o.device;
     absl::StatusOr<std::unique_ptr<DlmRunner>> runner = MaybeCreateDlmRunner(
         o.engine.model_dir, o.engine.num_threads, o.dlm_calibrate, std::move(dro),
         &o.engine.weights);

@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
   f.String("default-policy", &o.scheduler.default_policy, "policy for requests naming none");
   f.Int64("max-request-bytes", &o.max_request_bytes, "largest request message accepted");
   f.Int("dlm-max-running", &o.dlm.max_running,
-        "diffusion models: Diffuse requests decoding at once (own executor threads)");
+        "diffusion models: Diffuse requests decoding at once (batched per step)");
   f.Int("dlm-max-queue", &o.dlm.max_queue,
         "diffusion models: Diffuse requests waiting before RESOURCE_EXHAUSTED");
   f.Int("dlm-max-gen-length", &o.dlm.max_gen_length, "diffusion models: largest gen_length");

@@ -31,6 +31,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
     dro.model_name = s->model_name_;
     dro.worker_id = options.worker_id.empty() ? "worker" : options.worker_id;
     dro.registry = s->registry_.get();
+    dro.device = options.device;
     absl::StatusOr<std::unique_ptr<DlmRunner>> runner =
         MaybeCreateDlmRunner(options.engine.model_dir, options.engine.num_threads,
                              options.dlm_calibrate, std::move(dro), &options.engine.weights);

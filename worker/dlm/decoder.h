@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -151,6 +153,64 @@ struct DlmStepPlan {
 };
 DlmStepPlan PlanStep(const DlmSchedule& schedule, DlmStepKind kind, int P, int L, int S, int bs,
                      int be);
+
+// One request's decoding loop as a step machine, so that a caller can run several requests (each
+// with its own schedule, canvas length and options) through one DlmBackend::ForwardBatch per step:
+//   Init() once (errors as DiffuseWithSchedule; makes the request's caches), then
+//   while (Prepare()) { the backend runs item() together with other requests' items; Commit(); }
+//   and Finish(). DiffuseBatchWithSchedule and the worker's DlmRunner (continuous batching of
+// Diffuse requests) drive it. A request's result does not depend on which other requests share
+// its forwards (the backend contract: each item is its own step). `model`, `request` and
+// `schedule` must outlive the run. Not thread-safe.
+class DlmRequestRun {
+ public:
+  DlmRequestRun(const DlmBackend& model, const DiffuseRequest& request, const DlmSchedule& schedule,
+                DlmStepObserver observer = nullptr);
+  DlmRequestRun(const DlmRequestRun&) = delete;
+  DlmRequestRun& operator=(const DlmRequestRun&) = delete;
+
+  absl::Status Init();
+  // Sets up the next step; false once the request is finished (all blocks, or stopped at EOS).
+  bool Prepare();
+  // The backend's work for the prepared step (valid until the next Prepare()).
+  DlmBatchItem item();
+  // Chooses x0 and the confidences from the step's output, commits, calls the observer.
+  void Commit();
+  // Steps committed so far.
+  int steps_done() const { return step_; }
+  // The result; `seconds` becomes stats.seconds and `times` (the phase times of the forwards this
+  // request took part in) are added to stats.forward.
+  DiffuseResult Finish(double seconds, const ForwardStats& times);
+
+ private:
+  DlmRunStats& stats() { return result_.stats; }
+
+  const DlmBackend& model_;
+  const DiffuseRequest& req_;
+  const DiffuseOptions& opt_;
+  const DlmSchedule& schedule_;
+  const DlmStepObserver observer_;
+  std::mt19937_64 rng_;
+  int V_ = 0, NL_ = 0, mask_ = 0, P_ = 0, L_ = 0, S_ = 0, eos_ = -1;
+  int bl_ = 0, nb_ = 0, spb_ = 0;
+  bool spa_ = false, random_remask_ = false;
+  double tau_ = 0;
+  std::vector<int32_t> canvas_;
+  std::unique_ptr<DlmCache> cache_;
+  std::vector<int> update_rows_;
+  DiffuseResult result_;
+  // Loop position.
+  int b_ = 0, i_ = 0, step_ = 0;
+  bool block_started_ = false, stopped_ = false;
+  std::vector<int> transfer_;
+  std::vector<int32_t> mask_rows_;
+  DlmStepKind kind_ = DlmStepKind::kFull;
+  DlmStepPlan plan_;
+  ForwardSpec spec_;
+  std::vector<float> logits_;
+  std::vector<int32_t> top1_;
+  std::vector<double> top1_prob_;
+};
 
 }  // namespace prehoc::dlm
 

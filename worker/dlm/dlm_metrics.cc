@@ -37,6 +37,13 @@ DlmMetrics::DlmMetrics(prometheus::Registry& registry, const std::string& model,
                        .Help("Per request: canvas rows recomputed per denoising step, averaged "
                              "over layers.")
                        .Register(registry);
+  batch_size = &BuildHistogram()
+                    .Name("prehoc_dlm_batch_size")
+                    .Help("Per batched denoising step: Diffuse requests sharing its forward.")
+                    .Register(registry)
+                    .Add({{"model", model}},
+                         prometheus::Histogram::BucketBoundaries{1, 2, 3, 4, 6, 8, 12, 16, 24, 32,
+                                                                 48, 64});
   const prometheus::Histogram::BucketBoundaries rows_b = {1,   2,   4,    8,    16,   32,  64,
                                                           128, 256, 512, 1024, 2048, 4096};
   const prometheus::Histogram::BucketBoundaries frac_b = {0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25,
@@ -93,6 +100,8 @@ void DlmMetrics::Record(const DiffuseResult& r) {
   }
   if (s.seconds > 0) p.tokens_per_second->Observe(s.tokens_per_second());
 }
+
+void DlmMetrics::RecordBatch(int requests) { batch_size->Observe(requests); }
 
 const std::vector<std::string>& DlmMetrics::Outcomes() {
   static const auto* const kOutcomes = new std::vector<std::string>{

@@ -15,6 +15,9 @@
 //   prehoc_dlm_tokens_per_second{model,policy}           histogram, per request
 //   prehoc_dlm_tokens_recomputed_per_step{model,policy}  histogram, per request: rows recomputed
 //                                                        per step, averaged over layers
+//   prehoc_dlm_batch_size{model}                         histogram, per batched step of the
+//                                                        worker's DlmRunner: requests sharing
+//                                                        the step's forward
 #ifndef PREHOC_WORKER_DLM_DLM_METRICS_H_
 #define PREHOC_WORKER_DLM_DLM_METRICS_H_
 
@@ -56,9 +59,12 @@ struct DlmMetrics {
   // Counts one request's end under prehoc_dlm_requests_total{outcome} (OK = "ok"; codes map as
   // for prehoc_requests_total; FAILED_PRECONDITION counts as "invalid_argument").
   void RecordOutcome(DlmCachePolicy policy, const absl::Status& status);
+  // One batched step (one DlmBackend::ForwardBatch) of `requests` requests.
+  void RecordBatch(int requests);
   static const std::vector<std::string>& Outcomes();
 
   std::vector<PerPolicy> per_policy;  // index = static_cast<int>(DlmCachePolicy)
+  prometheus::Histogram* batch_size = nullptr;
 };
 
 }  // namespace prehoc::dlm

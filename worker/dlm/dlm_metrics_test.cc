@@ -46,6 +46,10 @@ TEST(DlmMetricsTest, RecordsStepsTokensAndPerLayerRecompute) {
   EXPECT_EQ(MetricValue(reg, "prehoc_dlm_kv_recomputed_total", {{"policy", "spa"}, {"layer", "1"}}), 120);
   EXPECT_EQ(MetricValue(reg, "prehoc_dlm_recompute_fraction", {{"policy", "spa"}}), 2);
   EXPECT_EQ(MetricValue(reg, "prehoc_dlm_tokens_per_second", {{"policy", "spa"}}), 2);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_batch_size", {{"model", "m"}}), 0);
+  metrics.RecordBatch(3);
+  metrics.RecordBatch(1);
+  EXPECT_EQ(MetricValue(reg, "prehoc_dlm_batch_size", {{"model", "m"}}), 2);
 }
 
 }  // namespace

@@ -1,12 +1,14 @@
 #include "worker/dlm/dlm_runner.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/model_config.h"
 #include "common/status.h"
 #include "worker/dlm/calibration.h"
+#include "worker/dlm/cuda_forward.h"
 #include "worker/scheduler.h"  // TakeCompleteUtf8
 
 namespace prehoc {
@@ -42,7 +44,7 @@ absl::Status ApiFieldNames(const absl::Status& s) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<DlmRunner>> DlmRunner::Create(
-    std::shared_ptr<const dlm::DlmModel> model, std::unique_ptr<Tokenizer> tokenizer,
+    std::shared_ptr<const dlm::DlmBackend> model, std::unique_ptr<Tokenizer> tokenizer,
     DlmRunnerOptions options) {
   if (model == nullptr) return absl::InvalidArgumentError("model: is null");
   if (options.max_running < 1) {
@@ -67,14 +69,17 @@ absl::StatusOr<std::unique_ptr<DlmRunner>> DlmRunner::Create(
     r->options_.metrics = r->own_metrics_.get();
   }
   r->own_tokenizer_ = std::move(tokenizer);
-  r->tokenizer_ = r->own_tokenizer_ ? r->own_tokenizer_.get() : r->model_->tokenizer();
+  r->tokenizer_ = r->own_tokenizer_.get();
+  if (r->tokenizer_ == nullptr) {
+    if (const auto* cpu = dynamic_cast<const dlm::DlmModel*>(r->model_.get())) {
+      r->tokenizer_ = cpu->tokenizer();
+    }
+  }
   {
     absl::MutexLock l(&r->mu_);
     r->worker_id_ = r->options_.worker_id;
   }
-  for (int i = 0; i < r->options_.max_running; ++i) {
-    r->threads_.emplace_back([p = r.get()] { p->ExecutorLoop(); });
-  }
+  r->executor_ = std::thread([p = r.get()] { p->ExecutorLoop(); });
   return r;
 }
 
@@ -84,7 +89,7 @@ DlmRunner::~DlmRunner() {
     absl::MutexLock l(&mu_);
     stop_ = true;
   }
-  for (std::thread& t : threads_) t.join();
+  executor_.join();
 }
 
 int DlmRunner::num_layers() const { return model_->config().num_hidden_layers; }
@@ -208,7 +213,7 @@ absl::Status DlmRunner::CancelDiffusion(std::string_view request_id, absl::Statu
   }
   DiffusionEvent ev;
   ev.status = status;
-  Finish(queued, std::move(ev));
+  Finish(queued, std::move(ev), /*was_running=*/false);
   return absl::OkStatus();
 }
 
@@ -232,58 +237,23 @@ void DlmRunner::CancelAll(const absl::Status& status) {
   for (const std::string& id : ids) CancelDiffusion(id, status).IgnoreError();
 }
 
-void DlmRunner::ExecutorLoop() {
-  while (true) {
-    std::shared_ptr<Job> job;
-    {
-      absl::MutexLock l(&mu_);
-      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !queue_.empty(); };
-      mu_.Await(absl::Condition(&ready));
-      if (queue_.empty()) return;  // stop_
-      job = queue_.front();
-      queue_.pop_front();
-      running_++;
-    }
-    Run(job);
-    absl::MutexLock l(&mu_);
-    running_--;
-  }
-}
-
-void DlmRunner::Finish(const std::shared_ptr<Job>& job, DiffusionEvent ev) {
-  ev.request_id = job->id;
-  {
-    absl::MutexLock l(&mu_);
-    jobs_.erase(job->id);  // before the terminal callback: the id may be reused at once
-  }
-  if (options_.metrics != nullptr && !ev.status.ok()) {
-    options_.metrics->RecordOutcome(job->schedule.policy, ev.status);
-  }
-  job->callback(std::move(ev));
-}
-
-void DlmRunner::Run(const std::shared_ptr<Job>& job) {
-  const dlm::DiffuseOptions& o = job->request.options;
-  const int L = o.gen_length;
-  const int bl = o.effective_block_length();
-  const int nb = L / bl;
-  const int eos = model_->eos_id();
+// A running request's decoding and streaming state (executor thread only).
+struct DlmRunner::Running {
+  std::shared_ptr<Job> job;
+  std::unique_ptr<dlm::DlmRequestRun> run;
   std::string served_by;
-  {
-    absl::MutexLock l(&mu_);
-    served_by = worker_id_;
-  }
-
-  std::vector<int32_t> response(L, -1);
-  std::vector<int> remaining(nb, bl);
-  int next_block = 0;   // first block not streamed yet
-  int steps_run = 0;
+  std::chrono::steady_clock::time_point start;  // decoding began (after Init)
+  dlm::ForwardStats times;                      // phase times of the forwards it took part in
+  int bl = 0, nb = 0, eos = -1;
+  std::vector<int32_t> response;
+  std::vector<int> remaining;  // masks left per block
+  int next_block = 0;          // first block not streamed yet
   bool first_sent = false, eos_seen = false;
-  int streamed = 0;     // tokens streamed (a prefix of the output)
+  int streamed = 0;            // tokens streamed (a prefix of the output)
   std::string pending_text;
   double first_block_s = 0;
 
-  auto emit = [&](DiffusionEvent ev) {
+  void Emit(DiffusionEvent ev) {
     ev.request_id = job->id;
     if (!first_sent) {
       ev.first = true;
@@ -291,99 +261,207 @@ void DlmRunner::Run(const std::shared_ptr<Job>& job) {
       first_sent = true;
     }
     job->callback(std::move(ev));
-  };
-  auto observer = [&](const dlm::DlmStepInfo& info) {
-    steps_run = info.step + 1;
-    for (size_t i = 0; i < info.committed_rows.size(); ++i) {
-      const int row = info.committed_rows[i];
-      response[row] = info.committed_tokens[i];
-      remaining[row / bl]--;
-    }
-    while (next_block < nb && remaining[next_block] == 0) {
-      const int b = next_block++;
-      if (first_block_s == 0) first_block_s = absl::ToDoubleSeconds(Now() - job->arrival);
-      DiffusionEvent ev;
-      ev.block = b;
-      ev.block_start = b * bl;
-      ev.step = steps_run;
-      for (int r = b * bl; r < (b + 1) * bl && !eos_seen; ++r) {
-        if (eos >= 0 && response[r] == eos) {
-          eos_seen = true;
-        } else {
-          ev.tokens.push_back(response[r]);
-        }
-      }
-      if (ev.tokens.empty() && first_sent) continue;  // nothing after the end of text
-      streamed += static_cast<int>(ev.tokens.size());
-      if (tokenizer_ != nullptr) {
-        pending_text += tokenizer_->Decode(ev.tokens);
-        ev.text = TakeCompleteUtf8(&pending_text);
-      }
-      emit(std::move(ev));
-    }
-  };
-  auto interrupt = [&]() -> absl::Status {
-    if (options_.before_step) options_.before_step(job->id, steps_run);
-    {
-      absl::MutexLock l(&job->mu);
-      if (!job->cancel.ok()) return job->cancel;
-    }
-    if (Now() >= job->deadline) {
-      return absl::DeadlineExceededError(
-          absl::StrCat("deadline exceeded after ", steps_run, " denoising steps"));
-    }
-    return absl::OkStatus();
-  };
+  }
+};
 
-  absl::StatusOr<dlm::DiffuseResult> r =
-      dlm::DiffuseWithSchedule(*model_, job->request, job->schedule, observer, interrupt);
-  DiffusionEvent ev;
-  if (!r.ok()) {
-    ev.status = ApiFieldNames(r.status());
-    Finish(job, std::move(ev));
+void DlmRunner::ExecutorLoop() {
+  std::vector<std::unique_ptr<Running>> running;
+  while (true) {
+    std::vector<std::shared_ptr<Job>> admitted;
+    {
+      absl::MutexLock l(&mu_);
+      if (running.empty()) {
+        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !queue_.empty(); };
+        mu_.Await(absl::Condition(&ready));
+        if (queue_.empty()) return;  // stop_
+      }
+      while (!queue_.empty() && running_ < options_.max_running) {
+        admitted.push_back(queue_.front());
+        queue_.pop_front();
+        running_++;
+      }
+    }
+    for (const std::shared_ptr<Job>& job : admitted) {
+      std::unique_ptr<Running> r = Start(job);
+      if (r != nullptr) running.push_back(std::move(r));
+    }
+    Step(&running);
+  }
+}
+
+void DlmRunner::Finish(const std::shared_ptr<Job>& job, DiffusionEvent ev, bool was_running) {
+  ev.request_id = job->id;
+  {
+    absl::MutexLock l(&mu_);
+    jobs_.erase(job->id);  // before the terminal callback: the id may be reused at once
+    if (was_running) running_--;
+  }
+  if (options_.metrics != nullptr && !ev.status.ok()) {
+    options_.metrics->RecordOutcome(job->schedule.policy, ev.status);
+  }
+  job->callback(std::move(ev));
+}
+
+std::unique_ptr<DlmRunner::Running> DlmRunner::Start(const std::shared_ptr<Job>& job) {
+  auto r = std::make_unique<Running>();
+  r->job = job;
+  {
+    absl::MutexLock l(&mu_);
+    r->served_by = worker_id_;
+  }
+  const dlm::DiffuseOptions& o = job->request.options;
+  r->bl = o.effective_block_length();
+  r->nb = o.gen_length / r->bl;
+  r->eos = model_->eos_id();
+  r->response.assign(o.gen_length, -1);
+  r->remaining.assign(r->nb, r->bl);
+  Running* raw = r.get();
+  r->run = std::make_unique<dlm::DlmRequestRun>(
+      *model_, job->request, job->schedule,
+      [this, raw](const dlm::DlmStepInfo& info) { OnStep(raw, info); });
+  if (absl::Status s = r->run->Init(); !s.ok()) {
+    DiffusionEvent ev;
+    ev.status = ApiFieldNames(s);
+    Finish(job, std::move(ev), /*was_running=*/true);
+    return nullptr;
+  }
+  r->start = std::chrono::steady_clock::now();
+  return r;
+}
+
+absl::Status DlmRunner::Interrupt(const Running& r) const {
+  const int steps_run = r.run->steps_done();
+  if (options_.before_step) options_.before_step(r.job->id, steps_run);
+  {
+    absl::MutexLock l(&r.job->mu);
+    if (!r.job->cancel.ok()) return r.job->cancel;
+  }
+  if (Now() >= r.job->deadline) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("deadline exceeded after ", steps_run, " denoising steps"));
+  }
+  return absl::OkStatus();
+}
+
+void DlmRunner::Step(std::vector<std::unique_ptr<Running>>* running) {
+  std::vector<std::unique_ptr<Running>> stepping;
+  std::vector<dlm::DlmBatchItem> items;
+  for (std::unique_ptr<Running>& r : *running) {
+    if (!r->run->Prepare()) {
+      Complete(r.get());
+      continue;
+    }
+    if (absl::Status s = Interrupt(*r); !s.ok()) {
+      DiffusionEvent ev;
+      ev.status = std::move(s);
+      Finish(r->job, std::move(ev), /*was_running=*/true);
+      continue;
+    }
+    items.push_back(r->run->item());
+    stepping.push_back(std::move(r));
+  }
+  running->clear();
+  if (items.empty()) return;
+  dlm::ForwardStats times;
+  const absl::Status s = model_->ForwardBatch(items, &times);
+  if (options_.metrics != nullptr) options_.metrics->RecordBatch(static_cast<int>(items.size()));
+  if (!s.ok()) {
+    // Every request of the batch fails (a device fault: each request's steps were validated
+    // when it started).
+    for (std::unique_ptr<Running>& r : stepping) {
+      DiffusionEvent ev;
+      ev.status = ApiFieldNames(s);
+      Finish(r->job, std::move(ev), /*was_running=*/true);
+    }
     return;
   }
+  for (std::unique_ptr<Running>& r : stepping) {
+    r->times.AddTimes(times);
+    r->run->Commit();
+  }
+  *running = std::move(stepping);
+}
+
+void DlmRunner::OnStep(Running* r, const dlm::DlmStepInfo& info) {
+  const int bl = r->bl;
+  for (size_t i = 0; i < info.committed_rows.size(); ++i) {
+    const int row = info.committed_rows[i];
+    r->response[row] = info.committed_tokens[i];
+    r->remaining[row / bl]--;
+  }
+  while (r->next_block < r->nb && r->remaining[r->next_block] == 0) {
+    const int b = r->next_block++;
+    if (r->first_block_s == 0) {
+      r->first_block_s = absl::ToDoubleSeconds(Now() - r->job->arrival);
+    }
+    DiffusionEvent ev;
+    ev.block = b;
+    ev.block_start = b * bl;
+    ev.step = info.step + 1;
+    for (int row = b * bl; row < (b + 1) * bl && !r->eos_seen; ++row) {
+      if (r->eos >= 0 && r->response[row] == r->eos) {
+        r->eos_seen = true;
+      } else {
+        ev.tokens.push_back(r->response[row]);
+      }
+    }
+    if (ev.tokens.empty() && r->first_sent) continue;  // nothing after the end of text
+    r->streamed += static_cast<int>(ev.tokens.size());
+    if (tokenizer_ != nullptr) {
+      r->pending_text += tokenizer_->Decode(ev.tokens);
+      ev.text = TakeCompleteUtf8(&r->pending_text);
+    }
+    r->Emit(std::move(ev));
+  }
+}
+
+void DlmRunner::Complete(Running* run) {
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - run->start).count();
+  const std::shared_ptr<Job> job = run->job;
+  const dlm::DiffuseResult r = run->run->Finish(seconds, run->times);
+  DiffusionEvent ev;
   // The streamed blocks are the output up to the first end-of-text; anything the decoder
   // reports beyond them (cannot happen with whole blocks) goes out with the final message.
-  ev.tokens.assign(r->output.begin() + std::min<size_t>(streamed, r->output.size()),
-                   r->output.end());
-  ev.block = next_block;
-  ev.block_start = streamed;
+  ev.tokens.assign(r.output.begin() + std::min<size_t>(run->streamed, r.output.size()),
+                   r.output.end());
+  ev.block = run->next_block;
+  ev.block_start = run->streamed;
   if (tokenizer_ != nullptr) {
-    pending_text += tokenizer_->Decode(ev.tokens);
-    ev.text = TakeCompleteUtf8(&pending_text, /*flush=*/true);
+    run->pending_text += tokenizer_->Decode(ev.tokens);
+    ev.text = TakeCompleteUtf8(&run->pending_text, /*flush=*/true);
   }
-  ev.step = r->stats.steps;
+  ev.step = r.stats.steps;
   ev.finished = true;
-  ev.finish_reason = r->finish_reason;
+  ev.finish_reason = r.finish_reason;
   ev.prompt_tokens = static_cast<int>(job->request.prompt.size());
-  ev.completion_tokens = static_cast<int>(r->output.size());
+  ev.completion_tokens = static_cast<int>(r.output.size());
   DiffusionStats& s = ev.stats;
-  s.cache = r->schedule.policy_name;
-  s.steps = r->stats.steps;
-  s.full_steps = r->stats.full_steps;
-  s.gen_refresh_steps = r->stats.gen_refresh_steps;
-  s.partial_steps = r->stats.partial_steps;
-  s.blocks = r->stats.blocks;
-  s.canvas_rows = r->stats.canvas_rows;
-  s.rows_recomputed = r->stats.forward.q_rows;
-  s.kv_rows_recomputed = r->stats.forward.kv_rows;
-  s.decode_seconds = r->stats.seconds;
-  s.tokens_per_second = r->stats.tokens_per_second();
-  s.time_to_first_block_s = first_block_s;
+  s.cache = r.schedule.policy_name;
+  s.steps = r.stats.steps;
+  s.full_steps = r.stats.full_steps;
+  s.gen_refresh_steps = r.stats.gen_refresh_steps;
+  s.partial_steps = r.stats.partial_steps;
+  s.blocks = r.stats.blocks;
+  s.canvas_rows = r.stats.canvas_rows;
+  s.rows_recomputed = r.stats.forward.q_rows;
+  s.kv_rows_recomputed = r.stats.forward.kv_rows;
+  s.decode_seconds = r.stats.seconds;
+  s.tokens_per_second = r.stats.tokens_per_second();
+  s.time_to_first_block_s = run->first_block_s;
   s.plan_version = job->plan_version;
-  if (r->schedule.policy == DlmCachePolicy::kSpa || r->schedule.policy == DlmCachePolicy::kSpaAuto) {
-    s.rho = r->schedule.rho;
+  if (r.schedule.policy == DlmCachePolicy::kSpa || r.schedule.policy == DlmCachePolicy::kSpaAuto) {
+    s.rho = r.schedule.rho;
   }
   if (options_.metrics != nullptr) {
-    options_.metrics->Record(*r);
-    options_.metrics->RecordOutcome(r->schedule.policy, absl::OkStatus());
+    options_.metrics->Record(r);
+    options_.metrics->RecordOutcome(r.schedule.policy, absl::OkStatus());
   }
-  if (!first_sent) {
+  if (!run->first_sent) {
     ev.first = true;
-    ev.served_by = served_by;
+    ev.served_by = run->served_by;
   }
-  Finish(job, std::move(ev));
+  Finish(job, std::move(ev), /*was_running=*/true);
 }
 
 void DescribeDiffusion(const DlmRunner* runner, std::vector<ModelDescription>* models) {
@@ -416,10 +494,46 @@ absl::StatusOr<std::unique_ptr<DlmRunner>> MaybeCreateDlmRunner(
     LOG(INFO) << "dlm calibration (spa-auto drift profile) took "
               << absl::FormatDuration(absl::Now() - t0);
   }
+  ASSIGN_OR_RETURN(std::shared_ptr<const dlm::DlmBackend> backend,
+                   CreateDlmBackend(options.device, std::move(model), options.cuda_device));
   ASSIGN_OR_RETURN(std::unique_ptr<DlmRunner> runner,
-                   DlmRunner::Create(std::move(model), std::move(tokenizer), std::move(options)));
+                   DlmRunner::Create(std::move(backend), std::move(tokenizer), std::move(options)));
   *shared_weights = std::move(weights);
   return runner;
+}
+
+absl::StatusOr<std::shared_ptr<const dlm::DlmBackend>> CreateDlmBackend(
+    const std::string& device, std::shared_ptr<const dlm::DlmModel> cpu, int cuda_device,
+    std::string* why) {
+  if (device != "auto" && device != "cpu" && device != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device: '", device, "' is not one of auto, cpu, cuda"));
+  }
+  if (cpu == nullptr) return absl::InvalidArgumentError("model: is null");
+  std::string reason;
+  if (device != "cpu") {
+    dlm::CudaDlmOptions co;
+    co.model = cpu.get();
+    co.device = cuda_device;
+    absl::StatusOr<std::unique_ptr<dlm::CudaDlmModel>> cuda = dlm::CudaDlmModel::Create(co);
+    if (cuda.ok()) {
+      reason = absl::StrCat("dlm device=", device, ": using ", (*cuda)->backend_name());
+      LOG(INFO) << reason;
+      if (why != nullptr) *why = reason;
+      return std::shared_ptr<const dlm::DlmBackend>(std::move(*cuda));
+    }
+    if (device == "cuda") {
+      return absl::Status(cuda.status().code(),
+                          absl::StrCat("device=cuda: ", cuda.status().message()));
+    }
+    reason = absl::StrCat("dlm device=auto: using the CPU model (", cpu->num_threads(),
+                          " threads) because: ", cuda.status().message());
+  } else {
+    reason = absl::StrCat("dlm device=cpu: using the CPU model (", cpu->num_threads(), " threads)");
+  }
+  LOG(INFO) << reason;
+  if (why != nullptr) *why = reason;
+  return std::shared_ptr<const dlm::DlmBackend>(std::move(cpu));
 }
 
 }  // namespace prehoc

@@ -1,19 +1,28 @@
 // DlmRunner: the worker's Diffuse backend. Runs the DLM decode loop (worker/dlm/decoder.h) for
-// gRPC requests on a small bounded executor of its own, separate from the Scheduler's step
-// thread, so diffusion requests never hold up Generate traffic (they share only CPU/GPU time)
-// and Generate never holds up a diffusion request.
+// gRPC requests on an executor thread of its own, separate from the Scheduler's step thread, so
+// diffusion requests never hold up Generate traffic (they share only CPU/GPU time) and Generate
+// never holds up a diffusion request.
 //
 //   Diffuse():  validate (tokenize, options, schedule) → INVALID_ARGUMENT / FAILED_PRECONDITION
-//               synchronously; admission: at most max_running requests decode at once (one
-//               executor thread each) and at most max_queue wait → RESOURCE_EXHAUSTED naming
-//               the limit; then FIFO on the executor.
-//   executor:   DiffuseWithSchedule with an observer that streams each block when its last
-//               mask is committed, and an interrupt checked before every step: Cancel /
-//               CancelDiffusion, the request's deadline and shutdown end the loop between steps.
-//   metrics:    dlm::DlmMetrics::Record per finished request and RecordOutcome for every end.
+//               synchronously; admission: at most max_running requests decode at once and at
+//               most max_queue wait → RESOURCE_EXHAUSTED naming the limit; then FIFO.
+//   executor:   continuous batching. One thread steps every running request together: each
+//               step, every running request (each with its own schedule, options and canvas
+//               length) prepares its next step (dlm::DlmRequestRun) and all of them go to the
+//               backend in ONE DlmBackend::ForwardBatch call (on CUDA one batched forward per
+//               step kind; canvases of different lengths are concatenated, attention grouped by
+//               shape; on the CPU the items run one after another). Queued requests join at the
+//               next step boundary; a request leaves when it finishes. A request's tokens do not
+//               depend on which requests share its forwards (tested: batched == alone). Each
+//               block is streamed when its last mask is committed; an interrupt checked before
+//               every step of each request ends it between steps on Cancel / CancelDiffusion,
+//               its deadline or shutdown, without disturbing the others.
+//   backend:    the CPU DlmModel or CudaDlmModel (MaybeCreateDlmRunner's device choice).
+//   metrics:    dlm::DlmMetrics::Record per finished request, RecordOutcome for every end,
+//               RecordBatch per batched step.
 //
 // Thread-safety: every public method may be called from any thread. Callbacks run on the
-// executor threads (or on the caller of Cancel*/the destructor for queued requests).
+// executor thread (or on the caller of Cancel*/the destructor for queued requests).
 #ifndef PREHOC_WORKER_DLM_DLM_RUNNER_H_
 #define PREHOC_WORKER_DLM_DLM_RUNNER_H_
 
@@ -29,7 +38,9 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "worker/dlm/decoder.h"
 #include "worker/dlm/diffusion_types.h"
+#include "worker/dlm/dlm_backend.h"
 #include "worker/dlm/dlm_metrics.h"
 #include "worker/dlm/dlm_model.h"
 #include "worker/model_weights.h"
@@ -41,9 +52,7 @@ namespace prehoc {
 struct DlmRunnerOptions {
   std::string model_name = "default";  // the name requests may use ("" in a request = this)
   std::string worker_id = "worker";    // served_by of the first event
-  int max_running = 1;   // requests decoding at once (executor threads), >= 1. The model's
-                         // Forward is serialised on its thread pool, so more than 1 only
-                         // interleaves requests step by step.
+  int max_running = 8;   // requests decoding at once (batched into one forward per step), >= 1
   int max_queue = 16;    // admitted requests waiting for an executor thread, >= 0
   int max_gen_length = 1024;  // largest gen_length accepted
   // Per-layer drift profile measured at load (calibration.h); empty = spa-auto unavailable.
@@ -54,6 +63,10 @@ struct DlmRunnerOptions {
   prometheus::Registry* registry = nullptr;
   // Clock for deadlines; null = absl::Now.
   std::function<absl::Time()> clock;
+  // MaybeCreateDlmRunner's backend: "cpu", "cuda" (UNAVAILABLE without a usable device) or
+  // "auto" (CUDA when usable, else the CPU with the reason logged); CUDA device ordinal.
+  std::string device = "cpu";
+  int cuda_device = 0;
   // Test hook, called on the executor thread before every step's interrupt check with the
   // request id and the step about to run (a gate: tests block here to act mid-request).
   std::function<void(const std::string& request_id, int step)> before_step;
@@ -61,12 +74,12 @@ struct DlmRunnerOptions {
 
 class DlmRunner : public DiffusionBackend {
  public:
-  // `model` must be a diffusion model (DlmModel). `tokenizer` may be null (then the model's own,
-  // and text prompts are refused when it has none). INVALID_ARGUMENT naming the option for bad
-  // options.
-  // The model is shared (immutable; several runners may use one, e.g. in tests).
+  // `model` is a diffusion-LM backend (the CPU DlmModel or CudaDlmModel). `tokenizer` may be
+  // null (then a DlmModel's own; text prompts are refused when there is none). INVALID_ARGUMENT
+  // naming the option for bad options. The model is shared (immutable; several runners may use
+  // one, e.g. in tests).
   static absl::StatusOr<std::unique_ptr<DlmRunner>> Create(
-      std::shared_ptr<const dlm::DlmModel> model, std::unique_ptr<Tokenizer> tokenizer,
+      std::shared_ptr<const dlm::DlmBackend> model, std::unique_ptr<Tokenizer> tokenizer,
       DlmRunnerOptions options);
   // Ends every request UNAVAILABLE ("worker shutting down") and joins the executor.
   ~DlmRunner() override;
@@ -83,7 +96,7 @@ class DlmRunner : public DiffusionBackend {
   void CancelAll(const absl::Status& status);
   void SetWorkerId(const std::string& id);
 
-  const dlm::DlmModel& model() const { return *model_; }
+  const dlm::DlmBackend& model() const { return *model_; }
   const std::vector<double>& drift() const { return options_.drift; }
   int num_layers() const;
   // Requests queued + running.
@@ -91,23 +104,32 @@ class DlmRunner : public DiffusionBackend {
 
  private:
   struct Job;
+  struct Running;
   explicit DlmRunner(DlmRunnerOptions options) : options_(std::move(options)) {}
   void ExecutorLoop();
-  void Run(const std::shared_ptr<Job>& job);
-  void Finish(const std::shared_ptr<Job>& job, DiffusionEvent ev);
+  // Makes the admitted job's decoding state; null (after ending the job) when Init fails.
+  std::unique_ptr<Running> Start(const std::shared_ptr<Job>& job);
+  // One batched step of every running request; removes the ones that end.
+  void Step(std::vector<std::unique_ptr<Running>>* running);
+  absl::Status Interrupt(const Running& r) const;
+  void OnStep(Running* r, const dlm::DlmStepInfo& info);
+  // The final event of a request whose decoding finished.
+  void Complete(Running* r);
+  // Terminal event of `job`; `was_running`: it held one of the max_running places.
+  void Finish(const std::shared_ptr<Job>& job, DiffusionEvent ev, bool was_running);
   absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
 
   DlmRunnerOptions options_;  // constant after Create
   std::unique_ptr<dlm::DlmMetrics> own_metrics_;
-  std::shared_ptr<const dlm::DlmModel> model_;
+  std::shared_ptr<const dlm::DlmBackend> model_;
   std::unique_ptr<Tokenizer> own_tokenizer_;
   const Tokenizer* tokenizer_ = nullptr;
-  std::vector<std::thread> threads_;
+  std::thread executor_;
 
   mutable absl::Mutex mu_;
   std::deque<std::shared_ptr<Job>> queue_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::shared_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
-  int running_ ABSL_GUARDED_BY(mu_) = 0;
+  int running_ ABSL_GUARDED_BY(mu_) = 0;  // requests admitted to the executor
   int64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
@@ -117,12 +139,24 @@ class DlmRunner : public DiffusionBackend {
 // For servers: when `model_dir` holds a diffusion model (config is_causal false), loads its
 // weights once into `*shared_weights` (so the Engine can share them), builds the DlmModel over
 // them (num_threads CPU threads; proxies per DlmModelOptions defaults), measures the drift
-// profile when `calibrate` (about 3 s for the shipped model), and returns the runner. Returns
-// nullptr (and leaves *shared_weights alone) for an autoregressive model. Errors: those of
-// loading the config, weights, tokenizer or calibration.
+// profile when `calibrate` (about 3 s for the shipped model; on the CPU model), picks the
+// backend by options.device (CreateDlmBackend) and returns the runner. Returns nullptr (and
+// leaves *shared_weights alone) for an autoregressive model. Errors: those of loading the
+// config, weights, tokenizer or calibration, and CreateDlmBackend's.
 absl::StatusOr<std::unique_ptr<DlmRunner>> MaybeCreateDlmRunner(
     const std::string& model_dir, int num_threads, bool calibrate, DlmRunnerOptions options,
     std::shared_ptr<const ModelWeights>* shared_weights);
+
+// The diffusion backend `device` asks for, over the CPU model `cpu` (its weights and proxies are
+// uploaded for CUDA):
+//   cpu   `cpu` itself;
+//   cuda  CudaDlmModel on `cuda_device`; UNAVAILABLE (with the reason) without a usable device or
+//         in a build without CUDA;
+//   auto  CUDA when usable, else `cpu`; the log line (also in *why, optional) says which and why.
+// INVALID_ARGUMENT naming `device` for any other value.
+absl::StatusOr<std::shared_ptr<const dlm::DlmBackend>> CreateDlmBackend(
+    const std::string& device, std::shared_ptr<const dlm::DlmModel> cpu, int cuda_device = 0,
+    std::string* why = nullptr);
 
 // Adds what the cache manager needs to place Diffuse requests to the descriptions of the model
 // `runner` serves (its DLM cache policies and drift profile). No-op when runner is null.

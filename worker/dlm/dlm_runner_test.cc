@@ -5,6 +5,7 @@
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "worker/dlm/dlm_test_util.h"
 
 namespace prehoc {
 namespace {
@@ -12,32 +13,11 @@ namespace {
 namespace fs = std::filesystem;
 using testing::HasSubstr;
 using testing::StartsWith;
+using dlm_test::Collector;
 
 std::string ShippedDir() {
   return (fs::path(PREHOC_SOURCE_DIR) / "models" / "prehoc-code-dlm").string();
 }
-
-// Collects one stream's events; Wait() returns once the terminal event arrived.
-struct Collector {
-  absl::Mutex mu;
-  std::vector<DiffusionEvent> events ABSL_GUARDED_BY(mu);
-  absl::Notification done;
-  DiffusionCallback Callback() {
-    return [this](DiffusionEvent ev) {
-      const bool terminal = ev.terminal();
-      {
-        absl::MutexLock l(&mu);
-        events.push_back(std::move(ev));
-      }
-      if (terminal) done.Notify();
-    };
-  }
-  std::vector<DiffusionEvent> Wait() {
-    done.WaitForNotification();
-    absl::MutexLock l(&mu);
-    return events;
-  }
-};
 
 // The shipped model (with its singular proxies) is loaded once for every test: a runner per test.
 std::shared_ptr<const dlm::DlmModel> SharedModel() {
@@ -268,6 +248,106 @@ TEST(DlmRunnerTest, AdmissionLimitIsResourceExhaustedAndDrainRefuses) {
   release.Notify();
   EXPECT_TRUE(first.Wait().back().finished);
   EXPECT_TRUE(l.runner->WaitIdle(absl::InfiniteFuture()));
+}
+
+// Concurrent requests of different policies, options and canvas lengths share one forward per
+// step (continuous batching) and each gets exactly the tokens it gets decoded alone.
+TEST(DlmRunnerTest, BatchedRequestsEqualUnbatchedOnes) {
+  prometheus::Registry registry;
+  dlm::DlmMetrics metrics(registry, "dlm", 6);
+  absl::Notification entered, all_submitted;
+  DlmRunnerOptions o;
+  o.max_running = 4;
+  o.metrics = &metrics;
+  // The first request's first step waits until the others are queued, so they join at the next
+  // step boundary: from then on the 4 requests step together.
+  o.before_step = [&](const std::string&, int) {
+    if (!entered.HasBeenNotified()) entered.Notify();  // executor thread only
+    all_submitted.WaitForNotification();
+  };
+  Loaded l = Load(o);
+  auto tok = Tokenizer::LoadFromModelDir(ShippedDir(), 260);
+  ASSERT_TRUE(tok.ok() && *tok != nullptr);
+
+  std::vector<DiffusionRequest> reqs(4, ShortRequest());
+  reqs[0].options.cache = "none";
+  reqs[1].options.cache = "spa";
+  reqs[1].text = "import os\nimport sys\n\ndef main(argv):\n";  // a longer canvas
+  reqs[2].options.cache = "dual";
+  reqs[2].options.gen_length = 16;
+  reqs[2].options.block_length = 8;
+  reqs[2].options.steps = 16;
+  reqs[3].options.cache = "dllm";
+  reqs[3].options.temperature = 0.8f;  // the full-logits path
+  reqs[3].options.seed = 5;
+  reqs[3].text = "x = [";
+  std::vector<std::unique_ptr<Collector>> got;
+  for (const DiffusionRequest& r : reqs) {
+    got.push_back(std::make_unique<Collector>());
+    ASSERT_TRUE(l.runner->Diffuse(r, got.back()->Callback()).ok());
+    if (got.size() == 1) entered.WaitForNotification();
+  }
+  all_submitted.Notify();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    std::vector<DiffusionEvent> ev = got[i]->Wait();
+    ASSERT_TRUE(ev.back().finished) << i << ": " << ev.back().status;
+    std::vector<int32_t> tokens;
+    for (const DiffusionEvent& e : ev) tokens.insert(tokens.end(), e.tokens.begin(), e.tokens.end());
+
+    dlm::DiffuseRequest alone;
+    alone.prompt = (*tok)->Encode(*reqs[i].text, true);
+    alone.options = reqs[i].options;
+    auto want = dlm::Diffuse(l.runner->model(), alone);
+    ASSERT_TRUE(want.ok()) << want.status();
+    EXPECT_EQ(tokens, want->output) << "request " << i << " cache " << reqs[i].options.cache;
+    EXPECT_EQ(ev.back().stats.steps, want->stats.steps) << i;
+    EXPECT_EQ(ev.back().stats.rows_recomputed, want->stats.forward.q_rows) << i;
+  }
+  // Batch sizes per batched step: request 0's first step alone; then 7 steps of all 4 (until
+  // request 0's 8 steps are done), 1 of 3, and request 2's last 8 (of 16) alone.
+  const prometheus::ClientMetric* h = nullptr;
+  std::vector<prometheus::MetricFamily> families = registry.Collect();
+  for (const auto& fam : families) {
+    if (fam.name == "prehoc_dlm_batch_size") h = &fam.metric.at(0);
+  }
+  ASSERT_NE(h, nullptr);
+  EXPECT_EQ(h->histogram.sample_sum, 8 + 8 + 16 + 8);  // every request step once
+  EXPECT_EQ(h->histogram.sample_count, 17u);
+  const auto& buckets = h->histogram.bucket;
+  ASSERT_GE(buckets.size(), 4u);
+  ASSERT_EQ(buckets[0].upper_bound, 1);
+  ASSERT_EQ(buckets[2].upper_bound, 3);
+  ASSERT_EQ(buckets[3].upper_bound, 4);
+  EXPECT_EQ(buckets[0].cumulative_count, 9u);
+  EXPECT_EQ(buckets[2].cumulative_count - buckets[1].cumulative_count, 1u);
+  EXPECT_EQ(buckets[3].cumulative_count - buckets[2].cumulative_count, 7u);
+}
+
+TEST(DlmRunnerTest, DeviceChoiceFallsBackOrFailsNamingTheReason) {
+  std::shared_ptr<const dlm::DlmModel> cpu = SharedModel();
+  auto bad = CreateDlmBackend("gpu", cpu);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.status().message()), StartsWith("device: 'gpu' is not one of"));
+  std::string why;
+  auto c = CreateDlmBackend("cpu", cpu, 0, &why);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->get(), cpu.get());
+  EXPECT_THAT(why, HasSubstr("device=cpu"));
+  auto cuda = CreateDlmBackend("cuda", cpu, 0, &why);
+  auto automatic = CreateDlmBackend("auto", cpu, 0, &why);
+  ASSERT_TRUE(automatic.ok()) << automatic.status();
+  if (cuda.ok()) {
+    EXPECT_THAT((*cuda)->backend_name(), StartsWith("cuda ("));
+    EXPECT_THAT((*automatic)->backend_name(), StartsWith("cuda ("));
+  } else {
+    // No usable device (or a build without CUDA): cuda is UNAVAILABLE with the reason, auto
+    // falls back to the CPU model and says why.
+    EXPECT_EQ(cuda.status().code(), absl::StatusCode::kUnavailable) << cuda.status();
+    EXPECT_THAT(std::string(cuda.status().message()), StartsWith("device=cuda: "));
+    EXPECT_EQ(automatic->get(), cpu.get());
+    EXPECT_THAT(why, HasSubstr("device=auto: using the CPU model"));
+    EXPECT_THAT(why, HasSubstr("because: "));
+  }
 }
 
 TEST(DlmRunnerTest, AutoregressiveModelHasNoRunner) {
