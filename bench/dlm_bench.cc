@@ -4,7 +4,7 @@
 //   dlm_bench [--backend=cuda|cpu] [--shape=llada8b|tiny] [--batches=1,16]
 //             [--policies=none,prefix,dual,dllm,spa,spa:kv_all_rows=0]
 //             [--prompt=1000] [--gen=256] [--block=32] [--steps=256] [--parallel-steps=64]
-//             [--runs=1/*,16/dual] [--reps=3] [--json=PATH]
+//             [--runs=1/*,16/dual] [--reps=3] [--gemm-tune=0|1] [--json=PATH]
 //
 // Shape: LLaDA-8B's config.json (GSAI-ML/LLaDA-8B-Instruct) parsed by our LLaDA reader
 // (ParseLladaConfig): 32 layers, d_model 4096, 32 heads (MHA) of 128, MLP 12288, vocab 126464,
@@ -77,6 +77,7 @@ struct Args {
   // Full decoder runs, "B/policy" (policy "*" = every case), after all estimates.
   std::vector<std::string> runs = {"1/*"};
   int reps = 3;
+  int gemm_tune = 0;  // CudaDlmOptions::gemm_tune (opt-in)
 };
 
 ModelConfig TinyConfig() {
@@ -282,6 +283,7 @@ int Main(int argc, char** argv) {
     else if (key == "--parallel-steps") ok = one(&a.parallel_steps);
     else if (key == "--runs") a.runs = absl::StrSplit(val, ',', absl::SkipEmpty());
     else if (key == "--reps") ok = one(&a.reps);
+    else if (key == "--gemm-tune") ok = one(&a.gemm_tune);
     else ok = false;
     if (!ok) {
       std::fprintf(stderr, "dlm_bench: bad argument '%s' (see the file comment)\n", arg.c_str());
@@ -305,6 +307,7 @@ int Main(int argc, char** argv) {
     CudaDlmOptions o;
     o.random_config = cfg;
     o.profile = true;
+    o.gemm_tune = a.gemm_tune != 0;
     auto m = CudaDlmModel::Create(o);
     if (!m.ok()) {
       std::fprintf(stderr, "CudaDlmModel: %s\n", m.status().ToString().c_str());
@@ -351,6 +354,7 @@ int Main(int argc, char** argv) {
                           {"vocab", cfg.vocab_size}, {"proxy_rank", model->proxy_rank()}}},
                         {"prompt", a.prompt}, {"gen", a.gen}, {"block", a.block},
                         {"steps", a.steps}, {"parallel_steps", a.parallel_steps},
+                        {"gemm_tune", a.gemm_tune},
                         {"results", nlohmann::json::array()}};
   auto save = [&] {
     if (a.json.empty()) return;
@@ -461,6 +465,10 @@ int Main(int argc, char** argv) {
   }
   for (int b : a.batches) table(b, "estimate", est_tps[b]);
   for (const auto& [b, tps] : run_tps) table(b, "full run", tps);
+  if (const auto* cm = dynamic_cast<const CudaDlmModel*>(model.get())) {
+    out["gemm_tuning"] = cm->gemm_tuning_summary();
+    std::printf("gemm tuning: %s\n", cm->gemm_tuning_summary().c_str());
+  }
   save();
   return 0;
 }

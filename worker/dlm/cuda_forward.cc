@@ -1,5 +1,6 @@
 #include "worker/dlm/cuda_forward.h"
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
@@ -7,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -106,6 +108,24 @@ struct CudaDlmModel::Impl {
   bool profile = false;
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
+  // Small-M GEMM tuning (CudaDlmOptions::gemm_tune): per (m, n, k, accumulate) the fastest of
+  // cublasGemmEx's default and cuBLASLt's heuristic candidates (split-K among them), timed once.
+  bool gemm_tune = false;
+  cublasLtHandle_t lt = nullptr;
+  void* lt_ws = nullptr;
+  static constexpr size_t kLtWorkspace = 32u << 20;
+  static constexpr int kTuneMaxM = 1024;
+  static constexpr size_t kTuneMaxOut = 128u << 20;  // bytes of the timing output
+  struct Tuned {
+    bool use_lt = false;
+    cublasLtMatmulAlgo_t algo{};
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+    double default_us = 0, best_us = 0;
+  };
+  std::map<std::tuple<int, int, int, bool>, Tuned> tuned;
+  Grow tune_out;
+  cudaEvent_t tune_ev[2] = {nullptr, nullptr};
 
   struct Layer {
     uint16_t *wqkv = nullptr, *wo = nullptr, *w_gu = nullptr, *w_down = nullptr, *proxy = nullptr;
@@ -128,6 +148,16 @@ struct CudaDlmModel::Impl {
 
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);
+    for (auto& [key, t] : tuned) {
+      if (t.op != nullptr) cublasLtMatmulDescDestroy(t.op);
+      for (cublasLtMatrixLayout_t l : {t.la, t.lb, t.lc}) {
+        if (l != nullptr) cublasLtMatrixLayoutDestroy(l);
+      }
+    }
+    for (cudaEvent_t e : tune_ev) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
+    if (lt != nullptr) cublasLtDestroy(lt);
     for (cudaEvent_t e : events) cudaEventDestroy(e);
     if (pinned != nullptr) cudaFreeHost(pinned);
     for (void* ptr : allocations) cudaFree(ptr);
@@ -178,11 +208,105 @@ struct CudaDlmModel::Impl {
   absl::Status Gemm(const uint16_t* X, int m, int kk, const uint16_t* W, int n, float* Y,
                     float beta = 0.0f) {
     if (m == 0) return absl::OkStatus();
+    if (gemm_tune && m <= kTuneMaxM && static_cast<size_t>(m) * n * 4 <= kTuneMaxOut) {
+      const auto key = std::make_tuple(m, n, kk, beta != 0.0f);
+      auto it = tuned.find(key);
+      if (it == tuned.end()) {
+        it = tuned.emplace(key, Tuned()).first;
+        RETURN_IF_ERROR(Tune(X, m, kk, W, n, beta, &it->second));
+      }
+      if (it->second.use_lt) return LtGemm(it->second, &it->second.algo, X, W, Y, beta);
+    }
+    return DefaultGemm(X, m, kk, W, n, Y, beta);
+  }
+  absl::Status DefaultGemm(const uint16_t* X, int m, int kk, const uint16_t* W, int n, float* Y,
+                           float beta) {
     const float alpha = 1.0f;
     DLM_CUBLAS(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, kk, &alpha, W, CUDA_R_16BF,
                             kk, X, CUDA_R_16BF, kk, &beta, Y, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
                             CUBLAS_GEMM_DEFAULT));
     return absl::OkStatus();
+  }
+  absl::Status LtGemm(const Tuned& t, const cublasLtMatmulAlgo_t* algo, const uint16_t* X,
+                      const uint16_t* W, float* Y, float beta) {
+    const float alpha = 1.0f;
+    DLM_CUBLAS(cublasLtMatmul(lt, t.op, &alpha, W, t.la, X, t.lb, &beta, Y, t.lc, Y, t.lc, algo,
+                              lt_ws, kLtWorkspace, stream));
+    return absl::OkStatus();
+  }
+  // Times cublasGemmEx's default and up to 8 cuBLASLt heuristic algorithms on this shape (into a
+  // scratch output: 2 warm-up + 5 timed calls each) and keeps the fastest in *t; an Lt algorithm
+  // must beat the default by 3 % to be used.
+  absl::Status Tune(const uint16_t* X, int m, int kk, const uint16_t* W, int n, float beta,
+                    Tuned* t) {
+    RETURN_IF_ERROR(tune_out.Reserve(static_cast<size_t>(m) * n * 4, "gemm tuning output"));
+    float* Yt = tune_out.as<float>();
+    if (tune_ev[0] == nullptr) {
+      DLM_CUDA(cudaEventCreate(&tune_ev[0]));
+      DLM_CUDA(cudaEventCreate(&tune_ev[1]));
+    }
+    auto time_us = [&](auto&& call) -> absl::StatusOr<double> {
+      for (int i = 0; i < 2; ++i) RETURN_IF_ERROR(call());
+      DLM_CUDA(cudaEventRecord(tune_ev[0], stream));
+      for (int i = 0; i < 5; ++i) RETURN_IF_ERROR(call());
+      DLM_CUDA(cudaEventRecord(tune_ev[1], stream));
+      DLM_CUDA(cudaEventSynchronize(tune_ev[1]));
+      float ms = 0;
+      DLM_CUDA(cudaEventElapsedTime(&ms, tune_ev[0], tune_ev[1]));
+      return ms * 1e3 / 5;
+    };
+    DLM_CUDA(cudaMemsetAsync(Yt, 0, static_cast<size_t>(m) * n * 4, stream));
+    ASSIGN_OR_RETURN(t->default_us,
+                     time_us([&] { return DefaultGemm(X, m, kk, W, n, Yt, beta); }));
+    t->best_us = t->default_us;
+    DLM_CUBLAS(cublasLtMatmulDescCreate(&t->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    DLM_CUBLAS(cublasLtMatmulDescSetAttribute(t->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    DLM_CUBLAS(cublasLtMatmulDescSetAttribute(t->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    DLM_CUBLAS(cublasLtMatrixLayoutCreate(&t->la, CUDA_R_16BF, kk, n, kk));
+    DLM_CUBLAS(cublasLtMatrixLayoutCreate(&t->lb, CUDA_R_16BF, kk, m, kk));
+    DLM_CUBLAS(cublasLtMatrixLayoutCreate(&t->lc, CUDA_R_32F, n, m, n));
+    cublasLtMatmulPreference_t pref = nullptr;
+    DLM_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
+    const size_t ws = kLtWorkspace;
+    cublasLtMatmulHeuristicResult_t res[8];
+    int found = 0;
+    cublasStatus_t hs = cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+    if (hs == CUBLAS_STATUS_SUCCESS) {
+      hs = cublasLtMatmulAlgoGetHeuristic(lt, t->op, t->la, t->lb, t->lc, t->lc, pref, 8, res,
+                                          &found);
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (hs != CUBLAS_STATUS_SUCCESS) found = 0;  // no Lt candidate: keep the default
+    for (int i = 0; i < found; ++i) {
+      if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize > ws) continue;
+      absl::StatusOr<double> us =
+          time_us([&] { return LtGemm(*t, &res[i].algo, X, W, Yt, beta); });
+      if (!us.ok()) {  // an algorithm the device refuses at run time: skip it
+        cudaGetLastError();
+        continue;
+      }
+      if (*us < t->best_us && *us < 0.97 * t->default_us) {
+        t->best_us = *us;
+        t->algo = res[i].algo;
+        t->use_lt = true;
+      }
+    }
+    return absl::OkStatus();
+  }
+  // Tuned shapes so far: count, how many use cuBLASLt, Σ default µs, Σ chosen µs.
+  std::string TuningSummary() const {
+    int lt_count = 0;
+    double d = 0, b = 0;
+    for (const auto& [key, t] : tuned) {
+      lt_count += t.use_lt;
+      d += t.default_us;
+      b += t.best_us;
+    }
+    return absl::StrCat(tuned.size(), " shapes tuned, ", lt_count, " use cuBLASLt; sum of one "
+                        "call each: default ", static_cast<int64_t>(d), " us, chosen ",
+                        static_cast<int64_t>(b), " us");
   }
 
   absl::Status Forward(std::span<const DlmBatchItem> items, ForwardStats* batch_stats);
@@ -623,6 +747,10 @@ int CudaDlmModel::proxy_rank() const { return proxy_rank_; }
 std::string CudaDlmModel::backend_name() const { return absl::StrCat("cuda (", device_name_, ")"); }
 std::string CudaDlmModel::device_name() const { return device_name_; }
 int64_t CudaDlmModel::weight_bytes() const { return weight_bytes_; }
+std::string CudaDlmModel::gemm_tuning_summary() const {
+  absl::MutexLock l(&mu_);
+  return impl_->gemm_tune ? impl_->TuningSummary() : "gemm tuning off";
+}
 
 absl::StatusOr<std::unique_ptr<CudaDlmModel>> CudaDlmModel::Create(const CudaDlmOptions& o) {
   if ((o.model != nullptr) == o.random_config.has_value()) {
@@ -665,6 +793,12 @@ absl::StatusOr<std::unique_ptr<CudaDlmModel>> CudaDlmModel::Create(const CudaDlm
   DLM_CUDA(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   DLM_CUBLAS(cublasCreate(&m.cublas));
   DLM_CUBLAS(cublasSetStream(m.cublas, m.stream));
+  m.gemm_tune = o.gemm_tune;
+  if (m.gemm_tune) {
+    DLM_CUBLAS(cublasLtCreate(&m.lt));
+    DLM_CUDA(cudaMalloc(&m.lt_ws, Impl::kLtWorkspace));
+    m.allocations.push_back(m.lt_ws);
+  }
   const int D = c.hidden_size, F = c.intermediate_size, V = c.vocab_size;
   const int QKV = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
   m.layers.resize(c.num_hidden_layers);

@@ -25,7 +25,8 @@
 //       a = δ; every live row: x += δ (fresh for Q, stored; cached otherwise);
 //   final RMSNorm + LM head GEMM on the logit rows only; top-1 + probability on the device (or
 //   the full logits copied back).
-// GEMMs: cublasGemmEx bf16 × bf16 → f32 with f32 accumulation. Numerics therefore differ from
+// GEMMs: bf16 × bf16 → f32 with f32 accumulation: cublasGemmEx, or for small row counts the
+// fastest cuBLASLt algorithm measured per shape (CudaDlmOptions::gemm_tune). Numerics therefore differ from
 // the CPU reference by bf16 rounding of weights, GEMM inputs, K/V, P and O (tolerances in
 // cuda_forward_test.cc).
 //
@@ -74,6 +75,16 @@ struct CudaDlmOptions {
   // Time the phases of every forward with CUDA events (ForwardStats seconds_*: layer 0, K/V,
   // selection, selected rows, LM head). Off: those stay 0.
   bool profile = false;
+  // Opt-in GEMM autotuning for GEMMs with at most 1024 rows (the cached steps' few selected
+  // rows): on the first use of each (rows, out, in, accumulate) shape, time cublasGemmEx's
+  // default against up to 8 cuBLASLt heuristic algorithms (split-K among them) and keep the
+  // fastest (an Lt algorithm must win by 3 %). Measured on an H100 at LLaDA-8B shape
+  // (docs/dlm.md): 84 of 238 shapes chose cuBLASLt, but a step gains only 1–3 % (batch-1 spa
+  // partial step 10.54 → 10.41 ms) — cuBLAS's default is near its best for these shapes — while
+  // the first forward of each shape pays the timing (~0.8 s for the LM head's 32 logit-row
+  // counts in a first decode) and the chosen algorithm (hence the summation order) can differ
+  // from run to run. Off by default for those reasons.
+  bool gemm_tune = false;
 };
 
 class CudaDlmModel : public DlmBackend {
@@ -100,6 +111,8 @@ class CudaDlmModel : public DlmBackend {
   std::string device_name() const;
   // Device bytes of the bf16 weights.
   int64_t weight_bytes() const;
+  // gemm_tune: shapes tuned so far, how many use cuBLASLt, and their summed times.
+  std::string gemm_tuning_summary() const;
 
   struct Impl;
 

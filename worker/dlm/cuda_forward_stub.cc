@@ -19,6 +19,7 @@ int CudaDlmModel::proxy_rank() const { return proxy_rank_; }
 std::string CudaDlmModel::backend_name() const { return "cuda (unavailable)"; }
 std::string CudaDlmModel::device_name() const { return device_name_; }
 int64_t CudaDlmModel::weight_bytes() const { return weight_bytes_; }
+std::string CudaDlmModel::gemm_tuning_summary() const { return "gemm tuning off"; }
 absl::StatusOr<std::unique_ptr<DlmCache>> CudaDlmModel::NewCache(int) const {
   return absl::UnavailableError("cuda: built without CUDA");
 }

@@ -15,6 +15,7 @@
 #include "absl/strings/match.h"
 #include "gtest/gtest.h"
 #include "worker/dlm/decoder.h"
+#include "worker/dlm/dlm_test_util.h"
 
 namespace prehoc::dlm {
 namespace {
@@ -52,20 +53,12 @@ const CudaDlmModel* Gpu() {
   return model;
 }
 
+using dlm_test::PrintableTokens;
+
 #define REQUIRE_GPU()                                   \
   if (Gpu() == nullptr) GTEST_SKIP() << "no CUDA device"; \
   do {                                                  \
   } while (0)
-
-std::vector<int32_t> Tokens(int n, uint64_t seed) {
-  std::vector<int32_t> p = {256};  // BOS
-  uint64_t x = seed * 2654435761u + 7;
-  while (static_cast<int>(p.size()) < n) {
-    x = x * 6364136223846793005ull + 1442695040888963407ull;
-    p.push_back(static_cast<int32_t>(32 + (x >> 33) % 95));  // printable bytes
-  }
-  return p;
-}
 
 double RelErr(const float* a, const float* ref, int n) {
   double d = 0, r = 0;
@@ -86,9 +79,9 @@ Canvas MakeCanvas(int P, int L, int S, int mask) {
   c.P = P;
   c.L = L;
   c.S = S;
-  c.tokens = Tokens(P, 3);
+  c.tokens = PrintableTokens(P, 3);
   c.tokens.insert(c.tokens.end(), L, mask);
-  std::vector<int32_t> suffix = Tokens(S + 1, 5);
+  std::vector<int32_t> suffix = PrintableTokens(S + 1, 5);
   c.tokens.insert(c.tokens.end(), suffix.begin() + 1, suffix.end());
   return c;
 }
@@ -249,7 +242,7 @@ TEST(CudaDlmTest, BatchedForwardEqualsSingle) {
 TEST(CudaDlmTest, DecoderMatchesCpu) {
   REQUIRE_GPU();
   DiffuseRequest r;
-  r.prompt = Tokens(48, 11);
+  r.prompt = PrintableTokens(48, 11);
   r.options.gen_length = 32;
   r.options.block_length = 16;
   r.options.steps = 32;
