@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/logging.h"
+#include "services/common/flags.h"
 #include "worker/backend_factory.h"
 #include "worker/engine.h"
 #include "worker/generator.h"
@@ -90,104 +91,50 @@ struct GenerateFlags {
   std::string device = "auto";
 };
 
+// Parses a whole integer (a prompt token id).
 template <typename T>
 bool ParseNumber(const std::string& s, T* out) {
-  if constexpr (std::is_floating_point_v<T>) {
-    try {
-      size_t pos = 0;
-      double v = std::stod(s, &pos);
-      if (pos != s.size()) return false;
-      *out = static_cast<T>(v);
-      return true;
-    } catch (...) {
-      return false;
-    }
-  } else {
-    auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
-    return ec == std::errc() && p == s.data() + s.size();
-  }
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
+  return ec == std::errc() && p == s.data() + s.size() && !s.empty();
 }
 
-// Returns an error message, or empty on success. Sets *help when --help was given.
+// Returns an error message, or empty on success. Sets *help when --help was given. The flags
+// are parsed by FlagSet (so --config FILE and --stop-at-eos / --no-stop-at-eos work too); the
+// --help text stays kGenerateUsage.
 std::string ParseGenerateFlags(const std::vector<std::string>& args, GenerateFlags* f, bool* help) {
-  for (size_t i = 2; i < args.size(); ++i) {
-    std::string name = args[i];
-    std::string value;
-    bool has_inline = false;
-    if (auto eq = name.find('='); name.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-      has_inline = true;
-    }
-    auto need_value = [&](std::string* v) -> bool {
-      if (has_inline) {
-        *v = value;
-        return true;
-      }
-      if (i + 1 >= args.size()) return false;
-      *v = args[++i];
-      return true;
-    };
-    auto bad = [&](const std::string& v) { return absl::StrCat("invalid value '", v, "' for ", name); };
-    std::string v;
-    if (name == "--help" || name == "-h") {
-      *help = true;
-    } else if (name == "--no-stop-at-eos") {
-      f->stop_at_eos = false;
-    } else if (name == "--print-ids") {
-      f->print_ids = true;
-    } else if (name == "--model" || name == "--prompt" || name == "--prompt-ids" ||
-               name == "--max-tokens" || name == "--temperature" || name == "--top-k" ||
-               name == "--top-p" || name == "--seed" || name == "--threads" ||
-               name == "--kv-cache-mb" || name == "--log-level" || name == "--policy" ||
-               name == "--budget" || name == "--target-delta" || name == "--prompt-file" ||
-               name == "--sparsity-overrides" || name == "--device") {
-      if (!need_value(&v)) return absl::StrCat(name, " needs a value");
-      if (name == "--model") {
-        f->model = v;
-      } else if (name == "--prompt") {
-        f->prompt = v;
-      } else if (name == "--prompt-file") {
-        std::ifstream in(v, std::ios::binary);
-        if (!in) return absl::StrCat("--prompt-file: cannot read '", v, "'");
-        std::stringstream buf;
-        buf << in.rdbuf();
-        if (f->prompt) return "--prompt and --prompt-file are mutually exclusive";
-        f->prompt = buf.str();
-      } else if (name == "--prompt-ids") {
-        f->prompt_ids = v;
-      } else if (name == "--max-tokens") {
-        if (!ParseNumber(v, &f->max_tokens)) return bad(v);
-      } else if (name == "--temperature") {
-        if (!ParseNumber(v, &f->sampling.temperature)) return bad(v);
-      } else if (name == "--top-k") {
-        if (!ParseNumber(v, &f->sampling.top_k)) return bad(v);
-      } else if (name == "--top-p") {
-        if (!ParseNumber(v, &f->sampling.top_p)) return bad(v);
-      } else if (name == "--seed") {
-        if (!ParseNumber(v, &f->sampling.seed)) return bad(v);
-      } else if (name == "--threads") {
-        if (!ParseNumber(v, &f->threads) || f->threads < 0) return bad(v);
-      } else if (name == "--kv-cache-mb") {
-        if (!ParseNumber(v, &f->kv_cache_mb) || f->kv_cache_mb <= 0) return bad(v);
-      } else if (name == "--log-level") {
-        f->log_level = v;
-      } else if (name == "--policy") {
-        f->sparsity.policy = v;
-      } else if (name == "--budget") {
-        if (!ParseNumber(v, &f->sparsity.budget) || f->sparsity.budget < 0) return bad(v);
-      } else if (name == "--target-delta") {
-        if (!ParseNumber(v, &f->sparsity.target_delta)) return bad(v);
-      } else if (name == "--sparsity-overrides") {
-        f->sparsity.overrides = v;
-      } else if (name == "--device") {
-        f->device = v;
-      }
-    } else {
-      return absl::StrCat("unknown flag '", args[i], "'");
-    }
+  PromptFlags prompt;
+  double temperature = f->sampling.temperature;
+  double top_p = f->sampling.top_p;
+  FlagSet flags(kGenerateUsage);
+  flags.String("model", &f->model, "model directory");
+  prompt.Register(&flags);
+  flags.Int("max-tokens", &f->max_tokens, "tokens to generate");
+  flags.Double("temperature", &temperature, "sampling temperature");
+  flags.Int("top-k", &f->sampling.top_k, "top-k");
+  flags.Double("top-p", &top_p, "nucleus mass");
+  flags.Uint64("seed", &f->sampling.seed, "sampling seed");
+  flags.Bool("stop-at-eos", &f->stop_at_eos, "stop at the end-of-text token");
+  flags.String("device", &f->device, "auto, cpu or cuda");
+  flags.Int("threads", &f->threads, "CPU threads");
+  flags.Int64("kv-cache-mb", &f->kv_cache_mb, "KV cache MiB");
+  flags.String("policy", &f->sparsity.policy, "sparse attention policy");
+  flags.Double("budget", &f->sparsity.budget, "kept tokens per (layer, kv head)");
+  flags.Double("target-delta", &f->sparsity.target_delta, "target dropped mass");
+  flags.String("sparsity-overrides", &f->sparsity.overrides, "preset overrides");
+  flags.Bool("print-ids", &f->print_ids, "print the token ids");
+  flags.String("log-level", &f->log_level, "log level");
+  if (absl::Status s = flags.Parse(args, 2, help); !s.ok()) return std::string(s.message());
+  f->sampling.temperature = static_cast<float>(temperature);
+  f->sampling.top_p = static_cast<float>(top_p);
+  if (absl::Status s = flags.CheckNonNegative({"threads"}); !s.ok()) {
+    return std::string(s.message());
   }
-  if (f->prompt && f->prompt_ids) return "--prompt and --prompt-ids are mutually exclusive";
+  auto bad = [](const std::string& flag, auto value) {
+    return absl::StrCat("invalid value '", value, "' for --", flag);
+  };
+  if (f->kv_cache_mb <= 0) return bad("kv-cache-mb", f->kv_cache_mb);
+  if (f->sparsity.budget < 0) return bad("budget", f->sparsity.budget);
+  if (std::string e = prompt.Resolve(flags, &f->prompt, &f->prompt_ids); !e.empty()) return e;
   if (f->max_tokens < 1) return absl::StrCat("--max-tokens must be >= 1, got ", f->max_tokens);
   if (f->device != "auto" && f->device != "cpu" && f->device != "cuda") {
     return absl::StrCat("--device must be auto, cpu or cuda, got '", f->device, "'");

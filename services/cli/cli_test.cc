@@ -1,5 +1,8 @@
 #include "services/cli/cli.h"
 
+#include <unistd.h>
+
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -95,6 +98,39 @@ TEST(CliTest, GeneratesFromTextAndIdsDeterministically) {
   CliRun d = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--prompt-ids", "1,999"});
   EXPECT_EQ(d.code, 1);
   EXPECT_THAT(d.err, HasSubstr("prompt token 1 = 999"));
+}
+
+TEST(CliTest, GenerateFlagChecksAndConfigFile) {
+  CliRun a = Cli({"generate", "--prompt", "x", "--prompt-ids", "1"});
+  EXPECT_EQ(a.code, 2);
+  EXPECT_THAT(a.err, HasSubstr("--prompt and --prompt-ids are mutually exclusive"));
+  a = Cli({"generate", "--prompt", "x", "--prompt-file", "/no/such/file"});
+  EXPECT_THAT(a.err, HasSubstr("--prompt and --prompt-file are mutually exclusive"));
+  a = Cli({"generate", "--prompt-file", "/no/such/file"});
+  EXPECT_THAT(a.err, HasSubstr("--prompt-file: cannot read '/no/such/file'"));
+  a = Cli({"generate", "--threads", "-1"});
+  EXPECT_THAT(a.err, HasSubstr("invalid value '-1' for --threads"));
+  a = Cli({"generate", "--kv-cache-mb", "0"});
+  EXPECT_THAT(a.err, HasSubstr("invalid value '0' for --kv-cache-mb"));
+  a = Cli({"generate", "--max-tokens", "0"});
+  EXPECT_THAT(a.err, HasSubstr("--max-tokens must be >= 1, got 0"));
+  a = Cli({"generate", "stray"});
+  EXPECT_EQ(a.code, 2);
+  EXPECT_THAT(a.err, HasSubstr("unexpected argument 'stray'"));
+  // --config applies a JSON file of flag values; the command line wins.
+  const std::string cfg = (fs::temp_directory_path() /
+                           ("cli_generate_" + std::to_string(getpid()) + ".json")).string();
+  {
+    std::ofstream out(cfg);
+    out << R"({"prompt-ids": "256,104,105", "max-tokens": 9, "stop-at-eos": false,
+               "print-ids": true, "threads": 1})";
+  }
+  CliRun b = Cli({"generate", "--model", Fixture("llama_gqa_f32"), "--config", cfg,
+                  "--max-tokens", "3"});
+  std::remove(cfg.c_str());
+  ASSERT_EQ(b.code, 0) << b.err;
+  EXPECT_THAT(b.out, HasSubstr("--- 3 tokens (length) from a 3-token prompt"));
+  EXPECT_THAT(b.out, HasSubstr("ids:"));
 }
 
 TEST(CliTest, DeviceFlag) {

@@ -16,6 +16,7 @@
 #include "cachemgr/selection_plan.h"
 #include "common/logging.h"
 #include "nlohmann/json.hpp"
+#include "services/common/flags.h"
 #include "worker/dlm/calibration.h"
 #include "worker/dlm/decoder.h"
 #include "worker/dlm/dlm_runner.h"  // CreateDlmBackend
@@ -111,100 +112,49 @@ struct Flags {
   std::string log_level = "warning";
 };
 
+// Returns an error message, or empty on success (FlagSet: --name=value, --name value,
+// --config FILE). The --help text stays kUsage.
 std::string Parse(const std::vector<std::string>& args, Flags* f, bool* help) {
   f->opt.gen_length = 64;
   f->opt.block_length = 32;
-  for (size_t i = 2; i < args.size(); ++i) {
-    std::string name = args[i], value;
-    bool inline_value = false;
-    if (auto eq = name.find('='); name.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-      inline_value = true;
-    }
-    auto need = [&](std::string* v) {
-      if (inline_value) {
-        *v = value;
-        return true;
-      }
-      if (i + 1 >= args.size()) return false;
-      *v = args[++i];
-      return true;
-    };
-    auto bad = [&](const std::string& v) { return absl::StrCat("invalid value '", v, "' for ", name); };
-    std::string v;
-    if (name == "--help" || name == "-h") {
-      *help = true;
-    } else if (name == "--stop-at-eos") {
-      f->opt.stop_at_eos = true;
-    } else if (name == "--print-ids") {
-      f->print_ids = true;
-    } else if (name == "--eval") {
-      // handled by the caller
-    } else {
-      static const char* kValued[] = {
-          "--model",         "--prompt",      "--prompt-file",     "--prompt-ids",
-          "--suffix",        "--suffix-ids",  "--gen-length",      "--block-length",
-          "--steps",         "--remasking",   "--temperature",     "--seed",
-          "--parallel-threshold", "--cache",  "--cache-overrides", "--proxy-rank",
-          "--threads",       "--json",        "--log-level",       "--device"};
-      if (std::find(std::begin(kValued), std::end(kValued), name) == std::end(kValued)) {
-        return absl::StrCat("unknown flag '", args[i], "'");
-      }
-      if (!need(&v)) return absl::StrCat(name, " needs a value");
-      if (name == "--model") {
-        f->model = v;
-      } else if (name == "--prompt") {
-        if (f->prompt) return "--prompt and --prompt-file are mutually exclusive";
-        f->prompt = v;
-      } else if (name == "--prompt-file") {
-        std::ifstream in(v, std::ios::binary);
-        if (!in) return absl::StrCat("--prompt-file: cannot read '", v, "'");
-        std::stringstream buf;
-        buf << in.rdbuf();
-        if (f->prompt) return "--prompt and --prompt-file are mutually exclusive";
-        f->prompt = buf.str();
-      } else if (name == "--prompt-ids") {
-        f->prompt_ids = v;
-      } else if (name == "--suffix") {
-        f->suffix = v;
-      } else if (name == "--suffix-ids") {
-        f->suffix_ids = v;
-      } else if (name == "--gen-length") {
-        if (!ParseNumber(v, &f->opt.gen_length)) return bad(v);
-      } else if (name == "--block-length") {
-        if (!ParseNumber(v, &f->opt.block_length)) return bad(v);
-      } else if (name == "--steps") {
-        if (!ParseNumber(v, &f->opt.steps)) return bad(v);
-      } else if (name == "--remasking") {
-        f->opt.remasking = v;
-      } else if (name == "--temperature") {
-        if (!ParseNumber(v, &f->opt.temperature)) return bad(v);
-      } else if (name == "--seed") {
-        if (!ParseNumber(v, &f->opt.seed)) return bad(v);
-      } else if (name == "--parallel-threshold") {
-        if (!ParseNumber(v, &f->opt.parallel_threshold)) return bad(v);
-      } else if (name == "--cache") {
-        f->opt.cache = v;
-      } else if (name == "--cache-overrides") {
-        f->overrides = v;
-      } else if (name == "--proxy-rank") {
-        if (!ParseNumber(v, &f->proxy_rank) || f->proxy_rank < -1) return bad(v);
-      } else if (name == "--threads") {
-        if (!ParseNumber(v, &f->threads) || f->threads < 0) return bad(v);
-      } else if (name == "--json") {
-        f->json_path = v;
-      } else if (name == "--log-level") {
-        f->log_level = v;
-      } else if (name == "--device") {
-        if (v != "auto" && v != "cpu" && v != "cuda") {
-          return absl::StrCat("--device must be auto, cpu or cuda, got '", v, "'");
-        }
-        f->device = v;
-      }
-    }
+  PromptFlags prompt;
+  std::string suffix, suffix_ids;
+  double temperature = f->opt.temperature;
+  bool eval = false;  // --eval: handled by the caller
+  FlagSet flags(kUsage);
+  flags.String("model", &f->model, "model directory");
+  prompt.Register(&flags);
+  flags.String("suffix", &suffix, "suffix text");
+  flags.String("suffix-ids", &suffix_ids, "suffix token ids");
+  flags.Int("gen-length", &f->opt.gen_length, "response rows");
+  flags.Int("block-length", &f->opt.block_length, "block length");
+  flags.Int("steps", &f->opt.steps, "steps");
+  flags.String("remasking", &f->opt.remasking, "remasking");
+  flags.Double("temperature", &temperature, "temperature");
+  flags.Uint64("seed", &f->opt.seed, "seed");
+  flags.Double("parallel-threshold", &f->opt.parallel_threshold, "parallel threshold");
+  flags.Bool("stop-at-eos", &f->opt.stop_at_eos, "stop at end of text");
+  flags.String("cache", &f->opt.cache, "cache policy");
+  flags.String("cache-overrides", &f->overrides, "cache overrides");
+  flags.Int("proxy-rank", &f->proxy_rank, "singular-proxy rank");
+  flags.Int("threads", &f->threads, "CPU threads");
+  flags.String("device", &f->device, "auto, cpu or cuda");
+  flags.Bool("print-ids", &f->print_ids, "print the token ids");
+  flags.String("json", &f->json_path, "JSON output");
+  flags.String("log-level", &f->log_level, "log level");
+  flags.Bool("eval", &eval, "evaluation mode");
+  if (absl::Status s = flags.Parse(args, 2, help); !s.ok()) return std::string(s.message());
+  f->opt.temperature = static_cast<float>(temperature);
+  if (f->proxy_rank < -1) return absl::StrCat("invalid value '", f->proxy_rank, "' for --proxy-rank");
+  if (absl::Status s = flags.CheckNonNegative({"threads"}); !s.ok()) {
+    return std::string(s.message());
   }
-  if (f->prompt && f->prompt_ids) return "--prompt and --prompt-ids are mutually exclusive";
+  if (f->device != "auto" && f->device != "cpu" && f->device != "cuda") {
+    return absl::StrCat("--device must be auto, cpu or cuda, got '", f->device, "'");
+  }
+  if (std::string e = prompt.Resolve(flags, &f->prompt, &f->prompt_ids); !e.empty()) return e;
+  if (flags.IsSet("suffix")) f->suffix = suffix;
+  if (flags.IsSet("suffix-ids")) f->suffix_ids = suffix_ids;
   if (f->suffix && f->suffix_ids) return "--suffix and --suffix-ids are mutually exclusive";
   if (!f->overrides.empty()) {
     auto ov = ParseOverrides(f->overrides);

@@ -15,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "cachemgr/selection_plan.h"
 #include "common/logging.h"
+#include "services/common/flags.h"
 #include "nlohmann/json.hpp"
 #include "services/cli/diffuse.h"
 #include "worker/dlm/calibration.h"
@@ -157,60 +158,36 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
   int gen_length = 64, block_length = 32, steps = 64, calibration_rows = 4, proxy_rank = 0;
   int threads = 0;
   bool fidelity = false;
-  for (size_t i = 2; i < args.size(); ++i) {
-    std::string a = args[i], v;
-    if (a == "--eval") continue;
-    if (a == "--fidelity") {
-      fidelity = true;
-      continue;
-    }
-    if (a == "--help" || a == "-h") {
-      out << kUsage;
-      return 0;
-    }
-    if (auto eq = a.find('='); a.rfind("--", 0) == 0 && eq != std::string::npos) {
-      v = a.substr(eq + 1);
-      a = a.substr(0, eq);
-    } else if (i + 1 < args.size()) {
-      v = args[++i];
-    } else {
-      err << "prehoc diffuse --eval: " << a << " needs a value\n\n" << kUsage;
-      return 2;
-    }
-    auto num = [&](int* dst) {
-      try {
-        size_t pos = 0;
-        *dst = std::stoi(v, &pos);
-        return pos == v.size() && *dst >= 0;
-      } catch (...) {
-        return false;
-      }
-    };
-    bool ok = true;
-    if (a == "--model") model_dir = v;
-    else if (a == "--ar-model") ar_dir = v;
-    else if (a == "--data") data = v;
-    else if (a == "--policies") policies_text = v;
-    else if (a == "--json") json_path = v;
-    else if (a == "--log-level") log_level = v;
-    else if (a == "--retrieval-rows") ok = num(&retrieval_rows);
-    else if (a == "--retrieval-steps") ok = num(&retrieval_steps);
-    else if (a == "--gen-rows") ok = num(&gen_rows);
-    else if (a == "--gen-prompt-bytes") ok = num(&gen_prompt_bytes);
-    else if (a == "--gen-length") ok = num(&gen_length);
-    else if (a == "--block-length") ok = num(&block_length);
-    else if (a == "--steps") ok = num(&steps);
-    else if (a == "--calibration-rows") ok = num(&calibration_rows);
-    else if (a == "--proxy-rank") ok = num(&proxy_rank);
-    else if (a == "--threads") ok = num(&threads);
-    else {
-      err << "prehoc diffuse --eval: unknown flag '" << a << "'\n\n" << kUsage;
-      return 2;
-    }
-    if (!ok) {
-      err << "prehoc diffuse --eval: invalid value '" << v << "' for " << a << "\n";
-      return 2;
-    }
+  bool eval = true;  // the flag that brought us here
+  FlagSet flags(kUsage);
+  flags.Bool("eval", &eval, "evaluation mode");
+  flags.Bool("fidelity", &fidelity, "fidelity check");
+  flags.String("model", &model_dir, "diffusion model directory");
+  flags.String("ar-model", &ar_dir, "autoregressive model directory");
+  flags.String("data", &data, "data directory");
+  flags.String("policies", &policies_text, "cache policies");
+  flags.String("json", &json_path, "JSON output");
+  flags.String("log-level", &log_level, "log level");
+  flags.Int("retrieval-rows", &retrieval_rows, "retrieval rows");
+  flags.Int("retrieval-steps", &retrieval_steps, "retrieval steps");
+  flags.Int("gen-rows", &gen_rows, "generation rows");
+  flags.Int("gen-prompt-bytes", &gen_prompt_bytes, "generation prompt bytes");
+  flags.Int("gen-length", &gen_length, "generation length");
+  flags.Int("block-length", &block_length, "block length");
+  flags.Int("steps", &steps, "steps");
+  flags.Int("calibration-rows", &calibration_rows, "calibration rows");
+  flags.Int("proxy-rank", &proxy_rank, "singular-proxy rank");
+  flags.Int("threads", &threads, "CPU threads");
+  if (int code = flags.ParseCommand(args, 2, "prehoc diffuse --eval", kUsage, out, err);
+      code >= 0) {
+    return code;
+  }
+  if (absl::Status s = flags.CheckNonNegative(
+          {"retrieval-rows", "retrieval-steps", "gen-rows", "gen-prompt-bytes", "gen-length",
+           "block-length", "steps", "calibration-rows", "proxy-rank", "threads"});
+      !s.ok()) {
+    err << "prehoc diffuse --eval: " << s.message() << "\n";
+    return 2;
   }
   LogLevel level;
   if (!ParseLogLevel(log_level, &level)) {

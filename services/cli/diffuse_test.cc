@@ -42,6 +42,20 @@ TEST(DiffuseCliTest, HelpAndUsageErrors) {
   EXPECT_EQ(Cli({"--model", "/nonexistent/dir"}, &out, &err), 1);
   EXPECT_EQ(Cli({"--device", "gpu"}, &out, &err), 2);
   EXPECT_NE(err.find("--device must be auto, cpu or cuda, got 'gpu'"), std::string::npos) << err;
+  EXPECT_EQ(Cli({"--prompt", "a", "--prompt-ids", "1"}, &out, &err), 2);
+  EXPECT_NE(err.find("--prompt and --prompt-ids are mutually exclusive"), std::string::npos) << err;
+  EXPECT_EQ(Cli({"--suffix", "a", "--suffix-ids", "1"}, &out, &err), 2);
+  EXPECT_NE(err.find("--suffix and --suffix-ids are mutually exclusive"), std::string::npos) << err;
+  EXPECT_EQ(Cli({"--threads", "-1"}, &out, &err), 2);
+  EXPECT_NE(err.find("invalid value '-1' for --threads"), std::string::npos) << err;
+  EXPECT_EQ(Cli({"--seed", "x"}, &out, &err), 2);
+  EXPECT_NE(err.find("invalid value 'x' for --seed"), std::string::npos) << err;
+  EXPECT_EQ(Cli({"--eval", "--bogus", "1"}, &out, &err), 2);
+  EXPECT_NE(err.find("unknown flag '--bogus'"), std::string::npos) << err;
+  EXPECT_EQ(Cli({"--eval", "--threads", "-2"}, &out, &err), 2);
+  EXPECT_NE(err.find("invalid value '-2' for --threads"), std::string::npos) << err;
+  EXPECT_EQ(Cli({"--eval", "--steps"}, &out, &err), 2);
+  EXPECT_NE(err.find("--steps needs a value"), std::string::npos) << err;
 }
 
 TEST(DiffuseCliTest, DecodesWithSpa) {

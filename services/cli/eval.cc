@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/logging.h"
+#include "services/common/flags.h"
 #include "nlohmann/json.hpp"
 #include "worker/engine.h"
 #include "worker/sampler.h"
@@ -246,50 +247,29 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   std::string budgets = "0.25,0.125,0.0625", targets = "0.05", retrieval = "2k,4k";
   std::string sparse_prefill;
   int ppl_rows = 4, ppl_tokens = 256, retrieval_rows = 16, retrieval_skip = 0, threads = 0;
-  for (size_t i = 2; i < args.size(); ++i) {
-    const std::string& a = args[i];
-    if (a == "--help" || a == "-h") {
-      out << kUsage;
-      return 0;
-    }
-    if (i + 1 >= args.size()) {
-      err << "prehoc eval: " << (a.rfind("--", 0) == 0 ? a + " needs a value" : "unknown argument '" + a + "'")
-          << "\n\n" << kUsage;
-      return 2;
-    }
-    const std::string& v = args[++i];
-    auto as_int = [&](int* dst) {
-      try {
-        size_t pos;
-        *dst = std::stoi(v, &pos);
-        return pos == v.size() && *dst >= 0;
-      } catch (...) {
-        return false;
-      }
-    };
-    bool ok = true;
-    if (a == "--model") model = v;
-    else if (a == "--data") data = v;
-    else if (a == "--policies") policies = v;
-    else if (a == "--budgets") budgets = v;
-    else if (a == "--targets") targets = v;
-    else if (a == "--retrieval") retrieval = v;
-    else if (a == "--overrides") overrides = v;
-    else if (a == "--sparse-prefill") sparse_prefill = v;
-    else if (a == "--json") json_path = v;
-    else if (a == "--ppl-rows") ok = as_int(&ppl_rows);
-    else if (a == "--ppl-tokens") ok = as_int(&ppl_tokens);
-    else if (a == "--retrieval-rows") ok = as_int(&retrieval_rows);
-    else if (a == "--retrieval-skip") ok = as_int(&retrieval_skip);
-    else if (a == "--threads") ok = as_int(&threads);
-    else {
-      err << "prehoc eval: unknown flag '" << a << "'\n\n" << kUsage;
-      return 2;
-    }
-    if (!ok) {
-      err << "prehoc eval: invalid value '" << v << "' for " << a << "\n";
-      return 2;
-    }
+  FlagSet flags(kUsage);
+  flags.String("model", &model, "model directory");
+  flags.String("data", &data, "data directory");
+  flags.String("policies", &policies, "policies");
+  flags.String("budgets", &budgets, "budget fractions");
+  flags.String("targets", &targets, "δ targets");
+  flags.String("retrieval", &retrieval, "retrieval lengths");
+  flags.String("overrides", &overrides, "preset overrides");
+  flags.String("sparse-prefill", &sparse_prefill, "sparse prefill overrides");
+  flags.String("json", &json_path, "JSON output");
+  flags.Int("ppl-rows", &ppl_rows, "perplexity rows");
+  flags.Int("ppl-tokens", &ppl_tokens, "perplexity tokens");
+  flags.Int("retrieval-rows", &retrieval_rows, "retrieval rows");
+  flags.Int("retrieval-skip", &retrieval_skip, "retrieval rows skipped");
+  flags.Int("threads", &threads, "CPU threads");
+  if (int code = flags.ParseCommand(args, 2, "prehoc eval", kUsage, out, err); code >= 0) {
+    return code;
+  }
+  if (absl::Status s = flags.CheckNonNegative(
+          {"ppl-rows", "ppl-tokens", "retrieval-rows", "retrieval-skip", "threads"});
+      !s.ok()) {
+    err << "prehoc eval: " << s.message() << "\n";
+    return 2;
   }
 
   std::vector<Config> configs;

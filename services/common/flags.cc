@@ -17,10 +17,12 @@ bool ParseInt(const std::string& s, T* out) {
   return ec == std::errc() && p == s.data() + s.size() && !s.empty();
 }
 
-std::string ValueString(const std::variant<std::string*, int*, int64_t*, double*, bool*>& d) {
+std::string ValueString(
+    const std::variant<std::string*, int*, int64_t*, uint64_t*, double*, bool*>& d) {
   if (auto p = std::get_if<std::string*>(&d)) return "\"" + **p + "\"";
   if (auto p = std::get_if<int*>(&d)) return std::to_string(**p);
   if (auto p = std::get_if<int64_t*>(&d)) return std::to_string(**p);
+  if (auto p = std::get_if<uint64_t*>(&d)) return std::to_string(**p);
   if (auto p = std::get_if<double*>(&d)) {
     std::ostringstream os;
     os << **p;
@@ -38,6 +40,9 @@ void FlagSet::Int(const std::string& name, int* dest, const std::string& help) {
   flags_.push_back({name, dest, help, ValueString(dest)});
 }
 void FlagSet::Int64(const std::string& name, int64_t* dest, const std::string& help) {
+  flags_.push_back({name, dest, help, ValueString(dest)});
+}
+void FlagSet::Uint64(const std::string& name, uint64_t* dest, const std::string& help) {
   flags_.push_back({name, dest, help, ValueString(dest)});
 }
 void FlagSet::Double(const std::string& name, double* dest, const std::string& help) {
@@ -65,6 +70,8 @@ absl::Status FlagSet::Set(Flag* flag, const std::string& value, const std::strin
     if (!ParseInt(value, *p)) return bad();
   } else if (auto p = std::get_if<int64_t*>(&flag->dest)) {
     if (!ParseInt(value, *p)) return bad();
+  } else if (auto p = std::get_if<uint64_t*>(&flag->dest)) {
+    if (!ParseInt(value, *p)) return bad();
   } else if (auto p = std::get_if<double*>(&flag->dest)) {
     try {
       size_t pos = 0;
@@ -84,6 +91,7 @@ absl::Status FlagSet::Set(Flag* flag, const std::string& value, const std::strin
       return bad();
     }
   }
+  set_.insert(flag->name);
   return absl::OkStatus();
 }
 
@@ -125,6 +133,7 @@ absl::Status FlagSet::ApplyConfigFile(const std::string& path) {
 
 absl::Status FlagSet::Parse(const std::vector<std::string>& args, size_t first, bool* help) {
   *help = false;
+  set_.clear();
   // Pass 1: --config (so that command-line flags override it).
   for (size_t i = first; i < args.size(); ++i) {
     const std::string& a = args[i];
@@ -164,6 +173,7 @@ absl::Status FlagSet::Parse(const std::vector<std::string>& args, size_t first, 
       Flag* b = Find(name.substr(3));
       if (b != nullptr && std::holds_alternative<bool*>(b->dest)) {
         *std::get<bool*>(b->dest) = false;
+        set_.insert(b->name);
         continue;
       }
     }
@@ -195,6 +205,57 @@ std::string FlagSet::Usage() const {
                   "  --config FILE\n      JSON object of flag values, e.g. {\"port\": 50051}; "
                   "command-line flags override it.\n  --help\n      Show this message.\n");
   return out;
+}
+
+int FlagSet::ParseCommand(const std::vector<std::string>& args, size_t first,
+                          const std::string& command, const std::string& usage, std::ostream& out,
+                          std::ostream& err) {
+  bool help = false;
+  if (absl::Status s = Parse(args, first, &help); !s.ok()) {
+    err << command << ": " << s.message() << "\n\n" << usage;
+    return 2;
+  }
+  if (help) {
+    out << usage;
+    return 0;
+  }
+  return -1;
+}
+
+absl::Status FlagSet::CheckNonNegative(const std::vector<std::string>& names) const {
+  for (const std::string& name : names) {
+    for (const Flag& f : flags_) {
+      const auto* p = std::get_if<int*>(&f.dest);
+      if (f.name != name || p == nullptr || **p >= 0) continue;
+      return absl::InvalidArgumentError(
+          absl::StrCat("invalid value '", **p, "' for --", name));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void PromptFlags::Register(FlagSet* flags) {
+  flags->String("prompt", &text, "prompt text");
+  flags->String("prompt-file", &file, "prompt text read from a file");
+  flags->String("prompt-ids", &ids, "prompt as comma-separated token ids");
+}
+
+std::string PromptFlags::Resolve(const FlagSet& flags, std::optional<std::string>* text_out,
+                                 std::optional<std::string>* ids_out) const {
+  if (flags.IsSet("prompt")) *text_out = text;
+  if (flags.IsSet("prompt-file")) {
+    if (text_out->has_value()) return "--prompt and --prompt-file are mutually exclusive";
+    std::ifstream in(file, std::ios::binary);
+    if (!in) return absl::StrCat("--prompt-file: cannot read '", file, "'");
+    std::stringstream buf;
+    buf << in.rdbuf();
+    *text_out = buf.str();
+  }
+  if (flags.IsSet("prompt-ids")) *ids_out = ids;
+  if (text_out->has_value() && ids_out->has_value()) {
+    return "--prompt and --prompt-ids are mutually exclusive";
+  }
+  return "";
 }
 
 }  // namespace prehoc

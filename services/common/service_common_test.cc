@@ -56,6 +56,28 @@ TEST(FlagSetTest, ParsesFormsConfigFileAndReportsBadFlags) {
   EXPECT_THAT(f.Usage(), HasSubstr("--model"));
 }
 
+TEST(FlagSetTest, TellsSetFlagsFromDefaultsAndParsesUnsigned) {
+  std::string prompt;
+  uint64_t seed = 7;
+  bool eos = true;
+  FlagSet f("Usage: x");
+  f.String("prompt", &prompt, "text");
+  f.Uint64("seed", &seed, "seed");
+  f.Bool("stop-at-eos", &eos, "stop");
+  bool help = false;
+  ASSERT_TRUE(f.Parse({"prog", "--prompt=", "--seed", "18446744073709551615"}, 1, &help).ok());
+  EXPECT_TRUE(f.IsSet("prompt"));  // set, although to the default (empty) value
+  EXPECT_TRUE(f.IsSet("seed"));
+  EXPECT_EQ(seed, 18446744073709551615u);
+  EXPECT_FALSE(f.IsSet("stop-at-eos"));
+  ASSERT_TRUE(f.Parse({"prog", "--no-stop-at-eos"}, 1, &help).ok());
+  EXPECT_FALSE(f.IsSet("prompt"));  // each Parse starts afresh
+  EXPECT_TRUE(f.IsSet("stop-at-eos"));
+  EXPECT_FALSE(eos);
+  EXPECT_THAT(std::string(f.Parse({"prog", "--seed", "-1"}, 1, &help).message()),
+              HasSubstr("invalid value '-1' for --seed"));
+}
+
 TEST(ProtoConvertTest, RoundTripsRequestsAndEvents) {
   v1::GenerateRequest p;
   p.set_model("tiny");
