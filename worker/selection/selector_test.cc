@@ -428,6 +428,50 @@ TEST_F(SelectorEngineTest, LseGateRefreshesWhenTheSharedListLosesLogSumExp) {
   EXPECT_EQ(plain->telemetry().refreshes, kvh);
 }
 
+TEST_F(SelectorEngineTest, ScanFollowAddsTheNextPositionOfTheStrongestKeptKey) {
+  // scan_follow = 1 with a slice of 1/1000 (at most one scanned key): on the share step the
+  // kept candidate j with the highest group-mean logit (computed here independently) brings
+  // j + 1 into the set unscored, in place of the weakest member, so the list keeps its size.
+  const ModelConfig& c = engine_->config();
+  const int group = c.num_attention_heads / c.num_key_value_heads, hd = c.head_dim;
+  auto pages = engine_->PageTable(seq_);
+  ASSERT_TRUE(pages.ok());
+  int checked = 0;
+  for (uint32_t seed = 81; seed < 91; ++seed) {
+    const std::vector<float> q = RandomQuery(c, seed);
+    // No dilation, so that j + 1 is usually not in the set already.
+    auto sel = Make("prhs", 0.25,
+                    {{"tau", -1}, {"scan_slices", 1000}, {"scan_follow", 1}, {"dilate_r", 0}});
+    std::vector<std::vector<int32_t>> first, second;
+    sel->Select(0, q.data(), KvView(&engine_->kv_cache(), *pages, 0, 260), &first);
+    const KvView view(&engine_->kv_cache(), *pages, 0, 261);
+    sel->Select(0, q.data(), view, &second);
+    for (int kh = 0; kh < c.num_key_value_heads; ++kh) {
+      int32_t best = -1;
+      double best_logit = -1e30;
+      for (int32_t j : first[kh]) {
+        if (j < 8 || j >= 261 - 32) continue;  // set members only
+        double sum = 0;
+        for (int g = 0; g < group; ++g) {
+          for (int d = 0; d < hd; ++d) sum += q[(kh * group + g) * hd + d] * view.key(kh, j)[d];
+        }
+        if (sum > best_logit) best_logit = sum, best = j;
+      }
+      ASSERT_GE(best, 0);
+      const bool next_new = best + 1 < 261 - 32 &&
+                            !std::binary_search(first[kh].begin(), first[kh].end(), best + 1);
+      if (!next_new) continue;
+      ++checked;
+      EXPECT_TRUE(std::binary_search(second[kh].begin(), second[kh].end(), best + 1)) << seed;
+      // Same size as the plain share list at 261 (window moved by one: 228 left it).
+      const size_t plain = first[kh].size();  // 228 left the window, 260 joined it
+      EXPECT_LE(second[kh].size(), plain + 1) << seed;  // + at most the one slice key
+      EXPECT_GE(second[kh].size(), plain) << seed;
+    }
+  }
+  EXPECT_GT(checked, 10);
+}
+
 TEST_F(SelectorEngineTest, KeepTrailKeepsWhatLeftTheWindowSinceTheRefresh) {
   // Refresh at length 260 (window [228, 260)), share at 265: plain sharing drops 228..232 (they
   // left the window and the refresh's top-k never saw them); keep_trail keeps exactly them.
