@@ -7,7 +7,8 @@
 //
 // Controllers are keyed per (model, policy, δ*) — not per sequence — so the budget learned on
 // earlier requests of the same model and policy carries over to new ones (the same sharing the
-// worker's embedded loop uses); every open sequence under that key gets the new plan version.
+// worker's local loop uses); every open sequence under that key gets the new plan version. Split
+// mode (CacheManagerServer) and embedded mode (EmbeddedCluster) both plan through this class.
 //
 // Queue semantics: per worker, at most one pending update per sequence (the newest plan: a
 // worker only ever needs the newest), so the queue is bounded by the worker's open sequences.
