@@ -4,7 +4,8 @@
 //   dlm_bench [--backend=cuda|cpu] [--shape=llada8b|tiny] [--batches=1,16]
 //             [--policies=none,prefix,dual,dllm,spa,spa:kv_all_rows=0]
 //             [--prompt=1000] [--gen=256] [--block=32] [--steps=256] [--parallel-steps=64]
-//             [--runs=1/*,16/dual] [--reps=3] [--gemm-tune=0|1] [--json=PATH]
+//             [--runs=1/*,16/dual] [--reps=3] [--gemm-tune=0|1] [--kernel-profile=0|1]
+//             [--json=PATH]
 //
 // Shape: LLaDA-8B's config.json (GSAI-ML/LLaDA-8B-Instruct) parsed by our LLaDA reader
 // (ParseLladaConfig): 32 layers, d_model 4096, 32 heads (MHA) of 128, MLP 12288, vocab 126464,
@@ -78,6 +79,9 @@ struct Args {
   std::vector<std::string> runs = {"1/*"};
   int reps = 3;
   int gemm_tune = 0;  // CudaDlmOptions::gemm_tune (opt-in)
+  // CudaDlmOptions::profile_kernels: per step class, ms per kernel class (the events add a
+  // little time, so the class means of such a run are not the headline numbers).
+  int kernel_profile = 0;
 };
 
 ModelConfig TinyConfig() {
@@ -224,6 +228,8 @@ absl::StatusOr<nlohmann::json> Estimate(const DlmBackend& model, const Args& a, 
     // module loading: up to ~0.1 s), which a full run pays once and which would otherwise
     // dominate a 2-sample mean.
     ASSIGN_OR_RETURN(double first, run(kind, key.second, &scratch));
+    const auto* cuda = dynamic_cast<const CudaDlmModel*>(&model);
+    if (cuda != nullptr) cuda->TakeKernelProfile();  // drop the fill and first calls
     ForwardStats t;
     double sum = 0;
     for (int r = 0; r < a.reps; ++r) {
@@ -231,6 +237,22 @@ absl::StatusOr<nlohmann::json> Estimate(const DlmBackend& model, const Args& a, 
       sum += s;
     }
     const double mean = sum / a.reps;
+    nlohmann::json kernels = nlohmann::json::object();
+    if (cuda != nullptr && a.kernel_profile) {
+      int64_t forwards = 0;
+      std::vector<std::pair<std::string, double>> prof = cuda->TakeKernelProfile(&forwards);
+      double total_ms = 0;
+      for (const auto& [name, ms] : prof) total_ms += ms;
+      std::printf("    kernels, ms per step (%s block %d; %lld forwards; sum %.3f ms):",
+                  DlmStepKindName(kind), key.second, static_cast<long long>(forwards),
+                  forwards > 0 ? total_ms / forwards : 0.0);
+      for (const auto& [name, ms] : prof) {
+        const double per = forwards > 0 ? ms / forwards : 0.0;
+        kernels[name] = per;
+        std::printf(" %s %.3f", name.c_str(), per);
+      }
+      std::printf("\n");
+    }
     total += n * mean;
     ForwardStats scaled;
     scaled.AddTimes(t);
@@ -243,6 +265,7 @@ absl::StatusOr<nlohmann::json> Estimate(const DlmBackend& model, const Args& a, 
     phases.AddTimes(scaled);
     classes.push_back({{"kind", DlmStepKindName(kind)}, {"block", key.second}, {"steps", n},
                        {"mean_s", mean}, {"first_call_s", first}});
+    if (!kernels.empty()) classes.back()["kernels_ms"] = kernels;
     std::printf("    class %-11s block %d: %3d steps x %.4f s\n", DlmStepKindName(kind), key.second,
                 n, mean);
     std::fflush(stdout);
@@ -284,6 +307,7 @@ int Main(int argc, char** argv) {
     else if (key == "--runs") a.runs = absl::StrSplit(val, ',', absl::SkipEmpty());
     else if (key == "--reps") ok = one(&a.reps);
     else if (key == "--gemm-tune") ok = one(&a.gemm_tune);
+    else if (key == "--kernel-profile") ok = one(&a.kernel_profile);
     else ok = false;
     if (!ok) {
       std::fprintf(stderr, "dlm_bench: bad argument '%s' (see the file comment)\n", arg.c_str());
@@ -308,6 +332,7 @@ int Main(int argc, char** argv) {
     o.random_config = cfg;
     o.profile = true;
     o.gemm_tune = a.gemm_tune != 0;
+    o.profile_kernels = a.kernel_profile != 0;
     auto m = CudaDlmModel::Create(o);
     if (!m.ok()) {
       std::fprintf(stderr, "CudaDlmModel: %s\n", m.status().ToString().c_str());
@@ -354,7 +379,7 @@ int Main(int argc, char** argv) {
                           {"vocab", cfg.vocab_size}, {"proxy_rank", model->proxy_rank()}}},
                         {"prompt", a.prompt}, {"gen", a.gen}, {"block", a.block},
                         {"steps", a.steps}, {"parallel_steps", a.parallel_steps},
-                        {"gemm_tune", a.gemm_tune},
+                        {"gemm_tune", a.gemm_tune}, {"kernel_profile", a.kernel_profile},
                         {"results", nlohmann::json::array()}};
   auto save = [&] {
     if (a.json.empty()) return;

@@ -125,6 +125,12 @@ struct CudaDlmModel::Impl {
   };
   std::map<std::tuple<int, int, int, bool>, Tuned> tuned;
   Grow tune_out;
+  // CudaDlmOptions::profile_kernels.
+  bool profile_kernels = false;
+  std::vector<cudaEvent_t> tick_events;
+  std::vector<const char*> tick_names;
+  std::vector<std::pair<std::string, double>> kernel_ms;  // class → ms, first-seen order
+  int64_t kernel_forwards = 0;
   cudaEvent_t tune_ev[2] = {nullptr, nullptr};
 
   struct Layer {
@@ -154,6 +160,7 @@ struct CudaDlmModel::Impl {
         if (l != nullptr) cublasLtMatrixLayoutDestroy(l);
       }
     }
+    for (cudaEvent_t e : tick_events) cudaEventDestroy(e);
     for (cudaEvent_t e : tune_ev) {
       if (e != nullptr) cudaEventDestroy(e);
     }
@@ -524,13 +531,31 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
     return absl::OkStatus();
   };
   RETURN_IF_ERROR(mark(0));
+  // profile_kernels: an event after every launch; the time between consecutive events (the
+  // launch gap included) is charged to the kernel class named by the later one.
+  int n_ticks = 0;
+  auto tick = [&](const char* name) -> absl::Status {
+    if (!profile_kernels) return absl::OkStatus();
+    if (n_ticks == static_cast<int>(tick_events.size())) {
+      cudaEvent_t e;
+      DLM_CUDA(cudaEventCreate(&e));
+      tick_events.push_back(e);
+      tick_names.push_back(nullptr);
+    }
+    DLM_CUDA(cudaEventRecord(tick_events[n_ticks], stream));
+    tick_names[n_ticks++] = name;
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(tick("start"));
 
   DLM_CUDA(k::EmbeddingGather(embed, d_tok, n, Dm, V, x.as<float>(), stream));
+  RETURN_IF_ERROR(tick("embedding"));
   for (int l = 0; l < NL; ++l) {
     const Layer& Lw = layers[l];
     const bool sel_layer = selective && l >= spec0.first_selective_layer;
     DLM_CUDA(k::RmsNormToBf16(x.as<float>(), nullptr, n, Dm, Lw.attn_norm, eps, h.as<uint16_t>(),
                               stream));
+    RETURN_IF_ERROR(tick("attn_norm"));
     // Selection.
     const int32_t* d_sel = nullptr;  // null: every live row
     const int32_t* d_inv = nullptr;
@@ -547,22 +572,27 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       cp.d_cos_out = cosv.as<float>();
       if (spa) {
         RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, Lw.proxy, R, small.as<float>()));
+        RETURN_IF_ERROR(tick("select_gemm"));
         cp.width = R;
         cp.target = k::DlmCosineTarget::kProxy;
       } else {
         RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, Lw.wqkv + static_cast<size_t>(Q + KV) * Dm,
                              KV, small.as<float>()));
+        RETURN_IF_ERROR(tick("select_gemm"));
         cp.width = KV;
         cp.d_bias = Lw.bv;
         cp.target = k::DlmCosineTarget::kValue;
       }
       DLM_CUDA(k::DlmCosineStore(cp, stream));
+      RETURN_IF_ERROR(tick("select_cosine"));
       DLM_CUDA(k::DlmSelectSmallest(cosv.as<float>(), d_sb, d_sl, d_k + l * B, d_koff + l * B, B,
                                     sel.as<int32_t>(), inv.as<int32_t>(), stream));
+      RETURN_IF_ERROR(tick("select_topk"));
       d_sel = sel.as<int32_t>();
       d_inv = inv.as<int32_t>();
     } else if (spec0.store_proxy && l >= 1) {
       RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, Lw.proxy, R, small.as<float>()));
+      RETURN_IF_ERROR(tick("proxy_store_gemm"));
       k::DlmCosineParams cp;
       cp.n = n;
       cp.layer = l;
@@ -573,6 +603,7 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       cp.d_live_req = d_req;
       cp.d_caches = d_views;
       DLM_CUDA(k::DlmCosineStore(cp, stream));
+      RETURN_IF_ERROR(tick("proxy_store_cosine"));
       for (int b = 0; b < B; ++b) static_cast<CudaDlmCache*>(items[b].cache)->set_proxy_valid(l);
     }
     if (l >= 1) RETURN_IF_ERROR(mark(ev(l, 0)));
@@ -582,6 +613,7 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
     if (d_sel != nullptr) {
       DLM_CUDA(k::RmsNormToBf16(x.as<float>(), d_sel, m, Dm, Lw.attn_norm, eps,
                                 hs.as<uint16_t>(), stream));
+      RETURN_IF_ERROR(tick("attn_norm_selected"));
       h_q = hs.as<uint16_t>();
     }
     k::DlmKvScatterParams kp;
@@ -599,12 +631,14 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
     if (d_sel == nullptr || (spa && spec0.kv_all_rows)) {
       // Every live row: K and V in one GEMM (the K and V rows of wqkv are contiguous).
       RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, wk, 2 * KV, kv.as<float>()));
+      RETURN_IF_ERROR(tick("kv_gemm"));
       kp.m = n;
       kp.src_ld = 2 * KV;
       kp.k_col = 0;
       kp.v_col = KV;
     } else if (spa) {
       RETURN_IF_ERROR(Gemm(h_q, m, Dm, wk, 2 * KV, kv.as<float>()));
+      RETURN_IF_ERROR(tick("kv_gemm"));
       kp.m = m;
       kp.d_sel = d_sel;
       kp.src_ld = 2 * KV;
@@ -612,6 +646,7 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       kp.v_col = KV;
     } else {  // dllm: V of every live row was stored by the selection; K for the selected rows
       RETURN_IF_ERROR(Gemm(h_q, m, Dm, wk, KV, kv.as<float>()));
+      RETURN_IF_ERROR(tick("kv_gemm"));
       kp.m = m;
       kp.d_sel = d_sel;
       kp.src_ld = KV;
@@ -619,13 +654,16 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       kp.v_col = -1;
     }
     DLM_CUDA(k::DlmKvScatter(kp, stream));
+    RETURN_IF_ERROR(tick("kv_rope_scatter"));
     if (l >= 1) RETURN_IF_ERROR(mark(ev(l, 1)));
 
     // Q, attention over every canvas row, O, MLP for the recomputed rows.
     if (m > 0) {
       RETURN_IF_ERROR(Gemm(h_q, m, Dm, Lw.wqkv, Q, qf.as<float>()));
+      RETURN_IF_ERROR(tick("q_gemm"));
       DLM_CUDA(k::DlmRopeQ(qf.as<float>(), Lw.bq, d_sel, d_row, m, Hq(), hd(), inv_freq,
                            qb.as<uint16_t>(), stream));
+      RETURN_IF_ERROR(tick("q_rope"));
       RETURN_IF_ERROR(mark(ev(l, 2)));
       const float scale = 1.0f / std::sqrt(static_cast<float>(hd()));
       const float one = 1.0f, zero = 0.0f;
@@ -637,26 +675,35 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
                                        &zero, const_cast<void* const*>(P6 + 2 * g.count),
                                        CUDA_R_32F, g.N, g.count, CUBLAS_COMPUTE_32F,
                                        CUBLAS_GEMM_DEFAULT));
+        RETURN_IF_ERROR(tick("attn_qk"));
         DLM_CUDA(k::DlmSoftmaxRowsToBf16(s.as<float>() + g.s_off,
                                          static_cast<int64_t>(g.count) * g.m, g.N,
                                          p.as<uint16_t>() + g.s_off, stream));
+        RETURN_IF_ERROR(tick("attn_softmax"));
         // O (row-major [m][hd] per head, ld Q) = P V: column-major hd × m = V(hd×N) · P(N×m).
         DLM_CUBLAS(cublasGemmBatchedEx(cublas, CUBLAS_OP_N, CUBLAS_OP_N, hd(), g.m, g.N, &one,
                                        P6 + 3 * g.count, CUDA_R_16BF, hd(), P6 + 4 * g.count,
                                        CUDA_R_16BF, g.N, &zero,
                                        const_cast<void* const*>(P6 + 5 * g.count), CUDA_R_16BF,
                                        Q, g.count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        RETURN_IF_ERROR(tick("attn_pv"));
       }
       RETURN_IF_ERROR(mark(ev(l, 3)));
       RETURN_IF_ERROR(Gemm(ob.as<uint16_t>(), m, Q, Lw.wo, Dm, a.as<float>()));
+      RETURN_IF_ERROR(tick("o_gemm"));
       DLM_CUDA(k::DlmAddRmsNorm(x.as<float>(), d_sel, a.as<float>(), Lw.bo, m, Dm, Lw.mlp_norm,
                                 eps, h2.as<uint16_t>(), stream));
+      RETURN_IF_ERROR(tick("add_mlp_norm"));
       RETURN_IF_ERROR(Gemm(h2.as<uint16_t>(), m, Dm, Lw.w_gu, 2 * F(), gu.as<float>()));
+      RETURN_IF_ERROR(tick("gate_up_gemm"));
       DLM_CUDA(k::SiluMulToBf16(gu.as<float>(), m, F(), act.as<uint16_t>(), stream));
+      RETURN_IF_ERROR(tick("silu_mul"));
       RETURN_IF_ERROR(Gemm(act.as<uint16_t>(), m, F(), Lw.w_down, Dm, a.as<float>(), 1.0f));
+      RETURN_IF_ERROR(tick("down_gemm"));
     }
     DLM_CUDA(k::DlmResidual(x.as<float>(), d_inv, a.as<float>(), n, Dm, l, d_row, d_req, d_views,
                             stream));
+    RETURN_IF_ERROR(tick("residual"));
     RETURN_IF_ERROR(mark(ev(l, 4)));
   }
 
@@ -666,9 +713,12 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
     // The logit rows are live rows (nl <= n): h (n rows) is free by now.
     DLM_CUDA(k::RmsNormToBf16(x.as<float>(), d_logit, nl, Dm, final_norm, eps, h.as<uint16_t>(),
                               stream));
+    RETURN_IF_ERROR(tick("final_norm"));
     RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), nl, Dm, lm_head, V, logits.as<float>()));
+    RETURN_IF_ERROR(tick("lm_head_gemm"));
     if (want_top1) {
       DLM_CUDA(k::DlmTop1(logits.as<float>(), nl, V, top1.as<int32_t>(), prob.as<float>(), stream));
+      RETURN_IF_ERROR(tick("top1"));
     }
   }
   RETURN_IF_ERROR(mark(ev(NL, 0)));
@@ -709,6 +759,17 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       }
     }
   }
+  if (profile_kernels) {
+    for (int i = 1; i < n_ticks; ++i) {
+      float t = 0;
+      cudaEventElapsedTime(&t, tick_events[i - 1], tick_events[i]);
+      auto it = std::find_if(kernel_ms.begin(), kernel_ms.end(),
+                             [&](const auto& kv) { return kv.first == tick_names[i]; });
+      if (it == kernel_ms.end()) it = kernel_ms.insert(kernel_ms.end(), {tick_names[i], 0.0});
+      it->second += t;
+    }
+    kernel_forwards++;
+  }
   if (profile && batch_stats != nullptr) {
     auto ms = [&](int from, int to) {
       float t = 0;
@@ -747,6 +808,13 @@ int CudaDlmModel::proxy_rank() const { return proxy_rank_; }
 std::string CudaDlmModel::backend_name() const { return absl::StrCat("cuda (", device_name_, ")"); }
 std::string CudaDlmModel::device_name() const { return device_name_; }
 int64_t CudaDlmModel::weight_bytes() const { return weight_bytes_; }
+std::vector<std::pair<std::string, double>> CudaDlmModel::TakeKernelProfile(
+    int64_t* forwards) const {
+  absl::MutexLock l(&mu_);
+  if (forwards != nullptr) *forwards = impl_->kernel_forwards;
+  impl_->kernel_forwards = 0;
+  return std::exchange(impl_->kernel_ms, {});
+}
 std::string CudaDlmModel::gemm_tuning_summary() const {
   absl::MutexLock l(&mu_);
   return impl_->gemm_tune ? impl_->TuningSummary() : "gemm tuning off";
@@ -794,6 +862,7 @@ absl::StatusOr<std::unique_ptr<CudaDlmModel>> CudaDlmModel::Create(const CudaDlm
   DLM_CUBLAS(cublasCreate(&m.cublas));
   DLM_CUBLAS(cublasSetStream(m.cublas, m.stream));
   m.gemm_tune = o.gemm_tune;
+  m.profile_kernels = o.profile_kernels;
   if (m.gemm_tune) {
     DLM_CUBLAS(cublasLtCreate(&m.lt));
     DLM_CUDA(cudaMalloc(&m.lt_ws, Impl::kLtWorkspace));

@@ -49,6 +49,8 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -85,6 +87,9 @@ struct CudaDlmOptions {
   // counts in a first decode) and the chosen algorithm (hence the summation order) can differ
   // from run to run. Off by default for those reasons.
   bool gemm_tune = false;
+  // Diagnostics: a CUDA event after every launch of a forward; TakeKernelProfile() returns the
+  // time per kernel class (the gap before each launch included). Adds ~20 events per layer.
+  bool profile_kernels = false;
 };
 
 class CudaDlmModel : public DlmBackend {
@@ -113,6 +118,9 @@ class CudaDlmModel : public DlmBackend {
   int64_t weight_bytes() const;
   // gemm_tune: shapes tuned so far, how many use cuBLASLt, and their summed times.
   std::string gemm_tuning_summary() const;
+  // profile_kernels: milliseconds per kernel class summed over the forwards since the last call
+  // (in first-launch order), and in *forwards (optional) how many forwards; then resets.
+  std::vector<std::pair<std::string, double>> TakeKernelProfile(int64_t* forwards = nullptr) const;
 
   struct Impl;
 

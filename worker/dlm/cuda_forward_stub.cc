@@ -20,6 +20,11 @@ std::string CudaDlmModel::backend_name() const { return "cuda (unavailable)"; }
 std::string CudaDlmModel::device_name() const { return device_name_; }
 int64_t CudaDlmModel::weight_bytes() const { return weight_bytes_; }
 std::string CudaDlmModel::gemm_tuning_summary() const { return "gemm tuning off"; }
+std::vector<std::pair<std::string, double>> CudaDlmModel::TakeKernelProfile(
+    int64_t* forwards) const {
+  if (forwards != nullptr) *forwards = 0;
+  return {};
+}
 absl::StatusOr<std::unique_ptr<DlmCache>> CudaDlmModel::NewCache(int) const {
   return absl::UnavailableError("cuda: built without CUDA");
 }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <numeric>
 
 #include "absl/strings/match.h"
@@ -268,6 +269,44 @@ TEST(CudaDlmTest, DecoderMatchesCpu) {
                 "cpu %.3f s)\n",
                 policy.c_str(), eq, g->stats.steps, g->stats.seconds, c->stats.seconds);
   }
+}
+
+
+// Per-kernel timing (profile_kernels, diagnostics for the benchmark): one entry per kernel class,
+// one forward counted per step, and the same tokens as without it.
+TEST(CudaDlmTest, KernelProfileCountsEveryForward) {
+  REQUIRE_GPU();
+  CudaDlmOptions o;
+  o.model = Cpu();
+  o.profile_kernels = true;
+  auto m = CudaDlmModel::Create(o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  DiffuseRequest r;
+  r.prompt = PrintableTokens(40, 7);
+  r.options.gen_length = 16;
+  r.options.block_length = 8;
+  r.options.steps = 16;
+  r.options.cache = "spa";
+  auto with = Diffuse(**m, r);
+  auto without = Diffuse(*Gpu(), r);
+  ASSERT_TRUE(with.ok() && without.ok()) << with.status() << without.status();
+  EXPECT_EQ(with->response, without->response);
+  int64_t forwards = 0;
+  auto prof = (*m)->TakeKernelProfile(&forwards);
+  EXPECT_EQ(forwards, with->stats.steps);
+  std::map<std::string, double> by_name(prof.begin(), prof.end());
+  EXPECT_EQ(by_name.size(), prof.size());  // one entry per class
+  for (const char* name : {"embedding", "attn_norm", "select_gemm", "select_topk", "kv_gemm",
+                           "q_gemm", "attn_qk", "attn_softmax", "attn_pv", "o_gemm",
+                           "gate_up_gemm", "down_gemm", "residual", "lm_head_gemm", "top1",
+                           "proxy_store_gemm"}) {
+    ASSERT_TRUE(by_name.count(name)) << name;
+    EXPECT_GT(by_name[name], 0) << name;
+  }
+  EXPECT_TRUE((*m)->TakeKernelProfile(&forwards).empty());
+  EXPECT_EQ(forwards, 0);
+  // Without the option nothing is collected.
+  EXPECT_TRUE(Gpu()->TakeKernelProfile().empty());
 }
 
 }  // namespace
