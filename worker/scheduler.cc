@@ -335,6 +335,12 @@ absl::StatusOr<std::string> Scheduler::Generate(InferenceRequest request,
   }
 
   absl::MutexLock l(&mu_);
+  if (!backend_failure_.ok()) {
+    count_rejected(RequestOutcome::kUnavailable);
+    return absl::UnavailableError(
+        absl::StrCat("backend failed: ", backend_failure_.ToString(),
+                     "; the worker accepts no new requests"));
+  }
   if (draining_) {
     count_rejected(RequestOutcome::kUnavailable);
     return absl::UnavailableError("worker is draining and accepts no new requests");
@@ -542,7 +548,12 @@ std::vector<ModelDescription> Scheduler::ListModels() const {
 
 bool Scheduler::Ready() const {
   absl::MutexLock l(&mu_);
-  return !draining_;
+  return !draining_ && backend_failure_.ok();
+}
+
+absl::Status Scheduler::backend_status() const {
+  absl::MutexLock l(&mu_);
+  return backend_failure_;
 }
 
 void Scheduler::StartDrain() {
@@ -592,7 +603,8 @@ void Scheduler::UpdateGaugesLocked() {
   const int32_t used = engine_->used_pages();
   m->kv_pages_used->Set(used);
   m->kv_usage_ratio->Set(total_pages_ > 0 ? static_cast<double>(used) / total_pages_ : 0.0);
-  m->ready->Set(draining_ ? 0.0 : 1.0);
+  m->ready->Set(!draining_ && backend_failure_.ok() ? 1.0 : 0.0);
+  m->backend_healthy->Set(backend_failure_.ok() ? 1.0 : 0.0);
 }
 
 void Scheduler::FinishLocked(Request* r, absl::Status status, InferenceEvent event,
@@ -761,17 +773,30 @@ void Scheduler::StepLoop() {
     int64_t step_tokens = 0;
     for (const auto& it : items) step_tokens += static_cast<int64_t>(it.tokens.size());
 
+    absl::Status newly_failed;  // the first backend failure, reported after Deliver
     {
       absl::MutexLock l(&mu_);
       if (!sampled.ok()) {
-        // Cannot happen with page reservations; end the batch's requests rather than spin.
+        // A device fault (page reservations rule out running out of pages): end the batch's
+        // requests, and since the backend's state can no longer be trusted, mark it failed for
+        // good — the other requests end UNAVAILABLE at the next reap, Generate refuses new ones.
         LOG(ERROR) << "engine step failed: " << sampled.status();
+        if (options_.metrics != nullptr) options_.metrics->backend_failures->Increment();
+        if (backend_failure_.ok()) {
+          backend_failure_ = sampled.status();
+          newly_failed = backend_failure_;
+        }
         for (Request* r : item_req) {
           if (requests_.contains(r->id) && r->seq != 0) {
             FinishLocked(r, absl::InternalError(absl::StrCat("engine step failed: ",
                                                              sampled.status().message())),
                          {}, &out, &graveyard);
           }
+        }
+        const absl::Status unavailable = absl::UnavailableError(
+            absl::StrCat("backend failed: ", backend_failure_.ToString()));
+        for (auto& [id, r] : requests_) {
+          if (r->cancel_status.ok()) r->cancel_status = unavailable;
         }
       } else {
         int generated = 0;
@@ -845,6 +870,7 @@ void Scheduler::StepLoop() {
       UpdateGaugesLocked();
     }
     Deliver(&out);
+    if (!newly_failed.ok() && options_.on_backend_failure) options_.on_backend_failure(newly_failed);
   }
 }
 

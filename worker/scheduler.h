@@ -17,6 +17,13 @@
 //   4. ModelBackend::StepSample without the lock (each sampled item's draw comes from its
 //      request's Sampler::NextDraw; the CUDA backend with device_sampling draws on the GPU);
 //      emit events, end finished requests.
+//
+// Backend health: the first failed step (StepSample returning an error: a device fault, or a
+// bug a page reservation should have prevented) is sticky. The step's requests end INTERNAL
+// ("engine step failed: ..."), every other queued or running request ends UNAVAILABLE
+// ("backend failed: ..."), Ready() turns false for good, Generate refuses new requests with
+// UNAVAILABLE naming the cause, and SchedulerOptions::on_backend_failure tells the server (which
+// turns its readiness health status NOT_SERVING; heartbeats carry ready=false).
 #ifndef PREHOC_WORKER_SCHEDULER_H_
 #define PREHOC_WORKER_SCHEDULER_H_
 
@@ -32,6 +39,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -71,6 +79,9 @@ struct SchedulerOptions {
   absl::Duration step_delay = absl::ZeroDuration();
   // Metrics to update; may be null. Must outlive the scheduler.
   SchedulerMetrics* metrics = nullptr;
+  // Called once, on the step thread and outside the scheduler's lock, with the first backend
+  // failure (Ready() is already false and backend_status() returns it when this runs).
+  std::function<void(const absl::Status&)> on_backend_failure;
   // Requests with a δ target share one δ-controller per (policy, δ*), so the budget learned by
   // earlier requests carries over; false = one controller per request.
   bool share_delta_controllers = true;
@@ -119,7 +130,9 @@ class Scheduler : public InferenceBackend {
 
   // InferenceBackend. Generate validates synchronously (see InferenceBackend) and queues the
   // request; RESOURCE_EXHAUSTED when the queue holds max_queue requests or the request's
-  // prompt + max_tokens needs more pages than the whole cache; UNAVAILABLE while draining.
+  // prompt + max_tokens needs more pages than the whole cache; UNAVAILABLE while draining and,
+  // naming the cause ("backend failed: ..."), after a backend failure. Ready(): not draining
+  // and the backend has not failed.
   absl::StatusOr<std::string> Generate(InferenceRequest request, InferenceCallback callback) override;
   absl::Status Cancel(std::string_view request_id,
                       absl::Status status = absl::CancelledError("cancelled")) override;
@@ -134,6 +147,9 @@ class Scheduler : public InferenceBackend {
   bool WaitIdle(absl::Time deadline);
   // Ends every request with `status`.
   void CancelAll(const absl::Status& status);
+
+  // OK while the backend is healthy; after a failed step, that first step's error (sticky).
+  absl::Status backend_status() const;
 
   LoadReport Load() const;
   std::vector<LiveSequenceInfo> LiveSequences() const;
@@ -216,6 +232,8 @@ class Scheduler : public InferenceBackend {
   int64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   std::string worker_id_ ABSL_GUARDED_BY(mu_);
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  // The first failed step's error; OK while the backend is healthy (see the file comment).
+  absl::Status backend_failure_ ABSL_GUARDED_BY(mu_);
   // Terminal events queued for delivery but not yet delivered (WaitIdle waits for them too).
   int undelivered_terminals_ ABSL_GUARDED_BY(mu_) = 0;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;

@@ -145,6 +145,14 @@ SchedulerMetrics::SchedulerMetrics(prometheus::Registry& registry, const std::st
                         .Register(registry)
                         .Add(m);
   ready = gauge("prehoc_ready", "1 when the server is ready to serve, else 0.");
+  backend_healthy = gauge("prehoc_worker_backend_healthy",
+                          "1 until the model backend's first failed step, then 0 for good (the "
+                          "worker is no longer ready).");
+  backend_failures = &BuildCounter()
+                          .Name("prehoc_worker_backend_failures_total")
+                          .Help("Model backend steps that failed (device faults).")
+                          .Register(registry)
+                          .Add(m);
   steps = &BuildCounter()
                .Name("prehoc_scheduler_steps_total")
                .Help("Engine steps run by the scheduler.")

@@ -66,6 +66,9 @@ struct SchedulerMetrics {
   prometheus::Gauge* plan_stream_connected = nullptr;
   prometheus::Counter* plans_received = nullptr;
   prometheus::Gauge* ready = nullptr;
+  // 1 until the backend's first failed step, then 0 for good (readiness goes false with it).
+  prometheus::Gauge* backend_healthy = nullptr;
+  prometheus::Counter* backend_failures = nullptr;  // failed backend steps
   prometheus::Counter* steps = nullptr;
   prometheus::Histogram* step_seconds = nullptr;
   prometheus::Histogram* step_tokens = nullptr;

@@ -10,6 +10,7 @@
 #include "prometheus/registry.h"
 #include "worker/engine.h"
 #include "worker/generator.h"
+#include "worker/testing/faulty_backend.h"
 
 namespace prehoc {
 namespace {
@@ -505,6 +506,74 @@ TEST(SchedulerTest, MetricsCountTokensOutcomesAndLatencies) {
   EXPECT_EQ(Value(reg, "prehoc_kv_cache_pages_used", {{"model", "tiny"}}), 0);
   EXPECT_GT(Value(reg, "prehoc_kv_cache_pages_total", {{"model", "tiny"}}), 0);
   EXPECT_EQ(Value(reg, "prehoc_ready", {{"model", "tiny"}}), 1);
+}
+
+TEST(SchedulerTest, BackendFailureIsStickyEndsRequestsAndTurnsReadinessOff) {
+  prometheus::Registry reg;
+  SchedulerMetrics metrics(reg, "tiny");
+  auto faulty = std::make_unique<testing::FaultyBackend>(MakeEngine());
+  testing::FaultyBackend* backend = faulty.get();
+  Gate gate(3);  // step 1: prefill, step 2: a decode token, step 3: held here
+  absl::Notification told;
+  absl::Status told_status;
+  int told_count = 0;  // written by the step thread before Notify, read after the wait
+  SchedulerOptions o;
+  o.model_name = "tiny";
+  o.metrics = &metrics;
+  o.max_running = 1;  // the second request waits in the queue
+  o.before_step = gate.Hook();
+  o.on_backend_failure = [&](const absl::Status& s) {
+    told_status = s;
+    if (++told_count == 1) told.Notify();
+  };
+  auto sched = Scheduler::Create(std::move(faulty), o);
+  ASSERT_TRUE(sched.ok());
+  Stream running, queued;
+  ASSERT_TRUE((*sched)->Generate(Ids({256, 9}, 50), running.Callback()).ok());
+  ASSERT_TRUE((*sched)->Generate(Ids({256, 8}, 50), queued.Callback()).ok());
+  gate.WaitReached();
+  EXPECT_TRUE((*sched)->Ready());
+  EXPECT_TRUE((*sched)->backend_status().ok());
+  EXPECT_EQ(Value(reg, "prehoc_worker_backend_healthy", {{"model", "tiny"}}), 1);
+  backend->FailSteps(absl::InternalError("CUDA error: an illegal memory access"));
+  gate.Open();
+
+  running.WaitDone();
+  EXPECT_EQ(running.final_event().status.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(running.final_event().status.message(), HasSubstr("illegal memory access"));
+  EXPECT_EQ(running.tokens().size(), 2u);  // from steps 1 (prefill) and 2; step 3 failed
+  queued.WaitDone();
+  EXPECT_EQ(queued.final_event().status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(queued.final_event().status.message(), HasSubstr("backend failed"));
+  EXPECT_THAT(queued.final_event().status.message(), HasSubstr("illegal memory access"));
+  told.WaitForNotification();
+  EXPECT_EQ(told_status.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(told_status.message(), HasSubstr("illegal memory access"));
+
+  // Sticky: not ready, new requests refused naming the cause, no further step is attempted.
+  EXPECT_FALSE((*sched)->Ready());
+  EXPECT_EQ((*sched)->backend_status().code(), absl::StatusCode::kInternal);
+  auto refused = (*sched)->Generate(Ids({256, 7}, 4), [](InferenceEvent) {});
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(refused.status().message(), HasSubstr("backend failed"));
+  EXPECT_THAT(refused.status().message(), HasSubstr("illegal memory access"));
+  EXPECT_TRUE((*sched)->WaitIdle(absl::InfiniteFuture()));
+  EXPECT_EQ(backend->failed_steps(), 1);
+  EXPECT_EQ(backend->num_sequences(), 0);  // both sequences' pages were returned
+  EXPECT_EQ((*sched)->Load().kv_pages_reserved, 0);
+  EXPECT_EQ(Value(reg, "prehoc_ready", {{"model", "tiny"}}), 0);
+  EXPECT_EQ(Value(reg, "prehoc_worker_backend_healthy", {{"model", "tiny"}}), 0);
+  EXPECT_EQ(Value(reg, "prehoc_worker_backend_failures_total", {{"model", "tiny"}}), 1);
+  const std::map<std::string, std::string> dense{{"model", "tiny"}, {"policy", "dense"}};
+  auto outcome = [&](std::string o) {
+    auto l = dense;
+    l["outcome"] = o;
+    return Value(reg, "prehoc_requests_total", l);
+  };
+  EXPECT_EQ(outcome("error"), 1);
+  EXPECT_EQ(outcome("unavailable"), 2);  // the queued request and the refused one
+  sched->reset();
+  EXPECT_EQ(told_count, 1);
 }
 
 TEST(SchedulerTest, TakeCompleteUtf8HoldsBackPartialCharactersAndReplacesInvalidBytes) {

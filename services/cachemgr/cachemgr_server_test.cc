@@ -19,6 +19,7 @@
 #include "services/common/test_util.h"
 #include "services/worker/worker_server.h"
 #include "worker/generator.h"
+#include "worker/testing/faulty_backend.h"
 
 namespace prehoc {
 namespace {
@@ -53,8 +54,10 @@ class CacheManagerServerTest : public ::testing::Test {
     workers_.clear();
     cm_.reset();
   }
-  WorkerServer* AddWorker(absl::Duration step_delay = absl::ZeroDuration(),
-                          std::function<void()> before_step = nullptr) {
+  WorkerServer* AddWorker(
+      absl::Duration step_delay = absl::ZeroDuration(), std::function<void()> before_step = nullptr,
+      std::function<std::unique_ptr<ModelBackend>(std::unique_ptr<ModelBackend>)> wrap_backend =
+          nullptr) {
     WorkerServerOptions o;
     o.engine.model_dir = Fixture();
     o.engine.num_threads = 1;
@@ -63,6 +66,7 @@ class CacheManagerServerTest : public ::testing::Test {
     o.cachemgr_address = absl::StrCat("127.0.0.1:", cm_->port());
     o.scheduler.step_delay = step_delay;
     o.scheduler.before_step = std::move(before_step);
+    o.wrap_backend = std::move(wrap_backend);
     auto w = WorkerServer::Create(o);
     EXPECT_TRUE(w.ok()) << w.status();
     workers_.push_back(std::move(*w));
@@ -225,6 +229,38 @@ TEST_F(CacheManagerServerTest, WorkerGoingAwayMidStreamEndsItsStreamsUnavailable
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
   ASSERT_TRUE(cm_->router().WaitIdle(absl::Now() + absl::Seconds(30)));
   EXPECT_EQ(cm_->sequences().Totals().kv_pages, 0);
+}
+
+// A worker whose backend failed heartbeats ready=false: the cache manager's readiness turns
+// NOT_SERVING and it places nothing there; a healthy worker joining takes the next request.
+TEST_F(CacheManagerServerTest, WorkerWithAFailedBackendIsNotReadyAndGetsNoRequests) {
+  testing::FaultyBackend* backend = nullptr;
+  WorkerServer* faulty =
+      AddWorker(absl::ZeroDuration(), nullptr, testing::WrapInFaultyBackend(&backend));
+  ASSERT_NE(backend, nullptr);
+  ASSERT_TRUE(cm_->workers().AwaitReady(1, absl::Now() + absl::Seconds(30)));
+  testing::HealthWatch readiness(channel_, "readiness");
+  ASSERT_TRUE(readiness.Await(HealthCheckResponse::SERVING));
+
+  backend->FailSteps(absl::InternalError("CUDA error: an illegal memory access"));
+  StreamResult failed = RunStream(stub_.get(), IdsRequest({256, 3}, 4));
+  EXPECT_EQ(failed.status.error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_THAT(failed.status.error_message(), HasSubstr("illegal memory access"));
+  ASSERT_TRUE(readiness.Await(HealthCheckResponse::NOT_SERVING));  // after its next heartbeat
+  auto snapshot = cm_->workers().Get(faulty->worker_id());
+  ASSERT_TRUE(snapshot.has_value());
+  EXPECT_FALSE(snapshot->ready);
+  StreamResult refused = RunStream(stub_.get(), IdsRequest({256, 4}, 2));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("no ready worker"));
+
+  WorkerServer* healthy = AddWorker();
+  ASSERT_TRUE(readiness.Await(HealthCheckResponse::SERVING));
+  StreamResult ok = RunStream(stub_.get(), IdsRequest({256, 5}, 3));
+  ASSERT_TRUE(ok.status.ok()) << ok.status.error_message();
+  ASSERT_FALSE(ok.messages.empty());
+  EXPECT_EQ(ok.messages.front().served_by(), healthy->worker_id());
+  EXPECT_EQ(backend->failed_steps(), 1);
 }
 
 TEST_F(CacheManagerServerTest, WorkerTelemetryReachesTheCacheManagerMetrics) {

@@ -57,12 +57,14 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
   bo.engine = o.engine;
   absl::StatusOr<std::unique_ptr<ModelBackend>> engine = CreateBackend(bo);
   if (!engine.ok()) return engine.status();
+  if (o.wrap_backend) *engine = o.wrap_backend(std::move(*engine));
   c->scheduler_metrics_ = std::make_unique<SchedulerMetrics>(*c->registry_, name);
   c->router_metrics_ = std::make_unique<RouterMetrics>(*c->registry_);
   SchedulerOptions so = o.scheduler;
   so.model_name = name;
   so.worker_id = kWorkerId;
   so.metrics = c->scheduler_metrics_.get();
+  so.on_backend_failure = [p = c.get()](const absl::Status& st) { p->OnBackendFailure(st); };
   absl::StatusOr<std::unique_ptr<Scheduler>> sched = Scheduler::Create(std::move(*engine), so);
   if (!sched.ok()) return sched.status();
   c->scheduler_ = std::move(*sched);
@@ -88,6 +90,7 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
   r.link = std::make_shared<LocalWorkerLink>(c->scheduler_.get());
   absl::StatusOr<int64_t> epoch = c->router_->RegisterWorker(std::move(r));
   if (!epoch.ok()) return epoch.status();
+  c->epoch_ = *epoch;
   c->dlm_router_metrics_ = std::make_unique<DlmRouterMetrics>(*c->registry_);
   DlmRouterOptions dro;
   dro.id_prefix = "em";
@@ -139,6 +142,35 @@ void EmbeddedCluster::OfferPendingPlans() {
   }
 }
 
+void EmbeddedCluster::OnBackendFailure(const absl::Status& status) {
+  LOG(ERROR) << "embedded worker is no longer ready: backend failed: " << status;
+  std::function<void(const absl::Status&)> listener;
+  {
+    absl::MutexLock l(&failure_mu_);
+    if (backend_failure_.ok()) backend_failure_ = status;
+    listener = failure_listener_;
+    // The router exists (no request reaches the scheduler but through it) unless the
+    // destructor is taking it down (closing_, set under this lock before the reset).
+    if (!closing_) {
+      absl::Status hb =
+          router_->Heartbeat(kWorkerId, epoch_, scheduler_->Load(), /*ready=*/false);
+      if (!hb.ok()) LOG(WARNING) << "marking the embedded worker not ready: " << hb;
+    }
+  }
+  if (listener) listener(status);
+}
+
+void EmbeddedCluster::SetBackendFailureListener(
+    std::function<void(const absl::Status&)> listener) {
+  absl::Status failed;
+  {
+    absl::MutexLock l(&failure_mu_);
+    failure_listener_ = listener;
+    failed = backend_failure_;
+  }
+  if (!failed.ok() && listener) listener(failed);
+}
+
 int EmbeddedCluster::ReportTelemetry() {
   std::vector<SequenceTelemetry> seqs = scheduler_->TakeTelemetry();
   if (seqs.empty()) return 0;
@@ -154,6 +186,10 @@ EmbeddedCluster::~EmbeddedCluster() {
       agent_stop_ = true;
     }
     agent_.join();
+  }
+  {
+    absl::MutexLock l(&failure_mu_);
+    closing_ = true;
   }
   if (plans_ != nullptr) plans_->Unsubscribe(plan_subscription_);
   dlm_router_.reset();  // ends Diffuse client streams and cancels them in the runner
@@ -181,6 +217,9 @@ absl::StatusOr<std::unique_ptr<EmbeddedServer>> EmbeddedServer::Create(EmbeddedS
     s->metrics_ = std::move(*m);
   }
   SetReadiness(s->grpc_.server.get(), true);
+  // A backend failure turns readiness off for good (at once if one happened already).
+  s->cluster_->SetBackendFailureListener(
+      [server = s->grpc_.server.get()](const absl::Status&) { SetReadiness(server, false); });
   LOG(INFO) << "embedded server grpc_port=" << s->grpc_.port
             << " metrics_port=" << s->metrics_.port;
   return s;
@@ -197,6 +236,7 @@ void EmbeddedServer::Shutdown(absl::Time deadline) {
   SetReadiness(grpc_.server.get(), false);
   cluster_->diffusion().WaitIdle(deadline);
   cluster_->router().WaitIdle(deadline);
+  cluster_->SetBackendFailureListener(nullptr);  // the server is about to stop
   grpc_.server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(100));
   grpc_.server->Wait();
   cluster_.reset();

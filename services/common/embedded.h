@@ -11,6 +11,7 @@
 #ifndef PREHOC_SERVICES_COMMON_EMBEDDED_H_
 #define PREHOC_SERVICES_COMMON_EMBEDDED_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -76,6 +77,8 @@ struct EmbeddedOptions {
   // cache-manager core: the cadence at which a split-mode worker sends it (after every
   // heartbeat; the cache manager's default heartbeat interval is 1 s).
   absl::Duration telemetry_interval = absl::Seconds(1);
+  // Test hook: wraps the model backend before the scheduler takes it (e.g. fault injection).
+  std::function<std::unique_ptr<ModelBackend>(std::unique_ptr<ModelBackend>)> wrap_backend;
 };
 
 // Scheduler + Router in one process. Thread-safe (it is an InferenceBackend: the Router).
@@ -98,9 +101,16 @@ class EmbeddedCluster {
   int ReportTelemetry();
   prometheus::Registry& registry() { return *registry_; }
   const std::shared_ptr<prometheus::Registry>& shared_registry() { return registry_; }
+  // Called (on the scheduler's step thread, or here when it already happened) with the
+  // scheduler's first backend failure, after the in-process worker was marked not ready in the
+  // router's registry; null clears it. Thread-safe.
+  void SetBackendFailureListener(std::function<void(const absl::Status&)> listener);
 
  private:
   EmbeddedCluster() = default;
+  // Scheduler::on_backend_failure: the worker is no longer ready (a heartbeat with ready=false,
+  // as a split-mode worker's next heartbeat carries), then the listener.
+  void OnBackendFailure(const absl::Status& status);
   // Agent thread: offers plans the PlanManager queued (on wake-ups) and reports telemetry every
   // telemetry_interval.
   void AgentLoop();
@@ -120,7 +130,12 @@ class EmbeddedCluster {
   std::unique_ptr<DlmRouter> dlm_router_;
 
   absl::Duration telemetry_interval_;
+  int64_t epoch_ = 0;  // of the in-process worker's registration
   uint64_t plan_subscription_ = 0;
+  absl::Mutex failure_mu_;
+  absl::Status backend_failure_ ABSL_GUARDED_BY(failure_mu_);
+  bool closing_ ABSL_GUARDED_BY(failure_mu_) = false;  // the router is going away
+  std::function<void(const absl::Status&)> failure_listener_ ABSL_GUARDED_BY(failure_mu_);
   std::thread agent_;
   absl::Mutex agent_mu_;
   bool agent_stop_ ABSL_GUARDED_BY(agent_mu_) = false;
@@ -142,6 +157,8 @@ class EmbeddedServer {
   int port() const { return grpc_.port; }
   int metrics_port() const { return metrics_.port; }
   EmbeddedCluster& cluster() { return *cluster_; }
+  // Readiness (health `readiness`) is true once serving and false for good after the
+  // scheduler's backend fails (EmbeddedCluster::SetBackendFailureListener) or the drain starts.
   // Drain: readiness false, new requests UNAVAILABLE, active streams may finish until
   // `deadline`, then the server stops. Idempotent.
   void Shutdown(absl::Time deadline);

@@ -11,6 +11,7 @@
 #include "common/metrics_test_util.h"
 #include "services/common/test_util.h"
 #include "worker/generator.h"
+#include "worker/testing/faulty_backend.h"
 
 namespace prehoc {
 namespace {
@@ -117,6 +118,54 @@ TEST(EmbeddedTest, ServerSpeaksTheSameApi) {
   ASSERT_TRUE(stub->ListModels(&lctx, v1::ListModelsRequest(), &models).ok());
   ASSERT_EQ(models.models_size(), 1);
   EXPECT_EQ(models.models(0).name(), "tiny");
+}
+
+// A failed backend step: the stream ends INTERNAL, the in-process worker leaves the router's
+// ready set (as a split-mode worker's ready=false heartbeat does), readiness turns NOT_SERVING and
+// new requests are refused UNAVAILABLE.
+TEST(EmbeddedTest, BackendFailureTurnsReadinessOff) {
+  testing::FaultyBackend* backend = nullptr;
+  EmbeddedServerOptions o;
+  o.cluster = Options();
+  o.cluster.wrap_backend = testing::WrapInFaultyBackend(&backend);
+  auto server = EmbeddedServer::Create(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_NE(backend, nullptr);
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->port()),
+                                     grpc::InsecureChannelCredentials());
+  testing::HealthWatch readiness(channel, "readiness");
+  ASSERT_TRUE(readiness.Await(grpc::health::v1::HealthCheckResponse::SERVING));
+  EXPECT_TRUE((*server)->cluster().router().Ready());
+
+  backend->FailSteps(absl::InternalError("CUDA error: an illegal memory access"));
+  auto stub = v1::Inference::NewStub(channel);
+  v1::GenerateRequest req;
+  req.mutable_token_ids()->add_ids(256);
+  req.set_max_tokens(3);
+  {
+    grpc::ClientContext ctx;
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse m;
+    while (reader->Read(&m)) {
+    }
+    grpc::Status st = reader->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INTERNAL);
+    EXPECT_THAT(st.error_message(), HasSubstr("illegal memory access"));
+  }
+  ASSERT_TRUE(readiness.Await(grpc::health::v1::HealthCheckResponse::NOT_SERVING));
+  EXPECT_EQ(*testing::CheckHealth(channel, "liveness"),
+            grpc::health::v1::HealthCheckResponse::SERVING);
+  EXPECT_FALSE((*server)->cluster().router().Ready());
+  EXPECT_FALSE((*server)->cluster().scheduler().Ready());
+  {
+    grpc::ClientContext ctx;
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse m;
+    while (reader->Read(&m)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+  }
+  EXPECT_EQ(backend->failed_steps(), 1);
 }
 
 // Embedded mode runs the split-mode δ loop: a request with a δ target far below what its budget

@@ -106,6 +106,30 @@ absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> CheckHealth
   return resp.status();
 }
 
+HealthWatch::HealthWatch(const std::shared_ptr<grpc::Channel>& channel,
+                         const std::string& service)
+    : stub_(grpc::health::v1::Health::NewStub(channel)) {
+  grpc::health::v1::HealthCheckRequest req;
+  req.set_service(service);
+  reader_ = stub_->Watch(&ctx_, req);
+}
+
+HealthWatch::~HealthWatch() {
+  ctx_.TryCancel();
+  grpc::health::v1::HealthCheckResponse h;
+  while (reader_->Read(&h)) {
+  }
+  static_cast<void>(reader_->Finish());  // CANCELLED
+}
+
+bool HealthWatch::Await(grpc::health::v1::HealthCheckResponse::ServingStatus want) {
+  grpc::health::v1::HealthCheckResponse h;
+  while (reader_->Read(&h)) {
+    if (h.status() == want) return true;
+  }
+  return false;
+}
+
 std::function<void()> StepGate::Hook() {
   return [this] {
     absl::MutexLock l(&mu_);

@@ -31,6 +31,20 @@ absl::StatusOr<std::vector<std::string>> ListServicesByReflection(
 absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> CheckHealth(
     const std::shared_ptr<grpc::Channel>& channel, const std::string& service);
 
+// A grpc.health.v1 Watch of `service` on `channel`, open from construction to destruction.
+class HealthWatch {
+ public:
+  HealthWatch(const std::shared_ptr<grpc::Channel>& channel, const std::string& service);
+  ~HealthWatch();
+  // Reads status updates until one is `want` (true) or the stream ends (false).
+  bool Await(grpc::health::v1::HealthCheckResponse::ServingStatus want);
+
+ private:
+  std::unique_ptr<grpc::health::v1::Health::Stub> stub_;
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReader<grpc::health::v1::HealthCheckResponse>> reader_;
+};
+
 // A SchedulerOptions::before_step hook that blocks the step thread at its `block_at`-th call
 // until Open(). Thread-safe.
 class StepGate {

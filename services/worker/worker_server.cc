@@ -48,6 +48,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
   bo.engine = options.engine;
   absl::StatusOr<std::unique_ptr<ModelBackend>> engine = CreateBackend(bo);
   if (!engine.ok()) return engine.status();
+  if (options.wrap_backend) *engine = options.wrap_backend(std::move(*engine));
 
   s->metrics_struct_ = std::make_unique<SchedulerMetrics>(*s->registry_, s->model_name_);
   SchedulerOptions so = options.scheduler;
@@ -56,6 +57,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
   // The worker id defaults to the advertised address, known only once the port is bound; the
   // scheduler gets it (SetWorkerId) before readiness goes true.
   so.worker_id = options.worker_id.empty() ? "worker" : options.worker_id;
+  so.on_backend_failure = [p = s.get()](const absl::Status& st) { p->OnBackendFailure(st); };
   absl::StatusOr<std::unique_ptr<Scheduler>> sched = Scheduler::Create(std::move(*engine), so);
   if (!sched.ok()) return sched.status();
   s->scheduler_ = std::move(*sched);
@@ -80,7 +82,13 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
     if (!m.ok()) return m.status();
     s->metrics_ = std::move(*m);
   }
-  SetReadiness(s->grpc_.server.get(), true);
+  {
+    // Under mu_ with OnBackendFailure: a failure recorded before this point reads here as
+    // !Ready(); one after it finds serving_ and turns readiness off itself.
+    absl::MutexLock l(&s->mu_);
+    s->serving_ = true;
+    SetReadiness(s->grpc_.server.get(), s->scheduler_->Ready());
+  }
   LOG(INFO) << "worker serving model=" << s->model_name_ << " id=" << s->worker_id_
             << " grpc=" << s->advertise_ << " metrics_port=" << s->metrics_.port
             << " kv_pages=" << s->scheduler_->Load().kv_pages_total;
@@ -119,6 +127,12 @@ std::vector<ModelDescription> WorkerServer::DescribeModels() const {
   std::vector<ModelDescription> models = scheduler_->ListModels();
   DescribeDiffusion(dlm_runner_.get(), &models);
   return models;
+}
+
+void WorkerServer::OnBackendFailure(const absl::Status& status) {
+  LOG(ERROR) << "worker is no longer ready: backend failed: " << status;
+  absl::MutexLock l(&mu_);
+  if (serving_ && !shut_down_) SetReadiness(grpc_.server.get(), false);
 }
 
 bool WorkerServer::registered() const {

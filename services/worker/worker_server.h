@@ -68,6 +68,8 @@ struct WorkerServerOptions {
   DlmRunnerOptions dlm;
   // Measure the per-layer drift profile at load (spa-auto; about 3 s for the shipped model).
   bool dlm_calibrate = false;
+  // Test hook: wraps the model backend before the scheduler takes it (e.g. fault injection).
+  std::function<std::unique_ptr<ModelBackend>(std::unique_ptr<ModelBackend>)> wrap_backend;
 };
 
 class WorkerServer {
@@ -94,6 +96,10 @@ class WorkerServer {
   // The cache manager's clock relative to this worker's (from heartbeat round trips).
   const ClockOffsetEstimator& cachemgr_clock() const { return cachemgr_clock_; }
 
+  // Readiness (health `readiness` and heartbeats' ready) is true once the model is loaded and
+  // the server listens, and false for good once the scheduler's backend fails (a failed step:
+  // Scheduler::backend_status) or the drain starts.
+  //
   // Graceful drain: readiness goes false (health and heartbeats), new requests get
   // UNAVAILABLE, in-flight requests may finish until `drain_deadline`; the rest end UNAVAILABLE;
   // then the gRPC server stops. Idempotent.
@@ -102,6 +108,8 @@ class WorkerServer {
  private:
   WorkerServer() = default;
   void AgentLoop();
+  // Scheduler::on_backend_failure (step thread): readiness NOT_SERVING for good.
+  void OnBackendFailure(const absl::Status& status);
   // Sends the scheduler's finished-sequence telemetry as one ReportTelemetry batch.
   void SendTelemetry(int64_t epoch);
   // The plan thread: StreamPlans while registered; Scheduler::OfferPlan for every plan.
@@ -135,6 +143,8 @@ class WorkerServer {
   mutable absl::Mutex mu_;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+  // Readiness has been published (the backend-failure callback may then turn it off).
+  bool serving_ ABSL_GUARDED_BY(mu_) = false;
   bool registered_ ABSL_GUARDED_BY(mu_) = false;
   int64_t epoch_ ABSL_GUARDED_BY(mu_) = 0;  // of the current registration
   std::shared_ptr<grpc::ClientContext> plan_ctx_ ABSL_GUARDED_BY(mu_);  // open plan stream

@@ -10,6 +10,7 @@
 #include "prehoc/v1/inference.grpc.pb.h"
 #include "services/common/test_util.h"
 #include "worker/generator.h"
+#include "worker/testing/faulty_backend.h"
 
 namespace prehoc {
 namespace {
@@ -327,26 +328,59 @@ TEST(WorkerServerTest, DrainTurnsReadinessOffRefusesNewWorkAndFinishesInFlight) 
   gate.WaitReached();
 
   // Watch readiness: SERVING now, NOT_SERVING once the drain starts.
-  auto health = grpc::health::v1::Health::NewStub(channel);
-  grpc::ClientContext wctx;
-  grpc::health::v1::HealthCheckRequest wreq;
-  wreq.set_service("readiness");
-  auto watch = health->Watch(&wctx, wreq);
-  grpc::health::v1::HealthCheckResponse h;
-  ASSERT_TRUE(watch->Read(&h));
-  EXPECT_EQ(h.status(), HealthCheckResponse::SERVING);
+  auto readiness = std::make_unique<testing::HealthWatch>(channel, "readiness");
+  ASSERT_TRUE(readiness->Await(HealthCheckResponse::SERVING));
   std::thread drainer([&] { server->Shutdown(absl::InfiniteFuture()); });
-  ASSERT_TRUE(watch->Read(&h));
-  EXPECT_EQ(h.status(), HealthCheckResponse::NOT_SERVING);
+  ASSERT_TRUE(readiness->Await(HealthCheckResponse::NOT_SERVING));
   StreamResult refused = RunStream(stub.get(), IdsRequest({256, 2}, 2));
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(*testing::CheckHealth(channel, "liveness"), HealthCheckResponse::SERVING);
-  wctx.TryCancel();
+  readiness.reset();  // before the server stops
   gate.Open();
   client.join();
   drainer.join();
   EXPECT_TRUE(inflight.status.ok()) << inflight.status.error_message();
   EXPECT_EQ(inflight.tokens().size(), 10u);
+}
+
+TEST(WorkerServerTest, BackendFailureTurnsReadinessOffAndRefusesNewWorkNamingTheCause) {
+  testing::FaultyBackend* backend = nullptr;
+  WorkerServerOptions o = Options();
+  o.metrics_address = "127.0.0.1:0";
+  o.wrap_backend = testing::WrapInFaultyBackend(&backend);
+  auto server = Start(o);
+  ASSERT_NE(server, nullptr);
+  ASSERT_NE(backend, nullptr);
+  auto channel = Channel(*server);
+  auto stub = v1::Inference::NewStub(channel);
+  ASSERT_TRUE(RunStream(stub.get(), IdsRequest({256, 7}, 3)).status.ok());
+
+  // Watch readiness: SERVING while healthy, NOT_SERVING once a step fails.
+  testing::HealthWatch readiness(channel, "readiness");
+  ASSERT_TRUE(readiness.Await(HealthCheckResponse::SERVING));
+
+  backend->FailSteps(absl::InternalError("CUDA error: an illegal memory access"));
+  StreamResult failed = RunStream(stub.get(), IdsRequest({256, 8}, 5));
+  EXPECT_EQ(failed.status.error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_THAT(failed.status.error_message(), HasSubstr("illegal memory access"));
+  ASSERT_TRUE(readiness.Await(HealthCheckResponse::NOT_SERVING));
+  EXPECT_EQ(*testing::CheckHealth(channel, "readiness"), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(*testing::CheckHealth(channel, "prehoc.v1.Inference"),
+            HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(*testing::CheckHealth(channel, "liveness"), HealthCheckResponse::SERVING);
+  EXPECT_FALSE(server->scheduler().Ready());  // what the heartbeats carry as ready
+
+  StreamResult refused = RunStream(stub.get(), IdsRequest({256, 9}, 2));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("backend failed"));
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("illegal memory access"));
+  EXPECT_EQ(backend->failed_steps(), 1);
+
+  auto body = testing::HttpGet(server->metrics_port(), "/metrics");
+  ASSERT_TRUE(body.ok()) << body.status();
+  EXPECT_THAT(*body, HasSubstr("prehoc_worker_backend_healthy{model=\"tiny\"} 0"));
+  EXPECT_THAT(*body, HasSubstr("prehoc_worker_backend_failures_total{model=\"tiny\"} 1"));
+  EXPECT_THAT(*body, HasSubstr("prehoc_ready{model=\"tiny\"} 0"));
 }
 
 }  // namespace

@@ -1,7 +1,9 @@
-// One sequence's selection machinery in embedded mode: the plan (what the cache manager would
-// send), the selector that executes it on the worker, and — when a target δ* is set — the
-// δ-controller that turns refresh telemetry into plan updates. In split mode the same pieces
-// live on either side of the telemetry/plan streams.
+// One sequence's selection machinery on the worker: the plan (what the cache manager would
+// send), the selector that executes it, and — when a target δ* is set — the δ-controller that
+// turns refresh telemetry into plan updates. This local loop runs until the sequence's first
+// cache-manager plan is applied, and for good on a standalone worker and in `prehoc generate`;
+// in split and embedded mode (`prehoc serve`) alike the cache manager's PlanManager then keeps
+// the controller and sends the plans (docs/selection.md, 'Where it runs').
 #ifndef PREHOC_WORKER_SELECTION_SESSION_H_
 #define PREHOC_WORKER_SELECTION_SESSION_H_
 
