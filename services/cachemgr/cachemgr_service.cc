@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
+#include "common/tsan_annotations.h"
 #include "services/common/plan_convert.h"
 #include "services/common/proto_convert.h"
 
@@ -55,8 +56,12 @@ namespace {
 // Reads telemetry batches until the worker half-closes, recording each in the router.
 class TelemetryReader final : public grpc::ServerReadReactor<v1::TelemetryBatch> {
  public:
-  explicit TelemetryReader(Router* router) : router_(router) { StartRead(&batch_); }
+  explicit TelemetryReader(Router* router) : router_(router) {
+    StartRead(&batch_);
+    TsanRelease(this);  // see common/tsan_annotations.h
+  }
   void OnReadDone(bool ok) override {
+    ReactionScope reaction(this);
     if (!ok) {
       Finish(grpc::Status::OK);
       return;
@@ -64,7 +69,10 @@ class TelemetryReader final : public grpc::ServerReadReactor<v1::TelemetryBatch>
     router_->RecordTelemetry(TelemetryReportFromProto(batch_));
     StartRead(&batch_);
   }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    TsanAcquire(this);
+    delete this;
+  }
 
  private:
   Router* const router_;
@@ -97,11 +105,15 @@ class PlanWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate
     }
     // Queues every open plan of the worker and wakes (possibly on this thread).
     const uint64_t handle = plans_->Subscribe(worker_id_, [link = link_] { Wake(link); });
-    absl::MutexLock l(&mu_);
-    handle_ = handle;
+    {
+      absl::MutexLock l(&mu_);
+      handle_ = handle;
+    }
+    TsanRelease(this);  // see common/tsan_annotations.h
   }
 
   void OnWriteDone(bool ok) override {
+    ReactionScope reaction(this);
     bool finish = false;
     {
       absl::MutexLock l(&mu_);
@@ -118,6 +130,7 @@ class PlanWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate
   }
 
   void OnCancel() override {
+    ReactionScope reaction(this);
     bool finish = false;
     {
       absl::MutexLock l(&mu_);
@@ -129,6 +142,7 @@ class PlanWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate
   }
 
   void OnDone() override {
+    TsanAcquire(this);
     uint64_t handle;
     {
       absl::MutexLock l(&mu_);
@@ -203,8 +217,14 @@ class PlanWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate
 
 class FinishedWriter final : public grpc::ServerWriteReactor<v1::SelectionPlanUpdate> {
  public:
-  explicit FinishedWriter(const grpc::Status& status) { Finish(status); }
-  void OnDone() override { delete this; }
+  explicit FinishedWriter(const grpc::Status& status) {
+    Finish(status);
+    TsanRelease(this);
+  }
+  void OnDone() override {
+    TsanAcquire(this);
+    delete this;
+  }
 };
 
 }  // namespace
