@@ -42,8 +42,9 @@ absl::StatusOr<GrpcServer> StartGrpcServer(const std::string& address,
 void SetReadiness(grpc::Server* server, bool ready) {
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   if (health == nullptr) return;
-  health->SetServingStatus("readiness", ready);
+  // "readiness" last: whoever sees it change also sees the service's status changed.
   health->SetServingStatus("prehoc.v1.Inference", ready);
+  health->SetServingStatus("readiness", ready);
 }
 
 absl::StatusOr<MetricsEndpoint> StartMetricsEndpoint(
