@@ -7,7 +7,9 @@
 //   unlock-type calls __tsan_release(mutex), then real call
 //   Await / CondVar::Wait (which unlock and relock inside): release before, acquire after
 //   Notification::Notify / BlockingCounter::DecrementCount: release; their waits: acquire.
-//   Conditions passed to Await / LockWhen are wrapped to acquire before they are evaluated.
+//   Conditions passed to Await / LockWhen are wrapped to acquire before they are evaluated, and
+//   published (release before the wait; every unlock-type call acquires first) because absl may
+//   evaluate a waiter's condition object in the thread that unlocks.
 //   absl::Status's out-of-line Unref (refcount decrement + delete, in libabsl_status.so) runs
 //   under one process-wide std::mutex, which TSan sees, so the final delete is ordered after
 //   every earlier release of the same status.
@@ -95,19 +97,23 @@ bool Mutex::ReaderTryLock() {
 void Mutex::Unlock() {
   PREHOC_REAL(void (*)(Mutex*), "_ZN4absl7debian35Mutex6UnlockEv");
   __tsan_release(this);
+  __tsan_acquire(this);  // waiters' conditions, which absl may evaluate inside the unlock
   real(this);
 }
 
 void Mutex::ReaderUnlock() {
   PREHOC_REAL(void (*)(Mutex*), "_ZN4absl7debian35Mutex12ReaderUnlockEv");
   __tsan_release(this);
+  __tsan_acquire(this);  // waiters' conditions, which absl may evaluate inside the unlock
   real(this);
 }
 
 void Mutex::LockWhen(const Condition& cond) {
   PREHOC_REAL(void (*)(Mutex*, const Condition&), "_ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE");
   WrappedCondition w{&cond, this};
-  real(this, Condition(&EvalWrapped, &w));
+  const Condition wrapped(&EvalWrapped, &w);
+  __tsan_release(this);  // publishes `wrapped` to the unlocker that evaluates it
+  real(this, wrapped);
   __tsan_acquire(this);
 }
 
@@ -115,7 +121,9 @@ void Mutex::ReaderLockWhen(const Condition& cond) {
   PREHOC_REAL(void (*)(Mutex*, const Condition&),
               "_ZN4absl7debian35Mutex14ReaderLockWhenERKNS0_9ConditionE");
   WrappedCondition w{&cond, this};
-  real(this, Condition(&EvalWrapped, &w));
+  const Condition wrapped(&EvalWrapped, &w);
+  __tsan_release(this);
+  real(this, wrapped);
   __tsan_acquire(this);
 }
 
@@ -123,7 +131,9 @@ bool Mutex::LockWhenWithTimeout(const Condition& cond, Duration timeout) {
   PREHOC_REAL(bool (*)(Mutex*, const Condition&, Duration),
               "_ZN4absl7debian35Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE");
   WrappedCondition wc{&cond, this};
-  const bool r = real(this, Condition(&EvalWrapped, &wc), timeout);
+  const Condition wrapped(&EvalWrapped, &wc);
+  __tsan_release(this);
+  const bool r = real(this, wrapped, timeout);
   __tsan_acquire(this);  // the lock is held whatever the result
   return r;
 }
@@ -132,16 +142,20 @@ bool Mutex::LockWhenWithDeadline(const Condition& cond, Time deadline) {
   PREHOC_REAL(bool (*)(Mutex*, const Condition&, Time),
               "_ZN4absl7debian35Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE");
   WrappedCondition wc{&cond, this};
-  const bool r = real(this, Condition(&EvalWrapped, &wc), deadline);
+  const Condition wrapped(&EvalWrapped, &wc);
+  __tsan_release(this);
+  const bool r = real(this, wrapped, deadline);
   __tsan_acquire(this);
   return r;
 }
 
 void Mutex::Await(const Condition& cond) {
   PREHOC_REAL(void (*)(Mutex*, const Condition&), "_ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE");
-  __tsan_release(this);
   WrappedCondition w{&cond, this};
-  real(this, Condition(&EvalWrapped, &w));
+  const Condition wrapped(&EvalWrapped, &w);
+  __tsan_release(this);
+  __tsan_acquire(this);  // absl unlocks inside and may evaluate other waiters' conditions
+  real(this, wrapped);
   __tsan_acquire(this);
 }
 
@@ -149,8 +163,10 @@ bool Mutex::AwaitWithTimeout(const Condition& cond, Duration timeout) {
   PREHOC_REAL(bool (*)(Mutex*, const Condition&, Duration),
               "_ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE");
   WrappedCondition wc{&cond, this};
+  const Condition wrapped(&EvalWrapped, &wc);
   __tsan_release(this);
-  const bool r = real(this, Condition(&EvalWrapped, &wc), timeout);
+  __tsan_acquire(this);  // absl unlocks inside and may evaluate other waiters' conditions
+  const bool r = real(this, wrapped, timeout);
   __tsan_acquire(this);
   return r;
 }
@@ -159,8 +175,10 @@ bool Mutex::AwaitWithDeadline(const Condition& cond, Time deadline) {
   PREHOC_REAL(bool (*)(Mutex*, const Condition&, Time),
               "_ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE");
   WrappedCondition wc{&cond, this};
+  const Condition wrapped(&EvalWrapped, &wc);
   __tsan_release(this);
-  const bool r = real(this, Condition(&EvalWrapped, &wc), deadline);
+  __tsan_acquire(this);  // absl unlocks inside and may evaluate other waiters' conditions
+  const bool r = real(this, wrapped, deadline);
   __tsan_acquire(this);
   return r;
 }
@@ -168,6 +186,7 @@ bool Mutex::AwaitWithDeadline(const Condition& cond, Time deadline) {
 void CondVar::Wait(Mutex* mu) {
   PREHOC_REAL(void (*)(CondVar*, Mutex*), "_ZN4absl7debian37CondVar4WaitEPNS0_5MutexE");
   __tsan_release(mu);
+  __tsan_acquire(mu);  // absl unlocks inside and may evaluate waiters' conditions
   real(this, mu);
   __tsan_acquire(mu);
 }
@@ -176,6 +195,7 @@ bool CondVar::WaitWithTimeout(Mutex* mu, Duration timeout) {
   PREHOC_REAL(bool (*)(CondVar*, Mutex*, Duration),
               "_ZN4absl7debian37CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE");
   __tsan_release(mu);
+  __tsan_acquire(mu);
   const bool r = real(this, mu, timeout);
   __tsan_acquire(mu);
   return r;
@@ -185,6 +205,7 @@ bool CondVar::WaitWithDeadline(Mutex* mu, Time deadline) {
   PREHOC_REAL(bool (*)(CondVar*, Mutex*, Time),
               "_ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE");
   __tsan_release(mu);
+  __tsan_acquire(mu);
   const bool r = real(this, mu, deadline);
   __tsan_acquire(mu);
   return r;
