@@ -10,6 +10,8 @@ PKGS=(
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
   python3-grpcio python3-protobuf  # clients/python and its test
   prometheus  # services_prometheus_scrape_test (a real scrape; 19 MB download, ~11 s install)
+              # and promtool for the deploy_promtool_test (deploy/prometheus)
+  python3-yaml  # tests/deploy (deploy/ and k8s/ manifests)
 )
 
 SUDO=""
