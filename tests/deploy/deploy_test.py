@@ -20,6 +20,9 @@ CHECK:
                  and PrHS with a delta target) and Diffuse requests; also documented in
                  docs/metrics.md. Also checks the grpc.health.v1 service names live.
   promtool       promtool check config / check rules / test rules (skipped without promtool)
+  prometheus_live  Debian's Prometheus with the shipped rules scrapes the live cluster: every
+                 recording rule yields a number under traffic, availability alerts stay silent
+                 while healthy, and fire when the workers are killed (skipped without prometheus)
   kustomize      `kubectl kustomize` renders every overlay and agrees with this script's own
                  renderer on every container (skipped without kubectl)
   runtime_libs   the Dockerfiles' runtime package list = the Debian packages that provide the
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 try:
@@ -557,36 +561,80 @@ def python_stubs(tmp):
     os.environ["PREHOC_PY_STUBS"] = out
 
 
-def live_registry(bin_dir, fail):
-    """Starts the servers, drives traffic, returns {series name: label names} of all scrapes."""
-    tmp = tempfile.mkdtemp(prefix="prehoc_deploy_live_")
-    python_stubs(tmp)
-    import grpc
-    import deploy_health_pb2 as health_pb2
-    import deploy_health_pb2_grpc as health_pb2_grpc
-    from prehoc_client import PrehocClient
+class LiveCluster:
+    """prehoc-cachemgr + a prehoc-worker on models/prehoc-code-ar + one on models/prehoc-code-dlm,
+    on 127.0.0.1 with OS-chosen ports (heartbeat 200 ms). Use as a context manager."""
 
-    servers = []
-    try:
-        cm = Server([bin_path(bin_dir, "prehoc-cachemgr"), "--listen=127.0.0.1:0",
-                     "--metrics-listen=127.0.0.1:0", "--heartbeat-interval-ms=200",
-                     "--drain-timeout-s=0", "--log-level=warning"],
-                    "prehoc-cachemgr ready", tmp, "cachemgr")
-        servers.append(cm)
-        common = ["--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0", "--threads=1",
-                  "--kv-cache-mb=64", f"--cachemgr=127.0.0.1:{cm.grpc}", "--drain-timeout-s=0",
-                  "--device=cpu", "--log-level=warning"]
-        ar = Server([bin_path(bin_dir, "prehoc-worker"),
-                     "--model=" + os.path.join(ROOT, "models", "prehoc-code-ar"),
-                     "--model-name=code-ar"] + common, "prehoc-worker ready", tmp, "worker-ar")
-        servers.append(ar)
-        dlm = Server([bin_path(bin_dir, "prehoc-worker"),
-                      "--model=" + os.path.join(ROOT, "models", "prehoc-code-dlm"),
-                      "--model-name=code-dlm"] + common, "prehoc-worker ready", tmp, "worker-dlm")
-        servers.append(dlm)
+    def __init__(self, bin_dir):
+        self.bin_dir = bin_dir
+        self.tmp = tempfile.mkdtemp(prefix="prehoc_deploy_live_")
+        self.servers = []
 
-        # Health service names the probes use, on every server.
-        for s in servers:
+    def __enter__(self):
+        try:
+            python_stubs(self.tmp)
+            from prehoc_client import PrehocClient
+            self.cm = self._start("cachemgr", [
+                bin_path(self.bin_dir, "prehoc-cachemgr"), "--listen=127.0.0.1:0",
+                "--metrics-listen=127.0.0.1:0", "--heartbeat-interval-ms=200",
+                "--drain-timeout-s=0", "--log-level=warning"], "prehoc-cachemgr ready")
+            common = ["--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0", "--threads=1",
+                      "--kv-cache-mb=64", f"--cachemgr=127.0.0.1:{self.cm.grpc}",
+                      "--drain-timeout-s=0", "--device=cpu", "--log-level=warning"]
+            self.workers = [
+                self._start(f"worker-{m}", [bin_path(self.bin_dir, "prehoc-worker"),
+                                            "--model=" + os.path.join(ROOT, "models",
+                                                                      "prehoc-code-" + m),
+                                            "--model-name=code-" + m] + common,
+                            "prehoc-worker ready") for m in ("ar", "dlm")]
+            self.client = PrehocClient(f"127.0.0.1:{self.cm.grpc}", timeout=120)
+            self.wait_gauge("prehoc_cachemgr_workers_ready", 2, 30)
+            return self
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+
+    def _start(self, name, argv, ready_word):
+        s = Server(argv, ready_word, self.tmp, name)
+        self.servers.append(s)
+        return s
+
+    def __exit__(self, exc_type, exc, tb):
+        for s in self.servers:
+            s.stop()
+        if exc_type is not None:  # failing: show what the servers said
+            for s in self.servers:
+                with open(s.log.name) as f:
+                    print(f"--- {s.name} log (last 40 lines):\n" + "".join(f.readlines()[-40:]))
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+    def wait_gauge(self, name, value, seconds):
+        deadline = time.time() + seconds
+        while True:
+            m = re.search(rf"^{name} (\S+)", self.cm.scrape(), re.M)
+            if m and float(m.group(1)) == value:
+                return
+            if time.time() > deadline:
+                raise AssertionError(f"{name} did not reach {value} in {seconds} s")
+            time.sleep(0.1)
+
+    def traffic(self):
+        """Generate (dense; PrHS with delta* = 0.01 at a 701-token prompt: refreshes, telemetry,
+        cache-manager plans) and Diffuse (spa) through the cache manager."""
+        prompt = [256] + [(i * 37 + 11) % 256 for i in range(700)]
+        self.client.generate_all(model="code-ar", token_ids=prompt[:40], max_tokens=8)
+        self.client.generate_all(model="code-ar", token_ids=prompt, max_tokens=24, policy="prhs",
+                                 target_delta=0.01)
+        self.client.diffuse_all(model="code-dlm", token_ids=prompt[:16], gen_length=8,
+                                block_length=4, steps=8, cache="spa")
+
+    def check_health(self, fail):
+        """The health service names the probes use answer on every server."""
+        import grpc
+        import deploy_health_pb2 as health_pb2
+        import deploy_health_pb2_grpc as health_pb2_grpc
+        for s in self.servers:
             stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{s.grpc}"))
             for svc in sorted(HEALTH_SERVICES):
                 try:
@@ -594,47 +642,27 @@ def live_registry(bin_dir, fail):
                 except grpc.RpcError as e:
                     fail.add(f"live: {s.name} health service '{svc}': {e.code().name}")
                     continue
-                if svc == "liveness":
-                    fail.check(st == health_pb2.HealthCheckResponse.SERVING,
-                               f"live: {s.name} liveness is {st}, not SERVING")
+                fail.check(st == health_pb2.HealthCheckResponse.SERVING,
+                           f"live: {s.name} {svc} is {st}, not SERVING")
 
-        client = PrehocClient(f"127.0.0.1:{cm.grpc}", timeout=120)
-        # Wait until the cache manager can place on both workers.
-        deadline = time.time() + 30
-        while True:
-            m = re.search(r"^prehoc_cachemgr_workers_ready (\S+)", cm.scrape(), re.M)
-            if m and float(m.group(1)) == 2:
-                break
-            if time.time() > deadline:
-                raise AssertionError("the cache manager did not see 2 ready workers in 30 s")
-            time.sleep(0.1)
-        prompt = [256] + [(i * 37 + 11) % 256 for i in range(700)]
-        client.generate_all(model="code-ar", token_ids=prompt[:40], max_tokens=8)
-        # PrHS with a delta target at a context well above its budget: refreshes, telemetry,
-        # cache-manager plans.
-        client.generate_all(model="code-ar", token_ids=prompt, max_tokens=24, policy="prhs",
-                            target_delta=0.01)
-        client.diffuse_all(model="code-dlm", token_ids=prompt[:16], gen_length=8,
-                           block_length=4, steps=8, cache="spa")
+
+def live_registry(bin_dir, fail):
+    """{series name: label names} of all three servers' scrapes after traffic."""
+    with LiveCluster(bin_dir) as c:
+        c.check_health(fail)
+        c.traffic()
         # Telemetry reaches the cache manager after the workers' next heartbeats.
-        wanted = {"prehoc_cachemgr_sparsity_delta_observed", "prehoc_cachemgr_sparsity_kept_fraction",
+        wanted = {"prehoc_cachemgr_sparsity_delta_observed",
+                  "prehoc_cachemgr_sparsity_kept_fraction",
                   "prehoc_cachemgr_sparsity_refreshes_total"}
         deadline = time.time() + 20
-        while time.time() < deadline and not wanted <= set(parse_exposition(cm.scrape())):
+        while time.time() < deadline and not wanted <= set(parse_exposition(c.cm.scrape())):
             time.sleep(0.2)
         registry = {}
-        for s in servers:
+        for s in c.servers:
             for name, labels in series_names(parse_exposition(s.scrape())).items():
                 registry.setdefault(name, set()).update(labels)
         return registry
-    finally:
-        for s in servers:
-            s.stop()
-        if sys.exc_info()[0] is not None:  # failing: show what the servers said
-            for s in servers:
-                with open(s.log.name) as f:
-                    print(f"--- {s.name} log (last 40 lines):\n" + "".join(f.readlines()[-40:]))
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1009,6 +1037,131 @@ def _normalized(x):
     return x
 
 
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prom_query(port, promql):
+    """The result vector of an instant query ([] on any error)."""
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.load(r)
+    except (OSError, ValueError):
+        return []
+    return body.get("data", {}).get("result", []) if body.get("status") == "success" else []
+
+
+def check_prometheus_live(args, fail):
+    """Debian's Prometheus loads deploy/prometheus/rules/ and scrapes a live cluster: every
+    recording rule yields a number under traffic, the availability alerts stay silent while the
+    cluster is healthy, and fire when the workers die."""
+    prometheus = shutil.which("prometheus")
+    if not prometheus:
+        raise Skip("no prometheus binary (Debian's `prometheus` package: scripts/install_deps.sh)")
+    with LiveCluster(args.bin_dir) as c:
+        d = os.path.join(c.tmp, "prom")
+        os.makedirs(os.path.join(d, "rules"))
+        for path in rule_files():  # the rules as shipped, evaluated every 500 ms here
+            with open(path) as f:
+                doc = yaml.safe_load(f)
+            for g in doc["groups"]:
+                g.pop("interval", None)
+            with open(os.path.join(d, "rules", os.path.basename(path)), "w") as f:
+                yaml.safe_dump(doc, f)
+        # The shipped compose config with its targets replaced by the live ports.
+        with open(os.path.join(DEPLOY, "prometheus", "prometheus.yml")) as f:
+            cfg = yaml.safe_load(f)
+        cfg["global"].update(scrape_interval="200ms", scrape_timeout="200ms",
+                             evaluation_interval="500ms")
+        cfg["rule_files"] = [os.path.join(d, "rules", "*.yml")]
+        ports = {"prehoc-cachemgr": [c.cm.metrics_port],
+                 "prehoc-worker": [w.metrics_port for w in c.workers]}
+        for sc in cfg["scrape_configs"]:
+            sc["static_configs"] = [{"targets": [f"127.0.0.1:{p}" for p in ports[sc["job_name"]]]}]
+        with open(os.path.join(d, "prometheus.yml"), "w") as f:
+            yaml.safe_dump(cfg, f)
+        port = free_port()
+        log = open(os.path.join(d, "prometheus.log"), "w")
+        prom = subprocess.Popen([prometheus, f"--config.file={d}/prometheus.yml",
+                                 f"--storage.tsdb.path={d}/data",
+                                 f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def poll(promql, ok, seconds=30):
+                deadline = time.time() + seconds
+                while True:
+                    res = prom_query(port, promql)
+                    if ok(res) or time.time() > deadline:
+                        return res
+                    time.sleep(0.2)
+
+            up = poll('sum(up{job=~"prehoc-.*"})',
+                      lambda r: r and float(r[0]["value"][1]) == 3, 60)
+            if not fail.check(up and float(up[0]["value"][1]) == 3,
+                              f"Prometheus did not scrape the 3 targets: {up}"):
+                return
+            time.sleep(0.5)  # one more scrape of the idle counters, then traffic
+            # Twice: the cache manager creates a (model, policy, outcome) series at its first
+            # request, and rate() does not count a series' first value (docs/metrics.md).
+            c.traffic()
+            c.traffic()
+            recorded = sorted(rule_exprs()[1])
+            numeric = lambda r: any(x["value"][1] not in ("NaN", "+Inf", "-Inf") for x in r)
+            for name in recorded:
+                res = poll(name, numeric, 30)
+                fail.check(numeric(res), f"recording rule {name} has no numeric sample under "
+                                         f"live traffic: {res}")
+            target = poll('model_policy:prehoc_sparsity_delta_target:max{model="code-ar",'
+                          'policy="prhs"}', numeric, 5)
+            fail.check(target and abs(float(target[0]["value"][1]) - 0.01) < 1e-6,
+                       f"delta target of the PrHS request: {target}")
+            # Every dashboard query shows data under this traffic (variables = All).
+            empty = []
+            for where, e in dashboard_exprs():
+                if where.split(": ")[-1].startswith("variable"):
+                    continue
+                e = re.sub(r"\$__rate_interval|\$__interval", "1m", e)
+                e = re.sub(r"\$\{?(\w+)\}?", ".*", e)
+                if not poll(e, bool, 10 if empty else 20):
+                    empty.append(where)
+            fail.check(not empty, "dashboard queries without data under live traffic:\n    " +
+                       "\n    ".join(empty))
+            availability = ["PrehocTargetDown", "PrehocNoReadyWorker",
+                            "PrehocWorkerBackendUnhealthy", "PrehocWorkerDeclaredDead",
+                            "PrehocPlanStreamDisconnected", "PrehocRequestFailureRatioHigh"]
+            sel = "|".join(availability)
+            time.sleep(1.5)  # a few rule evaluations on the healthy cluster
+            quiet = prom_query(port, f'ALERTS{{alertname=~"{sel}"}}')
+            fail.check(not quiet, "alerts on a healthy cluster: " +
+                       ", ".join(a["metric"]["alertname"] for a in quiet))
+            # Kill both workers: the cache manager declares them dead after 2 missed heartbeats.
+            for w in c.workers:
+                w.proc.kill()
+            for alert, state in (("PrehocWorkerDeclaredDead", "firing"),
+                                 ("PrehocNoReadyWorker", "pending"),
+                                 ("PrehocTargetDown", "pending")):
+                res = poll(f'ALERTS{{alertname="{alert}",alertstate="{state}"}}', bool, 30)
+                fail.check(res, f"{alert} is not {state} after the workers died")
+            down = prom_query(port, 'ALERTS{alertname="PrehocTargetDown"}')
+            fail.check(sorted(a["metric"]["job"] for a in down) == ["prehoc-worker"] * 2,
+                       f"PrehocTargetDown should name the two workers: {down}")
+            print(f"Prometheus {prometheus}: {len(recorded)} recording rules numeric and every "
+                  "dashboard query with data under traffic; availability alerts silent while "
+                  "healthy; DeclaredDead firing, "
+                  "NoReadyWorker and TargetDown pending after killing the workers")
+        finally:
+            prom.terminate()
+            prom.wait(timeout=30)
+            log.close()
+            if fail.items:
+                with open(log.name) as f:
+                    print("--- prometheus log (last 30 lines):\n" + "".join(f.readlines()[-30:]))
+
+
 def check_kustomize(args, fail):
     kubectl = shutil.which("kubectl")
     if not kubectl:
@@ -1087,6 +1240,7 @@ CHECKS = {
     "manifests": check_manifests,
     "metric_names": check_metric_names,
     "promtool": check_promtool,
+    "prometheus_live": check_prometheus_live,
     "kustomize": check_kustomize,
     "runtime_libs": check_runtime_libs,
 }
