@@ -1185,14 +1185,17 @@ def check_kustomize(args, fail):
                 continue
             if o["kind"] == "ConfigMap":
                 fail.check(o["data"] == mine["data"], f"{rel(t)}: ConfigMap data differs")
-            if pod_spec(o):
-                a, b = _normalized(pod_spec(o)), _normalized(pod_spec(mine))
-                for s in (a, b):  # generated names carry kustomize's hash suffix
-                    for v in s.get("volumes", []):
+            if o["kind"] != "ConfigMap":
+                a, b = _normalized(o.get("spec")), _normalized(mine.get("spec"))
+                for x in (a, b):  # generated names carry kustomize's hash suffix
+                    for v in (x.get("template", {}).get("spec", {}).get("volumes", [])
+                              if x else []):
                         if "configMap" in v:
                             v["configMap"]["name"] = "prehoc-config"
-                fail.check(a == b, f"{rel(t)}: {o['metadata']['name']} pod spec differs from "
-                                   "kubectl kustomize")
+                fail.check(a == b, f"{rel(t)}: {o['kind']}/{o['metadata']['name']} spec differs "
+                                   "from kubectl kustomize")
+                fail.check(o["metadata"].get("namespace") == mine["metadata"].get("namespace"),
+                           f"{rel(t)}: {o['kind']}/{o['metadata']['name']} namespace differs")
     print("kubectl kustomize rendered " + ", ".join(rel(t) for t in kustomize_targets()))
 
 
