@@ -5,8 +5,9 @@ Usage: deploy_test.py CHECK [--bin-dir DIR]     exit 0 = pass, 1 = fail, 77 = sk
 CHECK:
   parse          every YAML/JSON file parses; dashboards, provisioning, compose, kustomizations
                  and Dockerfile COPY sources have the expected structure and existing paths
-  flags          every prehoc command line (k8s containers after the kustomize overlays, compose
-                 services, Dockerfile CMDs) and every --config JSON file is accepted by the binary
+  flags          every prehoc server command line (k8s containers after the kustomize overlays,
+                 compose services, Dockerfile CMDs, README.md / docs/deploy.md sh blocks) and
+                 every --config JSON file is accepted by the binary
                  it is for: the flag names are in its --help, and the binary itself parses the
                  exact arguments + config (`BINARY ARGS... --help` exits 0)
   manifests      consistency: probes use the real health services ("liveness"/"readiness") on
@@ -307,11 +308,34 @@ def dockerfile_command_lines():
     return out
 
 
+def doc_command_lines():
+    """Server command lines in the ```sh blocks of README.md and docs/deploy.md (continuation
+    lines joined; a `docker run ... IMAGE prehoc-worker ...` counts from the binary on)."""
+    out = []
+    for doc in ("README.md", "docs/deploy.md"):
+        with open(os.path.join(ROOT, doc)) as f:
+            text = f.read()
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line.split(" #")[0], comments=False) if line.strip() and \
+                    not line.lstrip().startswith("#") else []
+                for i, w in enumerate(words):
+                    b = os.path.basename(w)
+                    if w != b and not w.endswith("bin/" + b):  # e.g. kubectl's deploy/NAME
+                        continue
+                    if b in ("prehoc-worker", "prehoc-cachemgr") or \
+                            (b == "prehoc" and words[i + 1:i + 2] == ["serve"]):
+                        out.append(CommandLine(f"{doc}: `{' '.join(words[i:i + 3])} ...`",
+                                               words[i:], {}))
+                        break
+    return out
+
+
 def all_command_lines():
     out = []
     for t in kustomize_targets():
         out += k8s_command_lines(render(t), rel(t))
-    return out + compose_command_lines() + dockerfile_command_lines()
+    return out + compose_command_lines() + dockerfile_command_lines() + doc_command_lines()
 
 
 # ------------------------------------------------------------------------------------------------
