@@ -4,6 +4,8 @@
 //   attention_bench [--batch=1,8,16] [--kv-heads=32,8] [--ctx=4096,16384,65536,131072]
 //                   [--keep=8,16,32] [--q-heads=32] [--head-dim=128] [--dtype=bf16|f16]
 //                   [--reps=30] [--json=PATH] [--splits=N] [--fuse-reduction=0|1]
+//                   [--placement=random|sequential]
+//                   [--ops=dense,token,mask,rand,page] [--timeline=0|1]
 //
 // Method: CUDA events around every repetition, median over --reps after 3 warm-ups; each
 // repetition uses the next of R input sets (R * set bytes >= 512 MiB, so L2 (50 MB) is not what
@@ -62,6 +64,9 @@ struct Options {
   int reps = 30;
   int splits = 0;
   bool fuse = false;
+  bool sequential_pages = false;
+  bool timeline = false;
+  std::string ops = "dense,token,mask,rand,page";  // op groups to run
   std::string json;
 };
 
@@ -92,6 +97,9 @@ Options ParseArgs(int argc, char** argv) {
     else if (auto v = val("--reps")) o.reps = std::max(1, std::atoi(v));
     else if (auto v = val("--splits")) o.splits = std::atoi(v);
     else if (auto v = val("--fuse-reduction")) o.fuse = std::atoi(v) != 0;
+    else if (auto v = val("--placement")) o.sequential_pages = std::string(v) == "sequential";
+    else if (auto v = val("--ops")) o.ops = v;
+    else if (auto v = val("--timeline")) o.timeline = std::atoi(v) != 0;
     else if (auto v = val("--json")) o.json = v;
     else {
       std::fprintf(stderr, "attention_bench: unknown argument '%s'\n", a.c_str());
@@ -161,6 +169,71 @@ std::string Json(const Record& r, const std::string& dtype) {
   return buf;
 }
 
+// Percentile q in [0, 1] of v (sorted copy).
+double Pct(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[static_cast<size_t>(q * (v.size() - 1) + 0.5)];
+}
+
+// Diagnostics (--timeline=1): one launch of `p` with PagedDecodeParams::d_timeline set, then a
+// summary of its CTAs' phases (ns from the first CTA's start; percentiles 0/10/50/90/100).
+void PrintTimeline(const std::string& op, PagedDecodeParams p, cudaStream_t stream) {
+  kernels::PagedDecodePlan plan;
+  CHECK_CUDA(kernels::PagedDecodePlanFor(p, &plan));
+  const size_t n = static_cast<size_t>(plan.ctas) * 8;
+  unsigned long long* d_tl = nullptr;
+  CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_tl), n * 8));
+  CHECK_CUDA(cudaMemset(d_tl, 0, n * 8));
+  p.d_timeline = d_tl;
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  CHECK_CUDA(kernels::PagedDecodeAttention(p, stream));
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  std::vector<unsigned long long> h(n);
+  CHECK_CUDA(cudaMemcpy(h.data(), d_tl, n * 8, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaFree(d_tl));
+  unsigned long long t0 = ~0ull, t1 = 0;
+  for (size_t i = 0; i < n; i += 8) {
+    if (h[i + 1] == 0) continue;
+    t0 = std::min(t0, h[i + 1]);
+    t1 = std::max(t1, h[i + 2]);
+  }
+  std::vector<double> start, end, life, rate, issued, first, loop;
+  std::vector<int> per_sm(1024, 0);
+  for (size_t i = 0; i < n; i += 8) {
+    if (h[i + 1] == 0) continue;
+    start.push_back(static_cast<double>(h[i + 1] - t0));
+    end.push_back(static_cast<double>(h[i + 2] - t0));
+    life.push_back(static_cast<double>(h[i + 2] - h[i + 1]));
+    if (h[i + 2] > h[i + 1]) rate.push_back(static_cast<double>(h[i + 6]) / (h[i + 2] - h[i + 1]));
+    per_sm[h[i] % 1024]++;
+  }
+  const double cyc_per_ns = Pct(rate, 0.5) > 0 ? Pct(rate, 0.5) : 1.8;
+  for (size_t i = 0; i < n; i += 8) {
+    if (h[i + 1] == 0) continue;
+    issued.push_back(h[i + 3] / cyc_per_ns);
+    if (h[i + 4] > 0) first.push_back(h[i + 4] / cyc_per_ns);
+    loop.push_back(h[i + 5] / cyc_per_ns);
+  }
+  auto pr = [](const char* name, const std::vector<double>& v) {
+    std::printf(" %s %.0f/%.0f/%.0f/%.0f/%.0f", name, Pct(v, 0), Pct(v, 0.1), Pct(v, 0.5),
+                Pct(v, 0.9), Pct(v, 1));
+  };
+  const int sms = static_cast<int>(
+      std::count_if(per_sm.begin(), per_sm.end(), [](int c) { return c > 0; }));
+  std::printf("timeline %-12s ctas=%zu sms=%d max/sm=%d span=%.0fns clk=%.2f/ns", op.c_str(),
+              start.size(), sms, *std::max_element(per_sm.begin(), per_sm.end()),
+              static_cast<double>(t1 - t0), cyc_per_ns);
+  pr("start", start);
+  pr("issued", issued);
+  pr("first", first);
+  pr("loop", loop);
+  pr("life", life);
+  pr("end", end);
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
 // Checks that every output element is finite (outputs were poisoned with NaN before the run).
 bool AllFinite(const uint16_t* d_out, size_t n, bool bf16) {
   std::vector<uint16_t> h(n);
@@ -221,7 +294,7 @@ class Bench {
     std::vector<int32_t> perm(pool_pages);
     std::iota(perm.begin(), perm.end(), 0);
     std::mt19937 rng(ctx + batch * 7 + hkv);
-    std::shuffle(perm.begin(), perm.end(), rng);
+    if (!o_.sequential_pages) std::shuffle(perm.begin(), perm.end(), rng);
     int32_t* d_pages = Upload(perm);
     std::vector<int32_t> indptr(batch + 1), lens(batch, ctx);
     for (int b = 0; b <= batch; ++b) indptr[b] = b * pages_per_seq;
@@ -313,8 +386,12 @@ class Bench {
     };
     const double q_out_bytes = 2.0 * q_elems * 2;
 
+    // Op groups (--ops): dense; token (token+build, build, token); mask; rand; page (both).
+    auto want = [&](const char* group) {
+      return ("," + o_.ops + ",").find(std::string(",") + group + ",") != std::string::npos;
+    };
     // ---- dense
-    {
+    if (want("dense")) {
       PagedDecodeParams p = base;
       p.selection = KvSelection::kDense;
       p.max_kv_len = ctx;
@@ -329,6 +406,7 @@ class Bench {
       const double kv = static_cast<double>(batch) * hkv * ctx * D * 4;
       record("dense", 1, us, kv, kv + q_out_bytes / 2 + batch * pages_per_seq * 4.0,
              for_set(p, 0));
+      if (o_.timeline) PrintTimeline("dense", for_set(p, 0), stream_);
     }
 
     // ---- sparse
@@ -371,18 +449,20 @@ class Bench {
       pt.max_kv_len = k_tok;
       pt.d_index_indptr = pt.d_index_indices = d_csr_indptr;  // for the workspace query
       ensure_ws(&pt);
+      double us = 0;
       // token: construction + attention
-      CHECK_CUDA(cudaMemsetAsync(d_out, 0xff, q_elems * 2 * sets, stream_));
-      double us = TimeUs(
-          [&](int i) {
-            const int s = i % sets;
-            build(s, false);
-            CHECK_CUDA(kernels::PagedDecodeAttention(set_csr(pt, s), stream_));
-          },
-          o_.reps, stream_);
-      if (!AllFinite(d_out, q_elems, o_.bf16)) {
-        std::fprintf(stderr, "token-sparse output has non-finite values\n");
-        std::exit(1);
+      if (want("token")) {
+        CHECK_CUDA(cudaMemsetAsync(d_out, 0xff, q_elems * 2 * sets, stream_));
+        us = TimeUs(
+            [&](int i) {
+              const int s = i % sets;
+              build(s, false);
+              CHECK_CUDA(kernels::PagedDecodeAttention(set_csr(pt, s), stream_));
+            },
+            o_.reps, stream_);
+        if (!AllFinite(d_out, q_elems, o_.bf16)) {
+          std::fprintf(stderr, "token-sparse output has non-finite values\n");
+          std::exit(1);
       }
       record("sparse_token+build", keep, us, kv_tok,
              kv_tok + 2.0 * rows * stride + idx_tok + q_out_bytes / 2, set_csr(pt, 0));
@@ -397,8 +477,10 @@ class Bench {
           },
           o_.reps, stream_);
       record("sparse_token", keep, us, kv_tok, kv_tok + idx_tok + q_out_bytes / 2, set_csr(pt, 0));
+      if (o_.timeline) PrintTimeline("sparse_token", set_csr(pt, 0), stream_);
+      }
       // token from the keep-mask, compaction fused into the attention launch
-      {
+      if (want("mask")) {
         PagedDecodeParams pm = base;
         pm.selection = KvSelection::kTokenMask;
         pm.max_kv_len = k_tok;
@@ -422,9 +504,10 @@ class Bench {
         }
         record("sparse_mask", keep, us, kv_tok, kv_tok + 1.0 * rows * stride + q_out_bytes / 2,
                set_mask(pm, 0));
+        if (o_.timeline) PrintTimeline("sparse_mask", set_mask(pm, 0), stream_);
       }
       // token, independent random selection per head (Bernoulli 1/keep; no cross-head locality)
-      {
+      if (want("rand")) {
         for (int s = 0; s < sets; ++s) {
           CHECK_CUDA(MakeBernoulliMask(d_mask + static_cast<size_t>(s) * rows * stride, rows,
                                        stride, ctx, keep, 3000 + s * 31 + keep, stream_));
@@ -447,31 +530,33 @@ class Bench {
         }
       }
       // page: construction + attention
-      const double kv_page = static_cast<double>(rows) * k_pages * 16 * D * 4;
-      PagedDecodeParams pp = base;
-      pp.selection = KvSelection::kPage;
-      pp.max_kv_len = k_pages * 16;
-      pp.d_index_indptr = pp.d_index_indices = d_csr_indptr;  // for the workspace query
-      ensure_ws(&pp);
-      us = TimeUs(
-          [&](int i) {
-            const int s = i % sets;
-            build(s, true);
-            CHECK_CUDA(kernels::PagedDecodeAttention(set_csr(pp, s), stream_));
-          },
-          o_.reps, stream_);
-      record("sparse_page+build", keep, us, kv_page,
-             kv_page + 2.0 * rows * page_stride + rows * k_pages * 4.0 + q_out_bytes / 2,
-             set_csr(pp, 0));
-      // page: attention only
-      for (int s = 0; s < sets; ++s) build(s, true);
-      us = TimeUs(
-          [&](int i) {
-            CHECK_CUDA(kernels::PagedDecodeAttention(set_csr(pp, i % sets), stream_));
-          },
-          o_.reps, stream_);
-      record("sparse_page", keep, us, kv_page, kv_page + rows * k_pages * 4.0 + q_out_bytes / 2,
-             set_csr(pp, 0));
+      if (want("page")) {
+        const double kv_page = static_cast<double>(rows) * k_pages * 16 * D * 4;
+        PagedDecodeParams pp = base;
+        pp.selection = KvSelection::kPage;
+        pp.max_kv_len = k_pages * 16;
+        pp.d_index_indptr = pp.d_index_indices = d_csr_indptr;  // for the workspace query
+        ensure_ws(&pp);
+        us = TimeUs(
+            [&](int i) {
+              const int s = i % sets;
+              build(s, true);
+              CHECK_CUDA(kernels::PagedDecodeAttention(set_csr(pp, s), stream_));
+            },
+            o_.reps, stream_);
+        record("sparse_page+build", keep, us, kv_page,
+               kv_page + 2.0 * rows * page_stride + rows * k_pages * 4.0 + q_out_bytes / 2,
+               set_csr(pp, 0));
+        // page: attention only
+        for (int s = 0; s < sets; ++s) build(s, true);
+        us = TimeUs(
+            [&](int i) {
+              CHECK_CUDA(kernels::PagedDecodeAttention(set_csr(pp, i % sets), stream_));
+            },
+            o_.reps, stream_);
+        record("sparse_page", keep, us, kv_page, kv_page + rows * k_pages * 4.0 + q_out_bytes / 2,
+               set_csr(pp, 0));
+      }
       CHECK_CUDA(cudaFree(d_csr));
     }
     for (void* p : std::initializer_list<void*>{k_pool, v_pool, d_pages, d_indptr, d_lens, d_q,
@@ -503,6 +588,13 @@ int main(int argc, char** argv) {
   Bench bench(o);
   const double copy_gbs = bench.CopyBandwidthGBs();
   std::printf("device-to-device copy: %.1f GB/s (bytes read + written)\n", copy_gbs);
+  // Launch floor: what the events measure around one / two (PDL-dependent) empty kernels.
+  double empty_us[2];
+  for (int n = 1; n <= 2; ++n) {
+    empty_us[n - 1] = TimeUs([&](int) { CHECK_CUDA(EmptyLaunches(n, bench.stream())); }, o.reps,
+                             bench.stream());
+    std::printf("empty kernels x%d: %.2f us\n", n, empty_us[n - 1]);
+  }
   std::vector<Record> records;
   for (int hkv : o.kv_heads) {
     for (int b : o.batches) {
@@ -515,8 +607,10 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "cannot write %s\n", o.json.c_str());
       return 1;
     }
-    std::fprintf(f, "{\"device\": \"%s\", \"copy_gbs\": %.1f, \"records\": [\n", prop.name,
-                 copy_gbs);
+    std::fprintf(f,
+                 "{\"device\": \"%s\", \"copy_gbs\": %.1f, \"empty_kernel_us\": %.2f, "
+                 "\"empty_kernels2_us\": %.2f, \"records\": [\n",
+                 prop.name, copy_gbs, empty_us[0], empty_us[1]);
     for (size_t i = 0; i < records.size(); ++i) {
       std::fprintf(f, "  %s%s\n", Json(records[i], o.bf16 ? "bf16" : "f16").c_str(),
                    i + 1 < records.size() ? "," : "");

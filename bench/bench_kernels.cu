@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "bench/bench_kernels.h"
+#include "worker/kernels/block_primitives.cuh"
 
 namespace prehoc::bench {
 namespace {
@@ -65,7 +66,21 @@ __global__ void SpinKernel(uint64_t ns) {
   while (now - start < ns) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
 }
 
+__global__ void EmptyKernel() {}
+
+__global__ void EmptyPdlKernel() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+
 }  // namespace
+
+cudaError_t EmptyLaunches(int n, cudaStream_t stream) {
+  for (int i = 0; i < n; ++i) {
+    cudaError_t err = i == 0 ? (EmptyKernel<<<1, 32, 0, stream>>>(), cudaGetLastError())
+                             : kernels::block::LaunchPdl(EmptyPdlKernel, dim3(1), dim3(32), 0,
+                                                         stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
 
 cudaError_t FillUniform16(uint16_t* d_data, size_t n, uint64_t seed, bool bf16,
                           cudaStream_t stream) {

@@ -25,6 +25,10 @@ cudaError_t MakeStratifiedMask(uint8_t* d_mask, int rows, int stride, int len, i
 cudaError_t MakeBernoulliMask(uint8_t* d_mask, int rows, int stride, int len, int keep,
                               uint64_t seed, cudaStream_t stream);
 
+// Launches n empty kernels (the second and later with programmatic dependent launch): the floor
+// of what events around one (n = 1) or two (n = 2) dependent launches measure.
+cudaError_t EmptyLaunches(int n, cudaStream_t stream);
+
 // Busy-waits about `ns` nanoseconds on the GPU.
 cudaError_t Spin(uint64_t ns, cudaStream_t stream);
 

@@ -37,6 +37,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "worker/kernels/block_primitives.cuh"
@@ -63,6 +64,9 @@ constexpr int PipelineBytes() {
   return Stages<D>() * 2 * kTile * D * 2;
 }
 constexpr int kMaskSplitPages = kMaskSplitPositions / kPageSize;
+// Shared memory of MergeSplitsKernel: at most this many splits' lse (floats; 48 KiB, the
+// default limit); more splits take the per-thread loop (MergeRow).
+constexpr int kMergeSmemFloats = 12288;
 // kTokenMask adds its split's compacted list (uint16 offsets from the split's first position)
 // and its split's slice of the page table (int32, one per page of the split).
 template <int D, KvSelection S>
@@ -347,6 +351,18 @@ __global__ void __launch_bounds__(kThreads)
   // Launched with programmatic dependent launch: wait for the previous kernel's results (q, the
   // KV pools, lists, masks) before reading anything.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  // Diagnostics (PagedDecodeParams::d_timeline): thread 0 stamps this CTA's phases.
+  unsigned long long* timeline =
+      p.d_timeline != nullptr && threadIdx.x == 0
+          ? p.d_timeline + 8 * ((static_cast<size_t>(blockIdx.z) * gridDim.y + blockIdx.y) *
+                                    gridDim.x + blockIdx.x)
+          : nullptr;
+  unsigned long long tl_clock[4] = {0, 0, 0, 0};
+  uint64_t tl_start = 0;
+  if (timeline != nullptr) {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(tl_start));
+    tl_clock[0] = clock64();
+  }
   constexpr int kStages = Stages<D>();
   constexpr int kChunksPerRow = D / 8;
   constexpr int kRowsPerPass = kThreads / kChunksPerRow;
@@ -371,6 +387,23 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32;
   const int gid = lane / 4;  // MMA row group
   const int tid4 = lane % 4;
+
+  // Q as MMA A fragments: rows = query heads g0 + {gid, gid + 8}, cols = dims. Loaded first,
+  // before any KV copy is queued (see the prologue below).
+  uint32_t qa[D / 16][4];
+  {
+    const T* q = static_cast<const T*>(p.d_q) + out_row0 * D;
+    const bool lo_ok = gid < rows;
+    const bool hi_ok = gid + 8 < rows;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int c = kk * 16 + tid4 * 2;
+      qa[kk][0] = lo_ok ? *reinterpret_cast<const uint32_t*>(q + gid * D + c) : 0u;
+      qa[kk][1] = hi_ok ? *reinterpret_cast<const uint32_t*>(q + (gid + 8) * D + c) : 0u;
+      qa[kk][2] = lo_ok ? *reinterpret_cast<const uint32_t*>(q + gid * D + c + 8) : 0u;
+      qa[kk][3] = hi_ok ? *reinterpret_cast<const uint32_t*>(q + (gid + 8) * D + c + 8) : 0u;
+    }
+  }
 
   RowView view;
   view.seq_len = max(p.d_seq_lens[b], 0);
@@ -490,36 +523,26 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
+  // Prologue. Every address of the first kStages tiles is loaded and translated before the first
+  // copy is issued: at launch all CTAs issue their first tiles together (~17 MB for 256 CTAs,
+  // several microseconds of DRAM time), and a small load queued behind that flood (a page-table
+  // lookup, Q) would stall its CTA until the flood drains (per-CTA timelines on an H100 showed
+  // 5-9 us before the main loop started; docs/benchmarks.md).
   int entry[kRowsPerThread];
   int phys[kRowsPerThread];
+  int pro_phys[kStages - 1][kRowsPerThread];
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles) {
-      load_entries(s, entry);
-      translate(s, entry, phys);
-      issue(s, phys);
-    }
-    CpAsyncCommit();
+    load_entries(s, entry);
+    translate(s, entry, pro_phys[s]);
   }
-  // Steady state: entries two tiles ahead of the copies, physical rows one tile ahead.
   load_entries(kStages - 1, entry);
-  translate(kStages - 1, entry, phys);
-  load_entries(kStages, entry);
-
-  // Q as MMA A fragments: rows = query heads g0 + {gid, gid + 8}, cols = dims.
-  uint32_t qa[D / 16][4];
-  {
-    const T* q = static_cast<const T*>(p.d_q) + out_row0 * D;
-    const bool lo_ok = gid < rows;
-    const bool hi_ok = gid + 8 < rows;
+  translate(kStages - 1, entry, phys);  // used by the first iteration's issue
+  load_entries(kStages, entry);         // used by the first iteration's translate
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int c = kk * 16 + tid4 * 2;
-      qa[kk][0] = lo_ok ? *reinterpret_cast<const uint32_t*>(q + gid * D + c) : 0u;
-      qa[kk][1] = hi_ok ? *reinterpret_cast<const uint32_t*>(q + (gid + 8) * D + c) : 0u;
-      qa[kk][2] = lo_ok ? *reinterpret_cast<const uint32_t*>(q + gid * D + c + 8) : 0u;
-      qa[kk][3] = hi_ok ? *reinterpret_cast<const uint32_t*>(q + (gid + 8) * D + c + 8) : 0u;
-    }
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) issue(s, pro_phys[s]);
+    CpAsyncCommit();
   }
 
   float o[D / 8][4];
@@ -528,6 +551,7 @@ __global__ void __launch_bounds__(kThreads)
   float m_run[2] = {-INFINITY, -INFINITY};  // log2 units, rows gid and gid + 8
   float l_run[2] = {0.f, 0.f};              // this thread's partial sums (quad-reduced at the end)
 
+  if (timeline != nullptr) tl_clock[1] = clock64();  // prologue issued
   const int mi = lane / 8;  // ldmatrix: which 8x8 matrix this lane addresses
   const int ri = lane % 8;  // ... and which row of it
   const int n0 = warp * kWarpTokens;
@@ -535,6 +559,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int tile = 0; tile < num_tiles; ++tile) {
     CpAsyncWait<kStages - 2>();
     __syncthreads();
+    if (timeline != nullptr && tile == 0) tl_clock[2] = clock64();  // first tile arrived
     {
       const int next = tile + kStages - 1;
       if (next < num_tiles) issue(next % kStages, phys);
@@ -609,6 +634,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  if (timeline != nullptr) tl_clock[3] = clock64();  // main loop done
   CpAsyncWait<0>();
   // Lets the reduction kernel (launched with programmatic stream serialization) start its launch
   // now; it still waits (griddepcontrol.wait) until this grid has finished and flushed.
@@ -668,16 +694,70 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (!single) finish_split();
+  if (timeline != nullptr) {
+    uint64_t end, smid;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(end));
+    uint32_t id;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+    smid = id;
+    const unsigned long long now = clock64();
+    timeline[0] = smid;
+    timeline[1] = tl_start;
+    timeline[2] = end;
+    timeline[3] = tl_clock[1] - tl_clock[0];
+    timeline[4] = tl_clock[2] - tl_clock[0];
+    timeline[5] = tl_clock[3] - tl_clock[0];
+    timeline[6] = now - tl_clock[0];
+    timeline[7] = static_cast<unsigned long long>(num_tiles);
+  }
 }
 
 // ---- split reduction ---------------------------------------------------------------------------
-// One CTA of D threads per (sequence, query head) row.
+// One CTA of D threads per (sequence, query head) row; thread d computes dim d. Same arithmetic
+// in the same order as MergeRow (bitwise-identical results), but the row's lse values are loaded
+// once, in one round, into shared memory (dynamic, min(num_splits, kMergeSmemFloats) floats), and
+// the o loads of kMergeBatch consecutive splits are issued together: a chain of
+// 1 + ceil(num_splits / kMergeBatch) L2 round trips instead of ~2 × num_splits / unroll.
+constexpr int kMergeBatch = 16;
 template <typename T, int D>
 __global__ void __launch_bounds__(D)
     MergeSplitsKernel(const float* __restrict__ ws_o, const float* __restrict__ ws_lse,
                       int num_splits, T* __restrict__ out, float* __restrict__ lse) {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the attention grid's partials
-  MergeRow<T, D>(ws_o, ws_lse, num_splits, blockIdx.x, threadIdx.x, out, lse);
+  if (num_splits > kMergeSmemFloats) {
+    MergeRow<T, D>(ws_o, ws_lse, num_splits, blockIdx.x, threadIdx.x, out, lse);
+    return;
+  }
+  extern __shared__ float lse_s[];  // [num_splits]
+  const size_t row = blockIdx.x;
+  const int d = threadIdx.x;
+  for (int s = d; s < num_splits; s += D) lse_s[s] = __ldcg(ws_lse + row * num_splits + s);
+  __syncthreads();
+  float m_max = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) m_max = fmaxf(m_max, lse_s[s]);
+  float sum = 0.f, acc = 0.f;
+  if (m_max != -INFINITY) {
+    const float* o_row = ws_o + row * num_splits * D + d;
+    for (int s0 = 0; s0 < num_splits; s0 += kMergeBatch) {
+      float ov[kMergeBatch];
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) {
+        // Empty splits' o was never written: loaded (inside the workspace) but not used.
+        ov[i] = s0 + i < num_splits ? __ldcg(o_row + static_cast<size_t>(s0 + i) * D) : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) {
+        if (s0 + i >= num_splits) break;
+        const float ls = lse_s[s0 + i];
+        if (ls == -INFINITY) continue;
+        const float w = exp2f(ls - m_max);
+        sum += w;
+        acc += w * ov[i];
+      }
+    }
+  }
+  out[row * D + d] = Elem<T>::FromFloat(sum > 0.f ? acc / sum : 0.f);
+  if (d == 0 && lse != nullptr) lse[row] = sum > 0.f ? (m_max + log2f(sum)) * kLn2 : -INFINITY;
 }
 
 // Bytes of the fused reduction's tickets at the start of the workspace (16-byte padded).
@@ -723,8 +803,9 @@ cudaError_t Launch(const PagedDecodeParams& p, const PagedDecodePlan& plan, floa
                   split_len, plan.num_splits, scale * kLog2e, ws_o, ws_lse, ws_tickets);
   if (err != cudaSuccess || plan.num_splits == 1 || ws_tickets != nullptr) return err;
   // Programmatic dependent launch: the reduction's launch overlaps the attention grid's tail.
-  return LaunchPdl(MergeSplitsKernel<T, D>, dim3(p.batch * p.num_q_heads), dim3(D), 0, stream,
-                   static_cast<const float*>(ws_o), static_cast<const float*>(ws_lse),
+  const size_t merge_smem = sizeof(float) * std::min(plan.num_splits, kMergeSmemFloats);
+  return LaunchPdl(MergeSplitsKernel<T, D>, dim3(p.batch * p.num_q_heads), dim3(D), merge_smem,
+                   stream, static_cast<const float*>(ws_o), static_cast<const float*>(ws_lse),
                    plan.num_splits, static_cast<T*>(p.d_out), p.d_lse);
 }
 

@@ -107,6 +107,13 @@ struct PagedDecodeParams {
   // as fast at 32 kv heads and 2-10 us faster at 8 (docs/benchmarks.md, "Variants tried").
   bool fuse_reduction = false;
 
+  // Diagnostics only (benchmarks): when set, thread 0 of attention CTA i (i = (blockIdx.z *
+  // gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x, PagedDecodePlan::ctas of them) writes 8
+  // values at d_timeline[8 * i]: SM id, %globaltimer (ns) at its start and end, and clock64 cycles
+  // from its start to: its first copies issued, its first tile arrived (0 if it has none), its
+  // main loop done, its end; then its tile count. Empty splits write nothing.
+  unsigned long long* d_timeline = nullptr;
+
   void* d_workspace = nullptr;  // REQUIRES: >= PagedDecodeWorkspaceBytes(*this) bytes, 16-aligned
   size_t workspace_bytes = 0;
 };

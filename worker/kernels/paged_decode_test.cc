@@ -267,8 +267,9 @@ struct RunResult {
 // `fuse` (fused reduction) the tickets start at zero, the kernel runs twice (the second launch
 // relies on the first having put its tickets back to zero; both outputs must be identical) and
 // the tickets must be zero afterwards.
+// `timeline`: PagedDecodeParams::d_timeline (diagnostics), null for none.
 void RunKernel(const PagedBatch& pb, DeviceBatch& dev, const Selection& sel, int force_splits,
-               RunResult* res, bool fuse = false) {
+               RunResult* res, bool fuse = false, unsigned long long* timeline = nullptr) {
   PagedDecodeParams p;
   p.dtype = pb.dtype;
   p.selection = sel.kind;
@@ -297,6 +298,7 @@ void RunKernel(const PagedBatch& pb, DeviceBatch& dev, const Selection& sel, int
   p.max_kv_len = sel.max_kv_len;
   p.force_num_splits = force_splits;
   p.fuse_reduction = fuse;
+  p.d_timeline = timeline;
   ASSERT_EQ(PagedDecodeCheck(p), nullptr) << PagedDecodeCheck(p);
   CUDA_OK(PagedDecodePlanFor(p, &res->plan));
   const size_t ws = PagedDecodeWorkspaceBytes(p);
@@ -574,6 +576,65 @@ TEST(PagedDecode, UnderestimatedMaxLenIsStillCorrect) {
   RunKernel(pb, dev, sel, 4, &got);
   if (HasFatalFailure()) return;
   ExpectClose(pb, ComputeReference(pb, sel), got, "underestimated max_kv_len");
+}
+
+// More splits than MergeSplitsKernel keeps in shared memory (kMergeSmemFloats = 12288): the
+// reduction takes its per-thread fallback (MergeRow) and still matches the reference.
+TEST(PagedDecode, MoreSplitsThanTheMergeKeepsInSharedMemory) {
+  SKIP_WITHOUT_DEVICE();
+  const int len = 12289 * 64;  // one 64-token tile per split
+  const PagedBatch pb(AttnDType::kBFloat16, 2, 1, 64, {len}, 21u);
+  DeviceBatch dev(pb);
+  const Selection sel = MakeSelection(pb, Mode::kDense, 1u);
+  RunResult got;
+  RunKernel(pb, dev, sel, 12289, &got);
+  if (HasFatalFailure()) return;
+  EXPECT_EQ(got.plan.num_splits, 12289);
+  ExpectClose(pb, ComputeReference(pb, sel), got, "12289 splits");
+}
+
+// The diagnostic timeline: one record per CTA with a split, consistent stamps, results unchanged.
+TEST(PagedDecode, TimelineRecordsEveryCtaAndChangesNothing) {
+  SKIP_WITHOUT_DEVICE();
+  const PagedBatch pb(AttnDType::kBFloat16, 8, 2, 128, {1000, 4097}, 9u);
+  DeviceBatch dev(pb);
+  for (Mode mode : {Mode::kDense, Mode::kMaskRandom}) {
+    const Selection sel = MakeSelection(pb, mode, 4u);
+    RunResult plain;
+    RunKernel(pb, dev, sel, 5, &plain);
+    if (HasFatalFailure()) return;
+    const int ctas = plain.plan.ctas;
+    DeviceBuffer tl(static_cast<size_t>(ctas) * 64);
+    CUDA_OK(cudaMemset(tl.get(), 0, tl.bytes()));
+    RunResult timed;
+    RunKernel(pb, dev, sel, 5, &timed, /*fuse=*/false, tl.get<unsigned long long>());
+    if (HasFatalFailure()) return;
+    EXPECT_EQ(timed.out, plain.out) << ModeName(mode);
+    const std::vector<unsigned long long> h = tl.Download<unsigned long long>(ctas * 8);
+    int sms = 0;
+    CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    int recorded = 0, tiles = 0;
+    for (int i = 0; i < ctas; ++i) {
+      const unsigned long long* r = &h[8 * i];
+      if (r[1] == 0) continue;  // an empty split writes nothing
+      ++recorded;
+      EXPECT_LT(r[0], static_cast<unsigned long long>(sms));
+      EXPECT_LE(r[1], r[2]);
+      EXPECT_LE(r[3], r[6]);  // copies issued before the end
+      EXPECT_LE(r[5], r[6]);  // main loop done before the end
+      if (r[7] > 0) {
+        EXPECT_LE(r[3], r[4]);  // the first tile arrives after its copies were issued
+      }
+      tiles += static_cast<int>(r[7]);
+    }
+    EXPECT_GT(recorded, 0) << ModeName(mode);
+    if (mode == Mode::kDense) {
+      // 5 splits of 832 tokens: the 1000-token sequence fills 2, the 4097-token one 5; 2 kv heads.
+      EXPECT_EQ(timed.plan.split_tokens, 832);
+      EXPECT_EQ(recorded, 2 * (2 + 5));
+      EXPECT_EQ(tiles, 2 * ((1000 + 63) / 64 + (4097 + 63) / 64));  // every tile once per kv head
+    }
+  }
 }
 
 // ---- argument checks (no device needed) -----------------------------------------------------------
