@@ -388,23 +388,6 @@ __global__ void __launch_bounds__(kThreads)
   const int gid = lane / 4;  // MMA row group
   const int tid4 = lane % 4;
 
-  // Q as MMA A fragments: rows = query heads g0 + {gid, gid + 8}, cols = dims. Loaded first,
-  // before any KV copy is queued (see the prologue below).
-  uint32_t qa[D / 16][4];
-  {
-    const T* q = static_cast<const T*>(p.d_q) + out_row0 * D;
-    const bool lo_ok = gid < rows;
-    const bool hi_ok = gid + 8 < rows;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int c = kk * 16 + tid4 * 2;
-      qa[kk][0] = lo_ok ? *reinterpret_cast<const uint32_t*>(q + gid * D + c) : 0u;
-      qa[kk][1] = hi_ok ? *reinterpret_cast<const uint32_t*>(q + (gid + 8) * D + c) : 0u;
-      qa[kk][2] = lo_ok ? *reinterpret_cast<const uint32_t*>(q + gid * D + c + 8) : 0u;
-      qa[kk][3] = hi_ok ? *reinterpret_cast<const uint32_t*>(q + (gid + 8) * D + c + 8) : 0u;
-    }
-  }
-
   RowView view;
   view.seq_len = max(p.d_seq_lens[b], 0);
   view.num_pages = (view.seq_len + kPageSize - 1) / kPageSize;
@@ -523,26 +506,36 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
-  // Prologue. Every address of the first kStages tiles is loaded and translated before the first
-  // copy is issued: at launch all CTAs issue their first tiles together (~17 MB for 256 CTAs,
-  // several microseconds of DRAM time), and a small load queued behind that flood (a page-table
-  // lookup, Q) would stall its CTA until the flood drains (per-CTA timelines on an H100 showed
-  // 5-9 us before the main loop started; docs/benchmarks.md).
   int entry[kRowsPerThread];
   int phys[kRowsPerThread];
-  int pro_phys[kStages - 1][kRowsPerThread];
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    load_entries(s, entry);
-    translate(s, entry, pro_phys[s]);
-  }
-  load_entries(kStages - 1, entry);
-  translate(kStages - 1, entry, phys);  // used by the first iteration's issue
-  load_entries(kStages, entry);         // used by the first iteration's translate
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles) issue(s, pro_phys[s]);
+    if (s < num_tiles) {
+      load_entries(s, entry);
+      translate(s, entry, phys);
+      issue(s, phys);
+    }
     CpAsyncCommit();
+  }
+  // Steady state: entries two tiles ahead of the copies, physical rows one tile ahead.
+  load_entries(kStages - 1, entry);
+  translate(kStages - 1, entry, phys);
+  load_entries(kStages, entry);
+
+  // Q as MMA A fragments: rows = query heads g0 + {gid, gid + 8}, cols = dims.
+  uint32_t qa[D / 16][4];
+  {
+    const T* q = static_cast<const T*>(p.d_q) + out_row0 * D;
+    const bool lo_ok = gid < rows;
+    const bool hi_ok = gid + 8 < rows;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int c = kk * 16 + tid4 * 2;
+      qa[kk][0] = lo_ok ? *reinterpret_cast<const uint32_t*>(q + gid * D + c) : 0u;
+      qa[kk][1] = hi_ok ? *reinterpret_cast<const uint32_t*>(q + (gid + 8) * D + c) : 0u;
+      qa[kk][2] = lo_ok ? *reinterpret_cast<const uint32_t*>(q + gid * D + c + 8) : 0u;
+      qa[kk][3] = hi_ok ? *reinterpret_cast<const uint32_t*>(q + (gid + 8) * D + c + 8) : 0u;
+    }
   }
 
   float o[D / 8][4];
