@@ -5,6 +5,7 @@
 //             [--policies=none,prefix,dual,dllm,spa,spa:kv_all_rows=0]
 //             [--prompt=1000] [--gen=256] [--block=32] [--steps=256] [--parallel-steps=64]
 //             [--runs=1/*,16/dual] [--reps=3] [--gemm-tune=0|1] [--kernel-profile=0|1]
+//             [--skinny-gemm=0|1] [--cuda-graphs=0|1] [--fused=0|1] [--phases=0|1]
 //             [--json=PATH]
 //
 // Shape: LLaDA-8B's config.json (GSAI-ML/LLaDA-8B-Instruct) parsed by our LLaDA reader
@@ -30,7 +31,10 @@
 // Parallel decoding: with random weights no confidence reaches a threshold, so it is modelled
 // as a fixed number of tokens per step (--parallel-steps total steps, e.g. 64 = 4 tokens/step),
 // which costs what threshold decoding committing as many tokens per step would.
-// Phase times come from CUDA events inside the forward (CudaDlmOptions::profile).
+// Phase times come from CUDA events inside the forward (CudaDlmOptions::profile; --phases=1, the
+// default). CUDA graphs are not used while those events are on, so measure --cuda-graphs=1 with
+// --phases=0. --cuda-graphs / --fused (fused_row_ops) / --skinny-gemm set those CudaDlmOptions
+// (defaults: on / on / off); running the benchmark with 0 and 1 compares them in one session.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -82,6 +86,10 @@ struct Args {
   // CudaDlmOptions::profile_kernels: per step class, ms per kernel class (the events add a
   // little time, so the class means of such a run are not the headline numbers).
   int kernel_profile = 0;
+  int skinny_gemm = 0;  // CudaDlmOptions::skinny_gemm (opt-in)
+  int cuda_graphs = 1;  // CudaDlmOptions::cuda_graphs (only effective with --phases=0)
+  int fused = 1;        // CudaDlmOptions::fused_row_ops
+  int phases = 1;       // CudaDlmOptions::profile
 };
 
 ModelConfig TinyConfig() {
@@ -224,10 +232,13 @@ absl::StatusOr<nlohmann::json> Estimate(const DlmBackend& model, const Args& a, 
   nlohmann::json classes = nlohmann::json::array();
   for (const auto& [key, n] : count) {
     const DlmStepKind kind = static_cast<DlmStepKind>(key.first);
-    // One untimed call first: the first use of a GEMM shape loads its cuBLAS kernels (CUDA lazy
+    // Two untimed calls first: the first use of a GEMM shape loads its cuBLAS kernels (CUDA lazy
     // module loading: up to ~0.1 s), which a full run pays once and which would otherwise
-    // dominate a 2-sample mean.
+    // dominate a 2-sample mean; the second captures the step's CUDA graph (cuda_graphs), which a
+    // decode also pays once per step shape.
     ASSIGN_OR_RETURN(double first, run(kind, key.second, &scratch));
+    ASSIGN_OR_RETURN(double second, run(kind, key.second, &scratch));
+    (void)second;
     const auto* cuda = dynamic_cast<const CudaDlmModel*>(&model);
     if (cuda != nullptr) cuda->TakeKernelProfile();  // drop the fill and first calls
     ForwardStats t;
@@ -308,6 +319,10 @@ int Main(int argc, char** argv) {
     else if (key == "--reps") ok = one(&a.reps);
     else if (key == "--gemm-tune") ok = one(&a.gemm_tune);
     else if (key == "--kernel-profile") ok = one(&a.kernel_profile);
+    else if (key == "--skinny-gemm") ok = one(&a.skinny_gemm);
+    else if (key == "--cuda-graphs") ok = one(&a.cuda_graphs);
+    else if (key == "--phases") ok = one(&a.phases);
+    else if (key == "--fused") ok = one(&a.fused);
     else ok = false;
     if (!ok) {
       std::fprintf(stderr, "dlm_bench: bad argument '%s' (see the file comment)\n", arg.c_str());
@@ -330,7 +345,10 @@ int Main(int argc, char** argv) {
   if (a.backend == "cuda") {
     CudaDlmOptions o;
     o.random_config = cfg;
-    o.profile = true;
+    o.profile = a.phases != 0;
+    o.skinny_gemm = a.skinny_gemm != 0;
+    o.cuda_graphs = a.cuda_graphs != 0;
+    o.fused_row_ops = a.fused != 0;
     o.gemm_tune = a.gemm_tune != 0;
     o.profile_kernels = a.kernel_profile != 0;
     auto m = CudaDlmModel::Create(o);
@@ -380,6 +398,8 @@ int Main(int argc, char** argv) {
                         {"prompt", a.prompt}, {"gen", a.gen}, {"block", a.block},
                         {"steps", a.steps}, {"parallel_steps", a.parallel_steps},
                         {"gemm_tune", a.gemm_tune}, {"kernel_profile", a.kernel_profile},
+                        {"skinny_gemm", a.skinny_gemm}, {"cuda_graphs", a.cuda_graphs},
+                        {"fused_row_ops", a.fused}, {"phases", a.phases},
                         {"results", nlohmann::json::array()}};
   auto save = [&] {
     if (a.json.empty()) return;
@@ -492,7 +512,9 @@ int Main(int argc, char** argv) {
   for (const auto& [b, tps] : run_tps) table(b, "full run", tps);
   if (const auto* cm = dynamic_cast<const CudaDlmModel*>(model.get())) {
     out["gemm_tuning"] = cm->gemm_tuning_summary();
-    std::printf("gemm tuning: %s\n", cm->gemm_tuning_summary().c_str());
+    out["graphs"] = cm->graph_summary();
+    std::printf("gemm tuning: %s\n%s\n", cm->gemm_tuning_summary().c_str(),
+                cm->graph_summary().c_str());
   }
   save();
   return 0;

@@ -18,6 +18,7 @@
 #include "common/status.h"
 #include "worker/kernels/dlm_ops.h"
 #include "worker/kernels/model_ops.h"
+#include "worker/kernels/skinny_gemm.h"
 #include "worker/rope.h"
 
 namespace prehoc::dlm {
@@ -132,6 +133,19 @@ struct CudaDlmModel::Impl {
   std::vector<std::pair<std::string, double>> kernel_ms;  // class → ms, first-seen order
   int64_t kernel_forwards = 0;
   cudaEvent_t tune_ev[2] = {nullptr, nullptr};
+  // CudaDlmOptions::skinny_gemm (sm_90 only).
+  bool skinny = false;
+  int num_sms = 0;
+  bool fused = true;  // CudaDlmOptions::fused_row_ops
+  // CudaDlmOptions::cuda_graphs: executable graphs by step key, and how often each key was seen
+  // (captured at the second sighting).
+  bool graphs = false;
+  static constexpr size_t kMaxGraphs = 64;
+  std::map<std::vector<int64_t>, cudaGraphExec_t> graph_exec;
+  std::map<std::vector<int64_t>, int> graph_seen;
+  int64_t graph_replays = 0, graph_captures = 0, graph_eager = 0;
+  void* cublas_ws = nullptr;
+  static constexpr size_t kCublasWorkspace = 32u << 20;
 
   struct Layer {
     uint16_t *wqkv = nullptr, *wo = nullptr, *w_gu = nullptr, *w_down = nullptr, *proxy = nullptr;
@@ -154,6 +168,7 @@ struct CudaDlmModel::Impl {
 
   ~Impl() {
     if (stream != nullptr) cudaStreamSynchronize(stream);
+    DropGraphs();
     for (auto& [key, t] : tuned) {
       if (t.op != nullptr) cublasLtMatmulDescDestroy(t.op);
       for (cublasLtMatrixLayout_t l : {t.la, t.lb, t.lc}) {
@@ -211,10 +226,33 @@ struct CudaDlmModel::Impl {
     return d;
   }
 
+  void DropGraphs() {
+    for (auto& [key, e] : graph_exec) cudaGraphExecDestroy(e);
+    graph_exec.clear();
+  }
+
   // Y[m][n] (f32, row-major) = X[m][kk] (bf16) · W[n][kk]ᵀ (bf16) + beta · Y.
   absl::Status Gemm(const uint16_t* X, int m, int kk, const uint16_t* W, int n, float* Y,
                     float beta = 0.0f) {
     if (m == 0) return absl::OkStatus();
+    if (skinny && !gemm_tune) {
+      k::SkinnyGemmParams sp;
+      sp.d_x = X;
+      sp.m = m;
+      sp.k = kk;
+      sp.ldx = kk;
+      sp.d_w = W;
+      sp.n = n;
+      sp.ldw = kk;
+      sp.d_y = Y;
+      sp.ldy = n;
+      sp.beta = beta;
+      sp.splits = k::SkinnyGemmSplits(n, kk, num_sms);
+      if (k::SkinnyGemmSupported(sp)) {
+        DLM_CUDA(k::SkinnyGemmBf16(sp, stream));
+        return absl::OkStatus();
+      }
+    }
     if (gemm_tune && m <= kTuneMaxM && static_cast<size_t>(m) * n * 4 <= kTuneMaxOut) {
       const auto key = std::make_tuple(m, n, kk, beta != 0.0f);
       auto it = tuned.find(key);
@@ -412,7 +450,7 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
   RETURN_IF_ERROR(cosv.Reserve(nn * 4, "cos"));
   RETURN_IF_ERROR(sel.Reserve(nn * 4, "sel"));
   RETURN_IF_ERROR(inv.Reserve(nn * 4, "inv"));
-  RETURN_IF_ERROR(kv.Reserve(nn * 2 * KV * 4, "kv"));
+  RETURN_IF_ERROR(kv.Reserve(nn * (Q + 2 * KV) * 4, "qkv"));
   RETURN_IF_ERROR(qf.Reserve(mm * Q * 4, "q"));
   RETURN_IF_ERROR(qb.Reserve(mm * Q * 2, "q bf16"));
   RETURN_IF_ERROR(ob.Reserve(mm * Q * 2, "attention out"));
@@ -456,8 +494,10 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
   const size_t o_seg_begin = lay.Add(B * 4), o_seg_len = lay.Add(B * 4);
   const size_t o_k = lay.Add(static_cast<size_t>(NL) * B * 4);
   const size_t o_koff = lay.Add(static_cast<size_t>(NL) * B * 4);
-  const size_t o_logit = lay.Add(std::max(nl, 1) * 4);
   const size_t o_ptrs = lay.Add(std::max<size_t>(ptrs.size(), 1) * sizeof(void*));
+  // Last: everything before it is at an offset independent of the logit rows (a captured graph
+  // of the layers does not depend on them; see cuda_graphs).
+  const size_t o_logit = lay.Add(std::max(nl, 1) * 4);
   host_meta.assign(lay.bytes, 0);
   auto hp = [&](size_t o) { return host_meta.data() + o; };
   {
@@ -530,7 +570,6 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
     if (profile) DLM_CUDA(cudaEventRecord(events[idx], stream));
     return absl::OkStatus();
   };
-  RETURN_IF_ERROR(mark(0));
   // profile_kernels: an event after every launch; the time between consecutive events (the
   // launch gap included) is charged to the kernel class named by the later one.
   int n_ticks = 0;
@@ -546,182 +585,269 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
     tick_names[n_ticks++] = name;
     return absl::OkStatus();
   };
-  RETURN_IF_ERROR(tick("start"));
+  const bool want_top1 = items[0].top1 != nullptr;
+  // Every launch of the step from the embedding to the last layer (captured into a graph or run
+  // eagerly).
+  auto enqueue = [&]() -> absl::Status {
+    RETURN_IF_ERROR(mark(0));
+    RETURN_IF_ERROR(tick("start"));
 
-  DLM_CUDA(k::EmbeddingGather(embed, d_tok, n, Dm, V, x.as<float>(), stream));
-  RETURN_IF_ERROR(tick("embedding"));
-  for (int l = 0; l < NL; ++l) {
-    const Layer& Lw = layers[l];
-    const bool sel_layer = selective && l >= spec0.first_selective_layer;
-    DLM_CUDA(k::RmsNormToBf16(x.as<float>(), nullptr, n, Dm, Lw.attn_norm, eps, h.as<uint16_t>(),
-                              stream));
-    RETURN_IF_ERROR(tick("attn_norm"));
-    // Selection.
-    const int32_t* d_sel = nullptr;  // null: every live row
-    const int32_t* d_inv = nullptr;
-    const int m = mtot[l];
-    if (sel_layer) {
-      k::DlmCosineParams cp;
-      cp.n = n;
-      cp.layer = l;
-      cp.head_dim = hd();
-      cp.d_src = small.as<float>();
-      cp.d_live_row = d_row;
-      cp.d_live_req = d_req;
-      cp.d_caches = d_views;
-      cp.d_cos_out = cosv.as<float>();
-      if (spa) {
+    DLM_CUDA(k::EmbeddingGather(embed, d_tok, n, Dm, V, x.as<float>(), stream));
+    RETURN_IF_ERROR(tick("embedding"));
+    for (int l = 0; l < NL; ++l) {
+      const Layer& Lw = layers[l];
+      const bool sel_layer = selective && l >= spec0.first_selective_layer;
+      if (l == 0 || !fused) {  // fused: the previous layer's residual kernel wrote h
+        DLM_CUDA(k::RmsNormToBf16(x.as<float>(), nullptr, n, Dm, Lw.attn_norm, eps,
+                                  h.as<uint16_t>(), stream));
+        RETURN_IF_ERROR(tick("attn_norm"));
+      }
+      // Selection.
+      const int32_t* d_sel = nullptr;  // null: every live row
+      const int32_t* d_inv = nullptr;
+      const int m = mtot[l];
+      if (sel_layer) {
+        k::DlmCosineParams cp;
+        cp.n = n;
+        cp.layer = l;
+        cp.head_dim = hd();
+        cp.d_src = small.as<float>();
+        cp.d_live_row = d_row;
+        cp.d_live_req = d_req;
+        cp.d_caches = d_views;
+        cp.d_cos_out = cosv.as<float>();
+        if (spa) {
+          RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, Lw.proxy, R, small.as<float>()));
+          RETURN_IF_ERROR(tick("select_gemm"));
+          cp.width = R;
+          cp.target = k::DlmCosineTarget::kProxy;
+        } else {
+          RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, Lw.wqkv + static_cast<size_t>(Q + KV) * Dm,
+                               KV, small.as<float>()));
+          RETURN_IF_ERROR(tick("select_gemm"));
+          cp.width = KV;
+          cp.d_bias = Lw.bv;
+          cp.target = k::DlmCosineTarget::kValue;
+        }
+        DLM_CUDA(k::DlmCosineStore(cp, stream));
+        RETURN_IF_ERROR(tick("select_cosine"));
+        DLM_CUDA(k::DlmSelectSmallest(cosv.as<float>(), d_sb, d_sl, d_k + l * B, d_koff + l * B, B,
+                                      sel.as<int32_t>(), inv.as<int32_t>(), stream));
+        RETURN_IF_ERROR(tick("select_topk"));
+        d_sel = sel.as<int32_t>();
+        d_inv = inv.as<int32_t>();
+      } else if (spec0.store_proxy && l >= 1) {
         RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, Lw.proxy, R, small.as<float>()));
-        RETURN_IF_ERROR(tick("select_gemm"));
+        RETURN_IF_ERROR(tick("proxy_store_gemm"));
+        k::DlmCosineParams cp;
+        cp.n = n;
+        cp.layer = l;
         cp.width = R;
         cp.target = k::DlmCosineTarget::kProxy;
+        cp.d_src = small.as<float>();
+        cp.d_live_row = d_row;
+        cp.d_live_req = d_req;
+        cp.d_caches = d_views;
+        DLM_CUDA(k::DlmCosineStore(cp, stream));
+        RETURN_IF_ERROR(tick("proxy_store_cosine"));
+      }
+      if (l >= 1) RETURN_IF_ERROR(mark(ev(l, 0)));
+
+      // K / V of the recomputed rows → caches. hq_rows: the selected rows' normalised input.
+      const uint16_t* h_q = h.as<uint16_t>();
+      if (d_sel != nullptr) {
+        DLM_CUDA(k::RmsNormToBf16(x.as<float>(), d_sel, m, Dm, Lw.attn_norm, eps,
+                                  hs.as<uint16_t>(), stream));
+        RETURN_IF_ERROR(tick("attn_norm_selected"));
+        h_q = hs.as<uint16_t>();
+      }
+      k::DlmKvScatterParams kp;
+      kp.kv_heads = Hkv();
+      kp.head_dim = hd();
+      kp.layer = l;
+      kp.d_bias_k = Lw.bk;
+      kp.d_bias_v = Lw.bv;
+      kp.d_live_row = d_row;
+      kp.d_live_req = d_req;
+      kp.d_caches = d_views;
+      kp.d_inv_freq = inv_freq;
+      kp.d_src = kv.as<float>();
+      const uint16_t* wk = Lw.wqkv + static_cast<size_t>(Q) * Dm;
+      // fused_row_ops: when K/V are recomputed for exactly the Q rows, one GEMM over the
+      // contiguous Q|K|V (dllm: Q|K) rows of wqkv gives both (fused, ld = its width).
+      const bool kv_of_q_rows = d_sel == nullptr || !(spa && spec0.kv_all_rows);
+      const int qkv_w = Q + (d_sel != nullptr && !spa ? KV : 2 * KV);
+      const bool fuse_qkv = fused && kv_of_q_rows && m > 0;
+      if (fuse_qkv) {
+        RETURN_IF_ERROR(Gemm(h_q, m, Dm, Lw.wqkv, qkv_w, kv.as<float>()));
+        RETURN_IF_ERROR(tick("qkv_gemm"));
+        kp.m = m;
+        kp.d_sel = d_sel;
+        kp.src_ld = qkv_w;
+        kp.k_col = Q;
+        kp.v_col = d_sel != nullptr && !spa ? -1 : Q + KV;
+      } else if (d_sel == nullptr || (spa && spec0.kv_all_rows)) {
+        // Every live row: K and V in one GEMM (the K and V rows of wqkv are contiguous).
+        RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, wk, 2 * KV, kv.as<float>()));
+        RETURN_IF_ERROR(tick("kv_gemm"));
+        kp.m = n;
+        kp.src_ld = 2 * KV;
+        kp.k_col = 0;
+        kp.v_col = KV;
+      } else if (spa) {
+        RETURN_IF_ERROR(Gemm(h_q, m, Dm, wk, 2 * KV, kv.as<float>()));
+        RETURN_IF_ERROR(tick("kv_gemm"));
+        kp.m = m;
+        kp.d_sel = d_sel;
+        kp.src_ld = 2 * KV;
+        kp.k_col = 0;
+        kp.v_col = KV;
+      } else {  // dllm: V of every live row was stored by the selection; K for the selected rows
+        RETURN_IF_ERROR(Gemm(h_q, m, Dm, wk, KV, kv.as<float>()));
+        RETURN_IF_ERROR(tick("kv_gemm"));
+        kp.m = m;
+        kp.d_sel = d_sel;
+        kp.src_ld = KV;
+        kp.k_col = 0;
+        kp.v_col = -1;
+      }
+      DLM_CUDA(k::DlmKvScatter(kp, stream));
+      RETURN_IF_ERROR(tick("kv_rope_scatter"));
+      if (l >= 1) RETURN_IF_ERROR(mark(ev(l, 1)));
+
+      // Q, attention over every canvas row, O, MLP for the recomputed rows.
+      if (m > 0) {
+        if (fuse_qkv) {
+          DLM_CUDA(k::DlmRopeQ(kv.as<float>(), qkv_w, Lw.bq, d_sel, d_row, m, Hq(), hd(),
+                               inv_freq, qb.as<uint16_t>(), stream));
+        } else {
+          RETURN_IF_ERROR(Gemm(h_q, m, Dm, Lw.wqkv, Q, qf.as<float>()));
+          RETURN_IF_ERROR(tick("q_gemm"));
+          DLM_CUDA(k::DlmRopeQ(qf.as<float>(), 0, Lw.bq, d_sel, d_row, m, Hq(), hd(), inv_freq,
+                               qb.as<uint16_t>(), stream));
+        }
+        RETURN_IF_ERROR(tick("q_rope"));
+        RETURN_IF_ERROR(mark(ev(l, 2)));
+        const float scale = 1.0f / std::sqrt(static_cast<float>(hd()));
+        const float one = 1.0f, zero = 0.0f;
+        for (const Group& g : groups[l]) {
+          const void* const* P6 = d_ptrs + g.ptr_off;
+          // S (row-major [m][N] per head) = scale · Q Kᵀ:
+          // column-major N × m = Kᵀ(N×hd) · Q(hd×m).
+          DLM_CUBLAS(cublasGemmBatchedEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, g.N, g.m, hd(), &scale,
+                                         P6, CUDA_R_16BF, hd(), P6 + g.count, CUDA_R_16BF, Q,
+                                         &zero, const_cast<void* const*>(P6 + 2 * g.count),
+                                         CUDA_R_32F, g.N, g.count, CUBLAS_COMPUTE_32F,
+                                         CUBLAS_GEMM_DEFAULT));
+          RETURN_IF_ERROR(tick("attn_qk"));
+          DLM_CUDA(k::DlmSoftmaxRowsToBf16(s.as<float>() + g.s_off,
+                                           static_cast<int64_t>(g.count) * g.m, g.N,
+                                           p.as<uint16_t>() + g.s_off, stream));
+          RETURN_IF_ERROR(tick("attn_softmax"));
+          // O (row-major [m][hd] per head, ld Q) = P V: column-major hd × m = V(hd×N) · P(N×m).
+          DLM_CUBLAS(cublasGemmBatchedEx(cublas, CUBLAS_OP_N, CUBLAS_OP_N, hd(), g.m, g.N, &one,
+                                         P6 + 3 * g.count, CUDA_R_16BF, hd(), P6 + 4 * g.count,
+                                         CUDA_R_16BF, g.N, &zero,
+                                         const_cast<void* const*>(P6 + 5 * g.count), CUDA_R_16BF,
+                                         Q, g.count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          RETURN_IF_ERROR(tick("attn_pv"));
+        }
+        RETURN_IF_ERROR(mark(ev(l, 3)));
+        RETURN_IF_ERROR(Gemm(ob.as<uint16_t>(), m, Q, Lw.wo, Dm, a.as<float>()));
+        RETURN_IF_ERROR(tick("o_gemm"));
+        DLM_CUDA(k::DlmAddRmsNorm(x.as<float>(), d_sel, a.as<float>(), Lw.bo, m, Dm, Lw.mlp_norm,
+                                  eps, h2.as<uint16_t>(), stream));
+        RETURN_IF_ERROR(tick("add_mlp_norm"));
+        RETURN_IF_ERROR(Gemm(h2.as<uint16_t>(), m, Dm, Lw.w_gu, 2 * F(), gu.as<float>()));
+        RETURN_IF_ERROR(tick("gate_up_gemm"));
+        DLM_CUDA(k::SiluMulToBf16(gu.as<float>(), m, F(), act.as<uint16_t>(), stream));
+        RETURN_IF_ERROR(tick("silu_mul"));
+        RETURN_IF_ERROR(Gemm(act.as<uint16_t>(), m, F(), Lw.w_down, Dm, a.as<float>(), 1.0f));
+        RETURN_IF_ERROR(tick("down_gemm"));
+      }
+      if (fused && l + 1 < NL) {  // + the next layer's input norm: h for layer l + 1
+        DLM_CUDA(k::DlmResidualRmsNorm(x.as<float>(), d_inv, a.as<float>(), n, Dm, l, d_row,
+                                       d_req, d_views, layers[l + 1].attn_norm, eps,
+                                       h.as<uint16_t>(), stream));
+        RETURN_IF_ERROR(tick("residual_norm"));
       } else {
-        RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, Lw.wqkv + static_cast<size_t>(Q + KV) * Dm,
-                             KV, small.as<float>()));
-        RETURN_IF_ERROR(tick("select_gemm"));
-        cp.width = KV;
-        cp.d_bias = Lw.bv;
-        cp.target = k::DlmCosineTarget::kValue;
+        DLM_CUDA(k::DlmResidual(x.as<float>(), d_inv, a.as<float>(), n, Dm, l, d_row, d_req,
+                                d_views, stream));
+        RETURN_IF_ERROR(tick("residual"));
       }
-      DLM_CUDA(k::DlmCosineStore(cp, stream));
-      RETURN_IF_ERROR(tick("select_cosine"));
-      DLM_CUDA(k::DlmSelectSmallest(cosv.as<float>(), d_sb, d_sl, d_k + l * B, d_koff + l * B, B,
-                                    sel.as<int32_t>(), inv.as<int32_t>(), stream));
-      RETURN_IF_ERROR(tick("select_topk"));
-      d_sel = sel.as<int32_t>();
-      d_inv = inv.as<int32_t>();
-    } else if (spec0.store_proxy && l >= 1) {
-      RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, Lw.proxy, R, small.as<float>()));
-      RETURN_IF_ERROR(tick("proxy_store_gemm"));
-      k::DlmCosineParams cp;
-      cp.n = n;
-      cp.layer = l;
-      cp.width = R;
-      cp.target = k::DlmCosineTarget::kProxy;
-      cp.d_src = small.as<float>();
-      cp.d_live_row = d_row;
-      cp.d_live_req = d_req;
-      cp.d_caches = d_views;
-      DLM_CUDA(k::DlmCosineStore(cp, stream));
-      RETURN_IF_ERROR(tick("proxy_store_cosine"));
-      for (int b = 0; b < B; ++b) static_cast<CudaDlmCache*>(items[b].cache)->set_proxy_valid(l);
+      RETURN_IF_ERROR(mark(ev(l, 4)));
     }
-    if (l >= 1) RETURN_IF_ERROR(mark(ev(l, 0)));
 
-    // K / V of the recomputed rows → caches. hq_rows: the selected rows' normalised input.
-    const uint16_t* h_q = h.as<uint16_t>();
-    if (d_sel != nullptr) {
-      DLM_CUDA(k::RmsNormToBf16(x.as<float>(), d_sel, m, Dm, Lw.attn_norm, eps,
-                                hs.as<uint16_t>(), stream));
-      RETURN_IF_ERROR(tick("attn_norm_selected"));
-      h_q = hs.as<uint16_t>();
-    }
-    k::DlmKvScatterParams kp;
-    kp.kv_heads = Hkv();
-    kp.head_dim = hd();
-    kp.layer = l;
-    kp.d_bias_k = Lw.bk;
-    kp.d_bias_v = Lw.bv;
-    kp.d_live_row = d_row;
-    kp.d_live_req = d_req;
-    kp.d_caches = d_views;
-    kp.d_inv_freq = inv_freq;
-    kp.d_src = kv.as<float>();
-    const uint16_t* wk = Lw.wqkv + static_cast<size_t>(Q) * Dm;
-    if (d_sel == nullptr || (spa && spec0.kv_all_rows)) {
-      // Every live row: K and V in one GEMM (the K and V rows of wqkv are contiguous).
-      RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), n, Dm, wk, 2 * KV, kv.as<float>()));
-      RETURN_IF_ERROR(tick("kv_gemm"));
-      kp.m = n;
-      kp.src_ld = 2 * KV;
-      kp.k_col = 0;
-      kp.v_col = KV;
-    } else if (spa) {
-      RETURN_IF_ERROR(Gemm(h_q, m, Dm, wk, 2 * KV, kv.as<float>()));
-      RETURN_IF_ERROR(tick("kv_gemm"));
-      kp.m = m;
-      kp.d_sel = d_sel;
-      kp.src_ld = 2 * KV;
-      kp.k_col = 0;
-      kp.v_col = KV;
-    } else {  // dllm: V of every live row was stored by the selection; K for the selected rows
-      RETURN_IF_ERROR(Gemm(h_q, m, Dm, wk, KV, kv.as<float>()));
-      RETURN_IF_ERROR(tick("kv_gemm"));
-      kp.m = m;
-      kp.d_sel = d_sel;
-      kp.src_ld = KV;
-      kp.k_col = 0;
-      kp.v_col = -1;
-    }
-    DLM_CUDA(k::DlmKvScatter(kp, stream));
-    RETURN_IF_ERROR(tick("kv_rope_scatter"));
-    if (l >= 1) RETURN_IF_ERROR(mark(ev(l, 1)));
-
-    // Q, attention over every canvas row, O, MLP for the recomputed rows.
-    if (m > 0) {
-      RETURN_IF_ERROR(Gemm(h_q, m, Dm, Lw.wqkv, Q, qf.as<float>()));
-      RETURN_IF_ERROR(tick("q_gemm"));
-      DLM_CUDA(k::DlmRopeQ(qf.as<float>(), Lw.bq, d_sel, d_row, m, Hq(), hd(), inv_freq,
-                           qb.as<uint16_t>(), stream));
-      RETURN_IF_ERROR(tick("q_rope"));
-      RETURN_IF_ERROR(mark(ev(l, 2)));
-      const float scale = 1.0f / std::sqrt(static_cast<float>(hd()));
-      const float one = 1.0f, zero = 0.0f;
-      for (const Group& g : groups[l]) {
-        const void* const* P6 = d_ptrs + g.ptr_off;
-        // S (row-major [m][N] per head) = scale · Q Kᵀ: column-major N × m = Kᵀ(N×hd) · Q(hd×m).
-        DLM_CUBLAS(cublasGemmBatchedEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, g.N, g.m, hd(), &scale,
-                                       P6, CUDA_R_16BF, hd(), P6 + g.count, CUDA_R_16BF, Q,
-                                       &zero, const_cast<void* const*>(P6 + 2 * g.count),
-                                       CUDA_R_32F, g.N, g.count, CUBLAS_COMPUTE_32F,
-                                       CUBLAS_GEMM_DEFAULT));
-        RETURN_IF_ERROR(tick("attn_qk"));
-        DLM_CUDA(k::DlmSoftmaxRowsToBf16(s.as<float>() + g.s_off,
-                                         static_cast<int64_t>(g.count) * g.m, g.N,
-                                         p.as<uint16_t>() + g.s_off, stream));
-        RETURN_IF_ERROR(tick("attn_softmax"));
-        // O (row-major [m][hd] per head, ld Q) = P V: column-major hd × m = V(hd×N) · P(N×m).
-        DLM_CUBLAS(cublasGemmBatchedEx(cublas, CUBLAS_OP_N, CUBLAS_OP_N, hd(), g.m, g.N, &one,
-                                       P6 + 3 * g.count, CUDA_R_16BF, hd(), P6 + 4 * g.count,
-                                       CUDA_R_16BF, g.N, &zero,
-                                       const_cast<void* const*>(P6 + 5 * g.count), CUDA_R_16BF,
-                                       Q, g.count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        RETURN_IF_ERROR(tick("attn_pv"));
-      }
-      RETURN_IF_ERROR(mark(ev(l, 3)));
-      RETURN_IF_ERROR(Gemm(ob.as<uint16_t>(), m, Q, Lw.wo, Dm, a.as<float>()));
-      RETURN_IF_ERROR(tick("o_gemm"));
-      DLM_CUDA(k::DlmAddRmsNorm(x.as<float>(), d_sel, a.as<float>(), Lw.bo, m, Dm, Lw.mlp_norm,
-                                eps, h2.as<uint16_t>(), stream));
-      RETURN_IF_ERROR(tick("add_mlp_norm"));
-      RETURN_IF_ERROR(Gemm(h2.as<uint16_t>(), m, Dm, Lw.w_gu, 2 * F(), gu.as<float>()));
-      RETURN_IF_ERROR(tick("gate_up_gemm"));
-      DLM_CUDA(k::SiluMulToBf16(gu.as<float>(), m, F(), act.as<uint16_t>(), stream));
-      RETURN_IF_ERROR(tick("silu_mul"));
-      RETURN_IF_ERROR(Gemm(act.as<uint16_t>(), m, F(), Lw.w_down, Dm, a.as<float>(), 1.0f));
-      RETURN_IF_ERROR(tick("down_gemm"));
-    }
-    DLM_CUDA(k::DlmResidual(x.as<float>(), d_inv, a.as<float>(), n, Dm, l, d_row, d_req, d_views,
+    return absl::OkStatus();
+  };
+  // Final norm + LM head + top-1 on the logit rows: never captured, so that the graph of a step
+  // shape does not depend on how many masked rows are left in the block (which changes every
+  // step of a decode).
+  auto enqueue_head = [&]() -> absl::Status {
+    if (nl > 0) {
+      // The logit rows are live rows (nl <= n): h (n rows) is free by now.
+      DLM_CUDA(k::RmsNormToBf16(x.as<float>(), d_logit, nl, Dm, final_norm, eps, h.as<uint16_t>(),
+                                stream));
+      RETURN_IF_ERROR(tick("final_norm"));
+      RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), nl, Dm, lm_head, V, logits.as<float>()));
+      RETURN_IF_ERROR(tick("lm_head_gemm"));
+      if (want_top1) {
+        DLM_CUDA(k::DlmTop1(logits.as<float>(), nl, V, top1.as<int32_t>(), prob.as<float>(),
                             stream));
-    RETURN_IF_ERROR(tick("residual"));
-    RETURN_IF_ERROR(mark(ev(l, 4)));
-  }
-
-  // ---- Final norm + LM head on the logit rows.
-  const bool want_top1 = items[0].top1 != nullptr;
-  if (nl > 0) {
-    // The logit rows are live rows (nl <= n): h (n rows) is free by now.
-    DLM_CUDA(k::RmsNormToBf16(x.as<float>(), d_logit, nl, Dm, final_norm, eps, h.as<uint16_t>(),
-                              stream));
-    RETURN_IF_ERROR(tick("final_norm"));
-    RETURN_IF_ERROR(Gemm(h.as<uint16_t>(), nl, Dm, lm_head, V, logits.as<float>()));
-    RETURN_IF_ERROR(tick("lm_head_gemm"));
-    if (want_top1) {
-      DLM_CUDA(k::DlmTop1(logits.as<float>(), nl, V, top1.as<int32_t>(), prob.as<float>(), stream));
-      RETURN_IF_ERROR(tick("top1"));
+        RETURN_IF_ERROR(tick("top1"));
+      }
+    }
+    RETURN_IF_ERROR(mark(ev(NL, 0)));
+    return absl::OkStatus();
+  };
+  const bool use_graph = graphs && !profile && !profile_kernels && !gemm_tune;
+  if (!use_graph) {
+    RETURN_IF_ERROR(enqueue());
+    graph_eager++;
+  } else {
+    // Everything a launch's arguments depend on; the per-step metadata (tokens, positions, cache
+    // views, attention pointers) is read from `meta` by the kernels and copied in above.
+    std::vector<int64_t> key = {static_cast<int64_t>(spec0.select), spec0.first_selective_layer,
+                                spec0.kv_all_rows, spec0.store_proxy, B, n};
+    for (int b = 0; b < B; ++b) {
+      key.push_back(off[b + 1] - off[b]);
+      key.push_back(items[b].cache->rows());
+    }
+    for (int l = 0; l < NL; ++l) key.insert(key.end(), mq[l].begin(), mq[l].end());
+    for (const Grow* g : {&x, &h, &hs, &small, &cosv, &sel, &inv, &kv, &qf, &qb, &ob, &a, &h2,
+                          &gu, &act, &s, &p, &meta}) {
+      key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(g->ptr)));
+    }
+    auto found = graph_exec.find(key);
+    if (found == graph_exec.end() && ++graph_seen[key] >= 2) {
+      if (graph_exec.size() >= kMaxGraphs) DropGraphs();
+      if (graph_seen.size() > 4 * kMaxGraphs) graph_seen.clear();
+      DLM_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      absl::Status st = enqueue();
+      cudaGraph_t graph = nullptr;
+      const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+      if (st.ok()) st = CudaErr(end, "cudaStreamEndCapture");
+      cudaGraphExec_t exec = nullptr;
+      if (st.ok()) st = CudaErr(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+      if (graph != nullptr) cudaGraphDestroy(graph);
+      RETURN_IF_ERROR(st);
+      found = graph_exec.emplace(key, exec).first;
+      graph_captures++;
+    }
+    if (found != graph_exec.end()) {
+      DLM_CUDA(cudaGraphLaunch(found->second, stream));
+      graph_replays++;
+    } else {
+      RETURN_IF_ERROR(enqueue());
+      graph_eager++;
     }
   }
-  RETURN_IF_ERROR(mark(ev(NL, 0)));
+  RETURN_IF_ERROR(enqueue_head());
+  // Proxies stored by the step (layers >= 1 that did not select): valid from now on.
+  for (int l = 1; l < NL && spec0.store_proxy; ++l) {
+    if (selective && l >= spec0.first_selective_layer) continue;
+    for (int b = 0; b < B; ++b) static_cast<CudaDlmCache*>(items[b].cache)->set_proxy_valid(l);
+  }
   std::vector<int32_t> h_top(nl);
   std::vector<float> h_prob(nl), h_logits;
   if (nl > 0) {
@@ -815,6 +941,14 @@ std::vector<std::pair<std::string, double>> CudaDlmModel::TakeKernelProfile(
   impl_->kernel_forwards = 0;
   return std::exchange(impl_->kernel_ms, {});
 }
+std::string CudaDlmModel::graph_summary() const {
+  absl::MutexLock l(&mu_);
+  const Impl& m = *impl_;
+  return absl::StrCat("cuda graphs ", m.graphs ? "on" : "off", ", skinny gemm ",
+                      m.skinny ? "on" : "off", ": ", m.graph_replays, " forwards replayed, ",
+                      m.graph_captures, " captured, ", m.graph_eager, " eager; ",
+                      m.graph_exec.size(), " graphs held");
+}
 std::string CudaDlmModel::gemm_tuning_summary() const {
   absl::MutexLock l(&mu_);
   return impl_->gemm_tune ? impl_->TuningSummary() : "gemm tuning off";
@@ -863,6 +997,19 @@ absl::StatusOr<std::unique_ptr<CudaDlmModel>> CudaDlmModel::Create(const CudaDlm
   DLM_CUBLAS(cublasSetStream(m.cublas, m.stream));
   m.gemm_tune = o.gemm_tune;
   m.profile_kernels = o.profile_kernels;
+  m.graphs = o.cuda_graphs;
+  m.fused = o.fused_row_ops;
+  {
+    cudaDeviceProp dp;
+    DLM_CUDA(cudaGetDeviceProperties(&dp, o.device));
+    m.num_sms = dp.multiProcessorCount;
+    m.skinny = o.skinny_gemm && dp.major >= 9;  // thread-block clusters
+  }
+  // A workspace of our own (cuBLAS's default size on Hopper), so that captured GEMMs never
+  // allocate.
+  DLM_CUDA(cudaMalloc(&m.cublas_ws, Impl::kCublasWorkspace));
+  m.allocations.push_back(m.cublas_ws);
+  DLM_CUBLAS(cublasSetWorkspace(m.cublas, m.cublas_ws, Impl::kCublasWorkspace));
   if (m.gemm_tune) {
     DLM_CUBLAS(cublasLtCreate(&m.lt));
     DLM_CUDA(cudaMalloc(&m.lt_ws, Impl::kLtWorkspace));

@@ -90,6 +90,26 @@ struct CudaDlmOptions {
   // Diagnostics: a CUDA event after every launch of a forward; TakeKernelProfile() returns the
   // time per kernel class (the gap before each launch included). Adds ~20 events per layer.
   bool profile_kernels = false;
+  // GEMMs with at most kSkinnyGemmMaxRows (64) rows — the cached steps' selected rows at small
+  // batch — run on SkinnyGemmBf16 (worker/kernels/skinny_gemm.h: a weight-streaming tensor-core
+  // GEMM, split-K reduced deterministically in a thread-block cluster) instead of cuBLAS;
+  // needs an sm_90 device (off otherwise). gemm_tune, when on, takes precedence. Off by default:
+  // measured slower than cuBLAS's default at LLaDA-8B shape on an H100 (docs/dlm.md).
+  bool skinny_gemm = false;
+  // Replay a step as a CUDA graph: the launches of a forward from the embedding to the last layer
+  // are captured the second time the same step shape occurs — same step kind, requests, live /
+  // selected rows per layer and request, workspaces — and replayed from then on (the per-step
+  // metadata is copied in before the replay, so tokens, positions and caches may change; the
+  // final norm, LM head and top-1 over the logit rows, whose count changes every step, run
+  // eagerly after the replay). Up to
+  // 64 graphs are kept (all dropped when full). Not used while profile,
+  // profile_kernels or gemm_tune is on.
+  bool cuda_graphs = true;
+  // Fewer launches per layer: one GEMM over wqkv's contiguous Q|K|V rows when K/V are
+  // recomputed for exactly the Q rows (every policy but spa's reference "K/V of all response
+  // rows"; dllm: Q|K), and the residual update fused with the next layer's input RMSNorm
+  // (DlmResidualRmsNorm). Off: the separate Q and K/V GEMMs and norm kernels.
+  bool fused_row_ops = true;
 };
 
 class CudaDlmModel : public DlmBackend {
@@ -118,6 +138,8 @@ class CudaDlmModel : public DlmBackend {
   int64_t weight_bytes() const;
   // gemm_tune: shapes tuned so far, how many use cuBLASLt, and their summed times.
   std::string gemm_tuning_summary() const;
+  // cuda_graphs: forwards replayed from a graph / captured / run eagerly so far.
+  std::string graph_summary() const;
   // profile_kernels: milliseconds per kernel class summed over the forwards since the last call
   // (in first-launch order), and in *forwards (optional) how many forwards; then resets.
   std::vector<std::pair<std::string, double>> TakeKernelProfile(int64_t* forwards = nullptr) const;

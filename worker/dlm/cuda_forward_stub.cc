@@ -20,6 +20,7 @@ std::string CudaDlmModel::backend_name() const { return "cuda (unavailable)"; }
 std::string CudaDlmModel::device_name() const { return device_name_; }
 int64_t CudaDlmModel::weight_bytes() const { return weight_bytes_; }
 std::string CudaDlmModel::gemm_tuning_summary() const { return "gemm tuning off"; }
+std::string CudaDlmModel::graph_summary() const { return "cuda graphs off"; }
 std::vector<std::pair<std::string, double>> CudaDlmModel::TakeKernelProfile(
     int64_t* forwards) const {
   if (forwards != nullptr) *forwards = 0;

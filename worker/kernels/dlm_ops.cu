@@ -20,16 +20,18 @@ cudaError_t DlmKvScatter(const DlmKvScatterParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t DlmRopeQ(const float* d_src, const float* d_bias, const int32_t* d_sel,
+cudaError_t DlmRopeQ(const float* d_src, int src_ld, const float* d_bias, const int32_t* d_sel,
                      const int32_t* d_live_row, int m, int heads, int head_dim,
                      const float* d_inv_freq, uint16_t* d_q_out, cudaStream_t stream) {
   if (m < 0 || heads <= 0 || head_dim <= 0 || head_dim % 2 != 0) return cudaErrorInvalidValue;
+  if (src_ld == 0) src_ld = heads * head_dim;
+  if (src_ld < heads * head_dim) return cudaErrorInvalidValue;
   if (m == 0) return cudaSuccess;
   if (d_src == nullptr || d_live_row == nullptr || d_inv_freq == nullptr || d_q_out == nullptr) {
     return cudaErrorInvalidValue;
   }
-  dlm_ops::RopeQKernel<<<m, kThreads, 0, stream>>>(d_src, d_bias, d_sel, d_live_row, heads,
-                                                   head_dim, d_inv_freq, d_q_out);
+  dlm_ops::RopeQKernel<<<m, kThreads, 0, stream>>>(d_src, src_ld, d_bias, d_sel, d_live_row,
+                                                   heads, head_dim, d_inv_freq, d_q_out);
   return cudaGetLastError();
 }
 
@@ -92,7 +94,23 @@ cudaError_t DlmResidual(float* d_x, const int32_t* d_inv, const float* d_fresh, 
     return cudaErrorInvalidValue;
   }
   dlm_ops::ResidualKernel<<<n, kThreads, 0, stream>>>(d_x, d_inv, d_fresh, d, layer, d_live_row,
-                                                      d_live_req, d_caches);
+                                                      d_live_req, d_caches, nullptr, 0.0f,
+                                                      nullptr);
+  return cudaGetLastError();
+}
+
+cudaError_t DlmResidualRmsNorm(float* d_x, const int32_t* d_inv, const float* d_fresh, int n,
+                               int d, int layer, const int32_t* d_live_row,
+                               const int32_t* d_live_req, const DlmCacheView* d_caches,
+                               const float* d_w, float eps, uint16_t* d_out, cudaStream_t stream) {
+  if (n < 0 || d <= 0 || layer < 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  if (d_x == nullptr || d_live_row == nullptr || d_live_req == nullptr || d_caches == nullptr ||
+      d_w == nullptr || d_out == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  dlm_ops::ResidualKernel<<<n, kThreads, 0, stream>>>(d_x, d_inv, d_fresh, d, layer, d_live_row,
+                                                      d_live_req, d_caches, d_w, eps, d_out);
   return cudaGetLastError();
 }
 

@@ -85,14 +85,14 @@ __global__ void __launch_bounds__(kThreads) KvScatterKernel(DlmKvScatterParams p
 
 // One block per row j.
 __global__ void __launch_bounds__(kThreads)
-    RopeQKernel(const float* __restrict__ src, const float* __restrict__ bias,
+    RopeQKernel(const float* __restrict__ src, int src_ld, const float* __restrict__ bias,
                 const int32_t* __restrict__ sel, const int32_t* __restrict__ live_row, int heads,
                 int hd, const float* __restrict__ inv_freq, uint16_t* __restrict__ out) {
   const int j = blockIdx.x;
   const int i = sel != nullptr ? sel[j] : j;
   const float pos = static_cast<float>(live_row[i]);
   const int half = hd / 2, width = heads * hd;
-  const float* s_row = src + static_cast<size_t>(j) * width;
+  const float* s_row = src + static_cast<size_t>(j) * src_ld;
   uint16_t* o = out + static_cast<size_t>(j) * width;
   for (int idx = threadIdx.x; idx < heads * half; idx += kThreads) {
     const int h = idx / half, e = idx % half;
@@ -247,27 +247,41 @@ __global__ void __launch_bounds__(kThreads)
   for (int e = threadIdx.x; e < d; e += kThreads) o[e] = FToBf16(w[e] * ((xr[e] + ar[e]) * inv));
 }
 
-// One block per live row i.
+// One block per live row i. With w (DlmResidualRmsNorm): then the RMSNorm of the updated row
+// into out (each thread re-reads only the elements it wrote itself).
 __global__ void __launch_bounds__(kThreads)
     ResidualKernel(float* __restrict__ x, const int32_t* __restrict__ inv,
                    const float* __restrict__ fresh, int d, int layer,
                    const int32_t* __restrict__ live_row, const int32_t* __restrict__ live_req,
-                   const DlmCacheView* __restrict__ caches) {
+                   const DlmCacheView* __restrict__ caches, const float* __restrict__ w,
+                   float eps, uint16_t* __restrict__ out) {
   const int i = blockIdx.x;
   const int j = inv != nullptr ? inv[i] : i;
   const DlmCacheView c = caches[live_req[i]];
   float* delta = c.delta + (static_cast<size_t>(layer) * c.rows + live_row[i]) * d;
   float* xr = x + static_cast<size_t>(i) * d;
+  float ss = 0;
   if (j >= 0) {
     const float* f = fresh + static_cast<size_t>(j) * d;
     for (int e = threadIdx.x; e < d; e += kThreads) {
       const float v = f[e];
       delta[e] = v;
-      xr[e] += v;
+      const float nx = xr[e] + v;
+      xr[e] = nx;
+      ss += nx * nx;
     }
   } else {
-    for (int e = threadIdx.x; e < d; e += kThreads) xr[e] += delta[e];
+    for (int e = threadIdx.x; e < d; e += kThreads) {
+      const float nx = xr[e] + delta[e];
+      xr[e] = nx;
+      ss += nx * nx;
+    }
   }
+  if (w == nullptr) return;  // uniform per launch
+  ss = BlockReduce<false>(ss);
+  const float inv_rms = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+  uint16_t* o = out + static_cast<size_t>(i) * d;
+  for (int e = threadIdx.x; e < d; e += kThreads) o[e] = FToBf16(w[e] * (xr[e] * inv_rms));
 }
 
 // One block per row.

@@ -61,8 +61,10 @@ struct DlmKvScatterParams {
 cudaError_t DlmKvScatter(const DlmKvScatterParams& p, cudaStream_t stream);
 
 // q_out[j] = bf16(RoPE(src[j] + bias, live_row[sel ? sel[j] : j])) for m rows of `heads` heads.
-// src f32 [m][heads*head_dim], bias f32 or null, q_out bf16 [m][heads*head_dim].
-cudaError_t DlmRopeQ(const float* d_src, const float* d_bias, const int32_t* d_sel,
+// src f32 [m][src_ld] (the first heads*head_dim columns; src_ld = 0 means heads*head_dim — e.g.
+// a fused Q|K|V projection passes its full width), bias f32 or null, q_out bf16
+// [m][heads*head_dim].
+cudaError_t DlmRopeQ(const float* d_src, int src_ld, const float* d_bias, const int32_t* d_sel,
                      const int32_t* d_live_row, int m, int heads, int head_dim,
                      const float* d_inv_freq, uint16_t* d_q_out, cudaStream_t stream);
 
@@ -111,6 +113,14 @@ cudaError_t DlmAddRmsNorm(const float* d_x, const int32_t* d_sel, float* d_a, co
 cudaError_t DlmResidual(float* d_x, const int32_t* d_inv, const float* d_fresh, int n, int d,
                         int layer, const int32_t* d_live_row, const int32_t* d_live_req,
                         const DlmCacheView* d_caches, cudaStream_t stream);
+
+// DlmResidual fused with the next layer's input norm (one pass over x instead of two): the same
+// update of x, then out[i] = bf16(w · x[i] / sqrt(mean(x[i]²) + eps)) for every live row i —
+// RmsNormToBf16 (model_ops.h) of the updated rows. w f32 [d], out bf16 [n][d].
+cudaError_t DlmResidualRmsNorm(float* d_x, const int32_t* d_inv, const float* d_fresh, int n,
+                               int d, int layer, const int32_t* d_live_row,
+                               const int32_t* d_live_req, const DlmCacheView* d_caches,
+                               const float* d_w, float eps, uint16_t* d_out, cudaStream_t stream);
 
 // Per logits row: top1[r] = the first index of the maximum (NaN never wins; all NaN → 0),
 // prob[r] = 1 / Σ_v exp(l[v] − l[top1]) (its softmax probability, fp32).
