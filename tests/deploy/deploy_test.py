@@ -31,6 +31,7 @@ CHECK:
 No network, no docker, no cluster.
 """
 import argparse
+import atexit
 import copy
 import glob
 import json
@@ -223,6 +224,7 @@ def k8s_command_lines(objs, where):
     out = []
     cms = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ConfigMap"}
     tmp = tempfile.mkdtemp(prefix="prehoc_deploy_cfg_")
+    atexit.register(shutil.rmtree, tmp, True)
     for o in objs:
         spec = pod_spec(o)
         if not spec:
