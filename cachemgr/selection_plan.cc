@@ -105,22 +105,43 @@ absl::StatusOr<SelectionPlan> MakeSelectionPlan(const ModelConfig& model,
     plan.budget_tokens = static_cast<int64_t>(options.budget);
   }
 
-  static const std::set<std::string> kKeys = {
-      "sink", "local", "tau", "max_reuse", "dilate_r", "dilate_m_fraction", "psaw_start",
-      "psaw_phi", "psaw_alpha", "etf_start", "etf_psi", "etf_gamma", "refresh_interval",
-      "approx_channels", "budget_tokens", "budget_fraction", "gqa_max", "gate_unrotated", "follow",
-      "scan_slices", "scan_follow", "scan_reserve", "gate_delta", "gate_exact_delta", "gate_lse",
-      "keep_trail"};
+  // Keys of the whole plan, and keys of one layer's plan: the latter also as "key@L" (layer L
+  // only; wins over the plain key).
+  static const std::set<std::string> kPlanKeys = {
+      "psaw_start", "psaw_phi", "psaw_alpha", "etf_start", "etf_psi", "etf_gamma",
+      "budget_tokens", "budget_fraction"};
+  static const std::set<std::string> kLayerKeys = {
+      "sink", "local", "tau", "max_reuse", "dilate_r", "dilate_m_fraction", "refresh_interval",
+      "approx_channels", "gqa_max", "gate_unrotated", "follow", "scan_slices", "scan_follow",
+      "scan_reserve", "gate_delta", "gate_exact_delta", "gate_lse", "keep_trail", "k_scale", "gate_error",
+      "gate_exact_error"};
+  const int N = model.num_hidden_layers;
   for (const auto& [k, v] : overrides) {
-    if (!kKeys.count(k)) {
+    const size_t at = k.find('@');
+    if (at == std::string::npos ? (kPlanKeys.count(k) || kLayerKeys.count(k))
+                                : kLayerKeys.count(k.substr(0, at)) > 0) {
+      if (at == std::string::npos) continue;
+      int layer = -1;
+      const char* b = k.data() + at + 1;
+      const char* e = k.data() + k.size();
+      auto [ptr, ec] = std::from_chars(b, e, layer);
+      if (ec == std::errc() && ptr == e && b != e && layer >= 0 && layer < N) continue;
       return absl::InvalidArgumentError(absl::StrCat("sparsity override key '", k,
-                                                     "' is unknown; valid: ",
-                                                     absl::StrJoin(kKeys, ", ")));
+                                                     "': the layer after '@' must be in [0, ", N,
+                                                     ")"));
     }
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sparsity override key '", k, "' is unknown; valid: ", absl::StrJoin(kPlanKeys, ", "), ", ",
+        absl::StrJoin(kLayerKeys, ", "), " (the last group also as key@layer)"));
   }
   auto get = [&](const std::string& key, double def) {
     auto it = overrides.find(key);
     return it == overrides.end() ? def : it->second;
+  };
+  // A layer's value: key@layer, else key, else def.
+  auto lget = [&](int layer, const std::string& key, double def) {
+    auto it = overrides.find(absl::StrCat(key, "@", layer));
+    return it == overrides.end() ? get(key, def) : it->second;
   };
   if (overrides.count("budget_tokens")) {
     plan.budget_tokens = static_cast<int64_t>(get("budget_tokens", 0));
@@ -131,20 +152,12 @@ absl::StatusOr<SelectionPlan> MakeSelectionPlan(const ModelConfig& model,
     return absl::InvalidArgumentError("sparsity budget_fraction must be in [0, 1] and budget_tokens >= 0");
   }
 
-  const int N = model.num_hidden_layers;
   const SelectionPolicy p = plan.policy;
   int sink = 8, local = 32;
   if (p == SelectionPolicy::kH2O) sink = 0;
   if (p == SelectionPolicy::kOracle || p == SelectionPolicy::kQuest) {
     sink = 0;
     local = 0;
-  }
-  sink = static_cast<int>(get("sink", sink));
-  local = static_cast<int>(get("local", local));
-  if (sink < 0 || local < 0) return absl::InvalidArgumentError("sparsity sink and local must be >= 0");
-  const double tau = get("tau", 0.8);
-  if (!(tau >= -1 && tau <= 1)) {
-    return absl::InvalidArgumentError(absl::StrCat("sparsity override tau must be in [-1, 1], got ", tau));
   }
   const int psaw_start = static_cast<int>(get("psaw_start", N / 2));
   // PSAW is off by default (φ = 1): on the shipped model it cut needles planted in the first
@@ -159,9 +172,22 @@ absl::StatusOr<SelectionPlan> MakeSelectionPlan(const ModelConfig& model,
   plan.layers.resize(N);
   for (int l = 0; l < N; ++l) {
     LayerSelectionPlan& lp = plan.layers[l];
-    lp.sink = sink;
-    lp.local = local;
-    lp.tau = tau;
+    auto get = [&](const std::string& key, double def) { return lget(l, key, def); };
+    lp.sink = static_cast<int>(get("sink", sink));
+    lp.local = static_cast<int>(get("local", local));
+    if (lp.sink < 0 || lp.local < 0) {
+      return absl::InvalidArgumentError("sparsity sink and local must be >= 0");
+    }
+    lp.tau = get("tau", 0.8);
+    if (!(lp.tau >= -1 && lp.tau <= 1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sparsity override tau must be in [-1, 1], got ", lp.tau));
+    }
+    lp.k_scale = get("k_scale", 1.0);
+    if (!(lp.k_scale > 0 && lp.k_scale <= 64)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sparsity override k_scale must be in (0, 64], got ", lp.k_scale));
+    }
     lp.max_reuse = static_cast<int>(get("max_reuse", 64));
     lp.dilate_r = static_cast<int>(get("dilate_r", 1));
     lp.dilate_m_fraction = get("dilate_m_fraction", 1.0 / 3.0);
@@ -184,6 +210,19 @@ absl::StatusOr<SelectionPlan> MakeSelectionPlan(const ModelConfig& model,
     lp.gate_lse = get("gate_lse", 0);
     lp.scan_reserve = get("scan_reserve", 0);
     lp.keep_trail = get("keep_trail", 0) != 0;
+    lp.gate_error = get("gate_error", 0);
+    lp.gate_exact_error = get("gate_exact_error", 0);
+    if (!(lp.gate_error >= 0 && lp.gate_error < 10) ||
+        !(lp.gate_exact_error >= 0 && lp.gate_exact_error < 10)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sparsity overrides gate_error (", lp.gate_error, ") and gate_exact_error (",
+          lp.gate_exact_error, ") must be in [0, 10) (relative output error)"));
+    }
+    if (lp.gate_error > 0 && lp.scan_slices == 0) {
+      return absl::InvalidArgumentError(
+          "sparsity override gate_error > 0 needs scan_slices >= 1 (the output estimate samples "
+          "the scan's slice)");
+    }
     if (!(lp.gate_lse >= 0)) {
       return absl::InvalidArgumentError(
           absl::StrCat("sparsity override gate_lse must be >= 0 (nats), got ", lp.gate_lse));

@@ -93,6 +93,15 @@ struct LayerSelectionPlan {
   // reaches back to where it began at the refresh; a refresh's top-k never saw them, as they
   // were in the window then). Costs no scoring; the real kept count includes them.
   bool keep_trail = false;
+  // Gates on the attention output instead of the dropped mass (0 = off). The relative error of
+  // the shared list's attention output against dense attention, ‖o_S − o‖ / ‖o‖ (mean over the
+  // group's query heads), may exceed the refreshed list's (computed exactly at the refresh,
+  // which then reads every value too) by at most the margin. gate_error estimates o with the
+  // scan (needs scan_slices >= 1: kept list exact, reserve exact, slice scaled to the other
+  // out-of-set candidates, values of the scanned keys read too); gate_exact_error is its
+  // diagnostic (exact o every step: reads every key and value, no saving).
+  double gate_error = 0.0;
+  double gate_exact_error = 0.0;
 };
 
 struct SelectionPlan {
@@ -118,7 +127,9 @@ struct SelectionPlan {
 // "psaw_phi", "psaw_alpha", "etf_start", "etf_psi", "etf_gamma", "refresh_interval",
 // "approx_channels", "budget_tokens", "budget_fraction", "gqa_max", "gate_unrotated", "follow"
 // (0/1), "scan_slices", "scan_follow", "scan_reserve", "gate_delta", "gate_exact_delta",
-// "gate_lse", "keep_trail" (0/1)).
+// "gate_lse", "keep_trail" (0/1), "k_scale", "gate_error", "gate_exact_error"). Per-layer keys (all but budget_*, psaw_* and etf_*)
+// also take the form "key@L": layer L only, winning over the plain key (e.g. gate_delta@2=0.08,
+// max_reuse@0=0 for per-step selection in layer 0, k_scale@1=0.5).
 // Defaults (chosen and measured in docs/quality.md):
 //   prhs: sink 8, local 32, τ 0.8, max_reuse 64, m = k/3, r = 1; PSAW off (φ = 1; when
 //         enabled it starts at layer N/2, α = 1) and ETF off — both measured to cost retrieval

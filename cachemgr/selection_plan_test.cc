@@ -115,6 +115,39 @@ TEST(SelectionPlanTest, ScanAndDeltaGateOptions) {
   EXPECT_THAT(message({{"scan_slices", 8}, {"scan_reserve", 5}}), HasSubstr("[0, 4]"));
 }
 
+TEST(SelectionPlanTest, PerLayerOverridesApplyToTheirLayerOnly) {
+  // key@L sets layer L only and wins over the plain key; k_scale scales that layer's top-k.
+  auto p = MakeSelectionPlan(Model(4), SparsityOptions{.policy = "prhs", .budget = 0.125},
+                             {{"gate_delta", 0.03}, {"scan_slices", 8}, {"gate_delta@2", 0.08},
+                              {"max_reuse@0", 0}, {"local@3", 64}, {"k_scale@1", 0.5}});
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->layers[0].max_reuse, 0);
+  EXPECT_EQ(p->layers[1].max_reuse, 64);
+  EXPECT_DOUBLE_EQ(p->layers[1].gate_delta, 0.03);
+  EXPECT_DOUBLE_EQ(p->layers[2].gate_delta, 0.08);
+  EXPECT_DOUBLE_EQ(p->layers[3].gate_delta, 0.03);
+  EXPECT_EQ(p->layers[3].local, 64);
+  EXPECT_EQ(p->layers[2].local, 32);
+  // t = 4096: B = 512, k = 512 − 8 − 32 = 472; layer 1 at half; layer 3's wider window.
+  EXPECT_EQ(p->TopK(0, 4096), 472);
+  EXPECT_EQ(p->TopK(1, 4096), 236);
+  EXPECT_EQ(p->TopK(3, 4096), 440);
+  auto message = [](std::map<std::string, double> ov) {
+    return std::string(
+        MakeSelectionPlan(Model(4), SparsityOptions{.policy = "prhs"}, ov).status().message());
+  };
+  EXPECT_THAT(message({{"tau@4", 0.5}}), HasSubstr("'tau@4': the layer after '@' must be in [0, 4)"));
+  EXPECT_THAT(message({{"tau@x", 0.5}}), HasSubstr("'tau@x'"));
+  EXPECT_THAT(message({{"tau@", 0.5}}), HasSubstr("'tau@'"));
+  EXPECT_THAT(message({{"budget_fraction@1", 0.5}}), HasSubstr("is unknown"));  // plan-wide key
+  EXPECT_THAT(message({{"bogus@1", 0.5}}), HasSubstr("is unknown"));
+  EXPECT_THAT(message({{"tau@2", 3}}), HasSubstr("tau must be in [-1, 1], got 3"));
+  EXPECT_THAT(message({{"k_scale@0", -1}}), HasSubstr("k_scale must be in (0, 64]"));
+  EXPECT_THAT(message({{"gate_delta@1", 0.05}}), HasSubstr("gate_delta > 0 needs scan_slices"));
+  EXPECT_THAT(message({{"gate_error", 0.05}}), HasSubstr("gate_error > 0 needs scan_slices"));
+  EXPECT_THAT(message({{"gate_exact_error", -1}}), HasSubstr("gate_exact_error (-1)"));
+}
+
 TEST(SelectionPlanTest, HShareAndEtfParameters) {
   auto h = MakeSelectionPlan(Model(4), SparsityOptions{.policy = "hshare"});
   ASSERT_TRUE(h.ok());

@@ -122,7 +122,9 @@ TEST(CudaSupportsPlan, PoliciesAndFields) {
            {"scan_slices=4,gate_delta=0.05", "gate_delta"},
            {"gate_exact_delta=0.05", "gate_exact_delta"},
            {"gate_lse=0.5", "gate_lse"},
-           {"keep_trail=1", "keep_trail=1"}}) {
+           {"keep_trail=1", "keep_trail=1"},
+           {"scan_slices=4,gate_error=0.05", "gate_error"},
+           {"gate_exact_error=0.05", "gate_exact_error"}}) {
     s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", o));
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << o;
     EXPECT_THAT(std::string(s.message()), HasSubstr(name)) << o;

@@ -37,6 +37,7 @@ Flags:
   --targets LIST         δ* values for PrHS with the δ-controller on (default 0.05; '' = none)
   --ppl-rows N           rows of ppl_2k.jsonl to use (default 4)
   --ppl-tokens N         teacher-forced tokens per row (default 256)
+  --ppl-skip N           skip the first N rows of ppl_2k.jsonl (default 0)
   --retrieval LIST       sets, e.g. 2k,4k,8k (default 2k,4k)
   --retrieval-rows N     rows per set (default 16)
   --retrieval-skip N     skip the first N rows of each set (default 0)
@@ -67,6 +68,9 @@ struct Accum {
   int64_t scored_keys = 0, context_keys = 0;
   double kept_fraction_sum = 0;
   double seconds = 0;
+  // Per (layer, kv head) unit: Σ exact δ, Σ output error and selections measured, refreshes.
+  std::vector<double> unit_delta_sum, unit_error_sum;
+  std::vector<int64_t> unit_selections, unit_refreshes;
 };
 
 std::vector<std::string> SplitList(const std::string& s) {
@@ -212,6 +216,18 @@ class Harness {
         a.context_keys += t.context_keys_sum;
         a.kept_fraction_sum += t.kept_fraction_sum;
         a.target_delta = sessions[i]->plan().target_delta;
+        const size_t units = t.refreshes_per_unit.size();
+        a.unit_delta_sum.resize(units, 0.0);
+        a.unit_error_sum.resize(units, 0.0);
+        a.unit_selections.resize(units, 0);
+        a.unit_refreshes.resize(units, 0);
+        for (size_t k = 0; k < t.step_delta.size() && k < t.step_delta_unit.size(); ++k) {
+          const int u = t.step_delta_unit[k];
+          a.unit_delta_sum[u] += t.step_delta[k];
+          a.unit_error_sum[u] += k < t.step_output_error.size() ? t.step_output_error[k] : 0.0f;
+          ++a.unit_selections[u];
+        }
+        for (size_t u = 0; u < units; ++u) a.unit_refreshes[u] += t.refreshes_per_unit[u];
       }
       if (seqs[i] != 0) engine_->FreeSequence(seqs[i]).IgnoreError();
     }
@@ -246,7 +262,7 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   std::string policies = "prhs,prhs-budget-matched,oracle,quest,h2o,streaming,hshare";
   std::string budgets = "0.25,0.125,0.0625", targets = "0.05", retrieval = "2k,4k";
   std::string sparse_prefill;
-  int ppl_rows = 4, ppl_tokens = 256, retrieval_rows = 16, retrieval_skip = 0, threads = 0;
+  int ppl_rows = 4, ppl_tokens = 256, ppl_skip = 0, retrieval_rows = 16, retrieval_skip = 0, threads = 0;
   FlagSet flags(kUsage);
   flags.String("model", &model, "model directory");
   flags.String("data", &data, "data directory");
@@ -259,6 +275,7 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   flags.String("json", &json_path, "JSON output");
   flags.Int("ppl-rows", &ppl_rows, "perplexity rows");
   flags.Int("ppl-tokens", &ppl_tokens, "perplexity tokens");
+  flags.Int("ppl-skip", &ppl_skip, "perplexity rows skipped");
   flags.Int("retrieval-rows", &retrieval_rows, "retrieval rows");
   flags.Int("retrieval-skip", &retrieval_skip, "retrieval rows skipped");
   flags.Int("threads", &threads, "CPU threads");
@@ -266,7 +283,7 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
     return code;
   }
   if (absl::Status s = flags.CheckNonNegative(
-          {"ppl-rows", "ppl-tokens", "retrieval-rows", "retrieval-skip", "threads"});
+          {"ppl-rows", "ppl-tokens", "ppl-skip", "retrieval-rows", "retrieval-skip", "threads"});
       !s.ok()) {
     err << "prehoc eval: " << s.message() << "\n";
     return 2;
@@ -336,7 +353,8 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   const auto start = std::chrono::steady_clock::now();
 
   if (ppl_rows > 0) {
-    auto rows = ReadJsonl((std::filesystem::path(data) / "ppl_2k.jsonl").string(), ppl_rows);
+    auto rows = ReadJsonl((std::filesystem::path(data) / "ppl_2k.jsonl").string(), ppl_skip + ppl_rows);
+    if (rows.ok()) rows->erase(rows->begin(), rows->begin() + std::min<size_t>(ppl_skip, rows->size()));
     if (!rows.ok()) {
       err << "prehoc eval: " << rows.status() << "\n";
       return 1;
@@ -398,6 +416,7 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   j["model"] = model;
   j["data"] = data;
   j["ppl_rows"] = ppl_rows;
+  j["ppl_skip"] = ppl_skip;
   j["ppl_tokens"] = ppl_tokens;
   j["retrieval_rows"] = retrieval_rows;
   j["overrides"] = overrides;
@@ -472,7 +491,38 @@ int RunEval(const std::vector<std::string>& args, std::ostream& out, std::ostrea
       row += absl::StrFormat(" %d/%d |", hits, total);
     }
     out << row << "\n";
+    double err_sum = 0;
+    int64_t measured = 0;
+    for (size_t u = 0; u < a.unit_selections.size(); ++u) {
+      const double n = static_cast<double>(a.unit_selections[u]);
+      err_sum += a.unit_error_sum[u];
+      measured += a.unit_selections[u];
+      if (n == 0) continue;
+      c["per_unit"].push_back({{"unit", u},
+                               {"delta_mean", a.unit_delta_sum[u] / n},
+                               {"output_error_mean", a.unit_error_sum[u] / n},
+                               {"refresh_rate", a.unit_refreshes[u] / n}});
+    }
+    c["output_error_mean"] = measured > 0 ? err_sum / measured : 0.0;
     j["configs"].push_back(c);
+  }
+  // Per (layer, kv head) unit "L.h": mean relative attention-output error vs dense / refresh rate.
+  const int kv_heads = engine.config().num_key_value_heads;
+  const size_t num_units = static_cast<size_t>(engine.config().num_hidden_layers) * kv_heads;
+  out << "\nper (layer.kv head), attention output error vs dense / refresh rate:\n\n| config | all |";
+  for (size_t u = 0; u < num_units; ++u) out << " " << u / kv_heads << "." << u % kv_heads << " |";
+  out << "\n| --- | --- |";
+  for (size_t u = 0; u < num_units; ++u) out << " --- |";
+  out << "\n";
+  for (const nlohmann::json& c : j["configs"]) {
+    if (!c.contains("per_unit") || c["per_unit"].size() != num_units) continue;
+    out << "| " << c["config"].get<std::string>()
+        << absl::StrFormat(" | %.3f |", c["output_error_mean"].get<double>());
+    for (const nlohmann::json& pu : c["per_unit"]) {
+      out << absl::StrFormat(" %.3f / %.2f |", pu["output_error_mean"].get<double>(),
+                             pu["refresh_rate"].get<double>());
+    }
+    out << "\n";
   }
   if (!json_path.empty()) {
     std::ofstream f(json_path);

@@ -40,6 +40,8 @@ v1::SelectionPlan PlanToProto(const std::string& sequence_id, const SelectionPla
     o->set_gate_lse(lp.gate_lse);
     o->set_scan_reserve(lp.scan_reserve);
     o->set_keep_trail(lp.keep_trail);
+    o->set_gate_error(lp.gate_error);
+    o->set_gate_exact_error(lp.gate_exact_error);
     if (lp.base_tau > -1.5) o->set_base_tau(lp.base_tau);
     v1::CisParams* c = o->mutable_cis();
     c->set_tau(lp.tau);
@@ -123,6 +125,15 @@ absl::StatusOr<SelectionPlan> PlanFromProto(const v1::SelectionPlan& p, absl::Ti
     lp.gate_lse = o.gate_lse();
     lp.scan_reserve = o.scan_reserve();
     lp.keep_trail = o.keep_trail();
+    if (!(o.gate_error() >= 0 && o.gate_error() < 10) ||
+        !(o.gate_exact_error() >= 0 && o.gate_exact_error() < 10) ||
+        (o.gate_error() > 0 && o.scan_slices() == 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, "gate_error (", o.gate_error(), ") and gate_exact_error (", o.gate_exact_error(),
+          ") must be in [0, 10), and gate_error needs scan_slices"));
+    }
+    lp.gate_error = o.gate_error();
+    lp.gate_exact_error = o.gate_exact_error();
     if (o.base_tau() != 0) lp.base_tau = o.base_tau();
     lp.tau = o.cis().tau();
     lp.dilate_r = o.cis().r();

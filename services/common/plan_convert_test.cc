@@ -24,7 +24,8 @@ TEST(PlanConvertTest, RoundTripKeepsEveryCarriedField) {
                                  {"gqa_max", 1}, {"gate_unrotated", 1}, {"follow", 1},
                                  {"scan_slices", 16}, {"scan_follow", 8}, {"gate_delta", 0.03},
                                  {"gate_exact_delta", 0.05}, {"gate_lse", 0.5},
-                                 {"scan_reserve", 0.25}, {"keep_trail", 1}});
+                                 {"scan_reserve", 0.25}, {"keep_trail", 1}, {"gate_error", 0.1},
+                                 {"gate_exact_error", 0.2}, {"k_scale@1", 0.5}});
   ASSERT_TRUE(plan.ok()) << plan.status();
   plan->version = 7;
   plan->layers[2].head_k_scale = {1.5, 0.25};
@@ -63,6 +64,8 @@ TEST(PlanConvertTest, RoundTripKeepsEveryCarriedField) {
     EXPECT_EQ(std::make_tuple(b.scan_slices, b.scan_follow, b.gate_delta, b.gate_exact_delta,
                               b.gate_lse, b.scan_reserve, b.keep_trail),
               std::make_tuple(16, 8, 0.03, 0.05, 0.5, 0.25, true));
+    EXPECT_EQ(std::make_pair(b.gate_error, b.gate_exact_error), std::make_pair(0.1, 0.2));
+    EXPECT_DOUBLE_EQ(b.k_scale, l == 1 ? 0.5 : 1.0);
     EXPECT_EQ(b.head_k_scale, a.head_k_scale);
     EXPECT_DOUBLE_EQ(b.base_tau, a.base_tau);
     // Same budgets as the original at any context.
@@ -92,6 +95,14 @@ TEST(PlanConvertTest, BadPlansNameTheField) {
   p.mutable_layers(0)->set_scan_slices(8);
   p.mutable_layers(0)->set_gate_delta(2);
   EXPECT_THAT(PlanFromProto(p).status().message(), HasSubstr("gate_delta (2)"));
+  p.mutable_layers(0)->set_gate_delta(0.05);
+  p.mutable_layers(0)->set_gate_error(-1);
+  EXPECT_THAT(PlanFromProto(p).status().message(), HasSubstr("gate_error (-1)"));
+  p.mutable_layers(0)->set_gate_error(0.1);
+  p.mutable_layers(0)->set_scan_slices(0);
+  p.mutable_layers(0)->set_gate_delta(0);
+  EXPECT_THAT(PlanFromProto(p).status().message(), HasSubstr("gate_error needs scan_slices"));
+  p.mutable_layers(0)->set_gate_error(0);
   p.clear_layers();
   EXPECT_THAT(PlanFromProto(p).status().message(), HasSubstr("plan.layers"));
   p.add_layers();

@@ -47,6 +47,46 @@ double DroppedMass(std::span<const float> probs, std::span<const int32_t> indice
   return std::clamp(1.0 - kept, 0.0, 1.0);
 }
 
+double AttentionOutputError(const float* q, const KvView& kv, int kv_head, int group,
+                            int head_dim, std::span<const int32_t> list,
+                            std::vector<float>* group_probs) {
+  const int t = kv.length(), hd = head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  std::vector<double> w(t), o(hd), os(hd);
+  if (group_probs != nullptr) group_probs->assign(t, 0.0f);
+  double err = 0;
+  for (int g = 0; g < group; ++g) {
+    // One dense pass per query head: softmax weights over all t keys, the dense output o and
+    // the output over the list o_S (the same weights renormalised over S).
+    const float* qh = q + static_cast<size_t>(kv_head * group + g) * hd;
+    double mx = -INFINITY;
+    for (int j = 0; j < t; ++j) mx = std::max(mx, w[j] = cpu::Dot(qh, kv.key(kv_head, j), hd) * scale);
+    double sum = 0;
+    for (int j = 0; j < t; ++j) sum += (w[j] = std::exp(w[j] - mx));
+    std::fill(o.begin(), o.end(), 0.0);
+    std::fill(os.begin(), os.end(), 0.0);
+    for (int j = 0; j < t; ++j) {
+      if (group_probs != nullptr) (*group_probs)[j] += static_cast<float>(w[j] / (sum * group));
+      const float* v = kv.value(kv_head, j);
+      for (int d = 0; d < hd; ++d) o[d] += w[j] * v[d];
+    }
+    double sum_s = 0;
+    for (int32_t j : list) {
+      sum_s += w[j];
+      const float* v = kv.value(kv_head, j);
+      for (int d = 0; d < hd; ++d) os[d] += w[j] * v[d];
+    }
+    double diff = 0, norm = 0;
+    for (int d = 0; d < hd; ++d) {
+      const double od = o[d] / sum, osd = sum_s > 0 ? os[d] / sum_s : 0.0;
+      diff += (osd - od) * (osd - od);
+      norm += od * od;
+    }
+    err += (norm > 0 ? std::sqrt(diff / norm) : (diff > 0 ? 1.0 : 0.0)) / group;
+  }
+  return err;
+}
+
 std::vector<int32_t> TopKIndices(std::span<const float> scores, int64_t lo, int64_t hi, int64_t k) {
   lo = std::max<int64_t>(lo, 0);
   hi = std::min<int64_t>(hi, static_cast<int64_t>(scores.size()));
@@ -93,6 +133,8 @@ SequenceSelector::SequenceSelector(const ModelConfig& model, const SelectionPlan
     : model_(model), plan_(plan) {
   telemetry_.refreshes_per_layer.assign(model.num_hidden_layers, 0);
   telemetry_.shares_per_layer.assign(model.num_hidden_layers, 0);
+  telemetry_.refreshes_per_unit.assign(
+      static_cast<size_t>(model.num_hidden_layers) * model.num_key_value_heads, 0);
 }
 
 void SequenceSelector::Account(int64_t kept, int64_t t) {
@@ -104,12 +146,19 @@ void SequenceSelector::Account(int64_t kept, int64_t t) {
 
 void SequenceSelector::SelectAndMeasure(int layer, const float* q, const KvView& kv,
                                         std::vector<std::vector<int32_t>>* out) {
+  const int kvh = model_.num_key_value_heads;
+  const int64_t* per_unit = telemetry_.refreshes_per_unit.data() + static_cast<size_t>(layer) * kvh;
+  const std::vector<int64_t> before(per_unit, per_unit + kvh);
   Select(layer, q, kv, out);
   if (!measure_step_delta_) return;
-  const int group = model_.num_attention_heads / model_.num_key_value_heads;
-  for (int kh = 0; kh < model_.num_key_value_heads; ++kh) {
-    GroupProbabilities(q, kv, kh, group, model_.head_dim, &measure_probs_);
+  const int group = model_.num_attention_heads / kvh;
+  for (int kh = 0; kh < kvh; ++kh) {
+    telemetry_.step_refreshed.push_back(per_unit[kh] != before[kh]);
+    const double err =
+        AttentionOutputError(q, kv, kh, group, model_.head_dim, (*out)[kh], &measure_probs_);
     telemetry_.step_delta.push_back(static_cast<float>(DroppedMass(measure_probs_, (*out)[kh])));
+    telemetry_.step_delta_unit.push_back(static_cast<int16_t>(layer * kvh + kh));
+    telemetry_.step_output_error.push_back(static_cast<float>(err));
   }
 }
 
@@ -170,6 +219,7 @@ class OracleSelector : public SequenceSelector {
         telemetry_.scored_keys_sum += t;
         ++telemetry_.refreshes;
         ++telemetry_.refreshes_per_layer[layer];
+        ++telemetry_.refreshes_per_unit[layer * model_.num_key_value_heads + kh];
       }
       Account(static_cast<int64_t>(s.size()), t);
     }
@@ -356,6 +406,12 @@ class PrhsSelector : public SequenceSelector {
         share = DroppedMass(probs_, SharedList(lp, st, st.reuse + 1, t)) <=
                 st.anchor_delta + lp.gate_exact_delta;
       }
+      if (share && lp.gate_exact_error > 0) {
+        // Diagnostic gate on the exact attention-output error of the list a share would use.
+        telemetry_.scored_keys_sum += t;
+        share = AttentionOutputError(q, kv, kh, group, hd, SharedList(lp, st, st.reuse + 1, t)) <=
+                st.anchor_error + lp.gate_exact_error;
+      }
       if (share && lp.gate_lse > 0) {
         // The shared list's log-sum-exp (the sparse attention's own) fell from the refresh's.
         share = st.anchor_lse - MeanLse(q, kv, kh, group, SharedList(lp, st, st.reuse + 1, t)) <=
@@ -384,6 +440,7 @@ class PrhsSelector : public SequenceSelector {
     std::vector<int32_t> best;  // the best m of the refresh's top-k (the dilated ones)
     double anchor_delta = 0;    // exact dropped mass of the refreshed list at its refresh
     double anchor_lse = 0;      // gate_lse: the refreshed list's mean log-sum-exp at its refresh
+    double anchor_error = 0;    // gate_error / gate_exact_error: the list's output error then
     int64_t scan_phase = 0;     // rotating slice of the incremental scan
     int64_t window_start = 0;   // t − local at the refresh (keep_trail)
     std::vector<int32_t> reserve;  // scan_reserve: out-of-set runner-ups scored every scan
@@ -412,7 +469,9 @@ class PrhsSelector : public SequenceSelector {
   // estimated per query head as the slice's mass scaled to all out-of-set candidates; a key's
   // score is its group-mean probability under (kept + estimated out-of-set) mass. With
   // gate_delta > 0, returns false (refresh) when the estimated dropped mass exceeds
-  // st->anchor_delta + gate_delta. Otherwise swaps slice keys into st->set where they beat its
+  // st->anchor_delta + gate_delta, and with gate_error > 0 when the estimated attention-output
+  // error of the kept list (the same stratified estimate, with the scanned keys' values) exceeds
+  // st->anchor_error + gate_error. Otherwise swaps slice keys into st->set where they beat its
   // weakest members (members that left [lo, t − local) count as weakest), keeping |st->set|;
   // then the next position j + 1 of each of the scan_follow strongest kept candidates j joins
   // the set unscored in place of the weakest remaining member (a copy head's target moves one
@@ -454,7 +513,8 @@ class PrhsSelector : public SequenceSelector {
     // out-of-set candidates (a stratified estimate of the out-of-set mass).
     head_max_.assign(group, -INFINITY);
     head_norm_.assign(group, 0.0);
-    double delta = 0;
+    const int hd = model_.head_dim;
+    double delta = 0, error = 0;
     for (int g = 0; g < group; ++g) {
       float mx = -INFINITY;
       for (size_t i = 0; i < nk; ++i) mx = std::max(mx, kept_logits_[g * nk + i]);
@@ -470,8 +530,34 @@ class PrhsSelector : public SequenceSelector {
       head_max_[g] = mx;
       head_norm_[g] = zk + zout;
       delta += zout / (zk + zout) / group;
+      if (lp.gate_error > 0) {
+        // Output over the kept list (what the sparse attention computes) against the estimated
+        // dense output: kept + reserve exact + slice scaled to the rest, values included.
+        const double f = n_slice > 0 ? static_cast<double>(n_tail) / static_cast<double>(n_slice) : 0.0;
+        num_kept_.assign(hd, 0.0);
+        num_out_.assign(hd, 0.0);
+        for (size_t i = 0; i < nk; ++i) {
+          const double w = std::exp(static_cast<double>(kept_logits_[g * nk + i] - mx));
+          const float* v = kv.value(kh, kept[i]);
+          for (int d = 0; d < hd; ++d) num_kept_[d] += w * v[d];
+        }
+        for (size_t i = 0; i < nc; ++i) {
+          const double w = std::exp(static_cast<double>(cand_logits_[g * nc + i] - mx)) * (i < n_res ? 1.0 : f);
+          const float* v = kv.value(kh, cand_[i]);
+          for (int d = 0; d < hd; ++d) num_out_[d] += w * v[d];
+        }
+        double diff = 0, norm = 0;
+        for (int d = 0; d < hd; ++d) {
+          const double o = (num_kept_[d] + num_out_[d]) / (zk + zout), os = num_kept_[d] / zk;
+          diff += (os - o) * (os - o);
+          norm += o * o;
+        }
+        error += (norm > 0 ? std::sqrt(diff / norm) : 0.0) / group;
+      }
     }
+    if (lp.gate_error > 0) telemetry_.scored_keys_sum += static_cast<int64_t>(nc);  // their values
     if (lp.gate_delta > 0 && delta > st->anchor_delta + lp.gate_delta) return false;
+    if (lp.gate_error > 0 && error > st->anchor_error + lp.gate_error) return false;
     auto prob = [&](const std::vector<float>& l, size_t n, size_t i) {
       double p = 0;
       for (int g = 0; g < group; ++g) {
@@ -615,6 +701,12 @@ class PrhsSelector : public SequenceSelector {
         }
       }
     }
+    if (lp.gate_error > 0 || lp.gate_exact_error > 0) {
+      // Exact output error of the refreshed list (reads every value: counted as t more keys).
+      st->anchor_error = AttentionOutputError(q, kv, kh, group, model_.head_dim,
+                                              MergeIndexSet(lp.sink, st->set, lp.local, t));
+      telemetry_.scored_keys_sum += t;
+    }
     if (lp.gate_lse > 0) st->anchor_lse = MeanLse(q, kv, kh, group, MergeIndexSet(lp.sink, st->set, lp.local, t));
     telemetry_.scored_keys_sum += t;
     st->window_start = std::max<int64_t>(0, t - lp.local);
@@ -624,6 +716,7 @@ class PrhsSelector : public SequenceSelector {
     st->valid = true;
     ++telemetry_.refreshes;
     ++telemetry_.refreshes_per_layer[layer];
+    ++telemetry_.refreshes_per_unit[layer * model_.num_key_value_heads + kh];
   }
 
   // The group's queries as the gate compares them: post-RoPE as given, or rotated back to
@@ -648,6 +741,7 @@ class PrhsSelector : public SequenceSelector {
   std::vector<float> kept_logits_, cand_logits_;
   std::vector<float> head_max_;
   std::vector<double> head_norm_;
+  std::vector<double> num_kept_, num_out_;  // Scan: weighted value sums (gate_error)
 };
 
 // HShare-style baseline: sink + heavy + local, the heavy set chosen every refresh_interval steps

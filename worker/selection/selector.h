@@ -70,13 +70,20 @@ struct SelectionTelemetry {
   int64_t context_keys_sum = 0;  // Σ t
   std::vector<int64_t> refreshes_per_layer;
   std::vector<int64_t> shares_per_layer;
+  std::vector<int64_t> refreshes_per_unit;  // per (layer, kv head): layer · kv_heads + kv head
   // Exact dropped mass of the index set in use until each refresh (mean over the group's query
   // heads), with the layer it was measured at: the telemetry the δ-controller consumes.
   std::vector<float> refresh_delta;
   std::vector<int16_t> refresh_delta_layer;
   std::vector<int16_t> refresh_delta_head;  // kv head of each refresh_delta sample
-  // Exact dropped mass of every selection, when measured (eval mode; costs a dense pass).
+  // Exact dropped mass of every selection, when measured (eval mode; costs a dense pass), the
+  // (layer, kv head) unit of each sample (layer · kv_heads + kv head), and the relative error of
+  // the attention output over the chosen list against dense attention, ‖o_S − o‖ / ‖o‖ (mean
+  // over the group's query heads): how much of what the layer reads the selection changed.
   std::vector<float> step_delta;
+  std::vector<int16_t> step_delta_unit;
+  std::vector<float> step_output_error;
+  std::vector<char> step_refreshed;  // 1 where the unit refreshed at that selection
 };
 
 class SequenceSelector {
@@ -138,6 +145,14 @@ void GroupProbabilities(const float* q, const KvView& kv, int kv_head, int group
 
 // Dropped mass of a sorted index list under `probs`: 1 − Σ_{i∈S} probs[i], clamped to [0, 1].
 double DroppedMass(std::span<const float> probs, std::span<const int32_t> indices);
+
+// Relative error of attention over `list` against dense attention, ‖o_S − o‖ / ‖o‖, averaged
+// over the kv head's group of query heads (o_S: the same softmax weights renormalised over the
+// sorted list). One dense pass (K and V of all t keys). With group_probs, also returns the
+// group-mean probabilities GroupProbabilities would.
+double AttentionOutputError(const float* q, const KvView& kv, int kv_head, int group,
+                            int head_dim, std::span<const int32_t> list,
+                            std::vector<float>* group_probs = nullptr);
 
 // Indices of the k largest values of `scores` among positions [lo, hi) (ties: lower index),
 // returned in descending score order. k is clamped to hi − lo.

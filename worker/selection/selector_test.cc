@@ -156,6 +156,93 @@ TEST_F(SelectorEngineTest, CisGateSharesOrRefreshesAsTauSays) {
   EXPECT_EQ(bounded->telemetry().refreshes, 3 * units);  // steps 0, 2, 4
 }
 
+TEST_F(SelectorEngineTest, MeasuredOutputErrorAndUnitsMatchTheLists) {
+  // A full budget attends to everything: output error 0. A 1/8 budget changes the output, and
+  // more where it drops more mass; every sample names its (layer, kv head) unit in order.
+  const int kvh = engine_->config().num_key_value_heads, layers = engine_->config().num_hidden_layers;
+  auto full = Make("oracle", 1.0);
+  auto sparse = Make("streaming", 0.125);
+  full->set_measure_step_delta(true);
+  sparse->set_measure_step_delta(true);
+  Decode(full.get(), 3);
+  Decode(sparse.get(), 3);
+  for (const SequenceSelector* sel : {full.get(), sparse.get()}) {
+    const SelectionTelemetry& t = sel->telemetry();
+    ASSERT_EQ(t.step_output_error.size(), t.step_delta.size());
+    ASSERT_EQ(t.step_delta_unit.size(), t.step_delta.size());
+    for (size_t i = 0; i < t.step_delta_unit.size(); ++i) {
+      EXPECT_EQ(t.step_delta_unit[i], static_cast<int>(i % (layers * kvh))) << i;
+    }
+  }
+  for (float e : full->telemetry().step_output_error) EXPECT_LT(e, 1e-5f);
+  double err = 0, high = 0, low = 0;
+  int n_high = 0, n_low = 0;
+  const SelectionTelemetry& t = sparse->telemetry();
+  for (size_t i = 0; i < t.step_output_error.size(); ++i) {
+    EXPECT_GE(t.step_output_error[i], 0.0f);
+    err += t.step_output_error[i];
+    (t.step_delta[i] > 0.5 ? high : low) += t.step_output_error[i];
+    (t.step_delta[i] > 0.5 ? n_high : n_low) += 1;
+  }
+  EXPECT_GT(err / t.step_output_error.size(), 0.01);
+  if (n_high > 0 && n_low > 0) EXPECT_GT(high / n_high, low / n_low);
+}
+
+TEST_F(SelectorEngineTest, PerLayerOverridesChangeOnlyTheirLayer) {
+  // τ = −1 shares everywhere, except layer 0 with max_reuse@0 = 0: it refreshes every step.
+  const int kvh = engine_->config().num_key_value_heads, layers = engine_->config().num_hidden_layers;
+  auto sel = Make("prhs", 0.25, {{"tau", -1}, {"max_reuse@0", 0}});
+  Decode(sel.get(), 5);
+  const SelectionTelemetry& t = sel->telemetry();
+  EXPECT_EQ(t.refreshes_per_layer[0], 5 * kvh);
+  for (int l = 1; l < layers; ++l) EXPECT_EQ(t.refreshes_per_layer[l], kvh) << l;
+  for (int u = 0; u < layers * kvh; ++u) {
+    EXPECT_EQ(t.refreshes_per_unit[u], u < kvh ? 5 : 1) << u;
+  }
+}
+
+TEST_F(SelectorEngineTest, OutputErrorGatesBoundTheSharedListsError) {
+  // The exact output-error gate shares only while the shared list's measured output error stays
+  // within the margin of the error its unit had at the last refresh.
+  const int units = engine_->config().num_hidden_layers * engine_->config().num_key_value_heads;
+  const double margin = 0.02;
+  auto gated = Make("prhs", 0.125, {{"tau", -1}, {"gate_exact_error", margin}});
+  auto loose = Make("prhs", 0.125, {{"tau", -1}, {"gate_exact_error", 9}});
+  gated->set_measure_step_delta(true);
+  Decode(gated.get(), 12);
+  Decode(loose.get(), 12);
+  const SelectionTelemetry& t = gated->telemetry();
+  ASSERT_EQ(t.step_refreshed.size(), t.step_output_error.size());
+  std::vector<double> anchor(units, -1);
+  int shares = 0;
+  for (size_t i = 0; i < t.step_output_error.size(); ++i) {
+    const int u = t.step_delta_unit[i];
+    if (t.step_refreshed[i]) {
+      anchor[u] = t.step_output_error[i];
+    } else {
+      ASSERT_GE(anchor[u], 0) << i;  // the first selection of a unit is a refresh
+      EXPECT_LE(t.step_output_error[i], anchor[u] + margin + 1e-5) << i;
+      ++shares;
+    }
+  }
+  EXPECT_EQ(t.refreshes + shares, 12 * units);
+  EXPECT_EQ(loose->telemetry().refreshes, units);  // a margin of 9 never refreshes again
+  EXPECT_GT(t.refreshes, units);
+  // The estimated gate with one slice (every out-of-set key scanned) reads the values of the
+  // scanned keys too (counted), and refreshes more at a smaller margin.
+  auto est_tight = Make("prhs", 0.125, {{"tau", -1}, {"scan_slices", 1}, {"gate_error", 1e-4}});
+  auto est_loose = Make("prhs", 0.125, {{"tau", -1}, {"scan_slices", 1}, {"gate_error", 9}});
+  auto scan_only = Make("prhs", 0.125, {{"tau", -1}, {"scan_slices", 1}});
+  Decode(est_tight.get(), 12);
+  Decode(est_loose.get(), 12);
+  Decode(scan_only.get(), 12);
+  EXPECT_EQ(est_loose->telemetry().refreshes, units);
+  EXPECT_GT(est_tight->telemetry().refreshes, units);
+  // Same decisions as the scan alone, plus the scanned keys' values and the refreshes' values.
+  EXPECT_EQ(est_loose->telemetry().scored_keys_sum - scan_only->telemetry().scored_keys_sum,
+            scan_only->telemetry().scored_keys_sum);
+}
+
 TEST_F(SelectorEngineTest, UnrotatedGateComparesQueriesBeforeRope) {
   // The same query content at positions 289 and 299: post-RoPE the two differ by a rotation of
   // 10 positions (cos well below 0.99 with random content); rotated back to position 0 they are

@@ -60,6 +60,8 @@ absl::Status CudaModel::SupportsPlan(const ModelConfig& c, int page_size,
     if (lp.gate_exact_delta > 0) field = "gate_exact_delta (diagnostic exact-δ gate)";
     if (lp.gate_lse > 0) field = "gate_lse (kept log-sum-exp gate)";
     if (lp.keep_trail) field = "keep_trail=1";
+    if (lp.gate_error > 0) field = "gate_error (output-error gate)";
+    if (lp.gate_exact_error > 0) field = "gate_exact_error (diagnostic exact output-error gate)";
     if (field != nullptr) {
       return absl::InvalidArgumentError(absl::StrCat(
           "sparsity.overrides: ", field, " (layer ", l,
