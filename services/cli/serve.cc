@@ -4,14 +4,19 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "common/logging.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "prehoc/v1/inference.grpc.pb.h"
+#include "services/common/diffuse_convert.h"
 #include "services/common/embedded.h"
 #include "services/common/flags.h"
 #include "services/common/server_util.h"
@@ -29,8 +34,10 @@ constexpr char kLoadgenHeader[] =
     "Usage: prehoc loadgen [flags]\n\n"
     "Closed-loop load: --streams concurrent clients each send requests back to back until\n"
     "--requests have completed (after --warmup). Target: a server (--target HOST:PORT) or an\n"
-    "in-process embedded backend (--model DIR, no gRPC). Prints tokens/s and TTFT /\n"
-    "inter-token latency percentiles (ITL: gap between messages spread over their tokens).";
+    "in-process embedded backend (--model DIR, no gRPC). Drives Generate (autoregressive\n"
+    "models) or Diffuse (--rpc diffuse, diffusion LMs). Prints tokens/s and TTFT / inter-token\n"
+    "latency percentiles (ITL: gap between messages spread over their tokens; for Diffuse, TTFT\n"
+    "is the time to the first committed block). --wait-ready waits for the server first.";
 
 bool SetLogLevel(const std::string& name, std::ostream& err) {
   LogLevel level;
@@ -57,15 +64,14 @@ struct RequestStats {
   std::vector<double> itl_s;
 };
 
-// One request through a backend-agnostic "send" function: `run(request, on_message)` where
-// on_message(tokens_in_message) is called per message and run returns the final status.
-using Runner = std::function<absl::Status(const InferenceRequest&, const std::function<void(int)>&)>;
-
-RequestStats Measure(const Runner& run, const InferenceRequest& req) {
+// Times one request: `run(on_message)` calls on_message(tokens_in_message) per message and
+// returns the final status.
+RequestStats Measure(
+    const std::function<absl::Status(const std::function<void(int)>&)>& run) {
   RequestStats s;
   const absl::Time start = absl::Now();
   absl::Time last = start;
-  absl::Status st = run(req, [&](int n) {
+  absl::Status st = run([&](int n) {
     if (n <= 0) return;
     const absl::Time now = absl::Now();
     if (s.tokens == 0) {
@@ -81,6 +87,53 @@ RequestStats Measure(const Runner& run, const InferenceRequest& req) {
   s.ok = st.ok();
   if (!st.ok()) s.error = std::string(st.message());
   return s;
+}
+
+// Polls `channel` until grpc.health.v1 "readiness" is SERVING and ListModels lists `model` (any
+// model when empty): the cache manager lists only the models of ready, registered workers, so
+// this also waits for worker registration. DEADLINE_EXCEEDED with the last observation.
+absl::Status WaitReady(const std::shared_ptr<grpc::Channel>& channel, const std::string& model,
+                       absl::Duration timeout) {
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  auto inference = v1::Inference::NewStub(channel);
+  const absl::Time deadline = absl::Now() + timeout;
+  std::string last = "no answer yet";
+  while (true) {
+    const absl::Time rpc_deadline = std::min(deadline, absl::Now() + absl::Seconds(1));
+    grpc::ClientContext hctx;
+    hctx.set_deadline(absl::ToChronoTime(rpc_deadline));
+    grpc::health::v1::HealthCheckRequest hreq;
+    hreq.set_service("readiness");
+    grpc::health::v1::HealthCheckResponse hres;
+    grpc::Status hs = health->Check(&hctx, hreq, &hres);
+    if (!hs.ok()) {
+      last = absl::StrCat("health check: ", hs.error_message());
+    } else if (hres.status() != grpc::health::v1::HealthCheckResponse::SERVING) {
+      last = "readiness is not SERVING";
+    } else {
+      grpc::ClientContext lctx;
+      lctx.set_deadline(absl::ToChronoTime(rpc_deadline));
+      v1::ListModelsResponse lres;
+      grpc::Status ls = inference->ListModels(&lctx, v1::ListModelsRequest(), &lres);
+      if (!ls.ok()) {
+        last = absl::StrCat("ListModels: ", ls.error_message());
+      } else {
+        std::vector<std::string> names;
+        for (const v1::ModelInfo& m : lres.models()) names.push_back(m.name());
+        if (model.empty() ? !names.empty()
+                          : std::find(names.begin(), names.end(), model) != names.end()) {
+          return absl::OkStatus();
+        }
+        last = absl::StrCat("readiness SERVING, ListModels lists [", absl::StrJoin(names, ", "),
+                            "]", model.empty() ? "" : absl::StrCat(", waiting for '", model, "'"));
+      }
+    }
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("not ready after ", absl::FormatDuration(timeout), " (", last, ")"));
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
 }
 
 }  // namespace
@@ -159,8 +212,9 @@ int RunLoadgen(const std::vector<std::string>& args, std::ostream& out, std::ost
   eo.device = "auto";
   int64_t kv_cache_mb = 1024;
   int streams = 4, requests = 0, warmup = -1, prompt_len = 128, max_tokens = 64;
-  std::string policy;
-  double budget = 0;
+  int block_length = 0, steps = 0;
+  std::string rpc = "generate", model_name, policy, cache;
+  double budget = 0, wait_ready_s = 0;
   std::string label;
   std::string log_level = "warning";
   FlagSet f(kLoadgenHeader);
@@ -170,13 +224,24 @@ int RunLoadgen(const std::vector<std::string>& args, std::ostream& out, std::ost
   f.Int("threads", &eo.engine.num_threads, "CPU threads of the in-process backend (0 = all)");
   f.Int64("kv-cache-mb", &kv_cache_mb, "KV cache of the in-process backend in MiB");
   f.Int("max-running", &eo.scheduler.max_running, "running batch of the in-process backend");
+  f.Int("dlm-max-running", &eo.dlm.max_running,
+        "in-process backend, diffusion models: Diffuse requests decoding at once");
+  f.String("rpc", &rpc, "generate (autoregressive) or diffuse (diffusion LM)");
+  f.String("model-name", &model_name,
+           "model named in the requests, as ListModels lists it (default: the server's default)");
   f.Int("streams", &streams, "concurrent client streams");
   f.Int("requests", &requests, "requests to measure (default: 4 x streams)");
   f.Int("warmup", &warmup, "requests before measuring (default: streams)");
   f.Int("prompt-len", &prompt_len, "prompt tokens (BOS + bytes)");
-  f.Int("max-tokens", &max_tokens, "tokens per request");
-  f.String("policy", &policy, "sparsity policy (default: the server's)");
-  f.Double("budget", &budget, "sparsity budget (tokens, or a fraction in (0, 1])");
+  f.Int("max-tokens", &max_tokens, "tokens per request (diffuse: gen_length)");
+  f.String("policy", &policy, "generate: sparsity policy (default: the server's)");
+  f.Double("budget", &budget, "generate: sparsity budget (tokens, or a fraction in (0, 1])");
+  f.String("cache", &cache, "diffuse: cache policy none|prefix|dual|dllm|spa|spa-auto");
+  f.Int("block-length", &block_length, "diffuse: block length (0 = max-tokens, one block)");
+  f.Int("steps", &steps, "diffuse: denoising steps (0 = max-tokens)");
+  f.Double("wait-ready", &wait_ready_s,
+           "--target: wait up to this many seconds until the server's readiness health is "
+           "SERVING and ListModels lists the model (--model-name, else any) before the load");
   f.String("label", &label, "label printed with the result line");
   f.String("log-level", &log_level, "debug, info, warning or error");
   bool help = false;
@@ -197,43 +262,111 @@ int RunLoadgen(const std::vector<std::string>& args, std::ostream& out, std::ost
     err << "prehoc loadgen: --streams, --prompt-len and --max-tokens must be >= 1\n";
     return 2;
   }
+  if (rpc != "generate" && rpc != "diffuse") {
+    err << "prehoc loadgen: --rpc must be generate or diffuse, got '" << rpc << "'\n";
+    return 2;
+  }
+  const bool diffuse = rpc == "diffuse";
+  if (diffuse && (!policy.empty() || budget != 0)) {
+    err << "prehoc loadgen: --policy and --budget are for --rpc generate (diffuse: --cache)\n";
+    return 2;
+  }
+  if (!diffuse && (!cache.empty() || block_length != 0 || steps != 0)) {
+    err << "prehoc loadgen: --cache, --block-length and --steps are for --rpc diffuse\n";
+    return 2;
+  }
+  if (wait_ready_s < 0 || (wait_ready_s > 0 && target.empty())) {
+    err << "prehoc loadgen: --wait-ready needs --target and a value >= 0\n";
+    return 2;
+  }
   if (requests <= 0) requests = 4 * streams;
   if (warmup < 0) warmup = streams;
   eo.engine.kv_cache_bytes = kv_cache_mb << 20;
+  if (!eo.engine.model_dir.empty()) eo.model_name = model_name;
 
+  auto prompt = [&](int i) {
+    std::vector<int32_t> ids{256};
+    for (int j = 1; j < prompt_len; ++j) ids.push_back(32 + (i * 131 + j * 7) % 95);
+    return ids;
+  };
+  auto make_request = [&](int i) {
+    InferenceRequest r;
+    r.model = model_name;
+    r.token_ids = prompt(i);
+    r.max_tokens = max_tokens;
+    r.sparsity.policy = policy;
+    r.sparsity.budget = budget;
+    return r;
+  };
+  auto make_diffuse = [&](int i) {
+    v1::DiffuseRequest r;
+    r.set_model(model_name);
+    const std::vector<int32_t> ids = prompt(i);
+    r.mutable_token_ids()->mutable_ids()->Add(ids.begin(), ids.end());
+    r.set_gen_length(max_tokens);
+    r.set_block_length(block_length);
+    r.set_steps(steps);
+    r.set_cache(cache);
+    return r;
+  };
+
+  // One request `i` through the backend: on_message(tokens_in_message) per message; returns
+  // the final status.
+  using Runner = std::function<absl::Status(int, const std::function<void(int)>&)>;
   std::unique_ptr<EmbeddedCluster> cluster;
   std::unique_ptr<v1::Inference::Stub> stub;
   Runner run;
   if (!target.empty()) {
     grpc::ChannelArguments cargs;
     cargs.SetMaxReceiveMessageSize(64 << 20);
-    stub = v1::Inference::NewStub(
-        grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), cargs));
-    run = [&](const InferenceRequest& r, const std::function<void(int)>& on_message) {
-      v1::GenerateRequest p;
-      p.mutable_token_ids()->mutable_ids()->Add(r.token_ids.begin(), r.token_ids.end());
-      p.set_max_tokens(r.max_tokens);
-      if (!r.sparsity.policy.empty()) {
-        const auto& names = KnownSparsityPolicies();
-        for (size_t i = 0; i < names.size(); ++i) {
-          if (names[i] == r.sparsity.policy) {
-            p.mutable_sparsity()->set_policy(static_cast<v1::SparsityParams::Policy>(i + 1));
-          }
-        }
-        if (r.sparsity.budget > 0 && r.sparsity.budget <= 1) {
-          p.mutable_sparsity()->set_budget_fraction(static_cast<float>(r.sparsity.budget));
-        } else {
-          p.mutable_sparsity()->set_budget(static_cast<int32_t>(r.sparsity.budget));
-        }
+    std::shared_ptr<grpc::Channel> channel =
+        grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), cargs);
+    stub = v1::Inference::NewStub(channel);
+    if (wait_ready_s > 0) {
+      if (absl::Status s = WaitReady(channel, model_name, absl::Seconds(wait_ready_s)); !s.ok()) {
+        err << "prehoc loadgen: " << target << " not ready: " << s.message() << "\n";
+        return 1;
       }
-      grpc::ClientContext ctx;
-      auto reader = stub->Generate(&ctx, p);
-      v1::GenerateResponse m;
-      while (reader->Read(&m)) on_message(m.token_ids_size());
-      grpc::Status s = reader->Finish();
+    }
+    auto finish = [](grpc::Status s) {
       return s.ok() ? absl::OkStatus()
                     : absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
     };
+    if (diffuse) {
+      run = [&, finish](int i, const std::function<void(int)>& on_message) {
+        grpc::ClientContext ctx;
+        auto reader = stub->Diffuse(&ctx, make_diffuse(i));
+        v1::DiffuseResponse m;
+        while (reader->Read(&m)) on_message(m.token_ids_size());
+        return finish(reader->Finish());
+      };
+    } else {
+      run = [&, finish](int i, const std::function<void(int)>& on_message) {
+        const InferenceRequest r = make_request(i);
+        v1::GenerateRequest p;
+        p.set_model(r.model);
+        p.mutable_token_ids()->mutable_ids()->Add(r.token_ids.begin(), r.token_ids.end());
+        p.set_max_tokens(r.max_tokens);
+        if (!r.sparsity.policy.empty()) {
+          const auto& names = KnownSparsityPolicies();
+          for (size_t k = 0; k < names.size(); ++k) {
+            if (names[k] == r.sparsity.policy) {
+              p.mutable_sparsity()->set_policy(static_cast<v1::SparsityParams::Policy>(k + 1));
+            }
+          }
+          if (r.sparsity.budget > 0 && r.sparsity.budget <= 1) {
+            p.mutable_sparsity()->set_budget_fraction(static_cast<float>(r.sparsity.budget));
+          } else {
+            p.mutable_sparsity()->set_budget(static_cast<int32_t>(r.sparsity.budget));
+          }
+        }
+        grpc::ClientContext ctx;
+        auto reader = stub->Generate(&ctx, p);
+        v1::GenerateResponse m;
+        while (reader->Read(&m)) on_message(m.token_ids_size());
+        return finish(reader->Finish());
+      };
+    }
   } else {
     auto c = EmbeddedCluster::Create(eo);
     if (!c.ok()) {
@@ -241,12 +374,13 @@ int RunLoadgen(const std::vector<std::string>& args, std::ostream& out, std::ost
       return 1;
     }
     cluster = std::move(*c);
-    run = [&](const InferenceRequest& r, const std::function<void(int)>& on_message) {
+    // Events arrive in order on one thread; the terminal one is last.
+    auto await = [](auto start, const std::function<void(int)>& on_message) {
       absl::Mutex mu;
       absl::Status final_status;
       absl::Notification done;
-      auto id = cluster->backend().Generate(r, [&](InferenceEvent ev) {
-        on_message(static_cast<int>(ev.tokens.size()));  // events arrive in order, one thread
+      auto id = start([&](auto ev) {
+        on_message(static_cast<int>(ev.tokens.size()));
         if (ev.terminal()) {
           absl::MutexLock l(&mu);
           final_status = ev.status;
@@ -258,17 +392,23 @@ int RunLoadgen(const std::vector<std::string>& args, std::ostream& out, std::ost
       absl::MutexLock l(&mu);
       return final_status;
     };
+    if (diffuse) {
+      run = [&, await](int i, const std::function<void(int)>& on_message) {
+        absl::StatusOr<DiffusionRequest> r = DiffusionFromProto(make_diffuse(i));
+        if (!r.ok()) return r.status();
+        return await(
+            [&](auto cb) { return cluster->diffusion().Diffuse(*std::move(r), std::move(cb)); },
+            on_message);
+      };
+    } else {
+      run = [&, await](int i, const std::function<void(int)>& on_message) {
+        return await(
+            [&](auto cb) { return cluster->backend().Generate(make_request(i), std::move(cb)); },
+            on_message);
+      };
+    }
   }
 
-  auto make_request = [&](int i) {
-    InferenceRequest r;
-    r.token_ids.push_back(256);
-    for (int j = 1; j < prompt_len; ++j) r.token_ids.push_back(32 + (i * 131 + j * 7) % 95);
-    r.max_tokens = max_tokens;
-    r.sparsity.policy = policy;
-    r.sparsity.budget = budget;
-    return r;
-  };
   std::atomic<int> next{0};
   absl::Mutex mu;
   std::vector<RequestStats> measured;
@@ -284,7 +424,8 @@ int RunLoadgen(const std::vector<std::string>& args, std::ostream& out, std::ost
           absl::MutexLock l(&mu);
           t0 = absl::Now();
         }
-        RequestStats s = Measure(run, make_request(i));
+        RequestStats s = Measure(
+            [&](const std::function<void(int)>& on_message) { return run(i, on_message); });
         if (i >= warmup) {
           absl::MutexLock l(&mu);
           measured.push_back(std::move(s));
@@ -309,12 +450,15 @@ int RunLoadgen(const std::vector<std::string>& args, std::ostream& out, std::ost
     itl.insert(itl.end(), s.itl_s.begin(), s.itl_s.end());
   }
   const double wall = std::max(1e-9, absl::ToDoubleSeconds(t1 - t0));
+  const std::string what = diffuse ? absl::StrCat(" rpc=diffuse cache=", cache.empty() ? "default" : cache)
+                                   : absl::StrCat(" rpc=generate policy=",
+                                                  policy.empty() ? "default" : policy);
   out << absl::StrFormat(
       "loadgen %s mode=%s streams=%d requests=%d ok=%d tokens=%d wall_s=%.3f tokens_per_s=%.1f "
-      "ttft_p50_ms=%.2f ttft_p99_ms=%.2f itl_p50_ms=%.3f itl_p99_ms=%.3f\n",
+      "ttft_p50_ms=%.2f ttft_p99_ms=%.2f itl_p50_ms=%.3f itl_p99_ms=%.3f%s\n",
       label, target.empty() ? "in-process" : "grpc", streams, requests, ok, tokens, wall,
       tokens / wall, Percentile(ttft, 0.5) * 1e3, Percentile(ttft, 0.99) * 1e3,
-      Percentile(itl, 0.5) * 1e3, Percentile(itl, 0.99) * 1e3);
+      Percentile(itl, 0.5) * 1e3, Percentile(itl, 0.99) * 1e3, what);
   if (ok < static_cast<int>(measured.size())) {
     err << "prehoc loadgen: " << measured.size() - ok << " requests failed, first: " << first_error
         << "\n";
