@@ -179,11 +179,10 @@ cudaError_t PagedDecodePlanFor(const PagedDecodeParams& p, PagedDecodePlan* plan
     }
   }
   if (p.selection == KvSelection::kTokenMask) {
-    // Splits cut the mask's positions evenly (tile multiples), each at most max_positions.
-    const int max_positions = MaskSplitPositions(p.head_dim);
-    splits = std::max(splits, (p.mask_stride + max_positions - 1) / max_positions);
+    // Splits cut the mask's positions evenly (tile multiples), each at most kMaskSplitPositions.
+    splits = std::max(splits, (p.mask_stride + kMaskSplitPositions - 1) / kMaskSplitPositions);
     int split_positions = (p.mask_stride + splits - 1) / splits;
-    split_positions = std::min((split_positions + kTile - 1) / kTile * kTile, max_positions);
+    split_positions = std::min((split_positions + kTile - 1) / kTile * kTile, kMaskSplitPositions);
     splits = (p.mask_stride + split_positions - 1) / split_positions;
     plan->split_positions = split_positions;
     plan->split_tokens = (max_len + splits - 1) / splits;  // expected kept tokens per split

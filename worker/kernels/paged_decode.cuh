@@ -21,9 +21,7 @@
 //   itself launched with programmatic dependent launch and starts with griddepcontrol.wait.
 //   kTokenMask: a CTA first compacts its split's slice of the keep-mask (at most
 //   kMaskSplitPositions positions) into a shared-memory list of uint16 offsets (block scan), then
-//   runs the kToken pipeline over that list; splits cut positions, not list entries. A slice with
-//   more than kMaskListCapacity kept positions runs in rounds: the pipeline drains, the list is
-//   rebuilt with the next kMaskListCapacity kept positions, and the same accumulators go on.
+//   runs the kToken pipeline over that list; splits cut positions, not list entries.
 //
 // Workspace (several splits only):
 //   tickets [batch][num_kv_heads * q_groups]  int32, fused reduction only (16-byte padded)
@@ -65,27 +63,18 @@ template <int D>
 constexpr int PipelineBytes() {
   return Stages<D>() * 2 * kTile * D * 2;
 }
-template <int D>
-constexpr int MaskSplitPages() {
-  return MaskSplitPositions(D) / kPageSize;
-}
+constexpr int kMaskSplitPages = kMaskSplitPositions / kPageSize;
 // Shared memory of MergeSplitsKernel: at most this many splits' lse (floats; 48 KiB, the
 // default limit); more splits take the per-thread loop (MergeRow).
 constexpr int kMergeSmemFloats = 12288;
-// kTokenMask adds its split's compacted list (uint16 offsets from the split's first position,
-// kMaskListCapacity of them) and its split's slice of the page table (int32, one per page).
+// kTokenMask adds its split's compacted list (uint16 offsets from the split's first position)
+// and its split's slice of the page table (int32, one per page of the split).
 template <int D, KvSelection S>
 constexpr int SmemBytes() {
   return PipelineBytes<D>() + Stages<D>() * kTile +
-         (S == KvSelection::kTokenMask ? kMaskListCapacity * 2 + MaskSplitPages<D>() * 4 : 0);
+         (S == KvSelection::kTokenMask ? kMaskSplitPositions * 2 + kMaskSplitPages * 4 : 0);
 }
-static_assert(MaskSplitPositions(64) % (16 * kThreads) == 0);
-static_assert(MaskSplitPositions(128) % (16 * kThreads) == 0);
-static_assert(MaskSplitPositions(64) <= kMaskSplitPositions);
-static_assert(MaskSplitPositions(128) <= kMaskSplitPositions);
-static_assert(kMaskSplitPositions <= 65536);  // offsets fit in uint16
-// Rounds restart at tile boundaries of the kept list, so a full mask runs dense's tiles.
-static_assert(kMaskListCapacity % kTile == 0);
+static_assert(kMaskSplitPositions % (16 * kThreads) == 0);
 // Epilogue scratch reuses the pipeline: per warp o[16][D + 8] and m, l [16].
 template <int D>
 constexpr int EpilogueStride() {
@@ -306,113 +295,49 @@ __device__ __forceinline__ void MergeRowsInCta(const float* ws_o, const float* w
   }
 }
 
-// kTokenMask prologue, in two steps so that the mask loads can be issued first (before anything
-// that waits for the sequence length or the page table):
-//   LoadMaskSlice: thread t loads the vpt = ceil(avail / 16 / kThreads) contiguous 16-byte
-//     vectors of the slice `row` starting at t * vpt into w (zeros past the slice); returns vpt.
-//     `avail`: bytes of the mask row readable at `row` (a multiple of 16, <= kMaxPositions);
-//     `row` 16-byte aligned.
-//   CompactMaskSlice: of the kept positions among [0, len) (len <= avail; may be <= 0), writes
-//     those of rank [skip, skip + kMaskListCapacity) (ascending) into `list` (offsets from the
-//     slice's start, list[rank - skip]) and returns how many there are in all. The block scan
-//     over the threads' contiguous vectors gives the ranks. Ends with a barrier.
-template <int kMaxPositions>
-struct MaskSliceWords {
-  static constexpr int kMaxVecs = kMaxPositions / 16 / kThreads;
-  uint32_t w[kMaxVecs * 4];
-  int vpt;
-};
-
-template <int kMaxPositions>
-__device__ __forceinline__ void LoadMaskSlice(const uint8_t* row, int avail,
-                                              MaskSliceWords<kMaxPositions>& m) {
-  constexpr int kMaxVecs = MaskSliceWords<kMaxPositions>::kMaxVecs;
-  const int num_vecs = avail / 16;
-  m.vpt = (num_vecs + kThreads - 1) / kThreads;
+// kTokenMask prologue: compacts mask positions [pos_begin, pos_end) of one row into `list`
+// (ascending offsets from pos_begin) and returns their number. Thread t owns the kVecs contiguous
+// 16-byte vectors starting at t * kVecs, so the block scan gives ascending output. `avail`: bytes
+// of the mask row readable at `row` (a multiple of 16); `len` <= avail: positions to keep (may be
+// <= 0). REQUIRES: avail <= kMaskSplitPositions, `row` 16-byte aligned (pos_begin % 16 == 0).
+__device__ __forceinline__ int CompactMaskSlice(const uint8_t* row, int avail, int len,
+                                                uint16_t* list, int* scratch) {
+  constexpr int kVecs = kMaskSplitPositions / 16 / kThreads;
   const uint4* vrow = reinterpret_cast<const uint4*>(row);
+  uint32_t w[kVecs * 4];
 #pragma unroll
-  for (int k = 0; k < kMaxVecs; ++k) {
-    const int i = threadIdx.x * m.vpt + k;
-    uint4 v = k < m.vpt && i < num_vecs ? __ldg(vrow + i) : make_uint4(0u, 0u, 0u, 0u);
-    m.w[4 * k] = v.x;
-    m.w[4 * k + 1] = v.y;
-    m.w[4 * k + 2] = v.z;
-    m.w[4 * k + 3] = v.w;
+  for (int k = 0; k < kVecs; ++k) {
+    const int i = threadIdx.x * kVecs + k;
+    // Loaded whenever inside the row's slice (`avail` does not depend on the sequence length, so
+    // these loads do not wait for it); bytes at positions >= len are dropped below.
+    uint4 v = i * 16 < avail ? __ldg(vrow + i) : make_uint4(0u, 0u, 0u, 0u);
+    w[4 * k] = v.x;
+    w[4 * k + 1] = v.y;
+    w[4 * k + 2] = v.z;
+    w[4 * k + 3] = v.w;
   }
-}
-
-template <int kMaxPositions>
-__device__ __forceinline__ int CompactMaskSlice(MaskSliceWords<kMaxPositions>& m, int len,
-                                                int skip, uint16_t* list, int* scratch) {
-  constexpr int kMaxVecs = MaskSliceWords<kMaxPositions>::kMaxVecs;
-  const int p_first = threadIdx.x * m.vpt * 16;  // first position of this thread's vectors
   int c = 0;
 #pragma unroll
-  for (int k = 0; k < kMaxVecs * 4; ++k) {
-    if (k / 4 >= m.vpt) break;       // block-uniform: smaller slices skip the unused words
-    const int p0 = p_first + k * 4;  // first position of word k
-    if (p0 + 4 > len) {              // bytes at positions >= len are ignored
-      m.w[k] = p0 >= len ? 0u : m.w[k] & (0xffffffffu >> (8 * (p0 + 4 - len)));
+  for (int k = 0; k < kVecs * 4; ++k) {
+    const int p0 = (threadIdx.x * kVecs * 4 + k) * 4;  // first position of word k
+    if (p0 + 4 > len) {                                 // bytes at positions >= len are ignored
+      w[k] = p0 >= len ? 0u : w[k] & (0xffffffffu >> (8 * (p0 + 4 - len)));
     }
-    c += block::NonZeroBytes(m.w[k]);
+    c += block::NonZeroBytes(w[k]);
   }
   int total;
-  int rank = block::BlockExclusiveScan<kThreads>(c, scratch, &total) - skip;
+  int pos = block::BlockExclusiveScan<kThreads>(c, scratch, &total);
 #pragma unroll
-  for (int k = 0; k < kMaxVecs * 4; ++k) {
-    if (k / 4 >= m.vpt) break;
-    if (m.w[k] == 0u) continue;
-    const int p0 = p_first + k * 4;
+  for (int k = 0; k < kVecs * 4; ++k) {
+    if (w[k] == 0u) continue;
+    const int p0 = (threadIdx.x * kVecs * 4 + k) * 4;
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-      if ((m.w[k] >> (8 * b)) & 0xffu) {
-        if (static_cast<unsigned>(rank) < static_cast<unsigned>(kMaskListCapacity)) {
-          list[rank] = static_cast<uint16_t>(p0 + b);
-        }
-        ++rank;
-      }
+      if ((w[k] >> (8 * b)) & 0xffu) list[pos++] = static_cast<uint16_t>(p0 + b);
     }
   }
   __syncthreads();
   return total;
-}
-
-// The same as LoadMaskSlice + CompactMaskSlice with few registers (for the rounds after the first,
-// when the accumulators are live): the slice in passes of one 16-byte vector per thread, each with
-// its own block scan. Ends with a barrier.
-__device__ __forceinline__ void RecompactMaskSlice(const uint8_t* row, int avail, int len,
-                                                   int skip, uint16_t* list, int* scratch) {
-  const uint4* vrow = reinterpret_cast<const uint4*>(row);
-  const int num_vecs = avail / 16;
-  int base = -skip;  // rank of the pass's first kept position, minus skip
-  for (int v0 = 0; v0 < num_vecs; v0 += kThreads) {
-    const int i = v0 + threadIdx.x;
-    const uint4 v = i < num_vecs ? __ldg(vrow + i) : make_uint4(0u, 0u, 0u, 0u);
-    uint32_t w[4] = {v.x, v.y, v.z, v.w};
-    int c = 0;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int p0 = i * 16 + k * 4;
-      if (p0 + 4 > len) w[k] = p0 >= len ? 0u : w[k] & (0xffffffffu >> (8 * (p0 + 4 - len)));
-      c += block::NonZeroBytes(w[k]);
-    }
-    int total;
-    int rank = base + block::BlockExclusiveScan<kThreads>(c, scratch, &total);
-    base += total;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        if ((w[k] >> (8 * b)) & 0xffu) {
-          if (static_cast<unsigned>(rank) < static_cast<unsigned>(kMaskListCapacity)) {
-            list[rank] = static_cast<uint16_t>(i * 16 + k * 4 + b);
-          }
-          ++rank;
-        }
-      }
-    }
-  }
-  __syncthreads();
 }
 
 // ---- attention kernel --------------------------------------------------------------------------
@@ -473,48 +398,26 @@ __global__ void __launch_bounds__(kThreads)
   view.mask_base = 0;
   int list_len;
   int chunk_begin, chunk_end;
-  // kTokenMask: the split's mask slice, for the rounds after the first (see CompactMaskSlice).
-  const uint8_t* mask_row = nullptr;
-  int mask_avail = 0, mask_len = 0, mask_total = 0;
-  int* scan_scratch = nullptr;
-  uint16_t* mask_list_w = nullptr;
   if constexpr (S == KvSelection::kDense) {
     list_len = view.seq_len;
   } else if constexpr (S == KvSelection::kTokenMask) {
-    __shared__ int scan_scratch_s[kThreads / 32];
-    scan_scratch = scan_scratch_s;
+    __shared__ int scan_scratch[kThreads / 32];
     uint16_t* mask_list = reinterpret_cast<uint16_t*>(valid_s + kStages * kTile);
-    int32_t* mask_pages = reinterpret_cast<int32_t*>(mask_list + kMaskListCapacity);
+    int32_t* mask_pages = reinterpret_cast<int32_t*>(mask_list + kMaskSplitPositions);
     const int pos_begin = split * split_tokens;  // a multiple of the tile, so of the page size
-    mask_avail = min(pos_begin + split_tokens, p.mask_stride) - pos_begin;
-    mask_row = p.d_mask + static_cast<size_t>(b * num_kv_heads + hkv) * p.mask_stride + pos_begin;
-    // Issued first: neither the slice nor its size depends on the sequence length.
-    MaskSliceWords<MaskSplitPositions(D)> words;
-    LoadMaskSlice(mask_row, mask_avail, words);
-    mask_len = min(pos_begin + mask_avail, view.seq_len) - pos_begin;
+    const int avail = min(pos_begin + split_tokens, p.mask_stride) - pos_begin;
+    const int pos_end = min(pos_begin + avail, view.seq_len);
     // The split's page-table entries (only pages of the sequence), loaded while the mask loads
-    // are in flight (all of a thread's loads before its stores); the barrier at the end of the
-    // compaction publishes them.
+    // are in flight; the barrier at the end of the compaction publishes them.
     const int page0 = pos_begin / kPageSize;
-    const int num_split_pages = min(view.num_pages - page0, MaskSplitPages<D>());
-    {
-      constexpr int kPagesPerThread = MaskSplitPages<D>() / kThreads;
-      int32_t pg[kPagesPerThread];
-#pragma unroll
-      for (int k = 0; k < kPagesPerThread; ++k) {
-        const int i = threadIdx.x + k * kThreads;
-        pg[k] = i < num_split_pages ? __ldg(view.pages + page0 + i) : 0;
-      }
-#pragma unroll
-      for (int k = 0; k < kPagesPerThread; ++k) {
-        const int i = threadIdx.x + k * kThreads;
-        if (i < num_split_pages) mask_pages[i] = pg[k];
-      }
+    const int num_split_pages = min(view.num_pages - page0, kMaskSplitPages);
+    for (int i = threadIdx.x; i < num_split_pages; i += kThreads) {
+      mask_pages[i] = __ldg(view.pages + page0 + i);
     }
-    mask_total = CompactMaskSlice(words, mask_len, 0, mask_list, scan_scratch);
-    list_len = min(mask_total, kMaskListCapacity);  // round 0; later rounds: the main loop
+    const uint8_t* row =
+        p.d_mask + static_cast<size_t>(b * num_kv_heads + hkv) * p.mask_stride + pos_begin;
+    list_len = CompactMaskSlice(row, avail, pos_end - pos_begin, mask_list, scan_scratch);
     view.mask_list = mask_list;
-    mask_list_w = mask_list;
     view.mask_pages = mask_pages;
     view.mask_base = pos_begin;
   } else {
@@ -525,7 +428,7 @@ __global__ void __launch_bounds__(kThreads)
     list_len = max(end - beg, 0) * (S == KvSelection::kPage ? kPageSize : 1);
   }
   if constexpr (S == KvSelection::kTokenMask) {
-    chunk_begin = 0;  // the CTA compacted exactly its split (its first round)
+    chunk_begin = 0;  // the CTA compacted exactly its split
     chunk_end = list_len;
   } else {
     chunk_begin = split * split_tokens;
@@ -560,6 +463,8 @@ __global__ void __launch_bounds__(kThreads)
     finish_split();
     return;
   }
+  const int num_tiles = chunk_end > chunk_begin ? (chunk_end - chunk_begin + kTile - 1) / kTile : 0;
+
   const T* __restrict__ k_pool = static_cast<const T*>(p.d_k_pool);
   const T* __restrict__ v_pool = static_cast<const T*>(p.d_v_pool);
   const int load_col = threadIdx.x % kChunksPerRow;
@@ -601,27 +506,21 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
-  // Starts a round's pipeline: copies of its first kStages - 1 tiles issued; entries two tiles
-  // ahead of the copies and physical rows one tile ahead (the steady state of the main loop).
   int entry[kRowsPerThread];
   int phys[kRowsPerThread];
-  int num_tiles = 0;
-  auto start_round = [&]() {
-    num_tiles = chunk_end > chunk_begin ? (chunk_end - chunk_begin + kTile - 1) / kTile : 0;
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < num_tiles) {
-        load_entries(s, entry);
-        translate(s, entry, phys);
-        issue(s, phys);
-      }
-      CpAsyncCommit();
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) {
+      load_entries(s, entry);
+      translate(s, entry, phys);
+      issue(s, phys);
     }
-    load_entries(kStages - 1, entry);
-    translate(kStages - 1, entry, phys);
-    load_entries(kStages, entry);
-  };
-  start_round();
+    CpAsyncCommit();
+  }
+  // Steady state: entries two tiles ahead of the copies, physical rows one tile ahead.
+  load_entries(kStages - 1, entry);
+  translate(kStages - 1, entry, phys);
+  load_entries(kStages, entry);
 
   // Q as MMA A fragments: rows = query heads g0 + {gid, gid + 8}, cols = dims.
   uint32_t qa[D / 16][4];
@@ -650,102 +549,84 @@ __global__ void __launch_bounds__(kThreads)
   const int ri = lane % 8;  // ... and which row of it
   const int n0 = warp * kWarpTokens;
 
-  int total_tiles = 0;  // for the timeline
-  // One round, except for a kTokenMask split with more than kMaskListCapacity kept positions.
-  for (int round = 0;; ++round) {
-    total_tiles += num_tiles;
-    for (int tile = 0; tile < num_tiles; ++tile) {
-      CpAsyncWait<kStages - 2>();
-      __syncthreads();
-      if (timeline != nullptr && round == 0 && tile == 0) tl_clock[2] = clock64();  // 1st tile
-      {
-        const int next = tile + kStages - 1;
-        if (next < num_tiles) issue(next % kStages, phys);
-        CpAsyncCommit();
-        translate(next + 1, entry, phys);    // results used by the next iteration's issue
-        load_entries(next + 2, entry);       // results used by the next iteration's translate
-      }
-      const int stage = tile % kStages;
-      const T* k_tile = k_s + stage * kTile * D;
-      const T* v_tile = v_s + stage * kTile * D;
-      const uint8_t* valid = valid_s + stage * kTile + n0;
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();
+    if (timeline != nullptr && tile == 0) tl_clock[2] = clock64();  // first tile arrived
+    {
+      const int next = tile + kStages - 1;
+      if (next < num_tiles) issue(next % kStages, phys);
+      CpAsyncCommit();
+      translate(next + 1, entry, phys);    // results used by the next iteration's issue
+      load_entries(next + 2, entry);       // results used by the next iteration's translate
+    }
+    const int stage = tile % kStages;
+    const T* k_tile = k_s + stage * kTile * D;
+    const T* v_tile = v_s + stage * kTile * D;
+    const uint8_t* valid = valid_s + stage * kTile + n0;
 
-      // S = Q · K^T over this warp's 16 tokens (two n8 tiles).
-      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-      {
-        const int row = n0 + ri + ((mi >> 1) << 3);
+    // S = Q · K^T over this warp's 16 tokens (two n8 tiles).
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      const int row = n0 + ri + ((mi >> 1) << 3);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          uint32_t b0, b1, b2, b3;
-          LdMatrixX4(SmemAddr(k_tile + SwizzledOffset<D>(row, 2 * kk + (mi & 1))), b0, b1, b2, b3);
-          Elem<T>::Mma(s[0], qa[kk], b0, b1);
-          Elem<T>::Mma(s[1], qa[kk], b2, b3);
-        }
-      }
-      // Scale to log2 units and mask; s[nt][e]: row gid + 8*(e/2), token nt*8 + tid4*2 + e%2.
-      float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool ok = valid[nt * 8 + tid4 * 2 + (e & 1)] != 0;
-          s[nt][e] = ok ? s[nt][e] * scale_log2 : -INFINITY;
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
-        }
-      }
-      float m_use[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-        const float m_new = fmaxf(m_run[h], tile_max[h]);
-        m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep exp2 finite
-        const float alpha = exp2f(m_run[h] - m_use[h]);
-        m_run[h] = m_new;
-        l_run[h] *= alpha;
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i) {
-          o[i][2 * h] *= alpha;
-          o[i][2 * h + 1] *= alpha;
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[nt][e] = exp2f(s[nt][e] - m_use[e / 2]);
-          l_run[e / 2] += s[nt][e];
-        }
-      }
-      // P as the A fragment of P · V (k = the warp's 16 tokens).
-      const uint32_t pa[4] = {Elem<T>::Pack(s[0][0], s[0][1]), Elem<T>::Pack(s[0][2], s[0][3]),
-                              Elem<T>::Pack(s[1][0], s[1][1]), Elem<T>::Pack(s[1][2], s[1][3])};
-      {
-        const int row = n0 + ri + ((mi & 1) << 3);
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t b0, b1, b2, b3;
-          LdMatrixX4Trans(SmemAddr(v_tile + SwizzledOffset<D>(row, 2 * dp + (mi >> 1))), b0, b1, b2,
-                          b3);
-          Elem<T>::Mma(o[2 * dp], pa, b0, b1);
-          Elem<T>::Mma(o[2 * dp + 1], pa, b2, b3);
-        }
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t b0, b1, b2, b3;
+        LdMatrixX4(SmemAddr(k_tile + SwizzledOffset<D>(row, 2 * kk + (mi & 1))), b0, b1, b2, b3);
+        Elem<T>::Mma(s[0], qa[kk], b0, b1);
+        Elem<T>::Mma(s[1], qa[kk], b2, b3);
       }
     }
-    if constexpr (S != KvSelection::kTokenMask) {
-      break;
-    } else {
-      // Next round: the next kMaskListCapacity kept positions of the split. Every copy has landed
-      // (the last groups are empty) and every warp is done with the list and the stages.
-      const int done = (round + 1) * kMaskListCapacity;
-      if (mask_total <= done) break;
-      CpAsyncWait<0>();
-      __syncthreads();
-      RecompactMaskSlice(mask_row, mask_avail, mask_len, done, mask_list_w, scan_scratch);
-      chunk_end = min(mask_total - done, kMaskListCapacity);
-      start_round();
+    // Scale to log2 units and mask; s[nt][e]: row gid + 8*(e/2), token nt*8 + tid4*2 + e%2.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = valid[nt * 8 + tid4 * 2 + (e & 1)] != 0;
+        s[nt][e] = ok ? s[nt][e] * scale_log2 : -INFINITY;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
+      }
     }
-  }  // rounds
+    float m_use[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+      const float m_new = fmaxf(m_run[h], tile_max[h]);
+      m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep exp2 finite
+      const float alpha = exp2f(m_run[h] - m_use[h]);
+      m_run[h] = m_new;
+      l_run[h] *= alpha;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        o[i][2 * h] *= alpha;
+        o[i][2 * h + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - m_use[e / 2]);
+        l_run[e / 2] += s[nt][e];
+      }
+    }
+    // P as the A fragment of P · V (k = the warp's 16 tokens).
+    const uint32_t pa[4] = {Elem<T>::Pack(s[0][0], s[0][1]), Elem<T>::Pack(s[0][2], s[0][3]),
+                            Elem<T>::Pack(s[1][0], s[1][1]), Elem<T>::Pack(s[1][2], s[1][3])};
+    {
+      const int row = n0 + ri + ((mi & 1) << 3);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b0, b1, b2, b3;
+        LdMatrixX4Trans(SmemAddr(v_tile + SwizzledOffset<D>(row, 2 * dp + (mi >> 1))), b0, b1, b2,
+                        b3);
+        Elem<T>::Mma(o[2 * dp], pa, b0, b1);
+        Elem<T>::Mma(o[2 * dp + 1], pa, b2, b3);
+      }
+    }
+  }
   if (timeline != nullptr) tl_clock[3] = clock64();  // main loop done
   CpAsyncWait<0>();
   // Lets the reduction kernel (launched with programmatic stream serialization) start its launch
@@ -820,7 +701,7 @@ __global__ void __launch_bounds__(kThreads)
     timeline[4] = tl_clock[2] - tl_clock[0];
     timeline[5] = tl_clock[3] - tl_clock[0];
     timeline[6] = now - tl_clock[0];
-    timeline[7] = static_cast<unsigned long long>(total_tiles);
+    timeline[7] = static_cast<unsigned long long>(num_tiles);
   }
 }
 

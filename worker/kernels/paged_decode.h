@@ -86,8 +86,8 @@ struct PagedDecodeParams {
   // sequence also bounds kToken and kPage, and gives the same split plan as dense). Sizes the
   // split-KV grid only; a row that exceeds it is still computed correctly (its last split does the
   // rest), just with less parallelism. kTokenMask: the expected number of kept tokens per row
-  // (sizes the grid only; splits cut the mask's positions evenly, at most
-  // MaskSplitPositions(head_dim) positions each, so the grid has at least that many splits).
+  // (sizes the grid only; splits cut the mask's positions evenly, at most kMaskSplitPositions
+  // positions each, so the grid has at least ceil(mask_stride / 4096) splits).
   int max_kv_len = 0;
   float scale = 0.0f;  // softmax scale; 0 means 1/sqrt(head_dim)
 
@@ -129,14 +129,8 @@ struct PagedDecodePlan {
   size_t workspace_bytes = 0;
 };
 
-// kTokenMask: the most mask positions one split CTA covers (its mask slice and its slice of the
-// page table are loaded at once, the latter into shared memory): 16384 at head_dim 128, 8192 at
-// 64 (keeps 3 CTAs per SM there). The grid has at least ceil(mask_stride / this) splits.
-constexpr int MaskSplitPositions(int head_dim) { return head_dim == 64 ? 8192 : 16384; }
-constexpr int kMaskSplitPositions = 16384;  // the largest MaskSplitPositions
-// kTokenMask: the kept positions a split CTA holds in its shared-memory list at a time. A split
-// with more kept positions runs in rounds of this many (the list is rebuilt between rounds).
-constexpr int kMaskListCapacity = 4096;
+// kTokenMask: the most mask positions one split CTA compacts (its shared-memory list).
+constexpr int kMaskSplitPositions = 4096;
 
 // Returns nullptr when the configuration is supported and well-formed, otherwise a static message
 // naming the offending field (e.g. "head_dim must be 64 or 128"). Pointers are checked for null

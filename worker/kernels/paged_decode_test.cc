@@ -578,60 +578,6 @@ TEST(PagedDecode, UnderestimatedMaxLenIsStillCorrect) {
   ExpectClose(pb, ComputeReference(pb, sel), got, "underestimated max_kv_len");
 }
 
-// kTokenMask splits with more kept positions than the shared-memory list holds
-// (kMaskListCapacity) run in rounds: a full mask of 16000 tokens in one split is four rounds at
-// head_dim 128 (two splits of two rounds at 64, whose splits cover at most 8192 positions), ~30 %
-// of 16384 positions two rounds. Each matches the reference; the full mask in one split runs
-// dense's tiles in dense's order (rounds restart at tile boundaries): bitwise equal to dense.
-using RoundsParam = std::tuple<AttnDType, int /*head_dim*/>;
-class PagedDecodeMaskRounds : public ::testing::TestWithParam<RoundsParam> {};
-
-TEST_P(PagedDecodeMaskRounds, MatchesReferenceAndDense) {
-  SKIP_WITHOUT_DEVICE();
-  const auto [dtype, head_dim] = GetParam();
-  const PagedBatch pb(dtype, 8, 2, head_dim, {16000, 9000, 4097, 5}, 77u + head_dim);
-  DeviceBatch dev(pb);
-  const Selection dense_sel = MakeSelection(pb, Mode::kDense, 1u);
-  RunResult dense;
-  RunKernel(pb, dev, dense_sel, 1, &dense);
-  if (HasFatalFailure()) return;
-  for (Mode mode : {Mode::kMaskAll, Mode::kMaskRandom}) {
-    const Selection sel = MakeSelection(pb, mode, 31u + static_cast<uint32_t>(mode));
-    const Reference ref = ComputeReference(pb, sel);
-    for (int splits : {0, 1, 2, 3}) {
-      RunResult got;
-      RunKernel(pb, dev, sel, splits, &got);
-      if (HasFatalFailure()) return;
-      const std::string what = std::string(ModeName(mode)) + " splits=" +
-                               std::to_string(got.plan.num_splits) + " (forced " +
-                               std::to_string(splits) + ")";
-      EXPECT_LE(got.plan.split_positions, MaskSplitPositions(head_dim)) << what;
-      ExpectClose(pb, ref, got, what);
-      if (mode == Mode::kMaskAll && got.plan.num_splits == 1) {
-        EXPECT_EQ(head_dim, 128) << what;
-        EXPECT_EQ(got.out, dense.out) << what << " differs bitwise from dense";
-        EXPECT_EQ(0, std::memcmp(got.lse.data(), dense.lse.data(), got.lse.size() * 4))
-            << what << " lse differs bitwise from dense";
-      }
-      if (got.plan.num_splits > 1) {
-        RunResult fused;
-        RunKernel(pb, dev, sel, splits, &fused, /*fuse=*/true);
-        if (HasFatalFailure()) return;
-        EXPECT_EQ(fused.out, got.out) << what << ": fused reduction differs bitwise";
-      }
-    }
-  }
-}
-
-INSTANTIATE_TEST_SUITE_P(Shapes, PagedDecodeMaskRounds,
-                         ::testing::Combine(::testing::Values(AttnDType::kFloat16,
-                                                              AttnDType::kBFloat16),
-                                            ::testing::Values(64, 128)),
-                         [](const ::testing::TestParamInfo<RoundsParam>& info) {
-                           return std::string(DTypeName(std::get<0>(info.param))) + "_d" +
-                                  std::to_string(std::get<1>(info.param));
-                         });
-
 // More splits than MergeSplitsKernel keeps in shared memory (kMergeSmemFloats = 12288): the
 // reduction takes its per-thread fallback (MergeRow) and still matches the reference.
 TEST(PagedDecode, MoreSplitsThanTheMergeKeepsInSharedMemory) {
@@ -737,10 +683,8 @@ TEST(PagedDecodeCheck, RejectsBadKeepMasks) {
   EXPECT_STREQ(PagedDecodeCheck(p), "selection must be kDense, kToken, kPage or kTokenMask");
 }
 
-// Planning (occupancy is queried from the device): the keep-mask grid has at least
-// ceil(mask_stride / MaskSplitPositions(head_dim)) splits of at most that many positions, its
-// list and page-table slice cost no occupancy (as many CTAs per SM as dense), and the fused
-// reduction adds its tickets to the workspace.
+// Planning (occupancy is queried from the device): the keep-mask grid has at least ceil(mask_stride / kMaskSplitPositions) splits of at most kMaskSplitPositions
+// positions, and the fused reduction adds its tickets to the workspace.
 TEST(PagedDecode, MaskPlanAndFusedWorkspace) {
   SKIP_WITHOUT_DEVICE();
   PagedDecodeParams p = MaskParamsForChecks(2, 32, 8);
@@ -749,37 +693,17 @@ TEST(PagedDecode, MaskPlanAndFusedWorkspace) {
   p.max_kv_len = 64;  // few kept tokens: the heuristic alone would pick one split
   PagedDecodePlan plan;
   CUDA_OK(PagedDecodePlanFor(p, &plan));
-  EXPECT_GE(plan.num_splits, 65536 / MaskSplitPositions(128));
-  EXPECT_LE(plan.split_positions, MaskSplitPositions(128));
+  EXPECT_GE(plan.num_splits, 65536 / kMaskSplitPositions);
+  EXPECT_LE(plan.split_positions, kMaskSplitPositions);
   EXPECT_GE(static_cast<int64_t>(plan.split_positions) * plan.num_splits, 65536);
   EXPECT_EQ(plan.split_positions % 64, 0);
-  for (int head_dim : {64, 128}) {
-    PagedDecodeParams q = p;
-    q.head_dim = head_dim;
-    PagedDecodePlan mask_plan, dense_plan;
-    CUDA_OK(PagedDecodePlanFor(q, &mask_plan));
-    EXPECT_LE(mask_plan.split_positions, MaskSplitPositions(head_dim));
-    EXPECT_GE(static_cast<int64_t>(mask_plan.split_positions) * mask_plan.num_splits, 65536);
-    q.selection = KvSelection::kDense;
-    CUDA_OK(PagedDecodePlanFor(q, &dense_plan));
-    EXPECT_EQ(mask_plan.ctas_per_sm, dense_plan.ctas_per_sm) << "head_dim " << head_dim;
-  }
-  // B8 / 8 kv heads / 64K at 1/16 (4096 kept per row): one wave of 4 splits of 16384 positions.
-  PagedDecodeParams b8 = MaskParamsForChecks(8, 32, 8);
-  b8.num_sms = 132;
-  b8.mask_stride = 65536;
-  b8.max_kv_len = 4096;
-  PagedDecodePlan b8_plan;
-  CUDA_OK(PagedDecodePlanFor(b8, &b8_plan));
-  EXPECT_EQ(b8_plan.num_splits, 4);
-  EXPECT_EQ(b8_plan.split_positions, 16384);
   const size_t unfused = plan.workspace_bytes;
   p.fuse_reduction = true;
   CUDA_OK(PagedDecodePlanFor(p, &plan));
   EXPECT_EQ(plan.workspace_bytes, unfused + 64);  // 2 * 8 tickets of 4 bytes, 16-padded
   p.force_num_splits = 1;  // raised to the mask's minimum
   CUDA_OK(PagedDecodePlanFor(p, &plan));
-  EXPECT_GE(plan.num_splits, 65536 / MaskSplitPositions(128));
+  EXPECT_GE(plan.num_splits, 65536 / kMaskSplitPositions);
 }
 
 // The CPU reference's keep-mask selection is the token-list selection of the mask's kept positions
