@@ -11,6 +11,9 @@
 //     with selection; a hit is an exact match;
 //   * δ: the exact dropped mass of every (step, layer, kv head) selection (one dense pass
 //     each, eval only), and the refresh δ the worker would report;
+//   * output error: for every measured selection also ‖o_S − o‖ / ‖o‖, the relative error of the
+//     attention output over the chosen list against dense attention (mean over the kv head's
+//     query heads), reported per (layer, kv head) unit with that unit's refresh rate;
 //   * refresh rate = refreshes / selections (per-step selection = 1), real kept fraction and
 //     real kept count including dilation;
 //   * equivalent refresh rate = keys selection scored beyond the kept set / (keys × selections)

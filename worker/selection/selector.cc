@@ -147,13 +147,15 @@ void SequenceSelector::Account(int64_t kept, int64_t t) {
 void SequenceSelector::SelectAndMeasure(int layer, const float* q, const KvView& kv,
                                         std::vector<std::vector<int32_t>>* out) {
   const int kvh = model_.num_key_value_heads;
-  const int64_t* per_unit = telemetry_.refreshes_per_unit.data() + static_cast<size_t>(layer) * kvh;
-  const std::vector<int64_t> before(per_unit, per_unit + kvh);
+  const size_t first = static_cast<size_t>(layer) * kvh;
+  std::vector<int64_t>& per_unit = telemetry_.refreshes_per_unit;
+  if (per_unit.size() < first + kvh) per_unit.resize(first + kvh, 0);
+  const std::vector<int64_t> before(per_unit.begin() + first, per_unit.begin() + first + kvh);
   Select(layer, q, kv, out);
   if (!measure_step_delta_) return;
   const int group = model_.num_attention_heads / kvh;
   for (int kh = 0; kh < kvh; ++kh) {
-    telemetry_.step_refreshed.push_back(per_unit[kh] != before[kh]);
+    telemetry_.step_refreshed.push_back(per_unit[first + kh] != before[kh]);
     const double err =
         AttentionOutputError(q, kv, kh, group, model_.head_dim, (*out)[kh], &measure_probs_);
     telemetry_.step_delta.push_back(static_cast<float>(DroppedMass(measure_probs_, (*out)[kh])));
