@@ -61,6 +61,11 @@ DlmRouterMetrics::DlmRouterMetrics(prometheus::Registry& registry) {
                         .Add({});
 }
 
+void DlmRouterMetrics::PrepareModel(const ModelDescription& model) {
+  if (!model.bidirectional) return;
+  PrepareOutcomeCounters(*requests, model.name, model.dlm_cache_policies);
+}
+
 DlmRouter::DlmRouter(WorkerRegistry* workers, DlmRouterOptions options)
     : workers_(workers), options_(std::move(options)) {}
 

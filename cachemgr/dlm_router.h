@@ -54,6 +54,10 @@ using DiffusionLinkFactory =
 // added on first use, once per request; layer is bounded by the model's layer count.
 struct DlmRouterMetrics {
   explicit DlmRouterMetrics(prometheus::Registry& registry);
+  // Creates the request counters of a diffusion `model` at 0 for every outcome of the cache
+  // policies it serves (wired to RouterOptions::on_model_registered); no-op for an
+  // autoregressive model.
+  void PrepareModel(const ModelDescription& model);
   prometheus::Family<prometheus::Counter>* requests = nullptr;
   prometheus::Family<prometheus::Counter>* tokens = nullptr;
   prometheus::Family<prometheus::Counter>* steps = nullptr;

@@ -1,5 +1,7 @@
 #include "cachemgr/dlm_router.h"
 
+#include "cachemgr/relay.h"
+
 #include "common/metrics_test_util.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -142,6 +144,29 @@ TEST(DlmRouterTest, PlacesOnTheDiffusionWorkerWithThePlanAndRelaysTheStream) {
   EXPECT_EQ(MetricValue(f.registry, "prehoc_cachemgr_dlm_refreshes_total", {{"policy", "spa"}}), 2);
   EXPECT_EQ(MetricValue(f.registry, "prehoc_cachemgr_dlm_generated_tokens_total", {{"policy", "spa"}}),
             2);
+}
+
+TEST(DlmRouterTest, PrepareModelCreatesEveryOutcomeAtZeroForDiffusionModelsOnly) {
+  Fixture f;
+  f.metrics->PrepareModel(Model("code-ar", false));
+  f.metrics->PrepareModel(Model("code-dlm", true));
+  int series = 0;
+  for (const auto& fam : f.registry.Collect()) {
+    if (fam.name != "prehoc_cachemgr_dlm_requests_total") continue;
+    for (const auto& m : fam.metric) {
+      ++series;
+      EXPECT_EQ(m.counter.value, 0);
+      for (const auto& lp : m.label) {
+        if (lp.name == "model") {
+          EXPECT_EQ(lp.value, "code-dlm");
+        }
+      }
+    }
+  }
+  EXPECT_EQ(series, 6 * static_cast<int>(RelayOutcomes().size()));  // 6 cache policies
+  EXPECT_EQ(MetricValue(f.registry, "prehoc_cachemgr_dlm_requests_total",
+                        {{"model", "code-dlm"}, {"policy", "spa-auto"}, {"outcome", "error"}}),
+            0);
 }
 
 TEST(DlmRouterTest, RefusesAutoregressiveModelsAndBadPlansSynchronously) {

@@ -17,6 +17,13 @@ const char* RelayOutcome(const absl::Status& status) {
   }
 }
 
+const std::vector<std::string>& RelayOutcomes() {
+  static const auto* const kOutcomes = new std::vector<std::string>{
+      "ok", "cancelled", "deadline_exceeded", "invalid_argument", "resource_exhausted",
+      "unavailable", "error"};
+  return *kOutcomes;
+}
+
 absl::Status DeadWorkerStatus(const std::string& worker_id) {
   return absl::UnavailableError(
       absl::StrCat("worker ", worker_id, " stopped heartbeating; retry the request"));

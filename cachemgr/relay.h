@@ -5,6 +5,7 @@
 #define PREHOC_CACHEMGR_RELAY_H_
 
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
@@ -16,6 +17,22 @@ namespace prehoc {
 // deadline_exceeded, invalid_argument (also FAILED_PRECONDITION: a request the worker cannot
 // run), resource_exhausted, unavailable, error.
 const char* RelayOutcome(const absl::Status& status);
+
+// Every value RelayOutcome returns. The relays create their (model, policy, outcome) request
+// counters at 0 for these when a worker registers a model, so that the first request of each
+// outcome shows in rate()/increase() (a series born at its first increment does not).
+const std::vector<std::string>& RelayOutcomes();
+
+// Adds the `requests` children of `family` at 0 for every (model, policy, outcome) of `policies`.
+template <typename Family>
+void PrepareOutcomeCounters(Family& family, const std::string& model,
+                            const std::vector<std::string>& policies) {
+  for (const std::string& policy : policies) {
+    for (const std::string& outcome : RelayOutcomes()) {
+      family.Add({{"model", model}, {"policy", policy}, {"outcome", outcome}});
+    }
+  }
+}
 
 // UNAVAILABLE for the streams of a worker declared dead (missed heartbeats).
 absl::Status DeadWorkerStatus(const std::string& worker_id);

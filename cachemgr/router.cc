@@ -375,7 +375,18 @@ bool Router::Ready() const {
   return false;
 }
 
+void RouterMetrics::PrepareModel(const ModelDescription& model) {
+  if (model.bidirectional) return;
+  std::vector<std::string> policies = model.sparsity_policies;
+  policies.push_back("default");
+  PrepareOutcomeCounters(*requests, model.name, policies);
+}
+
 absl::StatusOr<int64_t> Router::RegisterWorker(WorkerRegistration registration) {
+  for (const ModelDescription& m : registration.models) {
+    if (options_.metrics != nullptr) options_.metrics->PrepareModel(m);
+    if (options_.on_model_registered) options_.on_model_registered(m);
+  }
   std::vector<std::string> live = registration.live_sequences;
   const std::string id = registration.worker_id;
   absl::StatusOr<int64_t> epoch = workers_->Register(std::move(registration));

@@ -38,8 +38,12 @@ namespace prehoc {
 // Metrics of the cache manager (docs/metrics.md), prefix prehoc_cachemgr_.
 struct RouterMetrics {
   explicit RouterMetrics(prometheus::Registry& registry);
-  // Per (model, policy[, outcome]) children are added on first use (once per request, never per
-  // token); prometheus-cpp returns the existing child for known labels.
+  // Creates the request counters of an autoregressive `model` at 0 for every outcome of the
+  // policies it serves and "default" (the label of requests naming none). Router::RegisterWorker
+  // calls it; no-op for a bidirectional (diffusion) model.
+  void PrepareModel(const ModelDescription& model);
+  // Other per (model, policy[, outcome]) children are added on first use (once per request,
+  // never per token); prometheus-cpp returns the existing child for known labels.
   prometheus::Family<prometheus::Counter>* requests = nullptr;
   prometheus::Family<prometheus::Histogram>* time_to_first_token_s = nullptr;
   prometheus::Family<prometheus::Counter>* tokens = nullptr;
@@ -89,6 +93,9 @@ struct RouterOptions {
   // worker decodes with its local copy of the preset until then), closed when the sequence
   // ends; telemetry feeds the planner's δ-controllers. May be null (no cache-manager plans). Must outlive the router.
   PlanManager* plans = nullptr;
+  // Called by RegisterWorker for each model the worker serves, after the router's own metrics
+  // were prepared (e.g. the Diffuse front door's DlmRouterMetrics::PrepareModel). May be empty.
+  std::function<void(const ModelDescription&)> on_model_registered;
 };
 
 class Router : public InferenceBackend {

@@ -1,5 +1,6 @@
 #include "cachemgr/router.h"
 
+#include <algorithm>
 #include <atomic>
 #include <deque>
 #include <map>
@@ -7,11 +8,14 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "cachemgr/relay.h"
+#include "common/metrics_test_util.h"
 #include "prometheus/registry.h"
 
 namespace prehoc {
 namespace {
 
+using ::prehoc::testing::MetricValue;
 using ::testing::HasSubstr;
 
 // A worker link whose streams the test drives by hand. Free ends a stream CANCELLED (as the
@@ -330,6 +334,61 @@ TEST_F(RouterTest, MetricsCountOutcomesAndWorkers) {
   EXPECT_EQ(value("prehoc_cachemgr_workers_ready", ""), 1);
   EXPECT_EQ(value("prehoc_cachemgr_sequences", ""), 1);
   EXPECT_EQ(value("prehoc_cachemgr_kv_pages_total", ""), 1000);
+}
+
+TEST(RelayOutcomeTest, EveryStatusCodeMapsToAListedOutcome) {
+  const std::vector<std::string>& all = RelayOutcomes();
+  for (int code = 0; code <= 16; ++code) {
+    const std::string o = RelayOutcome(absl::Status(static_cast<absl::StatusCode>(code), "x"));
+    EXPECT_NE(std::find(all.begin(), all.end(), o), all.end()) << "code " << code << " -> " << o;
+  }
+}
+
+TEST_F(RouterTest, RegistrationCreatesOutcomeCountersAtZeroSoTheFirstRequestCountsInRate) {
+  std::vector<std::string> hooked;
+  RouterOptions o{"cm", &metrics_, &plans_};
+  o.on_model_registered = [&hooked](const ModelDescription& m) { hooked.push_back(m.name); };
+  router_ = std::make_unique<Router>(&workers_, &sequences_, o);
+  auto link = std::make_shared<FakeLink>();
+  WorkerRegistration r;
+  r.worker_id = "w";
+  r.address = "w:1";
+  r.models = {ModelDescription{"tiny", "LlamaForCausalLM", 260, 256}};
+  r.models[0].sparsity_policies = {"dense", "prhs"};
+  ModelDescription dlm;
+  dlm.name = "tiny-dlm";
+  dlm.bidirectional = true;
+  dlm.dlm_cache_policies = {"none", "spa"};
+  r.models.push_back(dlm);
+  r.ready = true;
+  r.link = link;
+  ASSERT_TRUE(router_->RegisterWorker(r).ok());
+  EXPECT_EQ(hooked, (std::vector<std::string>{"tiny", "tiny-dlm"}));
+
+  auto count = [&](const std::string& policy, const std::string& outcome) {
+    return MetricValue(registry_, "prehoc_cachemgr_requests_total",
+                       {{"model", "tiny"}, {"policy", policy}, {"outcome", outcome}});
+  };
+  int series = 0;
+  for (const auto& fam : registry_.Collect()) {
+    if (fam.name != "prehoc_cachemgr_requests_total") continue;
+    for (const auto& m : fam.metric) {
+      ++series;
+      EXPECT_EQ(m.counter.value, 0);
+    }
+  }
+  // dense, prhs and "default" (requests naming no policy); none for the diffusion model.
+  EXPECT_EQ(series, 3 * static_cast<int>(RelayOutcomes().size()));
+  EXPECT_EQ(count("default", "ok"), 0);
+  EXPECT_EQ(count("prhs", "unavailable"), 0);
+
+  InferenceRequest named_none = Req();
+  named_none.sparsity.policy.clear();  // as a client request naming no policy arrives
+  ASSERT_TRUE(router_->Generate(named_none, NewClient().Callback()).ok());
+  link->Emit(link->started().at(0), 5, /*finish=*/true);
+  EXPECT_EQ(count("default", "ok"), 1);
+  EXPECT_EQ(count("default", "error"), 0);
+  EXPECT_EQ(count("dense", "ok"), 0);
 }
 
 TEST_F(RouterTest, PlansOpenAtTheFirstTokenFollowTelemetryAndCloseWithTheSequence) {

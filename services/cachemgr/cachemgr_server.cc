@@ -31,8 +31,11 @@ absl::StatusOr<std::unique_ptr<CacheManagerServer>> CacheManagerServer::Create(
                      : options.id_prefix;
   ro.metrics = s->metrics_struct_.get();
   ro.plans = s->plans_.get();
-  s->router_ = std::make_unique<Router>(s->workers_.get(), s->sequences_.get(), ro);
   s->dlm_metrics_ = std::make_unique<DlmRouterMetrics>(*s->registry_);
+  ro.on_model_registered = [dm = s->dlm_metrics_.get()](const ModelDescription& m) {
+    dm->PrepareModel(m);
+  };
+  s->router_ = std::make_unique<Router>(s->workers_.get(), s->sequences_.get(), ro);
   DlmRouterOptions dro;
   dro.id_prefix = ro.id_prefix;
   dro.link_factory = &GrpcDiffusionLink::ForWorker;

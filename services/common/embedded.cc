@@ -75,9 +75,12 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
   PlanManagerOptions po;
   po.metrics = c->plan_metrics_.get();
   c->plans_ = std::make_unique<PlanManager>(po);
-  c->router_ = std::make_unique<Router>(
-      c->workers_.get(), c->sequences_.get(),
-      RouterOptions{"em", c->router_metrics_.get(), c->plans_.get()});
+  c->dlm_router_metrics_ = std::make_unique<DlmRouterMetrics>(*c->registry_);
+  RouterOptions ro{"em", c->router_metrics_.get(), c->plans_.get()};
+  ro.on_model_registered = [dm = c->dlm_router_metrics_.get()](const ModelDescription& m) {
+    dm->PrepareModel(m);
+  };
+  c->router_ = std::make_unique<Router>(c->workers_.get(), c->sequences_.get(), std::move(ro));
   WorkerRegistration r;
   r.worker_id = kWorkerId;
   r.address = "in-process";
@@ -91,7 +94,6 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
   absl::StatusOr<int64_t> epoch = c->router_->RegisterWorker(std::move(r));
   if (!epoch.ok()) return epoch.status();
   c->epoch_ = *epoch;
-  c->dlm_router_metrics_ = std::make_unique<DlmRouterMetrics>(*c->registry_);
   DlmRouterOptions dro;
   dro.id_prefix = "em";
   dro.metrics = c->dlm_router_metrics_.get();
