@@ -358,7 +358,8 @@ TEST(ProcessTest, ServeSubcommandServesTheSameApiAsTheCacheManager) {
   const auto expected = Embedded(reqs);
   const auto got = RunConcurrently(port, reqs);
   for (size_t i = 0; i < reqs.size(); ++i) {
-    ASSERT_TRUE(got[i].status.ok()) << got[i].status.error_message();
+    ASSERT_TRUE(got[i].status.ok()) << i << ": " << got[i].status.error_message()
+                                    << "\nprehoc serve output:\n" << (*s)->DrainOutput();
     EXPECT_EQ(got[i].tokens, expected[i]);
     EXPECT_EQ(got[i].served_by, "embedded");
   }
