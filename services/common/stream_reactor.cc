@@ -137,6 +137,13 @@ class StreamReactor final : public grpc::ServerWriteReactor<Response> {
       }
       action = NextActionLocked();
     }
+    // OnEvent runs on the backend's thread, outside gRPC's reactor callbacks, so once mu_ is
+    // released another thread may finish the stream and OnDone may delete this reactor: when
+    // there is nothing to do, touch nothing (not even a member call — UBSan's vptr check reads
+    // *this; ASan caught it in ProcessTest.ServeSubcommand... as a heap-use-after-free when an
+    // OnWriteDone on a gRPC thread finished the stream between the unlock and Do). kWrite and
+    // kFinish are safe: no other thread can finish while this one owns the write or the finish.
+    if (action == Action::kNone) return;
     Do(action);
   }
 
