@@ -146,13 +146,16 @@ void SequenceSelector::Account(int64_t kept, int64_t t) {
 
 void SequenceSelector::SelectAndMeasure(int layer, const float* q, const KvView& kv,
                                         std::vector<std::vector<int32_t>>* out) {
+  if (!measure_step_delta_) {  // the serving path: nothing to measure
+    Select(layer, q, kv, out);
+    return;
+  }
   const int kvh = model_.num_key_value_heads;
   const size_t first = static_cast<size_t>(layer) * kvh;
   std::vector<int64_t>& per_unit = telemetry_.refreshes_per_unit;
   if (per_unit.size() < first + kvh) per_unit.resize(first + kvh, 0);
   const std::vector<int64_t> before(per_unit.begin() + first, per_unit.begin() + first + kvh);
   Select(layer, q, kv, out);
-  if (!measure_step_delta_) return;
   const int group = model_.num_attention_heads / kvh;
   for (int kh = 0; kh < kvh; ++kh) {
     telemetry_.step_refreshed.push_back(per_unit[first + kh] != before[kh]);

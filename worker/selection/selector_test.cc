@@ -185,7 +185,9 @@ TEST_F(SelectorEngineTest, MeasuredOutputErrorAndUnitsMatchTheLists) {
     (t.step_delta[i] > 0.5 ? n_high : n_low) += 1;
   }
   EXPECT_GT(err / t.step_output_error.size(), 0.01);
-  if (n_high > 0 && n_low > 0) EXPECT_GT(high / n_high, low / n_low);
+  if (n_high > 0 && n_low > 0) {
+    EXPECT_GT(high / n_high, low / n_low);
+  }
 }
 
 TEST_F(SelectorEngineTest, PerLayerOverridesChangeOnlyTheirLayer) {
