@@ -197,12 +197,7 @@ absl::StatusOr<nlohmann::json> Estimate(const DlmBackend& model, const Args& a, 
   auto run = [&](DlmStepKind kind, int blk, ForwardStats* times) -> absl::StatusOr<double> {
     const int bs = P + blk * a.block, be = bs + a.block;
     DlmStepPlan plan = PlanStep(sched, kind, P, L, 0, bs, be);
-    ForwardSpec spec;
-    spec.live = plan.live;
-    spec.select = plan.select;
-    spec.first_selective_layer = plan.first_selective_layer;
-    spec.kv_all_rows = plan.kv_all_rows;
-    if (plan.select != RowSelect::kAll) spec.update_rows = update;
+    ForwardSpec spec = SpecForPlan(plan, update);
     std::vector<int32_t> logit_rows;
     for (int r = bs; r < bs + std::max(1, a.block / 2); ++r) logit_rows.push_back(r);
     spec.logit_rows = logit_rows;

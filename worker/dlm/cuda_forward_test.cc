@@ -120,17 +120,6 @@ absl::StatusOr<DlmSchedule> TestSchedule(const ModelConfig& c, const std::string
                                 : std::map<std::string, double>{});
 }
 
-// The forward of a planned step (logit rows and proxy range left to the caller).
-ForwardSpec SpecOf(const DlmStepPlan& plan, const std::vector<int>& update) {
-  ForwardSpec sp;
-  sp.live = plan.live;
-  sp.select = plan.select;
-  sp.first_selective_layer = plan.first_selective_layer;
-  sp.kv_all_rows = plan.kv_all_rows;
-  if (plan.select != RowSelect::kAll) sp.update_rows = update;
-  return sp;
-}
-
 // Per policy: a full step (stores K/V/δ/proxies), tokens committed in the block, then the policy's
 // cheap step twice — the CUDA caches must hold what the CPU caches hold, and the cached step must
 // read them the same way. Selective steps (spa, dllm) recompute every response row here
@@ -165,8 +154,8 @@ void RunPolicy(const std::string& policy, bool all_rows, double tol) {
   CompareStep(cc->get(), gc->get(), canvas, s0, policy + " full", tol, &worst);
   for (int t = 0; t < 5; ++t) canvas[bs + 3 * t] = 'a' + t;
   for (int rep = 0; rep < 2; ++rep) {
-    ForwardSpec sp =
-        SpecOf(PlanStep(*sched, DlmStepKind::kPartial, P, L, base.S, bs, be), update);
+    const DlmStepPlan plan = PlanStep(*sched, DlmStepKind::kPartial, P, L, base.S, bs, be);
+    ForwardSpec sp = SpecForPlan(plan, update);
     std::vector<int32_t> masked;
     for (int r = bs; r < be; ++r) {
       if (canvas[r] == mask) masked.push_back(r);
@@ -332,7 +321,8 @@ TEST(CudaDlmTest, FastPathsMatchEager) {
       std::vector<int32_t> logit_rows;
       for (int r = bs + step; r < be; ++r) logit_rows.push_back(r);
       const DlmStepKind kind = step == 0 ? DlmStepKind::kFull : DlmStepKind::kPartial;
-      ForwardSpec spec = SpecOf(PlanStep(*sched, kind, P, L, 0, bs, be), update);
+      const DlmStepPlan plan = PlanStep(*sched, kind, P, L, 0, bs, be);
+      ForwardSpec spec = SpecForPlan(plan, update);
       spec.logit_rows = logit_rows;
       spec.store_proxy = step == 0;
       spec.proxy_begin = P;

@@ -70,6 +70,16 @@ absl::StatusOr<DiffuseResult> Diffuse(const DlmBackend& model, const DiffuseRequ
   return DiffuseWithSchedule(model, request, schedule, observer, interrupt);
 }
 
+ForwardSpec SpecForPlan(const DlmStepPlan& plan, std::span<const int> update_rows) {
+  ForwardSpec spec;
+  spec.live = plan.live;
+  spec.select = plan.select;
+  spec.first_selective_layer = plan.first_selective_layer;
+  spec.kv_all_rows = plan.kv_all_rows;
+  if (plan.select != RowSelect::kAll) spec.update_rows = update_rows;
+  return spec;
+}
+
 DlmStepPlan PlanStep(const DlmSchedule& schedule, DlmStepKind kind, int P, int L, int S, int bs,
                      int be) {
   DlmStepPlan plan;
@@ -213,12 +223,7 @@ bool DlmRequestRun::Prepare() {
     }
     kind_ = schedule_.StepKind(step_, i_);
     plan_ = PlanStep(schedule_, kind_, P_, L_, S_, bs, be);
-    spec_ = ForwardSpec();
-    spec_.live = plan_.live;
-    spec_.select = plan_.select;
-    spec_.first_selective_layer = plan_.first_selective_layer;
-    spec_.kv_all_rows = plan_.kv_all_rows;
-    if (plan_.select != RowSelect::kAll) spec_.update_rows = update_rows_;
+    spec_ = SpecForPlan(plan_, update_rows_);
     spec_.logit_rows = mask_rows_;
     spec_.store_proxy = spa_ && kind_ != DlmStepKind::kPartial;
     spec_.proxy_begin = P_;

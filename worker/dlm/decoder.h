@@ -153,6 +153,11 @@ struct DlmStepPlan {
 };
 DlmStepPlan PlanStep(const DlmSchedule& schedule, DlmStepKind kind, int P, int L, int S, int bs,
                      int be);
+// The forward of a planned step: its live rows, row selection and K/V variant, with
+// `update_rows` (per layer) when it selects; logit rows and proxies are left to the caller.
+// The spec views plan.live and update_rows: both must outlive it.
+ForwardSpec SpecForPlan(const DlmStepPlan& plan, std::span<const int> update_rows);
+ForwardSpec SpecForPlan(DlmStepPlan&& plan, std::span<const int> update_rows) = delete;
 
 // One request's decoding loop as a step machine, so that a caller can run several requests (each
 // with its own schedule, canvas length and options) through one DlmBackend::ForwardBatch per step:
