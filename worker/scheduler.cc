@@ -556,6 +556,23 @@ absl::Status Scheduler::backend_status() const {
   return backend_failure_;
 }
 
+void Scheduler::MarkBackendFailed(const absl::Status& status) {
+  {
+    absl::MutexLock l(&mu_);
+    if (!backend_failure_.ok()) return;
+    LOG(ERROR) << "backend marked failed: " << status;
+    if (options_.metrics != nullptr) options_.metrics->backend_failures->Increment();
+    backend_failure_ = status;
+    const absl::Status unavailable =
+        absl::UnavailableError(absl::StrCat("backend failed: ", status.ToString()));
+    for (auto& [id, r] : requests_) {
+      if (r->cancel_status.ok()) r->cancel_status = unavailable;
+    }
+    UpdateGaugesLocked();
+  }
+  if (options_.on_backend_failure) options_.on_backend_failure(status);
+}
+
 void Scheduler::StartDrain() {
   absl::MutexLock l(&mu_);
   draining_ = true;

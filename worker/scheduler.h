@@ -150,6 +150,13 @@ class Scheduler : public InferenceBackend {
 
   // OK while the backend is healthy; after a failed step, that first step's error (sticky).
   absl::Status backend_status() const;
+  // Records a failure of the device this scheduler's backend runs on that another component
+  // observed (the worker's DlmRunner shares the device and the weights): as a failed step does,
+  // it marks the backend failed for good (Ready() false, Generate refuses UNAVAILABLE naming
+  // `status`, queued and running requests end UNAVAILABLE at the next step boundary, the
+  // failure counter and backend-healthy gauge move) and calls on_backend_failure, on the
+  // calling thread. No-op when the backend had already failed. `status` must not be OK.
+  void MarkBackendFailed(const absl::Status& status);
 
   LoadReport Load() const;
   std::vector<LiveSequenceInfo> LiveSequences() const;

@@ -173,6 +173,9 @@ int RunServe(const std::vector<std::string>& args, std::ostream& out, std::ostre
   f.Int("dlm-max-gen-length", &o.cluster.dlm.max_gen_length, "diffusion models: largest gen_length");
   f.Bool("dlm-calibrate", &o.cluster.dlm_calibrate,
          "diffusion models: measure the drift profile at load (enables cache spa-auto)");
+  f.Bool("liveness-follows-backend", &o.liveness_follows_backend,
+         "after a backend (device) failure also turn health 'liveness' NOT_SERVING, so a "
+         "liveness probe restarts the process (default: only readiness goes NOT_SERVING)");
   f.Double("drain-timeout-s", &drain_timeout_s, "graceful drain time on SIGTERM");
   f.String("log-level", &log_level, "debug, info, warning or error");
   bool help = false;

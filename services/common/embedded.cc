@@ -46,6 +46,11 @@ absl::StatusOr<std::unique_ptr<EmbeddedCluster>> EmbeddedCluster::Create(Embedde
     dro.worker_id = "embedded";
     dro.registry = c->registry_.get();
     dro.device = o.device;
+    // One device for both models: a failed diffusion forward fails the scheduler's backend too
+    // (which exists before any Diffuse can run).
+    dro.on_backend_failure = [p = c.get()](const absl::Status& st) {
+      p->scheduler_->MarkBackendFailed(st);
+    };
     absl::StatusOr<std::unique_ptr<DlmRunner>> runner = MaybeCreateDlmRunner(
         o.engine.model_dir, o.engine.num_threads, o.dlm_calibrate, std::move(dro),
         &o.engine.weights);
@@ -221,7 +226,10 @@ absl::StatusOr<std::unique_ptr<EmbeddedServer>> EmbeddedServer::Create(EmbeddedS
   SetReadiness(s->grpc_.server.get(), true);
   // A backend failure turns readiness off for good (at once if one happened already).
   s->cluster_->SetBackendFailureListener(
-      [server = s->grpc_.server.get()](const absl::Status&) { SetReadiness(server, false); });
+      [server = s->grpc_.server.get(), live = o.liveness_follows_backend](const absl::Status&) {
+        SetReadiness(server, false);
+        if (live) SetLiveness(server, false);
+      });
   LOG(INFO) << "embedded server grpc_port=" << s->grpc_.port
             << " metrics_port=" << s->metrics_.port;
   return s;

@@ -147,6 +147,9 @@ struct EmbeddedServerOptions {
   std::string listen_address = "127.0.0.1:0";
   std::string metrics_address;  // "" = none
   int64_t max_request_bytes = int64_t{4} << 20;
+  // After a backend failure also turn health `liveness` NOT_SERVING (see
+  // WorkerServerOptions::liveness_follows_backend).
+  bool liveness_follows_backend = false;
 };
 
 // `prehoc serve`: EmbeddedCluster behind prehoc.v1.Inference + health + reflection + metrics.
@@ -158,7 +161,8 @@ class EmbeddedServer {
   int metrics_port() const { return metrics_.port; }
   EmbeddedCluster& cluster() { return *cluster_; }
   // Readiness (health `readiness`) is true once serving and false for good after the
-  // scheduler's backend fails (EmbeddedCluster::SetBackendFailureListener) or the drain starts.
+  // scheduler's backend fails (EmbeddedCluster::SetBackendFailureListener; a failed diffusion
+  // forward fails it too) or the drain starts; liveness too with liveness_follows_backend.
   // Drain: readiness false, new requests UNAVAILABLE, active streams may finish until
   // `deadline`, then the server stops. Idempotent.
   void Shutdown(absl::Time deadline);

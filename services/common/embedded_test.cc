@@ -120,6 +120,16 @@ TEST(EmbeddedTest, ServerSpeaksTheSameApi) {
   EXPECT_EQ(models.models(0).name(), "tiny");
 }
 
+// Runs a Generate stream to its end; its final status.
+grpc::Status GenerateStatus(v1::Inference::Stub* stub, const v1::GenerateRequest& req) {
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse m;
+  while (reader->Read(&m)) {
+  }
+  return reader->Finish();
+}
+
 // A failed backend step: the stream ends INTERNAL, the in-process worker leaves the router's
 // ready set (as a split-mode worker's ready=false heartbeat does), readiness turns NOT_SERVING and
 // new requests are refused UNAVAILABLE.
@@ -143,12 +153,7 @@ TEST(EmbeddedTest, BackendFailureTurnsReadinessOff) {
   req.mutable_token_ids()->add_ids(256);
   req.set_max_tokens(3);
   {
-    grpc::ClientContext ctx;
-    auto reader = stub->Generate(&ctx, req);
-    v1::GenerateResponse m;
-    while (reader->Read(&m)) {
-    }
-    grpc::Status st = reader->Finish();
+    grpc::Status st = GenerateStatus(stub.get(), req);
     EXPECT_EQ(st.error_code(), grpc::StatusCode::INTERNAL);
     EXPECT_THAT(st.error_message(), HasSubstr("illegal memory access"));
   }
@@ -157,15 +162,32 @@ TEST(EmbeddedTest, BackendFailureTurnsReadinessOff) {
             grpc::health::v1::HealthCheckResponse::SERVING);
   EXPECT_FALSE((*server)->cluster().router().Ready());
   EXPECT_FALSE((*server)->cluster().scheduler().Ready());
-  {
-    grpc::ClientContext ctx;
-    auto reader = stub->Generate(&ctx, req);
-    v1::GenerateResponse m;
-    while (reader->Read(&m)) {
-    }
-    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
-  }
+  EXPECT_EQ(GenerateStatus(stub.get(), req).error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(backend->failed_steps(), 1);
+}
+
+// With liveness_follows_backend the failure turns liveness NOT_SERVING too.
+TEST(EmbeddedTest, LivenessFollowsABackendFailureWhenAsked) {
+  testing::FaultyBackend* backend = nullptr;
+  EmbeddedServerOptions o;
+  o.cluster = Options();
+  o.cluster.wrap_backend = testing::WrapInFaultyBackend(&backend);
+  o.liveness_follows_backend = true;
+  auto server = EmbeddedServer::Create(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->port()),
+                                     grpc::InsecureChannelCredentials());
+  testing::HealthWatch liveness(channel, "liveness");
+  ASSERT_TRUE(liveness.Await(grpc::health::v1::HealthCheckResponse::SERVING));
+  backend->FailSteps(absl::InternalError("CUDA error: an illegal memory access"));
+  auto stub = v1::Inference::NewStub(channel);
+  v1::GenerateRequest req;
+  req.mutable_token_ids()->add_ids(256);
+  req.set_max_tokens(3);
+  EXPECT_EQ(GenerateStatus(stub.get(), req).error_code(), grpc::StatusCode::INTERNAL);
+  ASSERT_TRUE(liveness.Await(grpc::health::v1::HealthCheckResponse::NOT_SERVING));
+  EXPECT_EQ(*testing::CheckHealth(channel, "readiness"),
+            grpc::health::v1::HealthCheckResponse::NOT_SERVING);
 }
 
 // Embedded mode runs the split-mode δ loop: a request with a δ target far below what its budget

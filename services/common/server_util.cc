@@ -39,6 +39,13 @@ absl::StatusOr<GrpcServer> StartGrpcServer(const std::string& address,
   return out;
 }
 
+void SetLiveness(grpc::Server* server, bool live) {
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  if (health == nullptr) return;
+  health->SetServingStatus("", live);
+  health->SetServingStatus("liveness", live);
+}
+
 void SetReadiness(grpc::Server* server, bool ready) {
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   if (health == nullptr) return;

@@ -2,7 +2,8 @@
 // reflection, the Prometheus /metrics endpoint (metrics_http.h), and SIGTERM/SIGINT handling.
 //
 // Health service names (grpc.health.v1):
-//   ""  and "liveness"                    SERVING while the process runs (liveness probe)
+//   ""  and "liveness"                    SERVING while the process runs (liveness probe);
+//                                         optionally NOT_SERVING after a backend failure
 //   "readiness" and "prehoc.v1.Inference" SERVING when ready to serve (readiness probe)
 #ifndef PREHOC_SERVICES_COMMON_SERVER_UTIL_H_
 #define PREHOC_SERVICES_COMMON_SERVER_UTIL_H_
@@ -34,6 +35,10 @@ absl::StatusOr<GrpcServer> StartGrpcServer(const std::string& address,
 
 // Sets the readiness health names (liveness stays SERVING). Thread-safe.
 void SetReadiness(grpc::Server* server, bool ready);
+// Sets the liveness health names ("" and "liveness"; SERVING from StartGrpcServer on). A server
+// sets them NOT_SERVING only when asked to (--liveness-follows-backend: a failed device then
+// fails the liveness probe, so the orchestrator restarts the process). Thread-safe.
+void SetLiveness(grpc::Server* server, bool live);
 
 struct MetricsEndpoint {
   std::unique_ptr<MetricsHttpServer> server;

@@ -66,6 +66,9 @@ int main(int argc, char** argv) {
   f.Int("dlm-max-gen-length", &o.dlm.max_gen_length, "diffusion models: largest gen_length");
   f.Bool("dlm-calibrate", &o.dlm_calibrate,
          "diffusion models: measure the drift profile at load (enables cache spa-auto)");
+  f.Bool("liveness-follows-backend", &o.liveness_follows_backend,
+         "after a backend (device) failure also turn health 'liveness' NOT_SERVING, so a "
+         "liveness probe restarts the process (default: only readiness goes NOT_SERVING)");
   f.Double("drain-timeout-s", &drain_timeout_s, "graceful drain time on SIGTERM");
   f.Int("debug-step-delay-ms", &step_delay_ms,
         "artificial delay per engine step (tests and benchmarks only)");

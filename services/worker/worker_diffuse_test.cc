@@ -7,8 +7,10 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "prehoc/v1/inference.grpc.pb.h"
+#include "services/common/test_util.h"
 #include "services/worker/worker_server.h"
 #include "worker/dlm/decoder.h"
+#include "worker/testing/faulty_dlm_backend.h"
 
 namespace prehoc {
 namespace {
@@ -39,7 +41,9 @@ struct StepGate {
   }
 };
 
-std::unique_ptr<WorkerServer> StartDlm(StepGate* gate = nullptr) {
+// `tweak` (optional) edits the options before the server starts.
+std::unique_ptr<WorkerServer> StartDlm(
+    StepGate* gate = nullptr, const std::function<void(WorkerServerOptions&)>& tweak = {}) {
   WorkerServerOptions o;
   o.engine.model_dir = DlmDir();
   o.engine.num_threads = 2;
@@ -48,6 +52,7 @@ std::unique_ptr<WorkerServer> StartDlm(StepGate* gate = nullptr) {
   o.listen_address = "127.0.0.1:0";
   o.max_request_bytes = 64 << 10;
   if (gate != nullptr) o.dlm.before_step = gate->Hook();
+  if (tweak) tweak(o);
   auto s = WorkerServer::Create(std::move(o));
   EXPECT_TRUE(s.ok()) << s.status();
   return s.ok() ? std::move(*s) : nullptr;
@@ -225,6 +230,57 @@ TEST(WorkerDiffuseTest, CancelRpcEndsARunningRequestWhileGenerateStillServes) {
   grpc::Status st = reader->Finish();
   EXPECT_EQ(st.error_code(), grpc::CANCELLED) << st.error_message();
   EXPECT_TRUE(server->dlm_runner()->WaitIdle(absl::InfiniteFuture()));
+}
+
+// A failed diffusion forward (device fault) fails the whole worker: the stream ends INTERNAL
+// naming it, the scheduler's backend is marked failed (Generate and Diffuse refused UNAVAILABLE,
+// backend-healthy gauge 0), readiness and — with liveness_follows_backend — liveness go
+// NOT_SERVING.
+TEST(WorkerDiffuseTest, FailedForwardFailsTheWorker) {
+  testing::FaultyDlmBackend* faulty = nullptr;
+  auto server = StartDlm(nullptr, [&faulty](WorkerServerOptions& o) {
+    o.metrics_address = "127.0.0.1:0";
+    o.liveness_follows_backend = true;
+    o.dlm.wrap_backend = testing::WrapInFaultyDlmBackend(&faulty);
+  });
+  ASSERT_NE(server, nullptr);
+  ASSERT_NE(faulty, nullptr);
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server->port()),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = v1::Inference::NewStub(channel);
+  testing::HealthWatch readiness(channel, "readiness");
+  ASSERT_TRUE(readiness.Await(grpc::health::v1::HealthCheckResponse::SERVING));
+  ASSERT_TRUE(RunDiffuse(stub.get(), Request()).status.ok());
+
+  faulty->FailForwards(absl::InternalError("CUDA error: an illegal memory access"));
+  Result failed = RunDiffuse(stub.get(), Request());
+  EXPECT_EQ(failed.status.error_code(), grpc::INTERNAL);
+  EXPECT_THAT(failed.status.error_message(), HasSubstr("illegal memory access"));
+  ASSERT_TRUE(readiness.Await(grpc::health::v1::HealthCheckResponse::NOT_SERVING));
+  EXPECT_EQ(*testing::CheckHealth(channel, "liveness"),
+            grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  EXPECT_FALSE(server->scheduler().Ready());
+  EXPECT_THAT(std::string(server->scheduler().backend_status().message()),
+              HasSubstr("illegal memory access"));
+
+  Result refused = RunDiffuse(stub.get(), Request());
+  EXPECT_EQ(refused.status.error_code(), grpc::UNAVAILABLE);
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("backend failed"));
+  v1::GenerateRequest gen;
+  gen.mutable_token_ids()->add_ids(256);
+  gen.set_max_tokens(2);
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, gen);
+  v1::GenerateResponse m;
+  while (reader->Read(&m)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::UNAVAILABLE);
+
+  auto body = testing::HttpGet(server->metrics_port(), "/metrics");
+  ASSERT_TRUE(body.ok()) << body.status();
+  EXPECT_THAT(*body, HasSubstr("prehoc_worker_backend_healthy{model=\"code-dlm\"} 0"));
+  EXPECT_THAT(*body, HasSubstr("prehoc_worker_backend_failures_total{model=\"code-dlm\"} 1"));
+  EXPECT_EQ(faulty->failed_forwards(), 1);
 }
 
 TEST(WorkerDiffuseTest, AutoregressiveWorkerRefusesDiffuse) {

@@ -32,6 +32,12 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
     dro.worker_id = options.worker_id.empty() ? "worker" : options.worker_id;
     dro.registry = s->registry_.get();
     dro.device = options.device;
+    // The DLM model shares the device (and the weights) with the scheduler's backend: a failed
+    // forward fails the worker as a failed step does. The scheduler exists before any Diffuse
+    // can run (requests arrive once the server listens).
+    dro.on_backend_failure = [p = s.get()](const absl::Status& st) {
+      p->scheduler_->MarkBackendFailed(st);
+    };
     absl::StatusOr<std::unique_ptr<DlmRunner>> runner =
         MaybeCreateDlmRunner(options.engine.model_dir, options.engine.num_threads,
                              options.dlm_calibrate, std::move(dro), &options.engine.weights);
@@ -50,6 +56,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
   if (!engine.ok()) return engine.status();
   if (options.wrap_backend) *engine = options.wrap_backend(std::move(*engine));
 
+  s->liveness_follows_backend_ = options.liveness_follows_backend;
   s->metrics_struct_ = std::make_unique<SchedulerMetrics>(*s->registry_, s->model_name_);
   SchedulerOptions so = options.scheduler;
   so.model_name = s->model_name_;
@@ -88,6 +95,9 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
     absl::MutexLock l(&s->mu_);
     s->serving_ = true;
     SetReadiness(s->grpc_.server.get(), s->scheduler_->Ready());
+    if (s->liveness_follows_backend_ && !s->scheduler_->backend_status().ok()) {
+      SetLiveness(s->grpc_.server.get(), false);
+    }
   }
   LOG(INFO) << "worker serving model=" << s->model_name_ << " id=" << s->worker_id_
             << " grpc=" << s->advertise_ << " metrics_port=" << s->metrics_.port
@@ -130,9 +140,13 @@ std::vector<ModelDescription> WorkerServer::DescribeModels() const {
 }
 
 void WorkerServer::OnBackendFailure(const absl::Status& status) {
-  LOG(ERROR) << "worker is no longer ready: backend failed: " << status;
+  LOG(ERROR) << "worker is no longer ready: backend failed: " << status
+             << (liveness_follows_backend_ ? " (liveness NOT_SERVING: restart the process)" : "");
   absl::MutexLock l(&mu_);
-  if (serving_ && !shut_down_) SetReadiness(grpc_.server.get(), false);
+  if (serving_ && !shut_down_) {
+    SetReadiness(grpc_.server.get(), false);
+    if (liveness_follows_backend_) SetLiveness(grpc_.server.get(), false);
+  }
 }
 
 bool WorkerServer::registered() const {

@@ -68,6 +68,10 @@ struct WorkerServerOptions {
   DlmRunnerOptions dlm;
   // Measure the per-layer drift profile at load (spa-auto; about 3 s for the shipped model).
   bool dlm_calibrate = false;
+  // After a backend failure, also turn health `liveness` (and "") NOT_SERVING, so that a
+  // liveness probe restarts the process (a device fault rarely heals in-process). Default false:
+  // the process stays live (readiness alone goes NOT_SERVING) so the failure can be inspected.
+  bool liveness_follows_backend = false;
   // Test hook: wraps the model backend before the scheduler takes it (e.g. fault injection).
   std::function<std::unique_ptr<ModelBackend>(std::unique_ptr<ModelBackend>)> wrap_backend;
 };
@@ -97,8 +101,10 @@ class WorkerServer {
   const ClockOffsetEstimator& cachemgr_clock() const { return cachemgr_clock_; }
 
   // Readiness (health `readiness` and heartbeats' ready) is true once the model is loaded and
-  // the server listens, and false for good once the scheduler's backend fails (a failed step:
-  // Scheduler::backend_status) or the drain starts.
+  // the server listens, and false for good once the backend fails (a failed step of the
+  // scheduler, or a failed forward of a diffusion model's DlmRunner, which marks the scheduler
+  // failed too: Scheduler::backend_status) or the drain starts. Liveness follows the backend
+  // only with WorkerServerOptions::liveness_follows_backend.
   //
   // Graceful drain: readiness goes false (health and heartbeats), new requests get
   // UNAVAILABLE, in-flight requests may finish until `drain_deadline`; the rest end UNAVAILABLE;
@@ -108,7 +114,8 @@ class WorkerServer {
  private:
   WorkerServer() = default;
   void AgentLoop();
-  // Scheduler::on_backend_failure (step thread): readiness NOT_SERVING for good.
+  // Scheduler::on_backend_failure (step thread, or the DLM executor through
+  // Scheduler::MarkBackendFailed): readiness (and, when asked, liveness) NOT_SERVING for good.
   void OnBackendFailure(const absl::Status& status);
   // Sends the scheduler's finished-sequence telemetry as one ReportTelemetry batch.
   void SendTelemetry(int64_t epoch);
@@ -133,6 +140,7 @@ class WorkerServer {
   std::string cachemgr_address_;
   absl::Duration register_retry_;
   std::function<absl::Time()> clock_;  // the scheduler's (deadlines, plan age)
+  bool liveness_follows_backend_ = false;
   ClockOffsetEstimator cachemgr_clock_;
   prometheus::Gauge* clock_offset_s_ = nullptr;
   prometheus::Gauge* clock_rtt_s_ = nullptr;

@@ -383,5 +383,29 @@ TEST(WorkerServerTest, BackendFailureTurnsReadinessOffAndRefusesNewWorkNamingThe
   EXPECT_THAT(*body, HasSubstr("prehoc_ready{model=\"tiny\"} 0"));
 }
 
+// --liveness-follows-backend: the failure turns liveness NOT_SERVING too (a probe restarts the
+// process); without it liveness stays SERVING (the test above).
+TEST(WorkerServerTest, LivenessFollowsABackendFailureWhenAsked) {
+  testing::FaultyBackend* backend = nullptr;
+  WorkerServerOptions o = Options();
+  o.liveness_follows_backend = true;
+  o.wrap_backend = testing::WrapInFaultyBackend(&backend);
+  auto server = Start(o);
+  ASSERT_NE(server, nullptr);
+  auto channel = Channel(*server);
+  auto stub = v1::Inference::NewStub(channel);
+  testing::HealthWatch liveness(channel, "liveness");
+  ASSERT_TRUE(liveness.Await(HealthCheckResponse::SERVING));
+  ASSERT_TRUE(RunStream(stub.get(), IdsRequest({256, 7}, 2)).status.ok());
+  EXPECT_EQ(*testing::CheckHealth(channel, "liveness"), HealthCheckResponse::SERVING);
+
+  backend->FailSteps(absl::InternalError("CUDA error: an illegal memory access"));
+  EXPECT_EQ(RunStream(stub.get(), IdsRequest({256, 8}, 2)).status.error_code(),
+            grpc::StatusCode::INTERNAL);
+  ASSERT_TRUE(liveness.Await(HealthCheckResponse::NOT_SERVING));
+  EXPECT_EQ(*testing::CheckHealth(channel, ""), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(*testing::CheckHealth(channel, "readiness"), HealthCheckResponse::NOT_SERVING);
+}
+
 }  // namespace
 }  // namespace prehoc

@@ -104,6 +104,11 @@ int DlmRunner::Active() const {
   return running_ + static_cast<int>(queue_.size());
 }
 
+absl::Status DlmRunner::backend_status() const {
+  absl::MutexLock l(&mu_);
+  return backend_failure_;
+}
+
 absl::StatusOr<std::string> DlmRunner::Diffuse(DiffusionRequest request,
                                                DiffusionCallback callback) {
   const ModelConfig& c = model_->config();
@@ -166,6 +171,10 @@ absl::StatusOr<std::string> DlmRunner::Diffuse(DiffusionRequest request,
   job->deadline = request.deadline;
 
   absl::MutexLock l(&mu_);
+  if (!backend_failure_.ok()) {
+    return absl::UnavailableError(absl::StrCat("backend failed: ", backend_failure_.ToString(),
+                                               "; this worker serves no more requests"));
+  }
   if (draining_ || stop_) return absl::UnavailableError("worker is draining");
   if (request.request_id.empty()) {
     do {
@@ -366,13 +375,37 @@ void DlmRunner::Step(std::vector<std::unique_ptr<Running>>* running) {
   const absl::Status s = model_->ForwardBatch(items, &times);
   if (options_.metrics != nullptr) options_.metrics->RecordBatch(static_cast<int>(items.size()));
   if (!s.ok()) {
-    // Every request of the batch fails (a device fault: each request's steps were validated
-    // when it started).
+    // Every request of the batch fails. A device fault (anything but ForwardBatch's own
+    // validation errors, which each request's Init already ruled out) leaves the backend's
+    // state untrusted: it is marked failed for good — the queued requests end UNAVAILABLE,
+    // Diffuse refuses new ones.
+    LOG(ERROR) << "diffusion forward failed: " << s;
+    const bool device_fault = s.code() != absl::StatusCode::kInvalidArgument &&
+                              s.code() != absl::StatusCode::kFailedPrecondition;
+    std::vector<std::shared_ptr<Job>> queued;
+    bool newly_failed = false;
+    if (device_fault) {
+      absl::MutexLock l(&mu_);
+      if (backend_failure_.ok()) {
+        backend_failure_ = s;
+        newly_failed = true;
+      }
+      queued.assign(queue_.begin(), queue_.end());
+      queue_.clear();
+    }
     for (std::unique_ptr<Running>& r : stepping) {
       DiffusionEvent ev;
-      ev.status = ApiFieldNames(s);
+      ev.status = device_fault ? absl::InternalError(absl::StrCat("diffusion forward failed: ",
+                                                                  s.message()))
+                               : ApiFieldNames(s);
       Finish(r->job, std::move(ev), /*was_running=*/true);
     }
+    for (const std::shared_ptr<Job>& job : queued) {
+      DiffusionEvent ev;
+      ev.status = absl::UnavailableError(absl::StrCat("backend failed: ", s.ToString()));
+      Finish(job, std::move(ev), /*was_running=*/false);
+    }
+    if (newly_failed && options_.on_backend_failure) options_.on_backend_failure(s);
     return;
   }
   for (std::unique_ptr<Running>& r : stepping) {
@@ -496,6 +529,7 @@ absl::StatusOr<std::unique_ptr<DlmRunner>> MaybeCreateDlmRunner(
   }
   ASSIGN_OR_RETURN(std::shared_ptr<const dlm::DlmBackend> backend,
                    CreateDlmBackend(options.device, std::move(model), options.cuda_device));
+  if (options.wrap_backend) backend = options.wrap_backend(std::move(backend));
   ASSIGN_OR_RETURN(std::unique_ptr<DlmRunner> runner,
                    DlmRunner::Create(std::move(backend), std::move(tokenizer), std::move(options)));
   *shared_weights = std::move(weights);

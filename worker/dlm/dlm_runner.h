@@ -20,6 +20,10 @@
 //   backend:    the CPU DlmModel or CudaDlmModel (MaybeCreateDlmRunner's device choice).
 //   metrics:    dlm::DlmMetrics::Record per finished request, RecordOutcome for every end,
 //               RecordBatch per batched step.
+//   failure:    a failed forward ends the requests of that step INTERNAL and the queued ones
+//               UNAVAILABLE, and marks the backend failed for good: Diffuse then refuses new
+//               requests UNAVAILABLE naming the cause ("backend failed: ..."), and
+//               DlmRunnerOptions::on_backend_failure tells the server (readiness).
 //
 // Thread-safety: every public method may be called from any thread. Callbacks run on the
 // executor thread (or on the caller of Cancel*/the destructor for queued requests).
@@ -70,6 +74,13 @@ struct DlmRunnerOptions {
   // Test hook, called on the executor thread before every step's interrupt check with the
   // request id and the step about to run (a gate: tests block here to act mid-request).
   std::function<void(const std::string& request_id, int step)> before_step;
+  // Called once, on the executor thread, after the first failed forward (a device fault: every
+  // request's steps were validated when it started, so the backend's state is no longer
+  // trusted). backend_status() already returns the failure when it runs. Null = none.
+  std::function<void(const absl::Status&)> on_backend_failure;
+  // Test hook for MaybeCreateDlmRunner: wraps the backend it picked (e.g. fault injection).
+  std::function<std::shared_ptr<const dlm::DlmBackend>(std::shared_ptr<const dlm::DlmBackend>)>
+      wrap_backend;
 };
 
 class DlmRunner : public DiffusionBackend {
@@ -101,6 +112,8 @@ class DlmRunner : public DiffusionBackend {
   int num_layers() const;
   // Requests queued + running.
   int Active() const;
+  // OK while the backend is healthy; after a failed forward, that forward's error (sticky).
+  absl::Status backend_status() const;
 
  private:
   struct Job;
@@ -133,6 +146,7 @@ class DlmRunner : public DiffusionBackend {
   int64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status backend_failure_ ABSL_GUARDED_BY(mu_);  // the first failed forward's error
   std::string worker_id_ ABSL_GUARDED_BY(mu_);
 };
 

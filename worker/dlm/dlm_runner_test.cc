@@ -6,13 +6,14 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "worker/dlm/dlm_test_util.h"
+#include "worker/testing/faulty_dlm_backend.h"
 
 namespace prehoc {
 namespace {
 
 namespace fs = std::filesystem;
-using testing::HasSubstr;
-using testing::StartsWith;
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
 using dlm_test::Collector;
 
 std::string ShippedDir() {
@@ -248,6 +249,72 @@ TEST(DlmRunnerTest, AdmissionLimitIsResourceExhaustedAndDrainRefuses) {
   release.Notify();
   EXPECT_TRUE(first.Wait().back().finished);
   EXPECT_TRUE(l.runner->WaitIdle(absl::InfiniteFuture()));
+}
+
+// A failed forward is a device fault: the request of that step ends INTERNAL naming it, the
+// queued one UNAVAILABLE, the backend is failed for good (new requests are refused UNAVAILABLE
+// naming the cause) and on_backend_failure runs once. A request-level validation error of the
+// backend does not fail it.
+TEST(DlmRunnerTest, FailedForwardFailsTheBackendForGood) {
+  auto faulty = std::make_shared<testing::FaultyDlmBackend>(SharedModel());
+  absl::Notification entered, release, reported;
+  absl::Mutex mu;
+  std::vector<absl::Status> failures;
+  DlmRunnerOptions o;
+  o.model_name = "dlm";
+  o.max_running = 1;
+  o.max_queue = 1;
+  o.before_step = [&](const std::string&, int step) {
+    if (step == 1 && !entered.HasBeenNotified()) {
+      entered.Notify();
+      release.WaitForNotification();
+    }
+  };
+  o.on_backend_failure = [&](const absl::Status& s) {
+    {
+      absl::MutexLock l(&mu);
+      failures.push_back(s);
+    }
+    reported.Notify();
+  };
+  auto runner = DlmRunner::Create(faulty, /*tokenizer=*/nullptr, o);
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  DiffusionRequest req = ShortRequest();
+  req.text.reset();
+  req.token_ids = dlm_test::PrintableTokens(12, 3);
+
+  // A validation-class error (a runner bug, not the device) ends the step's request only.
+  faulty->FailForwards(absl::InvalidArgumentError("spec: live rows out of range"));
+  Collector bad;
+  ASSERT_TRUE((*runner)->Diffuse(req, bad.Callback()).ok());
+  EXPECT_EQ(bad.Wait().back().status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE((*runner)->backend_status().ok());
+  faulty->FailForwards(absl::OkStatus());
+
+  Collector first, queued;
+  ASSERT_TRUE((*runner)->Diffuse(req, first.Callback()).ok());
+  entered.WaitForNotification();  // step 0 ran; the executor waits before step 1
+  ASSERT_TRUE((*runner)->Diffuse(req, queued.Callback()).ok());
+  faulty->FailForwards(absl::InternalError("CUDA error: an illegal memory access"));
+  release.Notify();
+
+  const DiffusionEvent failed = first.Wait().back();
+  EXPECT_EQ(failed.status.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(std::string(failed.status.message()), HasSubstr("illegal memory access"));
+  const DiffusionEvent dropped = queued.Wait().back();
+  EXPECT_EQ(dropped.status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(dropped.status.message()), HasSubstr("backend failed"));
+  reported.WaitForNotification();
+  EXPECT_EQ((*runner)->backend_status().code(), absl::StatusCode::kInternal);
+
+  faulty->FailForwards(absl::OkStatus());  // the runner does not trust the device again
+  auto refused = (*runner)->Diffuse(req, [](DiffusionEvent) {});
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("illegal memory access"));
+  EXPECT_TRUE((*runner)->WaitIdle(absl::InfiniteFuture()));
+  absl::MutexLock l(&mu);
+  EXPECT_EQ(failures.size(), 1u);
+  EXPECT_EQ(faulty->failed_forwards(), 2);
 }
 
 // Concurrent requests of different policies, options and canvas lengths share one forward per
