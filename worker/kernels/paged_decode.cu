@@ -194,7 +194,9 @@ cudaError_t PagedDecodePlanFor(const PagedDecodeParams& p, PagedDecodePlan* plan
   }
   plan->num_splits = splits;
   plan->ctas = static_cast<int>(rows * splits);
-  if (splits > 1) {
+  plan->cluster_merge = splits > 1 && splits <= kMaxClusterSplits && p.cluster_reduction &&
+                        !p.fuse_reduction;
+  if (splits > 1 && !plan->cluster_merge) {
     plan->workspace_bytes =
         static_cast<size_t>(p.batch) * p.num_q_heads * splits * (p.head_dim + 1) * sizeof(float);
     // Fused reduction: one ticket per (sequence, kv head, query group), 16-byte padded.

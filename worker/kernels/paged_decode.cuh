@@ -33,6 +33,7 @@
 #ifndef PREHOC_WORKER_KERNELS_PAGED_DECODE_CUH_
 #define PREHOC_WORKER_KERNELS_PAGED_DECODE_CUH_
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -80,8 +81,13 @@ template <int D>
 constexpr int EpilogueStride() {
   return D + 8;
 }
-static_assert(kWarps * kQRows * (EpilogueStride<128>() + 2) * 4 <= PipelineBytes<128>());
-static_assert(kWarps * kQRows * (EpilogueStride<64>() + 2) * 4 <= PipelineBytes<64>());
+// ... then the cluster merge's partial: o[16][D] and lse[16].
+template <int D>
+constexpr int EpilogueBytes() {
+  return (kWarps * kQRows * (EpilogueStride<D>() + 2) + kQRows * (D + 1)) * 4;
+}
+static_assert(EpilogueBytes<128>() <= PipelineBytes<128>());
+static_assert(EpilogueBytes<64>() <= PipelineBytes<64>());
 
 // ---- element type traits ---------------------------------------------------------------------
 template <typename T>
@@ -295,32 +301,37 @@ __device__ __forceinline__ void MergeRowsInCta(const float* ws_o, const float* w
   }
 }
 
-// kTokenMask prologue: compacts mask positions [pos_begin, pos_end) of one row into `list`
-// (ascending offsets from pos_begin) and returns their number. Thread t owns the kVecs contiguous
-// 16-byte vectors starting at t * kVecs, so the block scan gives ascending output. `avail`: bytes
-// of the mask row readable at `row` (a multiple of 16); `len` <= avail: positions to keep (may be
-// <= 0). REQUIRES: avail <= kMaskSplitPositions, `row` 16-byte aligned (pos_begin % 16 == 0).
-__device__ __forceinline__ int CompactMaskSlice(const uint8_t* row, int avail, int len,
-                                                uint16_t* list, int* scratch) {
-  constexpr int kVecs = kMaskSplitPositions / 16 / kThreads;
+// kTokenMask prologue, in two steps so that the mask loads are the kernel's first loads (they
+// depend on nothing, and are in flight with the sequence length and the page table):
+//   LoadMaskWords: thread t loads the kMaskVecs contiguous 16-byte vectors starting at t * kMaskVecs
+//     of the split's slice (`row`, 16-byte aligned; `avail`: readable bytes, a multiple of 16,
+//     <= kMaskSplitPositions; it does not depend on the sequence length).
+//   CompactMaskWords: keeps positions < len (may be <= 0), block-scans the counts and writes the
+//     kept positions as ascending offsets into `list`; returns their number. The list is published
+//     by the caller's next __syncthreads().
+constexpr int kMaskVecs = kMaskSplitPositions / 16 / kThreads;
+constexpr int kMaskWords = kMaskVecs * 4;
+__device__ __forceinline__ void LoadMaskWords(const uint8_t* row, int avail,
+                                              uint32_t (&w)[kMaskWords]) {
   const uint4* vrow = reinterpret_cast<const uint4*>(row);
-  uint32_t w[kVecs * 4];
 #pragma unroll
-  for (int k = 0; k < kVecs; ++k) {
-    const int i = threadIdx.x * kVecs + k;
-    // Loaded whenever inside the row's slice (`avail` does not depend on the sequence length, so
-    // these loads do not wait for it); bytes at positions >= len are dropped below.
-    uint4 v = i * 16 < avail ? __ldg(vrow + i) : make_uint4(0u, 0u, 0u, 0u);
+  for (int k = 0; k < kMaskVecs; ++k) {
+    const int i = threadIdx.x * kMaskVecs + k;
+    const uint4 v = i * 16 < avail ? __ldg(vrow + i) : make_uint4(0u, 0u, 0u, 0u);
     w[4 * k] = v.x;
     w[4 * k + 1] = v.y;
     w[4 * k + 2] = v.z;
     w[4 * k + 3] = v.w;
   }
+}
+
+__device__ __forceinline__ int CompactMaskWords(uint32_t (&w)[kMaskWords], int len, uint16_t* list,
+                                                int* scratch) {
   int c = 0;
 #pragma unroll
-  for (int k = 0; k < kVecs * 4; ++k) {
-    const int p0 = (threadIdx.x * kVecs * 4 + k) * 4;  // first position of word k
-    if (p0 + 4 > len) {                                 // bytes at positions >= len are ignored
+  for (int k = 0; k < kMaskWords; ++k) {
+    const int p0 = (threadIdx.x * kMaskWords + k) * 4;  // first position of word k
+    if (p0 + 4 > len) {                                  // bytes at positions >= len are ignored
       w[k] = p0 >= len ? 0u : w[k] & (0xffffffffu >> (8 * (p0 + 4 - len)));
     }
     c += block::NonZeroBytes(w[k]);
@@ -328,16 +339,63 @@ __device__ __forceinline__ int CompactMaskSlice(const uint8_t* row, int avail, i
   int total;
   int pos = block::BlockExclusiveScan<kThreads>(c, scratch, &total);
 #pragma unroll
-  for (int k = 0; k < kVecs * 4; ++k) {
+  for (int k = 0; k < kMaskWords; ++k) {
     if (w[k] == 0u) continue;
-    const int p0 = (threadIdx.x * kVecs * 4 + k) * 4;
+    const int p0 = (threadIdx.x * kMaskWords + k) * 4;
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
       if ((w[k] >> (8 * b)) & 0xffu) list[pos++] = static_cast<uint16_t>(p0 + b);
     }
   }
-  __syncthreads();
   return total;
+}
+
+// Cluster reduction (PagedDecodePlan::cluster_merge): the CTAs of one row's splits form a cluster
+// (rank = split). Each has written its normalised partial (part_o [rows][D], part_lse [rows], log2
+// units, -inf when empty) into its own shared memory; after a cluster barrier, CTA `split` merges
+// elements split * kThreads + threadIdx.x, stepping num_splits * kThreads, reading every split's
+// partial through distributed shared memory (all loads of an element issued together), with the
+// arithmetic of MergeSplitsKernel in split order (bitwise-identical results). A second barrier
+// keeps every CTA's shared memory alive until the others have read it.
+template <typename T, int D>
+__device__ __forceinline__ void ClusterMerge(const float* part_o, const float* part_lse, int split,
+                                             int num_splits, int rows, size_t out_row0, T* out,
+                                             float* lse) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  for (int idx = split * kThreads + threadIdx.x; idx < rows * D; idx += num_splits * kThreads) {
+    const int row = idx / D, d = idx % D;
+    float ls[kMaxClusterSplits], ov[kMaxClusterSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      if (s < num_splits) {
+        ls[s] = *cluster.map_shared_rank(part_lse + row, s);
+        ov[s] = *cluster.map_shared_rank(part_o + row * D + d, s);
+      }
+    }
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      if (s < num_splits) m_max = fmaxf(m_max, ls[s]);
+    }
+    float sum = 0.f, acc = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll
+      for (int s = 0; s < kMaxClusterSplits; ++s) {
+        if (s >= num_splits) break;
+        if (ls[s] == -INFINITY) continue;  // empty split
+        const float w = exp2f(ls[s] - m_max);
+        sum += w;
+        acc += w * ov[s];
+      }
+    }
+    out[(out_row0 + row) * D + d] = Elem<T>::FromFloat(sum > 0.f ? acc / sum : 0.f);
+    if (d == 0 && lse != nullptr) {
+      lse[out_row0 + row] = sum > 0.f ? (m_max + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+  cluster.sync();
 }
 
 // ---- attention kernel --------------------------------------------------------------------------
@@ -347,7 +405,7 @@ template <typename T, int D, KvSelection S>
 __global__ void __launch_bounds__(kThreads)
     PagedDecodeKernel(const PagedDecodeParams p, int q_groups, int split_tokens, int num_splits,
                       float scale_log2, float* __restrict__ ws_o, float* __restrict__ ws_lse,
-                      int* __restrict__ ws_tickets) {
+                      int* __restrict__ ws_tickets, bool cluster_merge) {
   // Launched with programmatic dependent launch: wait for the previous kernel's results (q, the
   // KV pools, lists, masks) before reading anything.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -388,6 +446,16 @@ __global__ void __launch_bounds__(kThreads)
   const int gid = lane / 4;  // MMA row group
   const int tid4 = lane % 4;
 
+  // kTokenMask: the split's mask slice is loaded first; nothing it needs is loaded.
+  uint32_t mask_w[kMaskWords];
+  const int mask_pos_begin = split * split_tokens;  // kTokenMask: a multiple of the tile
+  const int mask_avail = min(mask_pos_begin + split_tokens, p.mask_stride) - mask_pos_begin;
+  if constexpr (S == KvSelection::kTokenMask) {
+    LoadMaskWords(p.d_mask + static_cast<size_t>(b * num_kv_heads + hkv) * p.mask_stride +
+                      mask_pos_begin,
+                  mask_avail, mask_w);
+  }
+
   RowView view;
   view.seq_len = max(p.d_seq_lens[b], 0);
   view.num_pages = (view.seq_len + kPageSize - 1) / kPageSize;
@@ -404,19 +472,24 @@ __global__ void __launch_bounds__(kThreads)
     __shared__ int scan_scratch[kThreads / 32];
     uint16_t* mask_list = reinterpret_cast<uint16_t*>(valid_s + kStages * kTile);
     int32_t* mask_pages = reinterpret_cast<int32_t*>(mask_list + kMaskSplitPositions);
-    const int pos_begin = split * split_tokens;  // a multiple of the tile, so of the page size
-    const int avail = min(pos_begin + split_tokens, p.mask_stride) - pos_begin;
-    const int pos_end = min(pos_begin + avail, view.seq_len);
-    // The split's page-table entries (only pages of the sequence), loaded while the mask loads
-    // are in flight; the barrier at the end of the compaction publishes them.
+    const int pos_begin = mask_pos_begin;
+    const int pos_end = min(pos_begin + mask_avail, view.seq_len);
+    // The split's page-table entries (only pages of the sequence): all loads issued at once, in
+    // flight during the compaction, stored to shared memory after it; the barrier publishes both.
     const int page0 = pos_begin / kPageSize;
     const int num_split_pages = min(view.num_pages - page0, kMaskSplitPages);
-    for (int i = threadIdx.x; i < num_split_pages; i += kThreads) {
-      mask_pages[i] = __ldg(view.pages + page0 + i);
+    constexpr int kPagesPerThread = kMaskSplitPages / kThreads;
+    static_assert(kMaskSplitPages % kThreads == 0);
+    int32_t pg[kPagesPerThread];
+#pragma unroll
+    for (int k = 0; k < kPagesPerThread; ++k) {
+      const int i = threadIdx.x + k * kThreads;
+      pg[k] = i < num_split_pages ? __ldg(view.pages + page0 + i) : 0;
     }
-    const uint8_t* row =
-        p.d_mask + static_cast<size_t>(b * num_kv_heads + hkv) * p.mask_stride + pos_begin;
-    list_len = CompactMaskSlice(row, avail, pos_end - pos_begin, mask_list, scan_scratch);
+    list_len = CompactMaskWords(mask_w, pos_end - pos_begin, mask_list, scan_scratch);
+#pragma unroll
+    for (int k = 0; k < kPagesPerThread; ++k) mask_pages[threadIdx.x + k * kThreads] = pg[k];
+    __syncthreads();
     view.mask_list = mask_list;
     view.mask_pages = mask_pages;
     view.mask_base = pos_begin;
@@ -455,7 +528,9 @@ __global__ void __launch_bounds__(kThreads)
     MergeRowsInCta<T, D>(ws_o, ws_lse, num_splits, out_row0, rows, out, p.d_lse,
                          reinterpret_cast<float*>(smem), PipelineBytes<D>() / 4);
   };
-  if (!single && chunk_begin >= chunk_end) {
+  // With the cluster merge an empty split runs on (no tiles): it writes an empty partial and
+  // takes part in its cluster's barriers.
+  if (!single && !cluster_merge && chunk_begin >= chunk_end) {
     // Empty split: mark it so the reduction skips it.
     if (threadIdx.x < rows) {
       ws_lse[(out_row0 + threadIdx.x) * num_splits + split] = -INFINITY;
@@ -639,6 +714,8 @@ __global__ void __launch_bounds__(kThreads)
   float* o_s = reinterpret_cast<float*>(smem);  // [kWarps][16][kStride]
   float* m_s = o_s + kWarps * kQRows * kStride;  // [kWarps][16]
   float* l_s = m_s + kWarps * kQRows;            // [kWarps][16]
+  float* part_o = l_s + kWarps * kQRows;         // [16][D] cluster merge: this split's partial
+  float* part_lse = part_o + kQRows * D;         // [16]
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
@@ -680,14 +757,21 @@ __global__ void __launch_bounds__(kThreads)
     if (single) {
       out[(out_row0 + row) * D + d] = Elem<T>::FromFloat(val);
       if (d == 0 && p.d_lse != nullptr) p.d_lse[out_row0 + row] = lse2 * kLn2;
+    } else if (cluster_merge) {
+      part_o[row * D + d] = val;
+      if (d == 0) part_lse[row] = lse2;
     } else {
       const size_t w = (out_row0 + row) * num_splits + split;
       ws_o[w * D + d] = val;
       if (d == 0) ws_lse[w] = lse2;
     }
   }
-  if (!single) finish_split();
-  if (timeline != nullptr) {
+  if (cluster_merge) {
+    ClusterMerge<T, D>(part_o, part_lse, split, num_splits, rows, out_row0, out, p.d_lse);
+  } else if (!single) {
+    finish_split();
+  }
+  if (timeline != nullptr && (single || chunk_begin < chunk_end)) {  // empty splits write nothing
     uint64_t end, smid;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(end));
     uint32_t id;
@@ -782,7 +866,7 @@ cudaError_t Launch(const PagedDecodeParams& p, const PagedDecodePlan& plan, floa
   float* ws_o = static_cast<float*>(p.d_workspace);
   float* ws_lse = nullptr;
   int* ws_tickets = nullptr;
-  if (plan.num_splits > 1) {
+  if (plan.num_splits > 1 && !plan.cluster_merge) {
     if (p.fuse_reduction) {
       ws_tickets = static_cast<int*>(p.d_workspace);
       ws_o = reinterpret_cast<float*>(static_cast<char*>(p.d_workspace) +
@@ -792,8 +876,28 @@ cudaError_t Launch(const PagedDecodeParams& p, const PagedDecodePlan& plan, floa
   }
   const int split_len = S == KvSelection::kTokenMask ? plan.split_positions : plan.split_tokens;
   const dim3 grid(plan.num_splits, p.num_kv_heads * plan.q_groups, p.batch);
+  if (plan.cluster_merge) {
+    // One cluster per row: the splits (grid x) merge through distributed shared memory.
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = SmemBytes<D, S>();
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    attr[1].id = cudaLaunchAttributeClusterDimension;
+    attr[1].val.clusterDim.x = static_cast<unsigned>(plan.num_splits);
+    attr[1].val.clusterDim.y = 1;
+    attr[1].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 2;
+    return cudaLaunchKernelEx(&cfg, kernel, p, plan.q_groups, split_len, plan.num_splits,
+                              scale * kLog2e, static_cast<float*>(nullptr),
+                              static_cast<float*>(nullptr), static_cast<int*>(nullptr), true);
+  }
   err = LaunchPdl(kernel, grid, dim3(kThreads), SmemBytes<D, S>(), stream, p, plan.q_groups,
-                  split_len, plan.num_splits, scale * kLog2e, ws_o, ws_lse, ws_tickets);
+                  split_len, plan.num_splits, scale * kLog2e, ws_o, ws_lse, ws_tickets, false);
   if (err != cudaSuccess || plan.num_splits == 1 || ws_tickets != nullptr) return err;
   // Programmatic dependent launch: the reduction's launch overlaps the attention grid's tail.
   const size_t merge_smem = sizeof(float) * std::min(plan.num_splits, kMergeSmemFloats);

@@ -138,6 +138,7 @@ enum class Mode {
   kMaskAll,     // keep-mask (kTokenMask) with every position set, garbage past the sequence
   kMaskRandom,  // ~30 % of positions, non-zero bytes of any value, garbage past the sequence
   kMaskEmpty,
+  kMaskOne,     // exactly one kept position per row (a random one), garbage past the sequence
 };
 
 const char* ModeName(Mode m) {
@@ -153,6 +154,7 @@ const char* ModeName(Mode m) {
     case Mode::kMaskAll: return "mask_all";
     case Mode::kMaskRandom: return "mask_random";
     case Mode::kMaskEmpty: return "mask_empty";
+    case Mode::kMaskOne: return "mask_one";
   }
   return "?";
 }
@@ -171,6 +173,7 @@ Selection MakeMaskSelection(const PagedBatch& pb, Mode mode, uint32_t seed) {
   std::mt19937 rng(seed);
   std::bernoulli_distribution keep(0.3);
   std::uniform_int_distribution<int> byte(1, 255), any(0, 255);
+  std::uniform_int_distribution<int> position(0, 1 << 30);
   Selection sel;
   sel.kind = KvSelection::kTokenMask;
   const int max_len = *std::max_element(pb.seq_lens.begin(), pb.seq_lens.end());
@@ -179,23 +182,29 @@ Selection MakeMaskSelection(const PagedBatch& pb, Mode mode, uint32_t seed) {
   for (int b = 0; b < pb.batch(); ++b) {
     for (int h = 0; h < pb.num_kv_heads; ++h) {
       uint8_t* m = sel.mask.data() + static_cast<size_t>(b * pb.num_kv_heads + h) * sel.mask_stride;
+      const int one = pb.seq_lens[b] > 0 ? position(rng) % pb.seq_lens[b] : -1;  // kMaskOne
       for (int t = 0; t < sel.mask_stride; ++t) {
         if (t >= pb.seq_lens[b]) {
           m[t] = static_cast<uint8_t>(any(rng));
-        } else if (mode == Mode::kMaskAll || (mode == Mode::kMaskRandom && keep(rng))) {
+        } else if (mode == Mode::kMaskAll || (mode == Mode::kMaskRandom && keep(rng)) ||
+                   (mode == Mode::kMaskOne && t == one)) {
           m[t] = static_cast<uint8_t>(byte(rng));
         }
       }
     }
   }
-  sel.max_kv_len = mode == Mode::kMaskAll ? max_len : (mode == Mode::kMaskRandom ? max_len / 3 : 0);
+  sel.max_kv_len = mode == Mode::kMaskAll      ? max_len
+                   : mode == Mode::kMaskRandom ? max_len / 3
+                   : mode == Mode::kMaskOne    ? 1
+                                               : 0;
   return sel;
 }
 
 Selection MakeSelection(const PagedBatch& pb, Mode mode, uint32_t seed) {
   std::mt19937 rng(seed);
   std::bernoulli_distribution keep_token(0.3), keep_page(0.5);
-  if (mode == Mode::kMaskAll || mode == Mode::kMaskRandom || mode == Mode::kMaskEmpty) {
+  if (mode == Mode::kMaskAll || mode == Mode::kMaskRandom || mode == Mode::kMaskEmpty ||
+      mode == Mode::kMaskOne) {
     return MakeMaskSelection(pb, mode, seed);
   }
   Selection sel;
@@ -267,9 +276,11 @@ struct RunResult {
 // `fuse` (fused reduction) the tickets start at zero, the kernel runs twice (the second launch
 // relies on the first having put its tickets back to zero; both outputs must be identical) and
 // the tickets must be zero afterwards.
-// `timeline`: PagedDecodeParams::d_timeline (diagnostics), null for none.
+// `timeline`: PagedDecodeParams::d_timeline (diagnostics), null for none. `cluster`:
+// PagedDecodeParams::cluster_reduction (the API's default: on).
 void RunKernel(const PagedBatch& pb, DeviceBatch& dev, const Selection& sel, int force_splits,
-               RunResult* res, bool fuse = false, unsigned long long* timeline = nullptr) {
+               RunResult* res, bool fuse = false, unsigned long long* timeline = nullptr,
+               bool cluster = true) {
   PagedDecodeParams p;
   p.dtype = pb.dtype;
   p.selection = sel.kind;
@@ -298,12 +309,19 @@ void RunKernel(const PagedBatch& pb, DeviceBatch& dev, const Selection& sel, int
   p.max_kv_len = sel.max_kv_len;
   p.force_num_splits = force_splits;
   p.fuse_reduction = fuse;
+  p.cluster_reduction = cluster;
   p.d_timeline = timeline;
   ASSERT_EQ(PagedDecodeCheck(p), nullptr) << PagedDecodeCheck(p);
   CUDA_OK(PagedDecodePlanFor(p, &res->plan));
   const size_t ws = PagedDecodeWorkspaceBytes(p);
   ASSERT_NE(ws, SIZE_MAX);
   ASSERT_EQ(ws, res->plan.workspace_bytes);
+  const int splits = res->plan.num_splits;
+  ASSERT_EQ(res->plan.cluster_merge,
+            cluster && !fuse && splits >= 2 && splits <= kMaxClusterSplits);
+  if (res->plan.cluster_merge) {
+    ASSERT_EQ(ws, 0u);  // the partials stay in shared memory
+  }
   dev.ws.Resize(std::max<size_t>(ws, 16));
   dev.ws.Poison();
   // Tickets (fused reduction, several splits): the first 16-byte-padded ints of the workspace.
@@ -420,7 +438,7 @@ TEST_P(PagedDecodeSweep, MatchesReferenceForEverySelection) {
   const Mode modes[] = {Mode::kDense,      Mode::kTokenAll,       Mode::kTokenRandom,
                         Mode::kTokenShuffled, Mode::kTokenEmpty,  Mode::kPageAll,
                         Mode::kPageRandom, Mode::kPageEmpty,   Mode::kMaskAll,
-                        Mode::kMaskRandom, Mode::kMaskEmpty};
+                        Mode::kMaskRandom, Mode::kMaskEmpty,   Mode::kMaskOne};
   const int splits[] = {0, 1, 5};  // heuristic, single pass, forced reduction
   RunResult dense[3];
   for (Mode mode : modes) {
@@ -452,6 +470,15 @@ TEST_P(PagedDecodeSweep, MatchesReferenceForEverySelection) {
         EXPECT_EQ(fused.out, got.out) << what << ": fused reduction differs bitwise";
         EXPECT_EQ(0, std::memcmp(fused.lse.data(), got.lse.data(), got.lse.size() * 4))
             << what << ": fused reduction lse differs bitwise";
+      }
+      if (got.plan.cluster_merge) {
+        // The reduction kernel computes the same merge as the cluster: bitwise identical.
+        RunResult kernel;
+        RunKernel(pb, dev, sel, splits[si], &kernel, false, nullptr, /*cluster=*/false);
+        if (HasFatalFailure()) return;
+        EXPECT_EQ(kernel.out, got.out) << what << ": cluster merge differs bitwise";
+        EXPECT_EQ(0, std::memcmp(kernel.lse.data(), got.lse.data(), got.lse.size() * 4))
+            << what << ": cluster merge lse differs bitwise";
       }
     }
   }
@@ -487,6 +514,71 @@ TEST(PagedDecode, OddAndLargeGroups) {
                         std::to_string(hkv) + " " + ModeName(mode));
       }
     }
+  }
+}
+
+// Cluster reduction (the default for 2..kMaxClusterSplits splits): every cluster size, both head
+// dims and dtypes, one and two 16-head query groups per kv head, rows with empty splits (short and
+// empty sequences), empty lists, one kept token and every token kept. Bitwise equal to the
+// reduction kernel (cluster_reduction off) and within the reference's tolerance; 9 splits takes
+// the reduction kernel.
+TEST(PagedDecode, ClusterReductionEqualsTheReductionKernel) {
+  SKIP_WITHOUT_DEVICE();
+  for (AttnDType dtype : {AttnDType::kFloat16, AttnDType::kBFloat16}) {
+    for (int head_dim : {64, 128}) {
+      for (auto [hq, hkv] : {std::pair{2, 2}, std::pair{8, 2}, std::pair{64, 2}}) {
+        const PagedBatch pb(dtype, hq, hkv, head_dim, {4097, 1, 0, 1000, 17},
+                            31u + hq + head_dim);
+        DeviceBatch dev(pb);
+        for (Mode mode : {Mode::kDense, Mode::kTokenRandom, Mode::kTokenEmpty, Mode::kMaskAll,
+                          Mode::kMaskRandom, Mode::kMaskEmpty, Mode::kMaskOne}) {
+          const Selection sel = MakeSelection(pb, mode, 77u + static_cast<uint32_t>(mode));
+          const Reference ref = ComputeReference(pb, sel);
+          for (int splits : {2, 3, 7, 8, 9}) {
+            RunResult got, kernel;
+            RunKernel(pb, dev, sel, splits, &got);
+            if (HasFatalFailure()) return;
+            const std::string what = std::string(DTypeName(dtype)) + " d" +
+                                     std::to_string(head_dim) + " hq=" + std::to_string(hq) +
+                                     " " + ModeName(mode) + " splits=" +
+                                     std::to_string(got.plan.num_splits);
+            // (Token lists plan with their own length: fewer splits than forced at times.)
+            EXPECT_EQ(got.plan.cluster_merge,
+                      got.plan.num_splits >= 2 && got.plan.num_splits <= kMaxClusterSplits)
+                << what;
+            ExpectClose(pb, ref, got, what);
+            RunKernel(pb, dev, sel, splits, &kernel, false, nullptr, /*cluster=*/false);
+            if (HasFatalFailure()) return;
+            EXPECT_FALSE(kernel.plan.cluster_merge);
+            EXPECT_EQ(kernel.out, got.out) << what << ": cluster merge differs bitwise";
+            EXPECT_EQ(0, std::memcmp(kernel.lse.data(), got.lse.data(), got.lse.size() * 4))
+                << what << ": cluster merge lse differs bitwise";
+          }
+        }
+      }
+    }
+  }
+}
+
+// Results are bitwise the same from launch to launch (fixed merge order, no atomics).
+TEST(PagedDecode, ClusterReductionIsDeterministic) {
+  SKIP_WITHOUT_DEVICE();
+  const PagedBatch pb(AttnDType::kBFloat16, 32, 8, 128, {16384, 9000, 16000, 3}, 5u);
+  DeviceBatch dev(pb);
+  for (Mode mode : {Mode::kMaskRandom, Mode::kTokenRandom, Mode::kDense}) {
+    const Selection sel = MakeSelection(pb, mode, 3u);
+    RunResult first;
+    RunKernel(pb, dev, sel, 4, &first);
+    if (HasFatalFailure()) return;
+    ASSERT_TRUE(first.plan.cluster_merge) << ModeName(mode);
+    for (int run = 0; run < 5; ++run) {
+      RunResult again;
+      RunKernel(pb, dev, sel, 4, &again);
+      if (HasFatalFailure()) return;
+      EXPECT_EQ(again.out, first.out) << ModeName(mode) << " run " << run;
+      EXPECT_EQ(0, std::memcmp(again.lse.data(), first.lse.data(), first.lse.size() * 4));
+    }
+    ExpectClose(pb, ComputeReference(pb, sel), first, ModeName(mode));
   }
 }
 
@@ -704,6 +796,37 @@ TEST(PagedDecode, MaskPlanAndFusedWorkspace) {
   p.force_num_splits = 1;  // raised to the mask's minimum
   CUDA_OK(PagedDecodePlanFor(p, &plan));
   EXPECT_GE(plan.num_splits, 65536 / kMaskSplitPositions);
+  EXPECT_FALSE(plan.cluster_merge);  // 16 splits: more than a cluster merges
+}
+
+// The cluster merge is planned for 2..kMaxClusterSplits splits unless it is turned off or the
+// fused reduction is asked for; it needs no workspace.
+TEST(PagedDecode, ClusterMergePlan) {
+  SKIP_WITHOUT_DEVICE();
+  PagedDecodeParams p = MaskParamsForChecks(8, 32, 8);
+  p.num_sms = 132;
+  p.mask_stride = 16384;
+  p.max_kv_len = 1024;
+  PagedDecodePlan plan;
+  CUDA_OK(PagedDecodePlanFor(p, &plan));
+  EXPECT_EQ(plan.num_splits, 4);
+  EXPECT_TRUE(plan.cluster_merge);
+  EXPECT_EQ(plan.workspace_bytes, 0u);
+  EXPECT_EQ(PagedDecodeWorkspaceBytes(p), 0u);
+  p.cluster_reduction = false;
+  CUDA_OK(PagedDecodePlanFor(p, &plan));
+  EXPECT_FALSE(plan.cluster_merge);
+  EXPECT_EQ(plan.workspace_bytes, size_t{8} * 32 * 4 * 129 * 4);
+  p.cluster_reduction = true;
+  p.fuse_reduction = true;
+  CUDA_OK(PagedDecodePlanFor(p, &plan));
+  EXPECT_FALSE(plan.cluster_merge);
+  p.fuse_reduction = false;
+  p.selection = KvSelection::kDense;
+  p.max_kv_len = 100;  // one split
+  CUDA_OK(PagedDecodePlanFor(p, &plan));
+  EXPECT_EQ(plan.num_splits, 1);
+  EXPECT_FALSE(plan.cluster_merge);
 }
 
 // The CPU reference's keep-mask selection is the token-list selection of the mask's kept positions
