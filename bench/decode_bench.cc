@@ -5,8 +5,9 @@
 //   decode_bench [--layers=32] [--hidden=4096] [--heads=32] [--kv-heads=32] [--head-dim=128]
 //                [--ffn=11008] [--vocab=32000] [--batch=16] [--ctx=4096] [--steps=32]
 //                [--warmup=4] [--keep=8] [--modes=dense,random,streaming] [--json=PATH]
-//                (modes: dense random streaming prhs prhs-budget-matched step-logits-greedy
-//                 step-device-greedy step-logits-sample step-device-sample)
+//                (modes: dense random streaming prhs prhs-budget-matched oracle streaming-plan
+//                 quest step-logits-greedy step-device-greedy step-logits-sample
+//                 step-device-sample)
 //                [--gemm=autotune|default] [--model=DIR --prompt-file=PATH]
 //                [--overrides=k=v,k=v]   (selection-plan overrides of the prhs modes, e.g.
 //                                         tau=-1,max_reuse=9: the gate shares 9 steps of 10)
@@ -39,6 +40,13 @@
 //             random weights and K/V the attention is random, so the gate's refresh rate is
 //             whatever random queries give (reported, not chosen). Their roofline counts the
 //             kept K/V plus the K of every refreshed row's whole context.
+//   oracle / streaming-plan / quest — the baselines on the same device path (plans of
+//             --policy=oracle / streaming / quest at budget 1/--keep): the oracle's exact top-k
+//             over every key of every row at every step (a refresh per selection),
+//             StreamingLLM's sink + window lists built per step and layer, Quest's page bounds
+//             (updated for the new token's page), page scores and top pages every step (a
+//             refresh per selection; its roofline counts the kept K/V plus the bounds, 1/8 of
+//             the K bytes); selection inside the timed steps as for prhs.
 // Step modes — the serving path's synchronous step (host tokens in, a token per sequence out,
 // as the Scheduler runs it), timed on the host clock per step (median; tokens/s from the total),
 // so the host's share is included:
@@ -402,7 +410,9 @@ int Main(int argc, char** argv) {
   // One mode: lists (random / streaming, before timing) or plans (PrHS), warm-up, timed steps.
   auto run_mode = [&](const std::string& mode) -> absl::StatusOr<Record> {
     const int len0 = *model.SequenceLength(seqs[0]);
-    const bool prhs = mode == "prhs" || mode == "prhs-budget-matched";
+    // Modes decoded through CudaModel's plans (selection on the device inside the timed steps).
+    const bool prhs = mode == "prhs" || mode == "prhs-budget-matched" || mode == "oracle" ||
+                      mode == "streaming-plan" || mode == "quest";
     const bool step_mode = mode.rfind("step-", 0) == 0;
     if (step_mode && mode != "step-logits-greedy" && mode != "step-logits-sample" &&
         mode != "step-device-greedy" && mode != "step-device-sample") {
@@ -494,7 +504,7 @@ int Main(int argc, char** argv) {
     std::vector<SelectionTelemetry*> tel_ptrs;
     if (prhs) {
       SparsityOptions so;
-      so.policy = mode;
+      so.policy = mode == "streaming-plan" ? "streaming" : mode;
       so.budget = 1.0 / o.keep;
       auto plan = MakeSelectionPlan(cfg, so, o.overrides);
       if (!plan.ok()) return plan.status();
@@ -535,7 +545,9 @@ int Main(int argc, char** argv) {
                             cudaMemcpyHostToDevice));
       } else {
         return absl::InvalidArgumentError(absl::StrCat(
-            "unknown mode '", mode, "' (dense, random, streaming, prhs, prhs-budget-matched)"));
+            "unknown mode '", mode,
+            "' (dense, random, streaming, prhs, prhs-budget-matched, oracle, streaming-plan, "
+            "quest)"));
       }
       RET_CUDA(cudaDeviceSynchronize());
       sel.d_indptr = {d_indptr};
@@ -618,8 +630,10 @@ int Main(int argc, char** argv) {
       r.kept_fraction = selections > 0 ? kept / selections : 1.0;
       r.mean_delta = deltas > 0 ? delta / deltas : 0.0;
       r.list_len = static_cast<int>(r.kept_fraction * mean_len);
-      // Kept K/V plus the keys of every refreshed row (half of its K/V bytes).
-      tokens_read = r.kept_fraction * mean_len + 0.5 * r.refresh_rate * mean_len;
+      // Kept K/V plus the keys of every refreshed row (half of its K/V bytes); Quest reads the
+      // page bounds instead (2 x hd per 16 keys: 1/16 of the K/V bytes).
+      tokens_read = r.kept_fraction * mean_len +
+                    (mode == "quest" ? 0.0625 : 0.5) * r.refresh_rate * mean_len;
     }
     r.kv_bytes = o.batch * tokens_read * static_cast<double>(model.kv_bytes_per_token());
     r.roofline_ms = (r.weight_bytes + r.kv_bytes) / (copy_gbs * 1e9) * 1e3;

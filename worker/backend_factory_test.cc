@@ -95,14 +95,31 @@ TEST(CudaSupportsPlan, PoliciesAndFields) {
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs")).ok());
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs-budget-matched")).ok());
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "tau=0.9,sink=4")).ok());
-  for (const char* p : {"quest", "h2o", "oracle", "streaming", "hshare"}) {
+  // Oracle top-k (kExact rows), StreamingLLM (kWindow rows) and Quest (kPages rows) run in the
+  // selection kernels.
+  EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "oracle")).ok());
+  EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "streaming")).ok());
+  EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "quest")).ok());
+  EXPECT_EQ(CudaModel::SupportsPlan(c, 8, Plan(c, "quest")).code(),
+            absl::StatusCode::kInvalidArgument);
+  for (const char* p : {"h2o", "hshare"}) {
     absl::Status s = CudaModel::SupportsPlan(c, 16, Plan(c, p));
     EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << p;
     EXPECT_THAT(std::string(s.message()), HasSubstr(absl::StrCat("'", p, "'")));
   }
-  absl::Status s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "", 0.05));
-  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("sparsity.target_delta"));
+  // δ targets: the controller's per-kv-head k scales run as per-row k.
+  SelectionPlan controlled = Plan(c, "prhs", "", 0.05);
+  EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, controlled).ok());
+  controlled.layers[1].head_k_scale = {0.5, 4.0};
+  controlled.layers[2].k_scale = 2.0;
+  EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, controlled).ok());
+  controlled.layers[3].head_k_scale = {1.0, -1.0};
+  absl::Status s = CudaModel::SupportsPlan(c, 16, controlled);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("layer 3"));
+  s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "dilate_r=65"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("dilate_r"));
   // PSAW runs on the device (prefill band, decode candidates' bound).
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "psaw_phi=0.9")).ok());
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "psaw_phi=0.1,psaw_start=0")).ok());
@@ -136,6 +153,8 @@ TEST(CudaSupportsPlan, PoliciesAndFields) {
   odd.head_dim = 32;
   EXPECT_TRUE(CudaModel::SupportsPlan(odd, 16, Plan(odd, "dense")).ok());
   EXPECT_THAT(std::string(CudaModel::SupportsPlan(odd, 16, Plan(odd, "prhs")).message()),
+              HasSubstr("head_dim 64 or 128"));
+  EXPECT_THAT(std::string(CudaModel::SupportsPlan(odd, 16, Plan(odd, "oracle")).message()),
               HasSubstr("head_dim 64 or 128"));
 }
 
@@ -176,11 +195,11 @@ TEST(SchedulerBackend, RefusesPlansTheBackendCannotRun) {
   InferenceRequest r;
   r.token_ids = {1, 2, 3};
   r.max_tokens = 2;
-  r.sparsity.policy = "quest";
+  r.sparsity.policy = "h2o";
   auto got = (*sched)->Generate(r, [](InferenceEvent) { ADD_FAILURE() << "callback called"; });
   ASSERT_FALSE(got.ok());
   EXPECT_EQ(got.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(std::string(got.status().message()), HasSubstr("sparsity.policy: 'quest'"));
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr("sparsity.policy: 'h2o'"));
   r.sparsity.policy = "prhs";
   r.sparsity.overrides = "etf_start=0";
   got = (*sched)->Generate(r, [](InferenceEvent) { ADD_FAILURE() << "callback called"; });

@@ -76,6 +76,12 @@ Args MakeArgs(const PrhsSelectParams& p) {
   a.seq_lens = p.d_seq_lens;
   a.topk = p.d_topk;
   a.cand_lo = p.d_cand_lo;
+  a.topk_per_head = p.topk_per_head ? 1 : 0;
+  a.mode = p.d_mode;
+  a.sink_b = p.d_sink;
+  a.local_b = p.d_local;
+  a.page_bounds = p.d_page_bounds;
+  a.bounds_from = p.d_bounds_from;
   a.state_slot = p.d_state_slot;
   a.anchor_q = p.d_anchor_q;
   a.reuse = p.d_reuse;
@@ -175,6 +181,9 @@ const char* PrhsSelectCheck(const PrhsSelectParams& p) {
   if (p.d_refresh == nullptr) return "d_refresh is null";
   if (p.d_index_indptr == nullptr) return "d_index_indptr is null";
   if (p.d_index_indices == nullptr) return "d_index_indices is null";
+  if (p.d_page_bounds != nullptr && p.d_bounds_from == nullptr) {
+    return "d_bounds_from is null (d_page_bounds is set)";
+  }
   return nullptr;
 }
 
@@ -195,6 +204,15 @@ PrhsWorkspaceView PrhsSelectWorkspace(const PrhsSelectParams& p) {
   return v;
 }
 
+cudaError_t PrhsPageBounds(const PrhsSelectParams& p, cudaStream_t stream) {
+  if (!Ready(p)) return cudaErrorInvalidValue;
+  if (p.batch == 0 || p.d_page_bounds == nullptr) return cudaSuccess;
+  const Args a = MakeArgs(p);
+  return Dispatch(p, [&]<typename T, int D>() {
+    return prhs::LaunchQuest<T, D>(a, /*bounds=*/true, 0, stream);
+  });
+}
+
 cudaError_t PrhsGate(const PrhsSelectParams& p, cudaStream_t stream) {
   if (!Ready(p)) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
@@ -211,8 +229,13 @@ cudaError_t PrhsRefreshScores(const PrhsSelectParams& p, cudaStream_t stream) {
   int grid = 1;
   cudaError_t err = ScoreGrid(p, static_cast<int64_t>(a.rows) * max_chunks, &grid);
   if (err != cudaSuccess) return err;
-  return Dispatch(p, [&]<typename T, int D>() {
+  err = Dispatch(p, [&]<typename T, int D>() {
     return prhs::LaunchScore<T, D>(a, grid, max_chunks, stream);
+  });
+  if (err != cudaSuccess || p.d_page_bounds == nullptr) return err;
+  const int max_pages = std::max(1, (p.max_seq_len + prhs::kPageSize - 1) / prhs::kPageSize);
+  return Dispatch(p, [&]<typename T, int D>() {
+    return prhs::LaunchQuest<T, D>(a, /*bounds=*/false, max_pages, stream);
   });
 }
 
@@ -236,7 +259,9 @@ cudaError_t PrhsBuildIndexLists(const PrhsSelectParams& p, cudaStream_t stream) 
 }
 
 cudaError_t PrhsSelectStep(const PrhsSelectParams& p, cudaStream_t stream) {
-  cudaError_t err = PrhsGate(p, stream);
+  cudaError_t err = PrhsPageBounds(p, stream);
+  if (err != cudaSuccess) return err;
+  err = PrhsGate(p, stream);
   if (err != cudaSuccess) return err;
   err = PrhsRefreshScores(p, stream);
   if (err != cudaSuccess) return err;

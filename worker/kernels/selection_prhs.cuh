@@ -26,7 +26,14 @@
 //                      (ascending).
 // ListKernel      one CTA per row: its CSR offset is the sum of the row counts before it (each
 //                 count is O(1) from seq_lens, topk, valid and anchor_count), then it writes
-//                 sink ∪ S_anchor ∪ local (or all tokens for a dense row).
+//                 sink ∪ S_anchor ∪ local (or all tokens for a dense row; the tokens of the
+//                 selected pages for a kPages row).
+// Quest (kPages rows):
+// BoundsKernel    grid (rows, kBoundsSplit), head_dim threads: thread d folds channel d of the
+//                 page's tokens below t (coalesced 2·D-byte key rows) into min / max.
+// PageScoreKernel one warp per (row, logical page), grid-stride: Σ_g Σ_d max(q·min, q·max)
+//                 (lanes over d, xor-shuffle sum) into the row's probabilities; the last page
+//                 +inf. SelectKernel then takes these scores as given (no lse, no δ).
 #ifndef PREHOC_WORKER_KERNELS_SELECTION_PRHS_CUH_
 #define PREHOC_WORKER_KERNELS_SELECTION_PRHS_CUH_
 
@@ -34,6 +41,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "worker/kernels/block_primitives.cuh"
@@ -52,6 +60,8 @@ constexpr int kListThreads = 256;
 constexpr int kHistCopies = 16;  // SelectKernel: private histograms, one per 2 warps
 constexpr int kPassUnroll = 4;   // SelectKernel: elements per thread in flight per pass step
 constexpr int kRowAlign = 64;  // L is a multiple of this (256-byte rows of f32)
+constexpr int kBoundsSplit = 16;     // BoundsKernel: CTAs per row (pages split among them)
+constexpr int kPageScoreWarps = 8;   // PageScoreKernel: warps per CTA
 
 // Everything the kernels read, with the workspace resolved.
 struct Args {
@@ -67,8 +77,14 @@ struct Args {
   const int32_t* page_indptr;
   const int32_t* page_indices;
   const int32_t* seq_lens;
-  const int32_t* topk;
+  const int32_t* topk;  // [batch], or [rows] with topk_per_head
   const int32_t* cand_lo;
+  int topk_per_head;
+  const int32_t* mode;    // [batch] PrhsRowMode or null (kCis)
+  const int32_t* sink_b;  // [batch] or null (sink)
+  const int32_t* local_b; // [batch] or null (local)
+  void* page_bounds;              // kPages: [num_pages][hkv][2][D] T, or null
+  const int32_t* bounds_from;     // kPages: [batch] first logical page to recompute
 
   const int32_t* state_slot;  // [batch] or null: CIS state rows slot*hkv + h (null: row r)
   void* anchor_q;
@@ -106,6 +122,27 @@ struct Cvt<__nv_bfloat16> {
   static __device__ __forceinline__ float Lo(uint32_t w) { return __uint_as_float(w << 16); }
   static __device__ __forceinline__ float Hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 };
+template <typename T>
+__device__ __forceinline__ float ToFloat(T x);
+template <>
+__device__ __forceinline__ float ToFloat<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float ToFloat<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+// Exact for values that came from T (min / max of T values).
+template <typename T>
+__device__ __forceinline__ T FromFloat(float x);
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 template <typename T>
 __device__ __forceinline__ void Unpack8(const uint4& v, float (&f)[8]) {
   f[0] = Cvt<T>::Lo(v.x);
@@ -206,6 +243,88 @@ __device__ __forceinline__ void ChooseDigit(const int* hist, int shift, uint32_t
 __device__ __forceinline__ int StateRow(const Args& a, int row) {
   return a.state_slot == nullptr ? row : a.state_slot[row / a.hkv] * a.hkv + row % a.hkv;
 }
+// Per-row plan values: k (-1 = dense), mode, sink and local window of row r = b*hkv + h.
+__device__ __forceinline__ int RowTopK(const Args& a, int row) {
+  return a.topk[a.topk_per_head ? row : row / a.hkv];
+}
+__device__ __forceinline__ int RowMode(const Args& a, int row) {
+  return a.mode == nullptr ? kPrhsModeCis : a.mode[row / a.hkv];
+}
+__device__ __forceinline__ int RowSink(const Args& a, int row) {
+  return a.sink_b == nullptr ? a.sink : a.sink_b[row / a.hkv];
+}
+__device__ __forceinline__ int RowLocal(const Args& a, int row) {
+  return a.local_b == nullptr ? a.local : a.local_b[row / a.hkv];
+}
+// Whether ScoreKernel computes the row's token logits (refreshed, not a kPages row).
+__device__ __forceinline__ bool ScoresTokens(const Args& a, int row) {
+  return a.refresh[row] != 0 && RowMode(a, row) != kPrhsModePages;
+}
+
+// ---- (q) Quest page bounds ------------------------------------------------------------------------
+template <typename T, int D>
+__global__ void __launch_bounds__(128) BoundsKernel(Args a) {
+  const int row = blockIdx.x, d = threadIdx.x;
+  if (d >= D) return;
+  const int b = row / a.hkv, h = row % a.hkv;
+  const int t = a.seq_lens[b];
+  const int np = (t + kPageSize - 1) / kPageSize;
+  const int from = max(a.bounds_from[b], 0);  // INT32_MAX: nothing to fold
+  if (from >= np) return;
+  const int32_t* pages = a.page_indices + a.page_indptr[b];
+  const size_t page_stride = static_cast<size_t>(a.hkv) * kPageSize * D;
+  for (int p = from + static_cast<int>(blockIdx.y); p < np; p += static_cast<int>(gridDim.y)) {
+    const int phys = __ldg(pages + p);
+    const T* k = static_cast<const T*>(a.k_pool) + phys * page_stride +
+                 static_cast<size_t>(h) * kPageSize * D + d;
+    const int n = min(kPageSize, t - p * kPageSize);
+    float mn = INFINITY, mx = -INFINITY;
+    for (int i = 0; i < n; ++i) {
+      const float v = ToFloat<T>(k[static_cast<size_t>(i) * D]);
+      mn = fminf(mn, v);
+      mx = fmaxf(mx, v);
+    }
+    T* out = static_cast<T*>(a.page_bounds) + (static_cast<size_t>(phys) * a.hkv + h) * 2 * D;
+    out[d] = FromFloat<T>(mn);
+    out[D + d] = FromFloat<T>(mx);
+  }
+}
+
+// ---- (b') Quest page scores -----------------------------------------------------------------------
+template <typename T, int D>
+__global__ void __launch_bounds__(kPageScoreWarps * 32) PageScoreKernel(Args a, int max_pages) {
+  const int lane = threadIdx.x % 32;
+  const int64_t items = static_cast<int64_t>(a.rows) * max_pages;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * kPageScoreWarps + threadIdx.x / 32;
+       w < items; w += static_cast<int64_t>(gridDim.x) * kPageScoreWarps) {
+    const int row = static_cast<int>(w / max_pages), p = static_cast<int>(w % max_pages);
+    if (RowMode(a, row) != kPrhsModePages || RowTopK(a, row) < 0) continue;  // warp-uniform
+    const int b = row / a.hkv, h = row % a.hkv;
+    const int t = a.seq_lens[b];
+    const int np = (t + kPageSize - 1) / kPageSize;
+    if (p >= np) continue;
+    float* out = a.probs + static_cast<size_t>(row) * a.L;
+    if (p == np - 1) {  // the current page is always attended
+      if (lane == 0) out[p] = INFINITY;
+      continue;
+    }
+    const int phys = __ldg(a.page_indices + a.page_indptr[b] + p);
+    const T* bnd = static_cast<const T*>(a.page_bounds) + (static_cast<size_t>(phys) * a.hkv + h) * 2 * D;
+    const T* q = static_cast<const T*>(a.q) +
+                 (static_cast<size_t>(b) * a.hq + static_cast<size_t>(h) * a.group) * D;
+    float acc = 0.f;
+    for (int d = lane; d < D; d += 32) {
+      const float mn = ToFloat<T>(bnd[d]), mx = ToFloat<T>(bnd[D + d]);
+      for (int g = 0; g < a.group; ++g) {
+        const float qv = ToFloat<T>(__ldg(q + static_cast<size_t>(g) * D + d));
+        acc += fmaxf(qv * mn, qv * mx);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[p] = acc;
+  }
+}
 
 // ---- (a) gate ---------------------------------------------------------------------------------
 template <typename T, int D>
@@ -214,9 +333,20 @@ __global__ void __launch_bounds__(kGateWarps * 32) GateKernel(Args a) {
   const int row = blockIdx.x * kGateWarps + static_cast<int>(threadIdx.x / 32);
   if (row >= a.rows) return;
   const int b = row / a.hkv, h = row % a.hkv;
-  if (a.topk[b] < 0) {  // dense row: no gate, state untouched
+  const int mode = RowMode(a, row);
+  if (RowTopK(a, row) < 0 || mode == kPrhsModeWindow) {  // no gate, state untouched
     if (lane == 0) {
       a.refresh[row] = 0;
+      if (a.cos != nullptr) a.cos[row] = __int_as_float(0x7fc00000);
+    }
+    return;
+  }
+  if (mode == kPrhsModePages) {  // Quest selects every step; no anchor query
+    if (lane == 0) {
+      const int srow = StateRow(a, row);
+      a.refresh[row] = 1;
+      a.reuse[srow] = 0;
+      a.valid[srow] = 1;
       if (a.cos != nullptr) a.cos[row] = __int_as_float(0x7fc00000);
     }
     return;
@@ -229,7 +359,7 @@ __global__ void __launch_bounds__(kGateWarps * 32) GateKernel(Args a) {
   uint4* anc = reinterpret_cast<uint4*>(static_cast<T*>(a.anchor_q) +
                                         static_cast<size_t>(srow) * a.group * D);
   const int valid = a.valid[srow], reuse = a.reuse[srow];
-  const bool eval = valid != 0 && reuse < a.max_reuse;
+  const bool eval = mode == kPrhsModeCis && valid != 0 && reuse < a.max_reuse;
   float dot = 0.f, nq = 0.f, na = 0.f;
   if (eval) {
     for (int i = lane; i < n8; i += 32) {
@@ -276,13 +406,13 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(Args a, int max_chu
   int c = 0;
   for (int i = 0; i < per; ++i) {
     const int r = r0 + i;
-    if (r < a.rows && a.refresh[r] != 0) ++c;
+    if (r < a.rows && ScoresTokens(a, r)) ++c;
   }
   int total = 0;
   int pos = BlockExclusiveScan<kScoreThreads>(c, scan, &total);
   for (int i = 0; i < per; ++i) {
     const int r = r0 + i;
-    if (r < a.rows && a.refresh[r] != 0) list[pos++] = r;
+    if (r < a.rows && ScoresTokens(a, r)) list[pos++] = r;
   }
   __syncthreads();
 
@@ -369,9 +499,11 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(Args a) {
   const int t = a.seq_lens[b];
   const int G = a.group;
   const float* lg = a.logits + static_cast<size_t>(row) * G * a.L;
+  // kPages rows: the page scores are already in probs (PageScoreKernel); no lse, no δ.
+  const bool pages = RowMode(a, row) == kPrhsModePages;
 
   // 1. lse per query head of the group.
-  for (int g = 0; g < G; ++g) {
+  for (int g = 0; g < (pages ? 0 : G); ++g) {
     float m = -INFINITY, l = 0.f;
 #pragma unroll 4
     for (int j = tid; j < t; j += kThreads) {
@@ -391,19 +523,22 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(Args a) {
   }
   __syncthreads();
   const float inv_g = 1.f / static_cast<float>(G);
+  float* pr = a.probs + static_cast<size_t>(row) * a.L;
   auto prob = [&](int j) {
+    if (pages) return pr[j];
     float p = 0.f;
     for (int g = 0; g < G; ++g) p += expf(lg[static_cast<size_t>(g) * a.L + j] - s_lse[g]);
     return p * inv_g;
   };
 
   // 2. δ of the set in use until now.
-  const int sink_eff = min(a.sink, t);
-  const int local_start = max(t - a.local, sink_eff);
+  const int sink = RowSink(a, row), local = RowLocal(a, row);
+  const int sink_eff = min(sink, t);
+  const int local_start = max(t - local, sink_eff);
   const int srow = StateRow(a, row);
   int32_t* set = a.anchor_set + static_cast<size_t>(srow) * a.anchor_stride;
   if (a.delta != nullptr) {
-    if (flag == 2) {
+    if (flag == 2 && !pages) {
       float kept = 0.f;
       for (int j = tid; j < sink_eff; j += kThreads) kept += prob(j);
       for (int j = local_start + tid; j < t; j += kThreads) kept += prob(j);
@@ -421,10 +556,10 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(Args a) {
   __syncthreads();  // every read of the old set is done before it is overwritten
 
   // 3. candidates [lo, hi).
-  const int lo = max(a.sink, a.cand_lo != nullptr ? a.cand_lo[b] : 0);
-  const int hi = t - a.local;
+  const int lo = pages ? 0 : max(sink, a.cand_lo != nullptr ? a.cand_lo[b] : 0);
+  const int hi = pages ? (t + kPageSize - 1) / kPageSize : t - local;
   const int n = hi - lo;
-  const int k = a.topk[b];
+  const int k = RowTopK(a, row);
   if (n <= 0 || k <= 0) {
     if (tid == 0) a.anchor_count[srow] = 0;
     return;
@@ -435,9 +570,10 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(Args a) {
     if (tid == 0) a.anchor_count[srow] = cnt;
     return;
   }
-  const int m = a.dilate_r > 0 ? static_cast<int>(a.m_fraction * static_cast<double>(k)) : 0;
+  const int m = a.dilate_r > 0 && RowMode(a, row) == kPrhsModeCis
+                    ? static_cast<int>(a.m_fraction * static_cast<double>(k))
+                    : 0;
   const int nsel = m > 0 ? 2 : 1;
-  float* pr = a.probs + static_cast<size_t>(row) * a.L;
 
   // 4. radix select of the k-th (and m-th) largest key; pass 0 also writes p_j. Each pass:
   // zero the private histograms, count (warp-aggregated atomics into the warp pair's copy),
@@ -599,14 +735,31 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(Args a) {
 }
 
 // ---- (c2) CSR index lists ----------------------------------------------------------------------
-__device__ __forceinline__ int ListRowCount(const Args& a, int r) {
-  const int b = r / a.hkv;
-  const int t = a.seq_lens[b];
-  if (a.topk[b] < 0) return t;
-  const int sink_eff = min(a.sink, t);
-  const int local_start = max(t - a.local, sink_eff);
+// Entries of S_anchor in row r's list (0 for kWindow rows, which have no CIS state).
+__device__ __forceinline__ int ListMiddleCount(const Args& a, int r) {
+  if (RowMode(a, r) == kPrhsModeWindow) return 0;
   const int sr = StateRow(a, r);
-  return sink_eff + (t - local_start) + (a.valid[sr] != 0 ? a.anchor_count[sr] : 0);
+  return a.valid[sr] != 0 ? a.anchor_count[sr] : 0;
+}
+
+// Tokens of a kPages row's selected pages (all 16 of each but the sequence's last page, which
+// holds t - 16 (P - 1)).
+__device__ __forceinline__ int PageListCount(const Args& a, int r, int t) {
+  const int sr = StateRow(a, r);
+  const int cnt = a.anchor_count[sr];
+  if (cnt <= 0) return 0;
+  const int last = a.anchor_set[static_cast<size_t>(sr) * a.anchor_stride + cnt - 1];
+  const int np = (t + kPageSize - 1) / kPageSize;
+  return cnt * kPageSize - (last == np - 1 ? np * kPageSize - t : 0);
+}
+
+__device__ __forceinline__ int ListRowCount(const Args& a, int r) {
+  const int t = a.seq_lens[r / a.hkv];
+  if (RowTopK(a, r) < 0) return t;
+  if (RowMode(a, r) == kPrhsModePages) return PageListCount(a, r, t);
+  const int sink_eff = min(RowSink(a, r), t);
+  const int local_start = max(t - RowLocal(a, r), sink_eff);
+  return sink_eff + (t - local_start) + ListMiddleCount(a, r);
 }
 
 template <int kThreads>
@@ -625,16 +778,23 @@ __global__ void __launch_bounds__(kThreads) ListKernel(Args a) {
   }
   const int64_t cap = a.index_capacity - base;  // entries this row may write
   int32_t* out = a.index_indices + base;
-  if (a.topk[b] < 0) {
+  if (RowTopK(a, row) < 0) {
     for (int i = threadIdx.x; i < t; i += kThreads) {
       if (i < cap) out[i] = i;
     }
     return;
   }
-  const int sink_eff = min(a.sink, t);
-  const int local_start = max(t - a.local, sink_eff);
   const int srow = StateRow(a, row);
-  const int mid = a.valid[srow] != 0 ? a.anchor_count[srow] : 0;
+  if (RowMode(a, row) == kPrhsModePages) {  // the selected pages' tokens, ascending
+    const int32_t* set = a.anchor_set + static_cast<size_t>(srow) * a.anchor_stride;
+    for (int i = threadIdx.x; i < cnt; i += kThreads) {
+      if (i < cap) out[i] = set[i / kPageSize] * kPageSize + i % kPageSize;
+    }
+    return;
+  }
+  const int sink_eff = min(RowSink(a, row), t);
+  const int local_start = max(t - RowLocal(a, row), sink_eff);
+  const int mid = ListMiddleCount(a, row);
   const int32_t* set = a.anchor_set + static_cast<size_t>(srow) * a.anchor_stride;
   for (int i = threadIdx.x; i < sink_eff; i += kThreads) {
     if (i < cap) out[i] = i;
@@ -653,6 +813,19 @@ template <typename T, int D>
 cudaError_t LaunchGate(const Args& a, cudaStream_t stream) {
   const int blocks = (a.rows + kGateWarps - 1) / kGateWarps;
   GateKernel<T, D><<<blocks, kGateWarps * 32, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t LaunchQuest(const Args& a, bool bounds, int max_pages, cudaStream_t stream) {
+  if (bounds) {
+    BoundsKernel<T, D><<<dim3(a.rows, kBoundsSplit), 128, 0, stream>>>(a);
+  } else {
+    const int64_t warps = static_cast<int64_t>(a.rows) * max_pages;
+    const int grid = static_cast<int>(std::min<int64_t>(
+        (warps + kPageScoreWarps - 1) / kPageScoreWarps, int64_t{1} << 16));
+    PageScoreKernel<T, D><<<std::max(grid, 1), kPageScoreWarps * 32, 0, stream>>>(a, max_pages);
+  }
   return cudaGetLastError();
 }
 
@@ -678,6 +851,8 @@ cudaError_t LaunchScore(const Args& a, int grid, int max_chunks, cudaStream_t st
   template cudaError_t prehoc::kernels::prhs::LaunchGate<T, D>(                                 \
       const prehoc::kernels::prhs::Args&, cudaStream_t);                                         \
   template cudaError_t prehoc::kernels::prhs::ScoreCtasPerSm<T, D>(int, int*);                        \
+  template cudaError_t prehoc::kernels::prhs::LaunchQuest<T, D>(                                \
+      const prehoc::kernels::prhs::Args&, bool, int, cudaStream_t);                              \
   template cudaError_t prehoc::kernels::prhs::LaunchScore<T, D>(                                \
       const prehoc::kernels::prhs::Args&, int, int, cudaStream_t);
 

@@ -17,8 +17,33 @@
 //   topk         [batch] int32: k(t) of the plan (>= 0), or -1 when the budget covers the whole
 //                sequence (PrhsSelector's "Budget(t) >= t"): the row attends densely, the gate
 //                is not evaluated and the CIS state is left untouched.
+//                With topk_per_head, topk is [batch][num_kv_heads] (k per row r = b*Hkv + h:
+//                the δ-controller's per-kv-head budgets); -1 then marks a dense row.
 //   cand_lo      [batch] int32 or null: PSAW's lower bound P_l(t) (null = 0). Candidates of a
 //                refresh are [lo, hi) with lo = max(sink, cand_lo[b]) and hi = t - local.
+//   mode, sink_b, local_b  [batch] int32 each, or null: per-sequence policy (null mode = kCis for
+//                every row) and sink / local window (null = the scalars sink / local), so that
+//                sequences of different policies share one launch:
+//                  kCis    (0) PrHS as below;
+//                  kExact  (1) oracle top-k: the gate always refreshes (no share, the cos is not
+//                              evaluated) and no dilation (m = 0); with sink_b = local_b = 0 the
+//                              candidates are [cand_lo, t) and the list is exactly the top-k;
+//                  kWindow (2) StreamingLLM: no gate, no scoring, CIS state untouched (as a dense
+//                              row); the list is [0, min(sink, t)) ∪ [max(t - local, sink), t).
+//                  kPages  (3) Quest (page size 16): k is a number of pages; every step the
+//                              row's logical pages P = ceil(t / 16) are scored against the page
+//                              bounds (below), s_p = Σ_g Σ_d max(q_gd·min_pd, q_gd·max_pd) (fp32),
+//                              the last page's score is +inf (always kept), S_anchor = the k best
+//                              pages (ties: lower page first), ascending; the list is every token
+//                              of those pages (< t). refresh = 1 (no δ), valid = 1, reuse = 0;
+//                              anchor_q is not written; sink and local are ignored.
+//   page_bounds  [num_pages][num_kv_heads][2][head_dim] T, or null (no kPages rows): per physical
+//                page and kv head the element-wise min (index 0) and max (1) of the keys of the
+//                page's tokens below the sequence length (QuestSelector's metadata). Maintained
+//                by this step: for each sequence, the bounds of its logical pages
+//                [bounds_from[b], ceil(t / 16)) are recomputed from K first (bounds_from [batch]
+//                int32; the caller passes the page of the first position not folded at the last
+//                step, 0 for a new sequence, and INT32_MAX for sequences without kPages rows).
 // CIS state per state row (persistent across steps; the caller zero-fills valid and reuse once).
 // State row of row r = b * num_kv_heads + h: r itself, or, with state_slot [batch] int32,
 // state_slot[b] * num_kv_heads + h — a sequence keeps its state at a fixed slot of a pool while
@@ -72,6 +97,14 @@
 
 namespace prehoc::kernels {
 
+// Per-sequence selection mode (PrhsSelectParams::d_mode).
+enum PrhsRowMode : int32_t {
+  kPrhsModeCis = 0,
+  kPrhsModeExact = 1,
+  kPrhsModeWindow = 2,
+  kPrhsModePages = 3
+};
+
 struct PrhsSelectParams {
   AttnDType dtype = AttnDType::kBFloat16;
   int batch = 0;
@@ -97,6 +130,12 @@ struct PrhsSelectParams {
   const int32_t* d_seq_lens = nullptr;
   const int32_t* d_topk = nullptr;
   const int32_t* d_cand_lo = nullptr;  // optional
+  bool topk_per_head = false;          // d_topk is [batch][num_kv_heads]
+  const int32_t* d_mode = nullptr;     // optional [batch] PrhsRowMode (null = kCis)
+  const int32_t* d_sink = nullptr;     // optional [batch] (null = sink)
+  const int32_t* d_local = nullptr;    // optional [batch] (null = local)
+  void* d_page_bounds = nullptr;          // kPages: [num_pages][Hkv][2][head_dim] T (this layer)
+  const int32_t* d_bounds_from = nullptr; // kPages: [batch] first logical page to recompute
 
   const int32_t* d_state_slot = nullptr;  // optional [batch]: state rows slot * Hkv + h
   void* d_anchor_q = nullptr;
@@ -127,8 +166,9 @@ const char* PrhsSelectCheck(const PrhsSelectParams& p);
 size_t PrhsSelectWorkspaceBytes(const PrhsSelectParams& p);
 
 // Views into the workspace after a step, for tests and telemetry: logits[(r*G + g)*L + j] = s_gj,
-// probs[r*L + j] = p_j for j in [lo, hi) of rows refreshed with 0 < k < hi - lo, lse[r*G + g]
-// (natural log) of refreshed rows. Null pointers when the parameters are malformed.
+// probs[r*L + j] = p_j for j in [lo, hi) of rows refreshed with 0 < k < hi - lo (for kPages rows
+// the page scores s_p, p < ceil(t / 16), last page +inf), lse[r*G + g] (natural log) of refreshed
+// rows. Null pointers when the parameters are malformed.
 struct PrhsWorkspaceView {
   const float* logits = nullptr;
   const float* probs = nullptr;
@@ -139,17 +179,21 @@ PrhsWorkspaceView PrhsSelectWorkspace(const PrhsSelectParams& p);
 
 // The four stages (each enqueued on `stream`; cudaErrorInvalidValue when PrhsSelectCheck fails,
 // else the launch error; asynchronous):
+// (q) Quest page bounds: recomputes the bounds of pages [bounds_from[b], ceil(t / 16)) (no-op
+//     when d_page_bounds is null).
+cudaError_t PrhsPageBounds(const PrhsSelectParams& p, cudaStream_t stream);
 // (a) gate: writes refresh/cos and updates reuse, valid, anchor_q.
 cudaError_t PrhsGate(const PrhsSelectParams& p, cudaStream_t stream);
 // (b) refresh scoring: logits of every key for rows with refresh != 0 (a persistent grid walks
-//     the flagged rows' 256-token chunks; other rows cost nothing).
+//     the flagged rows' 256-token chunks; other rows cost nothing), and the page scores of kPages
+//     rows (into the probabilities' rows of the workspace) when d_page_bounds is set.
 cudaError_t PrhsRefreshScores(const PrhsSelectParams& p, cudaStream_t stream);
 // (c1) refresh selection: lse, δ of the previous set, top-k + dilation → anchor_set/count (one
 //      CTA per row; rows not flagged exit at once).
 cudaError_t PrhsRefreshSelect(const PrhsSelectParams& p, cudaStream_t stream);
 // (c2) CSR index lists for every row (sink ∪ S_anchor ∪ local window, or all tokens).
 cudaError_t PrhsBuildIndexLists(const PrhsSelectParams& p, cudaStream_t stream);
-// (a) + (b) + (c1) + (c2): one PrHS selection step for the layer.
+// (q) + (a) + (b) + (c1) + (c2): one selection step for the layer.
 cudaError_t PrhsSelectStep(const PrhsSelectParams& p, cudaStream_t stream);
 
 }  // namespace prehoc::kernels

@@ -14,6 +14,13 @@
 //   δ         within 2e-5 of the float64 reference on the previous set;
 //   lists     CSR rows exactly equal to MergeIndexSet(sink, S_anchor, local, t) (all tokens for
 //             a dense row).
+// Cases also mix the per-sequence modes (kExact: OracleSelector's top-k every step, no dilation;
+// kWindow: StreamingSelector's sink + window; kPages: QuestSelector's page bounds and top pages),
+// per-sequence sink / local, and per-kv-head k (the δ-controller's budgets), against the same
+// reference with each row's own values. kPages: the page bounds exactly (bit patterns of the
+// min / max over the tokens below t, maintained incrementally from bounds_from), page scores
+// (float64 reference) within 1e-3 + 1e-4·|s|, the chosen pages exactly equal to the top-k of the
+// GPU's own scores (one case has all pages tied), the list exactly their tokens.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -103,7 +110,17 @@ struct Case {
   int max_reuse = 64;
   int dup_period = 0;    // > 0: K_j = K_{j mod period} (many exactly equal scores)
   int zero_q_seq = -1;   // this sequence's queries are all zero (every score ties)
+  std::vector<int> mode;     // per sequence PrhsRowMode; empty = null (all kCis)
+  std::vector<int> sink_b;   // per sequence; empty = null (the scalar sink)
+  std::vector<int> local_b;  // per sequence; empty = null (the scalar local)
+  bool per_head_k = false;   // k of kv head h = topk[b] >> (1 - h) (h = 0: half), topk_per_head
 };
+
+// k of row (b, h) in a case (-1 = dense).
+int CaseTopK(const Case& cs, int b, int h) {
+  if (cs.topk[b] < 0 || !cs.per_head_k) return cs.topk[b];
+  return h == 0 ? cs.topk[b] / 2 : cs.topk[b];
+}
 
 const std::vector<Case>& Cases() {
   static const auto* cases = new std::vector<Case>{
@@ -114,6 +131,16 @@ const std::vector<Case>& Cases() {
       {"ties", {500, 777}, {50, 101}, {}, 3, 64, 5, 1},
       {"psaw_reuse1", {2000}, {150}, {600}, 5, 1},
       {"long", {20000}, {2500}, {}, 2},
+      {"per_head_k", {1001, 3000, 60, 700}, {97, 400, -1, 1}, {}, 4, 64, 0, -1, {}, {}, {}, true},
+      // oracle (kExact, sink = local = 0), streaming (kWindow), a dense oracle row, a kExact row
+      // with its own sink / local, and a CIS row, in one launch.
+      {"modes", {900, 2500, 300, 50, 1200, 400}, {60, 300, 0, -1, 100, 30}, {}, 4, 64, 0, -1,
+       {1, 1, 2, 1, 1, 0}, {0, 0, 8, 0, 4, 8}, {0, 0, 200, 0, 16, 32}},
+      {"oracle_ties", {500, 777}, {50, 101}, {}, 3, 64, 5, 1, {1, 1}, {0, 0}, {0, 0}},
+      // Quest rows (k in pages; lengths at and around page boundaries) with a CIS row.
+      {"quest", {1000, 37, 4096, 300, 64, 500}, {8, 1, 40, -1, 3, 20}, {}, 4, 64, 0, -1,
+       {3, 3, 3, 3, 3, 0}},
+      {"quest_ties", {500, 777}, {5, 12}, {}, 3, 64, 5, -1, {3, 3}},
   };
   return *cases;
 }
@@ -166,15 +193,36 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
   }
 
   const int max_k = *std::max_element(cs.topk.begin(), cs.topk.end());
+  std::vector<int32_t> topk_rows(rows);
+  for (int r = 0; r < rows; ++r) topk_rows[r] = CaseTopK(cs, r / hkv, r % hkv);
+  auto row_sink = [&](int b) { return cs.sink_b.empty() ? sink : cs.sink_b[b]; };
+  auto row_local = [&](int b) { return cs.local_b.empty() ? local : cs.local_b[b]; };
+  auto row_mode = [&](int b) { return cs.mode.empty() ? int{kPrhsModeCis} : cs.mode[b]; };
   const int anchor_stride = std::max(1, max_k + 2 * r_dil * static_cast<int>(m_frac * max_k) + 1);
   const int64_t capacity = static_cast<int64_t>(rows) * max_len;
 
   DeviceBuffer d_q, d_k, d_indptr, d_pages, d_lens, d_topk, d_cand, d_anchor, d_reuse, d_valid,
-      d_aset, d_acount, d_refresh, d_cos, d_delta, d_csr_indptr, d_csr, d_ws;
+      d_aset, d_acount, d_refresh, d_cos, d_delta, d_csr_indptr, d_csr, d_ws, d_mode, d_sink,
+      d_local, d_bounds, d_from;
+  const bool quest = std::count(cs.mode.begin(), cs.mode.end(), int{kPrhsModePages}) > 0;
+  const size_t bounds_elems = static_cast<size_t>(num_pages) * hkv * 2 * D;
+  if (quest) {
+    d_bounds.Resize(bounds_elems * 2);
+    d_bounds.Poison();  // pages are written before they are read
+  }
   d_k.Upload(k_pool);
   d_indptr.Upload(page_indptr);
   d_pages.Upload(page_indices);
-  d_topk.Upload(std::vector<int32_t>(cs.topk.begin(), cs.topk.end()));
+  if (cs.per_head_k) {
+    d_topk.Upload(topk_rows);
+  } else {
+    d_topk.Upload(std::vector<int32_t>(cs.topk.begin(), cs.topk.end()));
+  }
+  if (!cs.mode.empty()) d_mode.Upload(std::vector<int32_t>(cs.mode.begin(), cs.mode.end()));
+  if (!cs.sink_b.empty()) d_sink.Upload(std::vector<int32_t>(cs.sink_b.begin(), cs.sink_b.end()));
+  if (!cs.local_b.empty()) {
+    d_local.Upload(std::vector<int32_t>(cs.local_b.begin(), cs.local_b.end()));
+  }
   if (!cs.cand_lo.empty()) d_cand.Upload(std::vector<int32_t>(cs.cand_lo.begin(), cs.cand_lo.end()));
   d_anchor.Resize(static_cast<size_t>(rows) * G * D * 2);
   d_anchor.Poison();  // never read before a refresh writes it
@@ -207,6 +255,12 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
   p.d_page_indices = d_pages.get<int32_t>();
   p.d_topk = d_topk.get<int32_t>();
   p.d_cand_lo = cs.cand_lo.empty() ? nullptr : d_cand.get<int32_t>();
+  p.topk_per_head = cs.per_head_k;
+  p.d_mode = cs.mode.empty() ? nullptr : d_mode.get<int32_t>();
+  p.d_sink = cs.sink_b.empty() ? nullptr : d_sink.get<int32_t>();
+  p.d_local = cs.local_b.empty() ? nullptr : d_local.get<int32_t>();
+  p.d_page_bounds = quest ? d_bounds.get() : nullptr;
+  p.d_bounds_from = quest ? d_indptr.get<int32_t>() : nullptr;  // set per step
   p.d_anchor_q = d_anchor.get();
   p.d_reuse = d_reuse.get<int32_t>();
   p.d_valid = d_valid.get<int32_t>();
@@ -264,6 +318,14 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
     d_lens.Upload(lens);
     p.d_q = d_q.get();
     p.d_seq_lens = d_lens.get<int32_t>();
+    if (quest) {  // the page of the first position the previous step did not fold
+      std::vector<int32_t> from(B, INT32_MAX);
+      for (int b = 0; b < B; ++b) {
+        if (row_mode(b) == kPrhsModePages) from[b] = step == 0 ? 0 : (lens[b] - 1) / 16;
+      }
+      d_from.Upload(from);
+      p.d_bounds_from = d_from.get<int32_t>();
+    }
     d_refresh.Poison();
     d_cos.Poison();
     d_delta.Poison();
@@ -284,6 +346,7 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
     const auto g_indptr = d_csr_indptr.Download<int32_t>(rows + 1);
     const auto g_csr = d_csr.Download<int32_t>(capacity);
     const auto g_lse = DownloadPtr(view.lse, static_cast<size_t>(rows) * G);
+    const auto g_bounds = quest ? d_bounds.Download<uint16_t>(bounds_elems) : std::vector<uint16_t>();
 
     ASSERT_EQ(g_indptr[0], 0);
     for (int b = 0; b < B; ++b) {
@@ -294,13 +357,83 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
         RowState& st = ref[r];
         const uint16_t* qg = q.data() + (static_cast<size_t>(b) * hq + h * G) * D;
         std::vector<int32_t> want_list;
-        if (cs.topk[b] < 0) {
+        const int mode = row_mode(b), rsink = row_sink(b), rlocal = row_local(b);
+        if (topk_rows[r] < 0) {
           EXPECT_EQ(g_refresh[r], 0);
           EXPECT_TRUE(std::isnan(g_cos[r]));
           want_list.resize(t);
           std::iota(want_list.begin(), want_list.end(), 0);
+        } else if (mode == kPrhsModePages) {  // QuestSelector
+          EXPECT_EQ(g_refresh[r], 1);
+          EXPECT_TRUE(std::isnan(g_cos[r]));
+          EXPECT_TRUE(std::isnan(g_delta[r]));
+          EXPECT_EQ(g_valid[r], 1);
+          EXPECT_EQ(g_reuse[r], 0);
+          ++refreshes;
+          const int np = (t + 15) / 16, k = topk_rows[r];
+          // Bounds of every page, exactly: min / max over the page's tokens below t.
+          std::vector<double> mn(static_cast<size_t>(np) * D), mx(static_cast<size_t>(np) * D);
+          int bad_bounds = 0;
+          for (int pg = 0; pg < np; ++pg) {
+            const int phys = page_indices[page_indptr[b] + pg];
+            for (int d = 0; d < D; ++d) {
+              uint16_t lo_bits = 0, hi_bits = 0;
+              double lo_v = INFINITY, hi_v = -INFINITY;
+              for (int j = pg * 16; j < std::min(t, pg * 16 + 16); ++j) {
+                const uint16_t kb =
+                    k_pool[((static_cast<size_t>(phys) * hkv + h) * 16 + j % 16) * D + d];
+                const double v = HalfBitsToDouble(kb, dtype);
+                if (v < lo_v) lo_v = v, lo_bits = kb;
+                if (v > hi_v) hi_v = v, hi_bits = kb;
+              }
+              mn[static_cast<size_t>(pg) * D + d] = lo_v;
+              mx[static_cast<size_t>(pg) * D + d] = hi_v;
+              const size_t at = (static_cast<size_t>(phys) * hkv + h) * 2 * D + d;
+              if ((g_bounds[at] != lo_bits || g_bounds[at + D] != hi_bits) && ++bad_bounds <= 3) {
+                ADD_FAILURE() << "bounds of page " << pg << " channel " << d;
+              }
+            }
+          }
+          EXPECT_EQ(bad_bounds, 0);
+          std::vector<int32_t> want_pages;
+          if (k >= np) {
+            want_pages.resize(np);
+            std::iota(want_pages.begin(), want_pages.end(), 0);
+          } else if (k > 0) {
+            const std::vector<float> gs = DownloadPtr(view.probs + r * view.row_stride, np);
+            EXPECT_TRUE(std::isinf(gs[np - 1]) && gs[np - 1] > 0) << "last page";
+            for (int pg = 0; pg + 1 < np; ++pg) {
+              double want = 0;
+              for (int g = 0; g < G; ++g) {
+                for (int d = 0; d < D; ++d) {
+                  const double qv = HalfBitsToDouble(qg[g * D + d], dtype);
+                  want += std::max(qv * mn[static_cast<size_t>(pg) * D + d],
+                                   qv * mx[static_cast<size_t>(pg) * D + d]);
+                }
+              }
+              EXPECT_NEAR(gs[pg], want, 1e-3 + 1e-4 * std::fabs(want)) << "score of page " << pg;
+            }
+            want_pages = RefTopK(gs, 0, np, k);
+            std::sort(want_pages.begin(), want_pages.end());
+            int eq = 0;
+            const float thr = gs[RefTopK(gs, 0, np, k).back()];
+            for (int pg = 0; pg < np; ++pg) eq += gs[pg] == thr;
+            ties_rows += eq > 1;
+          }
+          const std::vector<int32_t> got_pages(
+              g_aset.begin() + static_cast<size_t>(r) * anchor_stride,
+              g_aset.begin() + static_cast<size_t>(r) * anchor_stride + g_acount[r]);
+          EXPECT_EQ(got_pages, want_pages) << "pages";
+          for (int32_t pg : want_pages) {
+            for (int j = pg * 16; j < std::min(t, pg * 16 + 16); ++j) want_list.push_back(j);
+          }
+        } else if (mode == kPrhsModeWindow) {  // StreamingSelector: no gate, no state
+          EXPECT_EQ(g_refresh[r], 0);
+          EXPECT_TRUE(std::isnan(g_cos[r]));
+          EXPECT_EQ(g_valid[r], 0);
+          want_list = RefMergeIndexSet(rsink, {}, rlocal, t);
         } else {
-          const bool eval = st.valid && st.reuse < cs.max_reuse;
+          const bool eval = mode == kPrhsModeCis && st.valid && st.reuse < cs.max_reuse;
           bool share = false;
           if (eval) {
             const double c = RefCosine(qg, st.anchor.data(), G * D, dtype);
@@ -327,13 +460,13 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
             }
             if (st.valid) {
               ++deltas;
-              const std::vector<int32_t> prev = RefMergeIndexSet(sink, st.set, local, t);
+              const std::vector<int32_t> prev = RefMergeIndexSet(rsink, st.set, rlocal, t);
               EXPECT_NEAR(g_delta[r], RefDroppedMass(probs, prev), 2e-5) << "delta";
             } else {
               EXPECT_TRUE(std::isnan(g_delta[r]));
             }
-            const int lo = std::max(sink, cs.cand_lo.empty() ? 0 : cs.cand_lo[b]);
-            const int hi = t - local, n = hi - lo, k = cs.topk[b];
+            const int lo = std::max(rsink, cs.cand_lo.empty() ? 0 : cs.cand_lo[b]);
+            const int hi = t - rlocal, n = hi - lo, k = topk_rows[r];
             std::vector<int32_t> want_set;
             if (n > 0 && k > 0) {
               if (k >= n) {
@@ -354,7 +487,14 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
                 int eq = 0;
                 for (int j = lo; j < hi; ++j) eq += gp[j] == thr;
                 ties_rows += eq > 1;
-                want_set = RefCisSet(gp, lo, hi, k, m_frac, r_dil);
+                // kExact (OracleSelector): the plain top-k, no dilation.
+                want_set = mode == kPrhsModeExact ? RefCisSet(gp, lo, hi, k, 0.0, 0)
+                                                  : RefCisSet(gp, lo, hi, k, m_frac, r_dil);
+                if (mode == kPrhsModeExact) {
+                  std::vector<int32_t> top = RefTopK(gp, lo, hi, k);
+                  std::sort(top.begin(), top.end());
+                  EXPECT_EQ(want_set, top);
+                }
               }
             }
             const std::vector<int32_t> got_set(
@@ -371,7 +511,7 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
           EXPECT_TRUE(std::equal(st.anchor.begin(), st.anchor.end(),
                                  g_anchor.begin() + static_cast<size_t>(r) * G * D))
               << "anchor_q";
-          want_list = RefMergeIndexSet(sink, st.set, local, t);
+          want_list = RefMergeIndexSet(rsink, st.set, rlocal, t);
         }
         std::vector<int32_t> got_list;
         for (int i = g_indptr[r]; i < g_indptr[r + 1]; ++i) {
@@ -383,7 +523,7 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
   }
   // The scenario must exercise both paths (a share needs a valid anchor first).
   EXPECT_GT(refreshes, 0);
-  if (cs.steps >= 3 && cs.zero_q_seq < 0 && cs.topk[0] >= 0) {
+  if (cs.steps >= 3 && cs.zero_q_seq < 0 && cs.topk[0] >= 0 && row_mode(0) != kPrhsModePages) {
     EXPECT_GT(shares + deltas, 0);
   }
   if (cs.dup_period > 0) {
@@ -401,7 +541,7 @@ INSTANTIATE_TEST_SUITE_P(All, PrhsSelectSweep,
                          ::testing::Combine(::testing::Values(AttnDType::kFloat16,
                                                               AttnDType::kBFloat16),
                                             ::testing::Values(64, 128), ::testing::Values(1, 4, 8),
-                                            ::testing::Range(0, 7)),
+                                            ::testing::Range(0, 12)),
                          ParamName);
 
 // state_slot: the same steps with the CIS state kept at permuted slots of a larger pool (the

@@ -18,13 +18,13 @@ const SelectionPlan* DecodePlan(const BackendStepItem& it) {
 }
 
 // Whether two PrHS plans can share one forward (the selection kernels take one value of each of
-// these per layer for the whole batch).
+// these per layer for the whole batch; sink, local and k are per sequence).
 bool SameCisScalars(const SelectionPlan& a, const SelectionPlan& b) {
   if (a.layers.size() != b.layers.size()) return false;
   for (size_t l = 0; l < a.layers.size(); ++l) {
     const LayerSelectionPlan &x = a.layers[l], &y = b.layers[l];
-    if (x.sink != y.sink || x.local != y.local || x.tau != y.tau || x.max_reuse != y.max_reuse ||
-        x.dilate_r != y.dilate_r || x.dilate_m_fraction != y.dilate_m_fraction) {
+    if (x.tau != y.tau || x.max_reuse != y.max_reuse || x.dilate_r != y.dilate_r ||
+        x.dilate_m_fraction != y.dilate_m_fraction) {
       return false;
     }
   }
@@ -103,8 +103,9 @@ absl::Status CudaBackend::RunParts(
     }
   }
   // Parts: the multi-token items (prefill chunks: the generic attention kernel), then one part
-  // per group of PrHS items whose CIS scalars agree; single-token items without PrHS (dense
-  // decode, or a policy CudaModel then refuses) join the first PrHS group, else part 0.
+  // per group of PrHS items whose CIS scalars agree; other single-token items (dense decode,
+  // oracle and streaming selection, which take no batch-wide scalars, or a policy CudaModel then
+  // refuses) join the first PrHS group, else part 0.
   std::vector<std::vector<size_t>> parts(1);
   std::vector<const SelectionPlan*> part_plan(1, nullptr);
   std::vector<size_t> plain_decode;

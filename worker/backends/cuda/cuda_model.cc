@@ -167,6 +167,7 @@ struct CudaModel::Impl {
     int length = 0;
     std::vector<int32_t> page_table;
     int prhs_slot = -1;  // CIS state slot in the PrHS pools (-1 = none yet)
+    int quest_seen = 0;  // Quest: positions whose page bounds are folded (as QuestSelector's)
   };
   std::unordered_map<SeqId, Sequence> seqs;
   SeqId next_seq = 1;
@@ -198,6 +199,9 @@ struct CudaModel::Impl {
   // Per step: refresh [L][rows] int32 | delta [L][rows] f32 | index_indptr [L][rows + 1] int32,
   // copied to the host in one piece; the CSR indices of the current layer; the workspace.
   DeviceBuffer prhs_out, prhs_indices, prhs_ws;
+  // Quest page bounds per layer [L][num_pages][Hkv][2][hd] bf16 (allocated at the first quest
+  // decode; indexed by physical page).
+  DeviceBuffer quest_bounds;
   // A step's selection results on their way to the host (pinned copy of prhs_out).
   struct PendingSelection {
     cudaEvent_t done = nullptr;
@@ -205,6 +209,8 @@ struct CudaModel::Impl {
     size_t cap = 0;  // int32 elements
     int batch = 0;
     std::vector<SelectionTelemetry*> telemetry;  // [batch]; null = the item does not select
+    std::vector<SelectionPolicy> policy;         // [batch]
+    bool per_head = false;                       // topk is [L][batch * Hkv]
     std::vector<int32_t> topk;                   // [L][batch] as passed to the kernels
     std::vector<int32_t> lens;                   // [batch] t of the step
   };
@@ -311,13 +317,17 @@ struct CudaModel::Impl {
     bool all_logits = false;
     bool no_logits = false;            // no logits row at all (StepSample's unwanted draws)
     int uninitialized = 0;             // > 0: benchmark growth without a forward
-    const SelectionPlan* plan = nullptr;          // decode selection (dense / prhs)
+    const SelectionPlan* plan = nullptr;  // decode selection (dense / prhs / oracle / streaming)
     SelectionTelemetry* telemetry = nullptr;
     const SelectionPlan* prefill_plan = nullptr;  // PSAW band of multi-token causal items
   };
   // Grows the PrHS state pools to at least `slots` sequences and `stride` anchor entries per
   // row, keeping every existing slot's state. Synchronises the stream.
   absl::Status GrowPrhsPools(int slots, int stride);
+  // Elements of one layer's Quest page bounds: num_pages x Hkv x 2 x hd.
+  size_t QuestBoundsPerLayer() const {
+    return static_cast<size_t>(num_pages) * Hkv() * 2 * HD();
+  }
   // Gives `s` a slot with a cleared CIS state (valid = reuse = 0 in every layer).
   absl::Status AcquirePrhsSlot(Sequence* s);
   // Accounts the pending selection results whose copy has landed (all of them with `wait`, or
@@ -755,6 +765,52 @@ absl::StatusOr<int32_t*> CudaModel::Impl::UploadMeta(const std::vector<int32_t>&
   return meta.as<int32_t>();
 }
 
+namespace {
+
+// Whether decode steps run `plan`'s selection on the device (the selection kernels of
+// selection_prhs.h: PrHS, oracle top-k as kExact rows, StreamingLLM as kWindow rows).
+bool SelectsOnDevice(const SelectionPlan* plan) {
+  return plan != nullptr && (plan->policy == SelectionPolicy::kPrhs ||
+                             plan->policy == SelectionPolicy::kOracle ||
+                             plan->policy == SelectionPolicy::kStreaming ||
+                             plan->policy == SelectionPolicy::kQuest);
+}
+// Whether the policy keeps per-sequence state on the device (a state slot: CIS anchors, the
+// oracle's and Quest's chosen sets).
+bool HasSelectionState(const SelectionPlan* plan) {
+  return plan != nullptr &&
+         (plan->policy == SelectionPolicy::kPrhs || plan->policy == SelectionPolicy::kOracle ||
+          plan->policy == SelectionPolicy::kQuest);
+}
+// Quest's pages to keep at length t: max(1, ceil(B(t) / page)) (QuestSelector), and whether that
+// covers every page (the row then attends densely, as QuestSelector).
+int64_t QuestPages(const SelectionPlan& plan, int64_t t, int page) {
+  return std::max<int64_t>(1, (plan.Budget(t) + page - 1) / page);
+}
+bool QuestDense(const SelectionPlan& plan, int64_t t, int page) {
+  return QuestPages(plan, t, page) >= (t + page - 1) / page;
+}
+// Whether the plan's k differs between kv heads (the δ-controller's per-head scales).
+bool PerHeadK(const SelectionPlan& plan) {
+  for (const LayerSelectionPlan& lp : plan.layers) {
+    if (!lp.head_k_scale.empty()) return true;
+  }
+  return false;
+}
+// The kernels' k for (layer, kv head) at length t, as the CPU selectors choose it: PrHS's
+// TopK (with the per-head scale), the oracle's min(B(t), t), Quest's pages (page size 16);
+// 0 for streaming (no top-k). The
+// caller marks rows whose budget covers the sequence dense (-1) separately.
+int64_t DeviceTopK(const SelectionPlan& plan, int layer, int64_t t, int kv_head, int max_context) {
+  int64_t k = 0;
+  if (plan.policy == SelectionPolicy::kPrhs) k = plan.TopK(layer, t, kv_head);
+  if (plan.policy == SelectionPolicy::kOracle) k = std::min<int64_t>(plan.Budget(t), t);
+  if (plan.policy == SelectionPolicy::kQuest) k = QuestPages(plan, t, 16);  // pages
+  return std::clamp<int64_t>(k, 0, max_context);
+}
+
+}  // namespace
+
 absl::Status CudaModel::Impl::GrowPrhsPools(int slots, int stride) {
   if (slots <= prhs_slots && stride <= prhs_stride) return absl::OkStatus();
   slots = std::max(slots, prhs_slots);
@@ -818,20 +874,32 @@ void CudaModel::Impl::AccountSelection(const PendingSelection& p) const {
     SelectionTelemetry* t = p.telemetry[b];
     if (t == nullptr) continue;
     const int len = p.lens[b];
-    // Same order as PrhsSelector: layer by layer, kv head by kv head.
+    const SelectionPolicy policy = p.policy[b];
+    const size_t units = static_cast<size_t>(L) * hkv;
+    if (t->refreshes_per_unit.size() < units) t->refreshes_per_unit.resize(units, 0);
+    // Same order as the CPU selectors: layer by layer, kv head by kv head. What each counts:
+    // PrhsSelector shares, refreshes (t keys scored each) and δ of the previous set at a
+    // refresh; OracleSelector a refresh per non-dense selection (no δ); QuestSelector a refresh
+    // per non-dense selection (per layer only); StreamingSelector only the selection itself.
     for (int l = 0; l < L; ++l) {
       const int32_t* ip = indptr + static_cast<size_t>(l) * (rows + 1);
       for (int h = 0; h < hkv; ++h) {
         const int r = b * hkv + h;
         const size_t lr = static_cast<size_t>(l) * rows + r;
-        if (p.topk[static_cast<size_t>(l) * B + b] >= 0) {
+        const int32_t k = p.per_head ? p.topk[static_cast<size_t>(l) * rows + r]
+                                     : p.topk[static_cast<size_t>(l) * B + b];
+        if (k >= 0 && policy != SelectionPolicy::kStreaming) {
           if (refresh[lr] == 0) {
             ++t->shares;
             ++t->shares_per_layer[l];
           } else {
             ++t->refreshes;
             ++t->refreshes_per_layer[l];
-            if (refresh[lr] == 2) {
+            if (policy != SelectionPolicy::kQuest) {  // QuestSelector counts neither
+              ++t->refreshes_per_unit[static_cast<size_t>(l) * hkv + h];
+              t->scored_keys_sum += len;
+            }
+            if (refresh[lr] == 2 && policy == SelectionPolicy::kPrhs) {
               t->refresh_delta.push_back(delta[lr]);
               t->refresh_delta_layer.push_back(static_cast<int16_t>(l));
               t->refresh_delta_head.push_back(static_cast<int16_t>(h));
@@ -842,6 +910,7 @@ void CudaModel::Impl::AccountSelection(const PendingSelection& p) const {
         ++t->selections;
         t->kept_tokens_sum += kept;
         t->kept_fraction_sum += len > 0 ? static_cast<double>(kept) / len : 1.0;
+        t->context_keys_sum += len;
       }
     }
   }
@@ -876,6 +945,8 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
   int64_t pages_needed = 0, total = 0;
   bool all_single = true, uninitialized = false;
   const SelectionPlan* prhs_ref = nullptr;  // the first item with a prhs plan
+  bool use_prhs = false;                     // some item selects on the device (any policy)
+  bool per_head = false;                     // some item's k differs between kv heads
   for (size_t b = 0; b < items.size(); ++b) {
     const ItemDesc& it = items[b];
     auto s = seqs.find(it.seq);
@@ -910,23 +981,27 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
       if (!ps.ok()) {
         return absl::Status(ps.code(), absl::StrCat("batch item ", b, ": ", ps.message()));
       }
-      if (it.plan->policy == SelectionPolicy::kPrhs) {
+      if (SelectsOnDevice(it.plan)) {
         if (it.n != 1 || it.telemetry == nullptr) {
           return absl::InvalidArgumentError(absl::StrCat(
-              "batch item ", b, ": a prhs plan needs a single-token (decode) item and telemetry"));
+              "batch item ", b, ": a ", it.plan->policy_name,
+              " plan needs a single-token (decode) item and telemetry"));
         }
+        use_prhs = true;
+        per_head |= PerHeadK(*it.plan);
+      }
+      if (it.plan->policy == SelectionPolicy::kPrhs) {
         if (prhs_ref == nullptr) {
           prhs_ref = it.plan;
         } else {
           for (int l = 0; l < c.num_hidden_layers; ++l) {
             const LayerSelectionPlan &x = prhs_ref->layers[l], &y = it.plan->layers[l];
-            if (x.sink != y.sink || x.local != y.local || x.tau != y.tau ||
-                x.max_reuse != y.max_reuse || x.dilate_r != y.dilate_r ||
+            if (x.tau != y.tau || x.max_reuse != y.max_reuse || x.dilate_r != y.dilate_r ||
                 x.dilate_m_fraction != y.dilate_m_fraction) {
               return absl::InvalidArgumentError(absl::StrCat(
                   "batch item ", b, ": its prhs plan's layer ", l,
-                  " sink/local/tau/max_reuse/dilation differ from another item's in the same "
-                  "step (run such sequences in separate steps)"));
+                  " tau/max_reuse/dilation differ from another item's in the same step (run "
+                  "such sequences in separate steps)"));
             }
           }
         }
@@ -953,11 +1028,10 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     return absl::InvalidArgumentError(absl::StrCat("step has ", total, " tokens (max 2^24)"));
   }
   const bool fast_decode = all_single && FastDecodeKernel();
-  const bool use_prhs = prhs_ref != nullptr;
   if (use_prhs && (!fast_decode || selection != nullptr || uninitialized)) {
     return absl::InvalidArgumentError(
-        "prhs plans need a step of single-token items on the fast decode kernel and no "
-        "CudaKvSelection (run prefill chunks in a separate step)");
+        "prhs / oracle / streaming plans need a step of single-token items on the fast decode "
+        "kernel and no CudaKvSelection (run prefill chunks in a separate step)");
   }
   if (selection != nullptr) {
     if (!fast_decode) {
@@ -986,23 +1060,26 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
   if (use_prhs) {
     int stride = prhs_stride;
     for (const ItemDesc& it : items) {
-      if (it.plan == nullptr || it.plan->policy != SelectionPolicy::kPrhs) continue;
+      if (!HasSelectionState(it.plan)) continue;
+      const bool prhs = it.plan->policy == SelectionPolicy::kPrhs;
+      const int heads = PerHeadK(*it.plan) ? Hkv() : 1;
       const int64_t len = seqs[it.seq].length + 1;
       for (int l = 0; l < NL; ++l) {
         const LayerSelectionPlan& lp = it.plan->layers[l];
         for (const int64_t t : {len, static_cast<int64_t>(max_context)}) {
-          const int64_t k = std::clamp<int64_t>(it.plan->TopK(l, t), 0, max_context);
-          const int64_t m = static_cast<int64_t>(lp.dilate_m_fraction * static_cast<double>(k));
-          stride = static_cast<int>(
-              std::max<int64_t>(stride, std::min<int64_t>(k + 2 * lp.dilate_r * m, max_context)));
+          for (int h = 0; h < heads; ++h) {
+            const int64_t k = DeviceTopK(*it.plan, l, t, heads > 1 ? h : -1, max_context);
+            const int64_t m =
+                prhs ? static_cast<int64_t>(lp.dilate_m_fraction * static_cast<double>(k)) : 0;
+            stride = static_cast<int>(std::max<int64_t>(
+                stride, std::min<int64_t>(k + 2 * lp.dilate_r * m, max_context)));
+          }
         }
       }
     }
     RETURN_IF_ERROR(GrowPrhsPools(prhs_slots, std::max(64, (stride + 63) / 64 * 64)));
     for (const ItemDesc& it : items) {
-      if (it.plan != nullptr && it.plan->policy == SelectionPolicy::kPrhs) {
-        RETURN_IF_ERROR(AcquirePrhsSlot(&seqs[it.seq]));
-      }
+      if (HasSelectionState(it.plan)) RETURN_IF_ERROR(AcquirePrhsSlot(&seqs[it.seq]));
     }
   }
 
@@ -1055,6 +1132,10 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
       Sequence& s = seqs[items[b].seq];
       s.length += items[b].n;
       s.page_table = std::move(tables[b]);
+      const SelectionPlan* pp = items[b].plan;
+      if (use_prhs && pp != nullptr && pp->policy == SelectionPolicy::kQuest) {
+        s.quest_seen = s.length;  // this step folded every position into the bounds
+      }
     }
   };
   if (uninitialized) {
@@ -1075,33 +1156,87 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
                o_indices = append(page_indices);
   // PrHS: per layer and item the kernels' k (-1 = attend densely: a dense item, or a budget
   // that covers the sequence, as PrhsSelector), the items' state slots, and bounds on the lists.
-  std::vector<int32_t> topk_tab, slot_tab;
+  // Per item its mode (kCis / kExact / kWindow) and per layer its sink and local window: PrHS
+  // the plan's; the oracle none (candidates [0, t), the list is its top-k); streaming the plan's
+  // sink and a window of max(B(t), sink + 1) − sink (StreamingSelector).
+  std::vector<int32_t> topk_tab, slot_tab, mode_tab, sink_tab, local_tab;
   int64_t index_capacity = 0;
   int max_list = 1;
+  const int topk_cols = per_head ? B * Hkv() : B;
   if (use_prhs) {
-    topk_tab.assign(static_cast<size_t>(NL) * B, -1);
+    topk_tab.assign(static_cast<size_t>(NL) * topk_cols, -1);
     slot_tab.assign(B, 0);
+    mode_tab.assign(B, kernels::kPrhsModeCis);
+    sink_tab.assign(static_cast<size_t>(NL) * B, 0);
+    local_tab.assign(static_cast<size_t>(NL) * B, 0);
     for (int b = 0; b < B; ++b) {
       const ItemDesc& it = items[b];
       const int t = seq_lens[b];
       int bound = t;
-      if (it.plan != nullptr && it.plan->policy == SelectionPolicy::kPrhs) {
-        slot_tab[b] = seqs[it.seq].prhs_slot;
-        if (it.plan->Budget(t) < t) {
-          int fixed = 0;
+      if (SelectsOnDevice(it.plan)) {
+        const SelectionPlan& plan = *it.plan;
+        const bool heads = PerHeadK(plan);
+        if (HasSelectionState(it.plan)) slot_tab[b] = seqs[it.seq].prhs_slot;
+        int fixed = 0;
+        for (int l = 0; l < NL; ++l) {
+          const LayerSelectionPlan& lp = plan.layers[l];
+          const size_t lb = static_cast<size_t>(l) * B + b;
+          if (plan.policy == SelectionPolicy::kPrhs) {
+            sink_tab[lb] = lp.sink;
+            local_tab[lb] = lp.local;
+          } else if (plan.policy == SelectionPolicy::kStreaming) {
+            sink_tab[lb] = lp.sink;
+            local_tab[lb] = static_cast<int32_t>(std::min<int64_t>(
+                std::max<int64_t>(plan.Budget(t), lp.sink + 1) - lp.sink, max_context));
+          }
+          fixed = std::max(fixed, sink_tab[lb] + local_tab[lb]);
+        }
+        const bool dense_row = plan.policy == SelectionPolicy::kQuest
+                                   ? QuestDense(plan, t, page_size)
+                                   : plan.Budget(t) >= t;
+        if (plan.policy == SelectionPolicy::kStreaming) {
+          mode_tab[b] = kernels::kPrhsModeWindow;
           for (int l = 0; l < NL; ++l) {
-            topk_tab[static_cast<size_t>(l) * B + b] = static_cast<int32_t>(
-                std::clamp<int64_t>(it.plan->TopK(l, t), 0, max_context));
-            fixed = std::max(fixed, it.plan->layers[l].sink + it.plan->layers[l].local);
+            for (int h = 0; h < (per_head ? Hkv() : 1); ++h) {
+              topk_tab[static_cast<size_t>(l) * topk_cols + (per_head ? b * Hkv() + h : b)] = 0;
+            }
+          }
+          bound = std::min(t, fixed);
+        } else if (!dense_row) {  // else dense rows, as the CPU selectors
+          if (plan.policy == SelectionPolicy::kOracle) mode_tab[b] = kernels::kPrhsModeExact;
+          if (plan.policy == SelectionPolicy::kQuest) mode_tab[b] = kernels::kPrhsModePages;
+          for (int l = 0; l < NL; ++l) {
+            for (int h = 0; h < (per_head ? Hkv() : 1); ++h) {
+              topk_tab[static_cast<size_t>(l) * topk_cols + (per_head ? b * Hkv() + h : b)] =
+                  static_cast<int32_t>(DeviceTopK(plan, l, t, heads ? h : -1, max_context));
+            }
           }
           bound = static_cast<int>(std::min<int64_t>(t, int64_t{fixed} + prhs_stride));
+          if (plan.policy == SelectionPolicy::kQuest) {
+            bound = static_cast<int>(std::min<int64_t>(t, int64_t{page_size} * prhs_stride));
+          }
         }
       }
       index_capacity += static_cast<int64_t>(Hkv()) * bound;
       max_list = std::max(max_list, bound);
     }
   }
-  const size_t o_topk = append(topk_tab), o_state_slot = append(slot_tab);
+  const size_t o_topk = append(topk_tab), o_state_slot = append(slot_tab),
+               o_mode = append(mode_tab), o_sink = append(sink_tab), o_local = append(local_tab);
+  // Quest: per item the first logical page whose bounds this step recomputes (the page of the
+  // first position not folded at its last quest step; none for other items).
+  bool use_quest = false;
+  size_t o_bounds_from = 0;
+  if (use_prhs) {
+    std::vector<int32_t> from(B, INT32_MAX);
+    for (int b = 0; b < B; ++b) {
+      const SelectionPlan* pp = items[b].plan;
+      if (pp == nullptr || pp->policy != SelectionPolicy::kQuest) continue;
+      from[b] = seqs[items[b].seq].quest_seen / page_size;
+      use_quest = true;
+    }
+    if (use_quest) o_bounds_from = append(from);
+  }
   // PSAW: the prefill band per [layer][item] (f64 drop fraction, packed as int32 pairs at an
   // 8-byte aligned offset, then int32 sinks; f = 0 for items without a band), and for PrHS
   // decode the candidates' lower bound cand_lo[layer][item] = (int64) (f · t), as PrhsSelector.
@@ -1259,7 +1394,9 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     sp.d_page_indices = d_indices;
     sp.d_seq_lens = d_lens;
     sp.d_topk = dm + o_topk;
+    sp.topk_per_head = per_head;
     sp.d_state_slot = dm + o_state_slot;
+    sp.d_mode = dm + o_mode;
     sp.anchor_stride = prhs_stride;
     sp.index_capacity = std::max<int64_t>(index_capacity, 1);
     st = EnsureBuffer(&prhs_out, sel_out_elems * sizeof(int32_t), "PrHS step outputs");
@@ -1287,6 +1424,12 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     if (!st.ok()) return give_back(st);
     sp.d_workspace = prhs_ws.as<void>();
     sp.workspace_bytes = prhs_ws.bytes();
+    if (use_quest) {
+      st = EnsureBuffer(&quest_bounds, static_cast<size_t>(NL) * QuestBoundsPerLayer() * kBf16,
+                        "Quest page bounds");
+      if (!st.ok()) return give_back(st);
+      sp.d_bounds_from = dm + o_bounds_from;
+    }
   }
 
   // ---- Forward.
@@ -1334,16 +1477,22 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
           dp.d_index_indices = selection->d_indices[sl];
         } else if (use_prhs) {
           // CIS gate -> refresh scoring -> top-k + dilation + δ -> CSR lists, for this layer.
-          const LayerSelectionPlan& lp = prhs_ref->layers[l];
-          sp.sink = lp.sink;
-          sp.local = lp.local;
+          // The CIS scalars of the step's PrHS items (they agree; kExact / kWindow rows ignore
+          // them); sink and local per item.
+          static const LayerSelectionPlan kUnused;
+          const LayerSelectionPlan& lp = prhs_ref != nullptr ? prhs_ref->layers[l] : kUnused;
           sp.tau = static_cast<float>(lp.tau);
           sp.max_reuse = lp.max_reuse;
-          sp.dilate_r = lp.dilate_r;
+          sp.dilate_r = std::min(lp.dilate_r, 64);
           sp.dilate_m_fraction = lp.dilate_m_fraction;
+          sp.d_sink = dm + o_sink + static_cast<size_t>(l) * B;
+          sp.d_local = dm + o_local + static_cast<size_t>(l) * B;
           sp.d_q = dq;
           sp.d_k_pool = KPool(l);
-          sp.d_topk = dm + o_topk + static_cast<size_t>(l) * B;
+          sp.d_page_bounds = use_quest ? quest_bounds.as<uint16_t>() +
+                                             static_cast<size_t>(l) * QuestBoundsPerLayer()
+                                       : nullptr;
+          sp.d_topk = dm + o_topk + static_cast<size_t>(l) * topk_cols;
           sp.d_cand_lo = use_cand_lo ? dm + o_cand_lo + static_cast<size_t>(l) * B : nullptr;
           const size_t state_row0 = static_cast<size_t>(l) * prhs_slots * Hkv();
           sp.d_anchor_q = prhs_anchor_q.as<uint16_t>() + state_row0 * (Hq() / Hkv()) * HD();
@@ -1457,11 +1606,14 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     }
     rec.batch = B;
     rec.telemetry.assign(B, nullptr);
+    rec.policy.assign(B, SelectionPolicy::kDense);
     for (int b = 0; b < B; ++b) {
-      if (items[b].plan != nullptr && items[b].plan->policy == SelectionPolicy::kPrhs) {
+      if (SelectsOnDevice(items[b].plan)) {
         rec.telemetry[b] = items[b].telemetry;
+        rec.policy[b] = items[b].plan->policy;
       }
     }
+    rec.per_head = per_head;
     rec.topk = topk_tab;
     rec.lens = seq_lens;
     prhs_pending.push_back(std::move(rec));

@@ -23,8 +23,10 @@
 // for head_dim 64 / 128 (CudaModelOptions::tiled_prefill, default on) and the simple exact paged
 // prefill kernel otherwise (worker/kernels/prefill_attention.h).
 //
-// PrHS decode on the device: a decode item may carry its sequence's SelectionPlan (policy dense
-// or prhs / prhs-budget-matched). Per layer, after Q and K are produced, the selection kernels
+// PrHS decode on the device: a decode item may carry its sequence's SelectionPlan (policy dense,
+// prhs / prhs-budget-matched, also with a δ target, oracle, streaming or quest; the baselines
+// run as per-sequence modes of the same kernels: docs/kernels.md, "PrHS decode in the model").
+// Per layer, after Q and K are produced, the selection kernels
 // (worker/kernels/selection_prhs.h) run the CIS gate, exact refresh scoring + top-k + dilation +
 // δ for the rows whose gate fired, and build the CSR lists (sink ∪ selected ∪ local) that the
 // token-sparse decode kernel reads — the same algorithm as the CPU PrhsSelector. The CIS state
@@ -42,9 +44,10 @@
 // refresh candidates below by floor(f_l · t), as PrhsSelector.
 //
 // Not supported (refused by SupportsPlan or not offered): ETF prefill plans; the CPU-only CIS
-// options gqa_max, gate_unrotated and follow; policies other than dense and prhs; the δ-controller (per-kv-head budgets); head_dim > 256; fp16 weights; more than one
-// GPU. The PrHS items of one step must share the per-layer CIS scalars (the kernels take one
-// value per layer for the batch); CudaBackend runs differing ones as separate forwards.
+// options gqa_max, gate_unrotated and follow; the h2o and hshare policies; head_dim > 256;
+// fp16 weights; more than one GPU. The PrHS items of one step must share the per-layer τ,
+// max_reuse and dilation (the kernels take one value per layer for the batch; sink, local and k
+// are per sequence); CudaBackend runs differing ones as separate forwards.
 //
 // Thread-safety: a CudaModel is driven by one thread at a time.
 #ifndef PREHOC_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_
@@ -122,13 +125,12 @@ class CudaModel {
   // Needs no device.
   static absl::Status Supports(const ModelConfig& config, int page_size);
   // OK when decode steps can run `plan` on the device exactly as the CPU engine would (its
-  // PrhsSelector), and prefills can apply it (the PSAW band; not ETF). Errors:
-  // UNIMPLEMENTED naming a policy other than dense / prhs / prhs-budget-matched, or a δ target
-  // (the δ-controller sets per-kv-head budgets; the kernels take one k per sequence);
+  // PrhsSelector, OracleSelector, StreamingSelector or QuestSelector; δ targets included), and
+  // prefills can apply it (the PSAW band; not ETF). Errors: UNIMPLEMENTED naming h2o or hshare;
   // INVALID_ARGUMENT naming a plan field the GPU path lacks (ETF, gqa_max, gate_unrotated,
-  // follow, k scales, dilate_r > 64, a layer count that does not match) or a model shape the
-  // selection kernels do not take (head_dim other than 64 / 128, page_size other than 16, more
-  // than 8 query heads per kv head).
+  // follow, the CPU-only share-step options, dilate_r > 64, negative k scales, a layer count
+  // that does not match) or a model shape the selection kernels do not take (head_dim other than
+  // 64 / 128, page_size other than 16, more than 8 query heads per kv head).
   // Needs no device.
   static absl::Status SupportsPlan(const ModelConfig& config, int page_size,
                                    const SelectionPlan& plan);
@@ -170,7 +172,7 @@ class CudaModel {
     bool all_logits = false;          // logits for every new token instead of only the last
     // Decode-time selection for this sequence (single-token items only; see "PrHS decode" at
     // the top): the plan (not owned; must pass SupportsPlan; null = dense) and the telemetry
-    // the step's selection results are added to (not owned; required with a prhs plan).
+    // the step's selection results are added to (not owned; required with a non-dense plan).
     const SelectionPlan* plan = nullptr;
     SelectionTelemetry* telemetry = nullptr;
     // Prefill-time selection (not owned; null = dense prefill; must pass SupportsPlan): PSAW's
@@ -182,8 +184,8 @@ class CudaModel {
   // ([n, vocab] row-major); causal = false attends to the whole sequence (diffusion LMs).
   // `greedy` (optional) receives the device argmax of every returned logits row, in order.
   // `selection` (optional) applies to steps whose items are all single tokens and that run on the
-  // fast decode kernel; INVALID_ARGUMENT otherwise. Items with a prhs plan need the same kind of
-  // step (INVALID_ARGUMENT otherwise: callers run prefill chunks in a separate step) and no
+  // fast decode kernel; INVALID_ARGUMENT otherwise. Items with a non-dense plan need the same
+  // kind of step (INVALID_ARGUMENT otherwise: callers run prefill chunks in a separate step) and no
   // `selection`; the PrHS items of one step must agree on the per-layer CIS scalars (they do
   // when every plan passed SupportsPlan). Their telemetry is complete when Step returns. Synchronous. Errors leave every sequence
   // unchanged: INVALID_ARGUMENT (empty item, token outside [0, vocab), unknown or repeated

@@ -32,11 +32,11 @@ absl::Status CudaModel::Supports(const ModelConfig& c, int page_size) {
 
 absl::Status CudaModel::SupportsPlan(const ModelConfig& c, int page_size,
                                      const SelectionPlan& plan) {
-  if (plan.policy != SelectionPolicy::kDense && plan.policy != SelectionPolicy::kPrhs) {
+  if (plan.policy == SelectionPolicy::kH2O || plan.policy == SelectionPolicy::kHShare) {
     return absl::UnimplementedError(absl::StrCat(
         "sparsity.policy: '", plan.policy_name,
-        "' is not implemented on the CUDA backend (it runs dense, prhs and "
-        "prhs-budget-matched); use --device=cpu for it"));
+        "' is not implemented on the CUDA backend (it runs dense, prhs, prhs-budget-matched, "
+        "oracle, streaming and quest); use --device=cpu for it"));
   }
   if (plan.layers.size() != static_cast<size_t>(c.num_hidden_layers)) {
     return absl::InvalidArgumentError(absl::StrCat("sparsity: plan has ", plan.layers.size(),
@@ -69,30 +69,34 @@ absl::Status CudaModel::SupportsPlan(const ModelConfig& c, int page_size,
     }
   }
   if (plan.policy == SelectionPolicy::kDense) return absl::OkStatus();
-  if (plan.target_delta > 0) {
-    return absl::UnimplementedError(
-        "sparsity.target_delta: the delta-controller is not implemented on the CUDA backend (it "
-        "sets per-kv-head budgets; the GPU selection takes one k per sequence and layer); set "
-        "sparsity.budget instead, or use --device=cpu");
-  }
+  // δ targets run: the controller's per-kv-head k scales (head_k_scale) and layer k_scale become
+  // per-(sequence, layer, kv head) k in the selection kernels; its per-layer τ splits a batch
+  // whose plans disagree into separate forwards (CudaBackend).
   for (size_t l = 0; l < plan.layers.size(); ++l) {
     const LayerSelectionPlan& lp = plan.layers[l];
-    if (lp.dilate_r > 64 || lp.k_scale != 1.0 || !lp.head_k_scale.empty()) {
+    bool bad_scale = !(lp.k_scale >= 0);
+    for (double s : lp.head_k_scale) bad_scale |= !(s >= 0);
+    if (plan.policy == SelectionPolicy::kPrhs && lp.dilate_r > 64) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "sparsity: layer ", l, " has dilate_r=", lp.dilate_r, " k_scale=", lp.k_scale,
-          " and ", lp.head_k_scale.size(),
-          " per-head scales; the CUDA backend needs dilate_r <= 64, k_scale 1, no per-head scales"));
+          "sparsity: layer ", l, " has dilate_r=", lp.dilate_r,
+          "; the CUDA backend needs dilate_r <= 64"));
+    }
+    if (bad_scale) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sparsity: layer ", l, " has a negative or NaN k scale"));
     }
   }
   if (page_size != 16 || (c.head_dim != 64 && c.head_dim != 128)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "sparsity.policy: prhs on the CUDA backend needs head_dim 64 or 128 and page_size 16 "
-        "(model has head_dim ", c.head_dim, ", page_size ", page_size, ")"));
+        "sparsity.policy: ", plan.policy_name,
+        " on the CUDA backend needs head_dim 64 or 128 and page_size 16 (model has head_dim ",
+        c.head_dim, ", page_size ", page_size, ")"));
   }
   if (c.num_attention_heads / c.num_key_value_heads > 8) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "sparsity.policy: prhs on the CUDA backend needs at most 8 query heads per kv head (model "
-        "has ", c.num_attention_heads / c.num_key_value_heads, ")"));
+        "sparsity.policy: ", plan.policy_name,
+        " on the CUDA backend needs at most 8 query heads per kv head (model has ",
+        c.num_attention_heads / c.num_key_value_heads, ")"));
   }
   return absl::OkStatus();
 }
