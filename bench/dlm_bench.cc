@@ -6,6 +6,7 @@
 //             [--prompt=1000] [--gen=256] [--block=32] [--steps=256] [--parallel-steps=64]
 //             [--runs=1/*,16/dual] [--reps=3] [--gemm-tune=0|1] [--kernel-profile=0|1]
 //             [--skinny-gemm=0|1] [--cuda-graphs=0|1] [--fused=0|1] [--phases=0|1]
+//             [--fused-attention=0|1]
 //             [--json=PATH]
 //
 // Shape: LLaDA-8B's config.json (GSAI-ML/LLaDA-8B-Instruct) parsed by our LLaDA reader
@@ -33,8 +34,9 @@
 // which costs what threshold decoding committing as many tokens per step would.
 // Phase times come from CUDA events inside the forward (CudaDlmOptions::profile; --phases=1, the
 // default). CUDA graphs are not used while those events are on, so measure --cuda-graphs=1 with
-// --phases=0. --cuda-graphs / --fused (fused_row_ops) / --skinny-gemm set those CudaDlmOptions
-// (defaults: on / on / off); running the benchmark with 0 and 1 compares them in one session.
+// --phases=0. --cuda-graphs / --fused (fused_row_ops) / --skinny-gemm / --fused-attention set
+// those CudaDlmOptions (defaults: on / on / off / on); running the benchmark with 0 and 1
+// compares them in one session.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -89,6 +91,7 @@ struct Args {
   int skinny_gemm = 0;  // CudaDlmOptions::skinny_gemm (opt-in)
   int cuda_graphs = 1;  // CudaDlmOptions::cuda_graphs (only effective with --phases=0)
   int fused = 1;        // CudaDlmOptions::fused_row_ops
+  int fused_attention = 1;  // CudaDlmOptions::fused_attention
   int phases = 1;       // CudaDlmOptions::profile
 };
 
@@ -318,6 +321,7 @@ int Main(int argc, char** argv) {
     else if (key == "--cuda-graphs") ok = one(&a.cuda_graphs);
     else if (key == "--phases") ok = one(&a.phases);
     else if (key == "--fused") ok = one(&a.fused);
+    else if (key == "--fused-attention") ok = one(&a.fused_attention);
     else ok = false;
     if (!ok) {
       std::fprintf(stderr, "dlm_bench: bad argument '%s' (see the file comment)\n", arg.c_str());
@@ -344,6 +348,7 @@ int Main(int argc, char** argv) {
     o.skinny_gemm = a.skinny_gemm != 0;
     o.cuda_graphs = a.cuda_graphs != 0;
     o.fused_row_ops = a.fused != 0;
+    o.fused_attention = a.fused_attention != 0;
     o.gemm_tune = a.gemm_tune != 0;
     o.profile_kernels = a.kernel_profile != 0;
     auto m = CudaDlmModel::Create(o);
@@ -395,6 +400,7 @@ int Main(int argc, char** argv) {
                         {"gemm_tune", a.gemm_tune}, {"kernel_profile", a.kernel_profile},
                         {"skinny_gemm", a.skinny_gemm}, {"cuda_graphs", a.cuda_graphs},
                         {"fused_row_ops", a.fused}, {"phases", a.phases},
+                        {"fused_attention", a.fused_attention},
                         {"results", nlohmann::json::array()}};
   auto save = [&] {
     if (a.json.empty()) return;

@@ -137,6 +137,7 @@ struct CudaDlmModel::Impl {
   bool skinny = false;
   int num_sms = 0;
   bool fused = true;  // CudaDlmOptions::fused_row_ops
+  bool fused_attn = true;  // CudaDlmOptions::fused_attention
   // CudaDlmOptions::cuda_graphs: executable graphs by step key, and how often each key was seen
   // (captured at the second sighting).
   bool graphs = false;
@@ -160,6 +161,7 @@ struct CudaDlmModel::Impl {
 
   // Workspaces.
   Grow x, h, hs, small, cosv, sel, inv, kv, qf, qb, ob, a, h2, gu, act, s, p, logits, top1, prob;
+  Grow attn_work;  // fused attention: the key splits' partial results
   Grow meta;
   std::vector<char> host_meta;
   char* pinned = nullptr;
@@ -411,13 +413,15 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
   // Attention groups per layer: requests with the same (canvas rows, |Q|), in request order.
   struct Group {
     int N = 0, m = 0, count = 0;  // count = requests · Hq
+    int splits = 0;               // > 0: fused attention with this many key splits
     std::vector<int> reqs;
     size_t ptr_off = 0;           // index of its first pointer in the pointer block
     size_t s_off = 0;             // element offset of its scores
   };
   std::vector<std::vector<Group>> groups(NL);
   std::vector<std::vector<int>> qoff(NL, std::vector<int>(B + 1, 0));
-  size_t s_max = 0, n_ptrs = 0;
+  size_t s_max = 0, n_ptrs = 0, work_max = 0;
+  const bool attn_fusable = fused_attn && (hd() == 64 || hd() == 128);
   for (int l = 0; l < NL; ++l) {
     for (int b = 0; b < B; ++b) qoff[l][b + 1] = qoff[l][b] + mq[l][b];
     std::map<std::pair<int, int>, std::vector<int>> by_shape;
@@ -434,7 +438,12 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       g.ptr_off = n_ptrs;
       g.s_off = s_used;
       n_ptrs += 6 * static_cast<size_t>(g.count);
-      s_used += static_cast<size_t>(g.count) * g.m * g.N;
+      if (attn_fusable && g.m <= k::kDlmAttnMaxRows) {
+        g.splits = k::DlmAttentionSplits(g.count, g.N, num_sms);
+        work_max = std::max(work_max, k::DlmAttentionWorkFloats(g.count, g.m, hd(), g.splits));
+      } else {
+        s_used += static_cast<size_t>(g.count) * g.m * g.N;
+      }
       groups[l].push_back(std::move(g));
     }
     s_max = std::max(s_max, s_used);
@@ -460,6 +469,7 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
   RETURN_IF_ERROR(act.Reserve(mm * F() * 2, "act"));
   RETURN_IF_ERROR(s.Reserve(std::max<size_t>(s_max, 1) * 4, "scores"));
   RETURN_IF_ERROR(p.Reserve(std::max<size_t>(s_max, 1) * 2, "probabilities"));
+  RETURN_IF_ERROR(attn_work.Reserve(std::max<size_t>(work_max, 1) * 4, "attention partials"));
   RETURN_IF_ERROR(logits.Reserve(std::max<size_t>(nl, 1) * V * 4, "logits"));
   RETURN_IF_ERROR(top1.Reserve(std::max<size_t>(nl, 1) * 4, "top1"));
   RETURN_IF_ERROR(prob.Reserve(std::max<size_t>(nl, 1) * 4, "prob"));
@@ -711,27 +721,47 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
         kp.k_col = 0;
         kp.v_col = -1;
       }
-      DLM_CUDA(k::DlmKvScatter(kp, stream));
-      RETURN_IF_ERROR(tick("kv_rope_scatter"));
+      if (fuse_qkv) {  // Q RoPE + K/V scatter of the same rows: one launch
+        DLM_CUDA(k::DlmQkvRopeScatter(kp, Hq(), Lw.bq, qb.as<uint16_t>(), stream));
+        RETURN_IF_ERROR(tick("qkv_rope_scatter"));
+      } else {
+        DLM_CUDA(k::DlmKvScatter(kp, stream));
+        RETURN_IF_ERROR(tick("kv_rope_scatter"));
+      }
       if (l >= 1) RETURN_IF_ERROR(mark(ev(l, 1)));
 
       // Q, attention over every canvas row, O, MLP for the recomputed rows.
       if (m > 0) {
-        if (fuse_qkv) {
-          DLM_CUDA(k::DlmRopeQ(kv.as<float>(), qkv_w, Lw.bq, d_sel, d_row, m, Hq(), hd(),
-                               inv_freq, qb.as<uint16_t>(), stream));
-        } else {
+        if (!fuse_qkv) {
           RETURN_IF_ERROR(Gemm(h_q, m, Dm, Lw.wqkv, Q, qf.as<float>()));
           RETURN_IF_ERROR(tick("q_gemm"));
           DLM_CUDA(k::DlmRopeQ(qf.as<float>(), 0, Lw.bq, d_sel, d_row, m, Hq(), hd(), inv_freq,
                                qb.as<uint16_t>(), stream));
+          RETURN_IF_ERROR(tick("q_rope"));
         }
-        RETURN_IF_ERROR(tick("q_rope"));
         RETURN_IF_ERROR(mark(ev(l, 2)));
         const float scale = 1.0f / std::sqrt(static_cast<float>(hd()));
         const float one = 1.0f, zero = 0.0f;
         for (const Group& g : groups[l]) {
           const void* const* P6 = d_ptrs + g.ptr_off;
+          if (g.splits > 0) {
+            k::DlmAttentionParams ap;
+            ap.count = g.count;
+            ap.m = g.m;
+            ap.n_keys = g.N;
+            ap.head_dim = hd();
+            ap.ldq = Q;
+            ap.splits = g.splits;
+            ap.scale = scale;
+            ap.d_k = P6;
+            ap.d_q = P6 + g.count;
+            ap.d_v = P6 + 3 * g.count;
+            ap.d_o = const_cast<void* const*>(P6 + 5 * g.count);
+            ap.d_work = attn_work.as<float>();
+            DLM_CUDA(k::DlmFewRowsAttention(ap, stream));
+            RETURN_IF_ERROR(tick("attn_fused"));
+            continue;
+          }
           // S (row-major [m][N] per head) = scale · Q Kᵀ:
           // column-major N × m = Kᵀ(N×hd) · Q(hd×m).
           DLM_CUBLAS(cublasGemmBatchedEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, g.N, g.m, hd(), &scale,
@@ -777,7 +807,6 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       }
       RETURN_IF_ERROR(mark(ev(l, 4)));
     }
-
     return absl::OkStatus();
   };
   // Final norm + LM head + top-1 on the logit rows: never captured, so that the graph of a step
@@ -815,7 +844,7 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
     }
     for (int l = 0; l < NL; ++l) key.insert(key.end(), mq[l].begin(), mq[l].end());
     for (const Grow* g : {&x, &h, &hs, &small, &cosv, &sel, &inv, &kv, &qf, &qb, &ob, &a, &h2,
-                          &gu, &act, &s, &p, &meta}) {
+                          &gu, &act, &s, &p, &attn_work, &meta}) {
       key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(g->ptr)));
     }
     auto found = graph_exec.find(key);
@@ -999,11 +1028,13 @@ absl::StatusOr<std::unique_ptr<CudaDlmModel>> CudaDlmModel::Create(const CudaDlm
   m.profile_kernels = o.profile_kernels;
   m.graphs = o.cuda_graphs;
   m.fused = o.fused_row_ops;
+  m.fused_attn = o.fused_attention;
   {
     cudaDeviceProp dp;
     DLM_CUDA(cudaGetDeviceProperties(&dp, o.device));
     m.num_sms = dp.multiProcessorCount;
     m.skinny = o.skinny_gemm && dp.major >= 9;  // thread-block clusters
+    m.fused_attn = m.fused_attn && dp.major >= 8;  // bf16 mma.sync
   }
   // A workspace of our own (cuBLAS's default size on Hopper), so that captured GEMMs never
   // allocate.

@@ -18,9 +18,10 @@
 //       (DlmSelectSmallest) → the recomputed rows Q; otherwise Q = all live rows;
 //     K/V GEMM on the rows whose K/V are recomputed (all live rows or Q), RoPE, scatter into the
 //       cache; Q GEMM + RoPE on Q;
-//     attention of Q over every canvas row of its request (bidirectional): cuBLAS batched GEMMs
-//       S = scale·Q Kᵀ (f32), softmax → P (bf16), O = P V (bf16), one batched call per group of
-//       requests with the same (canvas rows, |Q|);
+//     attention of Q over every canvas row of its request (bidirectional), one call per group of
+//       requests with the same (canvas rows, |Q|): for |Q| <= 64 the fused few-rows kernel
+//       (DlmFewRowsAttention, fused_attention), otherwise cuBLAS batched GEMMs S = scale·Q Kᵀ
+//       (f32), softmax → P (bf16), O = P V (bf16);
 //     O GEMM, x + a → RMSNorm → gate/up GEMM → SiLU·up → down GEMM accumulated onto a, so
 //       a = δ; every live row: x += δ (fresh for Q, stored; cached otherwise);
 //   final RMSNorm + LM head GEMM on the logit rows only; top-1 + probability on the device (or
@@ -107,9 +108,15 @@ struct CudaDlmOptions {
   bool cuda_graphs = true;
   // Fewer launches per layer: one GEMM over wqkv's contiguous Q|K|V rows when K/V are
   // recomputed for exactly the Q rows (every policy but spa's reference "K/V of all response
-  // rows"; dllm: Q|K), and the residual update fused with the next layer's input RMSNorm
-  // (DlmResidualRmsNorm). Off: the separate Q and K/V GEMMs and norm kernels.
+  // rows"; dllm: Q|K) and then its Q RoPE and K/V scatter in one launch (DlmQkvRopeScatter),
+  // and the residual update fused with the next layer's input RMSNorm (DlmResidualRmsNorm).
+  // Off: the separate Q and K/V GEMMs, RoPE / scatter and norm kernels.
   bool fused_row_ops = true;
+  // Attention of a group of requests with at most kDlmAttnMaxRows (64) recomputed rows each
+  // (the cached steps) in one fused tensor-core kernel (DlmFewRowsAttention: S and P stay on
+  // chip, keys split over CTAs) instead of cuBLAS batched QKᵀ → softmax → PV through memory;
+  // head_dim 64 or 128. Larger groups (full and response-refresh steps) keep the cuBLAS path.
+  bool fused_attention = true;
 };
 
 class CudaDlmModel : public DlmBackend {

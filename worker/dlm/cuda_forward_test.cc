@@ -277,9 +277,10 @@ TEST(CudaDlmTest, DecoderMatchesCpu) {
 // GEMM"): per policy, a full step and then five cached steps of one shape with the canvas
 // changing between them (so a graph is captured at the second and replayed with new tokens
 // afterwards; the logit rows shrink every step, as in a decode), on four models from the same
-// weights: the unfused cuBLAS path of before (ref), fused row ops eager (fu), fused + graphs
-// (gr), fused + graphs + skinny GEMM (sk). Graph replay
-// must equal eager execution bit for bit (same kernels, same order). The other paths sum in
+// weights: the unfused cuBLAS path of before (ref: separate Q and K/V GEMMs, cuBLAS attention),
+// fused row ops + fused few-rows attention eager (fu), fused + graphs (gr), fused + graphs +
+// skinny GEMM (sk). Graph replay must equal eager execution bit for bit (same kernels, same
+// order). The other paths sum in
 // another order, so they are compared within rounding where the rows recomputed are fixed (dual,
 // prefix, none); for spa / dllm a rounding difference may flip a near-tie of the selection, so
 // those differences are only reported (StepsMatchCpuPerPolicy checks every policy with all rows
@@ -290,19 +291,22 @@ TEST(CudaDlmTest, FastPathsMatchEager) {
     CudaDlmOptions o;
     o.model = Cpu();
     o.fused_row_ops = fused;
+    o.fused_attention = fused;
     o.cuda_graphs = graphs;
     o.skinny_gemm = skinny;
     auto m = CudaDlmModel::Create(o);
     EXPECT_TRUE(m.ok()) << m.status();
     return m.ok() ? std::move(*m) : nullptr;
   };
-  std::unique_ptr<CudaDlmModel> models[4] = {make(false, false, false), make(true, false, false),
-                                             make(true, true, false), make(true, true, true)};
-  const char* names[4] = {"ref", "fused", "fused+graphs", "fused+graphs+skinny"};
+  constexpr int kModels = 4;
+  std::unique_ptr<CudaDlmModel> models[kModels] = {make(false, false, false),
+                                                   make(true, false, false),
+                                                   make(true, true, false), make(true, true, true)};
+  const char* names[kModels] = {"ref", "fused", "fused+graphs", "fused+graphs+skinny"};
   for (const auto& m : models) ASSERT_TRUE(m != nullptr);
   const ModelConfig& c = Cpu()->config();
   const int NL = c.num_hidden_layers, V = c.vocab_size, mask = Cpu()->mask_id();
-  double worst[4] = {0, 0, 0, 0};
+  double worst[kModels] = {0, 0, 0, 0};
   for (const std::string policy : {"spa", "spa_kv_sel", "dual", "dllm", "prefix", "none"}) {
     const bool fixed_rows = policy == "dual" || policy == "prefix" || policy == "none";
     const Canvas base = MakeCanvas(/*P=*/61, /*L=*/48, /*S=*/0, mask);
@@ -327,8 +331,8 @@ TEST(CudaDlmTest, FastPathsMatchEager) {
       spec.store_proxy = step == 0;
       spec.proxy_begin = P;
       spec.proxy_end = P + L;
-      std::vector<std::vector<float>> logits(4);
-      for (int i = 0; i < 4; ++i) {
+      std::vector<std::vector<float>> logits(kModels);
+      for (int i = 0; i < kModels; ++i) {
         DlmBatchItem it{caches[i].get(), canvas, &spec, &logits[i], nullptr, nullptr, nullptr};
         absl::Status st = models[i]->ForwardBatch(std::span(&it, 1), nullptr);
         ASSERT_TRUE(st.ok()) << policy << " step " << step << " " << names[i] << ": " << st;
@@ -338,7 +342,7 @@ TEST(CudaDlmTest, FastPathsMatchEager) {
       const std::string what = policy + " step " + std::to_string(step);
       EXPECT_EQ(0, std::memcmp(logits[1].data(), logits[2].data(), logits[1].size() * 4))
           << what << ": graph replay differs from eager";
-      for (int i = 1; i < 4; ++i) {
+      for (int i = 1; i < kModels; ++i) {
         for (size_t j = 0; j < logit_rows.size(); ++j) {
           const double e = RelErr(logits[i].data() + j * V, logits[0].data() + j * V, V);
           if (fixed_rows) {
@@ -353,7 +357,7 @@ TEST(CudaDlmTest, FastPathsMatchEager) {
   std::printf("[dlm cuda] dual/prefix/none vs the unfused cuBLAS path: worst logits rel. "
               "difference fused %.3e, fused+graphs %.3e, +skinny %.3e\n",
               worst[1], worst[2], worst[3]);
-  for (int i = 2; i < 4; ++i) {
+  for (int i = 2; i < kModels; ++i) {
     // Per policy the partial step's shape is captured at its second occurrence at the latest and
     // replayed for the last three (the full steps of the six policies may share one shape too).
     const std::string summary = models[i]->graph_summary();
@@ -394,8 +398,9 @@ TEST(CudaDlmTest, KernelProfileCountsEveryForward) {
   EXPECT_EQ(forwards, with->stats.steps);
   std::map<std::string, double> by_name(prof.begin(), prof.end());
   EXPECT_EQ(by_name.size(), prof.size());  // one entry per class
+  // Every step of this 56-row canvas has <= 64 rows: the fused attention runs everywhere.
   for (const char* name : {"embedding", "attn_norm", "select_gemm", "select_topk", "kv_gemm",
-                           "q_gemm", "attn_qk", "attn_softmax", "attn_pv", "o_gemm",
+                           "q_gemm", "attn_fused", "o_gemm",
                            "gate_up_gemm", "down_gemm", "residual", "lm_head_gemm", "top1",
                            "proxy_store_gemm", "qkv_gemm", "residual_norm"}) {
     ASSERT_TRUE(by_name.count(name)) << name;

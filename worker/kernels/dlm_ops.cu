@@ -1,4 +1,5 @@
 // Launchers of dlm_ops.h: argument checks and grid shapes. CUDA and std headers only.
+#include <algorithm>
 #include <cstdint>
 
 #include "worker/kernels/dlm_ops.cuh"
@@ -32,6 +33,23 @@ cudaError_t DlmRopeQ(const float* d_src, int src_ld, const float* d_bias, const 
   }
   dlm_ops::RopeQKernel<<<m, kThreads, 0, stream>>>(d_src, src_ld, d_bias, d_sel, d_live_row,
                                                    heads, head_dim, d_inv_freq, d_q_out);
+  return cudaGetLastError();
+}
+
+cudaError_t DlmQkvRopeScatter(const DlmKvScatterParams& p, int heads, const float* d_bias_q,
+                              uint16_t* d_q_out, cudaStream_t stream) {
+  if (p.m < 0 || p.kv_heads <= 0 || heads < p.kv_heads || p.head_dim <= 0 ||
+      p.head_dim % 2 != 0 || p.layer < 0 || p.src_ld < heads * p.head_dim) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.m == 0) return cudaSuccess;
+  if (p.d_src == nullptr || p.d_live_row == nullptr || p.d_live_req == nullptr ||
+      p.d_caches == nullptr || p.d_inv_freq == nullptr || d_q_out == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const int pairs = heads * (p.head_dim / 2);
+  const dim3 grid(p.m, (pairs + kThreads - 1) / kThreads);
+  dlm_ops::QkvRopeScatterKernel<<<grid, kThreads, 0, stream>>>(p, heads, d_bias_q, d_q_out);
   return cudaGetLastError();
 }
 
@@ -121,6 +139,65 @@ cudaError_t DlmTop1(const float* d_logits, int rows, int vocab, int32_t* d_top1,
   if (d_logits == nullptr || d_top1 == nullptr || d_prob == nullptr) return cudaErrorInvalidValue;
   dlm_ops::Top1Kernel<<<rows, kThreads, 0, stream>>>(d_logits, vocab, d_top1, d_prob);
   return cudaGetLastError();
+}
+
+size_t DlmAttentionWorkFloats(int count, int m, int head_dim, int splits) {
+  if (splits <= 1 || count <= 0 || m <= 0) return 0;
+  return static_cast<size_t>(count) * splits * m * (head_dim + 2);
+}
+
+int DlmAttentionSplits(int count, int n_keys, int num_sms) {
+  const int tiles = (n_keys + dlm_ops::kAttnKeys - 1) / dlm_ops::kAttnKeys;
+  if (count <= 0 || tiles <= 1) return 1;
+  // The kernel fits 2 CTAs per SM (170 registers × 128 threads): one wave of at most
+  // 2 · num_sms CTAs (rounding up made 288 CTAs for 32 heads on 132 SMs, a second wave).
+  const int want = 2 * std::max(num_sms, 1) / count;
+  return std::clamp(want, 1, tiles);
+}
+
+namespace {
+
+template <int HD>
+cudaError_t LaunchFewRowsAttention(const DlmAttentionParams& p, cudaStream_t stream) {
+  constexpr int smem = dlm_ops::AttnSmemBytes<HD>();
+  // Above the 48 KiB default for HD = 128; idempotent, so a race between threads is harmless.
+  static bool attr_set = false;
+  if (!attr_set) {
+    const cudaError_t e = cudaFuncSetAttribute(dlm_ops::FewRowsAttentionKernel<HD>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    attr_set = true;
+  }
+  dlm_ops::FewRowsAttentionKernel<HD>
+      <<<dim3(p.count, p.splits), dlm_ops::kAttnThreads, smem, stream>>>(p);
+  if (p.splits > 1) {
+    dlm_ops::AttentionCombineKernel<HD><<<dim3(p.count, p.m), HD, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t DlmFewRowsAttention(const DlmAttentionParams& p, cudaStream_t stream) {
+  if (p.count < 0 || p.m < 1 || p.m > kDlmAttnMaxRows || p.n_keys < 1 ||
+      (p.head_dim != 64 && p.head_dim != 128) || p.ldq < p.head_dim || p.ldq % 2 != 0 ||
+      p.splits < 1 || p.count > 0x7fffffff / std::max(p.splits, 1)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.count == 0) return cudaSuccess;
+  if (p.d_k == nullptr || p.d_q == nullptr || p.d_v == nullptr || p.d_o == nullptr ||
+      (p.splits > 1 && p.d_work == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      major < 8) {
+    cudaGetLastError();
+    return cudaErrorInvalidValue;
+  }
+  return p.head_dim == 64 ? LaunchFewRowsAttention<64>(p, stream)
+                          : LaunchFewRowsAttention<128>(p, stream);
 }
 
 }  // namespace prehoc::kernels

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -254,7 +255,232 @@ TEST_P(DlmResidualTest, MatchesReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Widths, DlmResidualTest, ::testing::Values(1, 7, 200, 4099));
+INSTANTIATE_TEST_SUITE_P(Widths, DlmResidualTest, ::testing::Values(1, 7, 200, 4096, 4099));
+
+// DlmQkvRopeScatter (one launch) writes exactly what DlmRopeQ + DlmKvScatter write: Q rows, and
+// K / V rows of two requests' caches (GQA 6 / 2 heads, head_dim 64 and 128, biases, a row
+// selection; also K without V, as dllm's selected rows).
+TEST(DlmOpsTest, QkvRopeScatterEqualsSeparateKernels) {
+  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device";
+  for (const int hd : {64, 128}) {
+    for (const bool with_v : {true, false}) {
+      const int heads = 6, kvh = 2, layers = 3, layer = 1, rows[2] = {9, 5};
+      const int width = (heads + 2 * kvh) * hd, m = 7;
+      std::mt19937 rng(hd + with_v);
+      std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+      std::vector<int32_t> live_row = {1, 3, 4, 8, 0, 2, 4}, live_req = {0, 0, 0, 0, 1, 1, 1};
+      std::vector<int32_t> sel = {6, 0, 3, 1, 5, 2, 4};
+      std::vector<float> src(static_cast<size_t>(m) * width), bias(width), inv_freq(hd / 2);
+      for (auto& v : src) v = u(rng);
+      for (auto& v : bias) v = u(rng);
+      for (int e = 0; e < hd / 2; ++e) inv_freq[e] = std::pow(10000.0f, -2.0f * e / hd);
+      float* dsrc = Upload(src);
+      float* dbias = Upload(bias);
+      float* dfreq = Upload(inv_freq);
+      int32_t* drow = Upload(live_row);
+      int32_t* dreq = Upload(live_req);
+      int32_t* dsel = Upload(sel);
+      std::vector<uint16_t> q[2], kc[2][2], vc[2][2];
+      for (int path = 0; path < 2; ++path) {
+        std::vector<DlmCacheView> views(2);
+        std::vector<void*> owned;
+        for (int b = 0; b < 2; ++b) {
+          const size_t elems = static_cast<size_t>(layers) * kvh * rows[b] * hd;
+          views[b].k = Upload(std::vector<uint16_t>(elems, 0x7fc0u));
+          views[b].v = Upload(std::vector<uint16_t>(elems, 0x7fc0u));
+          views[b].rows = rows[b];
+          owned.push_back(views[b].k);
+          owned.push_back(views[b].v);
+        }
+        DlmCacheView* dviews = Upload(views);
+        uint16_t* dq = Upload(std::vector<uint16_t>(static_cast<size_t>(m) * heads * hd, 0));
+        DlmKvScatterParams kp;
+        kp.m = m;
+        kp.kv_heads = kvh;
+        kp.head_dim = hd;
+        kp.layer = layer;
+        kp.d_src = dsrc;
+        kp.src_ld = width;
+        kp.k_col = heads * hd;
+        kp.v_col = with_v ? (heads + kvh) * hd : -1;
+        kp.d_bias_k = dbias + heads * hd;
+        kp.d_bias_v = dbias + (heads + kvh) * hd;
+        kp.d_sel = dsel;
+        kp.d_live_row = drow;
+        kp.d_live_req = dreq;
+        kp.d_caches = dviews;
+        kp.d_inv_freq = dfreq;
+        if (path == 0) {
+          ASSERT_EQ(DlmKvScatter(kp, nullptr), cudaSuccess);
+          ASSERT_EQ(DlmRopeQ(dsrc, width, dbias, dsel, drow, m, heads, hd, dfreq, dq, nullptr),
+                    cudaSuccess);
+        } else {
+          ASSERT_EQ(DlmQkvRopeScatter(kp, heads, dbias, dq, nullptr), cudaSuccess);
+        }
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        q[path] = Download(dq, static_cast<size_t>(m) * heads * hd);
+        for (int b = 0; b < 2; ++b) {
+          const size_t elems = static_cast<size_t>(layers) * kvh * rows[b] * hd;
+          kc[path][b] = Download(views[b].k, elems);
+          vc[path][b] = Download(views[b].v, elems);
+        }
+        for (void* ptr : owned) cudaFree(ptr);
+        cudaFree(dviews);
+        cudaFree(dq);
+      }
+      EXPECT_EQ(q[0], q[1]) << hd;
+      for (int b = 0; b < 2; ++b) {
+        EXPECT_EQ(kc[0][b], kc[1][b]) << hd << " " << b;
+        EXPECT_EQ(vc[0][b], vc[1][b]) << hd << " " << b;
+      }
+      // Something was written: request 0's row 8, layer 1, head 1 of K differs from the fill.
+      EXPECT_NE(kc[1][0][((static_cast<size_t>(layer) * kvh + 1) * rows[0] + 8) * hd], 0x7fc0u);
+      for (void* ptr : {static_cast<void*>(dsrc), static_cast<void*>(dbias),
+                        static_cast<void*>(dfreq), static_cast<void*>(drow),
+                        static_cast<void*>(dreq), static_cast<void*>(dsel)}) {
+        cudaFree(ptr);
+      }
+    }
+  }
+}
+
+// DlmFewRowsAttention against a float64 reference on the same bf16 inputs. Entries are laid
+// out as in the forward: Q and O of entry e are head e of [m][count·head_dim] matrices, K and V
+// one [n_keys][head_dim] matrix each. Bound per element: P and the output are rounded to bf16,
+// so |out − ref| <= 8e-3 · (Σ_t p_t |v_t| + |ref|) + 1e-5 (a wrong index or a missed tile is
+// off by O(Σ p |v|)).
+struct AttnCase {
+  int head_dim, m, n_keys, count, splits;  // splits 0: DlmAttentionSplits(count, n_keys, 132)
+};
+class DlmFewRowsAttentionTest : public ::testing::TestWithParam<AttnCase> {};
+
+TEST_P(DlmFewRowsAttentionTest, MatchesReference) {
+  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device";
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (major < 8) GTEST_SKIP() << "needs sm_80+";
+  const AttnCase c = GetParam();
+  const int hd = c.head_dim, m = c.m, N = c.n_keys, count = c.count, ldq = count * hd;
+  const int splits = c.splits > 0 ? c.splits : DlmAttentionSplits(count, N, 132);
+  std::mt19937 rng(static_cast<unsigned>(hd * 7919 + m * 31 + N));
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  auto bf = [](float f) {  // round to bf16 bits (nearest even)
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  };
+  std::vector<uint16_t> q(static_cast<size_t>(m) * ldq), kk(static_cast<size_t>(count) * N * hd),
+      vv(kk.size());
+  for (auto& x : q) x = bf(2.0f * g(rng));  // sharp enough that the softmax is not flat
+  for (auto& x : kk) x = bf(g(rng));
+  for (auto& x : vv) x = bf(g(rng));
+  uint16_t* d_q = Upload(q);
+  uint16_t* d_k = Upload(kk);
+  uint16_t* d_v = Upload(vv);
+  uint16_t* d_o = Upload(std::vector<uint16_t>(static_cast<size_t>(m) * ldq, 0xffffu));
+  std::vector<const void*> ptrs(4 * count);
+  for (int e = 0; e < count; ++e) {
+    ptrs[e] = d_k + static_cast<size_t>(e) * N * hd;
+    ptrs[count + e] = d_q + e * hd;
+    ptrs[2 * count + e] = d_v + static_cast<size_t>(e) * N * hd;
+    ptrs[3 * count + e] = d_o + e * hd;
+  }
+  const void** d_ptrs = Upload(ptrs);
+  const size_t wf = DlmAttentionWorkFloats(count, m, hd, splits);
+  EXPECT_EQ(wf == 0, splits == 1);
+  float* d_w = Upload(std::vector<float>(std::max<size_t>(wf, 1), std::nanf("")));
+  DlmAttentionParams p;
+  p.count = count;
+  p.m = m;
+  p.n_keys = N;
+  p.head_dim = hd;
+  p.ldq = ldq;
+  p.splits = splits;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  p.d_k = d_ptrs;
+  p.d_q = d_ptrs + count;
+  p.d_v = d_ptrs + 2 * count;
+  p.d_o = const_cast<void* const*>(d_ptrs + 3 * count);
+  p.d_work = d_w;
+  ASSERT_EQ(DlmFewRowsAttention(p, nullptr), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto out = Download(d_o, static_cast<size_t>(m) * ldq);
+  double worst = 0;
+  for (int e = 0; e < count; ++e) {
+    for (int r = 0; r < m; ++r) {
+      std::vector<double> sc(N);
+      double mx = -INFINITY;
+      for (int t = 0; t < N; ++t) {
+        double dot = 0;
+        for (int d = 0; d < hd; ++d) {
+          dot += static_cast<double>(Bf16ToF(q[static_cast<size_t>(r) * ldq + e * hd + d])) *
+                 Bf16ToF(kk[(static_cast<size_t>(e) * N + t) * hd + d]);
+        }
+        sc[t] = dot * p.scale;
+        mx = std::max(mx, sc[t]);
+      }
+      double sum = 0;
+      for (double& x : sc) sum += (x = std::exp(x - mx));
+      for (int d = 0; d < hd; ++d) {
+        double ref = 0, mag = 0;
+        for (int t = 0; t < N; ++t) {
+          const double v = Bf16ToF(vv[(static_cast<size_t>(e) * N + t) * hd + d]);
+          ref += sc[t] / sum * v;
+          mag += sc[t] / sum * std::fabs(v);
+        }
+        const double got = Bf16ToF(out[static_cast<size_t>(r) * ldq + e * hd + d]);
+        const double err = std::fabs(got - ref);
+        worst = std::max(worst, err / (mag + std::fabs(ref)));
+        ASSERT_LE(err, 8e-3 * (mag + std::fabs(ref)) + 1e-5)
+            << "entry " << e << " row " << r << " dim " << d << " got " << got << " ref " << ref;
+      }
+    }
+  }
+  std::printf("attention hd %d m %d keys %d count %d splits %d: worst err / (sum p|v| + |ref|) "
+              "%.2e\n", hd, m, N, count, splits, worst);
+  for (void* ptr : {static_cast<void*>(d_q), static_cast<void*>(d_k), static_cast<void*>(d_v),
+                    static_cast<void*>(d_o), static_cast<void*>(d_ptrs), static_cast<void*>(d_w)}) {
+    cudaFree(ptr);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, DlmFewRowsAttentionTest,
+    ::testing::Values(AttnCase{128, 41, 1256, 3, 0},  // LLaDA-8B partial step, auto splits
+                      AttnCase{128, 64, 1256, 2, 1},  // one split: written directly
+                      AttnCase{128, 17, 64, 2, 3},    // more splits than tiles: empty splits
+                      AttnCase{128, 2, 300, 4, 2},    // min_rows, a partial last tile
+                      AttnCase{64, 1, 1, 2, 1},       // one key
+                      AttnCase{64, 64, 65, 3, 2},     // a 1-key last tile
+                      AttnCase{64, 33, 263, 6, 0}));  // the shipped model's shape
+
+TEST(DlmOpsTest, FewRowsAttentionRefusals) {
+  DlmAttentionParams p;
+  p.count = 1;
+  p.m = 1;
+  p.n_keys = 1;
+  p.head_dim = 128;
+  p.ldq = 128;
+  p.splits = 1;
+  p.d_k = p.d_q = p.d_v = reinterpret_cast<const void* const*>(&p);
+  p.d_o = reinterpret_cast<void* const*>(&p);
+  for (auto bad : {+[](DlmAttentionParams& q) { q.m = 0; },
+                   +[](DlmAttentionParams& q) { q.m = kDlmAttnMaxRows + 1; },
+                   +[](DlmAttentionParams& q) { q.head_dim = 96; q.ldq = 96; },
+                   +[](DlmAttentionParams& q) { q.ldq = 64; },
+                   +[](DlmAttentionParams& q) { q.splits = 2; },  // no work buffer
+                   +[](DlmAttentionParams& q) { q.n_keys = 0; }}) {
+    DlmAttentionParams q = p;
+    bad(q);
+    EXPECT_EQ(DlmFewRowsAttention(q, nullptr), cudaErrorInvalidValue);
+  }
+  EXPECT_EQ(DlmAttentionSplits(32, 1256, 132), 8);   // one wave of 2 CTAs per SM
+  EXPECT_EQ(DlmAttentionSplits(512, 1256, 132), 1);  // enough entries already
+  EXPECT_EQ(DlmAttentionSplits(1, 100, 132), 2);     // at most one split per 64-key tile
+  EXPECT_EQ(DlmAttentionWorkFloats(3, 5, 64, 1), 0u);
+  EXPECT_EQ(DlmAttentionWorkFloats(3, 5, 64, 4), 3u * 4 * 5 * 66);
+}
 
 }  // namespace
 }  // namespace prehoc::kernels
