@@ -3,7 +3,8 @@
 //
 //   attention_bench [--batch=1,8,16] [--kv-heads=32,8] [--ctx=4096,16384,65536,131072]
 //                   [--keep=8,16,32] [--q-heads=32] [--head-dim=128] [--dtype=bf16|f16]
-//                   [--reps=30] [--json=PATH] [--splits=N] [--fuse-reduction=0|1] [--cluster=0|1]
+//                   [--reps=30] [--json=PATH] [--splits=N] [--fuse-reduction=0|1]
+//                   [--mask-split=0|4096|16384]
 //                   [--placement=random|sequential]
 //                   [--ops=dense,token,mask,rand,page] [--timeline=0|1]
 //
@@ -17,8 +18,8 @@
 // inside the attention launch, construction included), sparse_token_rand+build, sparse_page+build,
 // sparse_page. --fuse-reduction=1 merges the splits in the attention launch (PagedDecodeParams::
 // fuse_reduction; default 0, the API's default: the reduction kernel measured faster).
-// --cluster=0 turns off PagedDecodeParams::cluster_reduction (on by default, as in the API: plans
-// of 2..8 splits merge across a thread-block cluster in the attention launch).
+// --mask-split sets PagedDecodeParams::mask_split_positions (0 = the planner's choice, 4096 = short
+// kTokenMask splits, 16384 (8192 at head_dim 64) = long splits).
 // Output: a table on stdout, and one JSON object per measurement in --json (a JSON array).
 #include <cuda_runtime_api.h>
 
@@ -66,7 +67,7 @@ struct Options {
   int reps = 30;
   int splits = 0;
   bool fuse = false;
-  bool cluster = true;
+  int mask_split = 0;
   bool sequential_pages = false;
   bool timeline = false;
   std::string ops = "dense,token,mask,rand,page";  // op groups to run
@@ -100,7 +101,7 @@ Options ParseArgs(int argc, char** argv) {
     else if (auto v = val("--reps")) o.reps = std::max(1, std::atoi(v));
     else if (auto v = val("--splits")) o.splits = std::atoi(v);
     else if (auto v = val("--fuse-reduction")) o.fuse = std::atoi(v) != 0;
-    else if (auto v = val("--cluster")) o.cluster = std::atoi(v) != 0;
+    else if (auto v = val("--mask-split")) o.mask_split = std::atoi(v);
     else if (auto v = val("--placement")) o.sequential_pages = std::string(v) == "sequential";
     else if (auto v = val("--ops")) o.ops = v;
     else if (auto v = val("--timeline")) o.timeline = std::atoi(v) != 0;
@@ -158,7 +159,7 @@ struct Record {
   double kv_bytes;    // K+V bytes of the attended tokens
   double read_bytes;  // every byte the op reads (KV, q, index lists, masks, page tables)
   int splits, ctas;
-  bool cluster_merge;  // splits merged across a thread-block cluster (no reduction kernel)
+  bool mask_long;  // kTokenMask long splits
 };
 
 std::string Json(const Record& r, const std::string& dtype) {
@@ -167,10 +168,10 @@ std::string Json(const Record& r, const std::string& dtype) {
                 "{\"impl\": \"prehoc\", \"op\": \"%s\", \"dtype\": \"%s\", \"batch\": %d, "
                 "\"kv_heads\": %d, \"q_heads\": %d, \"head_dim\": %d, \"ctx\": %d, \"keep\": %d, "
                 "\"us\": %.3f, \"kv_bytes\": %.0f, \"read_bytes\": %.0f, \"bw_kv_gbs\": %.1f, "
-                "\"bw_read_gbs\": %.1f, \"splits\": %d, \"ctas\": %d, \"cluster_merge\": %s}",
+                "\"bw_read_gbs\": %.1f, \"splits\": %d, \"ctas\": %d, \"mask_long_splits\": %s}",
                 r.op.c_str(), dtype.c_str(), r.batch, r.kv_heads, r.q_heads, r.head_dim, r.ctx,
                 r.keep, r.us, r.kv_bytes, r.read_bytes, r.kv_bytes / r.us / 1e3,
-                r.read_bytes / r.us / 1e3, r.splits, r.ctas, r.cluster_merge ? "true" : "false");
+                r.read_bytes / r.us / 1e3, r.splits, r.ctas, r.mask_long ? "true" : "false");
   return buf;
 }
 
@@ -323,7 +324,9 @@ class Bench {
     base.d_seq_lens = d_lens;
     base.force_num_splits = o_.splits;
     base.fuse_reduction = o_.fuse;
-    base.cluster_reduction = o_.cluster;
+    base.mask_split_positions = o_.mask_split == 0      ? 0
+                                : o_.mask_split == 4096 ? kernels::kMaskSplitPositions
+                                                        : kernels::MaskLongSplitPositions(D);
     // Set 0's tensors (for_set picks a set per repetition); workspace queries need non-null ones.
     base.d_q = d_q;
     base.d_out = d_out;
@@ -383,12 +386,12 @@ class Bench {
       kernels::PagedDecodePlan plan;
       CHECK_CUDA(kernels::PagedDecodePlanFor(p, &plan));
       Record r{op, batch, hkv, hq, D, ctx, keep, us, kv, read, plan.num_splits, plan.ctas,
-               plan.cluster_merge};
+               plan.mask_long_splits};
       out->push_back(r);
       std::printf("%-20s B=%-2d Hkv=%-2d ctx=%-6d keep=1/%-2d %9.1f us  kv %7.1f GB/s  all %7.1f GB/s  "
                   "splits=%d ctas=%d%s\n",
                   op.c_str(), batch, hkv, ctx, keep, us, kv / us / 1e3, read / us / 1e3,
-                  plan.num_splits, plan.ctas, plan.cluster_merge ? " cluster" : "");
+                  plan.num_splits, plan.ctas, plan.mask_long_splits ? " long" : "");
       std::fflush(stdout);
     };
     const double q_out_bytes = 2.0 * q_elems * 2;

@@ -10,7 +10,7 @@
 #include "worker/kernels/paged_decode.cuh"
 
 #define PREHOC_EXTERN_PAGED_DECODE_D_S(T, D, S)                                                  \
-  extern template cudaError_t prehoc::kernels::decode::CtasPerSm<T, D, S>(int*);                \
+  extern template cudaError_t prehoc::kernels::decode::CtasPerSm<T, D, S>(int*, bool);          \
   extern template cudaError_t prehoc::kernels::decode::Launch<T, D, S>(                         \
       const prehoc::kernels::PagedDecodeParams&, const prehoc::kernels::PagedDecodePlan&, float, \
       cudaStream_t);
@@ -53,19 +53,21 @@ cudaError_t Dispatch(const PagedDecodeParams& p, F&& f) {
                                         : by_dim.template operator()<__nv_bfloat16>();
 }
 
-// Occupancy per variant, cached (index: dtype * 8 + (head_dim == 128) * 4 + selection).
-std::atomic<int> g_ctas_per_sm[16];
+// Occupancy per variant, cached (index: dtype * 8 + (head_dim == 128) * 4 + selection; kTokenMask
+// long splits: 16 + dtype * 2 + (head_dim == 128)).
+std::atomic<int> g_ctas_per_sm[20];
 
-cudaError_t CachedCtasPerSm(const PagedDecodeParams& p, int* ctas) {
-  const int slot = static_cast<int>(p.dtype) * 8 + (p.head_dim == 128 ? 4 : 0) +
-                   static_cast<int>(p.selection);
+cudaError_t CachedCtasPerSm(const PagedDecodeParams& p, bool long_mask, int* ctas) {
+  const int slot = long_mask ? 16 + static_cast<int>(p.dtype) * 2 + (p.head_dim == 128 ? 1 : 0)
+                             : static_cast<int>(p.dtype) * 8 + (p.head_dim == 128 ? 4 : 0) +
+                                   static_cast<int>(p.selection);
   int cached = g_ctas_per_sm[slot].load(std::memory_order_relaxed);
   if (cached > 0) {
     *ctas = cached;
     return cudaSuccess;
   }
   cudaError_t err = Dispatch(p, [&]<typename T, int D, KvSelection S>() {
-    return decode::CtasPerSm<T, D, S>(&cached);
+    return decode::CtasPerSm<T, D, S>(&cached, long_mask);
   });
   if (err != cudaSuccess) return err;
   cached = std::max(cached, 1);
@@ -90,6 +92,11 @@ const char* PagedDecodeCheck(const PagedDecodeParams& p) {
     return "mask_stride must be a positive multiple of 16 (kTokenMask)";
   }
   if (p.head_dim != 64 && p.head_dim != 128) return "head_dim must be 64 or 128";
+  if (p.mask_split_positions != 0 && p.mask_split_positions != kMaskSplitPositions &&
+      p.mask_split_positions != MaskLongSplitPositions(p.head_dim)) {
+    return "mask_split_positions must be 0, kMaskSplitPositions or "
+           "MaskLongSplitPositions(head_dim)";
+  }
   if (p.page_size != decode::kPageSize) return "page_size must be 16";
   if (p.batch < 0 || p.batch > 65535) return "batch must be in [0, 65535]";
   if (p.num_kv_heads < 1) return "num_kv_heads must be >= 1";
@@ -140,7 +147,7 @@ cudaError_t PagedDecodePlanFor(const PagedDecodeParams& p, PagedDecodePlan* plan
     if (err != cudaSuccess) return err;
   }
   int ctas_per_sm = 1;
-  cudaError_t err = CachedCtasPerSm(p, &ctas_per_sm);
+  cudaError_t err = CachedCtasPerSm(p, /*long_mask=*/false, &ctas_per_sm);
   if (err != cudaSuccess) return err;
 
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -179,10 +186,38 @@ cudaError_t PagedDecodePlanFor(const PagedDecodeParams& p, PagedDecodePlan* plan
     }
   }
   if (p.selection == KvSelection::kTokenMask) {
-    // Splits cut the mask's positions evenly (tile multiples), each at most kMaskSplitPositions.
-    splits = std::max(splits, (p.mask_stride + kMaskSplitPositions - 1) / kMaskSplitPositions);
+    // Splits cut the mask's positions evenly (tile multiples), each at most max_positions: short
+    // splits unless they would need more than one wave of CTAs and long splits need fewer.
+    const int long_positions = MaskLongSplitPositions(p.head_dim);
+    const int short_splits =
+        std::max(splits, (p.mask_stride + kMaskSplitPositions - 1) / kMaskSplitPositions);
+    const int long_min = (p.mask_stride + long_positions - 1) / long_positions;
+    int long_splits = std::max(splits, long_min);
+    bool use_long = p.mask_split_positions == long_positions;
+    if (p.mask_split_positions == 0) {
+      use_long = rows * short_splits > static_cast<int64_t>(num_sms) * ctas_per_sm &&
+                 long_splits < short_splits;
+      if (p.force_num_splits == 0 && rows * 10 >= static_cast<int64_t>(num_sms) * 9 &&
+          max_len >= 16 * kTile && long_min < short_splits) {
+        // One CTA per row already covers ~every SM and each streams >= 16 tiles: the fewest long
+        // splits (one: no reduction pass). On an H100 (docs/benchmarks.md) one split beat two at
+        // B16/Hkv8/16K with 1024-2048 kept tokens per row, lost with 512 (half the copies in
+        // flight per SM), and two long splits lost to four short ones at B8/Hkv8/16K.
+        use_long = true;
+        long_splits = long_min;
+      }
+    }
+    if (use_long) {
+      int long_ctas_per_sm = 1;
+      err = CachedCtasPerSm(p, /*long_mask=*/true, &long_ctas_per_sm);
+      if (err != cudaSuccess) return err;
+      plan->ctas_per_sm = long_ctas_per_sm;
+    }
+    plan->mask_long_splits = use_long;
+    const int max_positions = use_long ? long_positions : kMaskSplitPositions;
+    splits = use_long ? long_splits : short_splits;
     int split_positions = (p.mask_stride + splits - 1) / splits;
-    split_positions = std::min((split_positions + kTile - 1) / kTile * kTile, kMaskSplitPositions);
+    split_positions = std::min((split_positions + kTile - 1) / kTile * kTile, max_positions);
     splits = (p.mask_stride + split_positions - 1) / split_positions;
     plan->split_positions = split_positions;
     plan->split_tokens = (max_len + splits - 1) / splits;  // expected kept tokens per split
@@ -194,9 +229,7 @@ cudaError_t PagedDecodePlanFor(const PagedDecodeParams& p, PagedDecodePlan* plan
   }
   plan->num_splits = splits;
   plan->ctas = static_cast<int>(rows * splits);
-  plan->cluster_merge = splits > 1 && splits <= kMaxClusterSplits && p.cluster_reduction &&
-                        !p.fuse_reduction;
-  if (splits > 1 && !plan->cluster_merge) {
+  if (splits > 1) {
     plan->workspace_bytes =
         static_cast<size_t>(p.batch) * p.num_q_heads * splits * (p.head_dim + 1) * sizeof(float);
     // Fused reduction: one ticket per (sequence, kv head, query group), 16-byte padded.

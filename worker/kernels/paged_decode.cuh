@@ -20,8 +20,11 @@
 //   merges instead (atomic ticket), and no reduction kernel is launched. The attention kernel is
 //   itself launched with programmatic dependent launch and starts with griddepcontrol.wait.
 //   kTokenMask: a CTA first compacts its split's slice of the keep-mask (at most
-//   kMaskSplitPositions positions) into a shared-memory list of uint16 offsets (block scan), then
-//   runs the kToken pipeline over that list; splits cut positions, not list entries.
+//   kMaskSplitPositions positions, or MaskLongSplitPositions(D) with long splits, a separate
+//   instantiation) into a shared-memory list of uint16 offsets (block scan), then runs the kToken
+//   pipeline over that list; splits cut positions, not list entries. A long slice with more than
+//   kMaskListCapacity kept positions runs in rounds: the pipeline drains, the list is rebuilt with
+//   the next kMaskListCapacity kept positions, and the same accumulators go on.
 //
 // Workspace (several splits only):
 //   tickets [batch][num_kv_heads * q_groups]  int32, fused reduction only (16-byte padded)
@@ -33,7 +36,6 @@
 #ifndef PREHOC_WORKER_KERNELS_PAGED_DECODE_CUH_
 #define PREHOC_WORKER_KERNELS_PAGED_DECODE_CUH_
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -64,30 +66,40 @@ template <int D>
 constexpr int PipelineBytes() {
   return Stages<D>() * 2 * kTile * D * 2;
 }
-constexpr int kMaskSplitPages = kMaskSplitPositions / kPageSize;
+// kTokenMask: mask positions per split CTA at most (short or long splits).
+template <int D, bool kLongMask>
+constexpr int MaskPositions() {
+  return kLongMask ? MaskLongSplitPositions(D) : kMaskSplitPositions;
+}
 // Shared memory of MergeSplitsKernel: at most this many splits' lse (floats; 48 KiB, the
 // default limit); more splits take the per-thread loop (MergeRow).
 constexpr int kMergeSmemFloats = 12288;
-// kTokenMask adds its split's compacted list (uint16 offsets from the split's first position)
-// and its split's slice of the page table (int32, one per page of the split).
-template <int D, KvSelection S>
+// kTokenMask adds its split's compacted list (uint16 offsets from the split's first position,
+// kMaskListCapacity of them) and its split's slice of the page table (int32, one per page).
+template <int D, KvSelection S, bool kLongMask = false>
 constexpr int SmemBytes() {
   return PipelineBytes<D>() + Stages<D>() * kTile +
-         (S == KvSelection::kTokenMask ? kMaskSplitPositions * 2 + kMaskSplitPages * 4 : 0);
+         (S == KvSelection::kTokenMask
+              ? kMaskListCapacity * 2 + MaskPositions<D, kLongMask>() / kPageSize * 4
+              : 0);
 }
-static_assert(kMaskSplitPositions % (16 * kThreads) == 0);
+static_assert(MaskLongSplitPositions(64) % (32 * kThreads) == 0);  // whole 32-position groups
+static_assert(MaskLongSplitPositions(128) % (32 * kThreads) == 0);
+static_assert(kMaskSplitPositions % (32 * kThreads) == 0);
+static_assert(kMaskSplitPositions <= kMaskListCapacity);  // short splits: one round
+static_assert(MaskLongSplitPositions(128) <= 65536);      // offsets fit in uint16
+// Long splits cost no occupancy (the planner assumes the same CTAs per SM).
+static_assert(SmemBytes<128, KvSelection::kTokenMask, true>() + 1024 <= 228 * 1024 / 2);
+static_assert(SmemBytes<64, KvSelection::kTokenMask, true>() + 1024 <= 228 * 1024 / 3);
+// Rounds restart at tile boundaries of the kept list, so a full mask runs dense's tiles.
+static_assert(kMaskListCapacity % kTile == 0);
 // Epilogue scratch reuses the pipeline: per warp o[16][D + 8] and m, l [16].
 template <int D>
 constexpr int EpilogueStride() {
   return D + 8;
 }
-// ... then the cluster merge's partial: o[16][D] and lse[16].
-template <int D>
-constexpr int EpilogueBytes() {
-  return (kWarps * kQRows * (EpilogueStride<D>() + 2) + kQRows * (D + 1)) * 4;
-}
-static_assert(EpilogueBytes<128>() <= PipelineBytes<128>());
-static_assert(EpilogueBytes<64>() <= PipelineBytes<64>());
+static_assert(kWarps * kQRows * (EpilogueStride<128>() + 2) * 4 <= PipelineBytes<128>());
+static_assert(kWarps * kQRows * (EpilogueStride<64>() + 2) * 4 <= PipelineBytes<64>());
 
 // ---- element type traits ---------------------------------------------------------------------
 template <typename T>
@@ -301,111 +313,130 @@ __device__ __forceinline__ void MergeRowsInCta(const float* ws_o, const float* w
   }
 }
 
-// kTokenMask prologue, in two steps so that the mask loads are the kernel's first loads (they
-// depend on nothing, and are in flight with the sequence length and the page table):
-//   LoadMaskWords: thread t loads the kMaskVecs contiguous 16-byte vectors starting at t * kMaskVecs
-//     of the split's slice (`row`, 16-byte aligned; `avail`: readable bytes, a multiple of 16,
-//     <= kMaskSplitPositions; it does not depend on the sequence length).
-//   CompactMaskWords: keeps positions < len (may be <= 0), block-scans the counts and writes the
-//     kept positions as ascending offsets into `list`; returns their number. The list is published
-//     by the caller's next __syncthreads().
-constexpr int kMaskVecs = kMaskSplitPositions / 16 / kThreads;
-constexpr int kMaskWords = kMaskVecs * 4;
-__device__ __forceinline__ void LoadMaskWords(const uint8_t* row, int avail,
-                                              uint32_t (&w)[kMaskWords]) {
+// kTokenMask prologue, in two steps so that the mask loads can be issued first (before anything
+// that waits for the sequence length or the page table):
+//   LoadMaskSlice: thread t loads the vpt = ceil(avail / 16 / kThreads) contiguous 16-byte
+//     vectors of the slice `row` starting at t * vpt into m.w (zeros past the slice), vpt into
+//     m.vpt. `avail`: bytes of the mask row readable at `row` (a multiple of 16, <= kMaxPositions;
+//     it does not depend on the sequence length); `row` 16-byte aligned.
+//   CompactMaskSlice: of the kept positions among [0, len) (len <= avail; may be <= 0), writes
+//     those of rank [skip, skip + kMaskListCapacity) (ascending) into `list` (offsets from the
+//     slice's start, list[rank - skip]) and returns how many there are in all. The block scan
+//     over the threads' contiguous vectors gives the ranks. The caller's next barrier publishes
+//     the list.
+template <int kMaxPositions>
+struct MaskSliceWords {
+  static constexpr int kMaxVecs = kMaxPositions / 16 / kThreads;
+  uint32_t w[kMaxVecs * 4];
+  int vpt;
+};
+
+template <int kMaxPositions>
+__device__ __forceinline__ void LoadMaskSlice(const uint8_t* row, int avail,
+                                              MaskSliceWords<kMaxPositions>& m) {
+  constexpr int kMaxVecs = MaskSliceWords<kMaxPositions>::kMaxVecs;
+  const int num_vecs = avail / 16;
+  m.vpt = (num_vecs + kThreads - 1) / kThreads;
   const uint4* vrow = reinterpret_cast<const uint4*>(row);
 #pragma unroll
-  for (int k = 0; k < kMaskVecs; ++k) {
-    const int i = threadIdx.x * kMaskVecs + k;
-    const uint4 v = i * 16 < avail ? __ldg(vrow + i) : make_uint4(0u, 0u, 0u, 0u);
-    w[4 * k] = v.x;
-    w[4 * k + 1] = v.y;
-    w[4 * k + 2] = v.z;
-    w[4 * k + 3] = v.w;
+  for (int k = 0; k < kMaxVecs; ++k) {
+    const int i = threadIdx.x * m.vpt + k;
+    uint4 v = k < m.vpt && i < num_vecs ? __ldg(vrow + i) : make_uint4(0u, 0u, 0u, 0u);
+    m.w[4 * k] = v.x;
+    m.w[4 * k + 1] = v.y;
+    m.w[4 * k + 2] = v.z;
+    m.w[4 * k + 3] = v.w;
   }
 }
 
-__device__ __forceinline__ int CompactMaskWords(uint32_t (&w)[kMaskWords], int len, uint16_t* list,
-                                                int* scratch) {
+template <int kMaxPositions>
+__device__ __forceinline__ int CompactMaskSlice(MaskSliceWords<kMaxPositions>& m, int len,
+                                                int skip, uint16_t* list, int* scratch) {
+  // Small code on purpose (it runs once per CTA, straight-line): each group of 8 words (32
+  // positions) becomes one 32-bit "kept" mask, bit i = position p_first + 32 j + i; the count is
+  // a popc and the stores loop over the set bits only.
+  constexpr int kMaxVecs = MaskSliceWords<kMaxPositions>::kMaxVecs;
+  constexpr int kGroups = kMaxVecs / 2;  // 32 positions each
+  const int p_first = threadIdx.x * m.vpt * 16;  // first position of this thread's vectors
+  uint32_t bits[kGroups];
   int c = 0;
 #pragma unroll
-  for (int k = 0; k < kMaskWords; ++k) {
-    const int p0 = (threadIdx.x * kMaskWords + k) * 4;  // first position of word k
-    if (p0 + 4 > len) {                                  // bytes at positions >= len are ignored
-      w[k] = p0 >= len ? 0u : w[k] & (0xffffffffu >> (8 * (p0 + 4 - len)));
+  for (int j = 0; j < kGroups; ++j) {
+    uint32_t g = 0;
+    if (2 * j < m.vpt) {  // block-uniform: smaller slices skip the unused words
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const uint32_t x = m.w[8 * j + q];
+        // 0x80 in every non-zero byte, then bytes' flags gathered into 4 bits by one multiply.
+        const uint32_t hi = (((x & 0x7f7f7f7fu) + 0x7f7f7f7fu) | x) & 0x80808080u;
+        g |= (((hi >> 7) * 0x00204081u) >> 21 & 0xfu) << (4 * q);
+      }
+      const int lim = len - (p_first + 32 * j);  // positions >= len are ignored
+      g = lim <= 0 ? 0u : (lim >= 32 ? g : g & ((1u << lim) - 1u));
     }
-    c += block::NonZeroBytes(w[k]);
+    bits[j] = g;
+    c += __popc(g);
   }
   int total;
-  int pos = block::BlockExclusiveScan<kThreads>(c, scratch, &total);
+  int rank = block::BlockExclusiveScan<kThreads>(c, scratch, &total) - skip;
 #pragma unroll
-  for (int k = 0; k < kMaskWords; ++k) {
-    if (w[k] == 0u) continue;
-    const int p0 = (threadIdx.x * kMaskWords + k) * 4;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      if ((w[k] >> (8 * b)) & 0xffu) list[pos++] = static_cast<uint16_t>(p0 + b);
+  for (int j = 0; j < kGroups; ++j) {
+    for (uint32_t g = bits[j]; g != 0u; g &= g - 1u, ++rank) {
+      if (static_cast<unsigned>(rank) < static_cast<unsigned>(kMaskListCapacity)) {
+        list[rank] = static_cast<uint16_t>(p_first + 32 * j + __ffs(g) - 1);
+      }
     }
   }
   return total;
 }
 
-// Cluster reduction (PagedDecodePlan::cluster_merge): the CTAs of one row's splits form a cluster
-// (rank = split). Each has written its normalised partial (part_o [rows][D], part_lse [rows], log2
-// units, -inf when empty) into its own shared memory; after a cluster barrier, CTA `split` merges
-// elements split * kThreads + threadIdx.x, stepping num_splits * kThreads, reading every split's
-// partial through distributed shared memory (all loads of an element issued together), with the
-// arithmetic of MergeSplitsKernel in split order (bitwise-identical results). A second barrier
-// keeps every CTA's shared memory alive until the others have read it.
-template <typename T, int D>
-__device__ __forceinline__ void ClusterMerge(const float* part_o, const float* part_lse, int split,
-                                             int num_splits, int rows, size_t out_row0, T* out,
-                                             float* lse) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();
-  for (int idx = split * kThreads + threadIdx.x; idx < rows * D; idx += num_splits * kThreads) {
-    const int row = idx / D, d = idx % D;
-    float ls[kMaxClusterSplits], ov[kMaxClusterSplits];
+// The same as LoadMaskSlice + CompactMaskSlice with few registers (for the rounds after the first,
+// when the accumulators are live): the slice in passes of one 16-byte vector per thread, each with
+// its own block scan. Ends with a barrier.
+__device__ __forceinline__ void RecompactMaskSlice(const uint8_t* row, int avail, int len,
+                                                   int skip, uint16_t* list, int* scratch) {
+  const uint4* vrow = reinterpret_cast<const uint4*>(row);
+  const int num_vecs = avail / 16;
+  int base = -skip;  // rank of the pass's first kept position, minus skip
+  for (int v0 = 0; v0 < num_vecs; v0 += kThreads) {
+    const int i = v0 + threadIdx.x;
+    const uint4 v = i < num_vecs ? __ldg(vrow + i) : make_uint4(0u, 0u, 0u, 0u);
+    uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    int c = 0;
 #pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s) {
-      if (s < num_splits) {
-        ls[s] = *cluster.map_shared_rank(part_lse + row, s);
-        ov[s] = *cluster.map_shared_rank(part_o + row * D + d, s);
+    for (int k = 0; k < 4; ++k) {
+      const int p0 = i * 16 + k * 4;
+      if (p0 + 4 > len) w[k] = p0 >= len ? 0u : w[k] & (0xffffffffu >> (8 * (p0 + 4 - len)));
+      c += block::NonZeroBytes(w[k]);
+    }
+    int total;
+    int rank = base + block::BlockExclusiveScan<kThreads>(c, scratch, &total);
+    base += total;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        if ((w[k] >> (8 * b)) & 0xffu) {
+          if (static_cast<unsigned>(rank) < static_cast<unsigned>(kMaskListCapacity)) {
+            list[rank] = static_cast<uint16_t>(i * 16 + k * 4 + b);
+          }
+          ++rank;
+        }
       }
-    }
-    float m_max = -INFINITY;
-#pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s) {
-      if (s < num_splits) m_max = fmaxf(m_max, ls[s]);
-    }
-    float sum = 0.f, acc = 0.f;
-    if (m_max != -INFINITY) {
-#pragma unroll
-      for (int s = 0; s < kMaxClusterSplits; ++s) {
-        if (s >= num_splits) break;
-        if (ls[s] == -INFINITY) continue;  // empty split
-        const float w = exp2f(ls[s] - m_max);
-        sum += w;
-        acc += w * ov[s];
-      }
-    }
-    out[(out_row0 + row) * D + d] = Elem<T>::FromFloat(sum > 0.f ? acc / sum : 0.f);
-    if (d == 0 && lse != nullptr) {
-      lse[out_row0 + row] = sum > 0.f ? (m_max + log2f(sum)) * kLn2 : -INFINITY;
     }
   }
-  cluster.sync();
+  __syncthreads();
 }
 
 // ---- attention kernel --------------------------------------------------------------------------
 // split_tokens: attended elements per split (kTokenMask: mask positions per split).
 // ws_tickets: fused reduction only, one zero-initialised counter per (sequence, kv head, group).
-template <typename T, int D, KvSelection S>
+// kLongMask (kTokenMask only): long splits (MaskLongSplitPositions(D) positions, rounds).
+template <typename T, int D, KvSelection S, bool kLongMask = false>
 __global__ void __launch_bounds__(kThreads)
     PagedDecodeKernel(const PagedDecodeParams p, int q_groups, int split_tokens, int num_splits,
                       float scale_log2, float* __restrict__ ws_o, float* __restrict__ ws_lse,
-                      int* __restrict__ ws_tickets, bool cluster_merge) {
+                      int* __restrict__ ws_tickets) {
   // Launched with programmatic dependent launch: wait for the previous kernel's results (q, the
   // KV pools, lists, masks) before reading anything.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -446,15 +477,15 @@ __global__ void __launch_bounds__(kThreads)
   const int gid = lane / 4;  // MMA row group
   const int tid4 = lane % 4;
 
-  // kTokenMask: the split's mask slice is loaded first; nothing it needs is loaded.
-  uint32_t mask_w[kMaskWords];
+  // kTokenMask: the split's mask slice is loaded first (it depends on nothing loaded), so that it
+  // is in flight with the sequence length and the page-table offset.
+  constexpr int kMaskPositions = MaskPositions<D, kLongMask>();
+  MaskSliceWords<kMaskPositions> words;
   const int mask_pos_begin = split * split_tokens;  // kTokenMask: a multiple of the tile
   const int mask_avail = min(mask_pos_begin + split_tokens, p.mask_stride) - mask_pos_begin;
-  if constexpr (S == KvSelection::kTokenMask) {
-    LoadMaskWords(p.d_mask + static_cast<size_t>(b * num_kv_heads + hkv) * p.mask_stride +
-                      mask_pos_begin,
-                  mask_avail, mask_w);
-  }
+  const uint8_t* mask_row =
+      p.d_mask + static_cast<size_t>(b * num_kv_heads + hkv) * p.mask_stride + mask_pos_begin;
+  if constexpr (S == KvSelection::kTokenMask) LoadMaskSlice(mask_row, mask_avail, words);
 
   RowView view;
   view.seq_len = max(p.d_seq_lens[b], 0);
@@ -466,31 +497,38 @@ __global__ void __launch_bounds__(kThreads)
   view.mask_base = 0;
   int list_len;
   int chunk_begin, chunk_end;
+  // kTokenMask: for the rounds after the first (see CompactMaskSlice).
+  int mask_len = 0, mask_total = 0;
+  int* scan_scratch = nullptr;
+  uint16_t* mask_list_w = nullptr;
   if constexpr (S == KvSelection::kDense) {
     list_len = view.seq_len;
   } else if constexpr (S == KvSelection::kTokenMask) {
-    __shared__ int scan_scratch[kThreads / 32];
+    __shared__ int scan_scratch_s[kThreads / 32];
+    scan_scratch = scan_scratch_s;
     uint16_t* mask_list = reinterpret_cast<uint16_t*>(valid_s + kStages * kTile);
-    int32_t* mask_pages = reinterpret_cast<int32_t*>(mask_list + kMaskSplitPositions);
+    int32_t* mask_pages = reinterpret_cast<int32_t*>(mask_list + kMaskListCapacity);
     const int pos_begin = mask_pos_begin;
-    const int pos_end = min(pos_begin + mask_avail, view.seq_len);
-    // The split's page-table entries (only pages of the sequence): all loads issued at once, in
-    // flight during the compaction, stored to shared memory after it; the barrier publishes both.
+    mask_len = min(pos_begin + mask_avail, view.seq_len) - pos_begin;
+    // The split's page-table entries (only pages of the sequence): all of a thread's loads issued
+    // at once, in flight during the compaction, stored after it; the barrier publishes both.
     const int page0 = pos_begin / kPageSize;
-    const int num_split_pages = min(view.num_pages - page0, kMaskSplitPages);
-    constexpr int kPagesPerThread = kMaskSplitPages / kThreads;
-    static_assert(kMaskSplitPages % kThreads == 0);
+    constexpr int kSplitPages = kMaskPositions / kPageSize;
+    const int num_split_pages = min(view.num_pages - page0, kSplitPages);
+    constexpr int kPagesPerThread = kSplitPages / kThreads;
     int32_t pg[kPagesPerThread];
 #pragma unroll
     for (int k = 0; k < kPagesPerThread; ++k) {
       const int i = threadIdx.x + k * kThreads;
       pg[k] = i < num_split_pages ? __ldg(view.pages + page0 + i) : 0;
     }
-    list_len = CompactMaskWords(mask_w, pos_end - pos_begin, mask_list, scan_scratch);
+    mask_total = CompactMaskSlice(words, mask_len, 0, mask_list, scan_scratch);
 #pragma unroll
     for (int k = 0; k < kPagesPerThread; ++k) mask_pages[threadIdx.x + k * kThreads] = pg[k];
     __syncthreads();
+    list_len = min(mask_total, kMaskListCapacity);  // round 0; later rounds: the main loop
     view.mask_list = mask_list;
+    mask_list_w = mask_list;
     view.mask_pages = mask_pages;
     view.mask_base = pos_begin;
   } else {
@@ -501,7 +539,7 @@ __global__ void __launch_bounds__(kThreads)
     list_len = max(end - beg, 0) * (S == KvSelection::kPage ? kPageSize : 1);
   }
   if constexpr (S == KvSelection::kTokenMask) {
-    chunk_begin = 0;  // the CTA compacted exactly its split
+    chunk_begin = 0;  // the CTA compacted exactly its split (its first round)
     chunk_end = list_len;
   } else {
     chunk_begin = split * split_tokens;
@@ -528,9 +566,7 @@ __global__ void __launch_bounds__(kThreads)
     MergeRowsInCta<T, D>(ws_o, ws_lse, num_splits, out_row0, rows, out, p.d_lse,
                          reinterpret_cast<float*>(smem), PipelineBytes<D>() / 4);
   };
-  // With the cluster merge an empty split runs on (no tiles): it writes an empty partial and
-  // takes part in its cluster's barriers.
-  if (!single && !cluster_merge && chunk_begin >= chunk_end) {
+  if (!single && chunk_begin >= chunk_end) {
     // Empty split: mark it so the reduction skips it.
     if (threadIdx.x < rows) {
       ws_lse[(out_row0 + threadIdx.x) * num_splits + split] = -INFINITY;
@@ -538,8 +574,6 @@ __global__ void __launch_bounds__(kThreads)
     finish_split();
     return;
   }
-  const int num_tiles = chunk_end > chunk_begin ? (chunk_end - chunk_begin + kTile - 1) / kTile : 0;
-
   const T* __restrict__ k_pool = static_cast<const T*>(p.d_k_pool);
   const T* __restrict__ v_pool = static_cast<const T*>(p.d_v_pool);
   const int load_col = threadIdx.x % kChunksPerRow;
@@ -581,21 +615,27 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
+  // Starts a round's pipeline: copies of its first kStages - 1 tiles issued; entries two tiles
+  // ahead of the copies and physical rows one tile ahead (the steady state of the main loop).
   int entry[kRowsPerThread];
   int phys[kRowsPerThread];
+  int num_tiles = 0;
+  auto start_round = [&]() {
+    num_tiles = chunk_end > chunk_begin ? (chunk_end - chunk_begin + kTile - 1) / kTile : 0;
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles) {
-      load_entries(s, entry);
-      translate(s, entry, phys);
-      issue(s, phys);
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < num_tiles) {
+        load_entries(s, entry);
+        translate(s, entry, phys);
+        issue(s, phys);
+      }
+      CpAsyncCommit();
     }
-    CpAsyncCommit();
-  }
-  // Steady state: entries two tiles ahead of the copies, physical rows one tile ahead.
-  load_entries(kStages - 1, entry);
-  translate(kStages - 1, entry, phys);
-  load_entries(kStages, entry);
+    load_entries(kStages - 1, entry);
+    translate(kStages - 1, entry, phys);
+    load_entries(kStages, entry);
+  };
+  start_round();
 
   // Q as MMA A fragments: rows = query heads g0 + {gid, gid + 8}, cols = dims.
   uint32_t qa[D / 16][4];
@@ -624,84 +664,102 @@ __global__ void __launch_bounds__(kThreads)
   const int ri = lane % 8;  // ... and which row of it
   const int n0 = warp * kWarpTokens;
 
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    CpAsyncWait<kStages - 2>();
-    __syncthreads();
-    if (timeline != nullptr && tile == 0) tl_clock[2] = clock64();  // first tile arrived
-    {
-      const int next = tile + kStages - 1;
-      if (next < num_tiles) issue(next % kStages, phys);
-      CpAsyncCommit();
-      translate(next + 1, entry, phys);    // results used by the next iteration's issue
-      load_entries(next + 2, entry);       // results used by the next iteration's translate
-    }
-    const int stage = tile % kStages;
-    const T* k_tile = k_s + stage * kTile * D;
-    const T* v_tile = v_s + stage * kTile * D;
-    const uint8_t* valid = valid_s + stage * kTile + n0;
+  int total_tiles = 0;  // for the timeline
+  // One round, except for a kTokenMask split with more than kMaskListCapacity kept positions.
+  for (int round = 0;; ++round) {
+    total_tiles += num_tiles;
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      CpAsyncWait<kStages - 2>();
+      __syncthreads();
+      if (timeline != nullptr && round == 0 && tile == 0) tl_clock[2] = clock64();  // 1st tile
+      {
+        const int next = tile + kStages - 1;
+        if (next < num_tiles) issue(next % kStages, phys);
+        CpAsyncCommit();
+        translate(next + 1, entry, phys);    // results used by the next iteration's issue
+        load_entries(next + 2, entry);       // results used by the next iteration's translate
+      }
+      const int stage = tile % kStages;
+      const T* k_tile = k_s + stage * kTile * D;
+      const T* v_tile = v_s + stage * kTile * D;
+      const uint8_t* valid = valid_s + stage * kTile + n0;
 
-    // S = Q · K^T over this warp's 16 tokens (two n8 tiles).
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    {
-      const int row = n0 + ri + ((mi >> 1) << 3);
+      // S = Q · K^T over this warp's 16 tokens (two n8 tiles).
+      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      {
+        const int row = n0 + ri + ((mi >> 1) << 3);
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t b0, b1, b2, b3;
-        LdMatrixX4(SmemAddr(k_tile + SwizzledOffset<D>(row, 2 * kk + (mi & 1))), b0, b1, b2, b3);
-        Elem<T>::Mma(s[0], qa[kk], b0, b1);
-        Elem<T>::Mma(s[1], qa[kk], b2, b3);
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t b0, b1, b2, b3;
+          LdMatrixX4(SmemAddr(k_tile + SwizzledOffset<D>(row, 2 * kk + (mi & 1))), b0, b1, b2, b3);
+          Elem<T>::Mma(s[0], qa[kk], b0, b1);
+          Elem<T>::Mma(s[1], qa[kk], b2, b3);
+        }
+      }
+      // Scale to log2 units and mask; s[nt][e]: row gid + 8*(e/2), token nt*8 + tid4*2 + e%2.
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool ok = valid[nt * 8 + tid4 * 2 + (e & 1)] != 0;
+          s[nt][e] = ok ? s[nt][e] * scale_log2 : -INFINITY;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
+        }
+      }
+      float m_use[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+        const float m_new = fmaxf(m_run[h], tile_max[h]);
+        m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep exp2 finite
+        const float alpha = exp2f(m_run[h] - m_use[h]);
+        m_run[h] = m_new;
+        l_run[h] *= alpha;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          o[i][2 * h] *= alpha;
+          o[i][2 * h + 1] *= alpha;
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[nt][e] = exp2f(s[nt][e] - m_use[e / 2]);
+          l_run[e / 2] += s[nt][e];
+        }
+      }
+      // P as the A fragment of P · V (k = the warp's 16 tokens).
+      const uint32_t pa[4] = {Elem<T>::Pack(s[0][0], s[0][1]), Elem<T>::Pack(s[0][2], s[0][3]),
+                              Elem<T>::Pack(s[1][0], s[1][1]), Elem<T>::Pack(s[1][2], s[1][3])};
+      {
+        const int row = n0 + ri + ((mi & 1) << 3);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t b0, b1, b2, b3;
+          LdMatrixX4Trans(SmemAddr(v_tile + SwizzledOffset<D>(row, 2 * dp + (mi >> 1))), b0, b1, b2,
+                          b3);
+          Elem<T>::Mma(o[2 * dp], pa, b0, b1);
+          Elem<T>::Mma(o[2 * dp + 1], pa, b2, b3);
+        }
       }
     }
-    // Scale to log2 units and mask; s[nt][e]: row gid + 8*(e/2), token nt*8 + tid4*2 + e%2.
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool ok = valid[nt * 8 + tid4 * 2 + (e & 1)] != 0;
-        s[nt][e] = ok ? s[nt][e] * scale_log2 : -INFINITY;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
-      }
+    if constexpr (S != KvSelection::kTokenMask || !kLongMask) {
+      break;  // short mask splits: kMaskSplitPositions <= kMaskListCapacity, one round
+    } else {
+      // Next round: the next kMaskListCapacity kept positions of the split. Every copy has landed
+      // (the last groups are empty) and every warp is done with the list and the stages.
+      const int done = (round + 1) * kMaskListCapacity;
+      if (mask_total <= done) break;
+      CpAsyncWait<0>();
+      __syncthreads();
+      RecompactMaskSlice(mask_row, mask_avail, mask_len, done, mask_list_w, scan_scratch);
+      chunk_end = min(mask_total - done, kMaskListCapacity);
+      start_round();
     }
-    float m_use[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-      const float m_new = fmaxf(m_run[h], tile_max[h]);
-      m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep exp2 finite
-      const float alpha = exp2f(m_run[h] - m_use[h]);
-      m_run[h] = m_new;
-      l_run[h] *= alpha;
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        o[i][2 * h] *= alpha;
-        o[i][2 * h + 1] *= alpha;
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - m_use[e / 2]);
-        l_run[e / 2] += s[nt][e];
-      }
-    }
-    // P as the A fragment of P · V (k = the warp's 16 tokens).
-    const uint32_t pa[4] = {Elem<T>::Pack(s[0][0], s[0][1]), Elem<T>::Pack(s[0][2], s[0][3]),
-                            Elem<T>::Pack(s[1][0], s[1][1]), Elem<T>::Pack(s[1][2], s[1][3])};
-    {
-      const int row = n0 + ri + ((mi & 1) << 3);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b0, b1, b2, b3;
-        LdMatrixX4Trans(SmemAddr(v_tile + SwizzledOffset<D>(row, 2 * dp + (mi >> 1))), b0, b1, b2,
-                        b3);
-        Elem<T>::Mma(o[2 * dp], pa, b0, b1);
-        Elem<T>::Mma(o[2 * dp + 1], pa, b2, b3);
-      }
-    }
-  }
+  }  // rounds
   if (timeline != nullptr) tl_clock[3] = clock64();  // main loop done
   CpAsyncWait<0>();
   // Lets the reduction kernel (launched with programmatic stream serialization) start its launch
@@ -714,8 +772,6 @@ __global__ void __launch_bounds__(kThreads)
   float* o_s = reinterpret_cast<float*>(smem);  // [kWarps][16][kStride]
   float* m_s = o_s + kWarps * kQRows * kStride;  // [kWarps][16]
   float* l_s = m_s + kWarps * kQRows;            // [kWarps][16]
-  float* part_o = l_s + kWarps * kQRows;         // [16][D] cluster merge: this split's partial
-  float* part_lse = part_o + kQRows * D;         // [16]
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
@@ -757,21 +813,14 @@ __global__ void __launch_bounds__(kThreads)
     if (single) {
       out[(out_row0 + row) * D + d] = Elem<T>::FromFloat(val);
       if (d == 0 && p.d_lse != nullptr) p.d_lse[out_row0 + row] = lse2 * kLn2;
-    } else if (cluster_merge) {
-      part_o[row * D + d] = val;
-      if (d == 0) part_lse[row] = lse2;
     } else {
       const size_t w = (out_row0 + row) * num_splits + split;
       ws_o[w * D + d] = val;
       if (d == 0) ws_lse[w] = lse2;
     }
   }
-  if (cluster_merge) {
-    ClusterMerge<T, D>(part_o, part_lse, split, num_splits, rows, out_row0, out, p.d_lse);
-  } else if (!single) {
-    finish_split();
-  }
-  if (timeline != nullptr && (single || chunk_begin < chunk_end)) {  // empty splits write nothing
+  if (!single) finish_split();
+  if (timeline != nullptr) {
     uint64_t end, smid;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(end));
     uint32_t id;
@@ -785,7 +834,7 @@ __global__ void __launch_bounds__(kThreads)
     timeline[4] = tl_clock[2] - tl_clock[0];
     timeline[5] = tl_clock[3] - tl_clock[0];
     timeline[6] = now - tl_clock[0];
-    timeline[7] = static_cast<unsigned long long>(num_tiles);
+    timeline[7] = static_cast<unsigned long long>(total_tiles);
   }
 }
 
@@ -843,13 +892,32 @@ inline size_t FusedTicketBytes(int batch, int num_kv_heads, int q_groups) {
 }
 
 // ---- host-side per-variant entry points (instantiated in paged_decode_{f16,bf16}.cu) -----------
+// The kernel of a variant and its dynamic shared memory (long_mask: kTokenMask long splits).
 template <typename T, int D, KvSelection S>
-cudaError_t CtasPerSm(int* ctas) {
-  auto kernel = PagedDecodeKernel<T, D, S>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         SmemBytes<D, S>());
+struct KernelOf {
+  using Fn = void (*)(const PagedDecodeParams, int, int, int, float, float*, float*, int*);
+  Fn fn;
+  int smem;
+  explicit KernelOf(bool long_mask) {
+    if constexpr (S == KvSelection::kTokenMask) {
+      if (long_mask) {
+        fn = PagedDecodeKernel<T, D, S, true>;
+        smem = SmemBytes<D, S, true>();
+        return;
+      }
+    }
+    fn = PagedDecodeKernel<T, D, S>;
+    smem = SmemBytes<D, S>();
+  }
+};
+
+template <typename T, int D, KvSelection S>
+cudaError_t CtasPerSm(int* ctas, bool long_mask) {
+  const KernelOf<T, D, S> k(long_mask);
+  cudaError_t err =
+      cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem);
   if (err != cudaSuccess) return err;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kThreads, SmemBytes<D, S>());
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, k.fn, kThreads, k.smem);
 }
 
 using block::LaunchPdl;
@@ -857,16 +925,16 @@ using block::LaunchPdl;
 template <typename T, int D, KvSelection S>
 cudaError_t Launch(const PagedDecodeParams& p, const PagedDecodePlan& plan, float scale,
                    cudaStream_t stream) {
-  auto kernel = PagedDecodeKernel<T, D, S>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         SmemBytes<D, S>());
+  const KernelOf<T, D, S> k(plan.mask_long_splits);
+  cudaError_t err =
+      cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem);
   if (err != cudaSuccess) return err;
   // Workspace: [tickets (fused reduction), 16-byte padded][ws_o][ws_lse]; the tickets come first
   // so that their place does not depend on the split count.
   float* ws_o = static_cast<float*>(p.d_workspace);
   float* ws_lse = nullptr;
   int* ws_tickets = nullptr;
-  if (plan.num_splits > 1 && !plan.cluster_merge) {
+  if (plan.num_splits > 1) {
     if (p.fuse_reduction) {
       ws_tickets = static_cast<int*>(p.d_workspace);
       ws_o = reinterpret_cast<float*>(static_cast<char*>(p.d_workspace) +
@@ -876,28 +944,8 @@ cudaError_t Launch(const PagedDecodeParams& p, const PagedDecodePlan& plan, floa
   }
   const int split_len = S == KvSelection::kTokenMask ? plan.split_positions : plan.split_tokens;
   const dim3 grid(plan.num_splits, p.num_kv_heads * plan.q_groups, p.batch);
-  if (plan.cluster_merge) {
-    // One cluster per row: the splits (grid x) merge through distributed shared memory.
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = SmemBytes<D, S>();
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    attr[1].id = cudaLaunchAttributeClusterDimension;
-    attr[1].val.clusterDim.x = static_cast<unsigned>(plan.num_splits);
-    attr[1].val.clusterDim.y = 1;
-    attr[1].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 2;
-    return cudaLaunchKernelEx(&cfg, kernel, p, plan.q_groups, split_len, plan.num_splits,
-                              scale * kLog2e, static_cast<float*>(nullptr),
-                              static_cast<float*>(nullptr), static_cast<int*>(nullptr), true);
-  }
-  err = LaunchPdl(kernel, grid, dim3(kThreads), SmemBytes<D, S>(), stream, p, plan.q_groups,
-                  split_len, plan.num_splits, scale * kLog2e, ws_o, ws_lse, ws_tickets, false);
+  err = LaunchPdl(k.fn, grid, dim3(kThreads), k.smem, stream, p, plan.q_groups, split_len,
+                  plan.num_splits, scale * kLog2e, ws_o, ws_lse, ws_tickets);
   if (err != cudaSuccess || plan.num_splits == 1 || ws_tickets != nullptr) return err;
   // Programmatic dependent launch: the reduction's launch overlaps the attention grid's tail.
   const size_t merge_smem = sizeof(float) * std::min(plan.num_splits, kMergeSmemFloats);
@@ -910,7 +958,7 @@ cudaError_t Launch(const PagedDecodeParams& p, const PagedDecodePlan& plan, floa
 
 // Explicit instantiation of every (head_dim, selection) variant for element type T.
 #define PREHOC_INSTANTIATE_PAGED_DECODE_D_S(T, D, S)                                             \
-  template cudaError_t prehoc::kernels::decode::CtasPerSm<T, D, S>(int*);                       \
+  template cudaError_t prehoc::kernels::decode::CtasPerSm<T, D, S>(int*, bool);                 \
   template cudaError_t prehoc::kernels::decode::Launch<T, D, S>(                                \
       const prehoc::kernels::PagedDecodeParams&, const prehoc::kernels::PagedDecodePlan&, float, \
       cudaStream_t);

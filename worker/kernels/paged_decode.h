@@ -87,7 +87,8 @@ struct PagedDecodeParams {
   // split-KV grid only; a row that exceeds it is still computed correctly (its last split does the
   // rest), just with less parallelism. kTokenMask: the expected number of kept tokens per row
   // (sizes the grid only; splits cut the mask's positions evenly, at most kMaskSplitPositions
-  // positions each, so the grid has at least ceil(mask_stride / 4096) splits).
+  // positions each, or MaskLongSplitPositions(head_dim) with long splits, so the grid has at least
+  // ceil(mask_stride / that) splits).
   int max_kv_len = 0;
   float scale = 0.0f;  // softmax scale; 0 means 1/sqrt(head_dim)
 
@@ -106,13 +107,10 @@ struct PagedDecodeParams {
   // kernel (programmatic dependent launch), no zeroing needed. On an H100 the second kernel was
   // as fast at 32 kv heads and 2-10 us faster at 8 (docs/benchmarks.md, "Variants tried").
   bool fuse_reduction = false;
-  // Split reduction across a thread-block cluster (one launch, no workspace): when the plan has
-  // 2..kMaxClusterSplits splits and fuse_reduction is off, the splits of a row are launched as one
-  // cluster; each CTA keeps its partial in shared memory and, after a cluster barrier, merges its
-  // share of the row's elements from every split's shared memory (distributed shared memory) in
-  // split order, with the reduction kernel's arithmetic (bitwise-identical results). Off, or with
-  // more splits: the reduction kernel.
-  bool cluster_reduction = true;
+  // kTokenMask split length: 0 = the planner's choice (long splits where short ones would need
+  // more than one wave of CTAs and long ones need fewer splits); kMaskSplitPositions = short
+  // splits; MaskLongSplitPositions(head_dim) = long splits. Other values are rejected.
+  int mask_split_positions = 0;
 
   // Diagnostics only (benchmarks): when set, thread 0 of attention CTA i (i = (blockIdx.z *
   // gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x, PagedDecodePlan::ctas of them) writes 8
@@ -133,14 +131,19 @@ struct PagedDecodePlan {
   int ctas = 0;             // attention CTAs launched
   int ctas_per_sm = 0;      // occupancy of the attention kernel
   int split_positions = 0;  // kTokenMask: mask positions per split (multiple of the tile)
-  bool cluster_merge = false;  // splits merged across a cluster (cluster_reduction), no workspace
+  bool mask_long_splits = false;  // kTokenMask: long splits (kept positions in rounds)
   size_t workspace_bytes = 0;
 };
 
-// kTokenMask: the most mask positions one split CTA compacts (its shared-memory list).
+// kTokenMask: the most mask positions one short split CTA covers (its whole slice fits in its
+// shared-memory list of kMaskListCapacity positions).
 constexpr int kMaskSplitPositions = 4096;
-// cluster_reduction: the most splits merged across one cluster (the portable cluster size).
-constexpr int kMaxClusterSplits = 8;
+// kTokenMask long splits: the most mask positions one split CTA covers, 16384 at head_dim 128 and
+// 8192 at 64 (as many CTAs per SM as short splits). The slice and its page-table slice are
+// loaded at once; its kept positions are consumed in rounds of kMaskListCapacity (the list is
+// rebuilt between rounds; a full mask in one split still runs dense's tiles in dense's order).
+constexpr int MaskLongSplitPositions(int head_dim) { return head_dim == 64 ? 8192 : 16384; }
+constexpr int kMaskListCapacity = 4096;
 
 // Returns nullptr when the configuration is supported and well-formed, otherwise a static message
 // naming the offending field (e.g. "head_dim must be 64 or 128"). Pointers are checked for null
@@ -151,13 +154,13 @@ const char* PagedDecodeCheck(const PagedDecodeParams& p);
 // (message via PagedDecodeCheck), or a device query error.
 cudaError_t PagedDecodePlanFor(const PagedDecodeParams& p, PagedDecodePlan* plan);
 
-// Workspace bytes the launch needs (0 with one split or a cluster merge); SIZE_MAX on error.
+// Workspace bytes the launch needs (0 when no reduction pass is needed); SIZE_MAX on error.
 size_t PagedDecodeWorkspaceBytes(const PagedDecodeParams& p);
 
-// Enqueues the attention (and, with several splits merged neither by the fused nor by the cluster
-// reduction, the reduction kernel) on `stream`. The attention kernel is launched with
-// programmatic dependent launch: its CTAs may be scheduled while the previous kernel in the stream
-// drains, and wait (griddepcontrol.wait) for it to finish before reading anything. Returns
+// Enqueues the attention (and, with several splits and fuse_reduction off, the reduction) on
+// `stream`. The attention kernel is launched with programmatic dependent launch: its CTAs may be
+// scheduled while the previous kernel in the stream drains, and wait (griddepcontrol.wait) for it
+// to finish before reading anything. Returns
 // cudaErrorInvalidValue for an unsupported/ill-formed config or too small a workspace, otherwise
 // the launch error. Asynchronous: device-side faults surface at the next synchronisation.
 // Thread-compatible: concurrent calls need distinct workspaces.

@@ -276,11 +276,11 @@ struct RunResult {
 // `fuse` (fused reduction) the tickets start at zero, the kernel runs twice (the second launch
 // relies on the first having put its tickets back to zero; both outputs must be identical) and
 // the tickets must be zero afterwards.
-// `timeline`: PagedDecodeParams::d_timeline (diagnostics), null for none. `cluster`:
-// PagedDecodeParams::cluster_reduction (the API's default: on).
+// `timeline`: PagedDecodeParams::d_timeline (diagnostics), null for none. `mask_split`:
+// PagedDecodeParams::mask_split_positions (kTokenMask; 0 = the planner's choice).
 void RunKernel(const PagedBatch& pb, DeviceBatch& dev, const Selection& sel, int force_splits,
                RunResult* res, bool fuse = false, unsigned long long* timeline = nullptr,
-               bool cluster = true) {
+               int mask_split = 0) {
   PagedDecodeParams p;
   p.dtype = pb.dtype;
   p.selection = sel.kind;
@@ -309,18 +309,15 @@ void RunKernel(const PagedBatch& pb, DeviceBatch& dev, const Selection& sel, int
   p.max_kv_len = sel.max_kv_len;
   p.force_num_splits = force_splits;
   p.fuse_reduction = fuse;
-  p.cluster_reduction = cluster;
+  p.mask_split_positions = mask_split;
   p.d_timeline = timeline;
   ASSERT_EQ(PagedDecodeCheck(p), nullptr) << PagedDecodeCheck(p);
   CUDA_OK(PagedDecodePlanFor(p, &res->plan));
   const size_t ws = PagedDecodeWorkspaceBytes(p);
   ASSERT_NE(ws, SIZE_MAX);
   ASSERT_EQ(ws, res->plan.workspace_bytes);
-  const int splits = res->plan.num_splits;
-  ASSERT_EQ(res->plan.cluster_merge,
-            cluster && !fuse && splits >= 2 && splits <= kMaxClusterSplits);
-  if (res->plan.cluster_merge) {
-    ASSERT_EQ(ws, 0u);  // the partials stay in shared memory
+  if (mask_split != 0) {
+    ASSERT_EQ(res->plan.mask_long_splits, mask_split != kMaskSplitPositions);
   }
   dev.ws.Resize(std::max<size_t>(ws, 16));
   dev.ws.Poison();
@@ -471,14 +468,21 @@ TEST_P(PagedDecodeSweep, MatchesReferenceForEverySelection) {
         EXPECT_EQ(0, std::memcmp(fused.lse.data(), got.lse.data(), got.lse.size() * 4))
             << what << ": fused reduction lse differs bitwise";
       }
-      if (got.plan.cluster_merge) {
-        // The reduction kernel computes the same merge as the cluster: bitwise identical.
-        RunResult kernel;
-        RunKernel(pb, dev, sel, splits[si], &kernel, false, nullptr, /*cluster=*/false);
+      if (sel.kind == KvSelection::kTokenMask) {
+        // Long splits (forced; the planner picks them for large grids only) compact the same
+        // positions: within the reference's tolerance, and bitwise equal to short splits when
+        // both plans have the same splits (a split's list is then the same).
+        RunResult long_splits;
+        RunKernel(pb, dev, sel, splits[si], &long_splits, false, nullptr,
+                  MaskLongSplitPositions(pb.head_dim));
         if (HasFatalFailure()) return;
-        EXPECT_EQ(kernel.out, got.out) << what << ": cluster merge differs bitwise";
-        EXPECT_EQ(0, std::memcmp(kernel.lse.data(), got.lse.data(), got.lse.size() * 4))
-            << what << ": cluster merge lse differs bitwise";
+        ExpectClose(pb, ref, long_splits, what + " long splits");
+        if (long_splits.plan.num_splits == got.plan.num_splits &&
+            long_splits.plan.split_positions == got.plan.split_positions) {
+          EXPECT_EQ(long_splits.out, got.out) << what << ": long splits differ bitwise";
+          EXPECT_EQ(0, std::memcmp(long_splits.lse.data(), got.lse.data(), got.lse.size() * 4))
+              << what << ": long splits lse differs bitwise";
+        }
       }
     }
   }
@@ -517,70 +521,68 @@ TEST(PagedDecode, OddAndLargeGroups) {
   }
 }
 
-// Cluster reduction (the default for 2..kMaxClusterSplits splits): every cluster size, both head
-// dims and dtypes, one and two 16-head query groups per kv head, rows with empty splits (short and
-// empty sequences), empty lists, one kept token and every token kept. Bitwise equal to the
-// reduction kernel (cluster_reduction off) and within the reference's tolerance; 9 splits takes
-// the reduction kernel.
-TEST(PagedDecode, ClusterReductionEqualsTheReductionKernel) {
+// kTokenMask long splits (MaskLongSplitPositions: 16384 positions at head_dim 128, 8192 at 64)
+// with more kept positions than the shared-memory list holds (kMaskListCapacity) run in rounds: a
+// full mask of 16000 tokens in one split is four rounds at head_dim 128 (two splits of two rounds
+// at 64), ~30 % of 16384 positions two rounds; one kept token, an empty mask and short rows too.
+// Each matches the reference; the full mask in one split runs dense's tiles in dense's order
+// (rounds restart at tile boundaries): bitwise equal to dense; the fused reduction is bitwise
+// equal to the reduction kernel.
+using RoundsParam = std::tuple<AttnDType, int /*head_dim*/>;
+class PagedDecodeMaskRounds : public ::testing::TestWithParam<RoundsParam> {};
+
+TEST_P(PagedDecodeMaskRounds, MatchesReferenceAndDense) {
   SKIP_WITHOUT_DEVICE();
-  for (AttnDType dtype : {AttnDType::kFloat16, AttnDType::kBFloat16}) {
-    for (int head_dim : {64, 128}) {
-      for (auto [hq, hkv] : {std::pair{2, 2}, std::pair{8, 2}, std::pair{64, 2}}) {
-        const PagedBatch pb(dtype, hq, hkv, head_dim, {4097, 1, 0, 1000, 17},
-                            31u + hq + head_dim);
-        DeviceBatch dev(pb);
-        for (Mode mode : {Mode::kDense, Mode::kTokenRandom, Mode::kTokenEmpty, Mode::kMaskAll,
-                          Mode::kMaskRandom, Mode::kMaskEmpty, Mode::kMaskOne}) {
-          const Selection sel = MakeSelection(pb, mode, 77u + static_cast<uint32_t>(mode));
-          const Reference ref = ComputeReference(pb, sel);
-          for (int splits : {2, 3, 7, 8, 9}) {
-            RunResult got, kernel;
-            RunKernel(pb, dev, sel, splits, &got);
-            if (HasFatalFailure()) return;
-            const std::string what = std::string(DTypeName(dtype)) + " d" +
-                                     std::to_string(head_dim) + " hq=" + std::to_string(hq) +
-                                     " " + ModeName(mode) + " splits=" +
-                                     std::to_string(got.plan.num_splits);
-            // (Token lists plan with their own length: fewer splits than forced at times.)
-            EXPECT_EQ(got.plan.cluster_merge,
-                      got.plan.num_splits >= 2 && got.plan.num_splits <= kMaxClusterSplits)
-                << what;
-            ExpectClose(pb, ref, got, what);
-            RunKernel(pb, dev, sel, splits, &kernel, false, nullptr, /*cluster=*/false);
-            if (HasFatalFailure()) return;
-            EXPECT_FALSE(kernel.plan.cluster_merge);
-            EXPECT_EQ(kernel.out, got.out) << what << ": cluster merge differs bitwise";
-            EXPECT_EQ(0, std::memcmp(kernel.lse.data(), got.lse.data(), got.lse.size() * 4))
-                << what << ": cluster merge lse differs bitwise";
-          }
-        }
+  const auto [dtype, head_dim] = GetParam();
+  const int long_positions = MaskLongSplitPositions(head_dim);
+  const PagedBatch pb(dtype, 8, 2, head_dim, {16000, 9000, 4097, 5, 0, 1}, 77u + head_dim);
+  DeviceBatch dev(pb);
+  const Selection dense_sel = MakeSelection(pb, Mode::kDense, 1u);
+  RunResult dense;
+  RunKernel(pb, dev, dense_sel, 1, &dense);
+  if (HasFatalFailure()) return;
+  for (Mode mode : {Mode::kMaskAll, Mode::kMaskRandom, Mode::kMaskOne, Mode::kMaskEmpty}) {
+    const Selection sel = MakeSelection(pb, mode, 31u + static_cast<uint32_t>(mode));
+    const Reference ref = ComputeReference(pb, sel);
+    for (int splits : {0, 1, 2, 3}) {
+      RunResult got;
+      RunKernel(pb, dev, sel, splits, &got, false, nullptr, long_positions);
+      if (HasFatalFailure()) return;
+      const std::string what = std::string(ModeName(mode)) + " splits=" +
+                               std::to_string(got.plan.num_splits) + " (forced " +
+                               std::to_string(splits) + ")";
+      EXPECT_TRUE(got.plan.mask_long_splits) << what;
+      EXPECT_LE(got.plan.split_positions, long_positions) << what;
+      ExpectClose(pb, ref, got, what);
+      if (mode == Mode::kMaskAll && got.plan.num_splits == 1) {
+        EXPECT_EQ(head_dim, 128) << what;
+        EXPECT_EQ(got.out, dense.out) << what << " differs bitwise from dense";
+        EXPECT_EQ(0, std::memcmp(got.lse.data(), dense.lse.data(), got.lse.size() * 4))
+            << what << " lse differs bitwise from dense";
       }
+      if (got.plan.num_splits > 1) {
+        RunResult fused;
+        RunKernel(pb, dev, sel, splits, &fused, /*fuse=*/true, nullptr, long_positions);
+        if (HasFatalFailure()) return;
+        EXPECT_EQ(fused.out, got.out) << what << ": fused reduction differs bitwise";
+      }
+      // Launch to launch: bitwise the same.
+      RunResult again;
+      RunKernel(pb, dev, sel, splits, &again, false, nullptr, long_positions);
+      if (HasFatalFailure()) return;
+      EXPECT_EQ(again.out, got.out) << what << ": not deterministic";
     }
   }
 }
 
-// Results are bitwise the same from launch to launch (fixed merge order, no atomics).
-TEST(PagedDecode, ClusterReductionIsDeterministic) {
-  SKIP_WITHOUT_DEVICE();
-  const PagedBatch pb(AttnDType::kBFloat16, 32, 8, 128, {16384, 9000, 16000, 3}, 5u);
-  DeviceBatch dev(pb);
-  for (Mode mode : {Mode::kMaskRandom, Mode::kTokenRandom, Mode::kDense}) {
-    const Selection sel = MakeSelection(pb, mode, 3u);
-    RunResult first;
-    RunKernel(pb, dev, sel, 4, &first);
-    if (HasFatalFailure()) return;
-    ASSERT_TRUE(first.plan.cluster_merge) << ModeName(mode);
-    for (int run = 0; run < 5; ++run) {
-      RunResult again;
-      RunKernel(pb, dev, sel, 4, &again);
-      if (HasFatalFailure()) return;
-      EXPECT_EQ(again.out, first.out) << ModeName(mode) << " run " << run;
-      EXPECT_EQ(0, std::memcmp(again.lse.data(), first.lse.data(), first.lse.size() * 4));
-    }
-    ExpectClose(pb, ComputeReference(pb, sel), first, ModeName(mode));
-  }
-}
+INSTANTIATE_TEST_SUITE_P(Shapes, PagedDecodeMaskRounds,
+                         ::testing::Combine(::testing::Values(AttnDType::kFloat16,
+                                                              AttnDType::kBFloat16),
+                                            ::testing::Values(64, 128)),
+                         [](const ::testing::TestParamInfo<RoundsParam>& info) {
+                           return std::string(DTypeName(std::get<0>(info.param))) + "_d" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
 
 // Heuristic plan at a large shape: many splits, many CTAs; still matches the reference.
 TEST(PagedDecode, LongContextHeuristicPlan) {
@@ -796,37 +798,62 @@ TEST(PagedDecode, MaskPlanAndFusedWorkspace) {
   p.force_num_splits = 1;  // raised to the mask's minimum
   CUDA_OK(PagedDecodePlanFor(p, &plan));
   EXPECT_GE(plan.num_splits, 65536 / kMaskSplitPositions);
-  EXPECT_FALSE(plan.cluster_merge);  // 16 splits: more than a cluster merges
 }
 
-// The cluster merge is planned for 2..kMaxClusterSplits splits unless it is turned off or the
-// fused reduction is asked for; it needs no workspace.
-TEST(PagedDecode, ClusterMergePlan) {
+// The planner takes long kTokenMask splits only where short ones would need more than one wave of
+// CTAs and long ones need fewer splits, and one long split per row (no reduction) where the rows
+// alone cover ~every SM with >= 16 tiles each; long splits keep the occupancy of short ones; the
+// field can force either; other values are rejected.
+TEST(PagedDecode, MaskLongSplitPlan) {
   SKIP_WITHOUT_DEVICE();
-  PagedDecodeParams p = MaskParamsForChecks(8, 32, 8);
-  p.num_sms = 132;
-  p.mask_stride = 16384;
-  p.max_kv_len = 1024;
-  PagedDecodePlan plan;
-  CUDA_OK(PagedDecodePlanFor(p, &plan));
-  EXPECT_EQ(plan.num_splits, 4);
-  EXPECT_TRUE(plan.cluster_merge);
-  EXPECT_EQ(plan.workspace_bytes, 0u);
-  EXPECT_EQ(PagedDecodeWorkspaceBytes(p), 0u);
-  p.cluster_reduction = false;
-  CUDA_OK(PagedDecodePlanFor(p, &plan));
-  EXPECT_FALSE(plan.cluster_merge);
-  EXPECT_EQ(plan.workspace_bytes, size_t{8} * 32 * 4 * 129 * 4);
-  p.cluster_reduction = true;
-  p.fuse_reduction = true;
-  CUDA_OK(PagedDecodePlanFor(p, &plan));
-  EXPECT_FALSE(plan.cluster_merge);
-  p.fuse_reduction = false;
-  p.selection = KvSelection::kDense;
-  p.max_kv_len = 100;  // one split
-  CUDA_OK(PagedDecodePlanFor(p, &plan));
-  EXPECT_EQ(plan.num_splits, 1);
-  EXPECT_FALSE(plan.cluster_merge);
+  struct Case {
+    int batch, kv_heads, stride, kept, head_dim;
+    bool want_long;
+    int want_splits, want_positions;
+  };
+  for (const Case& c : {Case{8, 8, 65536, 4096, 128, true, 4, 16384},
+                        Case{8, 8, 16384, 1024, 128, false, 4, 4096},
+                        Case{16, 8, 16384, 1024, 128, true, 1, 16384},
+                        Case{16, 8, 16384, 512, 128, true, 2, 8192},
+                        Case{16, 8, 65536, 4096, 128, true, 4, 16384},
+                        Case{16, 8, 4096, 256, 128, false, 2, 2048},
+                        Case{1, 8, 16384, 1024, 128, false, 8, 2048},
+                        Case{1, 8, 131072, 8192, 128, false, 32, 4096},
+                        Case{8, 8, 65536, 4096, 64, true, 8, 8192}}) {
+    PagedDecodeParams p = MaskParamsForChecks(c.batch, 32, c.kv_heads);
+    p.head_dim = c.head_dim;
+    p.num_sms = 132;
+    p.mask_stride = c.stride;
+    p.max_kv_len = c.kept;
+    PagedDecodePlan plan;
+    CUDA_OK(PagedDecodePlanFor(p, &plan));
+    char what[96];
+    std::snprintf(what, sizeof(what), "B%d Hkv%d stride %d d%d", c.batch, c.kv_heads, c.stride,
+                  c.head_dim);
+    EXPECT_EQ(plan.mask_long_splits, c.want_long) << what;
+    EXPECT_EQ(plan.num_splits, c.want_splits) << what;
+    EXPECT_EQ(plan.split_positions, c.want_positions) << what;
+    PagedDecodeParams dense = p;
+    dense.selection = KvSelection::kDense;
+    PagedDecodePlan dense_plan;
+    CUDA_OK(PagedDecodePlanFor(dense, &dense_plan));
+    EXPECT_EQ(plan.ctas_per_sm, dense_plan.ctas_per_sm) << what;
+    for (int forced : {kMaskSplitPositions, MaskLongSplitPositions(c.head_dim)}) {
+      p.mask_split_positions = forced;
+      CUDA_OK(PagedDecodePlanFor(p, &plan));
+      EXPECT_EQ(plan.mask_long_splits, forced != kMaskSplitPositions) << what;
+      EXPECT_LE(plan.split_positions, forced) << what;
+      EXPECT_GE(static_cast<int64_t>(plan.split_positions) * plan.num_splits, c.stride) << what;
+    }
+  }
+  PagedDecodeParams p = MaskParamsForChecks(1, 32, 8);
+  p.mask_stride = 64;
+  p.mask_split_positions = 8192;  // only at head_dim 64
+  EXPECT_STREQ(PagedDecodeCheck(p),
+               "mask_split_positions must be 0, kMaskSplitPositions or "
+               "MaskLongSplitPositions(head_dim)");
+  p.head_dim = 64;
+  EXPECT_EQ(PagedDecodeCheck(p), nullptr);
 }
 
 // The CPU reference's keep-mask selection is the token-list selection of the mask's kept positions
