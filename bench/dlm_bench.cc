@@ -6,7 +6,7 @@
 //             [--prompt=1000] [--gen=256] [--block=32] [--steps=256] [--parallel-steps=64]
 //             [--runs=1/*,16/dual] [--reps=3] [--gemm-tune=0|1] [--kernel-profile=0|1]
 //             [--skinny-gemm=0|1] [--cuda-graphs=0|1] [--fused=0|1] [--phases=0|1]
-//             [--fused-attention=0|1]
+//             [--fused-attention=0|1] [--fused-attention-max-rows=N]
 //             [--json=PATH]
 //
 // Shape: LLaDA-8B's config.json (GSAI-ML/LLaDA-8B-Instruct) parsed by our LLaDA reader
@@ -92,6 +92,7 @@ struct Args {
   int cuda_graphs = 1;  // CudaDlmOptions::cuda_graphs (only effective with --phases=0)
   int fused = 1;        // CudaDlmOptions::fused_row_ops
   int fused_attention = 1;  // CudaDlmOptions::fused_attention
+  int fused_attention_max_rows = 0;  // CudaDlmOptions::fused_attention_max_rows
   int phases = 1;       // CudaDlmOptions::profile
 };
 
@@ -322,6 +323,7 @@ int Main(int argc, char** argv) {
     else if (key == "--phases") ok = one(&a.phases);
     else if (key == "--fused") ok = one(&a.fused);
     else if (key == "--fused-attention") ok = one(&a.fused_attention);
+    else if (key == "--fused-attention-max-rows") ok = one(&a.fused_attention_max_rows);
     else ok = false;
     if (!ok) {
       std::fprintf(stderr, "dlm_bench: bad argument '%s' (see the file comment)\n", arg.c_str());
@@ -349,6 +351,7 @@ int Main(int argc, char** argv) {
     o.cuda_graphs = a.cuda_graphs != 0;
     o.fused_row_ops = a.fused != 0;
     o.fused_attention = a.fused_attention != 0;
+    o.fused_attention_max_rows = a.fused_attention_max_rows;
     o.gemm_tune = a.gemm_tune != 0;
     o.profile_kernels = a.kernel_profile != 0;
     auto m = CudaDlmModel::Create(o);
@@ -401,6 +404,7 @@ int Main(int argc, char** argv) {
                         {"skinny_gemm", a.skinny_gemm}, {"cuda_graphs", a.cuda_graphs},
                         {"fused_row_ops", a.fused}, {"phases", a.phases},
                         {"fused_attention", a.fused_attention},
+                        {"fused_attention_max_rows", a.fused_attention_max_rows},
                         {"results", nlohmann::json::array()}};
   auto save = [&] {
     if (a.json.empty()) return;

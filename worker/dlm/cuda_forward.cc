@@ -138,6 +138,7 @@ struct CudaDlmModel::Impl {
   int num_sms = 0;
   bool fused = true;  // CudaDlmOptions::fused_row_ops
   bool fused_attn = true;  // CudaDlmOptions::fused_attention
+  int fused_attn_max_rows = 0;  // CudaDlmOptions::fused_attention_max_rows
   // CudaDlmOptions::cuda_graphs: executable graphs by step key, and how often each key was seen
   // (captured at the second sighting).
   bool graphs = false;
@@ -438,8 +439,8 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
       g.ptr_off = n_ptrs;
       g.s_off = s_used;
       n_ptrs += 6 * static_cast<size_t>(g.count);
-      if (attn_fusable && g.m <= k::kDlmAttnMaxRows) {
-        g.splits = k::DlmAttentionSplits(g.count, g.N, num_sms);
+      if (attn_fusable && (fused_attn_max_rows <= 0 || g.m <= fused_attn_max_rows)) {
+        g.splits = k::DlmAttentionSplits(g.count, g.m, g.N, num_sms);
         work_max = std::max(work_max, k::DlmAttentionWorkFloats(g.count, g.m, hd(), g.splits));
       } else {
         s_used += static_cast<size_t>(g.count) * g.m * g.N;
@@ -758,7 +759,7 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
             ap.d_v = P6 + 3 * g.count;
             ap.d_o = const_cast<void* const*>(P6 + 5 * g.count);
             ap.d_work = attn_work.as<float>();
-            DLM_CUDA(k::DlmFewRowsAttention(ap, stream));
+            DLM_CUDA(k::DlmFusedAttention(ap, stream));
             RETURN_IF_ERROR(tick("attn_fused"));
             continue;
           }
@@ -1029,6 +1030,7 @@ absl::StatusOr<std::unique_ptr<CudaDlmModel>> CudaDlmModel::Create(const CudaDlm
   m.graphs = o.cuda_graphs;
   m.fused = o.fused_row_ops;
   m.fused_attn = o.fused_attention;
+  m.fused_attn_max_rows = o.fused_attention_max_rows;
   {
     cudaDeviceProp dp;
     DLM_CUDA(cudaGetDeviceProperties(&dp, o.device));

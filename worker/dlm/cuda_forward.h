@@ -19,9 +19,9 @@
 //     K/V GEMM on the rows whose K/V are recomputed (all live rows or Q), RoPE, scatter into the
 //       cache; Q GEMM + RoPE on Q;
 //     attention of Q over every canvas row of its request (bidirectional), one call per group of
-//       requests with the same (canvas rows, |Q|): for |Q| <= 64 the fused few-rows kernel
-//       (DlmFewRowsAttention, fused_attention), otherwise cuBLAS batched GEMMs S = scale·Q Kᵀ
-//       (f32), softmax → P (bf16), O = P V (bf16);
+//       requests with the same (canvas rows, |Q|): the fused kernel (DlmFusedAttention,
+//       fused_attention), or cuBLAS batched GEMMs S = scale·Q Kᵀ (f32), softmax → P (bf16),
+//       O = P V (bf16);
 //     O GEMM, x + a → RMSNorm → gate/up GEMM → SiLU·up → down GEMM accumulated onto a, so
 //       a = δ; every live row: x += δ (fresh for Q, stored; cached otherwise);
 //   final RMSNorm + LM head GEMM on the logit rows only; top-1 + probability on the device (or
@@ -35,9 +35,10 @@
 // calibration) are not measured (calibrate on the CPU); a batch whose items differ in select /
 // first_selective_layer / kv_all_rows / store_proxy runs as several forwards, one per kind.
 // Limits: head_dim even; at most 8192 live rows per request in a selective step (the
-// per-request selection runs in one CTA's shared memory); memory for the attention scores is
-// Σ_requests |Q|·Hq·rows f32 + bf16 per layer (3.2 + 1.6 GB for 16 requests of 1256 rows at
-// LLaDA-8B shape in a full step).
+// per-request selection runs in one CTA's shared memory); the cuBLAS attention path (fused
+// attention off or above fused_attention_max_rows) needs Σ_requests |Q|·Hq·rows f32 + bf16 of
+// scores per layer (3.2 + 1.6 GB for 16 requests of 1256 rows at LLaDA-8B shape in a full step);
+// the fused kernel only its key splits' partials.
 //
 // Without a GPU (or in a build without CUDA) Create returns UNAVAILABLE with the reason.
 // Thread-safety: ForwardBatch / NewCache calls are serialised by an internal mutex; a cache
@@ -112,11 +113,14 @@ struct CudaDlmOptions {
   // and the residual update fused with the next layer's input RMSNorm (DlmResidualRmsNorm).
   // Off: the separate Q and K/V GEMMs, RoPE / scatter and norm kernels.
   bool fused_row_ops = true;
-  // Attention of a group of requests with at most kDlmAttnMaxRows (64) recomputed rows each
-  // (the cached steps) in one fused tensor-core kernel (DlmFewRowsAttention: S and P stay on
-  // chip, keys split over CTAs) instead of cuBLAS batched QKᵀ → softmax → PV through memory;
-  // head_dim 64 or 128. Larger groups (full and response-refresh steps) keep the cuBLAS path.
+  // Attention in one fused tensor-core kernel (DlmFusedAttention: S and P stay on chip, keys
+  // split over CTAs when the rows alone do not fill the GPU) instead of cuBLAS batched QKᵀ →
+  // softmax → PV through memory; head_dim 64 or 128. Only for groups with at most
+  // `fused_attention_max_rows` recomputed rows per request when that is > 0 (64: the cached
+  // steps only, as measured in session 5's first variant; 0: every step, vanilla's full steps
+  // included).
   bool fused_attention = true;
+  int fused_attention_max_rows = 0;
 };
 
 class CudaDlmModel : public DlmBackend {

@@ -146,30 +146,32 @@ size_t DlmAttentionWorkFloats(int count, int m, int head_dim, int splits) {
   return static_cast<size_t>(count) * splits * m * (head_dim + 2);
 }
 
-int DlmAttentionSplits(int count, int n_keys, int num_sms) {
+int DlmAttentionSplits(int count, int m, int n_keys, int num_sms) {
   const int tiles = (n_keys + dlm_ops::kAttnKeys - 1) / dlm_ops::kAttnKeys;
-  if (count <= 0 || tiles <= 1) return 1;
+  if (count <= 0 || m <= 0 || tiles <= 1) return 1;
+  const int64_t ctas = static_cast<int64_t>(count) * ((m + kDlmAttnRowsPerCta - 1) / kDlmAttnRowsPerCta);
   // The kernel fits 2 CTAs per SM (170 registers × 128 threads): one wave of at most
   // 2 · num_sms CTAs (rounding up made 288 CTAs for 32 heads on 132 SMs, a second wave).
-  const int want = 2 * std::max(num_sms, 1) / count;
-  return std::clamp(want, 1, tiles);
+  const int want = static_cast<int>(std::min<int64_t>(2 * std::max(num_sms, 1) / ctas, tiles));
+  return std::max(want, 1);
 }
 
 namespace {
 
 template <int HD>
-cudaError_t LaunchFewRowsAttention(const DlmAttentionParams& p, cudaStream_t stream) {
+cudaError_t LaunchFusedAttention(const DlmAttentionParams& p, cudaStream_t stream) {
   constexpr int smem = dlm_ops::AttnSmemBytes<HD>();
   // Above the 48 KiB default for HD = 128; idempotent, so a race between threads is harmless.
   static bool attr_set = false;
   if (!attr_set) {
-    const cudaError_t e = cudaFuncSetAttribute(dlm_ops::FewRowsAttentionKernel<HD>,
+    const cudaError_t e = cudaFuncSetAttribute(dlm_ops::FusedAttentionKernel<HD>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     attr_set = true;
   }
-  dlm_ops::FewRowsAttentionKernel<HD>
-      <<<dim3(p.count, p.splits), dlm_ops::kAttnThreads, smem, stream>>>(p);
+  const unsigned row_blocks = (p.m + kDlmAttnRowsPerCta - 1) / kDlmAttnRowsPerCta;
+  dlm_ops::FusedAttentionKernel<HD>
+      <<<dim3(p.count, p.splits, row_blocks), dlm_ops::kAttnThreads, smem, stream>>>(p);
   if (p.splits > 1) {
     dlm_ops::AttentionCombineKernel<HD><<<dim3(p.count, p.m), HD, 0, stream>>>(p);
   }
@@ -178,8 +180,8 @@ cudaError_t LaunchFewRowsAttention(const DlmAttentionParams& p, cudaStream_t str
 
 }  // namespace
 
-cudaError_t DlmFewRowsAttention(const DlmAttentionParams& p, cudaStream_t stream) {
-  if (p.count < 0 || p.m < 1 || p.m > kDlmAttnMaxRows || p.n_keys < 1 ||
+cudaError_t DlmFusedAttention(const DlmAttentionParams& p, cudaStream_t stream) {
+  if (p.count < 0 || p.m < 1 || p.m > (1 << 22) || p.n_keys < 1 ||
       (p.head_dim != 64 && p.head_dim != 128) || p.ldq < p.head_dim || p.ldq % 2 != 0 ||
       p.splits < 1 || p.count > 0x7fffffff / std::max(p.splits, 1)) {
     return cudaErrorInvalidValue;
@@ -196,8 +198,8 @@ cudaError_t DlmFewRowsAttention(const DlmAttentionParams& p, cudaStream_t stream
     cudaGetLastError();
     return cudaErrorInvalidValue;
   }
-  return p.head_dim == 64 ? LaunchFewRowsAttention<64>(p, stream)
-                          : LaunchFewRowsAttention<128>(p, stream);
+  return p.head_dim == 64 ? LaunchFusedAttention<64>(p, stream)
+                          : LaunchFusedAttention<128>(p, stream);
 }
 
 }  // namespace prehoc::kernels

@@ -439,9 +439,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- Few-rows fused attention (DlmFewRowsAttention).
+// ---- Fused attention (DlmFusedAttention).
 constexpr int kAttnKeys = 64;      // keys per tile
-constexpr int kAttnThreads = 128;  // 4 warps, warp w = query rows [16w, 16w + 16)
+constexpr int kAttnThreads = 128;  // 4 warps, warp w = query rows [16w, 16w + 16) of the block
+static_assert(kAttnThreads / 32 * 16 == kDlmAttnRowsPerCta);
 
 template <int HD>
 constexpr int AttnSmemBytes() {
@@ -467,13 +468,14 @@ __device__ __forceinline__ void AttnMma(float (&c)[4], const uint32_t (&a)[4], u
 #endif
 }
 
-// Grid (count, splits), kAttnThreads threads, AttnSmemBytes<HD>() dynamic shared memory.
+// Grid (count, splits, ceil(m / 64)), kAttnThreads threads, AttnSmemBytes<HD>() dynamic shared
+// memory.
 // Fragment maths (lane = 4g + t): the m16n8k16 accumulator holds rows g and g + 8, columns
 // 2t, 2t + 1 of its 16×8 tile; A (Q, P) rows g / g + 8, k 2t.. and 2t + 8..; B (Kᵀ, V) k 2t..
 // and 2t + 8.., column g. K tiles in shared memory are [key][dim], so Kᵀ's B fragment is two
 // consecutive bf16 of one key row; V's is two consecutive keys of one dim (ldmatrix.trans).
 template <int HD>
-__global__ void __launch_bounds__(kAttnThreads) FewRowsAttentionKernel(DlmAttentionParams p) {
+__global__ void __launch_bounds__(kAttnThreads) FusedAttentionKernel(DlmAttentionParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int LDS = HD + 8;
   extern __shared__ __align__(16) uint16_t attn_smem[];
@@ -487,7 +489,7 @@ __global__ void __launch_bounds__(kAttnThreads) FewRowsAttentionKernel(DlmAttent
   const int t0 = static_cast<int>(static_cast<int64_t>(split) * tiles / splits);
   const int t1 = static_cast<int>(static_cast<int64_t>(split + 1) * tiles / splits);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int row0 = warp * 16;
+  const int row0 = blockIdx.z * kDlmAttnRowsPerCta + warp * 16;
   const bool active = row0 < M;
 
   auto load_tile = [&](int tile, int stage) {

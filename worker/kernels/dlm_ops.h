@@ -130,18 +130,18 @@ cudaError_t DlmResidualRmsNorm(float* d_x, const int32_t* d_inv, const float* d_
                                const int32_t* d_live_req, const DlmCacheView* d_caches,
                                const float* d_w, float eps, uint16_t* d_out, cudaStream_t stream);
 
-// Attention of few query rows over all keys, fused (flash style: S and P stay on chip), for the
-// cached steps' selected rows. For entry e in [0, count) — one (request, query head) — with
+// Attention of query rows over all keys, fused (flash style: S and P stay on chip): the
+// cached steps' few selected rows, and whole canvases. For entry e in [0, count) — one (request, query head) — with
 // K = k[e], V = v[e] ([n_keys][head_dim] bf16, contiguous rows), Q = q[e] and O = o[e] ([m]
 // rows of head_dim bf16 at row stride ldq):
 //   O[r] = bf16( Σ_t softmax_t(scale · Q[r]·K[t]) V[t] )  for r < m.
 // Tensor cores (bf16 mma.sync, f32 accumulation, P rounded to bf16 before P·V as in the
-// unfused path); the keys are split over `splits` CTAs per entry whose partial results
-// (unnormalised O, row max, row sum) go to d_work and are merged by a second kernel
-// (splits == 1: written directly). REQUIRES: 1 <= m <= kDlmAttnMaxRows, head_dim 64 or 128,
-// ldq >= head_dim and even; splits >= 1; d_work holds DlmAttentionWorkFloats(...) floats when
-// splits > 1. Needs sm_80+ (mma.sync bf16); cudaErrorInvalidValue otherwise.
-constexpr int kDlmAttnMaxRows = 64;
+// unfused path); one CTA per (entry, key split, block of kDlmAttnRowsPerCta rows); the keys are
+// split over `splits` CTAs whose partial results (unnormalised O, row max, row sum) go to d_work
+// and are merged by a second kernel (splits == 1: written directly). REQUIRES: m >= 1, head_dim
+// 64 or 128, ldq >= head_dim and even; splits >= 1; d_work holds DlmAttentionWorkFloats(...)
+// floats when splits > 1. Needs sm_80+ (mma.sync bf16); cudaErrorInvalidValue otherwise.
+constexpr int kDlmAttnRowsPerCta = 64;
 struct DlmAttentionParams {
   int count = 0, m = 0, n_keys = 0, head_dim = 0, ldq = 0, splits = 1;
   float scale = 1.0f;
@@ -151,12 +151,12 @@ struct DlmAttentionParams {
   void* const* d_o = nullptr;
   float* d_work = nullptr;
 };
-cudaError_t DlmFewRowsAttention(const DlmAttentionParams& p, cudaStream_t stream);
+cudaError_t DlmFusedAttention(const DlmAttentionParams& p, cudaStream_t stream);
 // Floats of d_work for (count, m, head_dim, splits); 0 when splits == 1.
 size_t DlmAttentionWorkFloats(int count, int m, int head_dim, int splits);
-// A split count that fills one wave of ≈ 2 CTAs per SM (at least 1, at most one split per
-// 64-key tile).
-int DlmAttentionSplits(int count, int n_keys, int num_sms);
+// A split count that fills one wave of ≈ 2 CTAs per SM with count · ceil(m / 64) · splits CTAs
+// (at least 1, at most one split per 64-key tile).
+int DlmAttentionSplits(int count, int m, int n_keys, int num_sms);
 
 // Per logits row: top1[r] = the first index of the maximum (NaN never wins; all NaN → 0),
 // prob[r] = 1 / Σ_v exp(l[v] − l[top1]) (its softmax probability, fp32).

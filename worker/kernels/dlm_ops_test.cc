@@ -344,17 +344,17 @@ TEST(DlmOpsTest, QkvRopeScatterEqualsSeparateKernels) {
   }
 }
 
-// DlmFewRowsAttention against a float64 reference on the same bf16 inputs. Entries are laid
+// DlmFusedAttention against a float64 reference on the same bf16 inputs. Entries are laid
 // out as in the forward: Q and O of entry e are head e of [m][count·head_dim] matrices, K and V
 // one [n_keys][head_dim] matrix each. Bound per element: P and the output are rounded to bf16,
 // so |out − ref| <= 8e-3 · (Σ_t p_t |v_t| + |ref|) + 1e-5 (a wrong index or a missed tile is
 // off by O(Σ p |v|)).
 struct AttnCase {
-  int head_dim, m, n_keys, count, splits;  // splits 0: DlmAttentionSplits(count, n_keys, 132)
+  int head_dim, m, n_keys, count, splits;  // splits 0: DlmAttentionSplits(count, m, n_keys, 132)
 };
-class DlmFewRowsAttentionTest : public ::testing::TestWithParam<AttnCase> {};
+class DlmFusedAttentionTest : public ::testing::TestWithParam<AttnCase> {};
 
-TEST_P(DlmFewRowsAttentionTest, MatchesReference) {
+TEST_P(DlmFusedAttentionTest, MatchesReference) {
   if (!HaveDevice()) GTEST_SKIP() << "no CUDA device";
   int dev = 0, major = 0;
   cudaGetDevice(&dev);
@@ -362,7 +362,7 @@ TEST_P(DlmFewRowsAttentionTest, MatchesReference) {
   if (major < 8) GTEST_SKIP() << "needs sm_80+";
   const AttnCase c = GetParam();
   const int hd = c.head_dim, m = c.m, N = c.n_keys, count = c.count, ldq = count * hd;
-  const int splits = c.splits > 0 ? c.splits : DlmAttentionSplits(count, N, 132);
+  const int splits = c.splits > 0 ? c.splits : DlmAttentionSplits(count, m, N, 132);
   std::mt19937 rng(static_cast<unsigned>(hd * 7919 + m * 31 + N));
   std::normal_distribution<float> g(0.0f, 1.0f);
   auto bf = [](float f) {  // round to bf16 bits (nearest even)
@@ -403,7 +403,7 @@ TEST_P(DlmFewRowsAttentionTest, MatchesReference) {
   p.d_v = d_ptrs + 2 * count;
   p.d_o = const_cast<void* const*>(d_ptrs + 3 * count);
   p.d_work = d_w;
-  ASSERT_EQ(DlmFewRowsAttention(p, nullptr), cudaSuccess);
+  ASSERT_EQ(DlmFusedAttention(p, nullptr), cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto out = Download(d_o, static_cast<size_t>(m) * ldq);
   double worst = 0;
@@ -446,16 +446,20 @@ TEST_P(DlmFewRowsAttentionTest, MatchesReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(
-    Shapes, DlmFewRowsAttentionTest,
+    Shapes, DlmFusedAttentionTest,
     ::testing::Values(AttnCase{128, 41, 1256, 3, 0},  // LLaDA-8B partial step, auto splits
                       AttnCase{128, 64, 1256, 2, 1},  // one split: written directly
                       AttnCase{128, 17, 64, 2, 3},    // more splits than tiles: empty splits
                       AttnCase{128, 2, 300, 4, 2},    // min_rows, a partial last tile
                       AttnCase{64, 1, 1, 2, 1},       // one key
                       AttnCase{64, 64, 65, 3, 2},     // a 1-key last tile
-                      AttnCase{64, 33, 263, 6, 0}));  // the shipped model's shape
+                      AttnCase{64, 33, 263, 6, 0},    // the shipped model's shape
+                      AttnCase{128, 100, 300, 2, 2},  // two row blocks, the second partial
+                      AttnCase{128, 256, 1256, 2, 0},  // a response refresh
+                      AttnCase{128, 1256, 1256, 1, 1},  // a full step (20 row blocks)
+                      AttnCase{64, 263, 263, 2, 0}));   // the shipped model's full step
 
-TEST(DlmOpsTest, FewRowsAttentionRefusals) {
+TEST(DlmOpsTest, FusedAttentionRefusals) {
   DlmAttentionParams p;
   p.count = 1;
   p.m = 1;
@@ -466,18 +470,19 @@ TEST(DlmOpsTest, FewRowsAttentionRefusals) {
   p.d_k = p.d_q = p.d_v = reinterpret_cast<const void* const*>(&p);
   p.d_o = reinterpret_cast<void* const*>(&p);
   for (auto bad : {+[](DlmAttentionParams& q) { q.m = 0; },
-                   +[](DlmAttentionParams& q) { q.m = kDlmAttnMaxRows + 1; },
                    +[](DlmAttentionParams& q) { q.head_dim = 96; q.ldq = 96; },
                    +[](DlmAttentionParams& q) { q.ldq = 64; },
                    +[](DlmAttentionParams& q) { q.splits = 2; },  // no work buffer
                    +[](DlmAttentionParams& q) { q.n_keys = 0; }}) {
     DlmAttentionParams q = p;
     bad(q);
-    EXPECT_EQ(DlmFewRowsAttention(q, nullptr), cudaErrorInvalidValue);
+    EXPECT_EQ(DlmFusedAttention(q, nullptr), cudaErrorInvalidValue);
   }
-  EXPECT_EQ(DlmAttentionSplits(32, 1256, 132), 8);   // one wave of 2 CTAs per SM
-  EXPECT_EQ(DlmAttentionSplits(512, 1256, 132), 1);  // enough entries already
-  EXPECT_EQ(DlmAttentionSplits(1, 100, 132), 2);     // at most one split per 64-key tile
+  EXPECT_EQ(DlmAttentionSplits(32, 41, 1256, 132), 8);    // one wave of 2 CTAs per SM
+  EXPECT_EQ(DlmAttentionSplits(32, 256, 1256, 132), 2);   // 4 row blocks per head
+  EXPECT_EQ(DlmAttentionSplits(32, 1256, 1256, 132), 1);  // 20 row blocks: enough CTAs
+  EXPECT_EQ(DlmAttentionSplits(512, 41, 1256, 132), 1);   // enough entries already
+  EXPECT_EQ(DlmAttentionSplits(1, 5, 100, 132), 2);       // at most one split per 64-key tile
   EXPECT_EQ(DlmAttentionWorkFloats(3, 5, 64, 1), 0u);
   EXPECT_EQ(DlmAttentionWorkFloats(3, 5, 64, 4), 3u * 4 * 5 * 66);
 }
