@@ -20,6 +20,7 @@
 #include "services/cli/diffuse.h"
 #include "worker/dlm/calibration.h"
 #include "worker/dlm/decoder.h"
+#include "worker/dlm/dlm_runner.h"  // CreateDlmBackend
 #include "worker/engine.h"
 
 namespace prehoc {
@@ -27,7 +28,7 @@ namespace {
 
 constexpr char kUsage[] = R"(Usage: prehoc diffuse --eval [flags]
 
-Runs every DLM cache policy on the same prompts (CPU) and reports, per policy: tokens/s and
+Runs every DLM cache policy on the same prompts (on --device) and reports, per policy: tokens/s and
 speedup vs vanilla ("none"), retrieval accuracy on retrieval_2k.jsonl (input [BOS] + prompt +
 [MASK]*len(answer) + suffix, exact match of the decoded answer), token agreement with vanilla,
 bits per byte of the generated text under the AR model, rows recomputed per step and layer,
@@ -54,6 +55,9 @@ Flags:
                           the proposed tokens and the fraction of steps whose commits equal the
                           exact decision (no divergence cascade; costs a vanilla forward per step)
   --threads N             CPU threads (default 0 = all)
+  --device D              backend the policies decode on: cpu (default), cuda or auto (CUDA when
+                          usable); calibration, --fidelity's exact forwards and the AR scoring
+                          run on the CPU
   --json FILE             write everything as JSON
   --log-level L           (default warning)
 )";
@@ -157,6 +161,7 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
   int retrieval_rows = 16, retrieval_steps = 0, gen_rows = 4, gen_prompt_bytes = 384;
   int gen_length = 64, block_length = 32, steps = 64, calibration_rows = 4, proxy_rank = 0;
   int threads = 0;
+  std::string device = "cpu";
   bool fidelity = false;
   bool eval = true;  // the flag that brought us here
   FlagSet flags(kUsage);
@@ -178,6 +183,7 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
   flags.Int("calibration-rows", &calibration_rows, "calibration rows");
   flags.Int("proxy-rank", &proxy_rank, "singular-proxy rank");
   flags.Int("threads", &threads, "CPU threads");
+  flags.String("device", &device, "decoding backend: cpu, cuda or auto");
   if (int code = flags.ParseCommand(args, 2, "prehoc diffuse --eval", kUsage, out, err);
       code >= 0) {
     return code;
@@ -195,6 +201,10 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
     return 2;
   }
   SetMinLogLevel(level);
+  if (device != "auto" && device != "cpu" && device != "cuda") {
+    err << "prehoc diffuse --eval: --device must be auto, cpu or cuda, got '" << device << "'\n";
+    return 2;
+  }
   auto policies_or = ParsePolicies(policies_text);
   if (!policies_or.ok()) {
     err << "prehoc diffuse --eval: " << policies_or.status().message() << "\n";
@@ -218,11 +228,22 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
     err << "prehoc diffuse --eval: cannot load '" << model_dir << "': " << model_or.status() << "\n";
     return 1;
   }
-  const dlm::DlmModel& model = **model_or;
+  std::shared_ptr<const dlm::DlmModel> cpu_model = std::move(*model_or);
+  const dlm::DlmModel& model = *cpu_model;
   if (model.tokenizer() == nullptr) {
     err << "prehoc diffuse --eval: the model has no byte tokenizer\n";
     return 1;
   }
+  // The backend the policies decode on; calibration, the fidelity shadow forwards and the AR
+  // scoring stay on the CPU reference.
+  std::string device_why;
+  auto backend_or = CreateDlmBackend(device, cpu_model, /*cuda_device=*/0, &device_why);
+  if (!backend_or.ok()) {
+    err << "prehoc diffuse --eval: --device " << device << ": " << backend_or.status().message()
+        << "\n";
+    return 1;
+  }
+  const dlm::DlmBackend& backend = **backend_or;
   const int bos = model.tokenizer()->bos_id(), eos = model.eos_id();
   std::unique_ptr<Engine> ar;
   if (!ar_dir.empty()) {
@@ -340,8 +361,8 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
         }
       };
     }
-    auto r = dlm::Diffuse(model, req, std::span<const double>(p.drift_proxy ? drift_proxy : drift),
-                          observer);
+    auto r = dlm::Diffuse(backend, req,
+                          std::span<const double>(p.drift_proxy ? drift_proxy : drift), observer);
     if (r.ok() && !shadow_status.ok()) return shadow_status;
     if (r.ok()) r->stats.seconds -= shadow_seconds;
     if (r.ok()) schedules[p.label] = r->schedule;
@@ -443,9 +464,10 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
   // ---- Report.
   const Acc* base = vanilla >= 0 ? &acc[vanilla] : nullptr;
   out << absl::StrFormat(
-      "# prehoc diffuse --eval | model %s | %d threads | retrieval_2k rows %d (gen = answer, "
-      "%s) | generation: %d ppl_2k prompts (<= %d bytes), gen %d, block %d, steps %d\n\n",
-      model_dir, model.num_threads(), nr,
+      "# prehoc diffuse --eval | model %s | backend %s | %d CPU threads | retrieval_2k rows %d "
+      "(gen = answer, %s) | generation: %d ppl_2k prompts (<= %d bytes), gen %d, block %d, "
+      "steps %d\n\n",
+      model_dir, backend.backend_name(), model.num_threads(), nr,
       retrieval_steps == 0 ? "one token per step" : absl::StrCat(retrieval_steps, " steps"), ng,
       gen_prompt_bytes, gen_length, block_length, steps);
   out << "| policy | retrieval acc | retr. tok/s | retr. speedup | retr. agree | gen tok/s | gen "
@@ -565,6 +587,7 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
     j["model"] = model_dir;
     j["ar_model"] = ar_dir;
     j["threads"] = model.num_threads();
+    j["backend"] = backend.backend_name();
     j["proxy_rank"] = model.proxy_rank();
     j["proxy_build_seconds"] = model.proxy_build_seconds();
     j["retrieval"] = {{"set", "retrieval_2k.jsonl"}, {"rows", nr},

@@ -56,6 +56,34 @@ TEST(DiffuseCliTest, HelpAndUsageErrors) {
   EXPECT_NE(err.find("invalid value '-2' for --threads"), std::string::npos) << err;
   EXPECT_EQ(Cli({"--eval", "--steps"}, &out, &err), 2);
   EXPECT_NE(err.find("--steps needs a value"), std::string::npos) << err;
+  EXPECT_EQ(Cli({"--eval", "--device", "gpu"}, &out, &err), 2);
+  EXPECT_NE(err.find("--device must be auto, cpu or cuda, got 'gpu'"), std::string::npos) << err;
+}
+
+// The harness decodes on the backend --device names (the header says which) and reports every
+// policy; --device cuda without a usable device fails naming it.
+TEST(DiffuseCliTest, EvalRunsOnTheNamedDevice) {
+  const std::vector<std::string> small = {
+      "--eval", "--model", Model(), "--ar-model", "", "--retrieval-rows", "0", "--gen-rows", "1",
+      "--gen-prompt-bytes", "64", "--gen-length", "8", "--block-length", "8", "--steps", "8",
+      "--policies", "none,spa", "--threads", "2"};
+  std::string out, err;
+  std::vector<std::string> args = small;
+  args.insert(args.end(), {"--device", "cpu"});
+  ASSERT_EQ(Cli(args, &out, &err), 0) << err;
+  EXPECT_NE(out.find("backend cpu"), std::string::npos) << out;
+  EXPECT_NE(out.find("| none |"), std::string::npos) << out;
+  EXPECT_NE(out.find("| spa |"), std::string::npos) << out;
+
+  args = small;
+  args.insert(args.end(), {"--device", "cuda"});
+  const int rc = Cli(args, &out, &err);
+  if (rc == 0) {
+    EXPECT_NE(out.find("backend cuda"), std::string::npos) << out;
+  } else {
+    EXPECT_EQ(rc, 1);
+    EXPECT_NE(err.find("--device cuda"), std::string::npos) << err;
+  }
 }
 
 TEST(DiffuseCliTest, DecodesWithSpa) {
