@@ -6,7 +6,7 @@
 //                [--ffn=11008] [--vocab=32000] [--batch=16] [--ctx=4096] [--steps=32]
 //                [--warmup=4] [--keep=8] [--modes=dense,random,streaming] [--json=PATH]
 //                (modes: dense random streaming prhs prhs-budget-matched oracle streaming-plan
-//                 quest step-logits-greedy step-device-greedy step-logits-sample
+//                 quest h2o hshare step-logits-greedy step-device-greedy step-logits-sample
 //                 step-device-sample)
 //                [--gemm=autotune|default] [--model=DIR --prompt-file=PATH]
 //                [--overrides=k=v,k=v]   (selection-plan overrides of the prhs modes, e.g.
@@ -47,6 +47,18 @@
 //             (updated for the new token's page), page scores and top pages every step (a
 //             refresh per selection; its roofline counts the kept K/V plus the bounds, 1/8 of
 //             the K bytes); selection inside the timed steps as for prhs.
+//   h2o     — H2O (--policy=h2o at budget 1/--keep) on the same path: per step and layer the
+//             heavy-hitter select and eviction (the first, warm-up, step scores every key), the
+//             lists, the sparse attention, then the accumulation of the kept tokens' attention
+//             probabilities (which re-reads the list's K: its roofline counts the kept K/V plus
+//             the kept K once more).
+//   hshare  — HShare (--policy=hshare at budget 1/--keep): channels and the cross-head /
+//             cross-layer sharing map calibrated at the first (warm-up) step (exact top-k on
+//             the device, overlap map on the host), then per step the approximate scores over
+//             the calibrated channels of every key for the representative units every
+//             refresh_interval steps, their top-k, the sharers' copies, the lists and the sparse
+//             attention (its roofline counts the whole K row of every scored key: the channel
+//             gathers touch most of each row's sectors).
 // Step modes — the serving path's synchronous step (host tokens in, a token per sequence out,
 // as the Scheduler runs it), timed on the host clock per step (median; tokens/s from the total),
 // so the host's share is included:
@@ -412,7 +424,8 @@ int Main(int argc, char** argv) {
     const int len0 = *model.SequenceLength(seqs[0]);
     // Modes decoded through CudaModel's plans (selection on the device inside the timed steps).
     const bool prhs = mode == "prhs" || mode == "prhs-budget-matched" || mode == "oracle" ||
-                      mode == "streaming-plan" || mode == "quest";
+                      mode == "streaming-plan" || mode == "quest" || mode == "h2o" ||
+                      mode == "hshare";
     const bool step_mode = mode.rfind("step-", 0) == 0;
     if (step_mode && mode != "step-logits-greedy" && mode != "step-logits-sample" &&
         mode != "step-device-greedy" && mode != "step-device-sample") {
@@ -547,7 +560,7 @@ int Main(int argc, char** argv) {
         return absl::InvalidArgumentError(absl::StrCat(
             "unknown mode '", mode,
             "' (dense, random, streaming, prhs, prhs-budget-matched, oracle, streaming-plan, "
-            "quest)"));
+            "quest, h2o, hshare)"));
       }
       RET_CUDA(cudaDeviceSynchronize());
       sel.d_indptr = {d_indptr};
@@ -631,9 +644,11 @@ int Main(int argc, char** argv) {
       r.mean_delta = deltas > 0 ? delta / deltas : 0.0;
       r.list_len = static_cast<int>(r.kept_fraction * mean_len);
       // Kept K/V plus the keys of every refreshed row (half of its K/V bytes); Quest reads the
-      // page bounds instead (2 x hd per 16 keys: 1/16 of the K/V bytes).
+      // page bounds instead (2 x hd per 16 keys: 1/16 of the K/V bytes); H2O re-reads the kept
+      // keys after attention (their probabilities).
       tokens_read = r.kept_fraction * mean_len +
-                    (mode == "quest" ? 0.0625 : 0.5) * r.refresh_rate * mean_len;
+                    (mode == "quest" ? 0.0625 : 0.5) * r.refresh_rate * mean_len +
+                    (mode == "h2o" ? 0.5 * r.kept_fraction * mean_len : 0.0);
     }
     r.kv_bytes = o.batch * tokens_read * static_cast<double>(model.kv_bytes_per_token());
     r.roofline_ms = (r.weight_bytes + r.kv_bytes) / (copy_gbs * 1e9) * 1e3;

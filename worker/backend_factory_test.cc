@@ -95,18 +95,23 @@ TEST(CudaSupportsPlan, PoliciesAndFields) {
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs")).ok());
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs-budget-matched")).ok());
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "tau=0.9,sink=4")).ok());
-  // Oracle top-k (kExact rows), StreamingLLM (kWindow rows) and Quest (kPages rows) run in the
-  // selection kernels.
+  // Oracle top-k (kExact rows), StreamingLLM (kWindow rows), Quest (kPages rows), H2O (kHeavy
+  // rows) and HShare (kApprox rows) run in the selection kernels.
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "oracle")).ok());
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "streaming")).ok());
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "quest")).ok());
-  EXPECT_EQ(CudaModel::SupportsPlan(c, 8, Plan(c, "quest")).code(),
-            absl::StatusCode::kInvalidArgument);
-  for (const char* p : {"h2o", "hshare"}) {
-    absl::Status s = CudaModel::SupportsPlan(c, 16, Plan(c, p));
-    EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << p;
-    EXPECT_THAT(std::string(s.message()), HasSubstr(absl::StrCat("'", p, "'")));
+  EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "h2o")).ok());
+  EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "h2o", "local=64")).ok());
+  EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "hshare")).ok());
+  EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "hshare", "refresh_interval=3")).ok());
+  for (const char* p : {"quest", "h2o", "hshare"}) {
+    absl::Status s = CudaModel::SupportsPlan(c, 8, Plan(c, p));
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << p;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("page_size 16")) << p;
   }
+  // Every policy runs; CPU-only plan fields are refused whatever the policy.
+  EXPECT_EQ(CudaModel::SupportsPlan(c, 16, Plan(c, "hshare", "gqa_max=1")).code(),
+            absl::StatusCode::kInvalidArgument);
   // δ targets: the controller's per-kv-head k scales run as per-row k.
   SelectionPlan controlled = Plan(c, "prhs", "", 0.05);
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, controlled).ok());
@@ -195,11 +200,12 @@ TEST(SchedulerBackend, RefusesPlansTheBackendCannotRun) {
   InferenceRequest r;
   r.token_ids = {1, 2, 3};
   r.max_tokens = 2;
-  r.sparsity.policy = "h2o";
+  r.sparsity.policy = "hshare";
+  r.sparsity.overrides = "gqa_max=1";
   auto got = (*sched)->Generate(r, [](InferenceEvent) { ADD_FAILURE() << "callback called"; });
   ASSERT_FALSE(got.ok());
-  EXPECT_EQ(got.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(std::string(got.status().message()), HasSubstr("sparsity.policy: 'h2o'"));
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr("gqa_max=1"));
   r.sparsity.policy = "prhs";
   r.sparsity.overrides = "etf_start=0";
   got = (*sched)->Generate(r, [](InferenceEvent) { ADD_FAILURE() << "callback called"; });

@@ -7,11 +7,21 @@
 #include <cstdint>
 
 #include "worker/kernels/selection_prhs.cuh"
+#include "worker/kernels/selection_prhs_h2o.cuh"
+#include "worker/kernels/selection_prhs_hshare.cuh"
 
 PREHOC_INSTANTIATE_PRHS_SELECT(__half, 64)
 PREHOC_INSTANTIATE_PRHS_SELECT(__half, 128)
 PREHOC_INSTANTIATE_PRHS_SELECT(__nv_bfloat16, 64)
 PREHOC_INSTANTIATE_PRHS_SELECT(__nv_bfloat16, 128)
+PREHOC_INSTANTIATE_PRHS_HEAVY(__half, 64)
+PREHOC_INSTANTIATE_PRHS_HEAVY(__half, 128)
+PREHOC_INSTANTIATE_PRHS_HEAVY(__nv_bfloat16, 64)
+PREHOC_INSTANTIATE_PRHS_HEAVY(__nv_bfloat16, 128)
+PREHOC_INSTANTIATE_PRHS_HSHARE(__half, 64)
+PREHOC_INSTANTIATE_PRHS_HSHARE(__half, 128)
+PREHOC_INSTANTIATE_PRHS_HSHARE(__nv_bfloat16, 64)
+PREHOC_INSTANTIATE_PRHS_HSHARE(__nv_bfloat16, 128)
 
 namespace prehoc::kernels {
 namespace {
@@ -88,6 +98,17 @@ Args MakeArgs(const PrhsSelectParams& p) {
   a.valid = p.d_valid;
   a.anchor_set = p.d_anchor_set;
   a.anchor_count = p.d_anchor_count;
+  a.h2o_pos = p.d_h2o_pos;
+  a.h2o_acc = p.d_h2o_acc;
+  a.h2o_count = p.d_h2o_count;
+  a.h2o_stride = p.h2o_stride;
+  a.hs_channels = p.d_hs_channels;
+  a.hs_source = p.d_hs_source;
+  a.hs_r = p.hs_r;
+  a.hs_interval = std::max(p.hs_interval, 1);
+  a.aset_base = p.d_anchor_set_base;
+  a.acount_base = p.d_anchor_count_base;
+  a.layer_rows = p.layer_rows;
   a.refresh = p.d_refresh;
   a.cos = p.d_cos;
   a.delta = p.d_delta;
@@ -181,6 +202,16 @@ const char* PrhsSelectCheck(const PrhsSelectParams& p) {
   if (p.d_refresh == nullptr) return "d_refresh is null";
   if (p.d_index_indptr == nullptr) return "d_index_indptr is null";
   if (p.d_index_indices == nullptr) return "d_index_indices is null";
+  if (p.d_h2o_pos != nullptr &&
+      (p.d_h2o_acc == nullptr || p.d_h2o_count == nullptr || p.h2o_stride < 1)) {
+    return "d_h2o_acc / d_h2o_count null or h2o_stride < 1 (d_h2o_pos is set)";
+  }
+  if (p.d_hs_channels != nullptr &&
+      (p.hs_r < 1 || p.hs_r > p.head_dim || p.hs_interval < 1 || p.d_hs_source == nullptr ||
+       p.d_anchor_set_base == nullptr || p.d_anchor_count_base == nullptr || p.layer_rows < 1)) {
+    return "HShare: hs_r in [1, head_dim], hs_interval >= 1, d_hs_source / pool bases / "
+           "layer_rows needed with d_hs_channels";
+  }
   if (p.d_page_bounds != nullptr && p.d_bounds_from == nullptr) {
     return "d_bounds_from is null (d_page_bounds is set)";
   }
@@ -232,6 +263,11 @@ cudaError_t PrhsRefreshScores(const PrhsSelectParams& p, cudaStream_t stream) {
   err = Dispatch(p, [&]<typename T, int D>() {
     return prhs::LaunchScore<T, D>(a, grid, max_chunks, stream);
   });
+  if (err == cudaSuccess && p.d_hs_channels != nullptr) {  // HShare's approximate scores
+    err = Dispatch(p, [&]<typename T, int D>() {
+      return prhs::LaunchHShare<T, D>(a, /*stage=*/1, p.max_seq_len, stream);
+    });
+  }
   if (err != cudaSuccess || p.d_page_bounds == nullptr) return err;
   const int max_pages = std::max(1, (p.max_seq_len + prhs::kPageSize - 1) / prhs::kPageSize);
   return Dispatch(p, [&]<typename T, int D>() {
@@ -258,6 +294,41 @@ cudaError_t PrhsBuildIndexLists(const PrhsSelectParams& p, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
+cudaError_t PrhsHeavySelect(const PrhsSelectParams& p, cudaStream_t stream) {
+  if (!Ready(p)) return cudaErrorInvalidValue;
+  if (p.batch == 0 || p.d_h2o_pos == nullptr) return cudaSuccess;
+  const Args a = MakeArgs(p);
+  return Dispatch(p, [&]<typename T, int D>() {
+    return prhs::LaunchHeavy<T, D>(a, /*observe=*/false, stream);
+  });
+}
+
+cudaError_t PrhsHeavyObserve(const PrhsSelectParams& p, cudaStream_t stream) {
+  if (!Ready(p)) return cudaErrorInvalidValue;
+  if (p.batch == 0 || p.d_h2o_pos == nullptr) return cudaSuccess;
+  const Args a = MakeArgs(p);
+  return Dispatch(p, [&]<typename T, int D>() {
+    return prhs::LaunchHeavy<T, D>(a, /*observe=*/true, stream);
+  });
+}
+
+cudaError_t PrhsHShareCalibrate(const PrhsSelectParams& p, cudaStream_t stream) {
+  if (!Ready(p) || p.d_hs_channels == nullptr) return cudaErrorInvalidValue;
+  if (p.batch == 0) return cudaSuccess;
+  const Args a = MakeArgs(p);
+  return Dispatch(p, [&]<typename T, int D>() {
+    return prhs::LaunchHShare<T, D>(a, /*stage=*/0, p.max_seq_len, stream);
+  });
+}
+
+cudaError_t PrhsHShareCopy(const PrhsSelectParams& p, cudaStream_t stream) {
+  if (!Ready(p)) return cudaErrorInvalidValue;
+  if (p.batch == 0 || p.d_hs_channels == nullptr) return cudaSuccess;
+  const Args a = MakeArgs(p);
+  prhs::ShareCopyKernel<<<a.rows, prhs::kListThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
 cudaError_t PrhsSelectStep(const PrhsSelectParams& p, cudaStream_t stream) {
   cudaError_t err = PrhsPageBounds(p, stream);
   if (err != cudaSuccess) return err;
@@ -266,6 +337,10 @@ cudaError_t PrhsSelectStep(const PrhsSelectParams& p, cudaStream_t stream) {
   err = PrhsRefreshScores(p, stream);
   if (err != cudaSuccess) return err;
   err = PrhsRefreshSelect(p, stream);
+  if (err != cudaSuccess) return err;
+  err = PrhsHeavySelect(p, stream);
+  if (err != cudaSuccess) return err;
+  err = PrhsHShareCopy(p, stream);
   if (err != cudaSuccess) return err;
   return PrhsBuildIndexLists(p, stream);
 }

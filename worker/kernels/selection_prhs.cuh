@@ -92,6 +92,16 @@ struct Args {
   int32_t* valid;
   int32_t* anchor_set;
   int32_t* anchor_count;
+  int32_t* h2o_pos;    // kHeavy state (or null)
+  float* h2o_acc;
+  int32_t* h2o_count;
+  int h2o_stride;
+  int32_t* hs_channels;    // kApprox state (or null)
+  const int32_t* hs_source;
+  int hs_r, hs_interval;
+  const int32_t* aset_base;
+  const int32_t* acount_base;
+  int64_t layer_rows;
 
   int32_t* refresh;
   float* cos;
@@ -256,9 +266,11 @@ __device__ __forceinline__ int RowSink(const Args& a, int row) {
 __device__ __forceinline__ int RowLocal(const Args& a, int row) {
   return a.local_b == nullptr ? a.local : a.local_b[row / a.hkv];
 }
-// Whether ScoreKernel computes the row's token logits (refreshed, not a kPages row).
+// Whether ScoreKernel computes the row's token logits (refreshed, not a kPages / kApprox row:
+// their scores come from PageScoreKernel / ApproxScoreKernel).
 __device__ __forceinline__ bool ScoresTokens(const Args& a, int row) {
-  return a.refresh[row] != 0 && RowMode(a, row) != kPrhsModePages;
+  return a.refresh[row] != 0 && RowMode(a, row) != kPrhsModePages &&
+         RowMode(a, row) != kPrhsModeApprox;
 }
 
 // ---- (q) Quest page bounds ------------------------------------------------------------------------
@@ -334,9 +346,21 @@ __global__ void __launch_bounds__(kGateWarps * 32) GateKernel(Args a) {
   if (row >= a.rows) return;
   const int b = row / a.hkv, h = row % a.hkv;
   const int mode = RowMode(a, row);
-  if (RowTopK(a, row) < 0 || mode == kPrhsModeWindow) {  // no gate, state untouched
+  if (RowTopK(a, row) < 0 || mode == kPrhsModeWindow || mode == kPrhsModeHeavy) {
+    // no gate, CIS state untouched (kHeavy: PrhsHeavySelect owns the row's state)
     if (lane == 0) {
       a.refresh[row] = 0;
+      if (a.cos != nullptr) a.cos[row] = __int_as_float(0x7fc00000);
+    }
+    return;
+  }
+  if (mode == kPrhsModeApprox) {  // HShare: share a source's set, or refresh every interval
+    if (lane == 0) {
+      const int srow = StateRow(a, row);
+      const int steps = a.reuse[srow];
+      a.refresh[row] = (a.hs_source[srow] < 0 && steps % a.hs_interval == 0) ? 1 : 0;
+      a.reuse[srow] = steps + 1;
+      a.valid[srow] = 1;
       if (a.cos != nullptr) a.cos[row] = __int_as_float(0x7fc00000);
     }
     return;
@@ -499,8 +523,11 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(Args a) {
   const int t = a.seq_lens[b];
   const int G = a.group;
   const float* lg = a.logits + static_cast<size_t>(row) * G * a.L;
-  // kPages rows: the page scores are already in probs (PageScoreKernel); no lse, no δ.
-  const bool pages = RowMode(a, row) == kPrhsModePages;
+  // kPages rows: the page scores are already in probs (PageScoreKernel); no lse, no δ. kApprox
+  // rows likewise (ApproxScoreKernel's scores), over the token candidates [sink, t - local).
+  const bool pages_mode = RowMode(a, row) == kPrhsModePages;
+  const bool approx = RowMode(a, row) == kPrhsModeApprox;
+  const bool pages = pages_mode || approx;
 
   // 1. lse per query head of the group.
   for (int g = 0; g < (pages ? 0 : G); ++g) {
@@ -556,8 +583,8 @@ __global__ void __launch_bounds__(kThreads) SelectKernel(Args a) {
   __syncthreads();  // every read of the old set is done before it is overwritten
 
   // 3. candidates [lo, hi).
-  const int lo = pages ? 0 : max(sink, a.cand_lo != nullptr ? a.cand_lo[b] : 0);
-  const int hi = pages ? (t + kPageSize - 1) / kPageSize : t - local;
+  const int lo = pages_mode ? 0 : approx ? sink : max(sink, a.cand_lo != nullptr ? a.cand_lo[b] : 0);
+  const int hi = pages_mode ? (t + kPageSize - 1) / kPageSize : t - local;
   const int n = hi - lo;
   const int k = RowTopK(a, row);
   if (n <= 0 || k <= 0) {

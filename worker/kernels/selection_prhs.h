@@ -37,6 +37,24 @@
 //                              pages (ties: lower page first), ascending; the list is every token
 //                              of those pages (< t). refresh = 1 (no δ), valid = 1, reuse = 0;
 //                              anchor_q is not written; sink and local are ignored.
+//                  kHeavy  (4) H2O (H2OSelector): heavy hitters by accumulated attention
+//                              probability + the recent window, permanent eviction. k = the
+//                              heavy budget B - recent (never -1), sink_b = 0, local_b = recent.
+//                              No gate, no scoring by stages (a)-(c1); PrhsHeavySelect (below)
+//                              writes S_anchor = the kept heavy hitters (ascending) and
+//                              PrhsHeavyObserve, after attention, adds the attention
+//                              probabilities over the list to the kept tokens' scores.
+//                  kApprox (5) HShare (HShareSelector) after its calibration: a row whose
+//                              hs_source (below) is >= 0 shares that unit's S_anchor (refresh
+//                              = 0); otherwise, with reuse counting the row's steps, at steps
+//                              reuse % hs_interval == 0 it refreshes (refresh = 1): approximate
+//                              scores a_j = Σ_g Σ_{c ∈ channels} q_gc·K_jc (fp32, channels in
+//                              their stored order) over all t keys (into the probabilities' row
+//                              of the workspace), S_anchor = the k largest over [sink, t - local)
+//                              (ties: lower position first), no δ, no dilation; else it shares
+//                              (refresh = 0, S_anchor kept). reuse += 1 and valid = 1 each step.
+//                              Lists as kCis. REQUIRES valid = 1 and channels / hs_source set
+//                              (PrhsHShareCalibrate + the caller's overlap map).
 //   page_bounds  [num_pages][num_kv_heads][2][head_dim] T, or null (no kPages rows): per physical
 //                page and kv head the element-wise min (index 0) and max (1) of the keys of the
 //                page's tokens below the sequence length (QuestSelector's metadata). Maintained
@@ -102,7 +120,9 @@ enum PrhsRowMode : int32_t {
   kPrhsModeCis = 0,
   kPrhsModeExact = 1,
   kPrhsModeWindow = 2,
-  kPrhsModePages = 3
+  kPrhsModePages = 3,
+  kPrhsModeHeavy = 4,
+  kPrhsModeApprox = 5
 };
 
 struct PrhsSelectParams {
@@ -138,6 +158,21 @@ struct PrhsSelectParams {
   const int32_t* d_bounds_from = nullptr; // kPages: [batch] first logical page to recompute
 
   const int32_t* d_state_slot = nullptr;  // optional [batch]: state rows slot * Hkv + h
+  // kHeavy (H2O) state per state row (null when no row is kHeavy; see PrhsHeavySelect):
+  int32_t* d_h2o_pos = nullptr;    // [rows][h2o_stride] tracked positions, ascending
+  float* d_h2o_acc = nullptr;      // [rows][h2o_stride] their accumulated probabilities
+  int32_t* d_h2o_count = nullptr;  // [rows] tracked entries
+  int h2o_stride = 0;
+  // kApprox (HShare) state per state row (null when no row is kApprox):
+  int32_t* d_hs_channels = nullptr;      // [rows][hs_r] calibrated channels, best first
+  const int32_t* d_hs_source = nullptr;  // [rows] unit (layer * Hkv + kv head) shared, or -1
+  int hs_r = 0;                          // channels per row (1..head_dim)
+  int hs_interval = 1;                   // refresh every hs_interval steps (>= 1)
+  // The pools' first layer (the source unit's state row is source_layer * layer_rows +
+  // slot * Hkv + source_head, slot from d_state_slot): anchor_set / anchor_count of layer 0.
+  const int32_t* d_anchor_set_base = nullptr;
+  const int32_t* d_anchor_count_base = nullptr;
+  int64_t layer_rows = 0;                // state rows per layer of the pools
   void* d_anchor_q = nullptr;
   int32_t* d_reuse = nullptr;
   int32_t* d_valid = nullptr;
@@ -193,7 +228,35 @@ cudaError_t PrhsRefreshScores(const PrhsSelectParams& p, cudaStream_t stream);
 cudaError_t PrhsRefreshSelect(const PrhsSelectParams& p, cudaStream_t stream);
 // (c2) CSR index lists for every row (sink ∪ S_anchor ∪ local window, or all tokens).
 cudaError_t PrhsBuildIndexLists(const PrhsSelectParams& p, cudaStream_t stream);
-// (q) + (a) + (b) + (c1) + (c2): one selection step for the layer.
+// (h) H2O (kHeavy rows; no-op when d_h2o_pos is null), the CPU H2OSelector's Select per row:
+//     state: valid = 0 before the first step; reuse = t_prev, the length at the last step; the
+//     tracked list (h2o_pos / h2o_acc / h2o_count) = every position < t_prev not evicted, with
+//     its accumulated score. Candidates: at the first step every position j < t with score
+//     p_j = (1/G) Σ_g softmax_j(scale · q_g · K) over all t keys (GroupProbabilities); later the
+//     tracked list plus the new positions [t_prev, t) with score 0. With hi = t - local: the k
+//     candidates below hi of largest score (ties: lower position first) are kept, every other
+//     candidate below hi is evicted for good; S_anchor = the kept ones (ascending), the tracked
+//     list becomes kept ∪ the candidates >= hi; valid = 1, reuse = t. After the step the
+//     workspace rows hold the candidates: positions as int32 in logits row r ([0, nc)), scores
+//     in probs row r. REQUIRES h2o_stride >= the tracked list (<= the budget B(t) at every step)
+//     and anchor_stride >= k (entries past either are dropped); t - local >= 0.
+cudaError_t PrhsHeavySelect(const PrhsSelectParams& p, cudaStream_t stream);
+// (o) H2O's Observe, after the sparse attention over this step's lists (index_indptr /
+//     index_indices as PrhsBuildIndexLists wrote them): per kHeavy row, lse_g = log Σ_{j∈list}
+//     exp(scale · q_g · K_j) and every tracked entry's score += Σ_g exp(s_gj - lse_g) / G (head
+//     order; fp32). No-op when d_h2o_pos is null. Uses the logits part of the workspace.
+cudaError_t PrhsHeavyObserve(const PrhsSelectParams& p, cudaStream_t stream);
+// HShare calibration (rows whose mode in p.d_mode is kExact; call with a mode table that marks
+// exactly the calibrating rows kExact and every other row kWindow): per row the hs_r channels of
+// largest Σ_{j<t} |K_jc| (fp32; ties: lower channel first), best first, into d_hs_channels. The
+// exact top-k of the overlap map is PrhsGate + PrhsRefreshScores + PrhsRefreshSelect with the
+// same table (kExact rows: S_anchor = top-k over [sink, t - local)).
+cudaError_t PrhsHShareCalibrate(const PrhsSelectParams& p, cudaStream_t stream);
+// (s) HShare sharing: every kApprox row with hs_source >= 0 copies its source unit's S_anchor
+//     and count (the source is updated earlier in the step: a lower layer, or a lower kv head of
+//     this layer, whose refresh this step's (c1) has done). Part of PrhsSelectStep, before (c2).
+cudaError_t PrhsHShareCopy(const PrhsSelectParams& p, cudaStream_t stream);
+// (q) + (a) + (b) + (c1) + (h) + (s) + (c2): one selection step for the layer.
 cudaError_t PrhsSelectStep(const PrhsSelectParams& p, cudaStream_t stream);
 
 }  // namespace prehoc::kernels

@@ -652,6 +652,501 @@ TEST(PrhsSelectSlots, PermutedSlotsMatchRowState) {
 }
 
 // Argument checks (run without a device too).
+// H2O (kHeavy rows: PrhsHeavySelect + PrhsHeavyObserve) over several decode steps against
+// H2OSelector's semantics, with the state at permuted slots. Per step and row:
+//   candidates  the first step's scores (GroupProbabilities, float64 reference) within
+//               1e-4·p + 1e-7, positions [0, t); later steps exactly the tracked list (bitwise
+//               scores) followed by the new position with score 0;
+//   select      kept set, S_anchor, the tracked list (positions and bitwise scores) and the CSR
+//               row exactly equal to the reference computed on the GPU's own candidate scores
+//               (top-k by score, ties lower position first, as TopKIndices; one case has many
+//               exactly equal keys, so equal scores);
+//   observe     every tracked score after the update within 2e-6 + 1e-5·|acc| of old + Σ_g
+//               p_g / G with p the float64 softmax over the row's list.
+using HeavyParam = std::tuple<AttnDType, int /*head_dim*/, int /*group*/, int /*dup_period*/>;
+class PrhsHeavySweep : public ::testing::TestWithParam<HeavyParam> {};
+
+TEST_P(PrhsHeavySweep, StepsMatchH2O) {
+  SKIP_WITHOUT_DEVICE();
+  const auto [dtype, D, G, dup] = GetParam();
+  // Sequences: heavy budget k and recent window; seq 2 has B(t) >= t (nothing evicted at first),
+  // seq 3 no recent window, seq 4 k = 0 (only the window).
+  const std::vector<int> lens0{300, 1000, 40, 2050, 90};
+  const std::vector<int32_t> heavy{37, 100, 60, 200, 0}, recent{32, 16, 32, 0, 20};
+  const std::vector<int32_t> slots{2, 0, 4, 1, 3};
+  const int hkv = 2, hq = hkv * G, B = static_cast<int>(lens0.size()), rows = B * hkv;
+  const int steps = 6, h2o_stride = 256, anchor_stride = 256;
+  std::mt19937 rng(4242u + 17u * G + D + 3u * dup + static_cast<unsigned>(dtype));
+  std::uniform_real_distribution<double> unif(-1.0, 1.0);
+  int max_len = 0;
+  std::vector<int32_t> page_indptr{0};
+  for (int b = 0; b < B; ++b) {
+    max_len = std::max(max_len, lens0[b] + steps);
+    page_indptr.push_back(page_indptr.back() + (lens0[b] + steps + 15) / 16);
+  }
+  const int num_pages = page_indptr.back();
+  std::vector<int32_t> page_indices(num_pages);
+  std::iota(page_indices.begin(), page_indices.end(), 0);
+  std::shuffle(page_indices.begin(), page_indices.end(), rng);
+  std::vector<uint16_t> k_pool(static_cast<size_t>(num_pages) * hkv * 16 * D);
+  std::vector<uint16_t> base(static_cast<size_t>(std::max(dup, 1)) * D);
+  for (auto& x : base) x = DoubleToHalfBits(unif(rng), dtype);
+  auto key = [&](int b, int h, int j) {
+    const int page = page_indices[page_indptr[b] + j / 16];
+    return k_pool.data() + ((static_cast<size_t>(page) * hkv + h) * 16 + j % 16) * D;
+  };
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < hkv; ++h) {
+      for (int j = 0; j < lens0[b] + steps; ++j) {
+        for (int d = 0; d < D; ++d) {
+          key(b, h, j)[d] = dup > 0 ? base[static_cast<size_t>(j % dup) * D + d]
+                                    : DoubleToHalfBits(unif(rng), dtype);
+        }
+      }
+    }
+  }
+  const int pool_rows = B * hkv;  // slots 0..B-1
+  DeviceBuffer d_q, d_k, d_indptr, d_pages, d_lens, d_topk, d_mode, d_sink, d_local, d_slot,
+      d_anchor, d_reuse, d_valid, d_aset, d_acount, d_refresh, d_csr_indptr, d_csr, d_ws, d_pos,
+      d_acc, d_cnt;
+  d_k.Upload(k_pool);
+  d_indptr.Upload(page_indptr);
+  d_pages.Upload(page_indices);
+  d_topk.Upload(heavy);
+  d_mode.Upload(std::vector<int32_t>(B, kPrhsModeHeavy));
+  d_sink.Upload(std::vector<int32_t>(B, 0));
+  d_local.Upload(recent);
+  d_slot.Upload(slots);
+  d_anchor.Resize(static_cast<size_t>(pool_rows) * G * D * 2);
+  d_reuse.Upload(std::vector<int32_t>(pool_rows, 0));
+  d_valid.Upload(std::vector<int32_t>(pool_rows, 0));
+  d_aset.Resize(static_cast<size_t>(pool_rows) * anchor_stride * 4);
+  d_aset.Poison();
+  d_acount.Upload(std::vector<int32_t>(pool_rows, 0));
+  d_pos.Resize(static_cast<size_t>(pool_rows) * h2o_stride * 4);
+  d_pos.Poison();
+  d_acc.Resize(static_cast<size_t>(pool_rows) * h2o_stride * 4);
+  d_acc.Poison();
+  d_cnt.Upload(std::vector<int32_t>(pool_rows, 0));
+  d_refresh.Resize(rows * 4);
+  d_csr_indptr.Resize((rows + 1) * 4);
+  const int64_t capacity = static_cast<int64_t>(rows) * max_len;
+  d_csr.Resize(capacity * 4);
+  PrhsSelectParams p;
+  p.dtype = dtype;
+  p.batch = B;
+  p.num_q_heads = hq;
+  p.num_kv_heads = hkv;
+  p.head_dim = D;
+  p.max_seq_len = max_len;
+  p.d_k_pool = d_k.get();
+  p.d_page_indptr = d_indptr.get<int32_t>();
+  p.d_page_indices = d_pages.get<int32_t>();
+  p.d_topk = d_topk.get<int32_t>();
+  p.d_mode = d_mode.get<int32_t>();
+  p.d_sink = d_sink.get<int32_t>();
+  p.d_local = d_local.get<int32_t>();
+  p.d_state_slot = d_slot.get<int32_t>();
+  p.d_anchor_q = d_anchor.get();
+  p.d_reuse = d_reuse.get<int32_t>();
+  p.d_valid = d_valid.get<int32_t>();
+  p.d_anchor_set = d_aset.get<int32_t>();
+  p.d_anchor_count = d_acount.get<int32_t>();
+  p.anchor_stride = anchor_stride;
+  p.d_h2o_pos = d_pos.get<int32_t>();
+  p.d_h2o_acc = d_acc.get<float>();
+  p.d_h2o_count = d_cnt.get<int32_t>();
+  p.h2o_stride = h2o_stride;
+  p.d_refresh = d_refresh.get<int32_t>();
+  p.d_index_indptr = d_csr_indptr.get<int32_t>();
+  p.d_index_indices = d_csr.get<int32_t>();
+  p.index_capacity = capacity;
+  p.d_q = d_k.get();
+  p.d_seq_lens = d_indptr.get<int32_t>();
+  ASSERT_EQ(PrhsSelectCheck(p), nullptr) << PrhsSelectCheck(p);
+  const size_t ws = PrhsSelectWorkspaceBytes(p);
+  d_ws.Resize(ws);
+  p.d_workspace = d_ws.get();
+  p.workspace_bytes = ws;
+  const PrhsWorkspaceView view = PrhsSelectWorkspace(p);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  std::vector<uint16_t> q(static_cast<size_t>(B) * hq * D);
+  // Float64 logits of query head g of row (b, h) at key j.
+  auto logit = [&](int b, int h, int g, int j) {
+    const uint16_t* qh = q.data() + (static_cast<size_t>(b) * hq + h * G + g) * D;
+    const uint16_t* k = key(b, h, j);
+    double s = 0;
+    for (int d = 0; d < D; ++d) s += HalfBitsToDouble(qh[d], dtype) * HalfBitsToDouble(k[d], dtype);
+    return s * scale;
+  };
+  int evictions = 0, tie_rows = 0;
+  for (int step = 0; step < steps; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    std::vector<int32_t> lens(B);
+    for (int b = 0; b < B; ++b) lens[b] = lens0[b] + step;
+    for (auto& x : q) x = DoubleToHalfBits(2.0 * unif(rng), dtype);
+    d_q.Upload(q);
+    d_lens.Upload(lens);
+    p.d_q = d_q.get();
+    p.d_seq_lens = d_lens.get<int32_t>();
+    const auto valid0 = d_valid.Download<int32_t>(pool_rows);
+    const auto reuse0 = d_reuse.Download<int32_t>(pool_rows);
+    const auto cnt0 = d_cnt.Download<int32_t>(pool_rows);
+    const auto pos0 = d_pos.Download<int32_t>(static_cast<size_t>(pool_rows) * h2o_stride);
+    const auto acc0 = d_acc.Download<float>(static_cast<size_t>(pool_rows) * h2o_stride);
+    CUDA_OK(PrhsSelectStep(p, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    const auto valid1 = d_valid.Download<int32_t>(pool_rows);
+    const auto reuse1 = d_reuse.Download<int32_t>(pool_rows);
+    const auto cnt1 = d_cnt.Download<int32_t>(pool_rows);
+    const auto pos1 = d_pos.Download<int32_t>(static_cast<size_t>(pool_rows) * h2o_stride);
+    const auto acc1 = d_acc.Download<float>(static_cast<size_t>(pool_rows) * h2o_stride);
+    const auto acount = d_acount.Download<int32_t>(pool_rows);
+    const auto aset = d_aset.Download<int32_t>(static_cast<size_t>(pool_rows) * anchor_stride);
+    const auto refresh = d_refresh.Download<int32_t>(rows);
+    const auto indptr = d_csr_indptr.Download<int32_t>(rows + 1);
+    const auto csr = d_csr.Download<int32_t>(indptr[rows]);
+    std::vector<std::vector<int32_t>> lists(rows);
+    for (int r = 0; r < rows; ++r) {
+      SCOPED_TRACE("row " + std::to_string(r));
+      const int b = r / hkv, h = r % hkv, t = lens[b], sr = slots[b] * hkv + h;
+      const int hi = t - recent[b];
+      EXPECT_EQ(refresh[r], 0);
+      // Candidates as the kernel left them in the workspace.
+      const int nc = valid0[sr] ? cnt0[sr] + (t - reuse0[sr]) : t;
+      std::vector<int32_t> cpos(nc);
+      std::vector<float> cacc(nc);
+      cudaMemcpy(cpos.data(), view.logits + static_cast<size_t>(r) * G * view.row_stride,
+                 nc * 4, cudaMemcpyDeviceToHost);
+      cudaMemcpy(cacc.data(), view.probs + static_cast<size_t>(r) * view.row_stride, nc * 4,
+                 cudaMemcpyDeviceToHost);
+      if (!valid0[sr]) {
+        std::vector<double> p_ref(t, 0.0);
+        for (int g = 0; g < G; ++g) {
+          std::vector<double> s(t);
+          double mx = -INFINITY, z = 0;
+          for (int j = 0; j < t; ++j) mx = std::max(mx, s[j] = logit(b, h, g, j));
+          for (int j = 0; j < t; ++j) z += std::exp(s[j] - mx);
+          for (int j = 0; j < t; ++j) p_ref[j] += std::exp(s[j] - mx) / z / G;
+        }
+        for (int j = 0; j < t; ++j) {
+          ASSERT_EQ(cpos[j], j);
+          ASSERT_NEAR(cacc[j], p_ref[j], 1e-4 * p_ref[j] + 1e-7) << "j " << j;
+        }
+      } else {
+        for (int i = 0; i < cnt0[sr]; ++i) {
+          ASSERT_EQ(cpos[i], pos0[static_cast<size_t>(sr) * h2o_stride + i]);
+          ASSERT_EQ(std::memcmp(&cacc[i], &acc0[static_cast<size_t>(sr) * h2o_stride + i], 4), 0);
+        }
+        for (int i = cnt0[sr]; i < nc; ++i) {
+          ASSERT_EQ(cpos[i], reuse0[sr] + i - cnt0[sr]);
+          ASSERT_EQ(cacc[i], 0.0f);
+        }
+      }
+      // Reference selection on the GPU's candidate scores.
+      std::vector<int> below;
+      for (int i = 0; i < nc; ++i) {
+        if (cpos[i] < hi) below.push_back(i);
+      }
+      std::stable_sort(below.begin(), below.end(),
+                       [&](int x, int y) { return cacc[x] > cacc[y]; });
+      const size_t k = std::min<size_t>(below.size(), heavy[b]);
+      if (k > 0 && k < below.size() && cacc[below[k - 1]] == cacc[below[k]]) ++tie_rows;
+      evictions += static_cast<int>(below.size() - k);
+      std::vector<char> kept(nc, 0);
+      for (size_t i = 0; i < k; ++i) kept[below[i]] = 1;
+      std::vector<int32_t> want_anchor, want_pos;
+      std::vector<float> want_acc;
+      for (int i = 0; i < nc; ++i) {
+        if (kept[i]) want_anchor.push_back(cpos[i]);
+        if (kept[i] || cpos[i] >= hi) {
+          want_pos.push_back(cpos[i]);
+          want_acc.push_back(cacc[i]);
+        }
+      }
+      ASSERT_EQ(acount[sr], static_cast<int>(want_anchor.size()));
+      EXPECT_EQ(std::vector<int32_t>(aset.begin() + static_cast<size_t>(sr) * anchor_stride,
+                                     aset.begin() + static_cast<size_t>(sr) * anchor_stride +
+                                         want_anchor.size()),
+                want_anchor);
+      ASSERT_EQ(cnt1[sr], static_cast<int>(want_pos.size()));
+      EXPECT_EQ(std::vector<int32_t>(pos1.begin() + static_cast<size_t>(sr) * h2o_stride,
+                                     pos1.begin() + static_cast<size_t>(sr) * h2o_stride +
+                                         want_pos.size()),
+                want_pos);
+      EXPECT_EQ(std::memcmp(acc1.data() + static_cast<size_t>(sr) * h2o_stride, want_acc.data(),
+                            want_acc.size() * 4),
+                0);
+      EXPECT_EQ(valid1[sr], 1);
+      EXPECT_EQ(reuse1[sr], t);
+      std::vector<int32_t> want_list = want_anchor;
+      for (int j = std::max(hi, 0); j < t; ++j) want_list.push_back(j);
+      EXPECT_EQ(std::vector<int32_t>(csr.begin() + indptr[r], csr.begin() + indptr[r + 1]),
+                want_list);
+      lists[r] = want_list;
+    }
+    // Observe: the probabilities over each row's list, added to the tracked scores.
+    CUDA_OK(PrhsHeavyObserve(p, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    const auto acc2 = d_acc.Download<float>(static_cast<size_t>(pool_rows) * h2o_stride);
+    for (int r = 0; r < rows; ++r) {
+      SCOPED_TRACE("observe row " + std::to_string(r));
+      const int b = r / hkv, h = r % hkv, sr = slots[b] * hkv + h;
+      std::vector<double> lse(G);
+      for (int g = 0; g < G; ++g) {
+        double mx = -INFINITY, z = 0;
+        for (int j : lists[r]) mx = std::max(mx, logit(b, h, g, j));
+        for (int j : lists[r]) z += std::exp(logit(b, h, g, j) - mx);
+        lse[g] = mx + std::log(z);
+      }
+      for (int i = 0; i < cnt1[sr]; ++i) {
+        const size_t e = static_cast<size_t>(sr) * h2o_stride + i;
+        double want = acc1[e];
+        for (int g = 0; g < G; ++g) want += std::exp(logit(b, h, g, pos1[e]) - lse[g]) / G;
+        ASSERT_NEAR(acc2[e], want, 2e-6 + 1e-5 * std::abs(want)) << "entry " << i;
+      }
+    }
+  }
+  EXPECT_GT(evictions, 0);
+  if (dup > 0) {
+    EXPECT_GT(tie_rows, 0) << "the duplicated keys should tie at the threshold";
+  }
+}
+
+std::string HeavyName(const ::testing::TestParamInfo<HeavyParam>& info) {
+  const auto [dtype, D, G, dup] = info.param;
+  return std::string(dtype == AttnDType::kFloat16 ? "f16" : "bf16") + "_d" + std::to_string(D) +
+         "_g" + std::to_string(G) + (dup > 0 ? "_ties" : "");
+}
+
+INSTANTIATE_TEST_SUITE_P(All, PrhsHeavySweep,
+                         ::testing::Combine(::testing::Values(AttnDType::kFloat16,
+                                                              AttnDType::kBFloat16),
+                                            ::testing::Values(64, 128), ::testing::Values(1, 4),
+                                            ::testing::Values(0, 5)),
+                         HeavyName);
+
+// HShare (kApprox rows) over two layers and several steps, the state at permuted slots:
+//   calibration  the channels exactly the hs_r largest Σ_j |K_jc| (float64 reference; random
+//                keys, so no near ties), best first;
+//   gate         refresh = 1 exactly at steps 0, 2, 4 (interval 2) for representatives, 0 for
+//                the units with a source;
+//   scores       the approximate scores of refreshing rows within 1e-4 + 1e-5·Σ|terms| of the
+//                float64 Σ_g Σ_c q_gc K_jc;
+//   selection    S_anchor exactly the top-k of the GPU's own scores over [sink, t - local)
+//                (ties lower position first); a sharing row's S_anchor equal to its source's
+//                (a unit of layer 0, copied during layer 1 / later in layer 0);
+//   lists        the CSR rows exactly MergeIndexSet(sink, S_anchor, local, t).
+TEST(PrhsHShare, CalibrateApproxAndShareMatchHShare) {
+  SKIP_WITHOUT_DEVICE();
+  for (const AttnDType dtype : {AttnDType::kBFloat16, AttnDType::kFloat16}) {
+    for (const int D : {64, 128}) {
+      SCOPED_TRACE(std::string(dtype == AttnDType::kFloat16 ? "f16" : "bf16") + " d" +
+                   std::to_string(D));
+      const int G = 4, hkv = 2, hq = G * hkv, layers = 2, steps = 5, interval = 2;
+      const int sink = 8, local = 32, r = 16;
+      const std::vector<int> lens0{1000, 300, 2100};
+      const std::vector<int32_t> topk{120, 40, 5}, slots{1, 2, 0};
+      const int B = static_cast<int>(lens0.size()), rows = B * hkv, pool_rows = 3 * hkv;
+      const int stride = 128;
+      // Sources per (layer, kv head) unit: layer 0 head 1 shares unit 0 (layer 0 head 0), layer
+      // 1 head 0 shares unit 0 too, layer 1 head 1 is a representative.
+      const int32_t source_of[layers][2] = {{-1, 0}, {0, -1}};
+      std::mt19937 rng(99u + D + static_cast<unsigned>(dtype));
+      std::uniform_real_distribution<double> unif(-1.0, 1.0);
+      int max_len = 0;
+      std::vector<int32_t> page_indptr{0};
+      for (int b = 0; b < B; ++b) {
+        max_len = std::max(max_len, lens0[b] + steps);
+        page_indptr.push_back(page_indptr.back() + (lens0[b] + steps + 15) / 16);
+      }
+      const int num_pages = page_indptr.back();
+      std::vector<int32_t> page_indices(num_pages);
+      std::iota(page_indices.begin(), page_indices.end(), 0);
+      std::shuffle(page_indices.begin(), page_indices.end(), rng);
+      std::vector<uint16_t> k_pool(static_cast<size_t>(num_pages) * hkv * 16 * D);
+      for (auto& x : k_pool) x = DoubleToHalfBits(unif(rng) * (1.0 + 0.01 * (rng() % 50)), dtype);
+      auto key = [&](int b, int h, int j) {
+        const int page = page_indices[page_indptr[b] + j / 16];
+        return k_pool.data() + ((static_cast<size_t>(page) * hkv + h) * 16 + j % 16) * D;
+      };
+      DeviceBuffer d_q, d_k, d_indptr, d_pages, d_lens, d_topk, d_mode, d_cal, d_slot, d_anchor,
+          d_reuse, d_valid, d_aset, d_acount, d_refresh, d_csr_indptr, d_csr, d_ws, d_ch, d_src;
+      d_k.Upload(k_pool);
+      d_indptr.Upload(page_indptr);
+      d_pages.Upload(page_indices);
+      d_topk.Upload(topk);
+      d_mode.Upload(std::vector<int32_t>(B, kPrhsModeApprox));
+      d_cal.Upload(std::vector<int32_t>(B, kPrhsModeExact));
+      d_slot.Upload(slots);
+      d_anchor.Resize(static_cast<size_t>(layers) * pool_rows * G * D * 2);
+      d_reuse.Upload(std::vector<int32_t>(layers * pool_rows, 0));
+      d_valid.Upload(std::vector<int32_t>(layers * pool_rows, 0));
+      d_aset.Resize(static_cast<size_t>(layers) * pool_rows * stride * 4);
+      d_aset.Poison();
+      d_acount.Upload(std::vector<int32_t>(layers * pool_rows, 0));
+      d_ch.Resize(static_cast<size_t>(layers) * pool_rows * r * 4);
+      d_ch.Poison();
+      std::vector<int32_t> src(static_cast<size_t>(layers) * pool_rows, -1);
+      for (int l = 0; l < layers; ++l) {
+        for (int b = 0; b < B; ++b) {
+          for (int h = 0; h < hkv; ++h) src[l * pool_rows + slots[b] * hkv + h] = source_of[l][h];
+        }
+      }
+      d_src.Upload(src);
+      d_refresh.Resize(rows * 4);
+      d_csr_indptr.Resize((rows + 1) * 4);
+      const int64_t capacity = static_cast<int64_t>(rows) * max_len;
+      d_csr.Resize(capacity * 4);
+      PrhsSelectParams p;
+      p.dtype = dtype;
+      p.batch = B;
+      p.num_q_heads = hq;
+      p.num_kv_heads = hkv;
+      p.head_dim = D;
+      p.max_seq_len = max_len;
+      p.sink = sink;
+      p.local = local;
+      p.d_k_pool = d_k.get();
+      p.d_page_indptr = d_indptr.get<int32_t>();
+      p.d_page_indices = d_pages.get<int32_t>();
+      p.d_topk = d_topk.get<int32_t>();
+      p.d_mode = d_mode.get<int32_t>();
+      p.d_state_slot = d_slot.get<int32_t>();
+      p.anchor_stride = stride;
+      p.d_refresh = d_refresh.get<int32_t>();
+      p.d_index_indptr = d_csr_indptr.get<int32_t>();
+      p.d_index_indices = d_csr.get<int32_t>();
+      p.index_capacity = capacity;
+      p.hs_r = r;
+      p.hs_interval = interval;
+      p.d_anchor_set_base = d_aset.get<int32_t>();
+      p.d_anchor_count_base = d_acount.get<int32_t>();
+      p.layer_rows = pool_rows;
+      auto at_layer = [&](int l) {
+        PrhsSelectParams q = p;
+        const size_t row0 = static_cast<size_t>(l) * pool_rows;
+        q.d_anchor_q = d_anchor.get<uint16_t>() + row0 * G * D;
+        q.d_reuse = d_reuse.get<int32_t>() + row0;
+        q.d_valid = d_valid.get<int32_t>() + row0;
+        q.d_anchor_set = d_aset.get<int32_t>() + row0 * stride;
+        q.d_anchor_count = d_acount.get<int32_t>() + row0;
+        q.d_hs_channels = d_ch.get<int32_t>() + row0 * r;
+        q.d_hs_source = d_src.get<int32_t>() + row0;
+        return q;
+      };
+      std::vector<uint16_t> qv(static_cast<size_t>(B) * hq * D);
+      p.d_q = d_k.get();
+      p.d_seq_lens = d_indptr.get<int32_t>();
+      {
+        PrhsSelectParams q0 = at_layer(0);
+        ASSERT_EQ(PrhsSelectCheck(q0), nullptr) << PrhsSelectCheck(q0);
+        d_ws.Resize(PrhsSelectWorkspaceBytes(q0));
+      }
+      p.d_workspace = d_ws.get();
+      p.workspace_bytes = PrhsSelectWorkspaceBytes(at_layer(0));
+      const PrhsWorkspaceView view = PrhsSelectWorkspace(at_layer(0));
+      std::vector<std::vector<int32_t>> channels(rows);
+      int refreshes = 0, shares = 0;
+      for (int step = 0; step < steps; ++step) {
+        SCOPED_TRACE("step " + std::to_string(step));
+        std::vector<int32_t> lens(B);
+        for (int b = 0; b < B; ++b) lens[b] = lens0[b] + step;
+        for (auto& x : qv) x = DoubleToHalfBits(2.0 * unif(rng), dtype);
+        d_q.Upload(qv);
+        d_lens.Upload(lens);
+        p.d_q = d_q.get();
+        p.d_seq_lens = d_lens.get<int32_t>();
+        std::vector<std::vector<int32_t>> layer0_sets(rows);
+        for (int l = 0; l < layers; ++l) {
+          SCOPED_TRACE("layer " + std::to_string(l));
+          PrhsSelectParams q = at_layer(l);
+          const size_t row0 = static_cast<size_t>(l) * pool_rows;
+          if (step == 0) {  // calibration: channels (and the kExact pass sets valid, reuse = 0)
+            PrhsSelectParams c = q;
+            c.d_mode = d_cal.get<int32_t>();
+            CUDA_OK(PrhsHShareCalibrate(c, nullptr));
+            CUDA_OK(PrhsGate(c, nullptr));
+            CUDA_OK(PrhsRefreshScores(c, nullptr));
+            CUDA_OK(PrhsRefreshSelect(c, nullptr));
+            CUDA_OK(cudaDeviceSynchronize());
+            const auto ch = d_ch.Download<int32_t>(static_cast<size_t>(pool_rows) * r, row0 * r);
+            for (int rr = 0; rr < rows; ++rr) {
+              const int b = rr / hkv, h = rr % hkv, sr = slots[b] * hkv + h;
+              std::vector<double> sum(D, 0.0);
+              for (int j = 0; j < lens[b]; ++j) {
+                for (int d = 0; d < D; ++d) sum[d] += std::abs(HalfBitsToDouble(key(b, h, j)[d], dtype));
+              }
+              std::vector<int32_t> order(D);
+              std::iota(order.begin(), order.end(), 0);
+              std::stable_sort(order.begin(), order.end(),
+                               [&](int x, int y) { return sum[x] > sum[y]; });
+              order.resize(r);
+              EXPECT_EQ(std::vector<int32_t>(ch.begin() + static_cast<size_t>(sr) * r,
+                                             ch.begin() + static_cast<size_t>(sr) * r + r),
+                        order) << "row " << rr;
+              if (l == 0) channels[rr] = order;
+            }
+          }
+          CUDA_OK(PrhsSelectStep(q, nullptr));
+          CUDA_OK(cudaDeviceSynchronize());
+          const auto refresh = d_refresh.Download<int32_t>(rows);
+          const auto acount = d_acount.Download<int32_t>(pool_rows, row0);
+          const auto aset = d_aset.Download<int32_t>(static_cast<size_t>(pool_rows) * stride,
+                                                     row0 * stride);
+          const auto indptr = d_csr_indptr.Download<int32_t>(rows + 1);
+          const auto csr = d_csr.Download<int32_t>(indptr[rows]);
+          for (int rr = 0; rr < rows; ++rr) {
+            SCOPED_TRACE("row " + std::to_string(rr));
+            const int b = rr / hkv, h = rr % hkv, sr = slots[b] * hkv + h, t = lens[b];
+            const int source = source_of[l][h];
+            const std::vector<int32_t> set(aset.begin() + static_cast<size_t>(sr) * stride,
+                                           aset.begin() + static_cast<size_t>(sr) * stride +
+                                               acount[sr]);
+            if (source >= 0) {
+              EXPECT_EQ(refresh[rr], 0);
+              ++shares;
+              // The source unit is in layer 0 (its set of this step).
+              EXPECT_EQ(set, layer0_sets[b * hkv + source % hkv]);
+            } else {
+              const bool want = step % interval == 0;
+              EXPECT_EQ(refresh[rr], want ? 1 : 0);
+              want ? ++refreshes : ++shares;
+              if (want) {
+                std::vector<float> a(t);
+                cudaMemcpy(a.data(), view.probs + static_cast<size_t>(rr) * view.row_stride,
+                           t * 4, cudaMemcpyDeviceToHost);
+                const std::vector<int32_t>& ch = channels[rr];  // same K: same channels
+                for (int j = 0; j < t; ++j) {
+                  double ref = 0, mag = 0;
+                  for (int g = 0; g < G; ++g) {
+                    const uint16_t* qh = qv.data() + (static_cast<size_t>(b) * hq + h * G + g) * D;
+                    for (int c : ch) {
+                      const double x = HalfBitsToDouble(qh[c], dtype) *
+                                       HalfBitsToDouble(key(b, h, j)[c], dtype);
+                      ref += x;
+                      mag += std::abs(x);
+                    }
+                  }
+                  ASSERT_NEAR(a[j], ref, 1e-4 + 1e-5 * mag) << "j " << j;
+                }
+                std::vector<int32_t> top = RefTopK(a, sink, t - local, topk[b]);
+                std::sort(top.begin(), top.end());
+                EXPECT_EQ(set, top);
+              }
+            }
+            if (l == 0) layer0_sets[rr] = set;
+            EXPECT_EQ(std::vector<int32_t>(csr.begin() + indptr[rr], csr.begin() + indptr[rr + 1]),
+                      RefMergeIndexSet(sink, set, local, t));
+          }
+        }
+      }
+      EXPECT_GT(refreshes, 0);
+      EXPECT_GT(shares, 0);
+    }
+  }
+}
+
 TEST(PrhsSelectCheck, RejectsUnsupported) {
   PrhsSelectParams p;
   p.batch = 0;

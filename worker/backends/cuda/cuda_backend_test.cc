@@ -152,7 +152,9 @@ TEST(CudaBackendPrhs, AgreesWithCpuEngine) {
                               {"prhs", "", 0.02},
                               {"oracle", "", 0.0},
                               {"streaming", "", 0.0},
-                              {"quest", "", 0.0}};
+                              {"quest", "", 0.0},
+                              {"h2o", "", 0.0},
+                              {"hshare", "", 0.0}};
   for (const auto& [policy, overrides, target_delta] : cases) {
     SCOPED_TRACE(testing::Message() << policy << " " << overrides << " delta*=" << target_delta);
     const std::string name = policy;
@@ -220,10 +222,28 @@ TEST(CudaBackendPrhs, AgreesWithCpuEngine) {
     EXPECT_EQ(tg.context_keys_sum, tc.context_keys_sum);
     EXPECT_EQ(tg.refreshes_per_unit.size(), tc.refreshes_per_unit.size());
     EXPECT_GE(agree, steps * 9 / 10);
+    if (name == "hshare") {
+      // A refresh (approximate scores) every refresh_interval steps of a representative unit, a
+      // share otherwise; the sharing map comes from exact top-k sets at the first step, which
+      // bf16 vs float32 may move across the 50 % overlap threshold for a unit or two (counts
+      // printed). Kept = sink + k + local every step on both (heavy sets stay below the window).
+      EXPECT_EQ(tg.refreshes + tg.shares, sel);
+      EXPECT_EQ(tc.refreshes + tc.shares, sel);
+      EXPECT_GT(tg.refreshes, 0);
+      EXPECT_GT(tg.shares, 0);
+      EXPECT_NEAR(static_cast<double>(tg.refreshes), static_cast<double>(tc.refreshes),
+                  0.05 * static_cast<double>(sel));
+      EXPECT_EQ(tg.refreshes_per_unit, tc.refreshes_per_unit);
+      EXPECT_EQ(tg.scored_keys_sum, tc.scored_keys_sum);
+      EXPECT_EQ(tg.kept_tokens_sum, tc.kept_tokens_sum);
+      for (int i = 0; i < 2; ++i) ASSERT_TRUE(be[i]->FreeSequence(seq[i]).ok());
+      continue;
+    }
     if (!is_prhs) {
       // Oracle: a refresh (exact top-k over all t keys) per selection, no δ samples; Quest: a
       // refresh (page scoring) per selection; streaming: neither. All keep exactly the CPU's
-      // count (Quest: whichever pages, all full but the always-kept last one).
+      // count (Quest: whichever pages, all full but the always-kept last one; H2O: its heavy
+      // budget is always full — the tokens leaving the window compete — so B(t) every step).
       const bool every_step = name == "oracle" || name == "quest";
       EXPECT_EQ(tg.refreshes, every_step ? sel : 0);
       EXPECT_EQ(tc.refreshes, tg.refreshes);
@@ -273,7 +293,8 @@ TEST(CudaBackendPrhs, AgreesWithCpuEngine) {
   }
 }
 
-// Oracle, streaming, PrHS (with per-kv-head k scales), dense and Quest sequences in one step:
+// Oracle, streaming, PrHS (with per-kv-head k scales), dense, Quest, H2O and HShare sequences in
+// one step:
 // the per-sequence modes, windows and k of one launch. Telemetry per sequence is exactly what
 // its CPU selector's policy counts: the oracle, streaming and Quest kept counts follow from the
 // lengths (oracle min(B(t), t), streaming |MergeIndexSet(sink, {}, max(B(t), sink + 1) − sink,
@@ -285,9 +306,10 @@ TEST(CudaBackendPrhs, MixedPoliciesInOneStep) {
   ASSERT_NE(m.gpu, nullptr);
   CudaBackend& g = *m.gpu;
   const ModelConfig& c = m.weights->config;
-  const std::vector<int32_t> prompt = Prompt(g, 1100);
+  const std::vector<int32_t> prompt = Prompt(g, 1200);
   auto oracle = Session(c, "oracle"), streaming = Session(c, "streaming", 100),
-       prhs = Session(c, "prhs"), dense = Session(c, "dense"), quest = Session(c, "quest", 200);
+       prhs = Session(c, "prhs"), dense = Session(c, "dense"), quest = Session(c, "quest", 200),
+       h2o = Session(c, "h2o"), hshare = Session(c, "hshare");
   SelectionPlan scaled = prhs->plan();
   for (LayerSelectionPlan& lp : scaled.layers) {
     lp.head_k_scale.assign(c.num_key_value_heads, 1.0);
@@ -295,9 +317,10 @@ TEST(CudaBackendPrhs, MixedPoliciesInOneStep) {
     if (c.num_key_value_heads > 1) lp.head_k_scale[1] = 2.0;
   }
   ASSERT_TRUE(prhs->AdoptPlan(scaled).ok());
-  SelectionSession* ss[5] = {oracle.get(), streaming.get(), prhs.get(), dense.get(), quest.get()};
-  ModelBackend::SeqId seq[5];
-  for (int i = 0; i < 5; ++i) {
+  SelectionSession* ss[7] = {oracle.get(), streaming.get(), prhs.get(),  dense.get(),
+                             quest.get(),  h2o.get(),       hshare.get()};
+  ModelBackend::SeqId seq[7];
+  for (int i = 0; i < 7; ++i) {
     seq[i] = g.CreateSequence();
     // Different lengths per sequence.
     ModelBackend::StepItem it{seq[i], {prompt.data(), static_cast<size_t>(600 + 100 * i)}, false,
@@ -305,11 +328,11 @@ TEST(CudaBackendPrhs, MixedPoliciesInOneStep) {
     ASSERT_TRUE(g.Step({&it, 1}).ok());
   }
   const int steps = 5, L = c.num_hidden_layers, H = c.num_key_value_heads;
-  int64_t want_oracle = 0, want_streaming = 0, want_quest = 0;
+  int64_t want_oracle = 0, want_streaming = 0, want_quest = 0, want_h2o = 0;
   int32_t tok = 97;
   for (int step = 0; step < steps; ++step) {
     std::vector<ModelBackend::StepItem> items;
-    for (int i = 0; i < 5; ++i) {
+    for (int i = 0; i < 7; ++i) {
       items.push_back({seq[i], {&tok, 1}, false, ss[i]->selector(), nullptr});
     }
     auto l = g.Step(items);
@@ -327,6 +350,8 @@ TEST(CudaBackendPrhs, MixedPoliciesInOneStep) {
     const int64_t pages = std::max<int64_t>(1, (quest->plan().Budget(t_quest) + 15) / 16);
     want_quest += static_cast<int64_t>(L) * H *
                   (pages >= np ? t_quest : (pages - 1) * 16 + (t_quest - 16 * (np - 1)));
+    const int64_t t_h2o = 1100 + step + 1;  // H2O keeps its full budget min(B(t), t) each step
+    want_h2o += static_cast<int64_t>(L) * H * std::min<int64_t>(h2o->plan().Budget(t_h2o), t_h2o);
   }
   const int64_t sel = static_cast<int64_t>(steps) * L * H;
   const SelectionTelemetry &to = oracle->selector()->telemetry(),
@@ -348,6 +373,17 @@ TEST(CudaBackendPrhs, MixedPoliciesInOneStep) {
   EXPECT_EQ(tq.selections, sel);
   EXPECT_EQ(tq.refreshes, sel);
   EXPECT_EQ(tq.kept_tokens_sum, want_quest);
+  const SelectionTelemetry& th = h2o->selector()->telemetry();
+  EXPECT_EQ(th.selections, sel);
+  EXPECT_EQ(th.refreshes + th.shares, 0);
+  EXPECT_EQ(th.kept_tokens_sum, want_h2o);
+  // HShare: every unit refreshes or shares every step; with refresh_interval 2 over 5 steps a
+  // representative refreshes at steps 0, 2 and 4.
+  const SelectionTelemetry& tsh = hshare->selector()->telemetry();
+  EXPECT_EQ(tsh.selections, sel);
+  EXPECT_EQ(tsh.refreshes + tsh.shares, sel);
+  EXPECT_EQ(tsh.refreshes % 3, 0);
+  EXPECT_GT(tsh.refreshes, 0);
   for (ModelBackend::SeqId s : seq) ASSERT_TRUE(g.FreeSequence(s).ok());
   EXPECT_EQ(g.used_pages(), 0);
 }
@@ -488,11 +524,13 @@ TEST(CudaBackendPrhs, FullBudgetIsBitwiseDenseAndMixedSteps) {
   auto r = g.Step(bad_step);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(*g.SequenceLength(e), 64);
-  // Unsupported decode policies name the item and the policy.
-  auto h2o = Session(c, "h2o");
-  std::vector<ModelBackend::StepItem> q = {{b, {&tok, 1}, false, h2o->selector(), nullptr}};
+  // Plans with CPU-only fields are refused, naming the item and the field.
+  auto cpu_only = Session(c, "prhs", 0.125, "gqa_max=1");
+  std::vector<ModelBackend::StepItem> q = {{b, {&tok, 1}, false, cpu_only->selector(), nullptr}};
   r = g.Step(q);
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(r.status().message()).find("gqa_max=1"), std::string::npos)
+      << r.status();
   for (ModelBackend::SeqId s : {a, b, d, e}) ASSERT_TRUE(g.FreeSequence(s).ok());
   EXPECT_EQ(g.used_pages(), 0);
   EXPECT_EQ(g.num_sequences(), 0);
@@ -601,13 +639,14 @@ TEST(CudaBackendPrhs, SchedulerServesPrhsAndDense) {
       EXPECT_EQ(last.sparsity.refreshes, 0);
     }
   }
-  // Policies the GPU does not run are refused at Generate.
+  // Plans the GPU does not run (CPU-only fields) are refused at Generate.
   InferenceRequest r;
   r.token_ids = {256, 1, 2};
   r.max_tokens = 2;
-  r.sparsity.policy = "h2o";
+  r.sparsity.policy = "prhs";
+  r.sparsity.overrides = "gqa_max=1";
   auto got = (*sched)->Generate(r, [](InferenceEvent) { ADD_FAILURE() << "callback called"; });
-  EXPECT_EQ(got.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 // On-device sampling (CudaModel::StepSample): per item the id SampleRows draws equals the host's

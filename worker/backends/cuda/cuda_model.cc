@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <deque>
@@ -168,6 +169,7 @@ struct CudaModel::Impl {
     std::vector<int32_t> page_table;
     int prhs_slot = -1;  // CIS state slot in the PrHS pools (-1 = none yet)
     int quest_seen = 0;  // Quest: positions whose page bounds are folded (as QuestSelector's)
+    bool hs_calibrated = false;  // HShare: channels and sharing map set (every unit at once)
   };
   std::unordered_map<SeqId, Sequence> seqs;
   SeqId next_seq = 1;
@@ -196,6 +198,17 @@ struct CudaModel::Impl {
   int prhs_stride = 0;
   DeviceBuffer prhs_anchor_q, prhs_reuse, prhs_valid, prhs_set, prhs_count;
   std::vector<int> prhs_free_slots;
+  // H2O (kHeavy rows, allocated at the first h2o decode): per layer [slots][Hkv] state rows of
+  // the tracked (not evicted) positions [..][h2o_stride] int32, their accumulated scores f32 and
+  // counts int32 (PrhsHeavySelect); valid / reuse (= the last step's length) / the kept set are
+  // the CIS pools' rows of the same slot.
+  int h2o_stride = 0;
+  DeviceBuffer h2o_pos, h2o_acc, h2o_count;
+  // HShare (kApprox rows, allocated at the first hshare decode): per layer [slots][Hkv] rows of
+  // the calibrated channels [..][hd] int32 (the first approx_channels used) and the shared
+  // unit (layer * Hkv + kv head, or -1) int32.
+  bool hs_pools = false;
+  DeviceBuffer hs_channels, hs_source;
   // Per step: refresh [L][rows] int32 | delta [L][rows] f32 | index_indptr [L][rows + 1] int32,
   // copied to the host in one piece; the CSR indices of the current layer; the workspace.
   DeviceBuffer prhs_out, prhs_indices, prhs_ws;
@@ -322,8 +335,9 @@ struct CudaModel::Impl {
     const SelectionPlan* prefill_plan = nullptr;  // PSAW band of multi-token causal items
   };
   // Grows the PrHS state pools to at least `slots` sequences and `stride` anchor entries per
-  // row, keeping every existing slot's state. Synchronises the stream.
-  absl::Status GrowPrhsPools(int slots, int stride);
+  // row (and, with h2o > 0 or H2O pools already present, the H2O pools to h2o tracked entries
+  // per row), keeping every existing slot's state. Synchronises the stream.
+  absl::Status GrowPrhsPools(int slots, int stride, int h2o = 0, bool hshare = false);
   // Elements of one layer's Quest page bounds: num_pages x Hkv x 2 x hd.
   size_t QuestBoundsPerLayer() const {
     return static_cast<size_t>(num_pages) * Hkv() * 2 * HD();
@@ -773,14 +787,24 @@ bool SelectsOnDevice(const SelectionPlan* plan) {
   return plan != nullptr && (plan->policy == SelectionPolicy::kPrhs ||
                              plan->policy == SelectionPolicy::kOracle ||
                              plan->policy == SelectionPolicy::kStreaming ||
-                             plan->policy == SelectionPolicy::kQuest);
+                             plan->policy == SelectionPolicy::kQuest ||
+                             plan->policy == SelectionPolicy::kH2O ||
+                             plan->policy == SelectionPolicy::kHShare);
 }
 // Whether the policy keeps per-sequence state on the device (a state slot: CIS anchors, the
-// oracle's and Quest's chosen sets).
+// oracle's and Quest's chosen sets, H2O's tracked tokens and scores).
 bool HasSelectionState(const SelectionPlan* plan) {
   return plan != nullptr &&
          (plan->policy == SelectionPolicy::kPrhs || plan->policy == SelectionPolicy::kOracle ||
-          plan->policy == SelectionPolicy::kQuest);
+          plan->policy == SelectionPolicy::kQuest || plan->policy == SelectionPolicy::kH2O ||
+          plan->policy == SelectionPolicy::kHShare);
+}
+// H2OSelector's budget min(max(B(t), 1), t) and recent window min(local, budget) at length t.
+int64_t H2OBudget(const SelectionPlan& plan, int64_t t) {
+  return std::min<int64_t>(std::max<int64_t>(plan.Budget(t), 1), t);
+}
+int64_t H2ORecent(const SelectionPlan& plan, int layer, int64_t t) {
+  return std::min<int64_t>(plan.layers[layer].local, H2OBudget(plan, t));
 }
 // Quest's pages to keep at length t: max(1, ceil(B(t) / page)) (QuestSelector), and whether that
 // covers every page (the row then attends densely, as QuestSelector).
@@ -803,18 +827,25 @@ bool PerHeadK(const SelectionPlan& plan) {
 // caller marks rows whose budget covers the sequence dense (-1) separately.
 int64_t DeviceTopK(const SelectionPlan& plan, int layer, int64_t t, int kv_head, int max_context) {
   int64_t k = 0;
-  if (plan.policy == SelectionPolicy::kPrhs) k = plan.TopK(layer, t, kv_head);
+  if (plan.policy == SelectionPolicy::kPrhs || plan.policy == SelectionPolicy::kHShare) {
+    k = plan.TopK(layer, t, kv_head);
+  }
   if (plan.policy == SelectionPolicy::kOracle) k = std::min<int64_t>(plan.Budget(t), t);
   if (plan.policy == SelectionPolicy::kQuest) k = QuestPages(plan, t, 16);  // pages
+  if (plan.policy == SelectionPolicy::kH2O) k = H2OBudget(plan, t) - H2ORecent(plan, layer, t);
   return std::clamp<int64_t>(k, 0, max_context);
 }
 
 }  // namespace
 
-absl::Status CudaModel::Impl::GrowPrhsPools(int slots, int stride) {
-  if (slots <= prhs_slots && stride <= prhs_stride) return absl::OkStatus();
+absl::Status CudaModel::Impl::GrowPrhsPools(int slots, int stride, int h2o, bool hshare) {
+  if (slots <= prhs_slots && stride <= prhs_stride && h2o <= h2o_stride &&
+      (!hshare || hs_pools)) {
+    return absl::OkStatus();
+  }
   slots = std::max(slots, prhs_slots);
   stride = std::max(stride, prhs_stride);
+  h2o = std::max(h2o, h2o_stride);
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   const size_t L = config.num_hidden_layers, hkv = Hkv();
   const size_t q_row = static_cast<size_t>(Hq() / Hkv()) * HD() * kBf16;
@@ -822,7 +853,7 @@ absl::Status CudaModel::Impl::GrowPrhsPools(int slots, int stride) {
   auto grow = [&](DeviceBuffer* buf, size_t old_w, size_t new_w, const char* what) {
     DeviceBuffer fresh;
     RETURN_IF_ERROR(fresh.Allocate(L * slots * hkv * new_w, what));
-    if (prhs_slots > 0) {
+    if (prhs_slots > 0 && old_w > 0) {
       const size_t old_rows = static_cast<size_t>(prhs_slots) * hkv;
       for (size_t l = 0; l < L; ++l) {
         CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
@@ -841,6 +872,21 @@ absl::Status CudaModel::Impl::GrowPrhsPools(int slots, int stride) {
   RETURN_IF_ERROR(grow(&prhs_count, 4, 4, "PrHS anchor counts"));
   RETURN_IF_ERROR(grow(&prhs_set, static_cast<size_t>(prhs_stride) * 4,
                        static_cast<size_t>(stride) * 4, "PrHS anchor sets"));
+  if (h2o > 0) {
+    // The first H2O pools copy nothing (old width 0): no live sequence has H2O state yet, and a
+    // slot's state is read only once its first H2O step has written it (valid).
+    const size_t old_w = static_cast<size_t>(h2o_stride) * 4;
+    RETURN_IF_ERROR(grow(&h2o_pos, old_w, static_cast<size_t>(h2o) * 4, "H2O positions"));
+    RETURN_IF_ERROR(grow(&h2o_acc, old_w, static_cast<size_t>(h2o) * 4, "H2O scores"));
+    RETURN_IF_ERROR(grow(&h2o_count, h2o_stride > 0 ? 4 : 0, 4, "H2O counts"));
+    h2o_stride = h2o;
+  }
+  if (hshare || hs_pools) {  // the first HShare pools copy nothing (no live HShare state)
+    const size_t w = static_cast<size_t>(HD()) * 4;
+    RETURN_IF_ERROR(grow(&hs_channels, hs_pools ? w : 0, w, "HShare channels"));
+    RETURN_IF_ERROR(grow(&hs_source, hs_pools ? 4 : 0, 4, "HShare sources"));
+    hs_pools = true;
+  }
   for (int i = slots - 1; i >= prhs_slots; --i) prhs_free_slots.push_back(i);
   prhs_slots = slots;
   prhs_stride = stride;
@@ -888,14 +934,16 @@ void CudaModel::Impl::AccountSelection(const PendingSelection& p) const {
         const size_t lr = static_cast<size_t>(l) * rows + r;
         const int32_t k = p.per_head ? p.topk[static_cast<size_t>(l) * rows + r]
                                      : p.topk[static_cast<size_t>(l) * B + b];
-        if (k >= 0 && policy != SelectionPolicy::kStreaming) {
+        // H2OSelector counts neither refreshes nor shares.
+        if (k >= 0 && policy != SelectionPolicy::kStreaming && policy != SelectionPolicy::kH2O) {
           if (refresh[lr] == 0) {
             ++t->shares;
             ++t->shares_per_layer[l];
           } else {
             ++t->refreshes;
             ++t->refreshes_per_layer[l];
-            if (policy != SelectionPolicy::kQuest) {  // QuestSelector counts neither
+            // QuestSelector and HShareSelector count neither.
+            if (policy != SelectionPolicy::kQuest && policy != SelectionPolicy::kHShare) {
               ++t->refreshes_per_unit[static_cast<size_t>(l) * hkv + h];
               t->scored_keys_sum += len;
             }
@@ -945,6 +993,7 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
   int64_t pages_needed = 0, total = 0;
   bool all_single = true, uninitialized = false;
   const SelectionPlan* prhs_ref = nullptr;  // the first item with a prhs plan
+  const SelectionPlan* hs_ref = nullptr;    // the first item with an hshare plan
   bool use_prhs = false;                     // some item selects on the device (any policy)
   bool per_head = false;                     // some item's k differs between kv heads
   for (size_t b = 0; b < items.size(); ++b) {
@@ -989,6 +1038,22 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
         }
         use_prhs = true;
         per_head |= PerHeadK(*it.plan);
+      }
+      if (it.plan->policy == SelectionPolicy::kHShare) {
+        if (hs_ref == nullptr) {
+          hs_ref = it.plan;
+        } else {
+          for (int l = 0; l < c.num_hidden_layers; ++l) {
+            const LayerSelectionPlan &x = hs_ref->layers[l], &y = it.plan->layers[l];
+            if (x.refresh_interval != y.refresh_interval ||
+                x.approx_channels != y.approx_channels) {
+              return absl::InvalidArgumentError(absl::StrCat(
+                  "batch item ", b, ": its hshare plan's layer ", l,
+                  " refresh_interval/approx_channels differ from another item's in the same step "
+                  "(run such sequences in separate steps)"));
+            }
+          }
+        }
       }
       if (it.plan->policy == SelectionPolicy::kPrhs) {
         if (prhs_ref == nullptr) {
@@ -1057,11 +1122,21 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
   // state is what a new sequence starts from, so this needs no undo on a later error) and anchor
   // rows long enough for every k the plans ask for up to max_context.
   const int NL = c.num_hidden_layers;
+  bool use_h2o = false;
   if (use_prhs) {
     int stride = prhs_stride;
+    int h2o = 0;
     for (const ItemDesc& it : items) {
       if (!HasSelectionState(it.plan)) continue;
       const bool prhs = it.plan->policy == SelectionPolicy::kPrhs;
+      if (it.plan->policy == SelectionPolicy::kH2O) {
+        // Tracked entries: kept heavy + recent <= the budget, at every length up to max_context.
+        use_h2o = true;
+        const int64_t len = seqs[it.seq].length + 1;
+        for (const int64_t t : {len, static_cast<int64_t>(max_context)}) {
+          h2o = static_cast<int>(std::max<int64_t>(h2o, H2OBudget(*it.plan, t)));
+        }
+      }
       const int heads = PerHeadK(*it.plan) ? Hkv() : 1;
       const int64_t len = seqs[it.seq].length + 1;
       for (int l = 0; l < NL; ++l) {
@@ -1077,7 +1152,9 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
         }
       }
     }
-    RETURN_IF_ERROR(GrowPrhsPools(prhs_slots, std::max(64, (stride + 63) / 64 * 64)));
+    RETURN_IF_ERROR(GrowPrhsPools(prhs_slots, std::max(64, (stride + 63) / 64 * 64),
+                                  h2o > 0 ? std::max(64, (h2o + 63) / 64 * 64) : 0,
+                                  hs_ref != nullptr));
     for (const ItemDesc& it : items) {
       if (HasSelectionState(it.plan)) RETURN_IF_ERROR(AcquirePrhsSlot(&seqs[it.seq]));
     }
@@ -1091,6 +1168,7 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     return st;
   };
 
+  std::vector<int> calibrating;  // items whose HShare state is calibrated this step
   // ---- Metadata: packed int32 [tokens N][pos N][slot N][row_seq N][logit_rows R]
   //      [page_indptr B+1][seq_lens B][page_indices P].
   const int B = static_cast<int>(items.size());
@@ -1137,6 +1215,7 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
         s.quest_seen = s.length;  // this step folded every position into the bounds
       }
     }
+    for (int b : calibrating) seqs[items[b].seq].hs_calibrated = true;
   };
   if (uninitialized) {
     commit();
@@ -1160,6 +1239,9 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
   // the plan's; the oracle none (candidates [0, t), the list is its top-k); streaming the plan's
   // sink and a window of max(B(t), sink + 1) − sink (StreamingSelector).
   std::vector<int32_t> topk_tab, slot_tab, mode_tab, sink_tab, local_tab;
+  // HShare calibration this step: per item kExact for the items calibrating (their first
+  // non-dense hshare step), kWindow (untouched) for every other.
+  std::vector<int32_t> cal_tab;
   int64_t index_capacity = 0;
   int max_list = 1;
   const int topk_cols = per_head ? B * Hkv() : B;
@@ -1167,6 +1249,7 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     topk_tab.assign(static_cast<size_t>(NL) * topk_cols, -1);
     slot_tab.assign(B, 0);
     mode_tab.assign(B, kernels::kPrhsModeCis);
+    cal_tab.assign(B, kernels::kPrhsModeWindow);
     sink_tab.assign(static_cast<size_t>(NL) * B, 0);
     local_tab.assign(static_cast<size_t>(NL) * B, 0);
     for (int b = 0; b < B; ++b) {
@@ -1181,9 +1264,11 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
         for (int l = 0; l < NL; ++l) {
           const LayerSelectionPlan& lp = plan.layers[l];
           const size_t lb = static_cast<size_t>(l) * B + b;
-          if (plan.policy == SelectionPolicy::kPrhs) {
+          if (plan.policy == SelectionPolicy::kPrhs || plan.policy == SelectionPolicy::kHShare) {
             sink_tab[lb] = lp.sink;
             local_tab[lb] = lp.local;
+          } else if (plan.policy == SelectionPolicy::kH2O) {
+            local_tab[lb] = static_cast<int32_t>(H2ORecent(plan, l, t));  // no sink
           } else if (plan.policy == SelectionPolicy::kStreaming) {
             sink_tab[lb] = lp.sink;
             local_tab[lb] = static_cast<int32_t>(std::min<int64_t>(
@@ -1191,7 +1276,9 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
           }
           fixed = std::max(fixed, sink_tab[lb] + local_tab[lb]);
         }
-        const bool dense_row = plan.policy == SelectionPolicy::kQuest
+        // H2O never attends densely: evicted tokens stay out even when B(t) >= t.
+        const bool dense_row = plan.policy == SelectionPolicy::kH2O ? false
+                               : plan.policy == SelectionPolicy::kQuest
                                    ? QuestDense(plan, t, page_size)
                                    : plan.Budget(t) >= t;
         if (plan.policy == SelectionPolicy::kStreaming) {
@@ -1205,6 +1292,14 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
         } else if (!dense_row) {  // else dense rows, as the CPU selectors
           if (plan.policy == SelectionPolicy::kOracle) mode_tab[b] = kernels::kPrhsModeExact;
           if (plan.policy == SelectionPolicy::kQuest) mode_tab[b] = kernels::kPrhsModePages;
+          if (plan.policy == SelectionPolicy::kH2O) mode_tab[b] = kernels::kPrhsModeHeavy;
+          if (plan.policy == SelectionPolicy::kHShare) {
+            mode_tab[b] = kernels::kPrhsModeApprox;
+            if (!seqs[it.seq].hs_calibrated) {
+              cal_tab[b] = kernels::kPrhsModeExact;
+              calibrating.push_back(b);
+            }
+          }
           for (int l = 0; l < NL; ++l) {
             for (int h = 0; h < (per_head ? Hkv() : 1); ++h) {
               topk_tab[static_cast<size_t>(l) * topk_cols + (per_head ? b * Hkv() + h : b)] =
@@ -1222,7 +1317,8 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     }
   }
   const size_t o_topk = append(topk_tab), o_state_slot = append(slot_tab),
-               o_mode = append(mode_tab), o_sink = append(sink_tab), o_local = append(local_tab);
+               o_mode = append(mode_tab), o_sink = append(sink_tab), o_local = append(local_tab),
+               o_cal = append(cal_tab);
   // Quest: per item the first logical page whose bounds this step recomputes (the page of the
   // first position not folded at its last quest step; none for other items).
   bool use_quest = false;
@@ -1442,6 +1538,62 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
   uint16_t* dattn = attn.as<uint16_t>();
   float* dgu = gu.as<float>();
   uint16_t* dact = act.as<uint16_t>();
+  // HShare calibration of layer l (HShareSelector::Calibrate, every unit of the calibrating
+  // items): channels and exact top-k on the device (kExact rows of a pass with the calibration
+  // mode table), then on the host the greedy overlap map — the unit shares the first earlier
+  // representative (lower layer, or lower kv head of this layer) whose exact set overlaps its
+  // own by >= 50 % — uploaded as the units' sources. Synchronises the stream once per layer,
+  // only at a sequence's first non-dense hshare step.
+  struct HsCal {
+    std::vector<int> rep_units;                 // representatives with a non-empty exact set
+    std::vector<std::vector<uint64_t>> rep_bits;  // their exact sets as bitsets over [0, t)
+  };
+  std::vector<HsCal> hs_cal(calibrating.size());
+  auto calibrate_hshare = [&](kernels::PrhsSelectParams cp, int l,
+                              const int32_t* d_cal) -> absl::Status {
+    cp.d_mode = d_cal;
+    cp.d_delta = nullptr;
+    cp.d_cos = nullptr;
+    CUDA_RETURN_IF_ERROR(kernels::PrhsHShareCalibrate(cp, stream));
+    CUDA_RETURN_IF_ERROR(kernels::PrhsGate(cp, stream));
+    CUDA_RETURN_IF_ERROR(kernels::PrhsRefreshScores(cp, stream));
+    CUDA_RETURN_IF_ERROR(kernels::PrhsRefreshSelect(cp, stream));
+    const int hkv = Hkv(), stride = prhs_stride;
+    std::vector<int32_t> counts(hkv), sets(static_cast<size_t>(hkv) * stride), src(hkv);
+    for (size_t i = 0; i < calibrating.size(); ++i) {
+      const int b = calibrating[i];
+      const size_t row0 = static_cast<size_t>(seqs[items[b].seq].prhs_slot) * hkv;
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(counts.data(), cp.d_anchor_count + row0,
+                                           counts.size() * 4, cudaMemcpyDeviceToHost, stream));
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sets.data(), cp.d_anchor_set + row0 * stride,
+                                           sets.size() * 4, cudaMemcpyDeviceToHost, stream));
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+      HsCal& hc = hs_cal[i];
+      const size_t words = (static_cast<size_t>(seq_lens[b]) + 63) / 64;
+      for (int h = 0; h < hkv; ++h) {
+        const int n = std::min(counts[h], stride);
+        const int32_t* e = sets.data() + static_cast<size_t>(h) * stride;
+        std::vector<uint64_t> bits(words, 0);
+        for (int j = 0; j < n; ++j) bits[e[j] >> 6] |= uint64_t{1} << (e[j] & 63);
+        src[h] = -1;
+        if (n == 0) continue;  // no set: shares nothing and is nobody's representative
+        for (size_t o = 0; o < hc.rep_units.size() && src[h] < 0; ++o) {
+          int64_t common = 0;
+          for (size_t w = 0; w < words; ++w) common += std::popcount(bits[w] & hc.rep_bits[o][w]);
+          if (common * 2 >= n) src[h] = hc.rep_units[o];
+        }
+        if (src[h] < 0) {
+          hc.rep_units.push_back(l * hkv + h);
+          hc.rep_bits.push_back(std::move(bits));
+        }
+      }
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(const_cast<int32_t*>(cp.d_hs_source) + row0,
+                                           src.data(), src.size() * 4, cudaMemcpyHostToDevice,
+                                           stream));
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));  // src is reused
+    }
+    return absl::OkStatus();
+  };
   auto forward = [&]() -> absl::Status {
     CUDA_RETURN_IF_ERROR(kernels::EmbeddingGather(embed, d_tok, N, Dm, Vm, dx, stream));
     for (int l = 0; l < c.num_hidden_layers; ++l) {
@@ -1500,17 +1652,37 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
           sp.d_valid = prhs_valid.as<int32_t>() + state_row0;
           sp.d_anchor_count = prhs_count.as<int32_t>() + state_row0;
           sp.d_anchor_set = prhs_set.as<int32_t>() + state_row0 * prhs_stride;
+          if (hs_ref != nullptr) {
+            sp.d_hs_channels = hs_channels.as<int32_t>() + state_row0 * HD();
+            sp.d_hs_source = hs_source.as<int32_t>() + state_row0;
+            sp.hs_r = std::clamp(hs_ref->layers[l].approx_channels, 1, HD());
+            sp.hs_interval = hs_ref->layers[l].refresh_interval;
+            sp.d_anchor_set_base = prhs_set.as<int32_t>();
+            sp.d_anchor_count_base = prhs_count.as<int32_t>();
+            sp.layer_rows = static_cast<int64_t>(prhs_slots) * Hkv();
+          }
+          if (use_h2o) {
+            sp.d_h2o_pos = h2o_pos.as<int32_t>() + state_row0 * h2o_stride;
+            sp.d_h2o_acc = h2o_acc.as<float>() + state_row0 * h2o_stride;
+            sp.d_h2o_count = h2o_count.as<int32_t>() + state_row0;
+            sp.h2o_stride = h2o_stride;
+          }
           int32_t* out = prhs_out.as<int32_t>();
           sp.d_refresh = out + static_cast<size_t>(l) * sel_rows;
           sp.d_delta = reinterpret_cast<float*>(out + static_cast<size_t>(NL) * sel_rows) +
                        static_cast<size_t>(l) * sel_rows;
           sp.d_index_indptr = out + 2 * static_cast<size_t>(NL) * sel_rows +
                               static_cast<size_t>(l) * (sel_rows + 1);
+          // (after this layer's output rows are set: the calibration pass writes refresh too,
+          // and the step's gate then overwrites it)
+          if (!calibrating.empty()) RETURN_IF_ERROR(calibrate_hshare(sp, l, dm + o_cal));
           CUDA_RETURN_IF_ERROR(kernels::PrhsSelectStep(sp, stream));
           dp.d_index_indptr = sp.d_index_indptr;
           dp.d_index_indices = sp.d_index_indices;
         }
         CUDA_RETURN_IF_ERROR(kernels::PagedDecodeAttention(dp, stream));
+        // H2O: the attention probabilities of the kept tokens, added to their scores.
+        if (use_h2o) CUDA_RETURN_IF_ERROR(kernels::PrhsHeavyObserve(sp, stream));
       } else {
         kernels::PrefillAttentionParams ap;
         ap.rows = N;

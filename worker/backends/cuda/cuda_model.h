@@ -24,8 +24,13 @@
 // prefill kernel otherwise (worker/kernels/prefill_attention.h).
 //
 // PrHS decode on the device: a decode item may carry its sequence's SelectionPlan (policy dense,
-// prhs / prhs-budget-matched, also with a δ target, oracle, streaming or quest; the baselines
-// run as per-sequence modes of the same kernels: docs/kernels.md, "PrHS decode in the model").
+// prhs / prhs-budget-matched, also with a δ target, oracle, streaming, quest, h2o or hshare; the
+// baselines run as per-sequence modes of the same kernels: docs/kernels.md, "PrHS decode in the
+// model"). H2O also adds, after each layer's sparse attention, the kept tokens' attention
+// probabilities to their accumulated scores, kept per (sequence, layer, kv head) in device slots.
+// HShare calibrates at a sequence's first non-dense step: channels and exact top-k sets on the
+// device, then per layer the greedy overlap (sharing) map on the host from a copy of those sets
+// (one stream synchronisation per layer at that step only).
 // Per layer, after Q and K are produced, the selection kernels
 // (worker/kernels/selection_prhs.h) run the CIS gate, exact refresh scoring + top-k + dilation +
 // δ for the rows whose gate fired, and build the CSR lists (sink ∪ selected ∪ local) that the
@@ -44,10 +49,12 @@
 // refresh candidates below by floor(f_l · t), as PrhsSelector.
 //
 // Not supported (refused by SupportsPlan or not offered): ETF prefill plans; the CPU-only CIS
-// options gqa_max, gate_unrotated and follow; the h2o and hshare policies; head_dim > 256;
+// options gqa_max, gate_unrotated and follow; head_dim > 256;
 // fp16 weights; more than one GPU. The PrHS items of one step must share the per-layer τ,
 // max_reuse and dilation (the kernels take one value per layer for the batch; sink, local and k
-// are per sequence); CudaBackend runs differing ones as separate forwards.
+// are per sequence); CudaBackend runs differing ones as separate forwards. The HShare items of
+// one step must share the per-layer refresh_interval and approx_channels (INVALID_ARGUMENT
+// otherwise; plans of the hshare preset with the same overrides do).
 //
 // Thread-safety: a CudaModel is driven by one thread at a time.
 #ifndef PREHOC_WORKER_BACKENDS_CUDA_CUDA_MODEL_H_
@@ -125,9 +132,9 @@ class CudaModel {
   // Needs no device.
   static absl::Status Supports(const ModelConfig& config, int page_size);
   // OK when decode steps can run `plan` on the device exactly as the CPU engine would (its
-  // PrhsSelector, OracleSelector, StreamingSelector or QuestSelector; δ targets included), and
-  // prefills can apply it (the PSAW band; not ETF). Errors: UNIMPLEMENTED naming h2o or hshare;
-  // INVALID_ARGUMENT naming a plan field the GPU path lacks (ETF, gqa_max, gate_unrotated,
+  // PrhsSelector, OracleSelector, StreamingSelector, QuestSelector, H2OSelector or
+  // HShareSelector; δ targets included), and prefills can apply it (the PSAW band; not ETF).
+  // Errors: INVALID_ARGUMENT naming a plan field the GPU path lacks (ETF, gqa_max, gate_unrotated,
   // follow, the CPU-only share-step options, dilate_r > 64, negative k scales, a layer count
   // that does not match) or a model shape the selection kernels do not take (head_dim other than
   // 64 / 128, page_size other than 16, more than 8 query heads per kv head).

@@ -32,12 +32,8 @@ absl::Status CudaModel::Supports(const ModelConfig& c, int page_size) {
 
 absl::Status CudaModel::SupportsPlan(const ModelConfig& c, int page_size,
                                      const SelectionPlan& plan) {
-  if (plan.policy == SelectionPolicy::kH2O || plan.policy == SelectionPolicy::kHShare) {
-    return absl::UnimplementedError(absl::StrCat(
-        "sparsity.policy: '", plan.policy_name,
-        "' is not implemented on the CUDA backend (it runs dense, prhs, prhs-budget-matched, "
-        "oracle, streaming and quest); use --device=cpu for it"));
-  }
+  // Every policy runs on the device (dense, prhs, prhs-budget-matched, oracle, streaming, quest,
+  // h2o, hshare); what is refused is a plan field or a model shape.
   if (plan.layers.size() != static_cast<size_t>(c.num_hidden_layers)) {
     return absl::InvalidArgumentError(absl::StrCat("sparsity: plan has ", plan.layers.size(),
                                                    " layers, the model ", c.num_hidden_layers));
