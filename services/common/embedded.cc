@@ -227,8 +227,8 @@ absl::StatusOr<std::unique_ptr<EmbeddedServer>> EmbeddedServer::Create(EmbeddedS
   // A backend failure turns readiness off for good (at once if one happened already).
   s->cluster_->SetBackendFailureListener(
       [server = s->grpc_.server.get(), live = o.liveness_follows_backend](const absl::Status&) {
+        if (live) SetLiveness(server, false);  // first: readiness is what tests and probes watch
         SetReadiness(server, false);
-        if (live) SetLiveness(server, false);
       });
   LOG(INFO) << "embedded server grpc_port=" << s->grpc_.port
             << " metrics_port=" << s->metrics_.port;

@@ -177,16 +177,17 @@ TEST(EmbeddedTest, LivenessFollowsABackendFailureWhenAsked) {
   ASSERT_TRUE(server.ok()) << server.status();
   auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->port()),
                                      grpc::InsecureChannelCredentials());
-  testing::HealthWatch liveness(channel, "liveness");
-  ASSERT_TRUE(liveness.Await(grpc::health::v1::HealthCheckResponse::SERVING));
+  // Readiness turns NOT_SERVING after liveness (the server sets it last).
+  testing::HealthWatch readiness(channel, "readiness");
+  ASSERT_TRUE(readiness.Await(grpc::health::v1::HealthCheckResponse::SERVING));
   backend->FailSteps(absl::InternalError("CUDA error: an illegal memory access"));
   auto stub = v1::Inference::NewStub(channel);
   v1::GenerateRequest req;
   req.mutable_token_ids()->add_ids(256);
   req.set_max_tokens(3);
   EXPECT_EQ(GenerateStatus(stub.get(), req).error_code(), grpc::StatusCode::INTERNAL);
-  ASSERT_TRUE(liveness.Await(grpc::health::v1::HealthCheckResponse::NOT_SERVING));
-  EXPECT_EQ(*testing::CheckHealth(channel, "readiness"),
+  ASSERT_TRUE(readiness.Await(grpc::health::v1::HealthCheckResponse::NOT_SERVING));
+  EXPECT_EQ(*testing::CheckHealth(channel, "liveness"),
             grpc::health::v1::HealthCheckResponse::NOT_SERVING);
 }
 

@@ -37,7 +37,8 @@ absl::StatusOr<GrpcServer> StartGrpcServer(const std::string& address,
 void SetReadiness(grpc::Server* server, bool ready);
 // Sets the liveness health names ("" and "liveness"; SERVING from StartGrpcServer on). A server
 // sets them NOT_SERVING only when asked to (--liveness-follows-backend: a failed device then
-// fails the liveness probe, so the orchestrator restarts the process). Thread-safe.
+// fails the liveness probe, so the orchestrator restarts the process), and before turning
+// readiness off, so that whoever sees readiness NOT_SERVING also sees liveness. Thread-safe.
 void SetLiveness(grpc::Server* server, bool live);
 
 struct MetricsEndpoint {

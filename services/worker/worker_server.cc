@@ -94,10 +94,10 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerServerO
     // !Ready(); one after it finds serving_ and turns readiness off itself.
     absl::MutexLock l(&s->mu_);
     s->serving_ = true;
-    SetReadiness(s->grpc_.server.get(), s->scheduler_->Ready());
     if (s->liveness_follows_backend_ && !s->scheduler_->backend_status().ok()) {
       SetLiveness(s->grpc_.server.get(), false);
     }
+    SetReadiness(s->grpc_.server.get(), s->scheduler_->Ready());
   }
   LOG(INFO) << "worker serving model=" << s->model_name_ << " id=" << s->worker_id_
             << " grpc=" << s->advertise_ << " metrics_port=" << s->metrics_.port
@@ -144,8 +144,9 @@ void WorkerServer::OnBackendFailure(const absl::Status& status) {
              << (liveness_follows_backend_ ? " (liveness NOT_SERVING: restart the process)" : "");
   absl::MutexLock l(&mu_);
   if (serving_ && !shut_down_) {
-    SetReadiness(grpc_.server.get(), false);
+    // Liveness first: whoever sees readiness change also sees liveness changed.
     if (liveness_follows_backend_) SetLiveness(grpc_.server.get(), false);
+    SetReadiness(grpc_.server.get(), false);
   }
 }
 

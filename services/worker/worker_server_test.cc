@@ -394,17 +394,18 @@ TEST(WorkerServerTest, LivenessFollowsABackendFailureWhenAsked) {
   ASSERT_NE(server, nullptr);
   auto channel = Channel(*server);
   auto stub = v1::Inference::NewStub(channel);
-  testing::HealthWatch liveness(channel, "liveness");
-  ASSERT_TRUE(liveness.Await(HealthCheckResponse::SERVING));
+  // Readiness turns NOT_SERVING after liveness (the server sets it last).
+  testing::HealthWatch readiness(channel, "readiness");
+  ASSERT_TRUE(readiness.Await(HealthCheckResponse::SERVING));
   ASSERT_TRUE(RunStream(stub.get(), IdsRequest({256, 7}, 2)).status.ok());
   EXPECT_EQ(*testing::CheckHealth(channel, "liveness"), HealthCheckResponse::SERVING);
 
   backend->FailSteps(absl::InternalError("CUDA error: an illegal memory access"));
   EXPECT_EQ(RunStream(stub.get(), IdsRequest({256, 8}, 2)).status.error_code(),
             grpc::StatusCode::INTERNAL);
-  ASSERT_TRUE(liveness.Await(HealthCheckResponse::NOT_SERVING));
+  ASSERT_TRUE(readiness.Await(HealthCheckResponse::NOT_SERVING));
+  EXPECT_EQ(*testing::CheckHealth(channel, "liveness"), HealthCheckResponse::NOT_SERVING);
   EXPECT_EQ(*testing::CheckHealth(channel, ""), HealthCheckResponse::NOT_SERVING);
-  EXPECT_EQ(*testing::CheckHealth(channel, "readiness"), HealthCheckResponse::NOT_SERVING);
 }
 
 }  // namespace
