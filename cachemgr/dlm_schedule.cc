@@ -294,7 +294,7 @@ absl::StatusOr<DlmSchedule> MakeDlmSchedule(const ModelConfig& model, const std:
                "min_rows"};
       break;
   }
-  if (s.policy == DlmCachePolicy::kSpa || s.policy == DlmCachePolicy::kSpaAuto) s.min_rows = 2;
+  if (s.policy == DlmCachePolicy::kSpa || s.policy == DlmCachePolicy::kSpaAuto) s.min_rows = 3;
   auto field = [](const std::string& k) { return absl::StrCat("cache_overrides.", k); };
   auto interval = [&](const std::string& k, double v, int* out) -> absl::Status {
     if (!(v >= 0) || v != std::floor(v) || v > 1e9) {

@@ -119,8 +119,9 @@ struct DlmSchedule {
   bool kv_all_rows = true;
   // dllm / spa: at least this many response rows are recomputed in every selective layer
   // (floor(L·ρ) is 0 or 1 for short responses, e.g. the 6-token retrieval answers). Not in the
-  // papers. Defaults (measured in docs/dlm.md): 2 for spa / spa-auto, 0 (the paper's rule) for
-  // dllm. No effect once floor(L·ρ(ℓ)) >= min_rows (L >= 29 with the default curve).
+  // papers. Defaults (measured in docs/dlm.md, all 64 retrieval_2k rows): 3 for spa / spa-auto
+  // (2 lost 3 of 64 answers to vanilla), 0 (the paper's rule) for dllm. No effect once
+  // floor(L·ρ(ℓ)) >= min_rows (L >= 48 with the default curve's 0.0625 floor).
   int min_rows = 0;
   // spa-auto only: the measured drift the curve was fitted to, and the fit error.
   std::vector<double> drift;

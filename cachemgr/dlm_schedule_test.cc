@@ -149,13 +149,14 @@ TEST(DlmScheduleTest, StepKinds) {
   EXPECT_EQ(never->UpdateRows(0, 64), 16);  // dllm: uniform 25 %, layer 0 included
   EXPECT_EQ(never->UpdateRows(3, 10), 2);
   // min_rows lifts floor(L·ρ) for short responses, never above L.
-  auto minr = MakeDlmSchedule(Model(6), "spa");  // spa default: min_rows 2
+  auto minr = MakeDlmSchedule(Model(6), "spa");  // spa default: min_rows 3
   ASSERT_TRUE(minr.ok());
-  EXPECT_EQ(minr->min_rows, 2);
+  EXPECT_EQ(minr->min_rows, 3);
   auto paper = MakeDlmSchedule(Model(6), "spa", {{"min_rows", 0}});
   ASSERT_TRUE(paper.ok());
   EXPECT_EQ(paper->UpdateRows(1, 6), 0);  // the paper's floor(L·ρ)
-  EXPECT_EQ(minr->UpdateRows(1, 6), 2);   // floor(6 · 0.069) = 0 → 2
+  EXPECT_EQ(minr->UpdateRows(1, 6), 3);   // floor(6 · 0.069) = 0 → 3
+  EXPECT_EQ(minr->UpdateRows(1, 2), 2);   // never above L
   EXPECT_EQ(minr->UpdateRows(4, 64), 15);  // floor(64 · 0.244) = 15 already above
   EXPECT_EQ(minr->UpdateRows(1, 1), 1);
   EXPECT_EQ(minr->UpdateRows(0, 6), 6);

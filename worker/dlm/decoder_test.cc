@@ -291,7 +291,7 @@ TEST(DlmDecoderTest, RecomputeCountsFollowTheSchedule) {
     ASSERT_EQ(res.stats.partial_steps, steps - 1);
     EXPECT_EQ(res.stats.forward.q_rows[0], N + (steps - 1) * L);  // layer 0 always full
     for (int l = 1; l < 3; ++l) {
-      const int k = std::max(2, static_cast<int>(std::floor(L * res.schedule.rho[l] + 1e-9)));
+      const int k = std::max(3, static_cast<int>(std::floor(L * res.schedule.rho[l] + 1e-9)));
       EXPECT_EQ(k, res.schedule.UpdateRows(l, L));
       EXPECT_EQ(res.stats.forward.q_rows[l], N + (steps - 1) * k) << l;
       EXPECT_EQ(res.stats.forward.kv_rows[l], N + (steps - 1) * L) << l;
