@@ -22,7 +22,12 @@
 # MAX_TOKENS (128, Generate), GEN_LENGTH (64, Diffuse), BLOCK_LENGTH (32), REQS_PER_STREAM (4),
 # MAX_RUNNING (32), DLM_MAX_RUNNING (16), THREADS (0: CPU threads, DEVICE=cpu only),
 # DEADLINE_S (0 = none: loadgen runs not started within this many seconds of the servers' start
-# are skipped, and reported as such, so that metrics and the drain still happen in a short lease).
+# are skipped, and reported as such, so that metrics and the drain still happen in a short lease),
+# WARMUP_ROUNDS (0: whole passes over every (streams, workload, mode) run first and not recorded,
+# so that lazy per-shape work such as the GPU backend's GEMM autotuning happens before measuring),
+# ROUNDS (1: measured passes; the mode that goes first alternates between rounds; with ROUNDS > 1
+# the summary gives per cell the median tokens/s of each mode and the median of the per-round
+# split / embedded ratios, with their min and max).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE_DIR=${DEVICE_DIR:-.device}
@@ -40,6 +45,8 @@ MAX_RUNNING=${MAX_RUNNING:-32}
 DLM_MAX_RUNNING=${DLM_MAX_RUNNING:-16}
 THREADS=${THREADS:-0}
 DEADLINE_S=${DEADLINE_S:-0}
+WARMUP_ROUNDS=${WARMUP_ROUNDS:-0}
+ROUNDS=${ROUNDS:-1}
 AR=prehoc-code-ar
 DLM=prehoc-code-dlm
 if [ -d "$DEVICE_DIR/lib" ]; then
@@ -56,7 +63,7 @@ say "device_services: $(date -u +%FT%TZ) commit=$(cat "$DEVICE_DIR/COMMIT" 2>/de
 if command -v nvidia-smi >/dev/null; then
   say "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 fi
-say "cpu: $(nproc) cores; prompt_len=$PROMPT_LEN max_tokens=$MAX_TOKENS gen_length=$GEN_LENGTH block_length=$BLOCK_LENGTH reqs_per_stream=$REQS_PER_STREAM"
+say "cpu: $(nproc) cores; prompt_len=$PROMPT_LEN max_tokens=$MAX_TOKENS gen_length=$GEN_LENGTH block_length=$BLOCK_LENGTH reqs_per_stream=$REQS_PER_STREAM warmup_rounds=$WARMUP_ROUNDS rounds=$ROUNDS"
 
 # name -> "pid grpc_port metrics_port"
 declare -A PID GRPC METRICS
@@ -131,32 +138,42 @@ if command -v nvidia-smi >/dev/null; then
   done
 fi
 
-# ---- Load.
+# ---- Load: WARMUP_ROUNDS unrecorded passes, then ROUNDS measured ones (lines tagged round=R).
 LINES="$OUT/loadgen.txt"
 : >"$LINES"
-for s in $STREAMS; do
-  n=$((s * REQS_PER_STREAM))
-  for wl in "generate dense" "generate prhs" "diffuse spa" "diffuse none"; do
-    read -r rpc pol <<<"$wl"
-    if [ "$rpc" = generate ]; then
-      model=$AR; embedded=serve-ar; args=(--policy "$pol" --max-tokens "$MAX_TOKENS")
-    else
-      model=$DLM; embedded=serve-dlm
-      args=(--cache "$pol" --max-tokens "$GEN_LENGTH" --block-length "$BLOCK_LENGTH")
-    fi
-    for mode in split embedded; do
-      [ "$mode" = split ] && srv=cachemgr || srv=$embedded
-      if [ "$DEADLINE_S" != 0 ] && [ $(($(date +%s) - T0 / 1000000000)) -ge "$DEADLINE_S" ]; then
-        fail "skipped (DEADLINE_S=$DEADLINE_S reached): loadgen $mode $rpc $pol streams=$s"
-        continue
+for ((r = 1 - WARMUP_ROUNDS; r <= ROUNDS; ++r)); do
+  # Alternate which mode goes first, so a drift within a pass does not favour one mode.
+  [ $(((r + 2 * WARMUP_ROUNDS) % 2)) = 1 ] && modes="split embedded" || modes="embedded split"
+  for s in $STREAMS; do
+    n=$((s * REQS_PER_STREAM))
+    for wl in "generate dense" "generate prhs" "diffuse spa" "diffuse none"; do
+      read -r rpc pol <<<"$wl"
+      if [ "$rpc" = generate ]; then
+        model=$AR; embedded=serve-ar; args=(--policy "$pol" --max-tokens "$MAX_TOKENS")
+      else
+        model=$DLM; embedded=serve-dlm
+        args=(--cache "$pol" --max-tokens "$GEN_LENGTH" --block-length "$BLOCK_LENGTH")
       fi
-      line=$(timeout 60 "$BIN/prehoc" loadgen --target "127.0.0.1:${GRPC[$srv]}" \
-               --wait-ready 30 --model-name "$model" --rpc "$rpc" "${args[@]}" \
-               --streams "$s" --requests "$n" --warmup "$s" --prompt-len "$PROMPT_LEN" \
-               --label "$mode" 2>>"$OUT/logs/loadgen.err")
-      rc=$?
-      [ "$rc" = 0 ] || fail "loadgen $mode $rpc $pol streams=$s: exit $rc ($(tail -1 "$OUT/logs/loadgen.err"))"
-      [ -n "$line" ] && { echo "$line" >>"$LINES"; say "$line"; }
+      for mode in $modes; do
+        [ "$mode" = split ] && srv=cachemgr || srv=$embedded
+        if [ "$DEADLINE_S" != 0 ] && [ $(($(date +%s) - T0 / 1000000000)) -ge "$DEADLINE_S" ]; then
+          fail "skipped (DEADLINE_S=$DEADLINE_S reached): loadgen round $r $mode $rpc $pol streams=$s"
+          continue
+        fi
+        line=$(timeout 60 "$BIN/prehoc" loadgen --target "127.0.0.1:${GRPC[$srv]}" \
+                 --wait-ready 30 --model-name "$model" --rpc "$rpc" "${args[@]}" \
+                 --streams "$s" --requests "$n" --warmup "$s" --prompt-len "$PROMPT_LEN" \
+                 --label "$mode" 2>>"$OUT/logs/loadgen.err")
+        rc=$?
+        [ "$rc" = 0 ] || fail "loadgen round $r $mode $rpc $pol streams=$s: exit $rc ($(tail -1 "$OUT/logs/loadgen.err"))"
+        [ -n "$line" ] || continue
+        if [ "$r" -ge 1 ]; then
+          echo "$line round=$r" >>"$LINES"
+          say "$line round=$r"
+        else
+          echo "$line round=$r (warm-up, not recorded)" >>"$OUT/logs/warmup.txt"
+        fi
+      done
     done
   done
 done
@@ -188,25 +205,45 @@ stop() {  # name: SIGTERM (drain), wait, check exit 0
 for n in worker-ar worker-dlm serve-ar serve-dlm cachemgr; do stop "$n"; done
 trap - EXIT
 
-# ---- Summary table: split vs embedded per (workload, streams).
+# ---- Summary table: split vs embedded per (workload, streams); medians over the measured rounds.
 {
   echo
-  echo "| workload | streams | mode | tokens/s | split / embedded | ITL p50 ms | ITL p99 ms | TTFT p50 ms | TTFT p99 ms |"
+  echo "| workload | streams | mode | tokens/s (median of $ROUNDS) | split / embedded: median of rounds [min, max] | ITL p50 ms (last round) | ITL p99 ms | TTFT p50 ms | TTFT p99 ms |"
   echo "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
   awk '
     function get(k,   i, a) { for (i = 1; i <= NF; ++i) { split($i, a, "="); if (a[1] == k) return a[2] } return "" }
+    function median(list,   v, m, i, j, t) {  # list: space-separated numbers
+      m = split(list, v, " ")
+      for (i = 2; i <= m; ++i) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; --j) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+      if (m == 0) return ""
+      return m % 2 ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
+    }
     { wl = get("rpc") " " (get("rpc") == "generate" ? get("policy") : get("cache"))
       key = wl SUBSEP get("streams")
       if (!(key in seen)) { seen[key] = 1; order[++n] = key }
-      tps[key, $2] = get("tokens_per_s"); row[key, $2] = sprintf("%s | %s | %s | %s", get("itl_p50_ms"), get("itl_p99_ms"), get("ttft_p50_ms"), get("ttft_p99_ms")) }
+      r = get("round")
+      tps[key, $2] = tps[key, $2] " " get("tokens_per_s")
+      by_round[key, $2, r] = get("tokens_per_s")
+      rounds[key, r] = 1
+      row[key, $2] = sprintf("%s | %s | %s | %s", get("itl_p50_ms"), get("itl_p99_ms"), get("ttft_p50_ms"), get("ttft_p99_ms")) }
     END {
       for (i = 1; i <= n; ++i) {
         split(order[i], k, SUBSEP)
+        ratios = ""; lo = ""; hi = ""
+        for (rk in rounds) {
+          split(rk, q, SUBSEP)
+          if (q[1] SUBSEP q[2] != order[i]) continue
+          s = by_round[order[i], "split", q[3]]; e = by_round[order[i], "embedded", q[3]]
+          if (s == "" || e == "" || e + 0 <= 0) continue
+          x = s / e; ratios = ratios " " x
+          if (lo == "" || x < lo) lo = x
+          if (hi == "" || x > hi) hi = x
+        }
         for (m = 1; m <= 2; ++m) {
           mode = m == 1 ? "split" : "embedded"
           if (!((order[i], mode) in tps)) continue
-          ratio = (m == 1 && tps[order[i], "embedded"] > 0) ? sprintf("%.3f", tps[order[i], "split"] / tps[order[i], "embedded"]) : ""
-          printf "| %s | %s | %s | %s | %s | %s |\n", k[1], k[2], mode, tps[order[i], mode], ratio, row[order[i], mode]
+          ratio = (m == 1 && ratios != "") ? sprintf("%.3f [%.3f, %.3f]", median(ratios), lo, hi) : ""
+          printf "| %s | %s | %s | %.1f | %s | %s |\n", k[1], k[2], mode, median(tps[order[i], mode]), ratio, row[order[i], mode]
         }
       }
     }' "$LINES"
