@@ -31,6 +31,19 @@ bool SameCisScalars(const SelectionPlan& a, const SelectionPlan& b) {
   return true;
 }
 
+// Whether two HShare plans can share one forward (the kernels take one refresh interval and
+// one calibrated-channel count per layer for the batch's HShare items).
+bool SameHShareScalars(const SelectionPlan& a, const SelectionPlan& b) {
+  if (a.layers.size() != b.layers.size()) return false;
+  for (size_t l = 0; l < a.layers.size(); ++l) {
+    const LayerSelectionPlan &x = a.layers[l], &y = b.layers[l];
+    if (x.refresh_interval != y.refresh_interval || x.approx_channels != y.approx_channels) {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBackendOptions& o) {
@@ -104,13 +117,33 @@ absl::Status CudaBackend::RunParts(
   }
   // Parts: the multi-token items (prefill chunks: the generic attention kernel), then one part
   // per group of PrHS items whose CIS scalars agree; other single-token items (dense decode,
-  // oracle and streaming selection, which take no batch-wide scalars, or a policy CudaModel then
-  // refuses) join the first PrHS group, else part 0.
+  // oracle, streaming, Quest and H2O selection, which take no batch-wide scalars, HShare items
+  // with the first HShare item's scalars, or a policy CudaModel then refuses) join the first
+  // PrHS group, else part 0; HShare items whose scalars differ from the first's get one part per
+  // distinct setting, last.
   std::vector<std::vector<size_t>> parts(1);
   std::vector<const SelectionPlan*> part_plan(1, nullptr);
   std::vector<size_t> plain_decode;
+  const SelectionPlan* first_hshare = nullptr;
+  std::vector<std::vector<size_t>> hshare_parts;
+  std::vector<const SelectionPlan*> hshare_plan;
   for (size_t b = 0; b < items.size(); ++b) {
     const SelectionPlan* p = DecodePlan(items[b]);
+    if (p != nullptr && p->policy == SelectionPolicy::kHShare) {
+      if (first_hshare == nullptr) first_hshare = p;
+      if (SameHShareScalars(*first_hshare, *p)) {
+        plain_decode.push_back(b);
+        continue;
+      }
+      size_t g = 0;
+      while (g < hshare_parts.size() && !SameHShareScalars(*hshare_plan[g], *p)) ++g;
+      if (g == hshare_parts.size()) {
+        hshare_parts.emplace_back();
+        hshare_plan.push_back(p);
+      }
+      hshare_parts[g].push_back(b);
+      continue;
+    }
     if (p == nullptr || p->policy != SelectionPolicy::kPrhs) {
       (items[b].tokens.size() == 1 ? plain_decode : parts[0]).push_back(b);
       continue;
@@ -126,6 +159,7 @@ absl::Status CudaBackend::RunParts(
   std::vector<size_t>& host = parts.size() > 1 ? parts[1] : parts[0];
   host.insert(host.end(), plain_decode.begin(), plain_decode.end());
   if (parts[0].empty()) parts.erase(parts.begin());
+  for (std::vector<size_t>& hp : hshare_parts) parts.push_back(std::move(hp));
   if (parts.size() > 1) RETURN_IF_ERROR(ValidateSplitStep(items));
 
   for (const std::vector<size_t>& part : parts) {

@@ -388,6 +388,63 @@ TEST(CudaBackendPrhs, MixedPoliciesInOneStep) {
   EXPECT_EQ(g.used_pages(), 0);
 }
 
+// HShare sequences whose plans differ in refresh_interval decode in one Step: CudaBackend gives
+// each setting its own forward (the kernels take one interval per layer for the batch's HShare
+// items; CudaModel alone refuses the mix), so each gets exactly the logits and refresh counts it
+// gets decoding alone.
+TEST(CudaBackendPrhs, HShareSettingsThatDifferSplitTheStep) {
+  SKIP_WITHOUT_DEVICE();
+  Models m = Load();
+  ASSERT_NE(m.gpu, nullptr);
+  CudaBackend& g = *m.gpu;
+  const ModelConfig& c = m.weights->config;
+  const std::vector<int32_t> prompt = Prompt(g, 900);
+  const int steps = 6;
+  using Logits = std::vector<std::vector<float>>;  // per step
+  // Prefills each (session, length) alone, then teacher-forces prompt[length + step] to all of
+  // them in one Step per step; the logits per sequence.
+  auto decode = [&](const std::vector<std::pair<SelectionSession*, int>>& seqs) {
+    std::vector<Logits> out(seqs.size());
+    std::vector<ModelBackend::SeqId> ids;
+    for (const auto& [s, len] : seqs) {
+      ids.push_back(g.CreateSequence());
+      ModelBackend::StepItem it{ids.back(), {prompt.data(), static_cast<size_t>(len)}, false,
+                                nullptr, nullptr};
+      EXPECT_TRUE(g.Step({&it, 1}).ok());
+    }
+    for (int step = 0; step < steps; ++step) {
+      std::vector<ModelBackend::StepItem> items;
+      for (size_t i = 0; i < seqs.size(); ++i) {
+        items.push_back({ids[i], {&prompt[seqs[i].second + step], 1}, false,
+                         seqs[i].first->selector(), nullptr});
+      }
+      auto l = g.Step(items);
+      EXPECT_TRUE(l.ok()) << l.status();
+      if (!l.ok()) break;
+      for (size_t i = 0; i < seqs.size(); ++i) out[i].push_back((*l)[i]);
+    }
+    for (ModelBackend::SeqId id : ids) EXPECT_TRUE(g.FreeSequence(id).ok());
+    return out;
+  };
+  auto a = Session(c, "hshare"), b = Session(c, "hshare", 0.125, "refresh_interval=3");
+  auto a1 = Session(c, "hshare"), b1 = Session(c, "hshare", 0.125, "refresh_interval=3");
+  ASSERT_TRUE(a && b && a1 && b1);
+  const std::vector<Logits> together = decode({{a.get(), 700}, {b.get(), 800}});
+  const std::vector<Logits> alone_a = decode({{a1.get(), 700}});
+  const std::vector<Logits> alone_b = decode({{b1.get(), 800}});
+  ASSERT_EQ(together[0].size(), static_cast<size_t>(steps));
+  ASSERT_EQ(together[1].size(), static_cast<size_t>(steps));
+  EXPECT_TRUE(together[0] == alone_a[0]);
+  EXPECT_TRUE(together[1] == alone_b[0]);
+  const SelectionTelemetry &ta = a->selector()->telemetry(), &tb = b->selector()->telemetry();
+  EXPECT_GT(ta.refreshes, 0);
+  EXPECT_GT(tb.refreshes, 0);
+  EXPECT_EQ(ta.refreshes, a1->selector()->telemetry().refreshes);
+  EXPECT_EQ(tb.refreshes, b1->selector()->telemetry().refreshes);
+  EXPECT_EQ(ta.selections, tb.selections);
+  EXPECT_EQ(g.used_pages(), 0);
+}
+
 // Per-row relative L2 distance ‖a − b‖₂ / ‖b‖₂ of [rows][vocab] logits; the worst row.
 double WorstRowRelL2(const std::vector<float>& a, const std::vector<float>& b, int vocab) {
   double worst = 0;
