@@ -556,18 +556,24 @@ absl::Status Scheduler::backend_status() const {
   return backend_failure_;
 }
 
+bool Scheduler::RecordBackendFailureLocked(const absl::Status& status) {
+  if (options_.metrics != nullptr) options_.metrics->backend_failures->Increment();
+  const bool first = backend_failure_.ok();
+  if (first) backend_failure_ = status;
+  const absl::Status unavailable =
+      absl::UnavailableError(absl::StrCat("backend failed: ", backend_failure_.ToString()));
+  for (auto& [id, r] : requests_) {
+    if (r->cancel_status.ok()) r->cancel_status = unavailable;
+  }
+  return first;
+}
+
 void Scheduler::MarkBackendFailed(const absl::Status& status) {
   {
     absl::MutexLock l(&mu_);
     if (!backend_failure_.ok()) return;
     LOG(ERROR) << "backend marked failed: " << status;
-    if (options_.metrics != nullptr) options_.metrics->backend_failures->Increment();
-    backend_failure_ = status;
-    const absl::Status unavailable =
-        absl::UnavailableError(absl::StrCat("backend failed: ", status.ToString()));
-    for (auto& [id, r] : requests_) {
-      if (r->cancel_status.ok()) r->cancel_status = unavailable;
-    }
+    RecordBackendFailureLocked(status);
     UpdateGaugesLocked();
   }
   if (options_.on_backend_failure) options_.on_backend_failure(status);
@@ -798,11 +804,6 @@ void Scheduler::StepLoop() {
         // requests, and since the backend's state can no longer be trusted, mark it failed for
         // good — the other requests end UNAVAILABLE at the next reap, Generate refuses new ones.
         LOG(ERROR) << "engine step failed: " << sampled.status();
-        if (options_.metrics != nullptr) options_.metrics->backend_failures->Increment();
-        if (backend_failure_.ok()) {
-          backend_failure_ = sampled.status();
-          newly_failed = backend_failure_;
-        }
         for (Request* r : item_req) {
           if (requests_.contains(r->id) && r->seq != 0) {
             FinishLocked(r, absl::InternalError(absl::StrCat("engine step failed: ",
@@ -810,11 +811,7 @@ void Scheduler::StepLoop() {
                          {}, &out, &graveyard);
           }
         }
-        const absl::Status unavailable = absl::UnavailableError(
-            absl::StrCat("backend failed: ", backend_failure_.ToString()));
-        for (auto& [id, r] : requests_) {
-          if (r->cancel_status.ok()) r->cancel_status = unavailable;
-        }
+        if (RecordBackendFailureLocked(sampled.status())) newly_failed = sampled.status();
       } else {
         int generated = 0;
         for (size_t i = 0; i < items.size(); ++i) {

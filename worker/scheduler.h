@@ -202,6 +202,10 @@ class Scheduler : public InferenceBackend {
   // The shared δ-controller for (policy, target_delta), created on first use.
   DeltaController* SharedController(const std::string& policy, double target_delta);
   void StepLoop();
+  // A failed backend step (or MarkBackendFailed): counts it, records `status` as the sticky
+  // failure when it is the first (returns true then), and marks every request to end UNAVAILABLE
+  // naming the recorded failure at the next reap.
+  bool RecordBackendFailureLocked(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Ends `r` with `status` (or successfully when ok, with `reason`): frees its sequence, queues
   // the terminal event (carrying `event`'s tokens), moves ownership to `graveyard`.
   void FinishLocked(Request* r, absl::Status status, InferenceEvent event,
