@@ -7,7 +7,7 @@
 //             [--runs=1/*,16/dual] [--reps=3] [--gemm-tune=0|1] [--kernel-profile=0|1]
 //             [--skinny-gemm=0|1] [--cuda-graphs=0|1] [--fused=0|1] [--phases=0|1]
 //             [--fused-attention=0|1] [--fused-attention-max-rows=N]
-//             [--json=PATH]
+//             [--stop-after-blocks=N,...] [--json=PATH]
 //
 // Shape: LLaDA-8B's config.json (GSAI-ML/LLaDA-8B-Instruct) parsed by our LLaDA reader
 // (ParseLladaConfig): 32 layers, d_model 4096, 32 heads (MHA) of 128, MLP 12288, vocab 126464,
@@ -29,6 +29,14 @@
 //    step that fills the caches and one untimed call of the class (first-use costs).
 //    Estimate = Σ_class count · mean time; tokens/s = B·gen / it. Where both exist, the ratio
 //    estimate / run is printed: the check of the estimate.
+// Synthetic answer length (--stop-after-blocks, and "B/policy@N" in --runs): random weights never
+// produce end-of-text, so a decode that stops early (stop_at_eos: after the block holding the
+// first end-of-text, as SPA-Cache's reference generate does at block granularity) is timed by
+// forcing end-of-text into block N − 1 (EosInBlockBackend) with stop_at_eos on: the real decoder
+// then runs exactly the first N blocks' steps. The estimate reports, from the same class means,
+// the time of the first N blocks' steps. The answer is counted as N · block tokens for every
+// policy, so against a policy decoded at full length (vanilla, as LLaDA's generate) the
+// answer-tokens/s ratio is the time ratio.
 // Parallel decoding: with random weights no confidence reaches a threshold, so it is modelled
 // as a fixed number of tokens per step (--parallel-steps total steps, e.g. 64 = 4 tokens/step),
 // which costs what threshold decoding committing as many tokens per step would.
@@ -57,6 +65,7 @@
 #include "nlohmann/json.hpp"
 #include "worker/dlm/cuda_forward.h"
 #include "worker/dlm/decoder.h"
+#include "worker/dlm/eos_in_block_backend.h"
 #include "worker/dlm/llada_checkpoint.h"
 #include "worker/model_weights.h"
 
@@ -94,6 +103,8 @@ struct Args {
   int fused_attention = 1;  // CudaDlmOptions::fused_attention
   int fused_attention_max_rows = 0;  // CudaDlmOptions::fused_attention_max_rows
   int phases = 1;       // CudaDlmOptions::profile
+  // Synthetic answer lengths in blocks: the estimate also sums the first N blocks' steps.
+  std::vector<int> stop_after_blocks;
 };
 
 ModelConfig TinyConfig() {
@@ -111,6 +122,7 @@ ModelConfig TinyConfig() {
   c.rope_theta = 10000;
   c.is_causal = false;
   c.mask_token_id = 299;
+  c.eos_token_ids = {298};  // for the synthetic answer length (@N runs)
   return c;
 }
 
@@ -120,6 +132,7 @@ struct Case {
   std::map<std::string, double> overrides;
   int steps = 0;
   bool parallel = false;
+  int stop_blocks = 0;  // full runs "B/policy@N": end-of-text forced into block N − 1
 };
 
 Case ParseCase(const std::string& spec, int steps) {
@@ -179,13 +192,19 @@ absl::StatusOr<nlohmann::json> Estimate(const DlmBackend& model, const Args& a, 
   const int nb = L / a.block, spb = cs.steps / nb;
   // Cost classes: key = (kind, block for prefix partial steps).
   std::map<std::pair<int, int>, int> count;
+  // The same for the first N blocks only (N = --stop-after-blocks).
+  std::map<int, std::map<std::pair<int, int>, int>> count_first;
   for (int b = 0; b < nb; ++b) {
     for (int i = 0; i < spb; ++i) {
       const DlmStepKind kind = sched.StepKind(b * spb + i, i);
       const int blk = (kind == DlmStepKind::kPartial && sched.policy == DlmCachePolicy::kPrefix) ? b : 0;
       count[{static_cast<int>(kind), blk}]++;
+      for (int n : a.stop_after_blocks) {
+        if (b < n) count_first[n][{static_cast<int>(kind), blk}]++;
+      }
     }
   }
+  std::map<std::pair<int, int>, double> means;
   std::vector<std::unique_ptr<DlmCache>> caches;
   std::vector<std::vector<int32_t>> canvases;
   for (const DiffuseRequest& r : reqs) {
@@ -247,6 +266,7 @@ absl::StatusOr<nlohmann::json> Estimate(const DlmBackend& model, const Args& a, 
       sum += s;
     }
     const double mean = sum / a.reps;
+    means[key] = mean;
     nlohmann::json kernels = nlohmann::json::object();
     if (cuda != nullptr && a.kernel_profile) {
       int64_t forwards = 0;
@@ -284,6 +304,17 @@ absl::StatusOr<nlohmann::json> Estimate(const DlmBackend& model, const Args& a, 
                       {"tokens_per_s", B * L / total},
                       {"classes", classes},
                       {"phases", Phases(phases, 1.0)}};
+  for (const auto& [n, cnt] : count_first) {
+    double t = 0;
+    int steps = 0;
+    for (const auto& [key, k] : cnt) t += k * means[key], steps += k;
+    const int answer = std::min(n, nb) * a.block;
+    j["stop_after_blocks"].push_back({{"blocks", n}, {"steps", steps}, {"seconds", t},
+                                      {"answer_tokens", B * answer},
+                                      {"answer_tokens_per_s", B * answer / t}});
+    std::printf("    first %d blocks (synthetic answer %d tokens): %d steps, %.3f s\n", n, answer,
+                steps, t);
+  }
   return j;
 }
 
@@ -324,6 +355,7 @@ int Main(int argc, char** argv) {
     else if (key == "--fused") ok = one(&a.fused);
     else if (key == "--fused-attention") ok = one(&a.fused_attention);
     else if (key == "--fused-attention-max-rows") ok = one(&a.fused_attention_max_rows);
+    else if (key == "--stop-after-blocks") ok = ints(&a.stop_after_blocks);
     else ok = false;
     if (!ok) {
       std::fprintf(stderr, "dlm_bench: bad argument '%s' (see the file comment)\n", arg.c_str());
@@ -421,7 +453,13 @@ int Main(int argc, char** argv) {
     const double base = tps.count("none") ? tps.at("none") : 0;
     std::printf("B=%d %s tokens/s (speedup vs vanilla):\n", B, what);
     for (const auto& [p, v] : tps) {
-      std::printf("  %-22s %10.1f  %6.2fx\n", p.c_str(), v, base > 0 ? v / base : 0.0);
+      // "policy@N": answer tokens/s; vanilla decoded at full length produces the same answer
+      // tokens, so its answer tokens/s is its tokens/s · N · block / gen (the time ratio).
+      double scale = 1;
+      if (const size_t at = p.find('@'); at != std::string::npos) {
+        scale = std::atof(p.c_str() + at + 1) * a.block / a.gen;
+      }
+      std::printf("  %-22s %10.1f  %6.2fx\n", p.c_str(), v, base > 0 ? v / (base * scale) : 0.0);
     }
     std::fflush(stdout);
   };
@@ -468,41 +506,79 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr, "dlm_bench: bad --runs entry '%s' (B/policy)\n", spec.c_str());
       return 2;
     }
-    const std::string pol = spec.substr(slash + 1);
-    for (const Case& cs : cases) {
-      if (pol == "*" || pol == cs.policy) runs.push_back({rb, cs});
+    std::string pol = spec.substr(slash + 1);
+    int stop = 0;
+    if (const size_t at = pol.find('@'); at != std::string::npos) {
+      if (!absl::SimpleAtoi(pol.substr(at + 1), &stop) || stop <= 0 || stop > a.gen / a.block) {
+        std::fprintf(stderr, "dlm_bench: bad --runs entry '%s' (@N: 1..blocks)\n", spec.c_str());
+        return 2;
+      }
+      pol = pol.substr(0, at);
+    }
+    for (Case cs : cases) {
+      if (pol != "*" && pol != cs.policy) continue;
+      cs.stop_blocks = stop;
+      runs.push_back({rb, cs});
     }
   }
   for (const auto& [B, cs] : runs) {
     auto sched = MakeDlmSchedule(cfg, cs.cache, cs.overrides);
     if (!sched.ok()) continue;
     std::vector<DiffuseRequest> reqs = Requests(cfg, model->mask_id(), a, cs, B);
-    if (!index.count({B, cs.policy})) {
-      index[{B, cs.policy}] = out["results"].size();
-      out["results"].push_back({{"batch", B}, {"policy", cs.policy}, {"steps", cs.steps}});
+    const std::string name =
+        cs.stop_blocks > 0 ? cs.policy + "@" + std::to_string(cs.stop_blocks) : cs.policy;
+    // The estimate of the base policy (for the @N runs: its first-N-blocks sum).
+    nlohmann::json est_seconds;
+    if (index.count({B, cs.policy})) {
+      const nlohmann::json& base = out["results"][index[{B, cs.policy}]];
+      if (base.contains("estimate")) {
+        const nlohmann::json& e = base["estimate"];
+        if (cs.stop_blocks == 0) {
+          est_seconds = e["seconds"];
+        } else if (e.contains("stop_after_blocks")) {
+          for (const auto& sb : e["stop_after_blocks"]) {
+            if (sb["blocks"] == cs.stop_blocks) est_seconds = sb["seconds"];
+          }
+        }
+      }
     }
-    nlohmann::json& r = out["results"][index[{B, cs.policy}]];
-    std::printf("B=%d %s full run:\n", B, cs.policy.c_str());
+    if (!index.count({B, name})) {
+      index[{B, name}] = out["results"].size();
+      out["results"].push_back({{"batch", B}, {"policy", name}, {"steps", cs.steps}});
+    }
+    nlohmann::json& r = out["results"][index[{B, name}]];
+    std::printf("B=%d %s full run:\n", B, name.c_str());
     std::fflush(stdout);
-    auto res = DiffuseBatchWithSchedule(*model, reqs, *sched);
+    absl::StatusOr<std::vector<DiffuseResult>> res;
+    int answer = a.gen;  // tokens per request counted in tokens/s
+    if (cs.stop_blocks > 0) {
+      const int b0 = a.prompt + (cs.stop_blocks - 1) * a.block;
+      EosInBlockBackend eos(*model, b0, b0 + a.block);
+      for (DiffuseRequest& q : reqs) q.options.stop_at_eos = true;
+      res = DiffuseBatchWithSchedule(eos, reqs, *sched);
+      answer = cs.stop_blocks * a.block;
+    } else {
+      res = DiffuseBatchWithSchedule(*model, reqs, *sched);
+    }
     if (res.ok()) {
       const DlmRunStats& st = (*res)[0].stats;
-      const double tps = B * a.gen / st.seconds;
-      run_tps[B][cs.policy] = tps;
+      const double tps = B * answer / st.seconds;
+      run_tps[B][name] = tps;
       nlohmann::json rows = nlohmann::json::array();
       for (double v : st.rows_per_step) rows.push_back(v);
       r["run"] = {{"seconds", st.seconds}, {"tokens_per_s", tps}, {"steps", st.steps},
                   {"full_steps", st.full_steps}, {"gen_refresh_steps", st.gen_refresh_steps},
                   {"partial_steps", st.partial_steps}, {"rows_per_step", rows},
-                  {"phases", Phases(st.forward, 1.0)}};
+                  {"phases", Phases(st.forward, 1.0)}, {"blocks", st.blocks},
+                  {"answer_tokens", B * answer}, {"finish_reason", (*res)[0].finish_reason}};
       std::printf("  %.3f s, %.1f tokens/s (%d steps: %d full, %d gen-refresh, %d partial); "
                   "phases s: layer0 %.3f kv %.3f select %.3f rows %.3f (attention %.3f) lm %.3f\n",
                   st.seconds, tps, st.steps, st.full_steps, st.gen_refresh_steps,
                   st.partial_steps, st.forward.seconds_layer0, st.forward.seconds_kv,
                   st.forward.seconds_select, st.forward.seconds_rows, st.forward.seconds_attn,
                   st.forward.seconds_lm);
-      if (r.contains("estimate")) {
-        const double ratio = r["estimate"]["seconds"].get<double>() / st.seconds;
+      if (!est_seconds.is_null()) {
+        const double ratio = est_seconds.get<double>() / st.seconds;
         r["estimate_over_run"] = ratio;
         std::printf("  estimate / run time: %.3f\n", ratio);
       }

@@ -8,6 +8,7 @@
 #include "absl/strings/match.h"
 #include "gtest/gtest.h"
 #include "worker/dlm/calibration.h"
+#include "worker/dlm/eos_in_block_backend.h"
 #include "worker/engine.h"
 
 namespace prehoc::dlm {
@@ -439,6 +440,60 @@ TEST(DlmDecoderTest, StopsAfterEndOfText) {
   EXPECT_EQ(all.finish_reason, "length");
   EXPECT_EQ(all.stats.blocks, 3);
   EXPECT_EQ(all.stats.decoded_tokens, 12);
+}
+
+// The benchmarks' synthetic answer length (eos_in_block_backend.h): end-of-text forced into
+// block N − 1 makes stop_at_eos end the decode after exactly N blocks, with the step kinds of the
+// schedule's first N · steps_per_block steps and the earlier blocks decoded as without it.
+TEST(DlmDecoderTest, EosInBlockStopsAfterThatBlock) {
+  auto m = TinyModel(TinyWeights(6));
+  ASSERT_NE(m, nullptr);
+  const int P = 7, gen = 16, block = 4, steps = 16, spb = steps / (gen / block);
+  for (const std::string cache : {"none", "spa", "dllm", "dual"}) {
+    DiffuseRequest r = Request(Prompt(P, 2), gen, block, steps, cache);
+    // Refreshes inside the first blocks, so that the step kinds differ from step to step.
+    if (cache == "spa") r.options.cache_overrides = {{"r_full", 5}, {"r_gen", 3}};
+    if (cache == "dllm") r.options.cache_overrides = {{"prompt_refresh", 5}, {"gen_refresh", 3}};
+    auto sched = MakeDlmSchedule(m->config(), cache, r.options.cache_overrides);
+    ASSERT_TRUE(sched.ok()) << sched.status();
+    auto full = DiffuseWithSchedule(*m, r, *sched);
+    ASSERT_TRUE(full.ok()) << full.status();
+    for (int n : {1, 3, 4}) {
+      // Precondition of the comparison: no end-of-text of its own before block n − 1.
+      ASSERT_EQ(std::count(full->response.begin(), full->response.begin() + (n - 1) * block, kEos),
+                0);
+      EosInBlockBackend eos(*m, P + (n - 1) * block, P + n * block);
+      DiffuseRequest rs = r;
+      rs.options.stop_at_eos = true;
+      auto res = DiffuseWithSchedule(eos, rs, *sched);
+      ASSERT_TRUE(res.ok()) << res.status();
+      EXPECT_EQ(res->finish_reason, "eos") << cache << " n=" << n;
+      EXPECT_EQ(res->stats.blocks, n) << cache;
+      EXPECT_EQ(res->stats.steps, n * spb) << cache;
+      int kinds[3] = {0, 0, 0};
+      for (int s = 0; s < n * spb; ++s) kinds[static_cast<int>(sched->StepKind(s, s % spb))]++;
+      EXPECT_EQ(res->stats.full_steps, kinds[static_cast<int>(DlmStepKind::kFull)]) << cache;
+      EXPECT_EQ(res->stats.gen_refresh_steps, kinds[static_cast<int>(DlmStepKind::kGenRefresh)])
+          << cache;
+      EXPECT_EQ(res->stats.partial_steps, kinds[static_cast<int>(DlmStepKind::kPartial)]) << cache;
+      for (int i = 0; i < gen; ++i) {
+        const int want = i < (n - 1) * block ? full->response[i] : i < n * block ? kEos : kMask;
+        EXPECT_EQ(res->response[i], want) << cache << " n=" << n << " row " << i;
+      }
+      // output: the response before the first end-of-text, cut at the first MASK (this random
+      // model also proposes the mask id, which ends the output as never-decoded rows do).
+      std::vector<int32_t> want_out(full->response.begin(),
+                                    full->response.begin() + (n - 1) * block);
+      want_out.erase(std::find(want_out.begin(), want_out.end(), kMask), want_out.end());
+      EXPECT_EQ(res->output, want_out) << cache << " n=" << n;
+    }
+    // Without stop_at_eos the wrapper only changes the answers: every block is decoded.
+    EosInBlockBackend eos(*m, P, P + block);
+    auto res = DiffuseWithSchedule(eos, r, *sched);
+    ASSERT_TRUE(res.ok()) << res.status();
+    EXPECT_EQ(res->finish_reason, "length");
+    EXPECT_EQ(res->stats.steps, steps);
+  }
 }
 
 TEST(DlmDecoderTest, BadInputsNameTheField) {
