@@ -128,9 +128,26 @@ TEST(CudaSupportsPlan, PoliciesAndFields) {
   // PSAW runs on the device (prefill band, decode candidates' bound).
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "psaw_phi=0.9")).ok());
   EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "psaw_phi=0.1,psaw_start=0")).ok());
-  s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "etf_start=2"));
+  // ETF runs on the device too (the frozen prefix's K/V copied layer to layer in prefill), with
+  // PSAW, from any start layer MakeSelectionPlan takes (its layer etf_start freezes nothing);
+  // what is refused is a fraction outside [0, 1] or one at layer 0 (no earlier K/V to share).
+  for (const char* o : {"etf_start=2", "etf_start=0,etf_psi=0.2", "etf_start=0,psaw_start=0"}) {
+    const SelectionPlan etf = Plan(c, "prhs", o);
+    EXPECT_EQ(etf.layers[0].etf_freeze_fraction, 0.0) << o;
+    EXPECT_GT(etf.layers.back().etf_freeze_fraction, 0.0) << o;
+    EXPECT_TRUE(CudaModel::SupportsPlan(c, 16, etf).ok()) << o << ": "
+                                                          << CudaModel::SupportsPlan(c, 16, etf);
+  }
+  SelectionPlan etf = Plan(c, "prhs", "etf_start=0");
+  etf.layers[0].etf_freeze_fraction = 0.25;
+  s = CudaModel::SupportsPlan(c, 16, etf);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("ETF"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("ETF freezing at layer 0"));
+  etf.layers[0].etf_freeze_fraction = 0;
+  etf.layers[3].etf_freeze_fraction = 1.5;
+  s = CudaModel::SupportsPlan(c, 16, etf);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("ETF freeze fraction outside [0, 1] (layer 3)"));
   s = CudaModel::SupportsPlan(c, 16, Plan(c, "prhs", "gqa_max=1"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("gqa_max"));
   for (const char* o : {"gate_unrotated=1", "follow=1"}) {
@@ -207,11 +224,11 @@ TEST(SchedulerBackend, RefusesPlansTheBackendCannotRun) {
   EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(got.status().message()), HasSubstr("gqa_max=1"));
   r.sparsity.policy = "prhs";
-  r.sparsity.overrides = "etf_start=0";
+  r.sparsity.overrides = "scan_slices=4";
   got = (*sched)->Generate(r, [](InferenceEvent) { ADD_FAILURE() << "callback called"; });
   ASSERT_FALSE(got.ok());
   EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(got.status().message()), HasSubstr("sparsity.overrides: ETF"));
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr("sparsity.overrides: scan_slices"));
 }
 
 }  // namespace

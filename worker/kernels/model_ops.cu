@@ -131,4 +131,25 @@ cudaError_t FillF32(float* d, size_t n, float value, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t CopyPagesBf16(const uint16_t* d_src, uint16_t* d_dst, const int32_t* d_pages,
+                          int n_pages, int64_t page_elems, cudaStream_t stream) {
+  if (n_pages < 0 || page_elems <= 0) return cudaErrorInvalidValue;
+  if (n_pages == 0) return cudaSuccess;
+  if (d_src == nullptr || d_dst == nullptr || d_pages == nullptr || d_src == d_dst) {
+    return cudaErrorInvalidValue;
+  }
+  const unsigned blocks = static_cast<unsigned>(std::min(n_pages, 132 * 16));
+  const bool vec = page_elems % 8 == 0 && reinterpret_cast<uintptr_t>(d_src) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(d_dst) % 16 == 0;
+  if (vec) {
+    model_ops::CopyPagesKernel<uint4><<<blocks, 256, 0, stream>>>(
+        reinterpret_cast<const uint4*>(d_src), reinterpret_cast<uint4*>(d_dst), d_pages, n_pages,
+        page_elems / 8);
+  } else {
+    model_ops::CopyPagesKernel<uint16_t>
+        <<<blocks, 256, 0, stream>>>(d_src, d_dst, d_pages, n_pages, page_elems);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace prehoc::kernels

@@ -223,6 +223,18 @@ __global__ void FillF32Kernel(float* __restrict__ d, size_t n, float value) {
   }
 }
 
+// Blocks stride over the pages, threads over a page's elements in units of T (uint4: 8 bf16, or
+// uint16_t: 1); page_units = page elements / (sizeof(T) / 2).
+template <typename T>
+__global__ void CopyPagesKernel(const T* __restrict__ src, T* __restrict__ dst,
+                                const int32_t* __restrict__ pages, int n_pages,
+                                int64_t page_units) {
+  for (int i = blockIdx.x; i < n_pages; i += gridDim.x) {
+    const int64_t base = static_cast<int64_t>(pages[i]) * page_units;
+    for (int64_t j = threadIdx.x; j < page_units; j += blockDim.x) dst[base + j] = src[base + j];
+  }
+}
+
 }  // namespace prehoc::kernels::model_ops
 
 #endif  // PREHOC_WORKER_KERNELS_MODEL_OPS_CUH_

@@ -91,6 +91,16 @@ cudaError_t FillUniformBf16(uint16_t* d, size_t n, float amplitude, uint64_t see
 // d[i] = value.
 cudaError_t FillF32(float* d, size_t n, float value, cudaStream_t stream);
 
+// Whole-page copy between two pools of one layout (ETF: a frozen prefix's K or V pages from the
+// previous layer's pool into this layer's): for i in [0, n_pages), the page_elems bf16 elements
+// of page pages[i] in src are copied to the same page of dst:
+//   dst[pages[i] * page_elems + j] = src[pages[i] * page_elems + j],  j in [0, page_elems).
+// pages int32 [n_pages], distinct and >= 0; src and dst distinct (non-overlapping) pools. Other
+// pages of dst are untouched. 16-byte vector copies when page_elems % 8 == 0 and both pools are
+// 16-byte aligned, element copies otherwise.
+cudaError_t CopyPagesBf16(const uint16_t* d_src, uint16_t* d_dst, const int32_t* d_pages,
+                          int n_pages, int64_t page_elems, cudaStream_t stream);
+
 }  // namespace prehoc::kernels
 
 #endif  // PREHOC_WORKER_KERNELS_MODEL_OPS_H_

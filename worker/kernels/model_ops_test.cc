@@ -15,6 +15,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/dtype.h"
@@ -329,6 +330,46 @@ TEST(ModelOpsTest, AddResidual) {
     }
   }
   EXPECT_EQ(AddResidual(nullptr, nullptr, nullptr, 1, 1, nullptr), cudaErrorInvalidValue);
+}
+
+// ---- Page copy (ETF) ---------------------------------------------------------------------------
+
+// Exact against the CPU reference (a copy): the listed pages of dst equal src's, every other page
+// of dst keeps its own contents. Both paths: 16-byte vectors (page_elems % 8 == 0) and elements
+// (page_elems = 6, or a pool 2 bytes off 16-byte alignment).
+TEST(ModelOpsTest, CopyPagesBf16MatchesCpu) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937 rng(13);
+  const int num_pages = 40;
+  for (const auto& [page_elems, offset] :
+       std::vector<std::pair<int64_t, int>>{{2 * 16 * 64, 0}, {6, 0}, {8 * 16 * 128, 1}}) {
+    SCOPED_TRACE(testing::Message() << "page_elems " << page_elems << " offset " << offset);
+    const size_t n = static_cast<size_t>(num_pages) * page_elems + offset;
+    std::vector<uint16_t> src(n), dst(n);
+    for (uint16_t& x : src) x = static_cast<uint16_t>(rng());
+    for (uint16_t& x : dst) x = static_cast<uint16_t>(rng());
+    const std::vector<int32_t> pages = {7, 0, 39, 12, 13, 3};
+    std::vector<uint16_t> want = dst;
+    for (int32_t p : pages) {
+      std::copy_n(src.begin() + offset + p * page_elems, page_elems,
+                  want.begin() + offset + p * page_elems);
+    }
+    DeviceBuffer dsrc, ddst, dpages;
+    dsrc.Upload(src);
+    ddst.Upload(dst);
+    dpages.Upload(pages);
+    CUDA_OK(CopyPagesBf16(dsrc.get<uint16_t>() + offset, ddst.get<uint16_t>() + offset,
+                          dpages.get<int32_t>(), static_cast<int>(pages.size()), page_elems,
+                          nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    EXPECT_EQ(ddst.Download<uint16_t>(n), want);
+    // No pages: nothing launched, dst unchanged.
+    CUDA_OK(CopyPagesBf16(dsrc.get<uint16_t>(), ddst.get<uint16_t>(), dpages.get<int32_t>(), 0,
+                          page_elems, nullptr));
+    EXPECT_EQ(ddst.Download<uint16_t>(n), want);
+  }
+  EXPECT_EQ(CopyPagesBf16(nullptr, nullptr, nullptr, 1, 8, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(CopyPagesBf16(nullptr, nullptr, nullptr, -1, 8, nullptr), cudaErrorInvalidValue);
 }
 
 // ---- Argmax ----------------------------------------------------------------------------------

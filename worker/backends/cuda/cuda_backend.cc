@@ -106,7 +106,7 @@ absl::Status CudaBackend::RunParts(
     std::span<const StepItem> items,
     const std::function<absl::Status(std::span<const CudaModel::StepItem>,
                                      const std::vector<size_t>&)>& run_part) {
-  // Plans: the GPU prefill applies PSAW's band (not ETF); SupportsPlan says which run.
+  // Plans: the GPU prefill applies PSAW's band and ETF; SupportsPlan says which run.
   for (size_t b = 0; b < items.size(); ++b) {
     const SelectionPlan* p = items[b].prefill_plan;
     if (p == nullptr && items[b].selector != nullptr) p = &items[b].selector->plan();

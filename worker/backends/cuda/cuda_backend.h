@@ -5,8 +5,10 @@
 // the device (CudaModel, "PrHS decode"); what selection did lands in the selector's telemetry,
 // so SequenceSelector::Report() and the δ-controller plumbing read it as on the CPU. PSAW runs
 // on the device too (prefill items' prefill_plan band, and the prhs decode candidates' lower
-// bound). Everything else (other policies, ETF, δ targets) is refused by SupportsPlan with the
-// reason.
+// bound), and so does ETF (a prefill_plan with etf_start < N, applied when the prefill item is
+// its forward's only item and starts at position 0 — Engine::Step's condition; a step with other
+// items in the same forward prefills without it, as the CPU engine's would). What the device
+// cannot run (the CPU-only plan options) is refused by SupportsPlan with the reason.
 //
 // Steps: the GPU runs token-sparse decode only in steps made of single-token items, so a step
 // that mixes prefill chunks with PrHS decode items is run as separate forwards — the prefill

@@ -528,6 +528,157 @@ TEST(CudaBackendPsaw, PrefillBandMatchesCpuEngine) {
   }
 }
 
+// ETF on the GPU vs the CPU engine's alias table: a 2500-token prompt prefilled in one step (ETF
+// needs the whole prompt from position 0 in one step) with every position's logits, on the CPU,
+// the GPU with the simple prefill kernel and with the tiled one; then 32 teacher-forced decode
+// steps that read the frozen pages (the CPU through its aliases, the GPU its copies). Cases:
+// ETF alone (etf_start=0, ψ = 0.2: the last layer freezes 1 − 0.2^{5/6} ≈ 74 % of the prompt;
+// dense decode) and ETF + PSAW (φ = 0.3 from layer 0; PrHS decode with the session's selector).
+// Bounds: the per-row rel L2 bound of the PSAW test (1.5e-2) for the prefill logits and each
+// dense decode step; ETF must matter (ETF vs dense prefill differ by more than that bound in
+// some row, on every backend); every decode step whose CPU top-1 margin exceeds twice the
+// largest |gpu − cpu| of that row has the same argmax (near ties may flip), and >= 90 % overall;
+// the aliased (layer, page) count is the plan's exactly, on all three. A prefill in two chunks
+// freezes only within the first chunk (Engine::Step's condition: a step from position 0).
+TEST(CudaBackendEtf, PrefillAndDecodeMatchCpuEngine) {
+  SKIP_WITHOUT_DEVICE();
+  Models m = Load();
+  ASSERT_NE(m.gpu, nullptr);
+  const ModelConfig& c = m.weights->config;
+  const int V = c.vocab_size, T = 2500, page = m.gpu->page_size();
+  const std::vector<int32_t> prompt = Prompt(*m.gpu, T);
+  std::unique_ptr<CudaBackend> tiled = LoadGpu(m.weights, 256 << 20, /*tiled_prefill=*/true);
+  ASSERT_NE(tiled, nullptr);
+  ModelBackend* be[3] = {m.cpu.get(), m.gpu.get(), tiled.get()};
+  auto aliased = [&](int i, ModelBackend::SeqId seq) -> int64_t {
+    auto a = i == 0 ? m.cpu->AliasedPages(seq)
+                    : (i == 1 ? m.gpu.get() : tiled.get())->model().AliasedPages(seq);
+    EXPECT_TRUE(a.ok()) << a.status();
+    return a.ok() ? *a : -1;
+  };
+  // The plan's aliased slots for a T-token prefill: per layer floor(f_l · T) in whole pages,
+  // non-decreasing.
+  auto plan_aliased = [&](const SelectionPlan& plan, int tokens) {
+    int64_t n = 0, prev = 0;
+    for (const LayerSelectionPlan& lp : plan.layers) {
+      prev = std::max<int64_t>(
+          prev, static_cast<int64_t>(lp.etf_freeze_fraction * tokens) / page * page);
+      n += prev / page;
+    }
+    return n;
+  };
+  struct EtfCase {
+    const char* overrides;
+    bool prhs_decode;
+  };
+  for (const auto& [overrides, prhs_decode] :
+       {EtfCase{"etf_start=0,etf_psi=0.2", false},
+        EtfCase{"etf_start=0,etf_psi=0.2,psaw_start=0,psaw_phi=0.3", true}}) {
+    SCOPED_TRACE(overrides);
+    std::unique_ptr<SelectionSession> ss[3];
+    for (auto& s : ss) {
+      s = Session(c, "prhs", 0.125, overrides);
+      ASSERT_NE(s, nullptr);
+    }
+    const SelectionPlan& plan = ss[0]->plan();
+    ASSERT_GT(plan.layers.back().etf_freeze_fraction, 0.7);
+    ASSERT_TRUE(m.gpu->SupportsPlan(plan).ok()) << m.gpu->SupportsPlan(plan);
+    const int64_t want_aliased = plan_aliased(plan, T);
+    ASSERT_GT(want_aliased, 0);
+    std::vector<float> etf[3], dense[3], last[3];
+    ModelBackend::SeqId seq[3];
+    for (int i = 0; i < 3; ++i) {
+      const ModelBackend::SeqId d = be[i]->CreateSequence();
+      ModelBackend::StepItem dit{d, prompt, true, nullptr, nullptr};
+      auto dl = be[i]->Step({&dit, 1});
+      ASSERT_TRUE(dl.ok()) << dl.status();
+      dense[i] = std::move((*dl)[0]);
+      ASSERT_TRUE(be[i]->FreeSequence(d).ok());
+      seq[i] = be[i]->CreateSequence();
+      ModelBackend::StepItem it{seq[i], prompt, true, nullptr, &ss[i]->plan()};
+      auto l = be[i]->Step({&it, 1});
+      ASSERT_TRUE(l.ok()) << l.status();
+      etf[i] = std::move((*l)[0]);
+      ASSERT_EQ(etf[i].size(), prompt.size() * V);
+      last[i].assign(etf[i].end() - V, etf[i].end());
+      EXPECT_EQ(aliased(i, seq[i]), want_aliased) << "backend " << i;
+    }
+    const double effect_cpu = WorstRowRelL2(etf[0], dense[0], V);
+    EXPECT_GT(effect_cpu, 1.5e-2);
+    for (int i = 1; i < 3; ++i) {
+      const double gpu_vs_cpu = WorstRowRelL2(etf[i], etf[0], V);
+      const double effect_gpu = WorstRowRelL2(etf[i], dense[i], V);
+      std::printf("[etf prefill %s, %s kernel] worst row rel L2: etf gpu vs cpu %.3g; etf vs "
+                  "dense: cpu %.3g gpu %.3g; aliased slots %lld\n",
+                  overrides, i == 1 ? "simple" : "tiled", gpu_vs_cpu, effect_cpu, effect_gpu,
+                  static_cast<long long>(want_aliased));
+      EXPECT_LE(gpu_vs_cpu, 1.5e-2) << i;
+      EXPECT_GT(effect_gpu, 1.5e-2) << i;
+    }
+    const int steps = 32;
+    int agree[3] = {0, 0, 0}, clear[3] = {0, 0, 0};
+    double worst_rel[3] = {0, 0, 0};
+    for (int step = 0; step < steps; ++step) {
+      const int32_t token = ArgMax(last[0]);
+      for (int i = 0; i < 3; ++i) {
+        ModelBackend::StepItem it{seq[i], {&token, 1}, false,
+                                  prhs_decode ? ss[i]->selector() : nullptr, nullptr};
+        auto l = be[i]->Step({&it, 1});
+        ASSERT_TRUE(l.ok()) << l.status();
+        last[i] = (*l)[0];
+        if (prhs_decode) ss[i]->AfterStep();
+      }
+      std::vector<float> sorted = last[0];
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<>());
+      for (int i = 1; i < 3; ++i) {
+        double max_abs = 0;
+        for (int v = 0; v < V; ++v) {
+          max_abs = std::max(max_abs, std::fabs(static_cast<double>(last[i][v]) - last[0][v]));
+        }
+        worst_rel[i] = std::max(worst_rel[i], WorstRowRelL2(last[i], last[0], V));
+        const bool same = ArgMax(last[i]) == ArgMax(last[0]);
+        agree[i] += same;
+        if (sorted[0] - sorted[1] > 2 * max_abs) {
+          ++clear[i];
+          EXPECT_TRUE(same) << "backend " << i << " step " << step;
+        }
+      }
+    }
+    for (int i = 1; i < 3; ++i) {
+      std::printf("[etf decode %s, %s kernel prefill, %s decode] argmax agree %d/%d (clear "
+                  "margin %d) worst_rel_l2 %.3g\n",
+                  overrides, i == 1 ? "simple" : "tiled", prhs_decode ? "prhs" : "dense",
+                  agree[i], steps, clear[i], worst_rel[i]);
+      EXPECT_GE(agree[i], steps * 9 / 10) << i;
+      EXPECT_GT(clear[i], 0) << i;
+      if (!prhs_decode) {
+        EXPECT_LE(worst_rel[i], 1.5e-2) << i;
+      }
+      EXPECT_EQ(aliased(i, seq[i]), want_aliased) << i;
+      if (prhs_decode) {
+        EXPECT_EQ(ss[i]->selector()->telemetry().selections,
+                  ss[0]->selector()->telemetry().selections);
+      }
+    }
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(be[i]->FreeSequence(seq[i]).ok());
+  }
+  // Two chunks: the first (from position 0) freezes as a 1000-token prompt; the second starts at
+  // position 1000 and freezes nothing more, on every backend.
+  auto ss = Session(c, "prhs", 0.125, "etf_start=0,etf_psi=0.2");
+  ASSERT_NE(ss, nullptr);
+  ASSERT_GT(plan_aliased(ss->plan(), 1000), 0);
+  for (int i = 0; i < 3; ++i) {
+    const ModelBackend::SeqId s = be[i]->CreateSequence();
+    for (const auto& [begin, end] : {std::pair{0, 1000}, std::pair{1000, T}}) {
+      ModelBackend::StepItem it{s, std::span<const int32_t>(prompt.data() + begin, end - begin),
+                                false, nullptr, &ss->plan()};
+      ASSERT_TRUE(be[i]->Step({&it, 1}).ok());
+    }
+    EXPECT_EQ(aliased(i, s), plan_aliased(ss->plan(), 1000)) << i;
+    ASSERT_TRUE(be[i]->FreeSequence(s).ok());
+  }
+}
+
 // A budget that covers the sequence: PrHS attends to every token, so the GPU logits are
 // bitwise those of dense decode (token lists with all positions ascending run the dense tiles
 // in the same order), kept fraction 1, no refreshes. Also a dense and a PrHS sequence in one

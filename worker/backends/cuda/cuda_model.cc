@@ -170,6 +170,7 @@ struct CudaModel::Impl {
     int prhs_slot = -1;  // CIS state slot in the PrHS pools (-1 = none yet)
     int quest_seen = 0;  // Quest: positions whose page bounds are folded (as QuestSelector's)
     bool hs_calibrated = false;  // HShare: channels and sharing map set (every unit at once)
+    int64_t aliased_pages = 0;   // ETF: (layer, page) slots copied from an earlier layer
   };
   std::unordered_map<SeqId, Sequence> seqs;
   SeqId next_seq = 1;
@@ -332,7 +333,7 @@ struct CudaModel::Impl {
     int uninitialized = 0;             // > 0: benchmark growth without a forward
     const SelectionPlan* plan = nullptr;  // decode selection (dense / prhs / oracle / streaming)
     SelectionTelemetry* telemetry = nullptr;
-    const SelectionPlan* prefill_plan = nullptr;  // PSAW band of multi-token causal items
+    const SelectionPlan* prefill_plan = nullptr;  // PSAW band / ETF of multi-token causal items
   };
   // Grows the PrHS state pools to at least `slots` sequences and `stride` anchor entries per
   // row (and, with h2o > 0 or H2O pools already present, the H2O pools to h2o tracked entries
@@ -1088,6 +1089,31 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
       for (const LayerSelectionPlan& lp : pp->layers) use_band |= lp.psaw_drop_fraction > 0;
     }
   }
+  // ETF (Engine::Step's conditions: a causal step whose only item prefills a whole prompt from
+  // position 0 with a prefill plan; other steps ignore ETF, as the CPU engine does): layer l
+  // computes rows [etf_frozen[l], N) only — floor(f_l · N) rounded down to whole pages, the last
+  // row always computed, non-decreasing over layers. Frozen rows keep the residual they had; their
+  // K/V pages at layer l are copies of layer l − 1's (made before l's attention), which is what
+  // the CPU's alias table reads.
+  std::vector<int32_t> etf_frozen(c.num_hidden_layers, 0);
+  int64_t etf_aliased = 0;
+  if (causal && items.size() == 1 && items[0].n > 1 && items[0].uninitialized == 0 &&
+      items[0].prefill_plan != nullptr && seqs[items[0].seq].length == 0) {
+    const SelectionPlan& plan = *items[0].prefill_plan;
+    const int64_t n = items[0].n;
+    int64_t prev = 0;
+    for (int l = 0; l < c.num_hidden_layers && l < static_cast<int>(plan.layers.size()); ++l) {
+      const double f = plan.layers[l].etf_freeze_fraction;
+      int64_t e = static_cast<int64_t>(f * static_cast<double>(n)) / page_size * page_size;
+      e = std::min<int64_t>(e, (n - 1) / page_size * page_size);
+      prev = std::max(prev, e);
+      etf_frozen[l] = static_cast<int32_t>(prev);
+      etf_aliased += prev / page_size;
+    }
+    if (etf_frozen[0] > 0) {  // SupportsPlan refuses it; never reached
+      return absl::InternalError("ETF: rows frozen at layer 0 have no K/V to alias");
+    }
+  }
   if (items.empty()) return absl::OkStatus();
   if (total > (int64_t{1} << 24)) {
     return absl::InvalidArgumentError(absl::StrCat("step has ", total, " tokens (max 2^24)"));
@@ -1216,6 +1242,7 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
       }
     }
     for (int b : calibrating) seqs[items[b].seq].hs_calibrated = true;
+    if (etf_aliased > 0) seqs[items[0].seq].aliased_pages = etf_aliased;
   };
   if (uninitialized) {
     commit();
@@ -1355,15 +1382,24 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     }
     o_band_sink = append(sinks);
   }
-  // Query tiles of the tiled prefill kernel (rows of one item are one sequence, ascending).
-  size_t o_qtiles = 0;
-  int num_qtiles = 0;
+  // Query tiles of the tiled prefill kernel (rows of one item are one sequence, ascending), per
+  // layer over the rows it computes (all of them unless ETF froze a prefix).
+  std::vector<size_t> o_qtiles(NL, 0);
+  std::vector<int> num_qtiles(NL, 0);
   const bool tiled_prefill_step = !fast_decode && TiledPrefillKernel();
   if (tiled_prefill_step) {
-    const std::vector<int32_t> qtiles =
-        kernels::PrefillQueryTiles(row_seq.data(), pos.data(), static_cast<int>(pos.size()));
-    num_qtiles = static_cast<int>(qtiles.size() / 2);
-    o_qtiles = append(qtiles);
+    for (int l = 0; l < NL; ++l) {
+      if (l > 0 && etf_frozen[l] == etf_frozen[l - 1]) {
+        o_qtiles[l] = o_qtiles[l - 1];
+        num_qtiles[l] = num_qtiles[l - 1];
+        continue;
+      }
+      const int r0 = etf_frozen[l];
+      const std::vector<int32_t> qtiles =
+          kernels::PrefillQueryTiles(row_seq.data() + r0, pos.data() + r0, N - r0);
+      num_qtiles[l] = static_cast<int>(qtiles.size() / 2);
+      o_qtiles[l] = append(qtiles);
+    }
   }
   bool use_cand_lo = false;
   if (use_prhs) {
@@ -1598,18 +1634,29 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
     CUDA_RETURN_IF_ERROR(kernels::EmbeddingGather(embed, d_tok, N, Dm, Vm, dx, stream));
     for (int l = 0; l < c.num_hidden_layers; ++l) {
       const Layer& L = layers[l];
-      CUDA_RETURN_IF_ERROR(kernels::RmsNormToBf16(dx, nullptr, N, Dm, L.attn_norm, eps, dh, stream));
-      RETURN_IF_ERROR(Gemm(dh, N, Dm, L.wqkv, QkvWidth(), dqkv, 0.0f));
+      // Rows [r0, N) run this layer (r0 > 0 only under ETF); activations are compact from row 0,
+      // the residual xl and the row tables are offset by r0.
+      const int r0 = etf_frozen[l], NR = N - r0;
+      float* xl = dx + static_cast<size_t>(r0) * Dm;
+      if (r0 > 0) {  // the frozen prefix's K/V pages: layer l − 1's (l > 0: SupportsPlan)
+        const int64_t page_elems = static_cast<int64_t>(Hkv()) * page_size * HD();
+        CUDA_RETURN_IF_ERROR(kernels::CopyPagesBf16(KPool(l - 1), KPool(l), d_indices,
+                                                    r0 / page_size, page_elems, stream));
+        CUDA_RETURN_IF_ERROR(kernels::CopyPagesBf16(VPool(l - 1), VPool(l), d_indices,
+                                                    r0 / page_size, page_elems, stream));
+      }
+      CUDA_RETURN_IF_ERROR(kernels::RmsNormToBf16(xl, nullptr, NR, Dm, L.attn_norm, eps, dh, stream));
+      RETURN_IF_ERROR(Gemm(dh, NR, Dm, L.wqkv, QkvWidth(), dqkv, 0.0f));
       kernels::RopeAppendParams rp;
-      rp.rows = N;
+      rp.rows = NR;
       rp.num_q_heads = Hq();
       rp.num_kv_heads = Hkv();
       rp.head_dim = HD();
       rp.page_size = page_size;
       rp.d_qkv = dqkv;
       rp.d_bias = L.bqkv;
-      rp.d_pos = d_pos;
-      rp.d_slot = d_slot;
+      rp.d_pos = d_pos + r0;
+      rp.d_slot = d_slot + r0;
       rp.d_inv_freq = inv_freq;
       rp.d_q_out = dq;
       rp.d_k_pool = KPool(l);
@@ -1685,7 +1732,7 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
         if (use_h2o) CUDA_RETURN_IF_ERROR(kernels::PrhsHeavyObserve(sp, stream));
       } else {
         kernels::PrefillAttentionParams ap;
-        ap.rows = N;
+        ap.rows = NR;
         ap.num_q_heads = Hq();
         ap.num_kv_heads = Hkv();
         ap.head_dim = HD();
@@ -1698,8 +1745,8 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
         ap.d_page_indptr = d_indptr;
         ap.d_page_indices = d_indices;
         ap.d_seq_lens = d_lens;
-        ap.d_row_seq = d_row_seq;
-        ap.d_row_pos = d_pos;
+        ap.d_row_seq = d_row_seq + r0;
+        ap.d_row_pos = d_pos + r0;
         if (use_band) {
           ap.d_band_fraction =
               reinterpret_cast<const double*>(dm + o_band) + static_cast<size_t>(l) * B;
@@ -1707,19 +1754,19 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
         }
         if (tiled_prefill_step) {
           CUDA_RETURN_IF_ERROR(
-              kernels::PrefillAttentionTiled(ap, num_qtiles, dm + o_qtiles, stream));
+              kernels::PrefillAttentionTiled(ap, num_qtiles[l], dm + o_qtiles[l], stream));
         } else {
           CUDA_RETURN_IF_ERROR(kernels::PrefillAttention(ap, stream));
         }
       }
-      RETURN_IF_ERROR(Gemm(dattn, N, qo, L.wo, Dm, dx, 1.0f));  // x += attn · Woᵀ
+      RETURN_IF_ERROR(Gemm(dattn, NR, qo, L.wo, Dm, xl, 1.0f));  // x += attn · Woᵀ
       if (L.bo != nullptr) {
-        CUDA_RETURN_IF_ERROR(kernels::AddResidual(dx, nullptr, L.bo, N, Dm, stream));
+        CUDA_RETURN_IF_ERROR(kernels::AddResidual(xl, nullptr, L.bo, NR, Dm, stream));
       }
-      CUDA_RETURN_IF_ERROR(kernels::RmsNormToBf16(dx, nullptr, N, Dm, L.mlp_norm, eps, dh, stream));
-      RETURN_IF_ERROR(Gemm(dh, N, Dm, L.w_gu, 2 * Fm, dgu, 0.0f));
-      CUDA_RETURN_IF_ERROR(kernels::SiluMulToBf16(dgu, N, Fm, dact, stream));
-      RETURN_IF_ERROR(Gemm(dact, N, Fm, L.w_down, Dm, dx, 1.0f));  // x += act · W_downᵀ
+      CUDA_RETURN_IF_ERROR(kernels::RmsNormToBf16(xl, nullptr, NR, Dm, L.mlp_norm, eps, dh, stream));
+      RETURN_IF_ERROR(Gemm(dh, NR, Dm, L.w_gu, 2 * Fm, dgu, 0.0f));
+      CUDA_RETURN_IF_ERROR(kernels::SiluMulToBf16(dgu, NR, Fm, dact, stream));
+      RETURN_IF_ERROR(Gemm(dact, NR, Fm, L.w_down, Dm, xl, 1.0f));  // x += act · W_downᵀ
     }
     if (R == 0) return absl::OkStatus();  // no item wants logits
     CUDA_RETURN_IF_ERROR(kernels::RmsNormToBf16(dx, d_logit_rows, R, Dm, final_norm, eps,
@@ -1858,6 +1905,14 @@ absl::Status CudaModel::FreeSequence(SeqId seq) {
   if (it->second.prhs_slot >= 0) impl_->prhs_free_slots.push_back(it->second.prhs_slot);
   impl_->seqs.erase(it);
   return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> CudaModel::AliasedPages(SeqId seq) const {
+  auto it = impl_->seqs.find(seq);
+  if (it == impl_->seqs.end()) {
+    return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
+  }
+  return it->second.aliased_pages;
 }
 
 absl::StatusOr<int> CudaModel::SequenceLength(SeqId seq) const {

@@ -48,8 +48,24 @@
 // [floor(f_l · (p + 1)), p]; keys outside are never read), and a prhs decode plan bounds the
 // refresh candidates below by floor(f_l · t), as PrhsSelector.
 //
-// Not supported (refused by SupportsPlan or not offered): ETF prefill plans; the CPU-only CIS
-// options gqa_max, gate_unrotated and follow; head_dim > 256;
+// ETF (plans with etf_start < N) runs on the device under Engine::Step's conditions — a causal
+// step whose only item prefills from position 0 with a prefill_plan (other steps ignore ETF, as
+// the CPU does): layer l computes only rows [E_l, T), E_l = floor(f_l · T) rounded down to
+// whole pages, non-decreasing, the last row always computed. Frozen rows are a prefix, so the
+// norms, GEMMs and MLP run on the row suffix (fewer GEMM rows) and attention is a chunked-prefill
+// continuation from position E_l over the cache. Before layer l's attention the sequence's pages
+// [0, E_l / page_size) of layer l − 1's K/V pool are copied into layer l's (CopyPagesBf16,
+// model_ops.h), so every later read — this prefill's, later chunks', decode's, selection's —
+// sees exactly what the CPU reads through its alias table (chains resolve because layer l − 1
+// already holds the shared values). Frozen rows' final hidden state (all_logits) is the one
+// they had when frozen, as on the CPU. AliasedPages counts the copied (layer, page) slots like
+// Engine::AliasedPages. Memory: the copies occupy the per-layer slots every page has anyway
+// (one page id addresses all layers), so ETF saves prefill compute, not KV memory — the same
+// as the CPU engine, whose aliased slots are simply unused. f_0 > 0 is refused (no earlier
+// layer to share from; MakeSelectionPlan never makes it).
+//
+// Not supported (refused by SupportsPlan or not offered): the CPU-only CIS options gqa_max,
+// gate_unrotated and follow; head_dim > 256;
 // fp16 weights; more than one GPU. The PrHS items of one step must share the per-layer τ,
 // max_reuse and dilation (the kernels take one value per layer for the batch; sink, local and k
 // are per sequence); CudaBackend runs differing ones as separate forwards. The HShare items of
@@ -133,10 +149,10 @@ class CudaModel {
   static absl::Status Supports(const ModelConfig& config, int page_size);
   // OK when decode steps can run `plan` on the device exactly as the CPU engine would (its
   // PrhsSelector, OracleSelector, StreamingSelector, QuestSelector, H2OSelector or
-  // HShareSelector; δ targets included), and prefills can apply it (the PSAW band; not ETF).
-  // Errors: INVALID_ARGUMENT naming a plan field the GPU path lacks (ETF, gqa_max, gate_unrotated,
+  // HShareSelector; δ targets included), and prefills can apply it (the PSAW band and ETF).
+  // Errors: INVALID_ARGUMENT naming a plan field the GPU path lacks (gqa_max, gate_unrotated,
   // follow, the CPU-only share-step options, dilate_r > 64, negative k scales, a layer count
-  // that does not match) or a model shape the selection kernels do not take (head_dim other than
+  // that does not match, an ETF fraction outside [0, 1] or above 0 at layer 0) or a model shape the selection kernels do not take (head_dim other than
   // 64 / 128, page_size other than 16, more than 8 query heads per kv head).
   // Needs no device.
   static absl::Status SupportsPlan(const ModelConfig& config, int page_size,
@@ -172,6 +188,9 @@ class CudaModel {
   absl::Status FreeSequence(SeqId seq);
   // NOT_FOUND for an unknown id.
   absl::StatusOr<int> SequenceLength(SeqId seq) const;
+  // Number of (layer, page) slots whose K/V are an earlier layer's (ETF), as
+  // Engine::AliasedPages. NOT_FOUND for an unknown id.
+  absl::StatusOr<int64_t> AliasedPages(SeqId seq) const;
 
   struct StepItem {
     SeqId seq = 0;
@@ -183,7 +202,9 @@ class CudaModel {
     const SelectionPlan* plan = nullptr;
     SelectionTelemetry* telemetry = nullptr;
     // Prefill-time selection (not owned; null = dense prefill; must pass SupportsPlan): PSAW's
-    // band for items of more than one token in causal steps, as Engine::StepItem::prefill_plan.
+    // band for items of more than one token in causal steps, and ETF when the item is the
+    // step's only one and starts at position 0, as Engine::StepItem::prefill_plan (see "ETF"
+    // at the top).
     const SelectionPlan* prefill_plan = nullptr;
   };
   // As Engine::Step: appends every item's tokens (their K/V go to the GPU cache) and returns per

@@ -32,6 +32,9 @@ absl::Status CudaModel::FreeSequence(SeqId) { return absl::UnavailableError("no 
 absl::StatusOr<int> CudaModel::SequenceLength(SeqId) const {
   return absl::UnavailableError("no CUDA");
 }
+absl::StatusOr<int64_t> CudaModel::AliasedPages(SeqId) const {
+  return absl::UnavailableError("no CUDA");
+}
 absl::StatusOr<std::vector<std::vector<float>>> CudaModel::Step(std::span<const StepItem>, bool,
                                                                 std::vector<int32_t>*,
                                                                 const CudaKvSelection*) {

@@ -46,7 +46,16 @@ absl::Status CudaModel::SupportsPlan(const ModelConfig& c, int page_size,
     if (!(lp.psaw_drop_fraction >= 0 && lp.psaw_drop_fraction < 1)) {
       field = "PSAW drop fraction outside [0, 1)";
     }
-    if (lp.etf_freeze_fraction != 0 || lp.etf_alias_layer >= 0) field = "ETF (etf_start)";
+    // ETF runs on the device (CudaModel::Step: the frozen prefix's K/V pages copied from the
+    // previous layer), for fractions in [0, 1] as MakeSelectionPlan makes them (0 at layer 0:
+    // rows frozen there would have no layer to take K/V from — the CPU engine would read slots
+    // nothing wrote).
+    if (!(lp.etf_freeze_fraction >= 0 && lp.etf_freeze_fraction <= 1)) {
+      field = "ETF freeze fraction outside [0, 1]";
+    }
+    if (l == 0 && lp.etf_freeze_fraction > 0) {
+      field = "ETF freezing at layer 0 (no earlier layer's K/V to share)";
+    }
     if (lp.gqa_max) field = "gqa_max=1";
     if (lp.gate_unrotated) field = "gate_unrotated=1";
     if (lp.follow) field = "follow=1";
