@@ -12,48 +12,16 @@
 #include <random>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gtest/gtest.h"
+#include "worker/testing/gpu_test_util.h"
 
 namespace prehoc::kernels {
 namespace {
 
-bool HaveDevice() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    cudaGetLastError();
-    return false;
-  }
-  return true;
-}
-
-template <typename T>
-T* Upload(const std::vector<T>& h) {
-  T* d = nullptr;
-  EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&d), std::max<size_t>(h.size(), 1) * sizeof(T)),
-            cudaSuccess);
-  if (!h.empty()) {
-    EXPECT_EQ(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  return d;
-}
-
-template <typename T>
-std::vector<T> Download(const T* d, size_t n) {
-  std::vector<T> h(n);
-  EXPECT_EQ(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  return h;
-}
-
-float Bf16ToF(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 // Segments of 1, 7, 256, 300 and 1000 rows with duplicated values (ties) and k from 0 to len.
 TEST(DlmOpsTest, SelectSmallestMatchesReference) {
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_DEVICE();
   std::mt19937 rng(5);
   const std::vector<int> lens = {1, 7, 256, 300, 1000};
   const std::vector<int> ks = {1, 0, 41, 300, 163};
@@ -97,7 +65,7 @@ TEST(DlmOpsTest, SelectSmallestMatchesReference) {
 
 // Top-1 (first maximum, NaN never wins) and its probability; softmax rows.
 TEST(DlmOpsTest, Top1AndSoftmax) {
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_DEVICE();
   const int rows = 5, V = 1001;
   std::mt19937 rng(9);
   std::normal_distribution<float> g(0.0f, 3.0f);
@@ -143,7 +111,7 @@ TEST(DlmOpsTest, Top1AndSoftmax) {
     for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(fin[r * V + v]) - mx);
     for (int v = 0; v < V; ++v) {
       const double ref = std::exp(static_cast<double>(fin[r * V + v]) - mx) / sum;
-      EXPECT_NEAR(Bf16ToF(sm[r * V + v]), ref, 1e-7 + 8e-3 * ref) << r << " " << v;
+      EXPECT_NEAR(Bf16ToFloat(sm[r * V + v]), ref, 1e-7 + 8e-3 * ref) << r << " " << v;
     }
   }
   EXPECT_EQ(DlmTop1(nullptr, 1, V, d_t, d_p, nullptr), cudaErrorInvalidValue);
@@ -160,7 +128,7 @@ TEST(DlmOpsTest, Top1AndSoftmax) {
 class DlmResidualTest : public ::testing::TestWithParam<int> {};
 
 TEST_P(DlmResidualTest, MatchesReference) {
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_DEVICE();
   const int d = GetParam(), layers = 3, layer = 1;
   const int rows[2] = {11, 6};  // canvas rows per request
   std::mt19937 rng(d);
@@ -234,7 +202,7 @@ TEST_P(DlmResidualTest, MatchesReference) {
       const std::vector<uint16_t> out = Download(dout, out_ref.size());
       int bad = 0;
       for (size_t e = 0; e < out.size(); ++e) {
-        const double g = Bf16ToF(out[e]);
+        const double g = Bf16ToFloat(out[e]);
         if (!std::isfinite(g) || std::fabs(g - out_ref[e]) > std::ldexp(1.0, -8) *
                                                                    std::fabs(out_ref[e]) + 1e-6) {
           if (bad++ < 5) ADD_FAILURE() << "out[" << e << "] = " << g << ", ref " << out_ref[e];
@@ -261,7 +229,7 @@ INSTANTIATE_TEST_SUITE_P(Widths, DlmResidualTest, ::testing::Values(1, 7, 200, 4
 // K / V rows of two requests' caches (GQA 6 / 2 heads, head_dim 64 and 128, biases, a row
 // selection; also K without V, as dllm's selected rows).
 TEST(DlmOpsTest, QkvRopeScatterEqualsSeparateKernels) {
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_DEVICE();
   for (const int hd : {64, 128}) {
     for (const bool with_v : {true, false}) {
       const int heads = 6, kvh = 2, layers = 3, layer = 1, rows[2] = {9, 5};
@@ -355,7 +323,7 @@ struct AttnCase {
 class DlmFusedAttentionTest : public ::testing::TestWithParam<AttnCase> {};
 
 TEST_P(DlmFusedAttentionTest, MatchesReference) {
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device";
+  SKIP_WITHOUT_DEVICE();
   int dev = 0, major = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
@@ -365,16 +333,11 @@ TEST_P(DlmFusedAttentionTest, MatchesReference) {
   const int splits = c.splits > 0 ? c.splits : DlmAttentionSplits(count, m, N, 132);
   std::mt19937 rng(static_cast<unsigned>(hd * 7919 + m * 31 + N));
   std::normal_distribution<float> g(0.0f, 1.0f);
-  auto bf = [](float f) {  // round to bf16 bits (nearest even)
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  };
   std::vector<uint16_t> q(static_cast<size_t>(m) * ldq), kk(static_cast<size_t>(count) * N * hd),
       vv(kk.size());
-  for (auto& x : q) x = bf(2.0f * g(rng));  // sharp enough that the softmax is not flat
-  for (auto& x : kk) x = bf(g(rng));
-  for (auto& x : vv) x = bf(g(rng));
+  for (auto& x : q) x = FloatToBf16(2.0f * g(rng));  // sharp enough that the softmax is not flat
+  for (auto& x : kk) x = FloatToBf16(g(rng));
+  for (auto& x : vv) x = FloatToBf16(g(rng));
   uint16_t* d_q = Upload(q);
   uint16_t* d_k = Upload(kk);
   uint16_t* d_v = Upload(vv);
@@ -414,8 +377,8 @@ TEST_P(DlmFusedAttentionTest, MatchesReference) {
       for (int t = 0; t < N; ++t) {
         double dot = 0;
         for (int d = 0; d < hd; ++d) {
-          dot += static_cast<double>(Bf16ToF(q[static_cast<size_t>(r) * ldq + e * hd + d])) *
-                 Bf16ToF(kk[(static_cast<size_t>(e) * N + t) * hd + d]);
+          dot += static_cast<double>(Bf16ToFloat(q[static_cast<size_t>(r) * ldq + e * hd + d])) *
+                 Bf16ToFloat(kk[(static_cast<size_t>(e) * N + t) * hd + d]);
         }
         sc[t] = dot * p.scale;
         mx = std::max(mx, sc[t]);
@@ -425,11 +388,11 @@ TEST_P(DlmFusedAttentionTest, MatchesReference) {
       for (int d = 0; d < hd; ++d) {
         double ref = 0, mag = 0;
         for (int t = 0; t < N; ++t) {
-          const double v = Bf16ToF(vv[(static_cast<size_t>(e) * N + t) * hd + d]);
+          const double v = Bf16ToFloat(vv[(static_cast<size_t>(e) * N + t) * hd + d]);
           ref += sc[t] / sum * v;
           mag += sc[t] / sum * std::fabs(v);
         }
-        const double got = Bf16ToF(out[static_cast<size_t>(r) * ldq + e * hd + d]);
+        const double got = Bf16ToFloat(out[static_cast<size_t>(r) * ldq + e * hd + d]);
         const double err = std::fabs(got - ref);
         worst = std::max(worst, err / (mag + std::fabs(ref)));
         ASSERT_LE(err, 8e-3 * (mag + std::fabs(ref)) + 1e-5)

@@ -24,25 +24,10 @@
 #include "worker/kernels/model_ops.h"
 #include "worker/kernels/prefill_attention.h"
 #include "worker/rope.h"
+#include "worker/testing/gpu_test_util.h"
 
 namespace prehoc::kernels {
 namespace {
-
-bool HaveDevice() {
-  int n = 0;
-  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  cudaGetLastError();
-  return ok;
-}
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
-
-#define CUDA_OK(expr)                                                             \
-  do {                                                                            \
-    cudaError_t e_ = (expr);                                                      \
-    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_);        \
-  } while (0)
 
 class DeviceBuffer {
  public:

@@ -22,19 +22,10 @@
 #include "gtest/gtest.h"
 #include "worker/kernels/attention_reference.h"
 #include "worker/kernels/paged_decode.h"
+#include "worker/testing/gpu_test_util.h"
 
 namespace prehoc::kernels {
 namespace {
-
-bool HaveDevice() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
-
-#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(expr)
 
 // Owning device buffer.
 class DeviceBuffer {

@@ -18,19 +18,10 @@
 
 #include "gtest/gtest.h"
 #include "worker/sampler.h"
+#include "worker/testing/gpu_test_util.h"
 
 namespace prehoc::kernels {
 namespace {
-
-bool HaveDevice() {
-  int n = 0;
-  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  cudaGetLastError();
-  return ok;
-}
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
 
 template <typename T>
 class DeviceArray {

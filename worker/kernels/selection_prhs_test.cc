@@ -37,19 +37,10 @@
 #include "worker/kernels/attention_reference.h"
 #include "worker/kernels/selection_prhs.h"
 #include "worker/kernels/selection_reference.h"
+#include "worker/testing/gpu_test_util.h"
 
 namespace prehoc::kernels {
 namespace {
-
-bool HaveDevice() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
-
-#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(expr)
 
 class DeviceBuffer {
  public:
@@ -92,11 +83,33 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
-template <typename T>
-std::vector<T> DownloadPtr(const T* d, size_t n) {
-  std::vector<T> v(n);
-  if (n > 0) cudaMemcpy(v.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost);
-  return v;
+// The fields every multi-step test sets alike: the shape, the paged K pool, the per-row k, the
+// refresh flags and the CSR index lists (`capacity` entries). d_q / d_seq_lens point at
+// placeholders (the checks only need non-null pointers; each step sets the real ones).
+PrhsSelectParams CommonParams(AttnDType dtype, int batch, int hq, int hkv, int head_dim,
+                              int max_seq_len, const DeviceBuffer& k_pool,
+                              const DeviceBuffer& page_indptr, const DeviceBuffer& page_indices,
+                              const DeviceBuffer& topk, const DeviceBuffer& refresh,
+                              const DeviceBuffer& index_indptr, const DeviceBuffer& index_indices,
+                              int64_t capacity) {
+  PrhsSelectParams p;
+  p.dtype = dtype;
+  p.batch = batch;
+  p.num_q_heads = hq;
+  p.num_kv_heads = hkv;
+  p.head_dim = head_dim;
+  p.max_seq_len = max_seq_len;
+  p.d_k_pool = k_pool.get();
+  p.d_page_indptr = page_indptr.get<int32_t>();
+  p.d_page_indices = page_indices.get<int32_t>();
+  p.d_topk = topk.get<int32_t>();
+  p.d_refresh = refresh.get<int32_t>();
+  p.d_index_indptr = index_indptr.get<int32_t>();
+  p.d_index_indices = index_indices.get<int32_t>();
+  p.index_capacity = capacity;
+  p.d_q = k_pool.get();
+  p.d_seq_lens = page_indptr.get<int32_t>();
+  return p;
 }
 
 // One test scenario: sequences (initial lengths; each step appends one token), per-sequence k
@@ -237,23 +250,14 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
   d_csr_indptr.Resize((rows + 1) * 4);
   d_csr.Resize(capacity * 4);
 
-  PrhsSelectParams p;
-  p.dtype = dtype;
-  p.batch = B;
-  p.num_q_heads = hq;
-  p.num_kv_heads = hkv;
-  p.head_dim = D;
-  p.max_seq_len = max_len;
+  PrhsSelectParams p = CommonParams(dtype, B, hq, hkv, D, max_len, d_k, d_indptr, d_pages, d_topk,
+                                    d_refresh, d_csr_indptr, d_csr, capacity);
   p.sink = sink;
   p.local = local;
   p.tau = tau;
   p.max_reuse = cs.max_reuse;
   p.dilate_r = r_dil;
   p.dilate_m_fraction = m_frac;
-  p.d_k_pool = d_k.get();
-  p.d_page_indptr = d_indptr.get<int32_t>();
-  p.d_page_indices = d_pages.get<int32_t>();
-  p.d_topk = d_topk.get<int32_t>();
   p.d_cand_lo = cs.cand_lo.empty() ? nullptr : d_cand.get<int32_t>();
   p.topk_per_head = cs.per_head_k;
   p.d_mode = cs.mode.empty() ? nullptr : d_mode.get<int32_t>();
@@ -267,15 +271,8 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
   p.d_anchor_set = d_aset.get<int32_t>();
   p.d_anchor_count = d_acount.get<int32_t>();
   p.anchor_stride = anchor_stride;
-  p.d_refresh = d_refresh.get<int32_t>();
   p.d_cos = d_cos.get<float>();
   p.d_delta = d_delta.get<float>();
-  p.d_index_indptr = d_csr_indptr.get<int32_t>();
-  p.d_index_indices = d_csr.get<int32_t>();
-  p.index_capacity = capacity;
-  // d_q / d_seq_lens are set per step; the checks only need non-null pointers.
-  p.d_q = d_k.get();
-  p.d_seq_lens = d_indptr.get<int32_t>();
   ASSERT_EQ(PrhsSelectCheck(p), nullptr) << PrhsSelectCheck(p);
   const size_t ws = PrhsSelectWorkspaceBytes(p);
   ASSERT_NE(ws, SIZE_MAX);
@@ -345,7 +342,7 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
     const auto g_aset = d_aset.Download<int32_t>(static_cast<size_t>(rows) * anchor_stride);
     const auto g_indptr = d_csr_indptr.Download<int32_t>(rows + 1);
     const auto g_csr = d_csr.Download<int32_t>(capacity);
-    const auto g_lse = DownloadPtr(view.lse, static_cast<size_t>(rows) * G);
+    const auto g_lse = Download(view.lse, static_cast<size_t>(rows) * G);
     const auto g_bounds = quest ? d_bounds.Download<uint16_t>(bounds_elems) : std::vector<uint16_t>();
 
     ASSERT_EQ(g_indptr[0], 0);
@@ -400,7 +397,7 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
             want_pages.resize(np);
             std::iota(want_pages.begin(), want_pages.end(), 0);
           } else if (k > 0) {
-            const std::vector<float> gs = DownloadPtr(view.probs + r * view.row_stride, np);
+            const std::vector<float> gs = Download(view.probs + r * view.row_stride, np);
             EXPECT_TRUE(std::isinf(gs[np - 1]) && gs[np - 1] > 0) << "last page";
             for (int pg = 0; pg + 1 < np; ++pg) {
               double want = 0;
@@ -473,7 +470,7 @@ TEST_P(PrhsSelectSweep, StepsMatchReference) {
                 want_set.resize(n);
                 std::iota(want_set.begin(), want_set.end(), lo);
               } else {
-                const std::vector<float> gp = DownloadPtr(view.probs + r * view.row_stride, hi);
+                const std::vector<float> gp = Download(view.probs + r * view.row_stride, hi);
                 int bad = 0;
                 for (int j = lo; j < hi; ++j) {
                   if (!(std::fabs(gp[j] - probs[j]) <= 1e-4 * probs[j] + 1e-7) && ++bad <= 3) {
@@ -588,16 +585,8 @@ TEST(PrhsSelectSlots, PermutedSlotsMatchRowState) {
     r.indptr.Resize((rows + 1) * 4);
     r.csr.Resize(capacity * 4);
     PrhsSelectParams& q = p[v];
-    q.dtype = AttnDType::kBFloat16;
-    q.batch = B;
-    q.num_q_heads = hq;
-    q.num_kv_heads = hkv;
-    q.head_dim = D;
-    q.max_seq_len = max_len;
-    q.d_k_pool = d_k.get();
-    q.d_page_indptr = d_indptr.get<int32_t>();
-    q.d_page_indices = d_pages.get<int32_t>();
-    q.d_topk = d_topk.get<int32_t>();
+    q = CommonParams(AttnDType::kBFloat16, B, hq, hkv, D, max_len, d_k, d_indptr, d_pages, d_topk,
+                     r.refresh, r.indptr, r.csr, capacity);
     q.d_state_slot = v == 0 ? nullptr : d_slots.get<int32_t>();
     q.d_anchor_q = r.anchor.get();
     q.d_reuse = r.reuse.get<int32_t>();
@@ -605,13 +594,7 @@ TEST(PrhsSelectSlots, PermutedSlotsMatchRowState) {
     q.d_anchor_set = r.aset.get<int32_t>();
     q.d_anchor_count = r.acount.get<int32_t>();
     q.anchor_stride = stride;
-    q.d_refresh = r.refresh.get<int32_t>();
     q.d_delta = r.delta.get<float>();
-    q.d_index_indptr = r.indptr.get<int32_t>();
-    q.d_index_indices = r.csr.get<int32_t>();
-    q.index_capacity = capacity;
-    q.d_q = d_k.get();
-    q.d_seq_lens = d_indptr.get<int32_t>();
     ASSERT_EQ(PrhsSelectCheck(q), nullptr) << PrhsSelectCheck(q);
     r.ws.Resize(PrhsSelectWorkspaceBytes(q));
     q.d_workspace = r.ws.get();
@@ -651,7 +634,6 @@ TEST(PrhsSelectSlots, PermutedSlotsMatchRowState) {
   EXPECT_GT(shared, 0);
 }
 
-// Argument checks (run without a device too).
 // H2O (kHeavy rows: PrhsHeavySelect + PrhsHeavyObserve) over several decode steps against
 // H2OSelector's semantics, with the state at permuted slots. Per step and row:
 //   candidates  the first step's scores (GroupProbabilities, float64 reference) within
@@ -732,17 +714,8 @@ TEST_P(PrhsHeavySweep, StepsMatchH2O) {
   d_csr_indptr.Resize((rows + 1) * 4);
   const int64_t capacity = static_cast<int64_t>(rows) * max_len;
   d_csr.Resize(capacity * 4);
-  PrhsSelectParams p;
-  p.dtype = dtype;
-  p.batch = B;
-  p.num_q_heads = hq;
-  p.num_kv_heads = hkv;
-  p.head_dim = D;
-  p.max_seq_len = max_len;
-  p.d_k_pool = d_k.get();
-  p.d_page_indptr = d_indptr.get<int32_t>();
-  p.d_page_indices = d_pages.get<int32_t>();
-  p.d_topk = d_topk.get<int32_t>();
+  PrhsSelectParams p = CommonParams(dtype, B, hq, hkv, D, max_len, d_k, d_indptr, d_pages, d_topk,
+                                    d_refresh, d_csr_indptr, d_csr, capacity);
   p.d_mode = d_mode.get<int32_t>();
   p.d_sink = d_sink.get<int32_t>();
   p.d_local = d_local.get<int32_t>();
@@ -757,12 +730,6 @@ TEST_P(PrhsHeavySweep, StepsMatchH2O) {
   p.d_h2o_acc = d_acc.get<float>();
   p.d_h2o_count = d_cnt.get<int32_t>();
   p.h2o_stride = h2o_stride;
-  p.d_refresh = d_refresh.get<int32_t>();
-  p.d_index_indptr = d_csr_indptr.get<int32_t>();
-  p.d_index_indices = d_csr.get<int32_t>();
-  p.index_capacity = capacity;
-  p.d_q = d_k.get();
-  p.d_seq_lens = d_indptr.get<int32_t>();
   ASSERT_EQ(PrhsSelectCheck(p), nullptr) << PrhsSelectCheck(p);
   const size_t ws = PrhsSelectWorkspaceBytes(p);
   d_ws.Resize(ws);
@@ -998,26 +965,13 @@ TEST(PrhsHShare, CalibrateApproxAndShareMatchHShare) {
       d_csr_indptr.Resize((rows + 1) * 4);
       const int64_t capacity = static_cast<int64_t>(rows) * max_len;
       d_csr.Resize(capacity * 4);
-      PrhsSelectParams p;
-      p.dtype = dtype;
-      p.batch = B;
-      p.num_q_heads = hq;
-      p.num_kv_heads = hkv;
-      p.head_dim = D;
-      p.max_seq_len = max_len;
+      PrhsSelectParams p = CommonParams(dtype, B, hq, hkv, D, max_len, d_k, d_indptr, d_pages,
+                                        d_topk, d_refresh, d_csr_indptr, d_csr, capacity);
       p.sink = sink;
       p.local = local;
-      p.d_k_pool = d_k.get();
-      p.d_page_indptr = d_indptr.get<int32_t>();
-      p.d_page_indices = d_pages.get<int32_t>();
-      p.d_topk = d_topk.get<int32_t>();
       p.d_mode = d_mode.get<int32_t>();
       p.d_state_slot = d_slot.get<int32_t>();
       p.anchor_stride = stride;
-      p.d_refresh = d_refresh.get<int32_t>();
-      p.d_index_indptr = d_csr_indptr.get<int32_t>();
-      p.d_index_indices = d_csr.get<int32_t>();
-      p.index_capacity = capacity;
       p.hs_r = r;
       p.hs_interval = interval;
       p.d_anchor_set_base = d_aset.get<int32_t>();
@@ -1036,8 +990,6 @@ TEST(PrhsHShare, CalibrateApproxAndShareMatchHShare) {
         return q;
       };
       std::vector<uint16_t> qv(static_cast<size_t>(B) * hq * D);
-      p.d_q = d_k.get();
-      p.d_seq_lens = d_indptr.get<int32_t>();
       {
         PrhsSelectParams q0 = at_layer(0);
         ASSERT_EQ(PrhsSelectCheck(q0), nullptr) << PrhsSelectCheck(q0);
@@ -1147,6 +1099,7 @@ TEST(PrhsHShare, CalibrateApproxAndShareMatchHShare) {
   }
 }
 
+// Argument checks (run without a device too).
 TEST(PrhsSelectCheck, RejectsUnsupported) {
   PrhsSelectParams p;
   p.batch = 0;

@@ -12,7 +12,9 @@
 #include <tuple>
 #include <vector>
 
+#include "common/dtype.h"
 #include "gtest/gtest.h"
+#include "worker/testing/gpu_test_util.h"
 
 namespace prehoc::kernels {
 namespace {
@@ -26,33 +28,6 @@ bool HaveSm90() {
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
   return major >= 9;
-}
-
-uint16_t ToBf16(float f) {  // round to nearest even
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-double FromBf16(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-template <typename T>
-T* Upload(const std::vector<T>& h) {
-  T* d = nullptr;
-  EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&d), h.size() * sizeof(T)), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  return d;
-}
-template <typename T>
-std::vector<T> Download(const T* d, size_t n) {
-  std::vector<T> h(n);
-  EXPECT_EQ(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  return h;
 }
 
 struct Problem {
@@ -69,8 +44,8 @@ Problem Make(int m, int n, int k, int pad, float beta, uint32_t seed) {
   p.x.resize(static_cast<size_t>(m) * p.ldx);
   p.w.resize(static_cast<size_t>(n) * p.ldw);
   p.y0.resize(static_cast<size_t>(m) * p.ldy);
-  for (auto& v : p.x) v = ToBf16(u(rng));
-  for (auto& v : p.w) v = ToBf16(0.05f * u(rng));
+  for (auto& v : p.x) v = FloatToBf16(u(rng));
+  for (auto& v : p.w) v = FloatToBf16(0.05f * u(rng));
   for (auto& v : p.y0) v = u(rng);
   return p;
 }
@@ -114,8 +89,9 @@ void Check(const Problem& p, const std::vector<float>& y, const std::string& wha
       }
       double ref = 0, scale = 0;
       for (int kk = 0; kk < p.k; ++kk) {
-        const double t = FromBf16(p.x[static_cast<size_t>(i) * p.ldx + kk]) *
-                         FromBf16(p.w[static_cast<size_t>(j) * p.ldw + kk]);
+        const double t =
+            static_cast<double>(Bf16ToFloat(p.x[static_cast<size_t>(i) * p.ldx + kk])) *
+            Bf16ToFloat(p.w[static_cast<size_t>(j) * p.ldw + kk]);
         ref += t;
         scale += std::fabs(t);
       }

@@ -31,21 +31,12 @@
 #include "worker/sampler.h"
 #include "worker/scheduler.h"
 #include "worker/selection/session.h"
+#include "worker/testing/gpu_test_util.h"
 
 namespace prehoc {
 namespace {
 
 namespace fs = std::filesystem;
-
-bool HaveDevice() {
-  int n = 0;
-  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  cudaGetLastError();
-  return ok;
-}
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
 
 // The repository file `rel` (from the source dir, or the working directory when the tests run
 // from a copy of the tree elsewhere).
@@ -95,6 +86,23 @@ Models Load(int64_t kv_bytes = 256 << 20, bool device_sampling = true) {
   return m;
 }
 
+// Every test: skips without a device, then loads the shipped AR model on the CPU engine (m.cpu)
+// and on the CUDA backend (m.gpu).
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_DEVICE();
+    m = Load();
+    ASSERT_NE(m.gpu, nullptr);
+  }
+
+  Models m;
+};
+class CudaBackendEtf : public CudaBackendTest {};
+class CudaBackendPrhs : public CudaBackendTest {};
+class CudaBackendPsaw : public CudaBackendTest {};
+class CudaBackendSampling : public CudaBackendTest {};
+
 // A prompt of `n` tokens: the bytes of a source file of this repository (BOS first).
 std::vector<int32_t> Prompt(const ModelBackend& b, int n) {
   EXPECT_NE(b.tokenizer(), nullptr);
@@ -131,10 +139,7 @@ int ArgMax(const std::vector<float>& v) {
 // budget-matched, with PSAW, and with a δ target: the controller's per-kv-head k), the oracle
 // (exact top-k every step: kExact rows) and StreamingLLM (kWindow rows). The oracle's and
 // streaming's kept counts depend only on the lengths, so they must match the CPU's exactly.
-TEST(CudaBackendPrhs, AgreesWithCpuEngine) {
-  SKIP_WITHOUT_DEVICE();
-  Models m = Load();
-  ASSERT_NE(m.gpu, nullptr);
+TEST_F(CudaBackendPrhs, AgreesWithCpuEngine) {
   const ModelConfig& c = m.weights->config;
   const std::vector<int32_t> prompt = Prompt(*m.gpu, 2500);  // the CPU engine has no tokenizer here
   // The third case runs PSAW too (from layer 0, φ = 0.3: layer l drops 1 − 0.3^{l/6} of the
@@ -300,10 +305,7 @@ TEST(CudaBackendPrhs, AgreesWithCpuEngine) {
 // lengths (oracle min(B(t), t), streaming |MergeIndexSet(sink, {}, max(B(t), sink + 1) − sink,
 // t)|, Quest 16 per chosen page but the last, which holds t − 16 (P − 1)), the oracle and Quest
 // refresh every unit every step, PrHS refreshes or shares every unit.
-TEST(CudaBackendPrhs, MixedPoliciesInOneStep) {
-  SKIP_WITHOUT_DEVICE();
-  Models m = Load();
-  ASSERT_NE(m.gpu, nullptr);
+TEST_F(CudaBackendPrhs, MixedPoliciesInOneStep) {
   CudaBackend& g = *m.gpu;
   const ModelConfig& c = m.weights->config;
   const std::vector<int32_t> prompt = Prompt(g, 1200);
@@ -392,10 +394,7 @@ TEST(CudaBackendPrhs, MixedPoliciesInOneStep) {
 // each setting its own forward (the kernels take one interval per layer for the batch's HShare
 // items; CudaModel alone refuses the mix), so each gets exactly the logits and refresh counts it
 // gets decoding alone.
-TEST(CudaBackendPrhs, HShareSettingsThatDifferSplitTheStep) {
-  SKIP_WITHOUT_DEVICE();
-  Models m = Load();
-  ASSERT_NE(m.gpu, nullptr);
+TEST_F(CudaBackendPrhs, HShareSettingsThatDifferSplitTheStep) {
   CudaBackend& g = *m.gpu;
   const ModelConfig& c = m.weights->config;
   const std::vector<int32_t> prompt = Prompt(g, 900);
@@ -469,10 +468,7 @@ double WorstRowRelL2(const std::vector<float>& a, const std::vector<float>& b, i
 // row (its split P is meant to be as exact as fp32 P; the earlier single-bf16 P added 2.5e-3,
 // to 1.49e-2). The band must matter: the banded logits differ from the dense prefill's by more
 // than that bound in some row, on every backend.
-TEST(CudaBackendPsaw, PrefillBandMatchesCpuEngine) {
-  SKIP_WITHOUT_DEVICE();
-  Models m = Load();
-  ASSERT_NE(m.gpu, nullptr);
+TEST_F(CudaBackendPsaw, PrefillBandMatchesCpuEngine) {
   const ModelConfig& c = m.weights->config;
   const int V = c.vocab_size;
   const std::vector<int32_t> prompt = Prompt(*m.gpu, 2500);
@@ -540,10 +536,7 @@ TEST(CudaBackendPsaw, PrefillBandMatchesCpuEngine) {
 // largest |gpu − cpu| of that row has the same argmax (near ties may flip), and >= 90 % overall;
 // the aliased (layer, page) count is the plan's exactly, on all three. A prefill in two chunks
 // freezes only within the first chunk (Engine::Step's condition: a step from position 0).
-TEST(CudaBackendEtf, PrefillAndDecodeMatchCpuEngine) {
-  SKIP_WITHOUT_DEVICE();
-  Models m = Load();
-  ASSERT_NE(m.gpu, nullptr);
+TEST_F(CudaBackendEtf, PrefillAndDecodeMatchCpuEngine) {
   const ModelConfig& c = m.weights->config;
   const int V = c.vocab_size, T = 2500, page = m.gpu->page_size();
   const std::vector<int32_t> prompt = Prompt(*m.gpu, T);
@@ -683,10 +676,7 @@ TEST(CudaBackendEtf, PrefillAndDecodeMatchCpuEngine) {
 // bitwise those of dense decode (token lists with all positions ascending run the dense tiles
 // in the same order), kept fraction 1, no refreshes. Also a dense and a PrHS sequence in one
 // step, and a step mixing a prefill chunk with PrHS decode (split into two forwards).
-TEST(CudaBackendPrhs, FullBudgetIsBitwiseDenseAndMixedSteps) {
-  SKIP_WITHOUT_DEVICE();
-  Models m = Load();
-  ASSERT_NE(m.gpu, nullptr);
+TEST_F(CudaBackendPrhs, FullBudgetIsBitwiseDenseAndMixedSteps) {
   CudaBackend& g = *m.gpu;
   const ModelConfig& c = m.weights->config;
   const std::vector<int32_t> prompt = Prompt(g, 700);
@@ -746,10 +736,7 @@ TEST(CudaBackendPrhs, FullBudgetIsBitwiseDenseAndMixedSteps) {
 
 // DecodeGreedyAsync with plans: the same tokens and exactly the same telemetry as synchronous
 // Steps (the selection kernels are deterministic).
-TEST(CudaBackendPrhs, AsyncTelemetryMatchesSync) {
-  SKIP_WITHOUT_DEVICE();
-  Models m = Load();
-  ASSERT_NE(m.gpu, nullptr);
+TEST_F(CudaBackendPrhs, AsyncTelemetryMatchesSync) {
   CudaModel& model = m.gpu->model();
   const ModelConfig& c = m.weights->config;
   const std::vector<int32_t> prompt = Prompt(*m.gpu, 1500);
@@ -802,10 +789,7 @@ TEST(CudaBackendPrhs, AsyncTelemetryMatchesSync) {
 }
 
 // The Scheduler (continuous batching, chunked prefill mixed with decode) on the GPU backend.
-TEST(CudaBackendPrhs, SchedulerServesPrhsAndDense) {
-  SKIP_WITHOUT_DEVICE();
-  Models m = Load();
-  ASSERT_NE(m.gpu, nullptr);
+TEST_F(CudaBackendPrhs, SchedulerServesPrhsAndDense) {
   const std::vector<int32_t> prompt = Prompt(*m.gpu, 900);
   SchedulerOptions so;
   so.prefill_chunk = 128;
@@ -861,10 +845,7 @@ TEST(CudaBackendPrhs, SchedulerServesPrhsAndDense) {
 // SampleWithUniform on the same step's logits and the same u (greedy rows, temperature with
 // top-p, top-k, both, an all_logits item, an item without a draw, and an all-greedy step that
 // takes the argmax kernel), over a prefill and 16 decode steps.
-TEST(CudaBackendSampling, DeviceDrawsMatchHostSamplingOfTheSameLogits) {
-  SKIP_WITHOUT_DEVICE();
-  Models m = Load();
-  ASSERT_NE(m.gpu, nullptr);
+TEST_F(CudaBackendSampling, DeviceDrawsMatchHostSamplingOfTheSameLogits) {
   CudaModel& model = m.gpu->model();
   const int V = model.config().vocab_size;
   const std::vector<int32_t> prompt = Prompt(*m.gpu, 300);
@@ -973,10 +954,7 @@ std::vector<std::vector<int32_t>> RunRequests(Scheduler& sched,
 // the CPU run of the same seed uses the same uniforms (Sampler::NextDraw), so the two agree
 // until bf16 vs f32 logits move a draw across a token boundary — printed, not required (seen
 // on an H100: they part at the second token).
-TEST(CudaBackendSampling, SchedulerGreedyMatchesCpuAndSeededRerunsRepeat) {
-  SKIP_WITHOUT_DEVICE();
-  Models m = Load();
-  ASSERT_NE(m.gpu, nullptr);
+TEST_F(CudaBackendSampling, SchedulerGreedyMatchesCpuAndSeededRerunsRepeat) {
   ASSERT_NE(m.cpu, nullptr);
   EXPECT_TRUE(m.gpu->samples_on_device());
   const std::vector<int32_t> prompt = Prompt(*m.gpu, 700);

@@ -32,6 +32,7 @@
 #include "worker/backends/cuda/cuda_model.h"
 #include "worker/engine.h"
 #include "worker/sampler.h"
+#include "worker/testing/gpu_test_util.h"
 
 namespace prehoc {
 namespace {
@@ -43,16 +44,6 @@ struct Tolerance {
 };
 constexpr Tolerance kTrainedTol{1.5e-2, 1.5e-2};
 constexpr Tolerance kFixtureTol{4e-2, 5e-2};
-
-bool HaveDevice() {
-  int n = 0;
-  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  cudaGetLastError();
-  return ok;
-}
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
 
 std::string ModelPath(const std::string& rel) {
   return (fs::path(PREHOC_SOURCE_DIR) / rel).string();
@@ -437,7 +428,7 @@ TEST(CudaModelTest, ErrorsLeaveSequencesUnchanged) {
 
 // Runs everywhere: without a device (CI) Create must say UNAVAILABLE, not crash or misreport.
 TEST(CudaModelTest, WithoutDeviceCreateIsUnavailable) {
-  if (HaveDevice()) GTEST_SKIP() << "a CUDA device is present";
+  if (HaveCudaDevice()) GTEST_SKIP() << "a CUDA device is present";
   CudaModelOptions o;
   o.model_dir = ModelPath("tests/fixtures/hf/llama_gqa_f32");
   auto m = CudaModel::Create(o);
