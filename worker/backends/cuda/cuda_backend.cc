@@ -44,6 +44,29 @@ bool SameHShareScalars(const SelectionPlan& a, const SelectionPlan& b) {
   return true;
 }
 
+// Batch items grouped by plan: an item joins the first group whose first plan `same` matches
+// its own, else starts a new group (groups in order of first appearance).
+class PlanGroups {
+ public:
+  explicit PlanGroups(bool (*same)(const SelectionPlan&, const SelectionPlan&)) : same_(same) {}
+
+  void Add(const SelectionPlan& plan, size_t item) {
+    size_t g = 0;
+    while (g < plans_.size() && !same_(*plans_[g], plan)) ++g;
+    if (g == plans_.size()) {
+      plans_.push_back(&plan);
+      items_.emplace_back();
+    }
+    items_[g].push_back(item);
+  }
+  std::vector<std::vector<size_t>>& items() { return items_; }
+
+ private:
+  bool (*same_)(const SelectionPlan&, const SelectionPlan&);
+  std::vector<const SelectionPlan*> plans_;
+  std::vector<std::vector<size_t>> items_;
+};
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBackendOptions& o) {
@@ -121,45 +144,30 @@ absl::Status CudaBackend::RunParts(
   // with the first HShare item's scalars, or a policy CudaModel then refuses) join the first
   // PrHS group, else part 0; HShare items whose scalars differ from the first's get one part per
   // distinct setting, last.
-  std::vector<std::vector<size_t>> parts(1);
-  std::vector<const SelectionPlan*> part_plan(1, nullptr);
-  std::vector<size_t> plain_decode;
+  std::vector<size_t> multi_token, plain_decode;
+  PlanGroups prhs(SameCisScalars), hshare(SameHShareScalars);
   const SelectionPlan* first_hshare = nullptr;
-  std::vector<std::vector<size_t>> hshare_parts;
-  std::vector<const SelectionPlan*> hshare_plan;
   for (size_t b = 0; b < items.size(); ++b) {
     const SelectionPlan* p = DecodePlan(items[b]);
     if (p != nullptr && p->policy == SelectionPolicy::kHShare) {
       if (first_hshare == nullptr) first_hshare = p;
       if (SameHShareScalars(*first_hshare, *p)) {
         plain_decode.push_back(b);
-        continue;
+      } else {
+        hshare.Add(*p, b);
       }
-      size_t g = 0;
-      while (g < hshare_parts.size() && !SameHShareScalars(*hshare_plan[g], *p)) ++g;
-      if (g == hshare_parts.size()) {
-        hshare_parts.emplace_back();
-        hshare_plan.push_back(p);
-      }
-      hshare_parts[g].push_back(b);
-      continue;
+    } else if (p != nullptr && p->policy == SelectionPolicy::kPrhs) {
+      prhs.Add(*p, b);
+    } else {
+      (items[b].tokens.size() == 1 ? plain_decode : multi_token).push_back(b);
     }
-    if (p == nullptr || p->policy != SelectionPolicy::kPrhs) {
-      (items[b].tokens.size() == 1 ? plain_decode : parts[0]).push_back(b);
-      continue;
-    }
-    size_t g = 1;
-    while (g < parts.size() && !SameCisScalars(*part_plan[g], *p)) ++g;
-    if (g == parts.size()) {
-      parts.emplace_back();
-      part_plan.push_back(p);
-    }
-    parts[g].push_back(b);
   }
-  std::vector<size_t>& host = parts.size() > 1 ? parts[1] : parts[0];
+  std::vector<size_t>& host = prhs.items().empty() ? multi_token : prhs.items()[0];
   host.insert(host.end(), plain_decode.begin(), plain_decode.end());
-  if (parts[0].empty()) parts.erase(parts.begin());
-  for (std::vector<size_t>& hp : hshare_parts) parts.push_back(std::move(hp));
+  std::vector<std::vector<size_t>> parts;
+  if (!multi_token.empty()) parts.push_back(std::move(multi_token));
+  for (std::vector<size_t>& g : prhs.items()) parts.push_back(std::move(g));
+  for (std::vector<size_t>& g : hshare.items()) parts.push_back(std::move(g));
   if (parts.size() > 1) RETURN_IF_ERROR(ValidateSplitStep(items));
 
   for (const std::vector<size_t>& part : parts) {
