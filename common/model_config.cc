@@ -23,10 +23,12 @@ namespace {
 
 using Json = nlohmann::json;
 
-
-absl::Status Invalid(std::string_view key, std::string_view what) {
+// `file` names the JSON file in the message (config.json or
+// generation_config.json).
+absl::Status Invalid(std::string_view key, std::string_view what,
+                     std::string_view file = "config.json") {
   return absl::InvalidArgumentError(
-      absl::StrCat("config.json: '", Av(key), "' ", Av(what)));
+      absl::StrCat(Av(file), ": '", Av(key), "' ", Av(what)));
 }
 
 // Typed access to the keys of one JSON object. Keys are reported as
@@ -103,7 +105,8 @@ class ObjectReader {
   }
 
   // Integer in int range.
-  static absl::StatusOr<int64_t> ToInt(const Json& v, std::string_view name) {
+  static absl::StatusOr<int64_t> ToInt(const Json& v, std::string_view name,
+                                       std::string_view file = "config.json") {
     constexpr int64_t kMin = std::numeric_limits<int>::min();
     constexpr int64_t kMax = std::numeric_limits<int>::max();
     if (v.is_number_unsigned()) {
@@ -113,9 +116,10 @@ class ObjectReader {
       int64_t i = v.get<int64_t>();
       if (i >= kMin && i <= kMax) return i;
     } else {
-      return Invalid(name, absl::StrCat("must be an integer, got ", BriefJson(v)));
+      return Invalid(
+          name, absl::StrCat("must be an integer, got ", BriefJson(v)), file);
     }
-    return Invalid(name, absl::StrCat("is out of range: ", BriefJson(v)));
+    return Invalid(name, absl::StrCat("is out of range: ", BriefJson(v)), file);
   }
 
  private:
@@ -133,13 +137,15 @@ class ObjectReader {
 // A token id: absent/null -> -1; -1 is accepted as "not declared"; otherwise
 // it must lie in [0, vocab_size) (pad ids are only required to be >= -1).
 absl::StatusOr<int> TokenId(const Json& v, std::string_view name,
-                            int vocab_size, bool check_vocab) {
-  ASSIGN_OR_RETURN(int64_t id, ObjectReader::ToInt(v, name));
+                            int vocab_size, bool check_vocab,
+                            std::string_view file = "config.json") {
+  ASSIGN_OR_RETURN(int64_t id, ObjectReader::ToInt(v, name, file));
   if (id == -1) return -1;
   if (id < 0 || (check_vocab && id >= vocab_size)) {
     return Invalid(
         name,
-        absl::StrCat("= ", id, " is outside [0, vocab_size=", vocab_size, ")"));
+        absl::StrCat("= ", id, " is outside [0, vocab_size=", vocab_size, ")"),
+        file);
   }
   return static_cast<int>(id);
 }
@@ -224,6 +230,23 @@ absl::Status ParseRope(const Json& rope, const std::string& prefix,
   s.high_freq_factor = *high;
   ASSIGN_OR_RETURN(s.original_max_position_embeddings,
                    r.RequiredPositiveInt("original_max_position_embeddings"));
+  return absl::OkStatus();
+}
+
+// Appends the ids of an `eos_token_id` value (an integer or a list of them;
+// -1 = none) to *ids, skipping ids already there. Errors name `file`.
+absl::Status AppendEosIds(const Json& v, int vocab_size, std::string_view file,
+                          std::vector<int>* ids) {
+  auto add = [&](const Json& e) -> absl::Status {
+    ASSIGN_OR_RETURN(int id,
+                     TokenId(e, "eos_token_id", vocab_size, true, file));
+    if (id >= 0 && std::find(ids->begin(), ids->end(), id) == ids->end()) {
+      ids->push_back(id);
+    }
+    return absl::OkStatus();
+  };
+  if (!v.is_array()) return add(v);
+  for (const Json& e : v) RETURN_IF_ERROR(add(e));
   return absl::OkStatus();
 }
 
@@ -392,18 +415,30 @@ absl::StatusOr<ModelConfig> Parse(const Json& root) {
                      TokenId(*v, "mask_token_id", c.vocab_size, true));
   }
   if (const Json* v = r.Find("eos_token_id")) {
-    if (v->is_array()) {
-      for (const Json& e : *v) {
-        ASSIGN_OR_RETURN(int id,
-                         TokenId(e, "eos_token_id", c.vocab_size, true));
-        if (id >= 0) c.eos_token_ids.push_back(id);
-      }
-    } else {
-      ASSIGN_OR_RETURN(int id, TokenId(*v, "eos_token_id", c.vocab_size, true));
-      if (id >= 0) c.eos_token_ids.push_back(id);
-    }
+    RETURN_IF_ERROR(
+        AppendEosIds(*v, c.vocab_size, "config.json", &c.eos_token_ids));
   }
   return c;
+}
+
+// Reads a whole file: NOT_FOUND when it does not exist, INVALID_ARGUMENT when
+// it cannot be read; messages name the path.
+absl::StatusOr<std::string> ReadConfigFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    std::error_code ec;
+    if (!std::filesystem::exists(path, ec)) {
+      return absl::NotFoundError(absl::StrCat("'", path, "' not found"));
+    }
+    return absl::InvalidArgumentError(absl::StrCat("cannot read '", path, "'"));
+  }
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("error reading '", path, "'"));
+  }
+  return ss.str();
 }
 
 }  // namespace
@@ -420,28 +455,52 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
   }
 }
 
+absl::Status MergeGenerationConfig(std::string_view json_text,
+                                   ModelConfig* config) {
+  constexpr std::string_view kFile = "generation_config.json";
+  Json root;
+  try {
+    root = Json::parse(json_text);
+  } catch (const Json::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(Av(kFile), " is not valid JSON: ", e.what()));
+  }
+  if (!root.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        Av(kFile), ": must be a JSON object, got ", BriefJson(root)));
+  }
+  const auto it = root.find("eos_token_id");
+  if (it == root.end() || it->is_null()) return absl::OkStatus();
+  std::vector<int> ids = config->eos_token_ids;
+  RETURN_IF_ERROR(AppendEosIds(*it, config->vocab_size, kFile, &ids));
+  config->eos_token_ids = std::move(ids);
+  return absl::OkStatus();
+}
+
+absl::Status LoadGenerationConfig(const std::string& model_dir,
+                                  ModelConfig* config) {
+  const std::string path =
+      (std::filesystem::path(model_dir) / "generation_config.json").string();
+  absl::StatusOr<std::string> text = ReadConfigFile(path);
+  if (absl::IsNotFound(text.status())) return absl::OkStatus();
+  RETURN_IF_ERROR(text.status());
+  absl::Status s = MergeGenerationConfig(*text, config);
+  if (!s.ok()) {
+    return absl::Status(s.code(), absl::StrCat(path, ": ", s.message()));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   const std::string path =
       (std::filesystem::path(model_dir) / "config.json").string();
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    std::error_code ec;
-    if (!std::filesystem::exists(path, ec)) {
-      return absl::NotFoundError(absl::StrCat("'", path, "' not found"));
-    }
-    return absl::InvalidArgumentError(absl::StrCat("cannot read '", path, "'"));
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("error reading '", path, "'"));
-  }
-  absl::StatusOr<ModelConfig> config = ParseModelConfig(ss.str());
+  ASSIGN_OR_RETURN(std::string text, ReadConfigFile(path));
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(text);
   if (!config.ok()) {
     return absl::Status(config.status().code(),
                         absl::StrCat(path, ": ", config.status().message()));
   }
+  RETURN_IF_ERROR(LoadGenerationConfig(model_dir, &*config));
   return config;
 }
 

@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -638,8 +640,9 @@ class LoadModelConfigTest : public ::testing::Test {
     std::error_code ec;
     std::filesystem::remove_all(dir_, ec);
   }
-  void WriteConfig(const std::string& text) {
-    std::ofstream out(dir_ + "/config.json", std::ios::binary);
+  void WriteConfig(const std::string& text) { WriteFile("config.json", text); }
+  void WriteFile(const std::string& name, const std::string& text) {
+    std::ofstream out(dir_ + "/" + name, std::ios::binary);
     out << text;
     ASSERT_TRUE(out.good());
   }
@@ -675,6 +678,109 @@ TEST_F(LoadModelConfigTest, ParseErrorNamesPath) {
   EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(c.status().message(), HasSubstr(dir_ + "/config.json"));
   EXPECT_THAT(c.status().message(), HasSubstr("'gemma'"));
+}
+
+// ---- generation_config.json ------------------------------------------------
+
+// config.json's ids, then the generation config's new ones.
+std::vector<int> MergedEos(const std::vector<int>& config_ids,
+                           const std::string& generation_config) {
+  ModelConfig c;
+  c.vocab_size = 128256;
+  c.eos_token_ids = config_ids;
+  absl::Status s = MergeGenerationConfig(generation_config, &c);
+  EXPECT_TRUE(s.ok()) << s;
+  return c.eos_token_ids;
+}
+
+TEST(GenerationConfigTest, MergesIntAndList) {
+  EXPECT_THAT(MergedEos({128001}, R"({"eos_token_id": 128009})"),
+              ElementsAre(128001, 128009));
+  // Llama-3-Instruct: the list repeats config.json's id.
+  EXPECT_THAT(MergedEos({128001}, R"({"eos_token_id": [128001, 128009]})"),
+              ElementsAre(128001, 128009));
+  EXPECT_THAT(MergedEos({}, R"({"eos_token_id": [7, 5, 7, -1]})"),
+              ElementsAre(7, 5));
+  EXPECT_THAT(MergedEos({5, 7}, R"({"eos_token_id": [7, 5]})"),
+              ElementsAre(5, 7));
+}
+
+TEST(GenerationConfigTest, NoIdsLeavesConfigIds) {
+  EXPECT_THAT(MergedEos({2}, R"({"bos_token_id": 1, "pad_token_id": 3})"),
+              ElementsAre(2));
+  EXPECT_THAT(MergedEos({2}, R"({"eos_token_id": null})"), ElementsAre(2));
+  EXPECT_THAT(MergedEos({2}, R"({"eos_token_id": -1})"), ElementsAre(2));
+  EXPECT_THAT(MergedEos({2}, R"({"eos_token_id": []})"), ElementsAre(2));
+}
+
+TEST(GenerationConfigTest, BadIdsNameFileAndKeyAndChangeNothing) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"({"eos_token_id": [5, 128256]})", "outside [0, vocab_size=128256)"},
+      {R"({"eos_token_id": -2})", "outside"},
+      {R"({"eos_token_id": "2"})", "must be an integer"},
+      {R"({"eos_token_id": [5, 1.5]})", "must be an integer"},
+      {R"({"eos_token_id": 99999999999})", "out of range"},
+  };
+  for (const auto& [text, what] : cases) {
+    ModelConfig c;
+    c.vocab_size = 128256;
+    c.eos_token_ids = {2};
+    absl::Status s = MergeGenerationConfig(text, &c);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << text;
+    EXPECT_THAT(s.message(),
+                HasSubstr("generation_config.json: 'eos_token_id'"))
+        << text;
+    EXPECT_THAT(s.message(), HasSubstr(what)) << text;
+    EXPECT_THAT(c.eos_token_ids, ElementsAre(2)) << text;
+  }
+}
+
+TEST(GenerationConfigTest, MalformedFileIsInvalid) {
+  for (const char* text : {"", "{\"eos_token_id\": ", "[128009]"}) {
+    ModelConfig c;
+    c.vocab_size = 128256;
+    absl::Status s = MergeGenerationConfig(text, &c);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << text;
+    EXPECT_THAT(s.message(), HasSubstr("generation_config.json")) << text;
+  }
+}
+
+TEST_F(LoadModelConfigTest, MergesGenerationConfigEos) {
+  WriteConfig(kLlama32V4);  // eos_token_id 128001
+  absl::StatusOr<ModelConfig> c = LoadModelConfig(dir_);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->eos_token_ids,
+              ElementsAre(128001));  // no generation_config.json
+
+  WriteFile("generation_config.json",
+            R"({"bos_token_id": 128000, "do_sample": true,
+                "eos_token_id": [128001, 128008, 128009], "temperature": 0.6})");
+  c = LoadModelConfig(dir_);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->eos_token_ids, ElementsAre(128001, 128008, 128009));
+  EXPECT_EQ(c->bos_token_id, 128000);
+
+  WriteFile("generation_config.json", R"({"eos_token_id": 128009})");
+  c = LoadModelConfig(dir_);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_THAT(c->eos_token_ids, ElementsAre(128001, 128009));
+}
+
+TEST_F(LoadModelConfigTest, BadGenerationConfigFailsNamingPath) {
+  WriteConfig(kLlama32V4);
+  WriteFile("generation_config.json", R"({"eos_token_id": [128001, 128256]})");
+  absl::StatusOr<ModelConfig> c = LoadModelConfig(dir_);
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(c.status().message(),
+              HasSubstr(dir_ + "/generation_config.json"));
+  EXPECT_THAT(c.status().message(), HasSubstr("'eos_token_id' = 128256"));
+
+  WriteFile("generation_config.json", "{garbled");
+  c = LoadModelConfig(dir_);
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(c.status().message(),
+              HasSubstr(dir_ + "/generation_config.json"));
+  EXPECT_THAT(c.status().message(), HasSubstr("not valid JSON"));
 }
 
 }  // namespace

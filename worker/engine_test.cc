@@ -1,6 +1,12 @@
 #include "worker/engine.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -224,6 +230,54 @@ TEST(GeneratorTest, SeededSamplingIsReproducible) {
   auto a = GenerateBatch(*e, {r}), b = GenerateBatch(*e, {r});
   ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
   EXPECT_EQ((*a)[0].tokens, (*b)[0].tokens);
+}
+
+// generation_config.json's end-of-text ids are merged into config.json's (LoadModelConfig) and
+// generation stops on any of them, the second included (Llama-3-Instruct's <|eot_id|>).
+TEST(GeneratorTest, StopsOnASecondEndOfTextIdFromGenerationConfig) {
+  auto e = Make();
+  GenerateRequest r{{256, 3, 1, 4, 1, 5}, 12};
+  r.stop_at_eos = false;
+  auto free_run = GenerateBatch(*e, {r});
+  ASSERT_TRUE(free_run.ok()) << free_run.status();
+  const std::vector<int32_t> t = (*free_run)[0].tokens;
+  // The first token from index 2 on that is new and comes before any 257 (config.json's id).
+  int k = -1;
+  for (int i = 2; i < static_cast<int>(t.size()) && t[i] != 257; ++i) {
+    if (std::find(t.begin(), t.begin() + i, t[i]) == t.begin() + i) {
+      k = i;
+      break;
+    }
+  }
+  ASSERT_GE(k, 0) << "greedy tokens give no usable stop id";
+
+  const fs::path dir = fs::temp_directory_path() / ("engine_eos_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::copy(FixtureDir("llama_gqa_f32"), dir, fs::copy_options::recursive);
+  {
+    std::ofstream out(dir / "generation_config.json", std::ios::binary | std::ios::trunc);
+    out << R"({"bos_token_id": 256, "eos_token_id": [257, )" << t[k] << "]}";
+    ASSERT_TRUE(out.good());
+  }
+  EngineOptions o;
+  o.model_dir = dir.string();
+  o.num_threads = 2;
+  o.kv_cache_bytes = 16 << 20;
+  auto e2 = Engine::Create(o);
+  ASSERT_TRUE(e2.ok()) << e2.status();
+  EXPECT_EQ((*e2)->config().eos_token_ids, (std::vector<int>{257, t[k]}));
+  r.stop_at_eos = true;
+  auto stopped = GenerateBatch(**e2, {r});
+  ASSERT_TRUE(stopped.ok()) << stopped.status();
+  EXPECT_EQ((*stopped)[0].finish_reason, "eos");
+  EXPECT_EQ((*stopped)[0].tokens, std::vector<int32_t>(t.begin(), t.begin() + k + 1));
+  // The fixture itself (both files declare 257 only) does not stop there.
+  auto unchanged = GenerateBatch(*e, {r});
+  ASSERT_TRUE(unchanged.ok()) << unchanged.status();
+  auto end = std::find(t.begin(), t.end(), 257);
+  if (end != t.end()) ++end;  // the end-of-text token is included
+  EXPECT_EQ((*unchanged)[0].tokens, std::vector<int32_t>(t.begin(), end));
+  fs::remove_all(dir);
 }
 
 }  // namespace

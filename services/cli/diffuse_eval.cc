@@ -244,7 +244,7 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
     return 1;
   }
   const dlm::DlmBackend& backend = **backend_or;
-  const int bos = model.tokenizer()->bos_id(), eos = model.eos_id();
+  const int bos = model.tokenizer()->bos_id();
   std::unique_ptr<Engine> ar;
   if (!ar_dir.empty()) {
     EngineOptions eo;
@@ -459,7 +459,6 @@ int RunDiffuseEval(const std::vector<std::string>& args, std::ostream& out, std:
     }
     LOG(INFO) << "generation row " << row << " done";
   }
-  (void)eos;
 
   // ---- Report.
   const Acc* base = vanilla >= 0 ? &acc[vanilla] : nullptr;

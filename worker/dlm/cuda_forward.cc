@@ -945,12 +945,12 @@ absl::Status CudaDlmModel::Impl::Forward(std::span<const DlmBatchItem> items,
 }
 
 CudaDlmModel::CudaDlmModel(std::unique_ptr<Impl> impl, const ModelConfig& config, int mask_id,
-                           int eos_id, int proxy_rank, std::string device_name,
+                           std::vector<int> eos_ids, int proxy_rank, std::string device_name,
                            int64_t weight_bytes)
     : impl_(std::move(impl)),
       config_(config),
       mask_id_(mask_id),
-      eos_id_(eos_id),
+      eos_ids_(std::move(eos_ids)),
       proxy_rank_(proxy_rank),
       device_name_(std::move(device_name)),
       weight_bytes_(weight_bytes) {}
@@ -959,7 +959,7 @@ CudaDlmModel::~CudaDlmModel() = default;
 
 const ModelConfig& CudaDlmModel::config() const { return config_; }
 int CudaDlmModel::mask_id() const { return mask_id_; }
-int CudaDlmModel::eos_id() const { return eos_id_; }
+std::span<const int> CudaDlmModel::eos_ids() const { return eos_ids_; }
 int CudaDlmModel::proxy_rank() const { return proxy_rank_; }
 std::string CudaDlmModel::backend_name() const { return absl::StrCat("cuda (", device_name_, ")"); }
 std::string CudaDlmModel::device_name() const { return device_name_; }
@@ -1106,18 +1106,15 @@ absl::StatusOr<std::unique_ptr<CudaDlmModel>> CudaDlmModel::Create(const CudaDlm
   DLM_CUDA(cudaGetDeviceProperties(&prop, o.device));
   std::string name = absl::StrCat(prop.name, " (sm_", prop.major, prop.minor, ", ",
                                   prop.multiProcessorCount, " SMs)");
-  int eos = -1;
-  if (o.model != nullptr) {
-    eos = o.model->eos_id();
-  } else if (!c.eos_token_ids.empty()) {
-    eos = c.eos_token_ids[0];
-  }
+  // End-of-text ids: the CPU model's (its tokenizer's as fallback), else the random config's.
+  std::vector<int> eos = c.eos_token_ids;
+  if (o.model != nullptr) eos.assign(o.model->eos_ids().begin(), o.model->eos_ids().end());
   const int R = m.R;
   const int64_t wb = m.weight_bytes;
   LOG(INFO) << "cuda dlm model ready: " << name << " layers=" << c.num_hidden_layers
             << " hidden=" << D << " proxy_rank=" << R << " weight_bytes=" << wb;
   return std::unique_ptr<CudaDlmModel>(
-      new CudaDlmModel(std::move(impl), c, mask, eos, R, std::move(name), wb));
+      new CudaDlmModel(std::move(impl), c, mask, std::move(eos), R, std::move(name), wb));
 }
 
 absl::StatusOr<std::unique_ptr<DlmCache>> CudaDlmModel::NewCache(int rows) const {

@@ -133,7 +133,7 @@ class CudaDlmModel : public DlmBackend {
 
   const ModelConfig& config() const override;
   int mask_id() const override;
-  int eos_id() const override;
+  std::span<const int> eos_ids() const override;
   int proxy_rank() const override;
   std::string backend_name() const override;
   // A cache for `rows` canvas rows in device memory. INVALID_ARGUMENT for rows <= 0;
@@ -158,13 +158,16 @@ class CudaDlmModel : public DlmBackend {
   struct Impl;
 
  private:
-  CudaDlmModel(std::unique_ptr<Impl> impl, const ModelConfig& config, int mask_id, int eos_id,
-               int proxy_rank, std::string device_name, int64_t weight_bytes);
+  CudaDlmModel(std::unique_ptr<Impl> impl, const ModelConfig& config, int mask_id,
+               std::vector<int> eos_ids, int proxy_rank, std::string device_name,
+               int64_t weight_bytes);
 
   mutable absl::Mutex mu_;
   std::unique_ptr<Impl> impl_ ABSL_PT_GUARDED_BY(mu_);
   const ModelConfig config_;
-  const int mask_id_, eos_id_, proxy_rank_;
+  const int mask_id_;
+  const std::vector<int> eos_ids_;
+  const int proxy_rank_;
   const std::string device_name_;
   const int64_t weight_bytes_;
 };

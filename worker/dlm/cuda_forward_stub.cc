@@ -14,7 +14,7 @@ absl::StatusOr<std::unique_ptr<CudaDlmModel>> CudaDlmModel::Create(const CudaDlm
 CudaDlmModel::~CudaDlmModel() = default;
 const ModelConfig& CudaDlmModel::config() const { return config_; }
 int CudaDlmModel::mask_id() const { return mask_id_; }
-int CudaDlmModel::eos_id() const { return eos_id_; }
+std::span<const int> CudaDlmModel::eos_ids() const { return eos_ids_; }
 int CudaDlmModel::proxy_rank() const { return proxy_rank_; }
 std::string CudaDlmModel::backend_name() const { return "cuda (unavailable)"; }
 std::string CudaDlmModel::device_name() const { return device_name_; }

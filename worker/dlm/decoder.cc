@@ -159,8 +159,8 @@ absl::Status DlmRequestRun::Init() {
                                           " = ", N, " exceeds the model's context ",
                                           c.max_position_embeddings));
   }
-  eos_ = model_.eos_id();
-  if (opt_.stop_at_eos && eos_ < 0) {
+  eos_ids_.assign(model_.eos_ids().begin(), model_.eos_ids().end());
+  if (opt_.stop_at_eos && eos_ids_.empty()) {
     return Bad("stop_at_eos", "the model declares no end-of-text id");
   }
   spa_ = schedule_.policy == DlmCachePolicy::kSpa ||
@@ -214,7 +214,7 @@ bool DlmRequestRun::Prepare() {
       stats().blocks++;
       if (opt_.stop_at_eos) {
         for (int r = P_; r < be; ++r) {
-          if (canvas_[r] == eos_) stopped_ = true;
+          if (IsEos(eos_ids_, canvas_[r])) stopped_ = true;
         }
       }
       ++b_;
@@ -332,10 +332,10 @@ DiffuseResult DlmRequestRun::Finish(double seconds, const ForwardStats& times) {
   st.forward.AddTimes(times);
   result_.response.assign(canvas_.begin() + P_, canvas_.begin() + P_ + L_);
   result_.output = result_.response;
-  if (eos_ >= 0) {
-    auto it = std::find(result_.output.begin(), result_.output.end(), eos_);
-    result_.output.erase(it, result_.output.end());
-  }
+  // The output ends before the first end-of-text, whichever of the ids it is.
+  auto it = std::find_if(result_.output.begin(), result_.output.end(),
+                         [&](int32_t t) { return IsEos(eos_ids_, t); });
+  result_.output.erase(it, result_.output.end());
   // Never-decoded rows (after an EOS stop) are not output.
   auto mit = std::find(result_.output.begin(), result_.output.end(), mask_);
   result_.output.erase(mit, result_.output.end());

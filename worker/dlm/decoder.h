@@ -13,8 +13,9 @@
 //   re-masked. With parallel_threshold τ > 0 instead: commit every masked row of the block whose
 //   confidence is >= τ, and always at least the most confident one; the block then takes as many
 //   steps as it needs (steps only has to be valid).
-//   After a block completes, with stop_at_eos, decoding stops if the response so far contains the
-//   end-of-text id; the response rows never decoded stay MASK.
+//   After a block completes, with stop_at_eos, decoding stops if the response so far contains
+//   any of the model's end-of-text ids (DlmBackend::eos_ids: config.json's eos_token_id, then
+//   generation_config.json's); the response rows never decoded stay MASK.
 // Which rows a step computes is decided by the DlmSchedule (cachemgr/dlm_schedule.h) and realised
 // with DlmModel::Forward: full steps carry every row; prefix steps the rows from the block start
 // to the end; dual steps the block's rows; dllm/spa partial steps the response rows with row
@@ -99,7 +100,7 @@ struct DlmRunStats {
 
 struct DiffuseResult {
   std::vector<int32_t> response;  // gen_length ids; MASK where never decoded (EOS stop)
-  std::vector<int32_t> output;    // response up to (excluding) the first EOS
+  std::vector<int32_t> output;    // response up to (excluding) the first end-of-text (any id)
   std::string finish_reason;      // "length" or "eos"
   DlmSchedule schedule;
   DlmRunStats stats;
@@ -196,7 +197,8 @@ class DlmRequestRun {
   const DlmSchedule& schedule_;
   const DlmStepObserver observer_;
   std::mt19937_64 rng_;
-  int V_ = 0, NL_ = 0, mask_ = 0, P_ = 0, L_ = 0, S_ = 0, eos_ = -1;
+  int V_ = 0, NL_ = 0, mask_ = 0, P_ = 0, L_ = 0, S_ = 0;
+  std::vector<int> eos_ids_;  // the model's end-of-text ids
   int bl_ = 0, nb_ = 0, spb_ = 0;
   bool spa_ = false, random_remask_ = false;
   double tau_ = 0;

@@ -421,25 +421,71 @@ TEST(DlmDecoderTest, ParallelThreshold) {
 }
 
 TEST(DlmDecoderTest, StopsAfterEndOfText) {
-  // Zero final norm → all logits 0 → argmax is id 0; declare id 0 the end-of-text token.
-  auto w = TinyWeights(10);
-  w->config.eos_token_ids = {0};
-  std::fill(w->final_norm.begin(), w->final_norm.end(), 0.0f);
+  // Zero final norm → all logits 0 → argmax is id 0; declare id 0 the end-of-text token, alone
+  // or as the second id (every declared id stops the decode and ends the output, not only the
+  // first: e.g. LLaDA's <|eot_id|> beside <|endoftext|>).
+  for (const std::vector<int>& ids : {std::vector<int>{0}, std::vector<int>{kEos, 0}}) {
+    auto w = TinyWeights(10);
+    w->config.eos_token_ids = ids;
+    std::fill(w->final_norm.begin(), w->final_norm.end(), 0.0f);
+    auto m = TinyModel(w);
+    ASSERT_NE(m, nullptr);
+    ASSERT_EQ(std::vector<int>(m->eos_ids().begin(), m->eos_ids().end()), ids);
+    DiffuseRequest r = Request(Prompt(6, 1), 12, 4, 12);
+    r.options.stop_at_eos = true;
+    DiffuseResult res = Decode(*m, r);
+    EXPECT_EQ(res.finish_reason, "eos") << ids.size();
+    EXPECT_EQ(res.stats.blocks, 1);
+    EXPECT_EQ(res.stats.steps, 4);
+    EXPECT_TRUE(res.output.empty());
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(res.response[i], 0);
+    for (int i = 4; i < 12; ++i) EXPECT_EQ(res.response[i], kMask);  // never decoded
+    r.options.stop_at_eos = false;
+    DiffuseResult all = Decode(*m, r);
+    EXPECT_EQ(all.finish_reason, "length");
+    EXPECT_EQ(all.stats.blocks, 3);
+    EXPECT_EQ(all.stats.decoded_tokens, 12);
+    EXPECT_TRUE(all.output.empty()) << ids.size();  // cut at the first end-of-text
+  }
+}
+
+// The second declared end-of-text id forced into block 1 (EosInBlockBackend, eos_index 1) stops
+// the decode after that block with the output of block 0, as the first id does.
+TEST(DlmDecoderTest, StopsOnTheSecondEndOfTextId) {
+  auto w = TinyWeights(6);
+  constexpr int kEos2 = 36;
+  w->config.eos_token_ids = {kEos, kEos2};
   auto m = TinyModel(w);
-  DiffuseRequest r = Request(Prompt(6, 1), 12, 4, 12);
-  r.options.stop_at_eos = true;
-  DiffuseResult res = Decode(*m, r);
-  EXPECT_EQ(res.finish_reason, "eos");
-  EXPECT_EQ(res.stats.blocks, 1);
-  EXPECT_EQ(res.stats.steps, 4);
-  EXPECT_TRUE(res.output.empty());
-  for (int i = 0; i < 4; ++i) EXPECT_EQ(res.response[i], 0);
-  for (int i = 4; i < 12; ++i) EXPECT_EQ(res.response[i], kMask);  // never decoded
-  r.options.stop_at_eos = false;
-  DiffuseResult all = Decode(*m, r);
-  EXPECT_EQ(all.finish_reason, "length");
-  EXPECT_EQ(all.stats.blocks, 3);
-  EXPECT_EQ(all.stats.decoded_tokens, 12);
+  ASSERT_NE(m, nullptr);
+  const int P = 7, gen = 16, block = 4, steps = 16;
+  DiffuseRequest r = Request(Prompt(P, 2), gen, block, steps);
+  const DiffuseResult full = Decode(*m, r);
+  // Precondition: neither id in block 0 of the plain decode.
+  for (int i = 0; i < block; ++i) {
+    ASSERT_NE(full.response[i], kEos);
+    ASSERT_NE(full.response[i], kEos2);
+  }
+  for (int index : {0, 1}) {
+    const int id = index == 0 ? kEos : kEos2;
+    EosInBlockBackend eos(*m, P + block, P + 2 * block, index);
+    DiffuseRequest rs = r;
+    rs.options.stop_at_eos = true;
+    auto got = Diffuse(eos, rs);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->finish_reason, "eos") << id;
+    EXPECT_EQ(got->stats.blocks, 2) << id;
+    EXPECT_EQ(got->stats.steps, 2 * steps / (gen / block)) << id;
+    for (int i = 0; i < gen; ++i) {
+      const int want = i < block ? full.response[i] : i < 2 * block ? id : kMask;
+      EXPECT_EQ(got->response[i], want) << id << " row " << i;
+    }
+    std::vector<int32_t> want_out(full.response.begin(), full.response.begin() + block);
+    want_out.erase(std::find(want_out.begin(), want_out.end(), kMask), want_out.end());
+    EXPECT_EQ(got->output, want_out) << id;
+  }
+  // An index the model does not declare is refused by the wrapper.
+  EosInBlockBackend bad(*m, P, P + block, 2);
+  EXPECT_EQ(Diffuse(bad, r).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 // The benchmarks' synthetic answer length (eos_in_block_backend.h): end-of-text forced into

@@ -11,6 +11,7 @@
 #ifndef PREHOC_WORKER_DLM_DLM_BACKEND_H_
 #define PREHOC_WORKER_DLM_DLM_BACKEND_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -103,8 +104,9 @@ class DlmBackend {
   virtual ~DlmBackend() = default;
   virtual const ModelConfig& config() const = 0;
   virtual int mask_id() const = 0;
-  // First declared end-of-text id, or −1.
-  virtual int eos_id() const = 0;
+  // The declared end-of-text ids, in order; any of them ends a response (decoder.h,
+  // stop_at_eos). Empty when the model declares none.
+  virtual std::span<const int> eos_ids() const = 0;
   // Rank of the singular proxies (0: none; the spa policies are then refused).
   virtual int proxy_rank() const = 0;
   // "cpu" or "cuda (<device>)".
@@ -118,6 +120,11 @@ class DlmBackend {
   virtual absl::Status ForwardBatch(std::span<const DlmBatchItem> items,
                                     ForwardStats* batch_stats) const = 0;
 };
+
+// Whether `token` is one of `eos_ids` (DlmBackend::eos_ids()).
+inline bool IsEos(std::span<const int> eos_ids, int32_t token) {
+  return std::find(eos_ids.begin(), eos_ids.end(), token) != eos_ids.end();
+}
 
 // The checks every backend applies to one step (see DlmModel::Forward for the errors). On success
 // *logit_local (may be null) holds, per logit row, its index within spec.live.

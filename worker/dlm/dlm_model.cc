@@ -160,6 +160,10 @@ absl::StatusOr<std::unique_ptr<DlmModel>> DlmModel::Create(const DlmModelOptions
   if (!options.model_dir.empty() && options.weights == nullptr) {
     ASSIGN_OR_RETURN(m->tokenizer_, Tokenizer::LoadFromModelDir(options.model_dir, c.vocab_size));
   }
+  m->eos_ids_ = c.eos_token_ids;
+  if (m->eos_ids_.empty() && m->tokenizer_ != nullptr && m->tokenizer_->eos_id() >= 0) {
+    m->eos_ids_ = {m->tokenizer_->eos_id()};
+  }
   m->pool_ = std::make_unique<ThreadPool>(options.num_threads);
   m->inv_freq_ = RopeInvFrequencies(c);
 
@@ -222,13 +226,6 @@ absl::Status DlmModel::ForwardBatch(std::span<const DlmBatchItem> items,
     }
   }
   return absl::OkStatus();
-}
-
-int DlmModel::eos_id() const {
-  const ModelConfig& c = config();
-  if (!c.eos_token_ids.empty()) return c.eos_token_ids[0];
-  if (tokenizer_ != nullptr) return tokenizer_->eos_id();
-  return -1;
 }
 
 absl::Status DlmModel::Forward(DlmState* state, std::span<const int32_t> canvas,

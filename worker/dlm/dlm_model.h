@@ -103,8 +103,9 @@ class DlmModel : public DlmBackend {
   const ModelWeights& weights() const { return *weights_; }
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }  // null when none declared
   int mask_id() const override { return mask_id_; }
-  // First declared end-of-text id, or −1.
-  int eos_id() const override;
+  // The config's eos_token_ids (config.json, then generation_config.json); when it has none,
+  // the tokenizer's end-of-text id; else empty.
+  std::span<const int> eos_ids() const override { return eos_ids_; }
   int proxy_rank() const override { return proxy_rank_; }
   std::string backend_name() const override { return "cpu"; }
   const SingularProxy& proxy(int layer) const { return proxies_[layer]; }
@@ -133,6 +134,7 @@ class DlmModel : public DlmBackend {
   std::unique_ptr<ThreadPool> pool_;
   std::vector<float> inv_freq_;
   int mask_id_ = -1;
+  std::vector<int> eos_ids_;
   int proxy_rank_ = 0;
   std::vector<SingularProxy> proxies_;
   double proxy_seconds_ = 0;

@@ -154,7 +154,7 @@ absl::StatusOr<std::string> DlmRunner::Diffuse(DiffusionRequest request,
                                           " = ", canvas, " tokens exceeds the model's context of ",
                                           c.max_position_embeddings));
   }
-  if (o.stop_at_eos && model_->eos_id() < 0) {
+  if (o.stop_at_eos && model_->eos_ids().empty()) {
     return Bad("stop_at_eos", "the model declares no end-of-text id");
   }
   ASSIGN_OR_RETURN(job->schedule, ResolveDlmSchedule(request, c.num_hidden_layers, options_.drift));
@@ -253,7 +253,8 @@ struct DlmRunner::Running {
   std::string served_by;
   std::chrono::steady_clock::time_point start;  // decoding began (after Init)
   dlm::ForwardStats times;                      // phase times of the forwards it took part in
-  int bl = 0, nb = 0, eos = -1;
+  int bl = 0, nb = 0;
+  std::vector<int> eos_ids;  // the model's end-of-text ids
   std::vector<int32_t> response;
   std::vector<int> remaining;  // masks left per block
   int next_block = 0;          // first block not streamed yet
@@ -321,7 +322,7 @@ std::unique_ptr<DlmRunner::Running> DlmRunner::Start(const std::shared_ptr<Job>&
   const dlm::DiffuseOptions& o = job->request.options;
   r->bl = o.effective_block_length();
   r->nb = o.gen_length / r->bl;
-  r->eos = model_->eos_id();
+  r->eos_ids.assign(model_->eos_ids().begin(), model_->eos_ids().end());
   r->response.assign(o.gen_length, -1);
   r->remaining.assign(r->nb, r->bl);
   Running* raw = r.get();
@@ -432,7 +433,7 @@ void DlmRunner::OnStep(Running* r, const dlm::DlmStepInfo& info) {
     ev.block_start = b * bl;
     ev.step = info.step + 1;
     for (int row = b * bl; row < (b + 1) * bl && !r->eos_seen; ++row) {
-      if (r->eos >= 0 && r->response[row] == r->eos) {
+      if (dlm::IsEos(r->eos_ids, r->response[row])) {
         r->eos_seen = true;
       } else {
         ev.tokens.push_back(r->response[row]);

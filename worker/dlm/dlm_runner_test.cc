@@ -1,11 +1,14 @@
 #include "worker/dlm/dlm_runner.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "worker/dlm/dlm_test_util.h"
+#include "worker/dlm/eos_in_block_backend.h"
+#include "worker/model_weights.h"
 #include "worker/testing/faulty_dlm_backend.h"
 
 namespace prehoc {
@@ -424,6 +427,61 @@ TEST(DlmRunnerTest, AutoregressiveModelHasNoRunner) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(*r, nullptr);
   EXPECT_EQ(w, nullptr);
+}
+
+// A second declared end-of-text id (e.g. <|eot_id|> after <|endoftext|>) ends the stream like the
+// first: the request finishes "eos" after the block holding it, that block streams nothing, and
+// the streamed tokens are the decoder's output.
+TEST(DlmRunnerTest, SecondEndOfTextIdEndsTheStream) {
+  auto w = ModelWeights::Load(ShippedDir());
+  ASSERT_TRUE(w.ok()) << w.status();
+  (*w)->config.eos_token_ids = {257, 258};
+  dlm::DlmModelOptions mo;
+  mo.weights = std::shared_ptr<const ModelWeights>(std::move(*w));
+  mo.num_threads = 2;
+  auto m = dlm::DlmModel::Create(mo);
+  ASSERT_TRUE(m.ok()) << m.status();
+  std::shared_ptr<const dlm::DlmModel> model = std::move(*m);
+  const std::vector<int32_t> prompt = dlm_test::PrintableTokens(9, 3);
+  const int P = static_cast<int>(prompt.size());
+  // 258 (the second id) answers every row of block 1 of 3.
+  std::shared_ptr<const dlm::DlmBackend> backend(
+      new dlm::EosInBlockBackend(*model, P + 4, P + 8, /*eos_index=*/1),
+      [model](const dlm::DlmBackend* b) { delete b; });
+  DlmRunnerOptions o;
+  o.model_name = "dlm";
+  auto runner = DlmRunner::Create(backend, /*tokenizer=*/nullptr, o);
+  ASSERT_TRUE(runner.ok()) << runner.status();
+
+  DiffusionRequest req;
+  req.token_ids = prompt;
+  req.options.gen_length = 12;
+  req.options.block_length = 4;
+  req.options.steps = 12;
+  req.options.stop_at_eos = true;
+  dlm::DiffuseRequest direct;
+  direct.prompt = prompt;
+  direct.options = req.options;
+  auto want = dlm::Diffuse(*backend, direct);
+  ASSERT_TRUE(want.ok()) << want.status();
+  EXPECT_EQ(want->finish_reason, "eos");
+  EXPECT_EQ(want->stats.blocks, 2);
+  for (int i = 4; i < 8; ++i) EXPECT_EQ(want->response[i], 258);
+  ASSERT_EQ(std::count(want->response.begin(), want->response.begin() + 4, 257), 0);
+  ASSERT_EQ(std::count(want->response.begin(), want->response.begin() + 4, 258), 0);
+  EXPECT_EQ(want->output, std::vector<int32_t>(want->response.begin(), want->response.begin() + 4));
+
+  Collector c;
+  ASSERT_TRUE((*runner)->Diffuse(req, c.Callback()).ok());
+  std::vector<DiffusionEvent> ev = c.Wait();
+  std::vector<int32_t> got;
+  for (const DiffusionEvent& e : ev) got.insert(got.end(), e.tokens.begin(), e.tokens.end());
+  EXPECT_EQ(got, want->output);
+  const DiffusionEvent& last = ev.back();
+  ASSERT_TRUE(last.finished) << last.status;
+  EXPECT_EQ(last.finish_reason, "eos");
+  EXPECT_EQ(last.completion_tokens, 4);
+  EXPECT_EQ(last.stats.steps, 8);
 }
 
 }  // namespace

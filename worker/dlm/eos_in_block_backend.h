@@ -16,21 +16,23 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "worker/dlm/dlm_backend.h"
 
 namespace prehoc::dlm {
 
 class EosInBlockBackend final : public DlmBackend {
  public:
-  // Logit rows at canvas positions in [row_begin, row_end) answer eos_id() with probability 1
-  // (top-1 items), or get eos_id()'s logit raised 1000 above the row's maximum (logit items).
+  // Logit rows at canvas positions in [row_begin, row_end) answer end-of-text with probability
+  // 1 (top-1 items), or get its logit raised 1000 above the row's maximum (logit items). The id
+  // written is eos_ids()[eos_index] (default the first).
   // REQUIRES: `inner` outlives this.
-  EosInBlockBackend(const DlmBackend& inner, int row_begin, int row_end)
-      : inner_(inner), row_begin_(row_begin), row_end_(row_end) {}
+  EosInBlockBackend(const DlmBackend& inner, int row_begin, int row_end, int eos_index = 0)
+      : inner_(inner), row_begin_(row_begin), row_end_(row_end), eos_index_(eos_index) {}
 
   const ModelConfig& config() const override { return inner_.config(); }
   int mask_id() const override { return inner_.mask_id(); }
-  int eos_id() const override { return inner_.eos_id(); }
+  std::span<const int> eos_ids() const override { return inner_.eos_ids(); }
   int proxy_rank() const override { return inner_.proxy_rank(); }
   std::string backend_name() const override { return inner_.backend_name(); }
   absl::StatusOr<std::unique_ptr<DlmCache>> NewCache(int rows) const override {
@@ -38,11 +40,15 @@ class EosInBlockBackend final : public DlmBackend {
   }
 
   // The wrapped backend's step, then the rewrite above. FAILED_PRECONDITION when the model
-  // declares no end-of-text id; otherwise the wrapped backend's errors.
+  // declares no end-of-text id at eos_index; otherwise the wrapped backend's errors.
   absl::Status ForwardBatch(std::span<const DlmBatchItem> items,
                             ForwardStats* batch_stats) const override {
-    const int eos = inner_.eos_id();
-    if (eos < 0) return absl::FailedPreconditionError("the model declares no end-of-text id");
+    const std::span<const int> ids = inner_.eos_ids();
+    if (eos_index_ < 0 || eos_index_ >= static_cast<int>(ids.size())) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the model declares ", ids.size(), " end-of-text ids, none at index ", eos_index_));
+    }
+    const int eos = ids[eos_index_];
     absl::Status s = inner_.ForwardBatch(items, batch_stats);
     if (!s.ok()) return s;
     const size_t vocab = static_cast<size_t>(inner_.config().vocab_size);
@@ -64,7 +70,7 @@ class EosInBlockBackend final : public DlmBackend {
 
  private:
   const DlmBackend& inner_;
-  const int row_begin_, row_end_;
+  const int row_begin_, row_end_, eos_index_;
 };
 
 }  // namespace prehoc::dlm

@@ -169,6 +169,7 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadLladaWeights(const std::string
   ASSIGN_OR_RETURN(std::string text, ReadFile((std::filesystem::path(model_dir) / "config.json").string()));
   auto w = std::make_unique<ModelWeights>();
   ASSIGN_OR_RETURN(w->config, ParseLladaConfig(text));
+  RETURN_IF_ERROR(LoadGenerationConfig(model_dir, &w->config));
   ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(model_dir));
   const ModelConfig& c = w->config;
   const int64_t D = c.hidden_size, V = c.vocab_size, F = c.intermediate_size;

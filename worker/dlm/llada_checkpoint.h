@@ -44,8 +44,11 @@ absl::StatusOr<ModelConfig> ParseLladaConfig(std::string_view json_text);
 // Whether `<model_dir>/config.json` is a LLaDA config. NOT_FOUND when the file is missing.
 absl::StatusOr<bool> IsLladaCheckpoint(const std::string& model_dir);
 
-// Loads config and weights (float32). Errors: config errors as above; those of Checkpoint::Open
-// and ReadFloat32 (naming the tensor, expected and actual shape).
+// Loads config and weights (float32). The end-of-text ids are config.json's eos_token_id, then
+// those of `<model_dir>/generation_config.json` when present (LoadGenerationConfig,
+// common/model_config.h). Errors: config errors as above; those of LoadGenerationConfig (naming
+// the file); those of Checkpoint::Open and ReadFloat32 (naming the tensor, expected and actual
+// shape).
 absl::StatusOr<std::unique_ptr<ModelWeights>> LoadLladaWeights(const std::string& model_dir);
 
 }  // namespace prehoc::dlm

@@ -1,9 +1,13 @@
 #include "worker/dlm/llada_checkpoint.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <numeric>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -117,7 +121,8 @@ TEST(LladaCheckpointTest, MatchesTheReferenceForwardAndDecode) {
   const ModelConfig& c = (*m)->config();
   EXPECT_EQ(c.model_type, "llada");
   EXPECT_EQ((*m)->mask_id(), 53);
-  EXPECT_EQ((*m)->eos_id(), 51);
+  EXPECT_EQ(std::vector<int>((*m)->eos_ids().begin(), (*m)->eos_ids().end()),
+            std::vector<int>{51});
   EXPECT_EQ(c.num_key_value_heads, 2);
   EXPECT_EQ(c.vocab_size, 56);  // embedding_size, not vocab_size
   EXPECT_EQ((*m)->tokenizer(), nullptr);
@@ -168,6 +173,74 @@ TEST(LladaCheckpointTest, MissingTensorIsNamed) {
   EXPECT_FALSE(w.ok());
   EXPECT_NE(w.status().message().find("model-00002-of-00002"), std::string::npos) << w.status();
   std::filesystem::remove_all(tmp);
+}
+
+// A copy of the tiny fixture in a fresh temp directory, with `generation_config` written as its
+// generation_config.json (none when empty).
+class LladaGenerationConfigTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("llada_generation_config_" + std::to_string(::getpid()));
+    std::filesystem::create_directories(dir_);
+    for (const char* f : {"config.json", "model.safetensors.index.json",
+                          "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}) {
+      std::filesystem::copy_file(std::filesystem::path(FixtureDir()) / f, dir_ / f,
+                                 std::filesystem::copy_options::overwrite_existing);
+    }
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  void WriteGenerationConfig(const std::string& text) {
+    std::ofstream out(dir_ / "generation_config.json", std::ios::binary);
+    out << text;
+    ASSERT_TRUE(out.good());
+  }
+  // The loaded end-of-text ids, or the load's error.
+  absl::StatusOr<std::vector<int>> EosIds() {
+    auto w = LoadLladaWeights(dir_.string());
+    if (!w.ok()) return w.status();
+    return (*w)->config.eos_token_ids;
+  }
+  std::filesystem::path dir_;
+};
+
+TEST_F(LladaGenerationConfigTest, MergesEndOfTextIds) {
+  auto ids = EosIds();  // no generation_config.json: config.json's eos_token_id
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, std::vector<int>{51});
+  WriteGenerationConfig(R"({"bos_token_id": 50, "eos_token_id": 52, "pad_token_id": 51})");
+  ids = EosIds();
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, (std::vector<int>{51, 52}));
+  WriteGenerationConfig(R"({"eos_token_id": [52, 51, 52, 54]})");  // duplicates dropped
+  ids = EosIds();
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, (std::vector<int>{51, 52, 54}));
+  // The model reports them all (what the decoder stops on).
+  DlmModelOptions o;
+  o.model_dir = dir_.string();
+  o.num_threads = 1;
+  auto m = DlmModel::Create(o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(std::vector<int>((*m)->eos_ids().begin(), (*m)->eos_ids().end()),
+            (std::vector<int>{51, 52, 54}));
+}
+
+TEST_F(LladaGenerationConfigTest, BadFileFailsTheLoadNamingIt) {
+  WriteGenerationConfig(R"({"eos_token_id": [52, 56]})");  // embedding_size 56
+  auto ids = EosIds();
+  EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(ids.status().message().find((dir_ / "generation_config.json").string()),
+            std::string::npos)
+      << ids.status();
+  EXPECT_NE(ids.status().message().find("'eos_token_id' = 56 is outside"), std::string::npos)
+      << ids.status();
+  WriteGenerationConfig("{\"eos_token_id\": [52,");
+  ids = EosIds();
+  EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(ids.status().message().find("generation_config.json is not valid JSON"),
+            std::string::npos)
+      << ids.status();
 }
 
 }  // namespace

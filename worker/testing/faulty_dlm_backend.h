@@ -35,7 +35,7 @@ class FaultyDlmBackend : public dlm::DlmBackend {
 
   const ModelConfig& config() const override { return inner_->config(); }
   int mask_id() const override { return inner_->mask_id(); }
-  int eos_id() const override { return inner_->eos_id(); }
+  std::span<const int> eos_ids() const override { return inner_->eos_ids(); }
   int proxy_rank() const override { return inner_->proxy_rank(); }
   std::string backend_name() const override { return inner_->backend_name(); }
   absl::StatusOr<std::unique_ptr<dlm::DlmCache>> NewCache(int rows) const override {
