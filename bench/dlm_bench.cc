@@ -65,7 +65,7 @@
 #include "nlohmann/json.hpp"
 #include "worker/dlm/cuda_forward.h"
 #include "worker/dlm/decoder.h"
-#include "worker/dlm/eos_in_block_backend.h"
+#include "worker/testing/eos_in_block_backend.h"
 #include "worker/dlm/llada_checkpoint.h"
 #include "worker/model_weights.h"
 

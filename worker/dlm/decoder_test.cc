@@ -8,7 +8,7 @@
 #include "absl/strings/match.h"
 #include "gtest/gtest.h"
 #include "worker/dlm/calibration.h"
-#include "worker/dlm/eos_in_block_backend.h"
+#include "worker/testing/eos_in_block_backend.h"
 #include "worker/engine.h"
 
 namespace prehoc::dlm {

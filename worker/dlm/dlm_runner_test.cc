@@ -7,7 +7,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "worker/dlm/dlm_test_util.h"
-#include "worker/dlm/eos_in_block_backend.h"
+#include "worker/testing/eos_in_block_backend.h"
 #include "worker/model_weights.h"
 #include "worker/testing/faulty_dlm_backend.h"
 

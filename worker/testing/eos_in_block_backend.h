@@ -4,8 +4,8 @@
 // one block, the real decoder commits end-of-text in that block and stops after it (decoder.h),
 // so a benchmark times exactly the steps a decode whose answer ends in that block would run.
 // Everything else (caches, rows, step kinds) is the wrapped backend's. Benchmarks and tests only.
-#ifndef PREHOC_WORKER_DLM_EOS_IN_BLOCK_BACKEND_H_
-#define PREHOC_WORKER_DLM_EOS_IN_BLOCK_BACKEND_H_
+#ifndef PREHOC_WORKER_TESTING_EOS_IN_BLOCK_BACKEND_H_
+#define PREHOC_WORKER_TESTING_EOS_IN_BLOCK_BACKEND_H_
 
 #include <algorithm>
 #include <cstdint>
@@ -75,4 +75,4 @@ class EosInBlockBackend final : public DlmBackend {
 
 }  // namespace prehoc::dlm
 
-#endif  // PREHOC_WORKER_DLM_EOS_IN_BLOCK_BACKEND_H_
+#endif  // PREHOC_WORKER_TESTING_EOS_IN_BLOCK_BACKEND_H_
