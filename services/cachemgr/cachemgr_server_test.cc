@@ -79,6 +79,8 @@ class CacheManagerServerTest : public ::testing::Test {
   std::unique_ptr<v1::Inference::Stub> stub_;
 };
 
+using testing::StepGate;
+
 struct StreamResult {
   grpc::Status status;
   std::vector<v1::GenerateResponse> messages;
@@ -179,7 +181,12 @@ TEST_F(CacheManagerServerTest, ReadinessFollowsWorkersAndStreamsEqualEmbeddedOut
 }
 
 TEST_F(CacheManagerServerTest, WorkerValidationErrorsAndCancelPassThrough) {
-  AddWorker();
+  // The cancelled request is held after its first token (prefill, then the first decode step
+  // blocks) so that the Cancel RPC always finds it running: without the gate a loaded machine
+  // could finish all 200 tokens before the Cancel arrived (NOT_FOUND, stream OK). The refused
+  // requests below never reach a step, so the held step is the cancelled request's.
+  StepGate gate(2);
+  AddWorker(absl::ZeroDuration(), gate.Hook());
   ASSERT_TRUE(cm_->workers().AwaitReady(1, absl::Now() + absl::Seconds(30)));
   StreamResult bad = RunStream(stub_.get(), IdsRequest({256, 300}, 4));
   EXPECT_EQ(bad.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
@@ -201,13 +208,15 @@ TEST_F(CacheManagerServerTest, WorkerValidationErrorsAndCancelPassThrough) {
   v1::GenerateResponse first;
   ASSERT_TRUE(reader->Read(&first));
   EXPECT_EQ(first.request_id(), "via-cm");
+  ASSERT_TRUE(gate.WaitReached(absl::Now() + absl::Seconds(30)));
   grpc::ClientContext cctx;
   v1::CancelRequest creq;
   creq.set_request_id("via-cm");
   v1::CancelResponse cresp;
-  ASSERT_TRUE(stub_->Cancel(&cctx, creq, &cresp).ok());
-  while (reader->Read(&first)) {
-  }
+  const grpc::Status cancelled = stub_->Cancel(&cctx, creq, &cresp);
+  gate.Open();
+  ASSERT_TRUE(cancelled.ok()) << cancelled.error_message();
+  while (reader->Read(&first)) EXPECT_FALSE(first.finished());
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   ASSERT_TRUE(cm_->router().WaitIdle(absl::Now() + absl::Seconds(30)));
   ASSERT_TRUE(workers_[0]->scheduler().WaitIdle(absl::Now() + absl::Seconds(30)));
@@ -299,8 +308,6 @@ TEST_F(CacheManagerServerTest, WorkerTelemetryReachesTheCacheManagerMetrics) {
   EXPECT_EQ(counted, static_cast<double>(refreshes));
   EXPECT_GT(observed, 0);
 }
-
-using testing::StepGate;
 
 v1::GenerateRequest PrhsRequest(double target_delta, int max_tokens) {
   v1::GenerateRequest req;
