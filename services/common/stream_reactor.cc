@@ -7,7 +7,6 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "common/grpc_status.h"
-#include "common/tsan_annotations.h"
 #include "services/common/diffuse_convert.h"
 #include "services/common/proto_convert.h"
 
@@ -45,9 +44,7 @@ template <typename Backend, typename Request, typename Event, typename Response>
 class StreamReactor final : public grpc::ServerWriteReactor<Response> {
  public:
   StreamReactor(Backend* backend, grpc::CallbackServerContext* ctx)
-      : backend_(backend), ctx_(ctx) {
-    TsanRelease(this);  // see common/tsan_annotations.h
-  }
+      : backend_(backend), ctx_(ctx) {}
 
   void Begin(absl::StatusOr<Request> request) {
     if (!request.ok()) {
@@ -83,7 +80,6 @@ class StreamReactor final : public grpc::ServerWriteReactor<Response> {
   }
 
   void OnWriteDone(bool ok) override {
-    ReactionScope reaction(this);
     Action action;
     bool cancel = false;
     std::string cancel_id;
@@ -106,7 +102,6 @@ class StreamReactor final : public grpc::ServerWriteReactor<Response> {
   }
 
   void OnCancel() override {
-    ReactionScope reaction(this);
     const bool expired = CallDeadline(ctx_) <= absl::Now();
     absl::Status status = expired ? absl::DeadlineExceededError("deadline exceeded")
                                   : absl::CancelledError("cancelled by the client");
@@ -122,16 +117,7 @@ class StreamReactor final : public grpc::ServerWriteReactor<Response> {
     if (cancel) CancelOn(backend_, cancel_id, status).IgnoreError();
   }
 
-  // gRPC runs OnDone after every reaction returned and after the Finish that OnEvent or a
-  // reaction issued; TSan cannot see that order (it goes through the uninstrumented core), so
-  // the reactions and Do() release `this` and OnDone acquires it (common/tsan_annotations.h):
-  // without it, TSan reported gRPC's teardown in CallOnDone as racing with the tag that had run
-  // OnCancel (WorkerServerTest.DeadlineIsHonouredAndTheRequestIsReaped, ~1 in 60 runs under
-  // load).
-  void OnDone() override {
-    TsanAcquire(this);
-    delete this;
-  }
+  void OnDone() override { delete this; }
 
  private:
   enum class Action { kNone, kWrite, kFinish };
@@ -179,7 +165,6 @@ class StreamReactor final : public grpc::ServerWriteReactor<Response> {
 
   // Runs outside mu_. After Finish the reactor may be deleted at any time: touch nothing.
   void Do(Action action) {
-    if (action != Action::kNone) TsanRelease(this);  // before gRPC may run OnDone
     if (action == Action::kWrite) {
       this->StartWrite(&current_);
     } else if (action == Action::kFinish) {
