@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/file_util.h"
 #include "common/json_brief.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
@@ -421,26 +422,6 @@ absl::StatusOr<ModelConfig> Parse(const Json& root) {
   return c;
 }
 
-// Reads a whole file: NOT_FOUND when it does not exist, INVALID_ARGUMENT when
-// it cannot be read; messages name the path.
-absl::StatusOr<std::string> ReadConfigFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    std::error_code ec;
-    if (!std::filesystem::exists(path, ec)) {
-      return absl::NotFoundError(absl::StrCat("'", path, "' not found"));
-    }
-    return absl::InvalidArgumentError(absl::StrCat("cannot read '", path, "'"));
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("error reading '", path, "'"));
-  }
-  return ss.str();
-}
-
 }  // namespace
 
 absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
@@ -481,7 +462,7 @@ absl::Status LoadGenerationConfig(const std::string& model_dir,
                                   ModelConfig* config) {
   const std::string path =
       (std::filesystem::path(model_dir) / "generation_config.json").string();
-  absl::StatusOr<std::string> text = ReadConfigFile(path);
+  absl::StatusOr<std::string> text = ReadWholeFile(path);
   if (absl::IsNotFound(text.status())) return absl::OkStatus();
   RETURN_IF_ERROR(text.status());
   absl::Status s = MergeGenerationConfig(*text, config);
@@ -494,7 +475,7 @@ absl::Status LoadGenerationConfig(const std::string& model_dir,
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   const std::string path =
       (std::filesystem::path(model_dir) / "config.json").string();
-  ASSIGN_OR_RETURN(std::string text, ReadConfigFile(path));
+  ASSIGN_OR_RETURN(std::string text, ReadWholeFile(path));
   absl::StatusOr<ModelConfig> config = ParseModelConfig(text);
   if (!config.ok()) {
     return absl::Status(config.status().code(),

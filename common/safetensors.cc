@@ -22,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/file_util.h"
 #include "common/json_brief.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
@@ -181,25 +182,6 @@ absl::Status ParseTensorEntry(const std::string& path, const std::string& name,
   view->nbytes = static_cast<size_t>(expected_bytes);
   *begin = *b;
   return absl::OkStatus();
-}
-
-absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    std::error_code ec;
-    if (!std::filesystem::exists(path, ec)) {
-      return absl::NotFoundError(absl::StrCat("file '", path, "' not found"));
-    }
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot open '", path, "': ", std::strerror(errno)));
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("error reading '", path, "'"));
-  }
-  return std::move(ss).str();
 }
 
 std::string JoinPath(const std::string& dir, const std::string& name) {
