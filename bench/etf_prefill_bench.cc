@@ -126,15 +126,10 @@ int main(int argc, char** argv) {
         return 2;
       }
       plan = std::make_unique<prehoc::SelectionPlan>(std::move(*p));
-      // Engine::Step's frozen rows per layer (whole pages, the last row
-      // computed, monotone).
-      int64_t prev = 0, rows = 0;
-      for (const prehoc::LayerSelectionPlan& lp : plan->layers) {
-        int64_t e =
-            static_cast<int64_t>(lp.etf_freeze_fraction * o.ctx) / page * page;
-        e = std::min<int64_t>(e, static_cast<int64_t>(o.ctx - 1) / page * page);
-        prev = std::max(prev, e);
-        rows += o.ctx - prev;
+      // The frozen rows per layer that Engine::Step and CudaModel apply.
+      int64_t rows = 0;
+      for (int64_t f : prehoc::EtfFrozenRows(*plan, o.layers, o.ctx, page)) {
+        rows += o.ctx - f;
       }
       computed =
           static_cast<double>(rows) / (static_cast<double>(o.layers) * o.ctx);

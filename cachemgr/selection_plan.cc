@@ -58,6 +58,20 @@ int64_t SelectionPlan::TopK(int layer, int64_t t, int kv_head) const {
   return static_cast<int64_t>(std::floor(k * scale));
 }
 
+std::vector<int64_t> EtfFrozenRows(const SelectionPlan& plan, int num_layers, int64_t rows,
+                                   int page_size) {
+  std::vector<int64_t> frozen(num_layers, 0);
+  int64_t prev = 0;
+  for (int l = 0; l < num_layers && l < static_cast<int>(plan.layers.size()); ++l) {
+    const double f = plan.layers[l].etf_freeze_fraction;
+    int64_t e = static_cast<int64_t>(f * static_cast<double>(rows)) / page_size * page_size;
+    e = std::min<int64_t>(e, (rows - 1) / page_size * page_size);  // the last row always runs
+    prev = std::max(prev, e);
+    frozen[l] = prev;
+  }
+  return frozen;
+}
+
 absl::StatusOr<std::map<std::string, double>> ParseOverrides(const std::string& text) {
   std::map<std::string, double> out;
   for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipWhitespace())) {

@@ -145,6 +145,14 @@ absl::StatusOr<SelectionPlan> MakeSelectionPlan(const ModelConfig& model,
                                                 const SparsityOptions& options,
                                                 const std::map<std::string, double>& overrides = {});
 
+// ETF's frozen rows for a prefill of `rows` prompt tokens from position 0 (what the CPU engine
+// and the CUDA model apply): for layer l < min(num_layers, plan.layers.size()),
+// floor(etf_freeze_fraction_l · rows) rounded down to whole pages of `page_size`, at most the
+// pages before the last row (the last row always runs), made non-decreasing over layers; 0 for
+// the other layers. Rows [0, result[l]) skip layer l. REQUIRES: rows >= 1, page_size >= 1.
+std::vector<int64_t> EtfFrozenRows(const SelectionPlan& plan, int num_layers, int64_t rows,
+                                   int page_size);
+
 // Parses "key=value,key=value" into an overrides map; INVALID_ARGUMENT naming the bad item.
 absl::StatusOr<std::map<std::string, double>> ParseOverrides(const std::string& text);
 

@@ -160,5 +160,20 @@ TEST(SelectionPlanTest, HShareAndEtfParameters) {
   EXPECT_GT(e->layers[7].etf_freeze_fraction, e->layers[5].etf_freeze_fraction);
 }
 
+// The frozen rows Engine::Step and CudaModel share: whole pages, the last row's page never,
+// non-decreasing over layers, 0 beyond the plan's layers.
+TEST(SelectionPlanTest, EtfFrozenRowsArePagedMonotoneAndSpareTheLastRow) {
+  SelectionPlan plan;
+  plan.layers.resize(4);
+  plan.layers[1].etf_freeze_fraction = 0.30;  // 0.30 * 100 = 30 -> 16
+  plan.layers[2].etf_freeze_fraction = 0.10;  // 10 -> 0, but not below layer 1's 16
+  plan.layers[3].etf_freeze_fraction = 1.0;   // 100 -> 96 = the pages before row 99
+  EXPECT_EQ(EtfFrozenRows(plan, 4, 100, 16), (std::vector<int64_t>{0, 16, 16, 96}));
+  EXPECT_EQ(EtfFrozenRows(plan, 6, 100, 16), (std::vector<int64_t>{0, 16, 16, 96, 0, 0}));
+  EXPECT_EQ(EtfFrozenRows(plan, 2, 100, 16), (std::vector<int64_t>{0, 16}));
+  EXPECT_EQ(EtfFrozenRows(plan, 4, 96, 16), (std::vector<int64_t>{0, 16, 16, 80}));
+  EXPECT_EQ(EtfFrozenRows(plan, 4, 1, 16), (std::vector<int64_t>{0, 0, 0, 0}));
+}
+
 }  // namespace
 }  // namespace prehoc

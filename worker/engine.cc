@@ -163,17 +163,9 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Step(std::span<const Ste
   std::vector<int64_t> frozen(c.num_hidden_layers, 0);
   if (causal && items.size() == 1 && start_len[0] == 0 && N > 1 &&
       items[0].prefill_plan != nullptr) {
-    const SelectionPlan& plan = *items[0].prefill_plan;
     Sequence& s = seqs_[items[0].seq];
-    int64_t prev = 0;
-    for (int l = 0; l < c.num_hidden_layers && l < static_cast<int>(plan.layers.size()); ++l) {
-      const double f = plan.layers[l].etf_freeze_fraction;
-      int64_t e = static_cast<int64_t>(f * static_cast<double>(N)) / page_size * page_size;
-      e = std::min<int64_t>(e, (N - 1) / page_size * page_size);  // the last token always runs
-      frozen[l] = std::max(prev, e);
-      prev = frozen[l];
-    }
-    if (prev > 0) {
+    frozen = EtfFrozenRows(*items[0].prefill_plan, c.num_hidden_layers, N, page_size);
+    if (*std::max_element(frozen.begin(), frozen.end()) > 0) {
       s.alias.assign(c.num_hidden_layers, std::vector<int16_t>(s.page_table.size(), -1));
       for (int l = 1; l < c.num_hidden_layers; ++l) {
         for (int64_t p = 0; p < frozen[l] / page_size; ++p) {

@@ -1099,16 +1099,11 @@ absl::Status CudaModel::Impl::Run(const std::vector<ItemDesc>& items, bool causa
   int64_t etf_aliased = 0;
   if (causal && items.size() == 1 && items[0].n > 1 && items[0].uninitialized == 0 &&
       items[0].prefill_plan != nullptr && seqs[items[0].seq].length == 0) {
-    const SelectionPlan& plan = *items[0].prefill_plan;
-    const int64_t n = items[0].n;
-    int64_t prev = 0;
-    for (int l = 0; l < c.num_hidden_layers && l < static_cast<int>(plan.layers.size()); ++l) {
-      const double f = plan.layers[l].etf_freeze_fraction;
-      int64_t e = static_cast<int64_t>(f * static_cast<double>(n)) / page_size * page_size;
-      e = std::min<int64_t>(e, (n - 1) / page_size * page_size);
-      prev = std::max(prev, e);
-      etf_frozen[l] = static_cast<int32_t>(prev);
-      etf_aliased += prev / page_size;
+    const std::vector<int64_t> frozen =
+        EtfFrozenRows(*items[0].prefill_plan, c.num_hidden_layers, items[0].n, page_size);
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      etf_frozen[l] = static_cast<int32_t>(frozen[l]);
+      etf_aliased += frozen[l] / page_size;
     }
     if (etf_frozen[0] > 0) {  // SupportsPlan refuses it; never reached
       return absl::InternalError("ETF: rows frozen at layer 0 have no K/V to alias");
